@@ -1,0 +1,108 @@
+# Helpers for lab scenario scripts, installed in every lab guest as /lab/lib.sh.
+# Use with `. /lab/lib.sh`. Busybox sh, not bash.
+#
+# Markers a scenario prints (the Rust fixture in tests/src/lab.rs reads them):
+#   LAB-OK <name>               a check passed
+#   LAB-FAIL <name> [why]       a check failed
+#   LAB-T <name> <seconds>      a measured time
+#   LAB-VAL <name> <value>      any other value
+
+# iproute2's ip (busybox's has no tuntap); always call it by this path.
+IP=/sbin/iproute2-ip
+# The devices QEMU gives L1 (fixed addresses, see scripts/lab/run).
+NIC_BDF=0000:00:02.0      # e1000e to assign, on QEMU hub 0
+PEER_NIC_BDF=0000:00:03.0 # e1000e L1 keeps as the peer, same hub
+NVME_BDF=0000:00:04.0     # NVMe on a scratch file, to assign
+# L2 images: cloud kernel + virtio modules, generic kernel + virtio/e1000e/nvme.
+L2_KERNEL=/lab/l2/vmlinuz
+L2_INITRD=/lab/l2/initrd.img
+L2_GENERIC_KERNEL=/lab/l2/vmlinuz-generic
+L2_GENERIC_INITRD=/lab/l2/initrd-generic.img
+L2_CMDLINE="console=ttyS0 panic=-1 quiet"
+
+lab_failures=0
+
+lab_uptime() { cut -d' ' -f1 /proc/uptime; }
+
+# lab_elapsed T0: seconds since uptime T0, two decimals.
+lab_elapsed() { awk -v t0="$1" '{ printf "%.2f\n", $1 - t0 }' /proc/uptime; }
+
+# check NAME COMMAND...: run COMMAND, print LAB-OK NAME or LAB-FAIL NAME.
+check() {
+    _name=$1
+    shift
+    if "$@"; then
+        echo "LAB-OK $_name"
+    else
+        echo "LAB-FAIL $_name (status $?: $*)"
+        lab_failures=$((lab_failures + 1))
+    fi
+}
+
+# fail NAME WHY: record a failed check.
+fail() {
+    echo "LAB-FAIL $*"
+    lab_failures=$((lab_failures + 1))
+}
+
+# lab_finish: end the scenario; the status is the number of failed checks.
+lab_finish() {
+    echo "LAB-CHECKS failed=$lab_failures"
+    exit "$lab_failures"
+}
+
+# pci_driver BDF: the driver bound to BDF, or "none".
+pci_driver() {
+    if [ -e "/sys/bus/pci/devices/$1/driver" ]; then
+        basename "$(readlink "/sys/bus/pci/devices/$1/driver")"
+    else
+        echo none
+    fi
+}
+
+# iommu_group BDF: the IOMMU group number of BDF.
+iommu_group() { basename "$(readlink "/sys/bus/pci/devices/$1/iommu_group")"; }
+
+# vfio_bind BDF: bind BDF to vfio-pci; prints /dev/vfio/<group>.
+vfio_bind() {
+    _d=/sys/bus/pci/devices/$1
+    [ -e "$_d" ] || { echo "vfio_bind: no device $1" >&2; return 1; }
+    echo vfio-pci >"$_d/driver_override" || return 1
+    if [ -e "$_d/driver" ]; then echo "$1" >"$_d/driver/unbind" || return 1; fi
+    echo "$1" >/sys/bus/pci/drivers_probe
+    [ "$(pci_driver "$1")" = vfio-pci ] || { echo "vfio_bind: $1 bound to $(pci_driver "$1")" >&2; return 1; }
+    _g=/dev/vfio/$(iommu_group "$1")
+    [ -c "$_g" ] || { echo "vfio_bind: $_g missing" >&2; return 1; }
+    echo "$_g"
+}
+
+# vfio_unbind BDF: give BDF back to its host driver.
+vfio_unbind() {
+    _d=/sys/bus/pci/devices/$1
+    if [ -e "$_d/driver" ]; then echo "$1" >"$_d/driver/unbind" || return 1; fi
+    echo >"$_d/driver_override"
+    echo "$1" >/sys/bus/pci/drivers_probe
+    [ "$(pci_driver "$1")" != vfio-pci ]
+}
+
+# lab_console T0 [PREFIX]: copy a guest console from stdin to stdout (without
+# CRs) and print "LAB-T PREFIX-init <s>" when the guest's L2-INIT marker shows
+# up, measured from uptime T0 (taken just before starting the VMM).
+lab_console() {
+    awk -v t0="$1" -v name="${2:-l2}" '{
+        sub(/\r$/, ""); gsub(/\033(c|\[[0-9;?]*[a-zA-Z])/, ""); print; fflush()
+        if ($1 == "L2-INIT") {
+            getline u < "/proc/uptime"; close("/proc/uptime"); split(u, a, " ")
+            printf "LAB-T %s-init %.2f\n", name, a[1] - t0; fflush()
+        }
+    }'
+}
+
+# l2_qemu [QEMU ARGS...]: boot L2 with QEMU+KVM (the reference VMM; the
+# scenario must be run with QEMU in L1), console on stdout. Defaults: cloud
+# kernel, 512 MiB, 1 vCPU; later arguments are added to the command line.
+l2_qemu() {
+    qemu-system-x86_64 -nodefaults -nographic -serial stdio -no-reboot \
+        -enable-kvm -cpu host -m 512 -smp 1 \
+        -kernel "$L2_KERNEL" -initrd "$L2_INITRD" -append "$L2_CMDLINE" "$@" </dev/null
+}
