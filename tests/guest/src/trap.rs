@@ -1,0 +1,32 @@
+//! CPU exceptions: report on COM1 and end the run. Runs in ring 0 (the IDT's stubs call
+//! [`handle`] on the TSS.RSP0 stack), so it is slow on PVM hosts, but only runs on failure.
+
+use core::arch::asm;
+
+use crate::boot::TrapFrame;
+use crate::exit::{exit, EXIT_EXCEPTION};
+
+const NAMES: [&str; 32] = [
+    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#9", "#TS", "#NP", "#SS",
+    "#GP", "#PF", "#15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "#22", "#23", "#24", "#25",
+    "#26", "#27", "#HV", "#VC", "#SX", "#31",
+];
+
+/// Called by `isr_common` with the frame on the ring-0 stack.
+pub extern "C" fn handle(frame: &TrapFrame) -> ! {
+    let cr2: u64;
+    // SAFETY: reading CR2 has no side effects; this runs in ring 0.
+    unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
+    let name = NAMES.get(frame.vector as usize).copied().unwrap_or("?");
+    crate::println!(
+        "EXCEPTION {} ({name}) error={:#x} rip={:#x} cs={:#x} rflags={:#x} rsp={:#x} cr2={:#x}",
+        frame.vector,
+        frame.error_code,
+        frame.rip,
+        frame.cs,
+        frame.rflags,
+        frame.rsp,
+        cr2
+    );
+    exit(EXIT_EXCEPTION)
+}
