@@ -1,0 +1,200 @@
+//! Dispatch of trapped port I/O and MMIO accesses to devices, with per-device exit counters.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use thiserror::Error;
+
+/// A device on the PIO or MMIO bus. `offset` is relative to the base it was inserted at.
+pub trait BusDevice: Send {
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BusError {
+    #[error("bus range {base:#x}+{len:#x} for '{name}' overlaps '{other}'")]
+    Overlap {
+        name: String,
+        base: u64,
+        len: u64,
+        other: String,
+    },
+    #[error("bus range for '{0}' is empty or wraps around")]
+    BadRange(String),
+}
+
+struct Entry {
+    base: u64,
+    len: u64,
+    name: String,
+    device: Arc<Mutex<dyn BusDevice>>,
+    accesses: AtomicU64,
+}
+
+/// An address space (port I/O or MMIO) of non-overlapping device ranges.
+#[derive(Default)]
+pub struct Bus {
+    entries: RwLock<BTreeMap<u64, Arc<Entry>>>,
+    unhandled: AtomicU64,
+}
+
+impl Bus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(
+        &self,
+        name: &str,
+        device: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
+        if len == 0 || base.checked_add(len).is_none() {
+            return Err(BusError::BadRange(name.to_string()));
+        }
+        let mut map = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        let end = base + len;
+        let overlapping = map
+            .range(..end)
+            .next_back()
+            .filter(|(_, e)| e.base + e.len > base);
+        if let Some((_, e)) = overlapping {
+            return Err(BusError::Overlap {
+                name: name.to_string(),
+                base,
+                len,
+                other: e.name.clone(),
+            });
+        }
+        map.insert(
+            base,
+            Arc::new(Entry {
+                base,
+                len,
+                name: name.to_string(),
+                device,
+                accesses: AtomicU64::new(0),
+            }),
+        );
+        Ok(())
+    }
+
+    /// Removes the range starting at `base`; returns whether one was there.
+    pub fn remove(&self, base: u64) -> bool {
+        let mut map = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        map.remove(&base).is_some()
+    }
+
+    fn find(&self, addr: u64, size: usize) -> Option<Arc<Entry>> {
+        let map = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let (_, e) = map.range(..=addr).next_back()?;
+        (addr + size as u64 <= e.base + e.len).then(|| Arc::clone(e))
+    }
+
+    /// Reads from the device at `addr`; returns false (and fills 0xff) when nothing is there.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr, data.len()) {
+            Some(e) => {
+                e.accesses.fetch_add(1, Ordering::Relaxed);
+                let mut d = e.device.lock().unwrap_or_else(|p| p.into_inner());
+                d.read(addr - e.base, data);
+                true
+            }
+            None => {
+                self.unhandled.fetch_add(1, Ordering::Relaxed);
+                data.fill(0xff);
+                false
+            }
+        }
+    }
+
+    /// Writes to the device at `addr`; returns false when nothing is there.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr, data.len()) {
+            Some(e) => {
+                e.accesses.fetch_add(1, Ordering::Relaxed);
+                let mut d = e.device.lock().unwrap_or_else(|p| p.into_inner());
+                d.write(addr - e.base, data);
+                true
+            }
+            None => {
+                self.unhandled.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Accesses per device name (ranges of one device are summed), and unclaimed accesses.
+    pub fn counters(&self) -> (BTreeMap<String, u64>, u64) {
+        let map = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = BTreeMap::new();
+        for e in map.values() {
+            *out.entry(e.name.clone()).or_insert(0) += e.accesses.load(Ordering::Relaxed);
+        }
+        (out, self.unhandled.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Reg {
+        last: Vec<(u64, Vec<u8>)>,
+    }
+
+    impl BusDevice for Reg {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.last.push((offset, data.to_vec()));
+        }
+    }
+
+    #[test]
+    fn dispatch_and_count() {
+        let bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Reg::default()));
+        bus.insert("reg", dev.clone(), 0x100, 0x10).unwrap();
+        let mut b = [0u8; 2];
+        assert!(bus.read(0x104, &mut b));
+        assert_eq!(b, [4, 4]);
+        assert!(bus.write(0x10e, &[1, 2]));
+        assert_eq!(dev.lock().unwrap().last, vec![(0xe, vec![1, 2])]);
+        // Straddling the end is not claimed.
+        assert!(!bus.write(0x10f, &[1, 2]));
+        assert!(!bus.read(0xff, &mut b));
+        assert_eq!(b, [0xff, 0xff]);
+        let (c, unhandled) = bus.counters();
+        assert_eq!(c["reg"], 2);
+        assert_eq!(unhandled, 2);
+    }
+
+    #[test]
+    fn overlaps_rejected() {
+        let bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Reg::default()));
+        bus.insert("a", dev.clone(), 0x100, 0x10).unwrap();
+        assert!(matches!(
+            bus.insert("b", dev.clone(), 0x10f, 1),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert("c", dev.clone(), 0xf0, 0x11),
+            Err(BusError::Overlap { .. })
+        ));
+        bus.insert("d", dev.clone(), 0x110, 1).unwrap();
+        bus.insert("e", dev.clone(), 0xf0, 0x10).unwrap();
+        assert_eq!(
+            bus.insert("f", dev.clone(), u64::MAX, 2),
+            Err(BusError::BadRange("f".into()))
+        );
+        assert!(bus.remove(0x100));
+        bus.insert("b", dev, 0x10f, 1).unwrap();
+    }
+}

@@ -1,0 +1,86 @@
+//! Why a VM stops, and the process exit code for it.
+
+use std::sync::mpsc;
+
+/// An event that ends the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// ACPI S5 (`poweroff`).
+    PowerOff,
+    /// ACPI reset register, i8042 reset or a KVM reset event.
+    Reboot,
+    /// A value written to the debug-exit port.
+    DebugExit(u32),
+    /// The guest crashed: triple fault, KVM internal error, failed entry.
+    Crash { vcpu: u8, reason: String },
+    /// The VMM itself failed while running.
+    VmmError(String),
+    /// SIGTERM or SIGINT reached the VMM.
+    Signal(i32),
+}
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_USAGE: i32 = 2;
+pub const EXIT_GUEST_CRASH: i32 = 4;
+pub const EXIT_VMM_ERROR: i32 = 6;
+
+impl VmExit {
+    /// The process exit code, documented in `vmm --help`.
+    pub fn code(&self) -> i32 {
+        match self {
+            VmExit::PowerOff | VmExit::Reboot | VmExit::Signal(_) => EXIT_OK,
+            // As QEMU's isa-debug-exit; the OS keeps the low 8 bits.
+            VmExit::DebugExit(v) => (((v << 1) | 1) & 0xff) as i32,
+            VmExit::Crash { .. } => EXIT_GUEST_CRASH,
+            VmExit::VmmError(_) => EXIT_VMM_ERROR,
+        }
+    }
+}
+
+/// Lets devices and vCPUs ask for the VM to stop. The first request wins.
+#[derive(Clone)]
+pub struct ExitHandle {
+    tx: mpsc::Sender<VmExit>,
+}
+
+impl ExitHandle {
+    pub fn new() -> (Self, mpsc::Receiver<VmExit>) {
+        let (tx, rx) = mpsc::channel();
+        (ExitHandle { tx }, rx)
+    }
+
+    pub fn request(&self, exit: VmExit) {
+        // The receiver is gone only while the VMM is already tearing down.
+        let _ = self.tx.send(exit);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes() {
+        assert_eq!(VmExit::PowerOff.code(), 0);
+        assert_eq!(VmExit::Reboot.code(), 0);
+        assert_eq!(VmExit::DebugExit(0).code(), 1);
+        assert_eq!(VmExit::DebugExit(42).code(), 85);
+        assert_eq!(VmExit::DebugExit(0x80).code(), 1);
+        assert_eq!(
+            VmExit::Crash {
+                vcpu: 0,
+                reason: String::new()
+            }
+            .code(),
+            4
+        );
+        assert_eq!(VmExit::VmmError(String::new()).code(), 6);
+    }
+
+    #[test]
+    fn handle_delivers() {
+        let (h, rx) = ExitHandle::new();
+        h.clone().request(VmExit::PowerOff);
+        assert_eq!(rx.recv().unwrap(), VmExit::PowerOff);
+    }
+}

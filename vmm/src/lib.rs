@@ -1,0 +1,165 @@
+//! `vmm`: a KVM virtual machine monitor focused on I/O devices.
+//!
+//! This crate boots a Linux bzImage or a PVH ELF on KVM with the platform Linux expects
+//! (ACPI, in-kernel LAPIC/IOAPIC/PIT, COM1, a PCI root bridge) and hosts the three device
+//! models of the project.
+
+pub mod acpi;
+pub mod arch;
+pub mod bus;
+pub mod config;
+pub mod devices;
+pub mod exit;
+pub mod layout;
+pub mod memory;
+pub mod pci;
+pub mod signals;
+pub mod stats;
+pub mod vcpu;
+pub mod vm;
+
+use std::io;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+pub use config::{Cli, HostLimits, VmConfig};
+pub use exit::VmExit;
+
+/// Everything that stops the VMM before or while starting a guest.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot open /dev/kvm: {}", kvm_open_hint(.0))]
+    KvmOpen(#[source] io::Error),
+    #[error("KVM API version {0} is not the supported version 12; use a newer kernel")]
+    KvmVersion(i32),
+    #[error("KVM lacks {0}, which this VMM needs; use a kernel with KVM_CAP_{0}")]
+    KvmCap(&'static str),
+    #[error("KVM refused to {0}")]
+    Kvm(&'static str, #[source] io::Error),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Boot(#[from] arch::boot::BootError),
+    #[error("cannot create the serial output file '{0}'")]
+    SerialFile(PathBuf, #[source] io::Error),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] io::Error),
+    #[error("cannot install signal handlers")]
+    Signal(#[source] io::Error),
+    #[error("cannot start a thread")]
+    Thread(#[source] io::Error),
+    #[error("device layout")]
+    Bus(#[from] bus::BusError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn kvm_open_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
+            "KVM is not available on this host; enable virtualization in the firmware and load kvm_intel or kvm_amd (modprobe kvm_amd)"
+        }
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            "permission denied; add your user to the 'kvm' group (usermod -aG kvm $USER) or run as root"
+        }
+        _ => "check that KVM works on this host",
+    }
+}
+
+/// Formats an error and its sources as one line: "what: why: why".
+pub fn error_line(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let s_str = s.to_string();
+        if !line.contains(&s_str) {
+            line.push_str(": ");
+            line.push_str(&s_str);
+        }
+        src = s.source();
+    }
+    line
+}
+
+/// Reads MemTotal from /proc/meminfo.
+pub fn host_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(u64::MAX)
+}
+
+/// Opens KVM and checks what the VMM relies on.
+pub fn open_kvm() -> Result<kvm_ioctls::Kvm, Error> {
+    use kvm_ioctls::Cap;
+    let kvm = kvm_ioctls::Kvm::new()
+        .map_err(|e| Error::KvmOpen(io::Error::from_raw_os_error(e.errno())))?;
+    let v = kvm.get_api_version();
+    if v != 12 {
+        return Err(Error::KvmVersion(v));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "IRQCHIP"),
+        (Cap::Irqfd, "IRQFD"),
+        (Cap::Ioeventfd, "IOEVENTFD"),
+        (Cap::UserMemory, "USER_MEMORY"),
+        (Cap::Pit2, "PIT2"),
+        (Cap::ExtCpuid, "EXT_CPUID"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::KvmCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// Validates the command line against this host, builds the VM and runs it.
+pub fn run(cli: &Cli) -> Result<VmExit, Error> {
+    let kvm = open_kvm()?;
+    let limits = HostLimits {
+        max_cpus: kvm.get_max_vcpus() as u64,
+        host_memory: host_memory(),
+    };
+    let cfg = VmConfig::from_cli(cli, limits)?;
+    let exit_stats = cfg.exit_stats.clone();
+    let vm = vm::Vm::new(kvm, &cfg)?;
+    let (why, stats) = vm.run()?;
+    log::info!("{}", stats.summary());
+    if let Some(path) = exit_stats {
+        if let Err(e) = std::fs::write(&path, stats.to_json() + "\n") {
+            log::error!("cannot write exit stats to '{}': {e}", path.display());
+        }
+    }
+    Ok(why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_line_joins_sources_once() {
+        let e = Error::KvmOpen(io::Error::from_raw_os_error(libc::ENOENT));
+        let line = error_line(&e);
+        assert!(line.starts_with("cannot open /dev/kvm: KVM is not available"));
+        assert!(line.contains("modprobe"));
+        assert_eq!(line.lines().count(), 1);
+        let e = Error::KvmOpen(io::Error::from_raw_os_error(libc::EACCES));
+        assert!(error_line(&e).contains("kvm' group"));
+    }
+
+    #[test]
+    fn host_memory_is_read() {
+        let m = host_memory();
+        assert!(m > 64 << 20 && m != u64::MAX);
+    }
+}

@@ -1,0 +1,117 @@
+//! Counters of vCPU exits to userspace, by kind and device, reported when the VM stops.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use crate::bus::Bus;
+use crate::vcpu::VcpuCounters;
+
+/// Snapshot of the exit counters.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ExitStats {
+    /// Port I/O exits per device, and to ports no device claims.
+    pub pio: BTreeMap<String, u64>,
+    pub pio_unclaimed: u64,
+    /// MMIO exits per device, and to addresses no device claims.
+    pub mmio: BTreeMap<String, u64>,
+    pub mmio_unclaimed: u64,
+    /// Signals that interrupted KVM_RUN, and other exit reasons.
+    pub interrupted: u64,
+    pub other: BTreeMap<String, u64>,
+}
+
+impl ExitStats {
+    pub fn collect(pio: &Bus, mmio: &Bus, vcpu: &VcpuCounters) -> Self {
+        let (pio_map, pio_unclaimed) = pio.counters();
+        let (mmio_map, mmio_unclaimed) = mmio.counters();
+        let other = vcpu
+            .other
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
+        ExitStats {
+            pio: pio_map,
+            pio_unclaimed,
+            mmio: mmio_map,
+            mmio_unclaimed,
+            interrupted: vcpu.interrupted.load(Ordering::Relaxed),
+            other,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.pio.values().sum::<u64>()
+            + self.pio_unclaimed
+            + self.mmio.values().sum::<u64>()
+            + self.mmio_unclaimed
+            + self.other.values().sum::<u64>()
+    }
+
+    /// One line for the log: `pio serial=10 ... mmio pci-ecam=3 ...`.
+    pub fn summary(&self) -> String {
+        let list = |m: &BTreeMap<String, u64>| {
+            m.iter()
+                .filter(|(_, v)| **v > 0)
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        format!(
+            "{} exits to userspace: pio [{}] unclaimed={}; mmio [{}] unclaimed={}; other [{}]; kicks={}",
+            self.total(),
+            list(&self.pio),
+            self.pio_unclaimed,
+            list(&self.mmio),
+            self.mmio_unclaimed,
+            list(&self.other),
+            self.interrupted
+        )
+    }
+
+    /// JSON for tests and the benchmark.
+    pub fn to_json(&self) -> String {
+        fn map(m: &BTreeMap<String, u64>) -> String {
+            let items: Vec<String> = m
+                .iter()
+                .map(|(k, v)| format!("\"{}\":{v}", k.replace(['"', '\\'], "_")))
+                .collect();
+            format!("{{{}}}", items.join(","))
+        }
+        format!(
+            "{{\"total\":{},\"pio\":{},\"pio_unclaimed\":{},\"mmio\":{},\"mmio_unclaimed\":{},\"other\":{},\"interrupted\":{}}}",
+            self.total(),
+            map(&self.pio),
+            self.pio_unclaimed,
+            map(&self.mmio),
+            self.mmio_unclaimed,
+            map(&self.other),
+            self.interrupted
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_and_summary() {
+        let mut s = ExitStats::default();
+        s.pio.insert("serial".into(), 10);
+        s.pio.insert("i8042".into(), 0);
+        s.mmio.insert("pci-ecam".into(), 3);
+        s.pio_unclaimed = 2;
+        s.other.insert("irq_window".into(), 1);
+        assert_eq!(s.total(), 16);
+        assert_eq!(
+            s.to_json(),
+            "{\"total\":16,\"pio\":{\"i8042\":0,\"serial\":10},\"pio_unclaimed\":2,\"mmio\":{\"pci-ecam\":3},\"mmio_unclaimed\":0,\"other\":{\"irq_window\":1},\"interrupted\":0}"
+        );
+        let line = s.summary();
+        assert!(line.starts_with("16 exits"));
+        assert!(line.contains("serial=10"));
+        assert!(!line.contains("i8042"));
+    }
+}

@@ -1,0 +1,172 @@
+//! vCPU threads: run KVM_RUN, dispatch trapped I/O to the buses, report why the guest stopped.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::bus::Bus;
+use crate::exit::{ExitHandle, VmExit};
+
+/// Exits to userspace that did not go to a bus device.
+#[derive(Default)]
+pub struct VcpuCounters {
+    /// KVM_RUN interrupted by a signal (the VMM kicking the vCPU).
+    pub interrupted: AtomicU64,
+    /// Any other exit reason, by name.
+    pub other: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl VcpuCounters {
+    fn other(&self, what: &'static str) {
+        *self
+            .other
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(what)
+            .or_insert(0) += 1;
+    }
+}
+
+/// What a vCPU thread needs.
+pub struct VcpuContext {
+    pub id: u8,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exit: ExitHandle,
+    pub stop: Arc<AtomicBool>,
+    pub counters: Arc<VcpuCounters>,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal used to kick a vCPU out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the (empty) handler for the kick signal, so that it interrupts KVM_RUN with EINTR
+/// instead of killing the process.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+fn crash(ctx: &VcpuContext, reason: String) {
+    ctx.exit.request(VmExit::Crash {
+        vcpu: ctx.id,
+        reason,
+    });
+}
+
+/// Runs the vCPU until the VM stops or the guest does something that ends it.
+pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
+    loop {
+        if ctx.stop.load(Ordering::Acquire) {
+            return;
+        }
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                ctx.pio.read(u64::from(port), data);
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ctx.pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                ctx.mmio.read(addr, data);
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.mmio.write(addr, data);
+            }
+            Ok(VcpuExit::Shutdown) => {
+                crash(&ctx, "triple fault (KVM_EXIT_SHUTDOWN)".into());
+                return;
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ctx.exit.request(VmExit::PowerOff),
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => ctx.exit.request(VmExit::Reboot),
+                    other => crash(&ctx, format!("KVM system event {other}")),
+                }
+                return;
+            }
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: reading the kvm_run union member KVM filled for this exit reason.
+                let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                crash(
+                    &ctx,
+                    format!("KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {suberror})"),
+                );
+                return;
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                crash(
+                    &ctx,
+                    format!("VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}, host cpu {cpu})"),
+                );
+                return;
+            }
+            Ok(VcpuExit::Hlt) => {
+                // With the in-kernel LAPIC, HLT never reaches userspace; a guest that gets
+                // here halted with interrupts the VMM cannot deliver.
+                crash(&ctx, "halted (KVM_EXIT_HLT) with no way to wake up".into());
+                return;
+            }
+            Ok(VcpuExit::Intr) => {
+                ctx.counters.interrupted.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(VcpuExit::IrqWindowOpen) => ctx.counters.other("irq_window"),
+            Ok(other) => {
+                let name = exit_name(&other);
+                ctx.counters.other(name);
+                log::warn!("vcpu {}: unexpected exit {name}; resuming", ctx.id);
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                ctx.counters.interrupted.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                ctx.exit.request(VmExit::VmmError(format!(
+                    "vcpu {}: KVM_RUN failed: {e}",
+                    ctx.id
+                )));
+                return;
+            }
+        }
+    }
+}
+
+fn exit_name(e: &VcpuExit) -> &'static str {
+    match e {
+        VcpuExit::Exception => "exception",
+        VcpuExit::Hypercall(_) => "hypercall",
+        VcpuExit::Debug(_) => "debug",
+        VcpuExit::SetTpr => "set_tpr",
+        VcpuExit::TprAccess => "tpr_access",
+        VcpuExit::Nmi => "nmi",
+        VcpuExit::IoapicEoi(_) => "ioapic_eoi",
+        VcpuExit::X86Rdmsr(_) => "rdmsr",
+        VcpuExit::X86Wrmsr(_) => "wrmsr",
+        VcpuExit::MemoryFault { .. } => "memory_fault",
+        _ => "other",
+    }
+}
+
+/// Kicks all vCPU threads out of KVM_RUN until they have returned.
+pub fn stop_all(stop: &AtomicBool, threads: Vec<thread::JoinHandle<()>>) {
+    use vmm_sys_util::signal::Killable;
+    stop.store(true, Ordering::Release);
+    // A kick that lands just before a thread enters KVM_RUN is lost, so repeat until every
+    // thread has seen `stop`.
+    while threads.iter().any(|t| !t.is_finished()) {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            let _ = t.kill(kick_signal());
+        }
+        thread::sleep(std::time::Duration::from_millis(1));
+    }
+    for t in threads {
+        if t.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+}

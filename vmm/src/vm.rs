@@ -1,0 +1,272 @@
+//! The VM: KVM objects, guest memory, platform devices, vCPU threads, and its lifetime.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi;
+use crate::arch::{boot, cpuid, regs};
+use crate::bus::Bus;
+use crate::config::{SerialMode, VmConfig};
+use crate::devices::legacy::{AcpiPm, DebugExit, I8042};
+use crate::devices::serial::{spawn_stdin_reader, SerialDevice, SerialOut};
+use crate::exit::{ExitHandle, VmExit};
+use crate::layout;
+use crate::memory::{self, Ram};
+use crate::pci::{PciConfigIo, PciConfigMmio, PciRoot};
+use crate::stats::ExitStats;
+use crate::vcpu::{self, VcpuContext, VcpuCounters};
+use crate::Error;
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |e| Error::Kvm(what, io::Error::from_raw_os_error(e.errno()))
+}
+
+/// A VM that has been set up and not started yet.
+pub struct Vm {
+    #[allow(dead_code)]
+    kvm: Kvm,
+    vm: VmFd,
+    ram: Ram,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    serial: Arc<Mutex<SerialDevice>>,
+    exit: ExitHandle,
+    exit_rx: std::sync::mpsc::Receiver<VmExit>,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    counters: Arc<VcpuCounters>,
+    stdin_to_guest: bool,
+}
+
+impl Vm {
+    pub fn new(kvm: Kvm, cfg: &VmConfig) -> Result<Vm, Error> {
+        let vm = kvm
+            .create_vm()
+            .map_err(kvm_err("create a VM (KVM_CREATE_VM)"))?;
+        let ram = memory::create_ram(cfg.memory)?;
+        for (slot, region) in ram.memory.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| Error::Internal(format!("guest RAM has no host mapping: {e}")))?;
+            let mr = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping of guest RAM owned by `ram`, which lives as
+            // long as the VM (it is dropped after the vCPUs are joined).
+            unsafe { vm.set_user_memory_region(mr) }
+                .map_err(kvm_err("register guest RAM (KVM_SET_USER_MEMORY_REGION)"))?;
+        }
+        vm.set_tss_address(layout::KVM_TSS_START as usize)
+            .map_err(kvm_err("set the TSS address (KVM_SET_TSS_ADDR)"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("create the in-kernel irqchip (KVM_CREATE_IRQCHIP)"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(kvm_err("create the in-kernel PIT (KVM_CREATE_PIT2)"))?;
+
+        let (exit, exit_rx) = ExitHandle::new();
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+
+        // COM1 on IRQ 4 through an irqfd.
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
+            .map_err(kvm_err("attach the serial interrupt (KVM_IRQFD)"))?;
+        let out: SerialOut = match &cfg.serial {
+            SerialMode::Stdio => Box::new(io::stdout()),
+            SerialMode::Off => Box::new(io::sink()),
+            SerialMode::File(p) => {
+                Box::new(File::create(p).map_err(|e| Error::SerialFile(p.clone(), e))?)
+            }
+        };
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
+        pio.insert("serial", serial.clone(), layout::COM1_PORT.into(), 8)?;
+        pio.insert(
+            "i8042",
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            layout::I8042_PORT.into(),
+            5,
+        )?;
+        pio.insert(
+            "debug-exit",
+            Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
+            layout::DEBUG_EXIT_PORT.into(),
+            4,
+        )?;
+        pio.insert(
+            "acpi-pm",
+            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+            layout::ACPI_SLEEP_CONTROL_PORT.into(),
+            2,
+        )?;
+        let root = Arc::new(Mutex::new(PciRoot::new()));
+        pio.insert(
+            "pci-config",
+            Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+            layout::PCI_CONFIG_ADDRESS_PORT.into(),
+            8,
+        )?;
+        mmio.insert(
+            "pci-ecam",
+            Arc::new(Mutex::new(PciConfigMmio::new(root))),
+            layout::PCI_ECAM_START,
+            1 << 20,
+        )?;
+
+        // Firmware tables and the kernel.
+        acpi::write_tables(
+            &ram.memory,
+            &acpi::AcpiConfig {
+                cpus: cfg.cpus,
+                memory: cfg.memory,
+            },
+        )
+        .map_err(|e| Error::Internal(format!("cannot write ACPI tables: {e}")))?;
+        let entry = boot::load(
+            &ram.memory,
+            cfg.memory,
+            &cfg.kernel,
+            cfg.initramfs.as_deref(),
+            &cfg.cmdline,
+        )?;
+        log::info!(
+            "kernel {} loaded, {:?} entry at {:#x}",
+            cfg.kernel.display(),
+            entry.mode,
+            entry.entry.0
+        );
+
+        let vcpus = create_vcpus(&kvm, &vm, &ram, cfg.cpus, entry)?;
+        Ok(Vm {
+            kvm,
+            vm,
+            ram,
+            pio,
+            mmio,
+            serial,
+            exit,
+            exit_rx,
+            vcpus,
+            counters: Arc::new(VcpuCounters::default()),
+            stdin_to_guest: cfg.serial == SerialMode::Stdio,
+        })
+    }
+
+    /// Runs the guest until it stops; returns why, with the exit counters.
+    pub fn run(self) -> Result<(VmExit, ExitStats), Error> {
+        vcpu::install_kick_handler().map_err(Error::Signal)?;
+        crate::signals::install(self.exit.clone()).map_err(Error::Signal)?;
+        if self.stdin_to_guest {
+            spawn_stdin_reader(self.serial.clone()).map_err(Error::Thread)?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for (id, fd) in self.vcpus.into_iter().enumerate() {
+            let ctx = VcpuContext {
+                id: id as u8,
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                exit: self.exit.clone(),
+                stop: stop.clone(),
+                counters: self.counters.clone(),
+            };
+            let t = thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run(fd, ctx))
+                .map_err(Error::Thread)?;
+            threads.push(t);
+        }
+        // Every sender lives in a device or vCPU, so recv only fails if all are gone.
+        let why = self
+            .exit_rx
+            .recv()
+            .unwrap_or_else(|_| VmExit::VmmError("all vCPU threads ended".into()));
+        vcpu::stop_all(&stop, threads);
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush();
+        let _ = io::stdout().flush();
+        let stats = ExitStats::collect(&self.pio, &self.mmio, &self.counters);
+        // Guest memory and the VM fd go away only after every vCPU thread has returned.
+        drop(self.vm);
+        drop(self.ram);
+        Ok((why, stats))
+    }
+}
+
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    ram: &Ram,
+    cpus: u8,
+    entry: boot::BootEntry,
+) -> Result<Vec<kvm_ioctls::VcpuFd>, Error> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("read supported CPUID (KVM_GET_SUPPORTED_CPUID)"))?;
+    let mut out = Vec::new();
+    for id in 0..cpus {
+        let vcpu = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("create a vCPU (KVM_CREATE_VCPU)"))?;
+        let mut entries = supported.as_slice().to_vec();
+        cpuid::patch(&mut entries, id, cpus);
+        let cpuid = CpuId::from_entries(&entries)
+            .map_err(|e| Error::Internal(format!("CPUID table: {e:?}")))?;
+        vcpu.set_cpuid2(&cpuid)
+            .map_err(kvm_err("set CPUID (KVM_SET_CPUID2)"))?;
+        let wanted = regs::boot_msrs();
+        let msrs = Msrs::from_entries(&wanted)
+            .map_err(|e| Error::Internal(format!("MSR table: {e:?}")))?;
+        let set = vcpu
+            .set_msrs(&msrs)
+            .map_err(kvm_err("set boot MSRs (KVM_SET_MSRS)"))?;
+        if set != wanted.len() {
+            log::debug!(
+                "vcpu {id}: KVM took {set} of {} boot MSRs (index {:#x} refused)",
+                wanted.len(),
+                wanted[set].index
+            );
+        }
+        vcpu.set_fpu(&regs::boot_fpu())
+            .map_err(kvm_err("set FPU state (KVM_SET_FPU)"))?;
+        let mut lapic = vcpu
+            .get_lapic()
+            .map_err(kvm_err("read the local APIC (KVM_GET_LAPIC)"))?;
+        regs::set_lint(&mut lapic);
+        vcpu.set_lapic(&lapic)
+            .map_err(kvm_err("set the local APIC (KVM_SET_LAPIC)"))?;
+        if id == 0 {
+            let mut sregs = vcpu
+                .get_sregs()
+                .map_err(kvm_err("read segment registers (KVM_GET_SREGS)"))?;
+            regs::setup_sregs(&ram.memory, entry.mode, &mut sregs)
+                .map_err(|e| Error::Internal(format!("boot page tables: {e}")))?;
+            vcpu.set_sregs(&sregs)
+                .map_err(kvm_err("set segment registers (KVM_SET_SREGS)"))?;
+            vcpu.set_regs(&regs::boot_regs(entry.mode, entry.entry.0))
+                .map_err(kvm_err("set registers (KVM_SET_REGS)"))?;
+        }
+        out.push(vcpu);
+    }
+    let _ = ram.memory.num_regions();
+    Ok(out)
+}
