@@ -1,1 +1,6 @@
+//! Test fixtures: the ring-3 test guest, the lab (Linux guests inside QEMU TCG), and
+//! host-level helpers (namespaces, taps, daemons) that clean up after themselves.
 
+pub mod guest;
+pub mod host;
+pub mod lab;

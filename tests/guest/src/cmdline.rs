@@ -6,7 +6,9 @@
 //!   default 0).
 //! - `msg=TEXT`: a line to print.
 //! - `fault=KIND`: fail on purpose after printing, to test the failure paths: `panic`, `ud`
-//!   (invalid opcode), `pf` (page fault), `bp` (`int3`), `gp` (`hlt` in ring 3).
+//!   (invalid opcode), `pf` (page fault), `bp` (`int3`), `gp` (`hlt` in ring 3), `triple`
+//!   (an exception whose handler faults with no usable IDT: a triple fault, which ends the VM
+//!   with no exit code of the guest's choosing).
 
 /// What the command line asks for.
 #[derive(Debug, Default)]
@@ -24,6 +26,7 @@ pub enum Failure {
     PageFault,
     Breakpoint,
     GeneralProtection,
+    TripleFault,
 }
 
 /// A command line word the guest cannot use.
@@ -44,7 +47,7 @@ impl core::fmt::Display for Error<'_> {
             Error::UnknownFault(value) => {
                 write!(f, "fault=")?;
                 write_escaped(f, value)?;
-                write!(f, ": expected panic, ud, pf, bp or gp")
+                write!(f, ": expected panic, ud, pf, bp, gp or triple")
             }
         }
     }
@@ -130,6 +133,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Args<'_>, Error<'_>> {
                     b"pf" => Failure::PageFault,
                     b"bp" => Failure::Breakpoint,
                     b"gp" => Failure::GeneralProtection,
+                    b"triple" => Failure::TripleFault,
                     _ => return Err(Error::UnknownFault(value)),
                 });
             }

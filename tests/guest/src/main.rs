@@ -81,6 +81,11 @@ fn cause(fault: cmdline::Failure) {
         Failure::Breakpoint => unsafe { asm!("int3", options(nomem, nostack)) },
         // SAFETY: as above (`hlt` is privileged).
         Failure::GeneralProtection => unsafe { asm!("hlt", options(nomem, nostack)) },
+        Failure::TripleFault => {
+            trap::TRIPLE_FAULT.store(true, core::sync::atomic::Ordering::SeqCst);
+            // SAFETY: as above; the handler then triple-faults on purpose.
+            unsafe { asm!("ud2", options(nomem, nostack)) }
+        }
     }
 }
 

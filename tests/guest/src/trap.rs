@@ -2,6 +2,7 @@
 //! [`handle`] on the TSS.RSP0 stack), so it is slow on PVM hosts, but only runs on failure.
 
 use core::arch::asm;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::boot::TrapFrame;
 use crate::exit::{exit, EXIT_EXCEPTION};
@@ -12,8 +13,20 @@ const NAMES: [&str; 32] = [
     "#26", "#27", "#HV", "#VC", "#SX", "#31",
 ];
 
+/// Set by `fault=triple`: the next exception makes the CPU shut down (triple fault).
+pub static TRIPLE_FAULT: AtomicBool = AtomicBool::new(false);
+
 /// Called by `isr_common` with the frame on the ring-0 stack.
 pub extern "C" fn handle(frame: &TrapFrame) -> ! {
+    if TRIPLE_FAULT.load(Ordering::SeqCst) {
+        crate::println!("triple fault on request");
+        let empty: [u16; 5] = [0; 5];
+        // SAFETY: runs in ring 0. With an IDT of limit 0, `ud2` cannot be delivered, nor can
+        // the #GP and #DF that follow: the CPU shuts down, which is the point.
+        unsafe {
+            asm!("lidt [{0}]", "ud2", in(reg) empty.as_ptr(), options(nostack, noreturn));
+        }
+    }
     let cr2: u64;
     // SAFETY: reading CR2 has no side effects; this runs in ring 0.
     unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
