@@ -203,6 +203,15 @@ stage_bin() {
     stage_libs "$1" "$3"
 }
 
+# stage_project_bin SRC DST STAGE: stage_bin, then drop debug info from the copy
+# (debug builds are tens of MB; L1 unpacks every byte under TCG). LAB_STRIP=0 keeps it.
+stage_project_bin() {
+    stage_bin "$@"
+    if [ "${LAB_STRIP:-1}" != 0 ] && command -v strip >/dev/null 2>&1; then
+        strip --strip-debug "$3/$2" 2>/dev/null || true
+    fi
+}
+
 # stage_busybox STAGE: busybox and one link per applet, except `ip`
 # (iproute2's ip is staged as /sbin/iproute2-ip where needed).
 stage_busybox() {

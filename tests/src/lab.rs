@@ -1,0 +1,645 @@
+//! The lab: Linux guests, real KVM, an IOMMU and assignable PCI devices inside QEMU TCG.
+//!
+//! This host's /dev/kvm cannot boot Linux in useful time, so Linux-guest tests run in "the
+//! lab": L1 is QEMU TCG (`-cpu max`, q35, intel-iommu) booting Debian's generic kernel; in L1,
+//! kvm-amd gives a real /dev/kvm, a VMM boots L2. L1 has two e1000e on one QEMU hub
+//! (0000:00:02.0 to assign, 0000:00:03.0 as L1's peer) and an NVMe on a scratch file
+//! (0000:00:04.0). The work is done by `scripts/lab/build-images` (cached images in
+//! `target/lab/images`) and `scripts/lab/run` (one scenario, one L1 boot); this module
+//! writes the scenario directory, runs the script, streams and records L1's console, and
+//! kills what it started when dropped or on panic.
+//!
+//! Inside L1 (see `scripts/lab/lab-lib.sh`, installed as `/lab/lib.sh`):
+//! - the scenario script is `/lab/scenario.sh`; `. /lab/lib.sh` gives `check`, `fail`,
+//!   `lab_finish`, `vfio_bind`, `vfio_unbind`, `l2_qemu`, `lab_console`, `$IP` (iproute2);
+//! - project binaries (`vmm`, `vhost-user-blk`, `vhost-user-net`, `passthrough` from this
+//!   build's target directory) and [`Scenario::bin`] files are in `/lab/bin` (on PATH);
+//! - L2 images: `/lab/l2/vmlinuz` + `/lab/l2/initrd.img` (cloud kernel, virtio modules),
+//!   `/lab/l2/vmlinuz-generic` + `/lab/l2/initrd-generic.img` (e1000e, nvme too); the L2
+//!   script is `/lab/scenario.sh` inside them;
+//! - files: `/lab/files/` in L1 ([`Scenario::file`]) and in L2 ([`Scenario::l2_file`]).
+//!
+//! Markers: scripts print `LAB-OK name`, `LAB-FAIL name why`, `LAB-T name seconds`,
+//! `LAB-VAL name value`; L1's init prints `LAB-INIT` and `LAB-EXIT status`, L2's `L2-INIT`
+//! and `L2-EXIT status`.
+//!
+//! ```no_run
+//! use tests::lab::Scenario;
+//! let run = Scenario::new("example", ". /lab/lib.sh\ncheck kvm test -c /dev/kvm\nlab_finish\n")
+//!     .run_ok();
+//! run.assert_ok("kvm");
+//! ```
+
+use std::fmt;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Extra time the fixture allows beyond the scenario timeout, for building the images the
+/// first time (downloads, unpacking) and waiting for another lab run (runs are serialized).
+const SETUP_ALLOWANCE: Duration = Duration::from_secs(1800);
+
+/// The repository root (the parent of the `tests` package).
+pub fn repo_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// The cargo profile directory this test was built into (`target/debug`, `target/release`):
+/// where the project binaries are.
+pub fn profile_dir() -> PathBuf {
+    // Integration tests run as target/<profile>/deps/<name>-<hash>.
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.to_path_buf()))
+        .filter(|dir| dir.join("deps").is_dir())
+        .unwrap_or_else(|| repo_root().join("target").join("debug"))
+}
+
+/// The lab's working directory: `$LAB_DIR`, else `<target>/lab`.
+pub fn lab_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LAB_DIR") {
+        return PathBuf::from(dir);
+    }
+    match profile_dir().parent() {
+        Some(target) => target.join("lab"),
+        None => repo_root().join("target").join("lab"),
+    }
+}
+
+/// A lab script that could not be started or watched.
+#[derive(Debug)]
+pub enum LabError {
+    /// Writing the scenario directory failed.
+    Scenario(PathBuf, io::Error),
+    /// `scripts/lab/...` could not be started.
+    Spawn(PathBuf, io::Error),
+    /// Waiting for the script failed.
+    Wait(io::Error),
+}
+
+impl fmt::Display for LabError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LabError::Scenario(p, e) => write!(f, "cannot write scenario {}: {e}", p.display()),
+            LabError::Spawn(p, e) => write!(f, "cannot start {}: {e}", p.display()),
+            LabError::Wait(e) => write!(f, "cannot wait for the lab script: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for LabError {}
+
+/// Build (or reuse) the cached lab images, as `scripts/lab/build-images` does. Its output is
+/// printed; a failure says why (missing package, QEMU missing...).
+pub fn build_images() -> Result<(), String> {
+    let script = repo_root().join("scripts/lab/build-images");
+    let out = Command::new(&script)
+        .env("LAB_DIR", lab_dir())
+        .output()
+        .map_err(|e| format!("cannot start {}: {e}", script.display()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprint!("{stderr}");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} failed ({}): {}",
+            script.display(),
+            out.status,
+            stderr.trim_end()
+        ))
+    }
+}
+
+enum Content {
+    Path(PathBuf),
+    Bytes(Vec<u8>),
+}
+
+/// One lab boot: an L1 script, optionally an L2 script, files and binaries.
+pub struct Scenario {
+    name: String,
+    l1_script: String,
+    l2_script: Option<String>,
+    files: Vec<(String, Content)>,
+    l2_files: Vec<(String, Content)>,
+    bins: Vec<PathBuf>,
+    project_bins: PathBuf,
+    qemu: bool,
+    timeout: Duration,
+    mem_mib: u32,
+    smp: u32,
+    append: String,
+}
+
+impl Scenario {
+    /// A scenario named `name` (also the name of its directory under `target/lab/scenarios`
+    /// and of its log under `target/lab/logs`; keep it unique per test) that runs `l1_script`
+    /// (busybox sh) in L1. Its exit status is the scenario's.
+    pub fn new(name: &str, l1_script: &str) -> Self {
+        Scenario {
+            name: name.to_string(),
+            l1_script: l1_script.to_string(),
+            l2_script: None,
+            files: Vec::new(),
+            l2_files: Vec::new(),
+            bins: Vec::new(),
+            project_bins: profile_dir(),
+            qemu: false,
+            timeout: Duration::from_secs(600),
+            mem_mib: 2048,
+            smp: 2,
+            append: String::new(),
+        }
+    }
+
+    /// The script L2's init runs (as `/lab/scenario.sh` in both L2 initrds).
+    pub fn l2_script(mut self, script: &str) -> Self {
+        self.l2_script = Some(script.to_string());
+        self
+    }
+
+    /// Copy the file `src` to L1's `/lab/files/<dst>`.
+    pub fn file(mut self, src: impl AsRef<Path>, dst: &str) -> Self {
+        self.files
+            .push((dst.to_string(), Content::Path(src.as_ref().to_path_buf())));
+        self
+    }
+
+    /// Put `contents` in L1's `/lab/files/<dst>`.
+    pub fn file_contents(mut self, dst: &str, contents: impl Into<Vec<u8>>) -> Self {
+        self.files
+            .push((dst.to_string(), Content::Bytes(contents.into())));
+        self
+    }
+
+    /// Copy the file `src` to L2's `/lab/files/<dst>`.
+    pub fn l2_file(mut self, src: impl AsRef<Path>, dst: &str) -> Self {
+        self.l2_files
+            .push((dst.to_string(), Content::Path(src.as_ref().to_path_buf())));
+        self
+    }
+
+    /// Put `contents` in L2's `/lab/files/<dst>`.
+    pub fn l2_file_contents(mut self, dst: &str, contents: impl Into<Vec<u8>>) -> Self {
+        self.l2_files
+            .push((dst.to_string(), Content::Bytes(contents.into())));
+        self
+    }
+
+    /// Copy an executable (e.g. `env!("CARGO_BIN_EXE_kvm-smoke")`) with the shared libraries
+    /// it needs into L1's `/lab/bin/`.
+    pub fn bin(mut self, path: impl AsRef<Path>) -> Self {
+        self.bins.push(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Where the project binaries (`vmm`, `vhost-user-blk`, `vhost-user-net`,
+    /// `passthrough`) are taken from; default: this test's profile directory.
+    pub fn project_bins(mut self, dir: impl AsRef<Path>) -> Self {
+        self.project_bins = dir.as_ref().to_path_buf();
+        self
+    }
+
+    /// Put QEMU and its firmware in L1 (the reference VMM; `l2_qemu` in `/lab/lib.sh`).
+    /// Makes L1's initramfs about 50 MB bigger.
+    pub fn with_qemu(mut self) -> Self {
+        self.qemu = true;
+        self
+    }
+
+    /// Kill L1 after `timeout` (default 600 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// L1 memory in MiB (default 2048).
+    pub fn mem_mib(mut self, mib: u32) -> Self {
+        self.mem_mib = mib;
+        self
+    }
+
+    /// L1 vCPUs (default 2).
+    pub fn smp(mut self, n: u32) -> Self {
+        self.smp = n;
+        self
+    }
+
+    /// More L1 kernel command line.
+    pub fn append(mut self, args: &str) -> Self {
+        self.append = args.to_string();
+        self
+    }
+
+    /// The scenario directory: `target/lab/scenarios/<name>`. Run it again by hand with
+    /// `scripts/lab/run [--qemu] target/lab/scenarios/<name>`.
+    pub fn dir(&self) -> PathBuf {
+        lab_dir().join("scenarios").join(&self.name)
+    }
+
+    fn write_dir(&self) -> Result<PathBuf, LabError> {
+        let dir = self.dir();
+        let err = |p: &Path, e| LabError::Scenario(p.to_path_buf(), e);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(|e| err(&dir, e))?;
+        }
+        fs::create_dir_all(&dir).map_err(|e| err(&dir, e))?;
+        let l1 = dir.join("l1.sh");
+        fs::write(&l1, &self.l1_script).map_err(|e| err(&l1, e))?;
+        if let Some(script) = &self.l2_script {
+            let l2 = dir.join("l2.sh");
+            fs::write(&l2, script).map_err(|e| err(&l2, e))?;
+        }
+        for (sub, files) in [("files", &self.files), ("l2-files", &self.l2_files)] {
+            for (dst, content) in files {
+                let path = dir.join(sub).join(dst.trim_start_matches('/'));
+                if let Some(parent) = path.parent() {
+                    fs::create_dir_all(parent).map_err(|e| err(parent, e))?;
+                }
+                match content {
+                    Content::Path(src) => fs::copy(src, &path).map(|_| ()),
+                    Content::Bytes(bytes) => fs::write(&path, bytes),
+                }
+                .map_err(|e| err(&path, e))?;
+            }
+        }
+        if !self.bins.is_empty() {
+            let bin_dir = dir.join("bin");
+            fs::create_dir_all(&bin_dir).map_err(|e| err(&bin_dir, e))?;
+            for src in &self.bins {
+                let name = src.file_name().ok_or_else(|| {
+                    err(
+                        src,
+                        io::Error::new(io::ErrorKind::InvalidInput, "no file name"),
+                    )
+                })?;
+                let dst = bin_dir.join(name);
+                fs::copy(src, &dst).map_err(|e| err(&dst, e))?;
+                fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))
+                    .map_err(|e| err(&dst, e))?;
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Boot L1 with this scenario and wait for it. L1's console is streamed to stderr
+    /// (captured by the test harness, shown when the test fails or with `--nocapture`) and
+    /// kept in `target/lab/logs/<name>.log`. An `Err` means the script could not be
+    /// started; everything else (setup failures, timeouts, the scenario's status) is in the
+    /// returned [`LabRun`].
+    pub fn run(&self) -> Result<LabRun, LabError> {
+        let dir = self.write_dir()?;
+        let script = repo_root().join("scripts/lab/run");
+        let mut cmd = Command::new(&script);
+        cmd.env("LAB_DIR", lab_dir())
+            .arg("--bins")
+            .arg(&self.project_bins)
+            .arg("--timeout")
+            .arg(self.timeout.as_secs().max(1).to_string())
+            .arg("--mem")
+            .arg(self.mem_mib.to_string())
+            .arg("--smp")
+            .arg(self.smp.to_string());
+        if self.qemu {
+            cmd.arg("--qemu");
+        }
+        if !self.append.is_empty() {
+            cmd.arg("--append").arg(&self.append);
+        }
+        cmd.arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group, so that Drop can end the script and its QEMU together.
+            .process_group(0);
+        eprintln!(
+            "lab: {}{} {}",
+            script.display(),
+            if self.qemu { " --qemu" } else { "" },
+            dir.display()
+        );
+        let start = Instant::now();
+        let child = cmd
+            .spawn()
+            .map_err(|e| LabError::Spawn(script.clone(), e))?;
+        let mut group = ProcessGroup { child: Some(child) };
+
+        let (tx, rx) = mpsc::channel::<(Stream, String)>();
+        let mut readers = Vec::new();
+        if let Some(child) = group.child.as_mut() {
+            if let Some(out) = child.stdout.take() {
+                readers.push(spawn_reader(out, Stream::Console, tx.clone()));
+            }
+            if let Some(err) = child.stderr.take() {
+                readers.push(spawn_reader(err, Stream::Script, tx.clone()));
+            }
+        }
+        drop(tx);
+
+        let deadline = start + self.timeout + SETUP_ALLOWANCE;
+        let mut lines = Vec::new();
+        let mut script_lines = Vec::new();
+        let mut killed = false;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                eprintln!("lab: the lab script did not finish in time; killing it");
+                group.kill();
+                killed = true;
+                break;
+            }
+            match rx.recv_timeout(deadline - now) {
+                Ok((stream, text)) => {
+                    let at = start.elapsed();
+                    match stream {
+                        Stream::Console => {
+                            eprintln!("[L1 {:7.2}] {text}", at.as_secs_f64());
+                            lines.push(Line { at, text });
+                        }
+                        Stream::Script => {
+                            eprintln!("{text}");
+                            script_lines.push(text);
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        for reader in readers {
+            let _ = reader.join();
+        }
+        let status = group.wait().map_err(LabError::Wait)?;
+        let duration = start.elapsed();
+        let exit = parse_exit(&lines);
+        let outcome = match (exit, status.code()) {
+            _ if killed => Outcome::Timeout,
+            (Some(code), _) => Outcome::Exited(code),
+            (None, Some(124)) => Outcome::Timeout,
+            (None, _) => Outcome::NoExit(status),
+        };
+        eprintln!(
+            "lab: scenario {} ended after {:.1} s: {outcome}",
+            self.name,
+            duration.as_secs_f64()
+        );
+        Ok(LabRun {
+            name: self.name.clone(),
+            outcome,
+            lines,
+            script_lines,
+            duration,
+            log: lab_dir().join("logs").join(format!("{}.log", self.name)),
+        })
+    }
+
+    /// [`Scenario::run`], then [`LabRun::assert_success`].
+    pub fn run_ok(&self) -> LabRun {
+        match self.run() {
+            Ok(run) => {
+                run.assert_success();
+                run
+            }
+            Err(e) => panic!("lab scenario {}: {e}", self.name),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Stream {
+    Console,
+    Script,
+}
+
+fn spawn_reader(
+    src: impl Read + Send + 'static,
+    stream: Stream,
+    tx: mpsc::Sender<(Stream, String)>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut reader = BufReader::new(src);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let text = String::from_utf8_lossy(&buf);
+                    let text = text.trim_end_matches(['\n', '\r']).to_string();
+                    if tx.send((stream, text)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn parse_exit(lines: &[Line]) -> Option<i32> {
+    lines
+        .iter()
+        .rev()
+        .find_map(|l| l.text.strip_prefix("LAB-EXIT "))
+        .and_then(|code| code.trim().parse().ok())
+}
+
+/// The script's process group; killed (SIGTERM, then SIGKILL) when dropped unreaped.
+struct ProcessGroup {
+    child: Option<Child>,
+}
+
+impl ProcessGroup {
+    fn signal(&self, sig: libc::c_int) {
+        if let Some(child) = &self.child {
+            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                // SAFETY: kill(2) has no memory effects; the group id is the PID of the child
+                // we spawned with process_group(0) and have not reaped, so it is ours.
+                unsafe { libc::kill(-pid, sig) };
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        self.signal(libc::SIGTERM);
+        let give_up = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < give_up {
+            match self.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(None)) => thread::sleep(Duration::from_millis(50)),
+                _ => return,
+            }
+        }
+        self.signal(libc::SIGKILL);
+    }
+
+    fn wait(&mut self) -> io::Result<ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| io::Error::other("already waited"))?;
+        child.wait()
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.kill();
+            if let Some(mut child) = self.child.take() {
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// One line of L1's console, with the time it arrived (from the start of the script).
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub at: Duration,
+    pub text: String,
+}
+
+/// How a lab run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// L1's init printed `LAB-EXIT <status>`: the scenario script's exit status.
+    Exited(i32),
+    /// The scenario's timeout (or the fixture's) killed L1.
+    Timeout,
+    /// No `LAB-EXIT`: setup failed (see the script's messages) or L1 crashed.
+    NoExit(ExitStatus),
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Exited(code) => write!(f, "scenario exited with status {code}"),
+            Outcome::Timeout => write!(f, "timed out"),
+            Outcome::NoExit(status) => write!(
+                f,
+                "no LAB-EXIT marker: the lab could not be set up or L1 crashed (script {status})"
+            ),
+        }
+    }
+}
+
+/// The record of one lab boot.
+#[derive(Debug)]
+pub struct LabRun {
+    pub name: String,
+    pub outcome: Outcome,
+    /// L1's console (CRs and terminal escapes removed).
+    pub lines: Vec<Line>,
+    /// The lab script's own messages (`lab: ...`, errors).
+    pub script_lines: Vec<String>,
+    /// From starting the script to its end (includes image checks and L1's boot).
+    pub duration: Duration,
+    /// The console log file.
+    pub log: PathBuf,
+}
+
+impl LabRun {
+    /// The scenario exited with status 0.
+    pub fn success(&self) -> bool {
+        self.outcome == Outcome::Exited(0)
+    }
+
+    /// The first console line starting with `prefix`.
+    pub fn find(&self, prefix: &str) -> Option<&Line> {
+        self.lines.iter().find(|l| l.text.starts_with(prefix))
+    }
+
+    /// The rest of the first console line that starts with the word `key` (`key value...`).
+    pub fn field(&self, key: &str) -> Option<&str> {
+        self.lines.iter().find_map(|l| {
+            l.text
+                .strip_prefix(key)
+                .filter(|rest| rest.is_empty() || rest.starts_with(' '))
+                .map(str::trim)
+        })
+    }
+
+    /// The value of `LAB-VAL <name> <value>`.
+    pub fn value(&self, name: &str) -> Option<&str> {
+        self.field(&format!("LAB-VAL {name}"))
+    }
+
+    /// The seconds of `LAB-T <name> <seconds>`.
+    pub fn timing(&self, name: &str) -> Option<f64> {
+        self.field(&format!("LAB-T {name}"))?.parse().ok()
+    }
+
+    /// Check names that printed `LAB-FAIL`.
+    pub fn failures(&self) -> Vec<&str> {
+        self.lines
+            .iter()
+            .filter_map(|l| l.text.strip_prefix("LAB-FAIL "))
+            .collect()
+    }
+
+    fn report(&self) -> String {
+        let tail: Vec<&str> = self
+            .lines
+            .iter()
+            .rev()
+            .take(40)
+            .map(|l| l.text.as_str())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let errors: Vec<&str> = self
+            .script_lines
+            .iter()
+            .map(String::as_str)
+            .filter(|l| l.contains("error") || l.contains("TIMEOUT") || l.contains("without"))
+            .collect();
+        format!(
+            "lab scenario {}: {} after {:.1} s\nfailed checks: {:?}\nlab script: {}\n\
+             last console lines:\n  {}\nfull log: {}\nrerun by hand: scripts/lab/run {}",
+            self.name,
+            self.outcome,
+            self.duration.as_secs_f64(),
+            self.failures(),
+            if errors.is_empty() {
+                "-".to_string()
+            } else {
+                errors.join(" | ")
+            },
+            tail.join("\n  "),
+            self.log.display(),
+            lab_dir().join("scenarios").join(&self.name).display(),
+        )
+    }
+
+    /// Panic (with the reason, failed checks and the end of the console) unless the scenario
+    /// exited 0.
+    pub fn assert_success(&self) {
+        assert!(self.success(), "{}", self.report());
+    }
+
+    /// Panic unless the console has `LAB-OK <check>`.
+    pub fn assert_ok(&self, check: &str) {
+        let ok = format!("LAB-OK {check}");
+        assert!(
+            self.lines.iter().any(|l| l.text.trim_end() == ok),
+            "check {check} did not pass\n{}",
+            self.report()
+        );
+    }
+
+    /// Panic unless a console line starts with `prefix`; returns it.
+    pub fn assert_line(&self, prefix: &str) -> &Line {
+        match self.find(prefix) {
+            Some(line) => line,
+            None => panic!("no console line starts with {prefix:?}\n{}", self.report()),
+        }
+    }
+}

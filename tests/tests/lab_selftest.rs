@@ -1,0 +1,91 @@
+//! Lab self-test: one L1 boot proves what the lab promises to later tests.
+//! - /dev/kvm in L1 creates a VM and runs a vCPU (`kvm-smoke`, a real-mode guest to HLT);
+//! - the IOMMU is on: /sys/kernel/iommu_groups is populated;
+//! - the e1000e at 0000:00:02.0 and the NVMe at 0000:00:04.0 bind to vfio-pci and their
+//!   /dev/vfio/<group> appears; unbound, they return to their host drivers;
+//! - iproute2's ip makes taps and network namespaces in L1.
+//!
+//! Runs in the lab (QEMU TCG): needs qemu-system-x86, busybox-static and Debian's kernel
+//! packages, which scripts/lab/build-images installs/downloads; missing ones fail the test.
+
+use std::time::Duration;
+
+use tests::lab::Scenario;
+
+const L1: &str = r#"
+. /lab/lib.sh
+echo "LAB-VAL kernel $(uname -r)"
+
+check dev-kvm [ -c /dev/kvm ]
+if out=$(kvm-smoke); then echo "$out"; echo "LAB-OK kvm-smoke"; else echo "$out"; fail kvm-smoke; fi
+
+n=$(ls /sys/kernel/iommu_groups | wc -l)
+echo "LAB-VAL iommu-groups $n"
+check iommu-groups [ "$n" -gt 0 ]
+check dev-vfio-container [ -c /dev/vfio/vfio ]
+
+# assign NAME BDF VENDOR:DEVICE HOST_DRIVER
+assign() {
+    name=$1 bdf=$2 id=$3 drv=$4
+    check "$name-present" [ "$(cat /sys/bus/pci/devices/$bdf/vendor):$(cat /sys/bus/pci/devices/$bdf/device)" = "$id" ]
+    check "$name-host-driver" [ "$(pci_driver $bdf)" = "$drv" ]
+    echo "LAB-VAL $name-iommu-group $(iommu_group $bdf)"
+    if dev=$(vfio_bind $bdf); then
+        echo "LAB-OK $name-vfio-bind"
+        echo "LAB-VAL $name-vfio-dev $dev"
+        check "$name-vfio-dev" [ -c "$dev" ]
+    else
+        fail "$name-vfio-bind" "driver $(pci_driver $bdf)"
+    fi
+    check "$name-vfio-unbind" vfio_unbind $bdf
+    check "$name-host-driver-again" [ "$(pci_driver $bdf)" = "$drv" ]
+    check "$name-vfio-dev-gone" [ ! -e "$dev" ]
+}
+assign nic $NIC_BDF 0x8086:0x10d3 e1000e
+assign nvme $NVME_BDF 0x1b36:0x0010 nvme
+check nvme-block [ -b /dev/nvme0n1 ]
+
+check peer-nic-driver [ "$(pci_driver $PEER_NIC_BDF)" = e1000e ]
+check iproute2-tap $IP tuntap add dev labtap0 mode tap vnet_hdr
+check iproute2-netns $IP netns add labns0
+check iproute2-move $IP link set labtap0 netns labns0
+check iproute2-addr $IP -n labns0 addr add 192.0.2.1/24 dev labtap0
+$IP netns del labns0
+lab_finish
+"#;
+
+#[test]
+fn lab_selftest() {
+    let run = Scenario::new("lab_selftest", L1)
+        .bin(env!("CARGO_BIN_EXE_kvm-smoke"))
+        .timeout(Duration::from_secs(300))
+        .run_ok();
+    for check in [
+        "dev-kvm",
+        "kvm-smoke",
+        "iommu-groups",
+        "dev-vfio-container",
+        "nic-present",
+        "nic-host-driver",
+        "nic-vfio-bind",
+        "nic-vfio-dev",
+        "nic-vfio-unbind",
+        "nic-host-driver-again",
+        "nvme-present",
+        "nvme-vfio-bind",
+        "nvme-vfio-dev",
+        "nvme-vfio-unbind",
+        "nvme-host-driver-again",
+        "iproute2-tap",
+        "iproute2-netns",
+    ] {
+        run.assert_ok(check);
+    }
+    let smoke = run.assert_line("KVM-SMOKE OK");
+    eprintln!("{}", smoke.text);
+    let boot = run.find("LAB-INIT").map(|l| l.at.as_secs_f64());
+    eprintln!(
+        "lab_selftest: L1 init at {boot:?} s, whole run {:.1} s",
+        run.duration.as_secs_f64()
+    );
+}
