@@ -34,10 +34,14 @@ struct Entry {
 }
 
 /// An address space (port I/O or MMIO) of non-overlapping device ranges.
+/// How many distinct unclaimed addresses are counted one by one (the rest are summed).
+const UNCLAIMED_TRACKED: usize = 32;
+
 #[derive(Default)]
 pub struct Bus {
     entries: RwLock<BTreeMap<u64, Arc<Entry>>>,
     unhandled: AtomicU64,
+    unclaimed: Mutex<BTreeMap<u64, u64>>,
 }
 
 impl Bus {
@@ -104,7 +108,7 @@ impl Bus {
                 true
             }
             None => {
-                self.unhandled.fetch_add(1, Ordering::Relaxed);
+                self.note_unclaimed(addr);
                 data.fill(0xff);
                 false
             }
@@ -121,10 +125,29 @@ impl Bus {
                 true
             }
             None => {
-                self.unhandled.fetch_add(1, Ordering::Relaxed);
+                self.note_unclaimed(addr);
                 false
             }
         }
+    }
+
+    fn note_unclaimed(&self, addr: u64) {
+        self.unhandled.fetch_add(1, Ordering::Relaxed);
+        let mut m = self.unclaimed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&addr) {
+            *n += 1;
+        } else if m.len() < UNCLAIMED_TRACKED {
+            m.insert(addr, 1);
+        }
+    }
+
+    /// The most accessed addresses no device claims, with their counts (busiest first).
+    pub fn unclaimed_top(&self, n: usize) -> Vec<(u64, u64)> {
+        let m = self.unclaimed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(u64, u64)> = m.iter().map(|(a, c)| (*a, *c)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        v.truncate(n);
+        v
     }
 
     /// Accesses per device name (ranges of one device are summed), and unclaimed accesses.
@@ -173,6 +196,8 @@ mod tests {
         let (c, unhandled) = bus.counters();
         assert_eq!(c["reg"], 2);
         assert_eq!(unhandled, 2);
+        assert!(!bus.write(0xff, &[0]));
+        assert_eq!(bus.unclaimed_top(1), vec![(0xff, 2)]);
     }
 
     #[test]

@@ -12,9 +12,12 @@ pub struct ExitStats {
     /// Port I/O exits per device, and to ports no device claims.
     pub pio: BTreeMap<String, u64>,
     pub pio_unclaimed: u64,
+    /// The busiest unclaimed ports, (port, count).
+    pub pio_unclaimed_top: Vec<(u64, u64)>,
     /// MMIO exits per device, and to addresses no device claims.
     pub mmio: BTreeMap<String, u64>,
     pub mmio_unclaimed: u64,
+    pub mmio_unclaimed_top: Vec<(u64, u64)>,
     /// Signals that interrupted KVM_RUN, and other exit reasons.
     pub interrupted: u64,
     pub other: BTreeMap<String, u64>,
@@ -34,8 +37,10 @@ impl ExitStats {
         ExitStats {
             pio: pio_map,
             pio_unclaimed,
+            pio_unclaimed_top: pio.unclaimed_top(4),
             mmio: mmio_map,
             mmio_unclaimed,
+            mmio_unclaimed_top: mmio.unclaimed_top(4),
             interrupted: vcpu.interrupted.load(Ordering::Relaxed),
             other,
         }
@@ -58,13 +63,20 @@ impl ExitStats {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        let top = |v: &[(u64, u64)]| {
+            v.iter()
+                .map(|(a, c)| format!(" {a:#x}={c}"))
+                .collect::<String>()
+        };
         format!(
-            "{} exits to userspace: pio [{}] unclaimed={}; mmio [{}] unclaimed={}; other [{}]; kicks={}",
+            "{} exits to userspace: pio [{}] unclaimed={}{}; mmio [{}] unclaimed={}{}; other [{}]; kicks={}",
             self.total(),
             list(&self.pio),
             self.pio_unclaimed,
+            top(&self.pio_unclaimed_top),
             list(&self.mmio),
             self.mmio_unclaimed,
+            top(&self.mmio_unclaimed_top),
             list(&self.other),
             self.interrupted
         )

@@ -18,6 +18,7 @@ use crate::acpi;
 use crate::arch::{boot, cpuid, regs};
 use crate::bus::Bus;
 use crate::config::{SerialMode, VmConfig};
+use crate::devices::cmos::Cmos;
 use crate::devices::legacy::{AcpiPm, DebugExit, I8042};
 use crate::devices::serial::{spawn_stdin_reader, SerialDevice, SerialOut};
 use crate::exit::{ExitHandle, VmExit};
@@ -103,6 +104,13 @@ impl Vm {
             Arc::new(Mutex::new(I8042::new(exit.clone()))),
             layout::I8042_PORT.into(),
             5,
+        )?;
+        let below_4g = cfg.memory.min(layout::LOW_RAM_END);
+        pio.insert(
+            "cmos",
+            Arc::new(Mutex::new(Cmos::new(below_4g, cfg.memory - below_4g))),
+            layout::CMOS_PORT.into(),
+            2,
         )?;
         pio.insert(
             "debug-exit",

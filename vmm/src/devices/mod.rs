@@ -1,4 +1,5 @@
-//! Platform devices: COM1, i8042 (reset only), the debug-exit port and ACPI power control.
+//! Platform devices: COM1, the CMOS RTC, i8042 (reset only), the debug-exit port and ACPI power control.
 
+pub mod cmos;
 pub mod legacy;
 pub mod serial;
