@@ -368,3 +368,71 @@ impl Drop for Daemon {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unique_names_fit_interface_names() {
+        let a = unique_name("a-very-long-prefix-for-a-tap");
+        let b = unique_name("a-very-long-prefix-for-a-tap");
+        assert!(a.len() <= 15, "{a}");
+        assert_ne!(a, b);
+    }
+
+    // Needs root and iproute2, as every host-level network test does.
+    #[test]
+    fn netns_and_tap_are_removed_on_drop() {
+        let ns = NetNs::new("hns").unwrap();
+        let ns_name = ns.name().to_string();
+        let mut tap = Tap::new("htap").unwrap();
+        let tap_name = tap.name().to_string();
+        tap.move_to(&ns).unwrap();
+        tap.add_addr("192.0.2.1/24").unwrap();
+        tap.up().unwrap();
+        let shown = ns.ip(&["addr", "show", "dev", &tap_name]).unwrap();
+        assert!(shown.contains("192.0.2.1/24"), "{shown}");
+        drop(tap);
+        assert!(ns.ip(&["link", "show", &tap_name]).is_err());
+        drop(ns);
+        assert!(!Path::new("/run/netns").join(&ns_name).exists());
+    }
+
+    #[test]
+    fn daemon_is_stopped_on_drop() {
+        let mut daemon = Daemon::spawn("sleeper", Command::new("sleep").arg("600")).unwrap();
+        let pid = daemon.pid();
+        assert!(daemon.is_running());
+        let log = daemon.log_path().to_path_buf();
+        drop(daemon);
+        // Reaped: the PID is gone (reuse within these microseconds is not a concern here).
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        let _ = fs::remove_file(log);
+    }
+
+    #[test]
+    fn daemon_exit_is_reported_with_its_output() {
+        let mut daemon = Daemon::spawn(
+            "failer",
+            Command::new("sh").args(["-c", "echo boom; exit 3"]),
+        )
+        .unwrap();
+        let err = daemon
+            .wait_for("never", Duration::from_secs(10), || false)
+            .unwrap_err();
+        assert!(err.contains("exited") && err.contains("boom"), "{err}");
+        let log = daemon.log_path().to_path_buf();
+        drop(daemon);
+        let _ = fs::remove_file(log);
+    }
+
+    #[test]
+    fn scratch_dir_is_removed_on_drop() {
+        let dir = ScratchDir::new("scratch").unwrap();
+        fs::write(dir.join("f"), b"x").unwrap();
+        let path = dir.path().to_path_buf();
+        drop(dir);
+        assert!(!path.exists());
+    }
+}

@@ -320,6 +320,18 @@ impl Scenario {
             .stderr(Stdio::piped())
             // Its own process group, so that Drop can end the script and its QEMU together.
             .process_group(0);
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+        // which is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            // If this test process dies (Ctrl-C, a crash) the script gets SIGTERM and ends
+            // its QEMU: our process group is not the terminal's, so Ctrl-C would miss it.
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         eprintln!(
             "lab: {}{} {}",
             script.display(),
