@@ -1,5 +1,6 @@
 //! ACPI tables: RSDP, XSDT, FADT (hardware-reduced, with sleep and reset registers), MADT,
-//! MCFG and a DSDT that describes the PCI root bridge, COM1 and the S5 (power-off) state.
+//! MCFG and a DSDT that describes the PCI root bridge, COM1, the RTC and the S5 (power-off)
+//! state.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -97,6 +98,21 @@ pub fn dsdt(cfg: &AcpiConfig) -> Sdt {
                 &aml::ResourceTemplate::new(vec![
                     &aml::IO::new(layout::COM1_PORT, layout::COM1_PORT, 1, 8),
                     &aml::Interrupt::new(true, true, false, false, layout::COM1_IRQ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    // The CMOS RTC, so that Linux's rtc_cmos sets the clock from it.
+    aml::Device::new(
+        "_SB_.RTC_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(layout::CMOS_PORT, layout::CMOS_PORT, 1, 2),
+                    &aml::Interrupt::new(true, true, false, false, layout::RTC_IRQ),
                 ]),
             ),
         ],
@@ -292,5 +308,6 @@ mod tests {
         assert!(has(b"_S5_"));
         assert!(has(b"COM1"));
         assert!(has(b"MBRD"));
+        assert!(has(b"RTC_"));
     }
 }

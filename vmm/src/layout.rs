@@ -60,6 +60,7 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const I8042_PORT: u16 = 0x60;
 pub const CMOS_PORT: u16 = 0x70;
+pub const RTC_IRQ: u32 = 8;
 pub const PCI_CONFIG_ADDRESS_PORT: u16 = 0xcf8;
 /// IOAPIC pins: GSIs 0..24 are the in-kernel IOAPIC's; MSI routes start above.
 pub const IOAPIC_PINS: u32 = 24;

@@ -230,13 +230,16 @@ fn create_vcpus(
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("read supported CPUID (KVM_GET_SUPPORTED_CPUID)"))?;
+    let caps = cpuid::HostCaps {
+        tsc_deadline: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+    };
     let mut out = Vec::new();
     for id in 0..cpus {
         let vcpu = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("create a vCPU (KVM_CREATE_VCPU)"))?;
         let mut entries = supported.as_slice().to_vec();
-        cpuid::patch(&mut entries, id, cpus);
+        cpuid::patch(&mut entries, id, cpus, caps);
         let cpuid = CpuId::from_entries(&entries)
             .map_err(|e| Error::Internal(format!("CPUID table: {e:?}")))?;
         vcpu.set_cpuid2(&cpuid)

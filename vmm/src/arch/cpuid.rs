@@ -28,6 +28,7 @@ pub fn vendor(entries: &[kvm_cpuid_entry2]) -> Vendor {
 }
 
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 const EXT1_ECX_CMP_LEGACY: u32 = 1 << 1;
 const EXT1_ECX_TOPOEXT: u32 = 1 << 22;
@@ -41,9 +42,16 @@ fn id_bits(n: u32) -> u32 {
     }
 }
 
+/// What the host's KVM emulates beyond its supported CPUID table.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostCaps {
+    /// KVM_CAP_TSC_DEADLINE_TIMER: the in-kernel LAPIC timer has TSC-deadline mode.
+    pub tsc_deadline: bool,
+}
+
 /// Adjusts KVM's supported CPUID for vCPU `cpu_id` of `nr_cpus`: one socket, one thread per
 /// core, APIC ID = vCPU index.
-pub fn patch(entries: &mut [kvm_cpuid_entry2], cpu_id: u8, nr_cpus: u8) {
+pub fn patch(entries: &mut [kvm_cpuid_entry2], cpu_id: u8, nr_cpus: u8, caps: HostCaps) {
     let vendor = vendor(entries);
     let cpus = u32::from(nr_cpus);
     let apic_id = u32::from(cpu_id);
@@ -56,6 +64,9 @@ pub fn patch(entries: &mut [kvm_cpuid_entry2], cpu_id: u8, nr_cpus: u8) {
         match e.function {
             1 => {
                 e.ecx |= LEAF1_ECX_HYPERVISOR;
+                if caps.tsc_deadline {
+                    e.ecx |= LEAF1_ECX_TSC_DEADLINE;
+                }
                 // APIC ID, logical processors per package, CLFLUSH size (8 x 8 bytes).
                 e.ebx = (apic_id << 24) | (cpus.max(1) << 16) | (8 << 8);
                 if cpus > 1 {
@@ -164,17 +175,19 @@ mod tests {
     fn leaf1_apic_id_and_hypervisor_bit() {
         let mut v = vec![leaf0(b"AuthenticAMD"), entry(1, 0)];
         v[1].ebx = 0xff00_0000;
-        patch(&mut v, 1, 2);
+        patch(&mut v, 1, 2, HostCaps { tsc_deadline: true });
         let l1 = find(&v, 1, 0);
         assert_eq!(l1.ebx >> 24, 1, "APIC ID");
         assert_eq!((l1.ebx >> 16) & 0xff, 2, "logical count");
         assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0);
         assert_ne!(l1.edx & LEAF1_EDX_HTT, 0);
+        assert_ne!(l1.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
 
         let mut v = vec![leaf0(b"AuthenticAMD"), entry(1, 0)];
         v[1].edx = LEAF1_EDX_HTT;
-        patch(&mut v, 0, 1);
+        patch(&mut v, 0, 1, HostCaps::default());
         assert_eq!(find(&v, 1, 0).edx & LEAF1_EDX_HTT, 0);
+        assert_eq!(find(&v, 1, 0).ecx & LEAF1_ECX_TSC_DEADLINE, 0);
     }
 
     #[test]
@@ -185,7 +198,7 @@ mod tests {
             entry(0xb, 1),
             entry(0xb, 2),
         ];
-        patch(&mut v, 2, 3);
+        patch(&mut v, 2, 3, HostCaps::default());
         let smt = find(&v, 0xb, 0);
         let core = find(&v, 0xb, 1);
         assert_eq!((smt.ebx, smt.ecx >> 8, smt.edx), (1, 1, 2));
@@ -198,7 +211,7 @@ mod tests {
         let mut v = vec![leaf0(b"GenuineIntel"), entry(4, 0), entry(4, 3)];
         v[1].eax = (1 << 5) | 0x1; // L1 data cache
         v[2].eax = (3 << 5) | 0x3; // L3 unified
-        patch(&mut v, 0, 4);
+        patch(&mut v, 0, 4, HostCaps::default());
         assert_eq!(find(&v, 4, 0).eax >> 26, 3);
         assert_eq!((find(&v, 4, 0).eax >> 14) & 0xfff, 0);
         assert_eq!((find(&v, 4, 3).eax >> 14) & 0xfff, 3);
@@ -215,7 +228,7 @@ mod tests {
         ];
         v[1].ecx = EXT1_ECX_TOPOEXT;
         v[2].ecx = 0xffff_ffff;
-        patch(&mut v, 1, 2);
+        patch(&mut v, 1, 2, HostCaps::default());
         let e8 = find(&v, 0x8000_0008, 0);
         assert_eq!(e8.ecx & 0xff, 1);
         assert_eq!((e8.ecx >> 12) & 0xf, 1);
