@@ -131,6 +131,7 @@ pub struct Scenario {
     files: Vec<(String, Content)>,
     l2_files: Vec<(String, Content)>,
     bins: Vec<PathBuf>,
+    l2_bins: Vec<PathBuf>,
     project_bins: PathBuf,
     qemu: bool,
     timeout: Duration,
@@ -151,6 +152,7 @@ impl Scenario {
             files: Vec::new(),
             l2_files: Vec::new(),
             bins: Vec::new(),
+            l2_bins: Vec::new(),
             project_bins: profile_dir(),
             qemu: false,
             timeout: Duration::from_secs(600),
@@ -198,6 +200,12 @@ impl Scenario {
     /// it needs into L1's `/lab/bin/`.
     pub fn bin(mut self, path: impl AsRef<Path>) -> Self {
         self.bins.push(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Copy an executable with its shared libraries into L2's `/lab/bin/` (on L2's PATH).
+    pub fn l2_bin(mut self, path: impl AsRef<Path>) -> Self {
+        self.l2_bins.push(path.as_ref().to_path_buf());
         self
     }
 
@@ -271,10 +279,13 @@ impl Scenario {
                 .map_err(|e| err(&path, e))?;
             }
         }
-        if !self.bins.is_empty() {
-            let bin_dir = dir.join("bin");
+        for (sub, bins) in [("bin", &self.bins), ("l2-bin", &self.l2_bins)] {
+            if bins.is_empty() {
+                continue;
+            }
+            let bin_dir = dir.join(sub);
             fs::create_dir_all(&bin_dir).map_err(|e| err(&bin_dir, e))?;
-            for src in &self.bins {
+            for src in bins {
                 let name = src.file_name().ok_or_else(|| {
                     err(
                         src,
