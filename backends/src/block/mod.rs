@@ -1,0 +1,29 @@
+//! virtio-blk: the disk image and the per-queue request engine.
+//!
+//! Host flow (in-VMM device thread or vhost-user daemon):
+//! 1. `let disk = Arc::new(BlockBackend::open(&opts)?)`; offer [`block_features`] and serve
+//!    [`block_config_space`] to the driver.
+//! 2. At DRIVER_OK, per queue: `queue.set_event_idx(event_idx_negotiated)` and
+//!    `BlockQueue::new(disk.clone(), mem, queue.size())`.
+//! 3. Kick eventfd readable -> [`BlockQueue::process_queue`]; [`BlockQueue::completion_fd`]
+//!    readable -> [`BlockQueue::process_completions`]. Signal the guest when the returned
+//!    outcome says `notify`; set NEEDS_RESET on `Err`.
+//! 4. Reset / memory change: [`BlockQueue::drain`] first.
+
+mod config;
+mod disk;
+mod queue;
+mod request;
+
+pub use config::{
+    block_config_space, block_features, seg_max, CONFIG_SPACE_LEN, MAX_DISCARD_SECTORS,
+    MAX_DISCARD_SEG, SIZE_MAX,
+};
+pub use disk::{
+    probe_io_uring, BlockBackend, BlockError, BlockOptions, EngineChoice, EngineKind, SECTOR_SIZE,
+};
+pub use queue::{BlockQueue, BlockStats};
+pub use request::{BlkFault, BLK_FAULT_KINDS, MAX_REQUEST_BYTES};
+
+#[cfg(test)]
+mod tests;

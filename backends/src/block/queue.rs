@@ -1,0 +1,719 @@
+//! The virtio-blk request engine for one virtqueue.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use log::warn;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::disk::{
+    advance_iovecs, iovecs_aligned, is_unsupported, rw_all, write_zeroes_mode, AlignedBuf,
+    BlockBackend, BlockError, EngineKind, MAX_IOVECS, SECTOR_SIZE,
+};
+use super::request::{parse, BlkFault, Rejected, ReqOp, Request, BLK_FAULT_KINDS, S_IOERR, S_OK};
+use crate::chain::{host_iovecs, parse_chain, read_segments, total_len, write_segments, Segment};
+use crate::ratelimit::GuestErrorLog;
+use crate::{check_queue, finish_batch, QueueError, QueueOutcome};
+
+/// Counters of one queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    /// Completed IN requests.
+    pub reads: u64,
+    /// Completed OUT requests.
+    pub writes: u64,
+    /// Bytes read for the guest.
+    pub bytes_read: u64,
+    /// Bytes written for the guest.
+    pub bytes_written: u64,
+    /// Completed FLUSH requests.
+    pub flushes: u64,
+    /// Completed DISCARD requests (including the ones the filesystem ignored).
+    pub discards: u64,
+    /// Completed WRITE_ZEROES requests.
+    pub write_zeroes: u64,
+    /// Requests answered IOERR or UNSUPP (guest faults and host I/O errors).
+    pub errors: u64,
+    /// Requests that went through an O_DIRECT bounce buffer.
+    pub bounced: u64,
+}
+
+/// A prepared IN/OUT transfer: iovecs into guest memory, or one iovec into a bounce buffer.
+#[derive(Debug)]
+struct PreparedIo {
+    iovecs: Vec<libc::iovec>,
+    bounce: Option<AlignedBuf>,
+    guest: Vec<Segment>,
+    offset: u64,
+    len: u64,
+    write: bool,
+}
+
+/// A request submitted to the io_uring, waiting for its completion. `mem` keeps the guest
+/// memory snapshot its iovecs point into alive until then.
+struct InFlight<T> {
+    head: u16,
+    status: GuestAddress,
+    op: ReqOp,
+    io: Option<PreparedIo>,
+    mem: T,
+}
+
+struct Uring<T> {
+    ring: IoUring,
+    eventfd: EventFd,
+    slots: Vec<Option<InFlight<T>>>,
+    free: Vec<usize>,
+    completions: Vec<(u64, i32)>,
+}
+
+impl<T> Uring<T> {
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Submits queued entries; errors other than "busy" are returned.
+    fn submit(&self) -> io::Result<()> {
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn collect_completions(&mut self) {
+        self.completions.clear();
+        let cq = self.ring.completion();
+        self.completions
+            .extend(cq.map(|c| (c.user_data(), c.result())));
+    }
+}
+
+impl<T> Drop for Uring<T> {
+    fn drop(&mut self) {
+        // The kernel may still write into buffers owned by in-flight slots: wait for them.
+        while self.in_flight() > 0 {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                warn!("virtio-blk: cannot wait for in-flight I/O at teardown: {e}");
+                // Leak the buffers rather than free memory the kernel may still write.
+                std::mem::forget(std::mem::take(&mut self.slots));
+                return;
+            }
+            self.collect_completions();
+            for i in 0..self.completions.len() {
+                let slot = self.completions[i].0 as usize;
+                if let Some(s) = self.slots.get_mut(slot) {
+                    if s.take().is_some() {
+                        self.free.push(slot);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The virtio-blk engine of one queue: one per queue thread, no locks on the data path.
+///
+/// The host calls [`process_queue`](Self::process_queue) when the queue's kick eventfd fires
+/// and, with io_uring, [`process_completions`](Self::process_completions) when
+/// [`completion_fd`](Self::completion_fd) is readable. Both return a [`QueueOutcome`]: if
+/// `notify` is set the host signals the guest. An `Err(QueueError)` means the queue is broken:
+/// the host sets DEVICE_NEEDS_RESET.
+pub struct BlockQueue<S: GuestAddressSpace> {
+    disk: Arc<BlockBackend>,
+    mem: S,
+    uring: Option<Uring<S::T>>,
+    stalled: bool,
+    log: GuestErrorLog<BLK_FAULT_KINDS>,
+    stats: BlockStats,
+}
+
+impl<S: GuestAddressSpace> BlockQueue<S> {
+    /// Creates the engine of one queue of `queue_size` entries (the size the driver chose).
+    /// With the io_uring engine this creates the queue's ring and completion eventfd.
+    pub fn new(disk: Arc<BlockBackend>, mem: S, queue_size: u16) -> Result<Self, BlockError> {
+        if queue_size == 0 || queue_size > 32768 || !queue_size.is_power_of_two() {
+            return Err(BlockError::QueueSize(queue_size));
+        }
+        let uring = match disk.engine() {
+            EngineKind::Sync => None,
+            EngineKind::IoUring => {
+                let ring = IoUring::new(u32::from(queue_size)).map_err(BlockError::QueueSetup)?;
+                let eventfd = EventFd::new(EFD_NONBLOCK).map_err(BlockError::QueueSetup)?;
+                ring.submitter()
+                    .register_eventfd(eventfd.as_raw_fd())
+                    .map_err(BlockError::QueueSetup)?;
+                let n = usize::from(queue_size);
+                Some(Uring {
+                    ring,
+                    eventfd,
+                    slots: (0..n).map(|_| None).collect(),
+                    free: (0..n).rev().collect(),
+                    completions: Vec::with_capacity(n),
+                })
+            }
+        };
+        Ok(BlockQueue {
+            disk,
+            mem,
+            uring,
+            stalled: false,
+            log: GuestErrorLog::new("virtio-blk"),
+            stats: BlockStats::default(),
+        })
+    }
+
+    /// The engine this queue uses.
+    pub fn engine(&self) -> EngineKind {
+        if self.uring.is_some() {
+            EngineKind::IoUring
+        } else {
+            EngineKind::Sync
+        }
+    }
+
+    /// The eventfd that becomes readable when io_uring completions are ready (io_uring
+    /// engine only). The host adds it to its epoll set and calls
+    /// [`process_completions`](Self::process_completions); the engine clears it.
+    pub fn completion_fd(&self) -> Option<RawFd> {
+        self.uring.as_ref().map(|u| u.eventfd.as_raw_fd())
+    }
+
+    /// Requests submitted and not completed yet.
+    pub fn in_flight(&self) -> usize {
+        self.uring.as_ref().map_or(0, Uring::in_flight)
+    }
+
+    /// Replaces the guest memory handle (vhost-user SET_MEM_TABLE). In-flight requests keep
+    /// the snapshot they were submitted with.
+    pub fn set_memory(&mut self, mem: S) {
+        self.mem = mem;
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> BlockStats {
+        self.stats
+    }
+
+    /// How many guest faults of `kind` were seen.
+    pub fn faults(&self, kind: BlkFault) -> u64 {
+        self.log.count(kind as usize)
+    }
+
+    /// Handles a queue notification: pops every available chain, executes (sync engine) or
+    /// submits (io_uring) it, and returns what was put in the used ring.
+    pub fn process_queue(&mut self, queue: &mut Queue) -> Result<QueueOutcome, QueueError> {
+        let guard = self.mem.memory();
+        let mem: &S::M = &guard;
+        check_queue(queue, mem)?;
+        let used = self.pop_requests(queue, &guard)?;
+        self.submit()?;
+        finish_batch(queue, mem, used)
+    }
+
+    /// Handles the completion eventfd: reaps io_uring completions, writes status bytes, adds
+    /// used entries, and resumes popping the queue if it had stopped for lack of slots.
+    pub fn process_completions(&mut self, queue: &mut Queue) -> Result<QueueOutcome, QueueError> {
+        let guard = self.mem.memory();
+        let mem: &S::M = &guard;
+        let Some(u) = self.uring.as_mut() else {
+            return Ok(QueueOutcome::default());
+        };
+        // Clear the eventfd before reaping so that a completion arriving now re-arms it.
+        let _ = u.eventfd.read();
+        u.collect_completions();
+        let mut used = 0;
+        for i in 0..u.completions.len() {
+            let (user_data, res) = u.completions[i];
+            let slot = user_data as usize;
+            let Some(inflight) = u.slots.get_mut(slot).and_then(Option::take) else {
+                continue;
+            };
+            u.free.push(slot);
+            let (code, len) =
+                finish_async(&self.disk, &mut self.log, &mut self.stats, &inflight, res);
+            complete(
+                queue,
+                &*inflight.mem,
+                inflight.head,
+                inflight.status,
+                code,
+                len,
+                mem,
+            )?;
+            used += 1;
+        }
+        if self.stalled && queue.ready() {
+            used += self.pop_requests(queue, &guard)?;
+            self.submit()?;
+        }
+        finish_batch(queue, mem, used)
+    }
+
+    /// Waits for every in-flight request and completes it (before a queue reset, a memory
+    /// change or teardown).
+    pub fn drain(&mut self, queue: &mut Queue) -> Result<QueueOutcome, QueueError> {
+        let mut out = QueueOutcome::default();
+        while let Some(u) = self.uring.as_ref() {
+            if u.in_flight() == 0 {
+                break;
+            }
+            match u.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(QueueError::Io(e)),
+            }
+            let stalled = std::mem::replace(&mut self.stalled, false);
+            out.merge(self.process_completions(queue)?);
+            self.stalled = stalled;
+        }
+        Ok(out)
+    }
+
+    fn submit(&mut self) -> Result<(), QueueError> {
+        match self.uring.as_ref() {
+            Some(u) => u.submit().map_err(QueueError::Io),
+            None => Ok(()),
+        }
+    }
+
+    fn pop_requests(&mut self, queue: &mut Queue, guard: &S::T) -> Result<u32, QueueError> {
+        let mem: &S::M = guard;
+        let max_descs = usize::from(queue.size());
+        let mut used = 0;
+        loop {
+            queue.disable_notification(mem).map_err(QueueError::Ring)?;
+            loop {
+                if self.uring.as_ref().is_some_and(|u| u.free.is_empty()) {
+                    // Out of slots: completions will resume popping.
+                    self.stalled = true;
+                    return Ok(used);
+                }
+                let Some(chain) = queue.iter(mem).map_err(QueueError::Ring)?.next() else {
+                    break;
+                };
+                let parsed = parse_chain(chain, mem, max_descs);
+                used += self.handle(queue, guard, parsed)?;
+            }
+            if !queue.enable_notification(mem).map_err(QueueError::Ring)? {
+                break;
+            }
+        }
+        self.stalled = false;
+        Ok(used)
+    }
+
+    /// Handles one chain; returns how many used entries it added now (0 when submitted).
+    fn handle(
+        &mut self,
+        queue: &mut Queue,
+        guard: &S::T,
+        parsed: crate::chain::ParsedChain,
+    ) -> Result<u32, QueueError> {
+        let mem: &S::M = guard;
+        let req = match parse(parsed, mem, &self.disk) {
+            Ok(r) => r,
+            Err(rej) => {
+                self.reject(queue, mem, rej)?;
+                return Ok(1);
+            }
+        };
+        match req.op {
+            ReqOp::GetId => {
+                let id = self.disk.id();
+                let n = match write_segments(mem, &req.data, id) {
+                    Ok(n) => n as u32,
+                    Err(_) => 0,
+                };
+                complete(queue, mem, req.head, req.status, S_OK, n + 1, mem)?;
+                Ok(1)
+            }
+            _ if self.uring.is_some() => self.submit_async(queue, guard, req),
+            _ => {
+                let (code, len) =
+                    execute_sync(&self.disk, &mut self.log, &mut self.stats, mem, &req);
+                complete(queue, mem, req.head, req.status, code, len, mem)?;
+                Ok(1)
+            }
+        }
+    }
+
+    fn reject(&mut self, queue: &mut Queue, mem: &S::M, rej: Rejected) -> Result<(), QueueError> {
+        self.stats.errors += 1;
+        self.log.record(
+            rej.fault as usize,
+            format_args!("request (head {}) refused: {}", rej.head, rej.detail),
+        );
+        match rej.status {
+            Some(status) => complete(queue, mem, rej.head, status, rej.code, 1, mem),
+            None => queue.add_used(mem, rej.head, 0).map_err(QueueError::Ring),
+        }
+    }
+
+    fn submit_async(
+        &mut self,
+        queue: &mut Queue,
+        guard: &S::T,
+        req: Request,
+    ) -> Result<u32, QueueError> {
+        let mem: &S::M = guard;
+        let io = match req.op {
+            ReqOp::In { sector } | ReqOp::Out { sector } => {
+                let write = matches!(req.op, ReqOp::Out { .. });
+                match prepare_rw(&self.disk, mem, &req.data, sector * SECTOR_SIZE, write) {
+                    Ok(io) => {
+                        if io.bounce.is_some() {
+                            self.stats.bounced += 1;
+                        }
+                        Some(io)
+                    }
+                    Err(e) => {
+                        self.stats.errors += 1;
+                        self.log.record(
+                            BlkFault::GuestMemory as usize,
+                            format_args!("request (head {}): guest memory: {e}", req.head),
+                        );
+                        complete(queue, mem, req.head, req.status, S_IOERR, 1, mem)?;
+                        return Ok(1);
+                    }
+                }
+            }
+            _ => None,
+        };
+        let fd = types::Fd(self.disk.fd());
+        let Some(u) = self.uring.as_mut() else {
+            return Ok(0);
+        };
+        let Some(slot) = u.free.pop() else {
+            return Ok(0);
+        };
+        let entry = match (&req.op, &io) {
+            (ReqOp::In { .. }, Some(io)) => {
+                opcode::Readv::new(fd, io.iovecs.as_ptr(), io.iovecs.len() as u32)
+                    .offset(io.offset)
+                    .build()
+            }
+            (ReqOp::Out { .. }, Some(io)) => {
+                opcode::Writev::new(fd, io.iovecs.as_ptr(), io.iovecs.len() as u32)
+                    .offset(io.offset)
+                    .build()
+            }
+            (ReqOp::Discard { sector, sectors }, _) => {
+                opcode::Fallocate::new(fd, u64::from(*sectors) * SECTOR_SIZE)
+                    .offset(sector * SECTOR_SIZE)
+                    .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                    .build()
+            }
+            (
+                ReqOp::WriteZeroes {
+                    sector,
+                    sectors,
+                    unmap,
+                },
+                _,
+            ) => opcode::Fallocate::new(fd, u64::from(*sectors) * SECTOR_SIZE)
+                .offset(sector * SECTOR_SIZE)
+                .mode(write_zeroes_mode(*unmap))
+                .build(),
+            _ => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+        }
+        .user_data(slot as u64);
+        u.slots[slot] = Some(InFlight {
+            head: req.head,
+            status: req.status,
+            op: req.op,
+            io,
+            mem: guard.clone(),
+        });
+        let mut pushed = push(&mut u.ring, &entry);
+        if !pushed {
+            // The submission queue is full: flush it to the kernel and retry once.
+            u.submit().map_err(QueueError::Io)?;
+            pushed = push(&mut u.ring, &entry);
+        }
+        if pushed {
+            return Ok(0);
+        }
+        // Still no room: execute synchronously.
+        let Some(inflight) = u.slots[slot].take() else {
+            return Ok(0);
+        };
+        u.free.push(slot);
+        let retry = Request {
+            head: inflight.head,
+            status: inflight.status,
+            op: inflight.op,
+            data: req.data,
+        };
+        drop(inflight);
+        let (code, len) = execute_sync(&self.disk, &mut self.log, &mut self.stats, mem, &retry);
+        complete(queue, mem, retry.head, retry.status, code, len, mem)?;
+        Ok(1)
+    }
+}
+
+fn push(ring: &mut IoUring, entry: &squeue::Entry) -> bool {
+    // SAFETY: the buffers the entry points to (the iovec array and the memory it describes:
+    // guest memory held alive by the slot's snapshot, or the slot's bounce buffer) are owned
+    // by the slot indexed by the entry's user_data, which is freed only after its completion
+    // is reaped (or after the ring is drained in `Drop`).
+    unsafe { ring.submission().push(entry).is_ok() }
+}
+
+/// Writes the status byte (through `status_mem`, the snapshot the request was validated
+/// against) and adds the used entry (through `mem`, the current one).
+fn complete<M: GuestMemory, N: GuestMemory>(
+    queue: &mut Queue,
+    status_mem: &N,
+    head: u16,
+    status: GuestAddress,
+    code: u8,
+    len: u32,
+    mem: &M,
+) -> Result<(), QueueError> {
+    let len = match status_mem.write_obj(code, status) {
+        Ok(()) => len,
+        Err(_) => 0,
+    };
+    queue.add_used(mem, head, len).map_err(QueueError::Ring)
+}
+
+fn prepare_rw<M: GuestMemory>(
+    disk: &BlockBackend,
+    mem: &M,
+    data: &[Segment],
+    offset: u64,
+    write: bool,
+) -> Result<PreparedIo, vm_memory::GuestMemoryError> {
+    let len = total_len(data);
+    let mut iovecs = Vec::with_capacity(data.len());
+    host_iovecs(mem, data, !write, &mut iovecs)?;
+    let mut bounce = None;
+    if iovecs.len() > MAX_IOVECS || (disk.direct() && !iovecs_aligned(&iovecs)) {
+        let mut buf = AlignedBuf::new(len as usize);
+        if write {
+            read_segments(mem, data, buf.as_mut_slice())?;
+        }
+        iovecs = vec![buf.iovec(len as usize)];
+        bounce = Some(buf);
+    }
+    Ok(PreparedIo {
+        iovecs,
+        bounce,
+        guest: data.to_vec(),
+        offset,
+        len,
+        write,
+    })
+}
+
+/// After a successful read into a bounce buffer: copy it to the guest.
+fn finish_rw<M: GuestMemory + ?Sized>(
+    mem: &M,
+    io: &PreparedIo,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    if let (Some(buf), false) = (&io.bounce, io.write) {
+        write_segments(mem, &io.guest, buf.as_slice())?;
+    }
+    Ok(())
+}
+
+fn host_error(
+    log: &mut GuestErrorLog<BLK_FAULT_KINDS>,
+    stats: &mut BlockStats,
+    head: u16,
+    what: &str,
+    e: &io::Error,
+) -> (u8, u32) {
+    stats.errors += 1;
+    log.record(
+        BlkFault::HostIo as usize,
+        format_args!("request (head {head}): {what} failed: {e}"),
+    );
+    (S_IOERR, 1)
+}
+
+fn account(stats: &mut BlockStats, op: &ReqOp, bytes: u64) {
+    match op {
+        ReqOp::In { .. } => {
+            stats.reads += 1;
+            stats.bytes_read += bytes;
+        }
+        ReqOp::Out { .. } => {
+            stats.writes += 1;
+            stats.bytes_written += bytes;
+        }
+        ReqOp::Flush => stats.flushes += 1,
+        ReqOp::Discard { .. } => stats.discards += 1,
+        ReqOp::WriteZeroes { .. } => stats.write_zeroes += 1,
+        ReqOp::GetId => {}
+    }
+}
+
+/// Status and used length of a successful request.
+fn ok_len(op: &ReqOp, bytes: u64) -> (u8, u32) {
+    match op {
+        ReqOp::In { .. } => (S_OK, (bytes as u32).saturating_add(1)),
+        _ => (S_OK, 1),
+    }
+}
+
+fn execute_sync<M: GuestMemory>(
+    disk: &BlockBackend,
+    log: &mut GuestErrorLog<BLK_FAULT_KINDS>,
+    stats: &mut BlockStats,
+    mem: &M,
+    req: &Request,
+) -> (u8, u32) {
+    let fd = disk.fd();
+    let res = match req.op {
+        ReqOp::In { sector } | ReqOp::Out { sector } => {
+            let write = matches!(req.op, ReqOp::Out { .. });
+            let mut io = match prepare_rw(disk, mem, &req.data, sector * SECTOR_SIZE, write) {
+                Ok(io) => io,
+                Err(e) => {
+                    stats.errors += 1;
+                    log.record(
+                        BlkFault::GuestMemory as usize,
+                        format_args!("request (head {}): guest memory: {e}", req.head),
+                    );
+                    return (S_IOERR, 1);
+                }
+            };
+            if io.bounce.is_some() {
+                stats.bounced += 1;
+            }
+            let len = io.len;
+            rw_all(fd, &mut io.iovecs, io.offset, write)
+                .and_then(|()| finish_rw(mem, &io).map_err(io::Error::other))
+                .map(|()| len)
+        }
+        ReqOp::Flush => disk.flush().map(|()| 0),
+        ReqOp::Discard { sector, sectors } => disk
+            .discard(sector * SECTOR_SIZE, u64::from(sectors) * SECTOR_SIZE)
+            .map(|_| 0),
+        ReqOp::WriteZeroes {
+            sector,
+            sectors,
+            unmap,
+        } => disk
+            .write_zeroes(
+                sector * SECTOR_SIZE,
+                u64::from(sectors) * SECTOR_SIZE,
+                unmap,
+            )
+            .map(|()| 0),
+        ReqOp::GetId => Ok(0),
+    };
+    match res {
+        Ok(bytes) => {
+            account(stats, &req.op, bytes);
+            ok_len(&req.op, bytes)
+        }
+        Err(e) => host_error(log, stats, req.head, op_name(&req.op), &e),
+    }
+}
+
+fn op_name(op: &ReqOp) -> &'static str {
+    match op {
+        ReqOp::In { .. } => "read",
+        ReqOp::Out { .. } => "write",
+        ReqOp::Flush => "flush",
+        ReqOp::GetId => "get-id",
+        ReqOp::Discard { .. } => "discard",
+        ReqOp::WriteZeroes { .. } => "write-zeroes",
+    }
+}
+
+/// Turns an io_uring completion into a status and used length.
+fn finish_async<T>(
+    disk: &BlockBackend,
+    log: &mut GuestErrorLog<BLK_FAULT_KINDS>,
+    stats: &mut BlockStats,
+    inflight: &InFlight<T>,
+    res: i32,
+) -> (u8, u32)
+where
+    T: std::ops::Deref,
+    T::Target: GuestMemory,
+{
+    let mem = &*inflight.mem;
+    let err = |r: i32| io::Error::from_raw_os_error(-r);
+    let res: io::Result<u64> = match (&inflight.op, &inflight.io) {
+        (ReqOp::In { .. } | ReqOp::Out { .. }, Some(io)) => {
+            if res < 0 {
+                Err(err(res))
+            } else {
+                let done = res as u64;
+                let rest = if done < io.len {
+                    // Short transfer: finish the remainder synchronously.
+                    let mut iovecs = io.iovecs.clone();
+                    let start = advance_iovecs(&mut iovecs, done as usize);
+                    rw_all(disk.fd(), &mut iovecs[start..], io.offset + done, io.write)
+                } else {
+                    Ok(())
+                };
+                rest.and_then(|()| finish_rw(mem, io).map_err(io::Error::other))
+                    .map(|()| io.len)
+            }
+        }
+        (ReqOp::Discard { .. }, _) => {
+            if res < 0 && !is_unsupported(&err(res)) {
+                Err(err(res))
+            } else {
+                Ok(0)
+            }
+        }
+        (
+            ReqOp::WriteZeroes {
+                sector, sectors, ..
+            },
+            _,
+        ) => {
+            if res < 0 {
+                let e = err(res);
+                if is_unsupported(&e) {
+                    disk.write_zeroes_by_writing(
+                        sector * SECTOR_SIZE,
+                        u64::from(*sectors) * SECTOR_SIZE,
+                    )
+                    .map(|()| 0)
+                } else {
+                    Err(e)
+                }
+            } else {
+                Ok(0)
+            }
+        }
+        _ => {
+            if res < 0 {
+                Err(err(res))
+            } else {
+                Ok(0)
+            }
+        }
+    };
+    match res {
+        Ok(bytes) => {
+            account(stats, &inflight.op, bytes);
+            ok_len(&inflight.op, bytes)
+        }
+        Err(e) => host_error(log, stats, inflight.head, op_name(&inflight.op), &e),
+    }
+}
