@@ -1,0 +1,65 @@
+//! Time from starting the VMM to the L2 guest's init, our `vmm` against QEMU + KVM, in the
+//! same L1, same kernel, initramfs and command line, 2 vCPUs and 512 MiB, alternated five
+//! times each. Every boot must reach init and power off; the medians are printed and kept
+//! in `target/lab/boot-time.json` (a measurement, not a pass/fail threshold).
+
+use std::time::Duration;
+
+use tests::lab::Scenario;
+
+const RUNS: usize = 5;
+
+const L1: &str = r#"
+. /lab/lib.sh
+i=0
+while [ $i -lt 5 ]; do
+    for v in vmm qemu; do
+        t0=$(lab_uptime)
+        if [ $v = vmm ]; then
+            vmm --kernel "$L2_KERNEL" --initramfs "$L2_INITRD" --cmdline "$L2_CMDLINE" \
+                --cpus 2 --memory 512M </dev/null 2>/dev/null | lab_console "$t0" "$v-$i" >/tmp/$v-$i.log
+        else
+            l2_qemu -smp 2 -m 512 | lab_console "$t0" "$v-$i" >/tmp/$v-$i.log
+        fi
+        grep '^LAB-T' /tmp/$v-$i.log
+        check "$v-$i-exit" grep -q '^L2-EXIT 0$' /tmp/$v-$i.log
+    done
+    i=$((i + 1))
+done
+lab_finish
+"#;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[test]
+fn boot_time_vmm_vs_qemu() {
+    let run = Scenario::new("lab_boot_time", L1)
+        .l2_script("true\n")
+        .with_qemu()
+        .timeout(Duration::from_secs(600))
+        .run_ok();
+    let mut times = std::collections::BTreeMap::new();
+    for v in ["vmm", "qemu"] {
+        let t: Vec<f64> = (0..RUNS)
+            .map(|i| {
+                run.assert_ok(&format!("{v}-{i}-exit"));
+                run.timing(&format!("{v}-{i}-init"))
+                    .unwrap_or_else(|| panic!("no init time for {v} run {i}"))
+            })
+            .collect();
+        times.insert(v, t);
+    }
+    let (vmm, qemu) = (median(times["vmm"].clone()), median(times["qemu"].clone()));
+    let json = format!(
+        "{{\"runs\":{RUNS},\"vmm_s\":{:?},\"qemu_s\":{:?},\"vmm_median_s\":{vmm:.2},\"qemu_median_s\":{qemu:.2}}}\n",
+        times["vmm"], times["qemu"]
+    );
+    let out = tests::lab::lab_dir().join("boot-time.json");
+    std::fs::write(&out, &json).expect("write boot-time.json");
+    eprintln!(
+        "boot to L2 init in the lab, median of {RUNS}: vmm {vmm:.2} s, QEMU {qemu:.2} s ({json})"
+    );
+}
