@@ -16,6 +16,8 @@
 
 pub mod block;
 mod chain;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod net;
 pub mod ratelimit;
 

@@ -20,7 +20,8 @@ pub use config::{
     MAX_DISCARD_SEG, SIZE_MAX,
 };
 pub use disk::{
-    probe_io_uring, BlockBackend, BlockError, BlockOptions, EngineChoice, EngineKind, SECTOR_SIZE,
+    probe_io_uring, BlockBackend, BlockError, BlockOptions, EngineChoice, EngineKind, MAX_IOVECS,
+    SECTOR_SIZE,
 };
 pub use queue::{BlockQueue, BlockStats};
 pub use request::{BlkFault, BLK_FAULT_KINDS, MAX_REQUEST_BYTES};

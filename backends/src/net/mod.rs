@@ -1,1 +1,31 @@
+//! virtio-net: taps and the per-queue-pair RX/TX engine, plus the control queue.
+//!
+//! Host flow (in-VMM device thread or vhost-user daemon), per queue pair:
+//! 1. `Tap::open_queues(name, pairs)` (or `Tap::from_fd`); after feature negotiation
+//!    `tap.set_offloads(acked_features)`.
+//! 2. `NetQueuePair::new(tap, mem, acked_features)`; `queue.set_event_idx(..)` on both queues.
+//! 3. TX kick (or tap writable after `tap_full`) -> [`NetQueuePair::process_tx`].
+//!    Tap readable or RX kick -> [`NetQueuePair::process_rx`]; when it answers
+//!    [`RxWait::GuestBuffers`] stop polling the tap for input until the next RX kick.
+//! 4. Control queue kick -> [`CtrlQueue::process`]; apply `vq_pairs` when set.
+//! 5. Signal the guest when an outcome says `notify`; set NEEDS_RESET on `Err`.
 
+mod config;
+mod ctrl;
+mod queue;
+mod tap;
+
+pub use config::{net_config_space, net_features, NetOptions, NET_CONFIG_SPACE_LEN};
+pub use ctrl::{CtrlOutcome, CtrlQueue};
+pub use queue::{NetFault, NetQueuePair, NetStats, RxOutcome, RxWait, TxOutcome, NET_FAULT_KINDS};
+pub use tap::{tap_offload_flags, Tap, TapError};
+
+/// Size of the virtio-net header with VERSION_1 (`struct virtio_net_hdr_v1`), which is also
+/// the tap's vnet header size.
+pub const VNET_HDR_LEN: usize = 12;
+/// The largest frame (header included) accepted on TX or read from the tap: a 64 KiB GSO
+/// frame plus Ethernet and virtio-net headers.
+pub const MAX_FRAME_LEN: usize = 65562;
+
+#[cfg(test)]
+mod tests;
