@@ -10,6 +10,7 @@ pub mod bus;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod interrupt;
 pub mod layout;
 pub mod memory;
 pub mod pci;

@@ -124,7 +124,7 @@ impl Vm {
             layout::ACPI_SLEEP_CONTROL_PORT.into(),
             2,
         )?;
-        let root = Arc::new(Mutex::new(PciRoot::new()));
+        let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone(), pio.clone())));
         pio.insert(
             "pci-config",
             Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
