@@ -28,6 +28,218 @@ pub enum ConfigError {
     TooManyCpus { given: u64, max: u64 },
     #[error("invalid --serial '{0}': expected stdio, off or file=PATH")]
     BadSerial(String),
+    #[error("invalid {option} '{value}': {why}")]
+    BadDevice {
+        option: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error("device id '{0}' is used twice; give each --disk/--net a distinct id=")]
+    DuplicateId(String),
+}
+
+/// Splits `key=value,key=value` into pairs, rejecting keys not in `known`.
+fn parse_kv(
+    option: &'static str,
+    value: &str,
+    known: &[&str],
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let bad = |why: String| ConfigError::BadDevice {
+        option,
+        value: value.to_string(),
+        why,
+    };
+    let mut out: Vec<(String, String)> = Vec::new();
+    for part in value.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| bad(format!("'{part}' is not key=value")))?;
+        if !known.contains(&k) {
+            return Err(bad(format!(
+                "unknown key '{k}' (known: {})",
+                known.join(", ")
+            )));
+        }
+        if out.iter().any(|(x, _)| x == k) {
+            return Err(bad(format!("'{k}' given twice")));
+        }
+        out.push((k.to_string(), v.to_string()));
+    }
+    Ok(out)
+}
+
+fn parse_bool(option: &'static str, value: &str, k: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(ConfigError::BadDevice {
+            option,
+            value: value.to_string(),
+            why: format!("{k}={v}: expected on or off"),
+        }),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(
+    option: &'static str,
+    value: &str,
+    k: &str,
+    v: &str,
+) -> Result<T, ConfigError> {
+    v.parse().map_err(|_| ConfigError::BadDevice {
+        option,
+        value: value.to_string(),
+        why: format!("{k}={v}: not a number"),
+    })
+}
+
+/// The most queues a device takes, and the largest queue size (virtio's split-ring limit).
+pub const MAX_QUEUES: u16 = 64;
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+fn check_queues(
+    option: &'static str,
+    value: &str,
+    queues: u16,
+    size: u16,
+) -> Result<(), ConfigError> {
+    let bad = |why: String| ConfigError::BadDevice {
+        option,
+        value: value.to_string(),
+        why,
+    };
+    if queues == 0 || queues > MAX_QUEUES {
+        return Err(bad(format!("queues={queues}: expected 1 to {MAX_QUEUES}")));
+    }
+    if !size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&size) {
+        return Err(bad(format!(
+            "queue_size={size}: expected a power of two from 2 to {MAX_QUEUE_SIZE}"
+        )));
+    }
+    Ok(())
+}
+
+/// `--disk path=IMG[,readonly=on][,direct=on][,queues=N][,queue_size=N][,id=NAME]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub direct: bool,
+    pub queues: u16,
+    pub queue_size: u16,
+    pub id: String,
+}
+
+impl DiskConfig {
+    pub fn parse(value: &str, index: usize) -> Result<Self, ConfigError> {
+        const O: &str = "--disk";
+        let kv = parse_kv(
+            O,
+            value,
+            &["path", "readonly", "direct", "queues", "queue_size", "id"],
+        )?;
+        let mut d = DiskConfig {
+            path: PathBuf::new(),
+            readonly: false,
+            direct: false,
+            queues: 1,
+            queue_size: 256,
+            id: format!("disk{index}"),
+        };
+        for (k, v) in &kv {
+            match k.as_str() {
+                "path" => d.path = PathBuf::from(v),
+                "readonly" => d.readonly = parse_bool(O, value, k, v)?,
+                "direct" => d.direct = parse_bool(O, value, k, v)?,
+                "queues" => d.queues = parse_num(O, value, k, v)?,
+                "queue_size" => d.queue_size = parse_num(O, value, k, v)?,
+                _ => d.id = v.clone(),
+            }
+        }
+        if d.path.as_os_str().is_empty() {
+            return Err(ConfigError::BadDevice {
+                option: O,
+                value: value.to_string(),
+                why: "path= is required (the disk image)".into(),
+            });
+        }
+        check_queues(O, value, d.queues, d.queue_size)?;
+        Ok(d)
+    }
+}
+
+/// `--net tap=NAME[,mac=MAC][,queues=N][,queue_size=N][,id=NAME]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+    /// Queue pairs.
+    pub queues: u16,
+    pub queue_size: u16,
+    pub id: String,
+}
+
+/// Parses `52:54:00:12:34:56`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl NetConfig {
+    pub fn parse(value: &str, index: usize) -> Result<Self, ConfigError> {
+        const O: &str = "--net";
+        let kv = parse_kv(O, value, &["tap", "mac", "queues", "queue_size", "id"])?;
+        let bad = |why: String| ConfigError::BadDevice {
+            option: O,
+            value: value.to_string(),
+            why,
+        };
+        let mut n = NetConfig {
+            tap: String::new(),
+            // Locally administered, unicast; the last byte tells devices apart.
+            mac: [
+                0x52,
+                0x54,
+                0x00,
+                0x12,
+                0x34,
+                0x56u8.wrapping_add(index as u8),
+            ],
+            queues: 1,
+            queue_size: 256,
+            id: format!("net{index}"),
+        };
+        for (k, v) in &kv {
+            match k.as_str() {
+                "tap" => n.tap = v.clone(),
+                "mac" => {
+                    n.mac = parse_mac(v)
+                        .ok_or_else(|| bad(format!("mac={v}: expected xx:xx:xx:xx:xx:xx")))?;
+                    if n.mac[0] & 1 != 0 {
+                        return Err(bad(format!("mac={v} is a multicast address")));
+                    }
+                }
+                "queues" => n.queues = parse_num(O, value, k, v)?,
+                "queue_size" => n.queue_size = parse_num(O, value, k, v)?,
+                _ => n.id = v.clone(),
+            }
+        }
+        if n.tap.is_empty() || n.tap.len() > 15 {
+            return Err(bad(
+                "tap= is required: a tap device name of 1 to 15 characters".into(),
+            ));
+        }
+        check_queues(O, value, n.queues, n.queue_size)?;
+        Ok(n)
+    }
 }
 
 /// Where the guest's COM1 goes.
@@ -112,6 +324,14 @@ pub struct Cli {
     /// Write the vCPU exit counters as JSON to this file when the VM stops.
     #[arg(long, value_name = "PATH")]
     pub exit_stats: Option<PathBuf>,
+    /// A virtio-blk disk emulated in the VMM (repeatable):
+    /// path=IMG[,readonly=on][,direct=on][,queues=N][,queue_size=N][,id=NAME]
+    #[arg(long, value_name = "path=IMG,...")]
+    pub disk: Vec<String>,
+    /// A virtio-net NIC emulated in the VMM on a tap (repeatable; the tap is created when
+    /// missing): tap=NAME[,mac=MAC][,queues=N][,queue_size=N][,id=NAME]
+    #[arg(long, value_name = "tap=NAME,...")]
+    pub net: Vec<String>,
 }
 
 /// A validated VM configuration.
@@ -124,6 +344,8 @@ pub struct VmConfig {
     pub memory: u64,
     pub serial: SerialMode,
     pub exit_stats: Option<PathBuf>,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
 }
 
 /// Host facts that bound the configuration (read from the host in `main`, faked in tests).
@@ -158,7 +380,30 @@ impl VmConfig {
                 max,
             });
         }
+        let disks = cli
+            .disk
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DiskConfig::parse(d, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let nets = cli
+            .net
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NetConfig::parse(n, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut ids: Vec<&str> = disks
+            .iter()
+            .map(|d| d.id.as_str())
+            .chain(nets.iter().map(|n| n.id.as_str()))
+            .collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::DuplicateId(w[0].to_string()));
+        }
         Ok(VmConfig {
+            disks,
+            nets,
             kernel: cli.kernel.clone(),
             initramfs: cli.initramfs.clone(),
             cmdline: cli.cmdline.clone(),
@@ -271,6 +516,63 @@ mod tests {
     fn kernel_is_required() {
         assert!(Cli::try_parse_from(["vmm"]).is_err());
         assert!(Cli::try_parse_from(["vmm", "--cpus", "x", "--kernel", "k"]).is_err());
+    }
+
+    #[test]
+    fn disk_options() {
+        let d = DiskConfig::parse(
+            "path=/img,readonly=on,direct=on,queues=2,queue_size=128,id=root",
+            0,
+        )
+        .unwrap();
+        assert_eq!(d.path, PathBuf::from("/img"));
+        assert!(d.readonly && d.direct);
+        assert_eq!((d.queues, d.queue_size, d.id.as_str()), (2, 128, "root"));
+        let d = DiskConfig::parse("path=/img", 3).unwrap();
+        assert_eq!((d.readonly, d.queues, d.queue_size), (false, 1, 256));
+        assert_eq!(d.id, "disk3");
+        let e = |v: &str| DiskConfig::parse(v, 0).unwrap_err().to_string();
+        assert!(e("readonly=on").contains("path= is required"));
+        assert!(e("path=/i,colour=red").contains("unknown key 'colour'"));
+        assert!(e("path=/i,readonly=maybe").contains("expected on or off"));
+        assert!(e("path=/i,queues=0").contains("queues=0"));
+        assert!(e("path=/i,queue_size=100").contains("power of two"));
+        assert!(e("path=/i,queue_size=65536").contains("not a number"));
+        assert!(e("path=/i,path=/j").contains("given twice"));
+        assert!(e("path").contains("not key=value"));
+    }
+
+    #[test]
+    fn net_options() {
+        let n = NetConfig::parse("tap=tap0,mac=02:00:00:00:00:01,queues=2,id=eth", 0).unwrap();
+        assert_eq!(n.mac, [2, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            (n.tap.as_str(), n.queues, n.id.as_str()),
+            ("tap0", 2, "eth")
+        );
+        let a = NetConfig::parse("tap=a", 0).unwrap();
+        let b = NetConfig::parse("tap=b", 1).unwrap();
+        assert_ne!(a.mac, b.mac);
+        let e = |v: &str| NetConfig::parse(v, 0).unwrap_err().to_string();
+        assert!(e("mac=02:00:00:00:00:01").contains("tap= is required"));
+        assert!(e("tap=averyveryverylongname").contains("1 to 15"));
+        assert!(e("tap=t,mac=01:00:00:00:00:01").contains("multicast"));
+        assert!(e("tap=t,mac=zz:00:00:00:00:01").contains("expected xx:"));
+        assert!(e("tap=t,mac=02:00:00:00:00").contains("expected xx:"));
+        assert_eq!(parse_mac("02:00:00:00:00:01:02"), None);
+    }
+
+    #[test]
+    fn duplicate_ids() {
+        let err = VmConfig::from_cli(
+            &cli(&["--disk", "path=/a,id=x", "--net", "tap=t0,id=x"]),
+            LIMITS,
+        )
+        .unwrap_err();
+        assert_eq!(err, ConfigError::DuplicateId("x".into()));
+        let ok =
+            VmConfig::from_cli(&cli(&["--disk", "path=/a", "--disk", "path=/b"]), LIMITS).unwrap();
+        assert_eq!(ok.disks.len(), 2);
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod pci;
 pub mod signals;
 pub mod stats;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 use std::io;
@@ -54,8 +55,62 @@ pub enum Error {
     Thread(#[source] io::Error),
     #[error("device layout")]
     Bus(#[from] bus::BusError),
+    #[error("disk '{id}': {}", disk_hint(.source))]
+    Disk {
+        id: String,
+        #[source]
+        source: backends::block::BlockError,
+    },
+    #[error("net '{id}': {}", tap_hint(.source))]
+    Tap {
+        id: String,
+        #[source]
+        source: backends::net::TapError,
+    },
+    #[error("device '{0}'")]
+    Device(String, #[source] io::Error),
+    #[error("PCI")]
+    Pci(#[from] pci::PciError),
+    #[error("the 32-bit PCI window is full: too many devices")]
+    PciWindowFull,
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+fn disk_hint(e: &backends::block::BlockError) -> String {
+    use backends::block::BlockError;
+    let os = |s: &io::Error| s.raw_os_error();
+    match e {
+        BlockError::Open { path, source } if matches!(os(source), Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM)) => format!(
+            "disk image '{}' is not writable ({source}); add readonly=on or fix its permissions",
+            path.display()
+        ),
+        BlockError::Open { path, source } if os(source) == Some(libc::ENOENT) => format!(
+            "disk image '{}' does not exist; create it (e.g. truncate -s 1G IMG) or fix path=",
+            path.display()
+        ),
+        BlockError::Open { path, source } if os(source) == Some(libc::EINVAL) => format!(
+            "cannot open disk image '{}' with direct=on: its filesystem refuses O_DIRECT; drop direct=on",
+            path.display()
+        ),
+        other => other.to_string(),
+    }
+}
+
+fn tap_hint(e: &backends::net::TapError) -> String {
+    use backends::net::TapError;
+    match e {
+        TapError::SetIff { name, source } if source.raw_os_error() == Some(libc::EPERM) => format!(
+            "cannot attach to tap '{name}': permission denied; run as root, give the vmm CAP_NET_ADMIN, or create the tap for this user (ip tuntap add {name} mode tap vnet_hdr multi_queue user $USER)"
+        ),
+        TapError::SetIff { name, source } if source.raw_os_error() == Some(libc::EINVAL) => format!(
+            "cannot attach to tap '{name}': it exists with other flags (a tun, or without vnet_hdr/multi_queue for queues>1); delete it or use another name"
+        ),
+        TapError::OpenTun(source) => format!(
+            "cannot open /dev/net/tun ({source}); load the tun module (modprobe tun)"
+        ),
+        other => other.to_string(),
+    }
 }
 
 fn kvm_open_hint(e: &io::Error) -> &'static str {

@@ -21,6 +21,9 @@ pub struct ExitStats {
     /// Signals that interrupted KVM_RUN, and other exit reasons.
     pub interrupted: u64,
     pub other: BTreeMap<String, u64>,
+    /// Virtio queue notifications that exited to userspace, per device (part of `mmio`):
+    /// zero when every doorbell is caught by an ioeventfd.
+    pub notify_exits: BTreeMap<String, u64>,
 }
 
 impl ExitStats {
@@ -43,6 +46,7 @@ impl ExitStats {
             mmio_unclaimed_top: mmio.unclaimed_top(4),
             interrupted: vcpu.interrupted.load(Ordering::Relaxed),
             other,
+            notify_exits: BTreeMap::new(),
         }
     }
 
@@ -92,14 +96,15 @@ impl ExitStats {
             format!("{{{}}}", items.join(","))
         }
         format!(
-            "{{\"total\":{},\"pio\":{},\"pio_unclaimed\":{},\"mmio\":{},\"mmio_unclaimed\":{},\"other\":{},\"interrupted\":{}}}",
+            "{{\"total\":{},\"pio\":{},\"pio_unclaimed\":{},\"mmio\":{},\"mmio_unclaimed\":{},\"other\":{},\"interrupted\":{},\"notify_exits\":{}}}",
             self.total(),
             map(&self.pio),
             self.pio_unclaimed,
             map(&self.mmio),
             self.mmio_unclaimed,
             map(&self.other),
-            self.interrupted
+            self.interrupted,
+            map(&self.notify_exits)
         )
     }
 }
@@ -119,7 +124,7 @@ mod tests {
         assert_eq!(s.total(), 16);
         assert_eq!(
             s.to_json(),
-            "{\"total\":16,\"pio\":{\"i8042\":0,\"serial\":10},\"pio_unclaimed\":2,\"mmio\":{\"pci-ecam\":3},\"mmio_unclaimed\":0,\"other\":{\"irq_window\":1},\"interrupted\":0}"
+            "{\"total\":16,\"pio\":{\"i8042\":0,\"serial\":10},\"pio_unclaimed\":2,\"mmio\":{\"pci-ecam\":3},\"mmio_unclaimed\":0,\"other\":{\"irq_window\":1},\"interrupted\":0,\"notify_exits\":{}}"
         );
         let line = s.summary();
         assert!(line.starts_with("16 exits"));

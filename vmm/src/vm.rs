@@ -22,12 +22,21 @@ use crate::devices::cmos::Cmos;
 use crate::devices::legacy::{AcpiPm, DebugExit, I8042};
 use crate::devices::serial::{spawn_stdin_reader, SerialDevice, SerialOut};
 use crate::exit::{ExitHandle, VmExit};
+use crate::interrupt::{InterruptRouter, KvmRouter};
 use crate::layout;
 use crate::memory::{self, Ram};
 use crate::pci::{PciConfigIo, PciConfigMmio, PciRoot};
 use crate::stats::ExitStats;
 use crate::vcpu::{self, VcpuContext, VcpuCounters};
+use crate::virtio::blk::Block;
+use crate::virtio::net::Net;
+use crate::virtio::pci::{IoEvents, KvmIoEvents, VirtioPciDevice};
+use crate::virtio::{self, Memory, VirtioDevice};
 use crate::Error;
+use backends::block::{BlockBackend, BlockOptions, EngineChoice};
+use backends::net::Tap;
+use std::sync::atomic::AtomicU64;
+use vm_memory::GuestMemoryAtomic;
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |e| Error::Kvm(what, io::Error::from_raw_os_error(e.errno()))
@@ -37,7 +46,10 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 pub struct Vm {
     #[allow(dead_code)]
     kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
+    /// The PCI root owns the devices; dropped before the VM fd.
+    _pci: Arc<Mutex<PciRoot>>,
+    notify_exits: Vec<(String, Arc<AtomicU64>)>,
     ram: Ram,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -51,9 +63,10 @@ pub struct Vm {
 
 impl Vm {
     pub fn new(kvm: Kvm, cfg: &VmConfig) -> Result<Vm, Error> {
-        let vm = kvm
-            .create_vm()
-            .map_err(kvm_err("create a VM (KVM_CREATE_VM)"))?;
+        let vm = Arc::new(
+            kvm.create_vm()
+                .map_err(kvm_err("create a VM (KVM_CREATE_VM)"))?,
+        );
         let ram = memory::create_ram(cfg.memory)?;
         for (slot, region) in ram.memory.iter().enumerate() {
             let host = region
@@ -125,6 +138,7 @@ impl Vm {
             2,
         )?;
         let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone(), pio.clone())));
+        let notify_exits = add_virtio_devices(cfg, &vm, &ram, &root)?;
         pio.insert(
             "pci-config",
             Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
@@ -133,7 +147,7 @@ impl Vm {
         )?;
         mmio.insert(
             "pci-ecam",
-            Arc::new(Mutex::new(PciConfigMmio::new(root))),
+            Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
             layout::PCI_ECAM_START,
             1 << 20,
         )?;
@@ -165,6 +179,8 @@ impl Vm {
         Ok(Vm {
             kvm,
             vm,
+            _pci: root,
+            notify_exits,
             ram,
             pio,
             mmio,
@@ -212,12 +228,115 @@ impl Vm {
             .unwrap_or_else(|p| p.into_inner())
             .flush();
         let _ = io::stdout().flush();
-        let stats = ExitStats::collect(&self.pio, &self.mmio, &self.counters);
-        // Guest memory and the VM fd go away only after every vCPU thread has returned.
+        let mut stats = ExitStats::collect(&self.pio, &self.mmio, &self.counters);
+        for (name, n) in &self.notify_exits {
+            stats
+                .notify_exits
+                .insert(name.clone(), n.load(std::sync::atomic::Ordering::Relaxed));
+        }
+        // Device threads stop (and drain in-flight I/O) before guest memory goes away, and
+        // the VM fd only after every vCPU thread has returned.
+        drop(self._pci);
         drop(self.vm);
         drop(self.ram);
         Ok((why, stats))
     }
+}
+
+/// Bump allocator for 64 KiB-aligned BARs in the 32-bit PCI window.
+struct BarAllocator {
+    next: u64,
+}
+
+impl BarAllocator {
+    fn alloc(&mut self, size: u64) -> Result<u64, Error> {
+        let addr = self.next.next_multiple_of(size);
+        if addr + size > layout::MMIO32_START + layout::MMIO32_SIZE {
+            return Err(Error::PciWindowFull);
+        }
+        self.next = addr + size;
+        Ok(addr)
+    }
+}
+
+/// Opens the disks and taps of `cfg` and plugs a virtio-pci device for each into `root`.
+fn add_virtio_devices(
+    cfg: &VmConfig,
+    vm: &Arc<VmFd>,
+    ram: &Ram,
+    root: &Arc<Mutex<PciRoot>>,
+) -> Result<Vec<(String, Arc<AtomicU64>)>, Error> {
+    if cfg.disks.is_empty() && cfg.nets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mem: Memory = GuestMemoryAtomic::new(ram.memory.clone());
+    let router: Arc<dyn InterruptRouter> = Arc::new(KvmRouter::new(vm.clone()));
+    let ioevents: Arc<dyn IoEvents> = Arc::new(KvmIoEvents(vm.clone()));
+    let mut bars = BarAllocator {
+        next: layout::MMIO32_START,
+    };
+    let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    for d in &cfg.disks {
+        let disk = BlockBackend::open(&BlockOptions {
+            path: d.path.clone(),
+            readonly: d.readonly,
+            direct: d.direct,
+            engine: EngineChoice::Auto,
+            serial: Some(d.id.clone()),
+        })
+        .map_err(|source| Error::Disk {
+            id: d.id.clone(),
+            source,
+        })?;
+        log::info!(
+            "disk '{}': {} ({} MiB{}), {} queue(s) of {}, {:?} I/O",
+            d.id,
+            d.path.display(),
+            disk.size() >> 20,
+            if d.readonly { ", read-only" } else { "" },
+            d.queues,
+            d.queue_size,
+            disk.engine()
+        );
+        devices.push((
+            d.id.clone(),
+            Box::new(Block::new(&d.id, disk, d.queues, d.queue_size)),
+        ));
+    }
+    for n in &cfg.nets {
+        let taps = Tap::open_queues(&n.tap, n.queues).map_err(|source| Error::Tap {
+            id: n.id.clone(),
+            source,
+        })?;
+        log::info!(
+            "net '{}': tap {}, mac {}, {} queue pair(s) of {}",
+            n.id,
+            n.tap,
+            n.mac
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":"),
+            n.queues,
+            n.queue_size
+        );
+        devices.push((
+            n.id.clone(),
+            Box::new(Net::new(&n.id, taps, n.mac, n.queue_size)),
+        ));
+    }
+    let mut counters = Vec::new();
+    let mut root = root.lock().unwrap_or_else(|p| p.into_inner());
+    for (id, dev) in devices {
+        let bar = bars.alloc(virtio::pci::BAR_SIZE)?;
+        let pci =
+            VirtioPciDevice::new(&id, dev, bar, mem.clone(), router.clone(), ioevents.clone())
+                .map_err(|e| Error::Device(id.clone(), e))?;
+        counters.push((id.clone(), pci.notify_exits()));
+        let slot = root.add(&id, Arc::new(Mutex::new(pci)))?;
+        log::debug!("{id}: PCI 00:{slot:02x}.0, BAR0 at {bar:#x}");
+    }
+    Ok(counters)
 }
 
 fn create_vcpus(

@@ -53,6 +53,12 @@ struct PreparedIo {
     write: bool,
 }
 
+// SAFETY: the iovecs point into guest memory kept mapped by the `mem` snapshot of the
+// `InFlight` that owns this transfer, or into `bounce`, owned here; neither depends on the
+// thread. The kernel (io_uring) and the thread that owns the queue engine are the only ones
+// that use them, so the engine may move to the thread that serves the queue.
+unsafe impl Send for PreparedIo {}
+
 /// A request submitted to the io_uring, waiting for its completion. `mem` keeps the guest
 /// memory snapshot its iovecs point into alive until then.
 struct InFlight<T> {

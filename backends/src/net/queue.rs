@@ -104,10 +104,20 @@ pub struct NetQueuePair<S: GuestAddressSpace, T: AsRawFd> {
     mrg_rxbuf: bool,
     rx_buf: Vec<u8>,
     rx_pending: Option<usize>,
-    iovecs: Vec<libc::iovec>,
+    iovecs: IoVecScratch,
     log: GuestErrorLog<NET_FAULT_KINDS>,
     stats: NetStats,
 }
+
+/// Scratch space for the iovecs of one TX frame, kept to avoid an allocation per frame.
+#[derive(Default)]
+struct IoVecScratch(Vec<libc::iovec>);
+
+// SAFETY: the raw pointers in the vector are only dereferenced (by writev) during the call
+// that filled them from a borrowed guest memory; every use clears the vector first. Moving
+// the scratch to another thread between calls is therefore as safe as moving a Vec of
+// integers: no pointer in it is ever used again.
+unsafe impl Send for IoVecScratch {}
 
 enum Delivery {
     Delivered(u32),
@@ -126,7 +136,7 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
             mrg_rxbuf: acked_features & (1u64 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             rx_buf: vec![0u8; MAX_FRAME_LEN],
             rx_pending: None,
-            iovecs: Vec::new(),
+            iovecs: IoVecScratch::default(),
             log: GuestErrorLog::new("virtio-net"),
             stats: NetStats::default(),
         }
@@ -228,9 +238,9 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
                 &format!("TX frame of {len} bytes"),
             )));
         }
-        self.iovecs.clear();
-        if host_iovecs(mem, &parsed.readable, false, &mut self.iovecs).is_err()
-            || self.iovecs.len() > crate::block::MAX_IOVECS
+        self.iovecs.0.clear();
+        if host_iovecs(mem, &parsed.readable, false, &mut self.iovecs.0).is_err()
+            || self.iovecs.0.len() > crate::block::MAX_IOVECS
         {
             return Err(Some(self.fault(
                 NetFault::TxTooBig,
@@ -244,8 +254,8 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
             let r = unsafe {
                 libc::writev(
                     self.tap.as_raw_fd(),
-                    self.iovecs.as_ptr(),
-                    self.iovecs.len() as i32,
+                    self.iovecs.0.as_ptr(),
+                    self.iovecs.0.len() as i32,
                 )
             };
             if r >= 0 {

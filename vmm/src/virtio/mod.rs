@@ -1,0 +1,139 @@
+//! virtio: the PCI transport and the in-VMM devices, which host the `backends` engines on
+//! their own threads (one epoll thread per queue or queue pair).
+
+pub mod blk;
+pub mod net;
+pub mod pci;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+pub type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+pub const STATUS_ACKNOWLEDGE: u8 = 1;
+pub const STATUS_DRIVER: u8 = 2;
+pub const STATUS_DRIVER_OK: u8 = 4;
+pub const STATUS_FEATURES_OK: u8 = 8;
+pub const STATUS_NEEDS_RESET: u8 = 0x40;
+pub const STATUS_FAILED: u8 = 0x80;
+
+/// Signals the guest: writes a vector's irqfd (absent when the driver gave no vector).
+#[derive(Default)]
+pub struct Irq(Option<EventFd>);
+
+impl Irq {
+    pub fn new(fd: Option<EventFd>) -> Self {
+        Irq(fd)
+    }
+
+    pub fn trigger(&self) {
+        if let Some(fd) = &self.0 {
+            // An eventfd write fails only when the counter would overflow: the guest has
+            // not taken ~2^64 interrupts, so it is pending anyway.
+            let _ = fd.write(1);
+        }
+    }
+}
+
+/// State a device shares with its transport while active: NEEDS_RESET and the config
+/// interrupt.
+pub struct DeviceShared {
+    needs_reset: AtomicBool,
+    config_irq: Irq,
+}
+
+impl DeviceShared {
+    pub fn new(config_irq: Irq) -> Self {
+        DeviceShared {
+            needs_reset: AtomicBool::new(false),
+            config_irq,
+        }
+    }
+
+    /// The device cannot go on: set DEVICE_NEEDS_RESET and tell the driver.
+    pub fn set_needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            self.config_irq.trigger();
+        }
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+}
+
+/// A queue the driver enabled, ready for a device thread.
+pub struct ActiveQueue {
+    pub index: u16,
+    pub queue: Queue,
+    /// The queue's notify ioeventfd (a duplicate).
+    pub kick: EventFd,
+    pub irq: Irq,
+}
+
+/// What a device gets at DRIVER_OK.
+pub struct Activation {
+    pub mem: Memory,
+    pub acked_features: u64,
+    pub queues: Vec<ActiveQueue>,
+    pub shared: Arc<DeviceShared>,
+}
+
+/// A virtio device as the transport sees it.
+pub trait VirtioDevice: Send {
+    /// virtio device ID (1 net, 2 block).
+    fn device_type(&self) -> u16;
+    /// The PCI class code (base, sub, interface) to present.
+    fn pci_class(&self) -> u32;
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    fn features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts the device threads.
+    fn activate(&mut self, a: Activation) -> io::Result<()>;
+    /// Stops the device threads and forgets the queues (status 0).
+    fn reset(&mut self);
+}
+
+/// Copies `src[offset..]` into `data`, zero past the end.
+pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| src.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+/// A device thread's stop signal and handle.
+pub struct Worker {
+    pub stop: EventFd,
+    pub thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Worker {
+    pub fn stop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("a device thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,258 @@
+//! The in-VMM virtio-net device on a tap: one thread per queue pair running the `backends`
+//! RX/TX engine, woken by the queues' ioeventfds and the tap; the control queue is served by
+//! the first pair's thread.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread;
+
+use backends::net::{
+    net_config_space, net_features, CtrlQueue, NetOptions, NetQueuePair, RxWait, Tap,
+};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Activation, ActiveQueue, DeviceShared, Memory, VirtioDevice, Worker};
+
+const VIRTIO_ID_NET: u16 = 1;
+const TOKEN_RX_KICK: u64 = 0;
+const TOKEN_TX_KICK: u64 = 1;
+const TOKEN_TAP: u64 = 2;
+const TOKEN_STOP: u64 = 3;
+const TOKEN_CTRL: u64 = 4;
+
+pub struct Net {
+    name: String,
+    taps: Vec<Arc<Tap>>,
+    opts: NetOptions,
+    queue_size: u16,
+    config: Vec<u8>,
+    workers: Vec<Worker>,
+}
+
+impl Net {
+    pub fn new(name: &str, taps: Vec<Tap>, mac: [u8; 6], queue_size: u16) -> Self {
+        let opts = NetOptions {
+            mac,
+            queue_pairs: taps.len() as u16,
+            mtu: None,
+        };
+        let config = net_config_space(&opts).to_vec();
+        Net {
+            name: name.to_string(),
+            taps: taps.into_iter().map(Arc::new).collect(),
+            opts,
+            queue_size,
+            config,
+            workers: Vec::new(),
+        }
+    }
+}
+
+struct PairThread {
+    name: String,
+    rx: ActiveQueue,
+    tx: ActiveQueue,
+    ctrl: Option<(ActiveQueue, CtrlQueue<Memory>)>,
+    engine: NetQueuePair<Memory, Arc<Tap>>,
+    stop: EventFd,
+    shared: Arc<DeviceShared>,
+}
+
+impl PairThread {
+    fn run(mut self) {
+        if let Err(e) = self.serve() {
+            log::error!("{}: {e}; device needs reset", self.name);
+            self.shared.set_needs_reset();
+        }
+    }
+
+    fn serve(&mut self) -> io::Result<()> {
+        let epoll = Epoll::new()?;
+        let tap_fd = self.engine.tap().as_raw_fd();
+        let add = |fd: i32, ev: EventSet, token: u64| {
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(ev, token))
+        };
+        add(self.rx.kick.as_raw_fd(), EventSet::IN, TOKEN_RX_KICK)?;
+        add(self.tx.kick.as_raw_fd(), EventSet::IN, TOKEN_TX_KICK)?;
+        add(self.stop.as_raw_fd(), EventSet::IN, TOKEN_STOP)?;
+        if let Some((q, _)) = &self.ctrl {
+            add(q.kick.as_raw_fd(), EventSet::IN, TOKEN_CTRL)?;
+        }
+        // The tap's interest: IN while RX can take frames, OUT while TX waits for room.
+        let mut tap_in = true;
+        let mut tap_out = false;
+        add(tap_fd, EventSet::IN, TOKEN_TAP)?;
+        let set_tap = |tap_in: bool, tap_out: bool| {
+            let mut ev = EventSet::empty();
+            if tap_in {
+                ev |= EventSet::IN;
+            }
+            if tap_out {
+                ev |= EventSet::OUT;
+            }
+            epoll.ctl(
+                ControlOperation::Modify,
+                tap_fd,
+                EpollEvent::new(ev, TOKEN_TAP),
+            )
+        };
+        let err = |e: backends::QueueError| io::Error::other(e.to_string());
+        let mut events = [EpollEvent::default(); 8];
+        let (mut do_rx, mut do_tx, mut do_ctrl) = (true, true, true);
+        loop {
+            if do_tx {
+                do_tx = false;
+                let o = self.engine.process_tx(&mut self.tx.queue).map_err(err)?;
+                if o.queue.notify {
+                    self.tx.irq.trigger();
+                }
+                if o.tap_full != tap_out {
+                    tap_out = o.tap_full;
+                    set_tap(tap_in, tap_out)?;
+                }
+            }
+            if do_rx {
+                do_rx = false;
+                let o = self.engine.process_rx(&mut self.rx.queue).map_err(err)?;
+                if o.queue.notify {
+                    self.rx.irq.trigger();
+                }
+                let want_in = match o.wait {
+                    RxWait::TapEmpty => true,
+                    RxWait::GuestBuffers => false,
+                    RxWait::Budget => {
+                        do_rx = true;
+                        true
+                    }
+                };
+                if want_in != tap_in {
+                    tap_in = want_in;
+                    set_tap(tap_in, tap_out)?;
+                }
+            }
+            if do_ctrl {
+                do_ctrl = false;
+                if let Some((q, ctrl)) = &mut self.ctrl {
+                    let o = ctrl.process(&mut q.queue).map_err(err)?;
+                    if o.queue.notify {
+                        q.irq.trigger();
+                    }
+                    if let Some(pairs) = o.vq_pairs {
+                        log::debug!("{}: driver uses {pairs} queue pairs", self.name);
+                    }
+                }
+            }
+            if do_rx {
+                continue;
+            }
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_RX_KICK => {
+                        let _ = self.rx.kick.read();
+                        do_rx = true;
+                    }
+                    TOKEN_TX_KICK => {
+                        let _ = self.tx.kick.read();
+                        do_tx = true;
+                    }
+                    TOKEN_CTRL => {
+                        if let Some((q, _)) = &self.ctrl {
+                            let _ = q.kick.read();
+                        }
+                        do_ctrl = true;
+                    }
+                    TOKEN_TAP => {
+                        let set = ev.event_set();
+                        if set.contains(EventSet::IN) {
+                            do_rx = true;
+                        }
+                        if set.contains(EventSet::OUT) {
+                            do_tx = true;
+                        }
+                    }
+                    TOKEN_STOP => return Ok(()),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u16 {
+        VIRTIO_ID_NET
+    }
+
+    fn pci_class(&self) -> u32 {
+        // Network controller, Ethernet.
+        0x02_00_00
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        // rx0, tx0, rx1, tx1, ..., ctrl.
+        vec![self.queue_size; self.taps.len() * 2 + 1]
+    }
+
+    fn features(&self) -> u64 {
+        net_features(&self.opts)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, a: Activation) -> io::Result<()> {
+        self.reset();
+        let pairs = self.taps.len();
+        let mut by_index: Vec<Option<ActiveQueue>> = (0..pairs * 2 + 1).map(|_| None).collect();
+        for q in a.queues {
+            let i = usize::from(q.index);
+            if let Some(slot) = by_index.get_mut(i) {
+                *slot = Some(q);
+            }
+        }
+        let mut ctrl = by_index
+            .get_mut(pairs * 2)
+            .and_then(Option::take)
+            .map(|q| (q, CtrlQueue::new(a.mem.clone(), pairs as u16)));
+        for (p, tap) in self.taps.iter().enumerate() {
+            let (Some(rx), Some(tx)) = (by_index[p * 2].take(), by_index[p * 2 + 1].take()) else {
+                // The driver enabled fewer pairs than offered.
+                continue;
+            };
+            tap.set_offloads(a.acked_features)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+            let t = PairThread {
+                name: format!("{} pair{p}", self.name),
+                rx,
+                tx,
+                ctrl: if p == 0 { ctrl.take() } else { None },
+                engine: NetQueuePair::new(tap.clone(), a.mem.clone(), a.acked_features),
+                stop: stop.try_clone()?,
+                shared: a.shared.clone(),
+            };
+            let thread = thread::Builder::new()
+                .name(format!("{}-p{p}", self.name))
+                .spawn(move || t.run())?;
+            self.workers.push(Worker {
+                stop,
+                thread: Some(thread),
+            });
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        for mut w in self.workers.drain(..) {
+            w.stop();
+        }
+    }
+}
