@@ -1,0 +1,566 @@
+//! `vhost-user-blk`: a vhost-user virtio-blk back-end running the `backends` block engine,
+//! the same engine as the VMM's in-VMM virtio-blk device.
+//!
+//! - [`Args`]: the command line (QEMU's vhost-user-blk flags plus the vhost-user back-end
+//!   program conventions: `--fd`, `--print-capabilities`).
+//! - [`BlkBackend`]: one device instance for one frontend connection (`VhostUserBackend`),
+//!   one worker thread per queue, io_uring completions on the same thread.
+//! - [`run`]: opens the image and the socket, then serves frontends one after another with
+//!   fresh device state until SIGTERM/SIGINT.
+//!
+//! `--poll-us N`: after handling a kick or a completion the queue thread keeps polling the
+//! available ring (and the io_uring completions) for N microseconds before going back to
+//! sleep on its eventfds; every request found meanwhile restarts the window.
+
+pub mod server;
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backends::block::{
+    block_config_space, block_features, BlockBackend, BlockOptions, BlockQueue, EngineChoice,
+};
+use backends::QueueError;
+use clap::Parser;
+use thiserror::Error;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringT};
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use server::{lock, Handler, Served};
+pub use server::{Mem, ServeError, SocketSource, Stop, Vring};
+
+/// The largest queue size virtio's split ring allows.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// The most queues (one worker thread each).
+pub const MAX_QUEUES: u16 = 64;
+
+/// Command line of `vhost-user-blk`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vhost-user-blk",
+    version,
+    about = "vhost-user virtio-blk back-end: serves a raw disk image to a VMM (QEMU \
+             vhost-user-blk-pci, Cloud Hypervisor, our vmm) over a unix socket",
+    long_about = None,
+    after_help = "The daemon serves one frontend at a time; when it disconnects or dies, the \
+                  socket stays and the next frontend gets a fresh device. SIGTERM/SIGINT finish \
+                  in-flight requests, flush the image, remove the socket and exit 0. Logs go to \
+                  stderr (RUST_LOG=debug for more)."
+)]
+pub struct Args {
+    /// Listen on this unix socket path (created; a stale socket file is replaced).
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+    /// Use this inherited, already listening unix socket instead of --socket-path.
+    #[arg(long, value_name = "FD")]
+    pub fd: Option<RawFd>,
+    /// Raw disk image (file or block device).
+    #[arg(
+        long,
+        value_name = "IMG",
+        required_unless_present = "print_capabilities"
+    )]
+    pub blk_file: Option<PathBuf>,
+    /// Open the image read-only and offer VIRTIO_BLK_F_RO.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Open the image with O_DIRECT (bypass the host page cache).
+    #[arg(long)]
+    pub direct: bool,
+    /// Number of request queues (1-64).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub queues: u16,
+    /// Largest queue size the frontend may choose (power of two, 2-32768).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub queue_size: u16,
+    /// After work, keep polling the queue for N microseconds before sleeping (latency).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub poll_us: u64,
+    /// Print the back-end capabilities (JSON, vhost-user spec) and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+}
+
+/// The JSON printed by `--print-capabilities` (docs/interop/vhost-user.json).
+pub const CAPABILITIES: &str =
+    "{\n  \"type\": \"block\",\n  \"features\": [\n    \"read-only\",\n    \"blk-file\"\n  ]\n}";
+
+/// Errors of the daemon, printed as one line by `main`.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A command line value is out of range.
+    #[error("{0}")]
+    Usage(String),
+    /// The image could not be opened.
+    #[error("{0}")]
+    Image(String),
+    /// The socket or the daemon could not be set up.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Runs the daemon: parses nothing (see [`Args`]), sets up signals, opens the image and the
+/// socket, serves frontends until SIGTERM/SIGINT.
+pub fn run(args: Args) -> Result<(), Error> {
+    if args.print_capabilities {
+        println!("{CAPABILITIES}");
+        return Ok(());
+    }
+    if args.queues == 0 || args.queues > MAX_QUEUES {
+        return Err(Error::Usage(format!(
+            "--queues {}: expected 1 to {MAX_QUEUES}",
+            args.queues
+        )));
+    }
+    if args.queue_size < 2 || args.queue_size > MAX_QUEUE_SIZE || !args.queue_size.is_power_of_two()
+    {
+        return Err(Error::Usage(format!(
+            "--queue-size {}: expected a power of two from 2 to {MAX_QUEUE_SIZE}",
+            args.queue_size
+        )));
+    }
+    let source = match (&args.socket_path, args.fd) {
+        (Some(p), None) => SocketSource::Path(p.clone()),
+        (None, Some(fd)) => SocketSource::Fd(fd),
+        _ => {
+            return Err(Error::Usage(
+                "give exactly one of --socket-path and --fd".into(),
+            ))
+        }
+    };
+    let Some(path) = args.blk_file.clone() else {
+        return Err(Error::Usage("--blk-file IMG is required".into()));
+    };
+    let stop = Stop::new().map_err(ServeError::Setup)?;
+    server::handle_signals(stop.clone()).map_err(ServeError::Setup)?;
+    let disk = BlockBackend::open(&BlockOptions {
+        path: path.clone(),
+        readonly: args.read_only,
+        direct: args.direct,
+        engine: EngineChoice::Auto,
+        serial: None,
+    })
+    .map_err(|e| Error::Image(image_error(&e, &path)))?;
+    let disk = Arc::new(disk);
+    let mut listener = server::open_listener(&source)?;
+    log::info!(
+        "serving '{}' ({} sectors{}, engine {:?}) on {}, {} queue(s) of up to {}",
+        path.display(),
+        disk.capacity_sectors(),
+        if disk.readonly() { ", read-only" } else { "" },
+        disk.engine(),
+        match &source {
+            SocketSource::Path(p) => p.display().to_string(),
+            SocketSource::Fd(fd) => format!("fd {fd}"),
+        },
+        args.queues,
+        args.queue_size
+    );
+    let cfg = BlkConfig {
+        queues: args.queues,
+        queue_size: args.queue_size,
+        poll: Duration::from_micros(args.poll_us),
+    };
+    server::serve("vhost-user-blk", &mut listener, &stop, || {
+        BlkBackend::new(disk.clone(), cfg)
+    })?;
+    // In-flight requests were completed by the teardown of the last connection.
+    if let Err(e) = disk.flush() {
+        log::warn!("final flush of '{}': {e}", path.display());
+    }
+    log::info!("stopped");
+    Ok(())
+}
+
+/// One line with the cause and the fix for an image that cannot be opened.
+fn image_error(e: &backends::block::BlockError, path: &std::path::Path) -> String {
+    use std::error::Error as _;
+    let cause = e.source().map(|s| s.to_string()).unwrap_or_default();
+    let hint = match e
+        .source()
+        .and_then(|s| s.downcast_ref::<io::Error>())
+        .map(io::Error::kind)
+    {
+        Some(io::ErrorKind::NotFound) => " (create it, e.g. `truncate -s 1G IMG`, or fix the path)",
+        Some(io::ErrorKind::PermissionDenied) => {
+            " (fix its permissions, or pass --read-only for a read-only image)"
+        }
+        _ if cause.contains("Invalid argument") => {
+            " (the file system may not support O_DIRECT: drop --direct)"
+        }
+        _ => "",
+    };
+    let _ = path;
+    format!("{e}: {cause}{hint}")
+}
+
+/// Per-daemon settings every connection's back-end uses.
+#[derive(Clone, Copy, Debug)]
+pub struct BlkConfig {
+    /// Number of queues.
+    pub queues: u16,
+    /// Largest queue size.
+    pub queue_size: u16,
+    /// Busy-poll window after work.
+    pub poll: Duration,
+}
+
+#[derive(Default)]
+struct QueueState {
+    engine: Option<BlockQueue<Mem>>,
+    /// The vring, kept for draining from the frontend thread (stop, reset, teardown).
+    vring: Option<Vring>,
+    /// The queue failed (guest fault): nothing more is processed until it is restarted.
+    broken: bool,
+    /// The connection is gone: no new engine.
+    closed: bool,
+}
+
+/// The virtio-blk device of one frontend connection.
+pub struct BlkBackend {
+    disk: Arc<BlockBackend>,
+    cfg: BlkConfig,
+    features: u64,
+    config: Vec<u8>,
+    mem: Mutex<Option<Mem>>,
+    queues: Vec<Mutex<QueueState>>,
+    /// Per queue: an epoll fd holding the engine's io_uring completion eventfd, registered
+    /// with the queue's worker thread (an engine is created when the queue starts).
+    completions: Vec<Epoll>,
+    conn: Mutex<Option<ShutdownHandle>>,
+}
+
+/// Event id of the completion epoll in each worker (above the ids of the queues and the
+/// exit event, as vhost-user-backend requires).
+fn completion_event(queues: u16) -> u16 {
+    queues + 1
+}
+
+impl BlkBackend {
+    /// A fresh device for one connection.
+    pub fn new(disk: Arc<BlockBackend>, cfg: BlkConfig) -> io::Result<Self> {
+        let config = block_config_space(&disk, cfg.queues, cfg.queue_size).to_vec();
+        let features =
+            block_features(&disk, cfg.queues) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let completions = (0..cfg.queues)
+            .map(|_| Epoll::new())
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(BlkBackend {
+            disk,
+            cfg,
+            features,
+            config,
+            mem: Mutex::new(None),
+            queues: (0..cfg.queues).map(|_| Mutex::default()).collect(),
+            completions,
+            conn: Mutex::new(None),
+        })
+    }
+
+    fn drop_connection(&self, why: &str) {
+        log::warn!("{why}; dropping the connection");
+        if let Some(c) = lock(&self.conn).as_ref() {
+            c.shutdown();
+        }
+    }
+
+    /// A queue error: layout errors come from the frontend (drop it); others are guest
+    /// faults (the queue stops, as with NEEDS_RESET).
+    fn fail(&self, q: usize, st: &mut QueueState, e: QueueError) {
+        match e {
+            QueueError::NotReady => {}
+            QueueError::InvalidLayout { .. } => {
+                st.broken = true;
+                self.drop_connection(&format!("queue {q}: {e}"));
+            }
+            _ => {
+                st.broken = true;
+                log::error!("queue {q}: {e}; the queue stops until the frontend restarts it");
+            }
+        }
+    }
+
+    /// Creates the engine of queue `q` when it starts.
+    fn ensure_engine(&self, q: usize, st: &mut QueueState, vring: &Vring) -> bool {
+        if st.engine.is_some() {
+            return true;
+        }
+        if st.closed || st.broken {
+            return false;
+        }
+        let Some(mem) = lock(&self.mem).clone() else {
+            self.drop_connection(&format!("queue {q}: kicked before SET_MEM_TABLE"));
+            st.broken = true;
+            return false;
+        };
+        let size = vring.get_ref().get_queue().size();
+        match BlockQueue::new(self.disk.clone(), mem, size) {
+            Ok(engine) => {
+                if let Some(fd) = engine.completion_fd() {
+                    if let Err(e) = self.completions[q].ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, 0),
+                    ) {
+                        log::error!("queue {q}: cannot watch io_uring completions: {e}");
+                        st.broken = true;
+                        return false;
+                    }
+                }
+                log::debug!(
+                    "queue {q}: started, size {size}, engine {:?}",
+                    engine.engine()
+                );
+                st.engine = Some(engine);
+                st.vring = Some(vring.clone());
+                true
+            }
+            Err(e) => {
+                st.broken = true;
+                self.drop_connection(&format!("queue {q}: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Kick or completion on queue `q`, then the optional polling window.
+    fn work(&self, q: usize, vring: &Vring, kick: bool) {
+        let mut st = lock(&self.queues[q]);
+        let st = &mut *st;
+        if kick && !self.ensure_engine(q, st, vring) {
+            return;
+        }
+        if st.broken || st.closed {
+            return;
+        }
+        let Some(engine) = st.engine.as_mut() else {
+            return;
+        };
+        let mut state = vring.get_mut();
+        let r = if kick {
+            engine.process_queue(state.get_queue_mut())
+        } else {
+            engine.process_completions(state.get_queue_mut())
+        };
+        let notify = match r {
+            Ok(o) => o.notify,
+            Err(e) => {
+                drop(state);
+                self.fail(q, st, e);
+                return;
+            }
+        };
+        if notify {
+            if let Err(e) = state.signal_used_queue() {
+                log::warn!("queue {q}: cannot signal the call eventfd: {e}");
+            }
+        }
+        if self.cfg.poll.is_zero() {
+            return;
+        }
+        // Busy-poll the available ring (and io_uring completions) for `poll`, restarting
+        // the window whenever work shows up.
+        let Some(mem) = lock(&self.mem).clone() else {
+            return;
+        };
+        let mut deadline = Instant::now() + self.cfg.poll;
+        while Instant::now() < deadline {
+            let queue = state.get_queue_mut();
+            let pending = queue
+                .avail_idx(&*mem.memory(), Ordering::Acquire)
+                .map(|i| i.0 != queue.next_avail())
+                .unwrap_or(false);
+            let r = if pending {
+                engine.process_queue(queue)
+            } else if engine.in_flight() > 0 {
+                engine.process_completions(queue)
+            } else {
+                Ok(Default::default())
+            };
+            match r {
+                Ok(o) => {
+                    if pending || o.used > 0 {
+                        deadline = Instant::now() + self.cfg.poll;
+                    }
+                    if o.notify {
+                        let _ = state.signal_used_queue();
+                    }
+                }
+                Err(e) => {
+                    drop(state);
+                    self.fail(q, st, e);
+                    return;
+                }
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Finishes in-flight requests of queue `q` and drops its engine.
+    fn stop_queue(&self, q: usize, closing: bool) {
+        let Some(m) = self.queues.get(q) else {
+            return;
+        };
+        let mut st = lock(m);
+        if closing {
+            st.closed = true;
+        }
+        st.broken = false;
+        if let (Some(mut engine), Some(vring)) = (st.engine.take(), st.vring.take()) {
+            let in_flight = engine.in_flight();
+            let mut state = vring.get_mut();
+            match engine.drain(state.get_queue_mut()) {
+                Ok(o) if o.notify && !closing => {
+                    let _ = state.signal_used_queue();
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("queue {q}: draining {in_flight} requests: {e}"),
+            }
+            if in_flight > 0 {
+                log::debug!("queue {q}: drained {in_flight} in-flight requests");
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.cfg.queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.cfg.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // vhost-user-backend sets EVENT_IDX on every vring (`set_queue_event_idx`) when the
+        // feature is acked; the engines then compute notifications with it.
+    }
+
+    fn reset_device(&self) {
+        for q in 0..self.queues.len() {
+            self.stop_queue(q, false);
+        }
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // The frontend may read past our structure (e.g. a newer virtio_blk_config): the
+        // rest reads as zero. vhost already bounds `size` to the message limit.
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(self.config.len());
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(self.config.len());
+        out[..end - start].copy_from_slice(&self.config[start..end]);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // No writable field is offered (no CONFIG_WCE): ignore, as a device would.
+        log::debug!("ignoring SET_CONFIG at {offset} ({} bytes)", buf.len());
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        // The atomic handle is the one the vrings and engines already share: engines see
+        // the new table on their next call; in-flight requests keep their snapshot.
+        *lock(&self.mem) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.cfg.queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                log::error!("cannot create a worker exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        self.stop_queue(queue_index as usize, false);
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // One queue per thread: thread `q` serves queue `q`, which is `vrings[0]`.
+        let (q, Some(vring)) = (thread_id, vrings.first()) else {
+            return Ok(());
+        };
+        if q >= self.queues.len() {
+            return Ok(());
+        }
+        if device_event == 0 {
+            self.work(q, vring, true);
+        } else if device_event == completion_event(self.cfg.queues) {
+            self.work(q, vring, false);
+        }
+        // Errors are handled (logged, queue stopped or connection dropped): returning one
+        // would kill the worker thread for good.
+        Ok(())
+    }
+}
+
+impl Served for BlkBackend {
+    fn attach(&self, handlers: &[Arc<Handler<Self>>]) -> io::Result<()> {
+        for (q, h) in handlers.iter().enumerate() {
+            if let Some(ep) = self.completions.get(q) {
+                h.register_listener(
+                    ep.as_raw_fd(),
+                    EventSet::IN,
+                    u64::from(completion_event(self.cfg.queues)),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_connection(&self, conn: ShutdownHandle) {
+        *lock(&self.conn) = Some(conn);
+    }
+
+    fn teardown(&self) {
+        for q in 0..self.queues.len() {
+            self.stop_queue(q, true);
+        }
+        if let Err(e) = self.disk.flush() {
+            log::warn!("flush after disconnect: {e}");
+        }
+        *lock(&self.mem) = None;
+    }
+}

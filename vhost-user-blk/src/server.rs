@@ -1,0 +1,320 @@
+//! The part of a vhost-user back-end program that does not depend on the device: the
+//! listening socket (`--socket-path` or `--fd`), SIGTERM/SIGINT, and the accept loop that
+//! serves one frontend after another, each with a fresh device.
+//!
+//! This file is shared by `vhost-user-blk` and `vhost-user-net` (the latter includes it with
+//! `#[path]`), so that both daemons behave the same way.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use thiserror::Error;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{
+    ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringEpollHandler, VringRwLock,
+};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory as the daemons see it: the frontend's regions, replaced atomically on
+/// SET_MEM_TABLE / ADD_MEM_REGION. No dirty bitmap (no live-migration logging).
+pub type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// The vring type handed to the backends.
+pub type Vring = VringRwLock<Mem>;
+/// The epoll handler of one worker thread.
+pub type Handler<B> = VringEpollHandler<Arc<B>>;
+
+/// Errors of the socket and the accept loop.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// The directory that should hold the socket does not exist.
+    #[error("cannot create socket '{0}': its directory does not exist (create it first)")]
+    NoSocketDir(PathBuf),
+    /// Binding the socket failed.
+    #[error("cannot listen on socket '{path}' (check the permissions of its directory)")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: VhostUserError,
+    },
+    /// `--fd` is not an open fd.
+    #[error("--fd {0}: not an open file descriptor (the manager must pass it open)")]
+    BadFd(RawFd, #[source] io::Error),
+    /// `--fd` is not a listening unix socket.
+    #[error(
+        "--fd {0}: not a listening unix socket (pass a socket after listen(); \
+         connected sockets are not supported by this back-end)"
+    )]
+    NotListening(RawFd),
+    /// Setting up signals, the stop event or the device failed.
+    #[error("cannot set up the daemon")]
+    Setup(#[source] io::Error),
+    /// vhost-user-backend refused to create the daemon.
+    #[error("cannot create the vhost-user daemon: {0}")]
+    Daemon(String),
+    /// accept() failed.
+    #[error("cannot accept a connection on the socket")]
+    Accept(#[source] io::Error),
+}
+
+/// Where the frontend connects.
+#[derive(Clone, Debug)]
+pub enum SocketSource {
+    /// Create (replacing a stale one) and listen on this path; removed on exit.
+    Path(PathBuf),
+    /// A listening unix socket inherited from a manager.
+    Fd(RawFd),
+}
+
+/// Opens the listening socket.
+pub fn open_listener(src: &SocketSource) -> Result<Listener, ServeError> {
+    match src {
+        SocketSource::Path(path) => {
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            if !dir.is_dir() {
+                return Err(ServeError::NoSocketDir(path.clone()));
+            }
+            Listener::new(path, true).map_err(|source| ServeError::Bind {
+                path: path.clone(),
+                source,
+            })
+        }
+        SocketSource::Fd(fd) => {
+            let fd = *fd;
+            // SAFETY: F_GETFD only reads the flags of `fd`; an invalid fd gives EBADF.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(ServeError::BadFd(fd, io::Error::last_os_error()));
+            }
+            let mut listening: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: SO_ACCEPTCONN writes one int into `listening`, whose size is in `len`.
+            let r = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_ACCEPTCONN,
+                    (&mut listening as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            let mut domain: libc::c_int = 0;
+            let mut dlen = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: SO_DOMAIN writes one int into `domain`, whose size is in `dlen`.
+            let rd = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_DOMAIN,
+                    (&mut domain as *mut libc::c_int).cast(),
+                    &mut dlen,
+                )
+            };
+            if r < 0 || rd < 0 || listening == 0 || domain != libc::AF_UNIX {
+                return Err(ServeError::NotListening(fd));
+            }
+            // SAFETY: `fd` is open, is a listening unix socket (checked above), and the
+            // manager handed it to this process: nothing else in the program owns it.
+            let l = unsafe { UnixListener::from_raw_fd(fd) };
+            let _ = l.set_nonblocking(false);
+            Ok(Listener::from(l))
+        }
+    }
+}
+
+/// The stop request shared by the signal thread and the accept loop.
+pub struct Stop {
+    requested: AtomicBool,
+    event: EventFd,
+    conn: Mutex<Option<ShutdownHandle>>,
+}
+
+impl Stop {
+    /// A stop request not yet made.
+    pub fn new() -> io::Result<Arc<Stop>> {
+        Ok(Arc::new(Stop {
+            requested: AtomicBool::new(false),
+            event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            conn: Mutex::new(None),
+        }))
+    }
+
+    /// Asks the daemon to stop: the current connection is shut down (its in-flight requests
+    /// are completed by the teardown) and no new connection is accepted.
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        let _ = self.event.write(1);
+        if let Some(h) = lock(&self.conn).as_ref() {
+            h.shutdown();
+        }
+    }
+
+    /// Whether a stop was requested.
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    fn set_conn(&self, h: Option<ShutdownHandle>) {
+        let mut g = lock(&self.conn);
+        *g = h;
+        if self.requested() {
+            if let Some(h) = g.as_ref() {
+                h.shutdown();
+            }
+        }
+    }
+}
+
+/// Locks a mutex, ignoring poisoning (a panicking worker must not take the daemon down).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and so in every thread created after it) and
+/// starts a thread that turns them into `stop.request()`. Call before creating any thread.
+pub fn handle_signals(stop: Arc<Stop>) -> io::Result<()> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the calls only modify it and the thread's mask.
+    let r = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer.
+            let r = unsafe { libc::sigwait(&set, &mut sig) };
+            if r == 0 {
+                log::info!("signal {sig}: finishing in-flight requests and exiting");
+                stop.request();
+            }
+        })?;
+    Ok(())
+}
+
+/// What the accept loop needs from a device back-end besides `VhostUserBackend`.
+pub trait Served: VhostUserBackend<Bitmap = (), Vring = Vring> + Sized + 'static {
+    /// Called once the daemon exists and before the connection is accepted: register extra
+    /// fds (completion eventfds, taps) with the worker threads.
+    fn attach(&self, handlers: &[Arc<Handler<Self>>]) -> io::Result<()>;
+    /// The connection being served, so that the back-end can drop it when the frontend
+    /// misbehaves (e.g. rings outside guest memory).
+    fn set_connection(&self, conn: ShutdownHandle);
+    /// The connection is gone and the workers were told to exit: finish in-flight requests,
+    /// flush, release guest memory.
+    fn teardown(&self);
+}
+
+/// Waits until `fd` or the stop event is readable. Returns false on stop.
+fn wait_for_connection(fd: RawFd, stop: &Stop) -> Result<bool, ServeError> {
+    loop {
+        if stop.requested() {
+            return Ok(false);
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.event.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(ServeError::Accept(e));
+        }
+        if fds[1].revents != 0 || stop.requested() {
+            return Ok(false);
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Serves frontends one after another on `listener` until `stop` is requested. Each
+/// connection gets a fresh back-end from `make` (fresh device state, fresh vrings and worker
+/// threads); when a connection ends, for any reason, the back-end is torn down (in-flight
+/// requests finished) before the next connection is accepted.
+pub fn serve<B, F>(
+    name: &str,
+    listener: &mut Listener,
+    stop: &Stop,
+    mut make: F,
+) -> Result<(), ServeError>
+where
+    B: Served,
+    F: FnMut() -> io::Result<B>,
+{
+    let mut n = 0u64;
+    while wait_for_connection(listener.as_raw_fd(), stop)? {
+        n += 1;
+        let backend = Arc::new(make().map_err(ServeError::Setup)?);
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), mem)
+            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        let handlers = daemon.get_epoll_handlers();
+        backend.attach(&handlers).map_err(ServeError::Setup)?;
+        let started = daemon.start(listener);
+        if let Some(h) = daemon.shutdown_handle() {
+            backend.set_connection(h.clone());
+            stop.set_conn(Some(h));
+        }
+        match started {
+            Ok(()) => {
+                log::info!("connection {n}: frontend connected");
+                match daemon.wait() {
+                    Ok(()) => log::info!("connection {n}: frontend disconnected"),
+                    Err(vhost_user_backend::Error::HandleRequest(
+                        VhostUserError::Disconnected | VhostUserError::PartialMessage,
+                    )) if stop.requested() => {}
+                    Err(vhost_user_backend::Error::HandleRequest(VhostUserError::Disconnected)) => {
+                        log::info!("connection {n}: frontend disconnected")
+                    }
+                    Err(e) => log::warn!("connection {n}: dropped: {e}"),
+                }
+            }
+            Err(e) => log::warn!("connection {n}: cannot start: {e}"),
+        }
+        stop.set_conn(None);
+        for h in &handlers {
+            h.send_exit_event();
+        }
+        backend.teardown();
+        drop(daemon);
+    }
+    Ok(())
+}
+
+/// Starts logging through env_logger (`RUST_LOG`, default `info`).
+pub fn init_logging() {
+    let env = env_logger::Env::default().default_filter_or("info");
+    let _ = env_logger::Builder::from_env(env)
+        .format_timestamp_millis()
+        .try_init();
+}
