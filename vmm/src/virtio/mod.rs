@@ -137,3 +137,6 @@ impl Drop for Worker {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod pci_tests;
