@@ -295,7 +295,13 @@ impl VirtioPciDevice {
             q.set_used_ring_address(Some(r.used as u32), Some((r.used >> 32) as u32));
             q.set_event_idx(acked & VIRTIO_RING_F_EVENT_IDX != 0);
             q.set_ready(true);
-            if q.size() != r.size || !q.is_valid(&*mem) {
+            // virtio-queue keeps its old value (0) for a size or a ring address it refuses
+            // (misaligned): compare, so that such a queue is refused, not moved to 0.
+            let taken = q.size() == r.size
+                && q.desc_table() == r.desc
+                && q.avail_ring() == r.avail
+                && q.used_ring() == r.used;
+            if !taken || !q.is_valid(&*mem) {
                 let detail = format!(
                     "queue {i}: size {} (max {}), rings at {:#x}/{:#x}/{:#x} are not usable",
                     r.size, r.max, r.desc, r.avail, r.used
