@@ -7,10 +7,14 @@ fn main() -> ExitCode {
     vhost_user_blk::server::init_logging();
     let args = match vhost_user_blk::Args::try_parse() {
         Ok(a) => a,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
+        Err(e) if !e.use_stderr() => {
+            // --help, --version.
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("vhost-user-blk: {}", vhost_user_blk::server::one_line(&e));
+            return ExitCode::from(2);
         }
     };
     match vhost_user_blk::run(args) {

@@ -318,3 +318,48 @@ pub fn init_logging() {
         .format_timestamp_millis()
         .try_init();
 }
+
+/// Checks that every region of `mem` lies inside its file. vm-memory maps past the end of a
+/// file without complaint, and touching such a page would kill the daemon with SIGBUS, so a
+/// frontend that sends a region larger than its memfd is refused here.
+pub fn check_regions(mem: &Mem) -> io::Result<()> {
+    use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+    let guard = mem.memory();
+    for r in guard.iter() {
+        let Some(fo) = r.file_offset() else {
+            continue;
+        };
+        let meta = fo.file().metadata()?;
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        let end = fo.start().checked_add(r.len());
+        if end.is_none_or(|e| e > meta.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "memory region at guest {:#x} ({:#x} bytes at file offset {:#x}) runs past \
+                     the end of its file ({:#x} bytes)",
+                    r.start_addr().0,
+                    r.len(),
+                    fo.start(),
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A clap error as one line ("invalid value ... (see --help)").
+pub fn one_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let msg = parts.join(" ");
+    format!("{} (see --help)", msg.trim_start_matches("error: "))
+}

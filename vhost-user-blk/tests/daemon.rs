@@ -1,0 +1,496 @@
+//! The `vhost-user-blk` binary against a test frontend: correct I/O, hostile messages,
+//! reconnects, SIGTERM, and the command line.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+use vm_memory::{Bytes, GuestAddress};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-user-blk");
+const IMG_SECTORS: u64 = 2048;
+
+fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(7) ^ (i >> 9)) as u8
+}
+
+/// A daemon on a 1 MiB image filled with `pattern`.
+fn start(extra: &[&str]) -> Daemon {
+    let dir = tempdir("vub");
+    let img = dir.as_path().join("disk.img");
+    let data: Vec<u8> = (0..IMG_SECTORS * 512).map(pattern).collect();
+    std::fs::write(&img, data).unwrap();
+    let img = img.to_str().unwrap().to_string();
+    let mut args = vec!["--blk-file", img.as_str()];
+    args.extend_from_slice(extra);
+    Daemon::start(BIN, dir, &args)
+}
+
+/// A whole correct connection: negotiate, check the config, one queue, read sector
+/// `sector` and check the data against the image.
+fn read_sector_ok(d: &Daemon, sector: u64) {
+    let (mut fe, _) = negotiate(&d.socket, 1);
+    assert_eq!(fe.get_queue_num().unwrap(), 1);
+    let (_, cfg) = fe
+        .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
+        .expect("GET_CONFIG");
+    assert_eq!(
+        u64::from_le_bytes(cfg[0..8].try_into().unwrap()),
+        IMG_SECTORS,
+        "capacity"
+    );
+    let m = GuestMem::new(1 << 20);
+    fe.set_mem_table(&[m.region_info()]).expect("SET_MEM_TABLE");
+    let size = 16;
+    let (kick, call) = setup_queue(&mut fe, &m, 0, size);
+    // virtio_blk_outhdr { type: IN, reserved, sector }.
+    m.mem.write_obj(0u32, GuestAddress(0x4000)).unwrap();
+    m.mem.write_obj(0u32, GuestAddress(0x4004)).unwrap();
+    m.mem.write_obj(sector, GuestAddress(0x4008)).unwrap();
+    m.mem.write_obj(0xffu8, GuestAddress(0x6000)).unwrap();
+    put_desc(&m, 0, 0x4000, 16, F_NEXT, 1);
+    put_desc(&m, 1, 0x5000, 512, F_NEXT | F_WRITE, 2);
+    put_desc(&m, 2, 0x6000, 1, F_WRITE, 0);
+    publish(&m, size, 0, 0);
+    kick.write(1).unwrap();
+    assert!(
+        wait_readable(call.as_raw_fd(), Duration::from_secs(5)),
+        "no used-buffer notification"
+    );
+    assert_eq!(used_idx(&m), 1);
+    assert_eq!(used_elem(&m, 0, size), (0, 513));
+    let status: u8 = m.mem.read_obj(GuestAddress(0x6000)).unwrap();
+    assert_eq!(status, 0, "VIRTIO_BLK_S_OK");
+    let mut got = vec![0u8; 512];
+    m.mem.read_slice(&mut got, GuestAddress(0x5000)).unwrap();
+    let want: Vec<u8> = (sector * 512..sector * 512 + 512).map(pattern).collect();
+    assert_eq!(got, want, "data of sector {sector}");
+}
+
+#[test]
+fn reads_a_sector() {
+    let mut d = start(&[]);
+    read_sector_ok(&d, 3);
+    d.assert_serving("a correct connection");
+}
+
+#[test]
+fn hostile_frontends_get_dropped_and_the_daemon_serves_the_next() {
+    let mut d = start(&[]);
+    let page = 1u64 << 20;
+    let a = memfd(page);
+    let b = memfd(page);
+    let small = memfd(4096);
+    let ev = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+
+    // (name, expect a dropped connection, the messages)
+    type Case<'a> = (
+        &'a str,
+        bool,
+        Box<dyn Fn(&std::os::unix::net::UnixStream) + 'a>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "overlapping memory regions",
+            true,
+            Box::new(|s| {
+                let body =
+                    mem_table_body(&[(0, page, 0x7000_0000, 0), (page / 2, page, 0x8000_0000, 0)]);
+                raw_send(s, SET_MEM_TABLE, &body, &[a.as_raw_fd(), b.as_raw_fd()]);
+            }),
+        ),
+        (
+            "region larger than its file",
+            true,
+            Box::new(|s| {
+                let body = mem_table_body(&[(0, page, 0x7000_0000, 0)]);
+                raw_send(s, SET_MEM_TABLE, &body, &[small.as_raw_fd()]);
+            }),
+        ),
+        (
+            "region backed by an unmappable fd (eventfd)",
+            true,
+            Box::new(|s| {
+                let body = mem_table_body(&[(0, 4096, 0x7000_0000, 0)]);
+                raw_send(s, SET_MEM_TABLE, &body, &[ev.as_raw_fd()]);
+            }),
+        ),
+        (
+            "memory table without fds",
+            true,
+            Box::new(|s| {
+                let body = mem_table_body(&[(0, page, 0x7000_0000, 0)]);
+                raw_send(s, SET_MEM_TABLE, &body, &[]);
+            }),
+        ),
+        (
+            "memory table with fewer fds than regions",
+            true,
+            Box::new(|s| {
+                let body =
+                    mem_table_body(&[(0, page, 0x7000_0000, 0), (page, page, 0x8000_0000, 0)]);
+                raw_send(s, SET_MEM_TABLE, &body, &[a.as_raw_fd()]);
+            }),
+        ),
+        (
+            "ring addresses outside the memory table",
+            true,
+            Box::new(|s| {
+                let body = mem_table_body(&[(0, page, 0x7000_0000, 0)]);
+                raw_send(s, SET_MEM_TABLE, &body, &[a.as_raw_fd()]);
+                raw_send(s, SET_VRING_NUM, &vring_state_body(0, 16), &[]);
+                let addr = vring_addr_body(0, 0x9000_0000, 0x9000_1000, 0x9000_2000);
+                raw_send(s, SET_VRING_ADDR, &addr, &[]);
+            }),
+        ),
+        (
+            "ring addresses before any memory table",
+            true,
+            Box::new(|s| {
+                let addr = vring_addr_body(0, 0x1000, 0x2000, 0x3000);
+                raw_send(s, SET_VRING_ADDR, &addr, &[]);
+            }),
+        ),
+        (
+            "queue size above 32768",
+            true,
+            Box::new(|s| raw_send(s, SET_VRING_NUM, &vring_state_body(0, 65535), &[])),
+        ),
+        (
+            "queue size above the daemon's maximum",
+            true,
+            Box::new(|s| raw_send(s, SET_VRING_NUM, &vring_state_body(0, 512), &[])),
+        ),
+        (
+            "queue size zero",
+            true,
+            Box::new(|s| raw_send(s, SET_VRING_NUM, &vring_state_body(0, 0), &[])),
+        ),
+        (
+            // Ignored by virtio-queue (the previous size stays): the daemon survives, the
+            // connection is not dropped.
+            "queue size not a power of two",
+            false,
+            Box::new(|s| raw_send(s, SET_VRING_NUM, &vring_state_body(0, 100), &[])),
+        ),
+        (
+            "queue index out of range (SET_VRING_NUM)",
+            true,
+            Box::new(|s| raw_send(s, SET_VRING_NUM, &vring_state_body(7, 16), &[])),
+        ),
+        (
+            "queue index out of range (SET_VRING_BASE)",
+            true,
+            Box::new(|s| raw_send(s, SET_VRING_BASE, &vring_state_body(300, 0), &[])),
+        ),
+        (
+            "queue index out of range (SET_VRING_KICK)",
+            true,
+            Box::new(|s| raw_send(s, SET_VRING_KICK, &9u64.to_le_bytes(), &[ev.as_raw_fd()])),
+        ),
+        (
+            "unknown request code",
+            true,
+            Box::new(|s| raw_send(s, 999, &[0u8; 8], &[])),
+        ),
+        (
+            "truncated body then hang-up",
+            true,
+            Box::new(|s| {
+                let mut m = header(SET_FEATURES, 8);
+                m.extend_from_slice(&[1, 2, 3]);
+                let _ = std::io::Write::write_all(&mut &*s, &m);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            }),
+        ),
+        (
+            "truncated header then hang-up",
+            true,
+            Box::new(|s| {
+                let _ = std::io::Write::write_all(&mut &*s, &[3, 0, 0]);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            }),
+        ),
+        (
+            "body size not matching the request",
+            true,
+            Box::new(|s| raw_send(s, SET_FEATURES, &[0u8; 4], &[])),
+        ),
+        (
+            "fd attached to a request that takes none",
+            true,
+            Box::new(|s| raw_send(s, SET_OWNER, &[], &[ev.as_raw_fd()])),
+        ),
+        (
+            "features the daemon does not offer",
+            true,
+            Box::new(|s| raw_send(s, SET_FEATURES, &u64::MAX.to_le_bytes(), &[])),
+        ),
+    ];
+    for (name, expect_drop, send) in &cases {
+        let s = raw_connect(&d.socket);
+        send(&s);
+        let was_dropped = dropped(&s, Duration::from_secs(2));
+        if *expect_drop {
+            assert!(was_dropped, "{name}: connection not dropped");
+        }
+        drop(s);
+        d.assert_serving(name);
+    }
+
+    // Rings that start inside the table but run past its end: caught when the queue starts.
+    {
+        let (mut fe, _) = negotiate(&d.socket, 1);
+        let m = GuestMem::new(64 << 10);
+        fe.set_mem_table(&[m.region_info()]).unwrap();
+        let kick = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let call = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        fe.set_vring_num(0, 256).unwrap();
+        let mut cfg = vring_config(&m, 256);
+        cfg.desc_table_addr = m.va((64 << 10) - 16);
+        fe.set_vring_addr(0, &cfg).unwrap();
+        fe.set_vring_base(0, 0).unwrap();
+        fe.set_vring_call(0, &call).unwrap();
+        fe.set_vring_kick(0, &kick).unwrap();
+        let _ = fe.set_vring_enable(0, true);
+        let _ = kick.write(1);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            fe.get_features().is_err(),
+            "a ring past the end of memory must drop the connection"
+        );
+        d.assert_serving("ring past the end of memory");
+    }
+
+    // A region whose size wraps the address space.
+    {
+        let (fe, _) = negotiate(&d.socket, 1);
+        let m = GuestMem::new(4096);
+        let mut r: VhostUserMemoryRegionInfo = m.region_info();
+        r.guest_phys_addr = u64::MAX - 100;
+        let _ = fe.set_mem_table(&[r]);
+        std::thread::sleep(Duration::from_millis(100));
+        d.assert_serving("a region wrapping the address space");
+    }
+
+    read_sector_ok(&d, 5);
+    d.assert_serving("the correct connection after the hostile ones");
+}
+
+#[test]
+fn reconnects_with_fresh_state() {
+    let mut d = start(&[]);
+    // Frontend 1: full setup, I/O, clean disconnect.
+    read_sector_ok(&d, 1);
+    d.assert_serving("frontend 1 disconnecting");
+    // Frontend 2: closes the socket in the middle of the setup.
+    {
+        let (fe, _) = negotiate(&d.socket, 1);
+        let m = GuestMem::new(1 << 20);
+        fe.set_mem_table(&[m.region_info()]).unwrap();
+        fe.set_vring_num(0, 16).unwrap();
+    }
+    d.assert_serving("a frontend gone mid-setup");
+    // Frontend 3: dies with requests submitted and never reaped (in-flight at hang-up).
+    {
+        let (mut fe, _) = negotiate(&d.socket, 1);
+        let m = GuestMem::new(1 << 20);
+        fe.set_mem_table(&[m.region_info()]).unwrap();
+        let (kick, _call) = setup_queue(&mut fe, &m, 0, 16);
+        for i in 0..5u16 {
+            let hdr = 0x4000 + 0x100 * u64::from(i);
+            m.mem.write_obj(0u32, GuestAddress(hdr)).unwrap();
+            m.mem
+                .write_obj(u64::from(i) * 8, GuestAddress(hdr + 8))
+                .unwrap();
+            put_desc(&m, 3 * i, hdr, 16, F_NEXT, 3 * i + 1);
+            put_desc(
+                &m,
+                3 * i + 1,
+                0x10000 + 0x1000 * u64::from(i),
+                4096,
+                F_NEXT | F_WRITE,
+                3 * i + 2,
+            );
+            put_desc(&m, 3 * i + 2, hdr + 0x80, 1, F_WRITE, 0);
+            publish(&m, 16, i, 3 * i);
+        }
+        kick.write(1).unwrap();
+        drop(fe);
+    }
+    d.assert_serving("a frontend dying with I/O in flight");
+    // Frontend 4: works, on a new device (its queue starts at index 0 again).
+    read_sector_ok(&d, 7);
+    d.assert_serving("frontend 4");
+}
+
+#[test]
+fn sigterm_with_a_connection_open_exits_0_and_removes_the_socket() {
+    let mut d = start(&["--poll-us", "50"]);
+    let (mut fe, _) = negotiate(&d.socket, 1);
+    let m = GuestMem::new(1 << 20);
+    fe.set_mem_table(&[m.region_info()]).unwrap();
+    let (_kick, _call) = setup_queue(&mut fe, &m, 0, 16);
+    // SAFETY: kill(2) on our child's PID.
+    unsafe { libc::kill(d.pid(), libc::SIGTERM) };
+    let status = d
+        .wait_exit(Duration::from_secs(10))
+        .expect("no exit 10 s after SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    assert!(!d.socket.exists(), "socket file left behind");
+    drop(fe);
+}
+
+#[test]
+fn poll_us_serves_requests() {
+    let mut d = start(&["--poll-us", "200"]);
+    read_sector_ok(&d, 9);
+    read_sector_ok(&d, 10);
+    d.assert_serving("polling connections");
+}
+
+#[test]
+fn print_capabilities_and_help() {
+    let out = Command::new(BIN)
+        .arg("--print-capabilities")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let s = String::from_utf8(out.stdout).unwrap();
+    let compact: String = s.split_whitespace().collect();
+    assert_eq!(
+        compact,
+        r#"{"type":"block","features":["read-only","blk-file"]}"#
+    );
+
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let s = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--socket-path",
+        "--fd",
+        "--blk-file",
+        "--read-only",
+        "--direct",
+        "--queues",
+        "--queue-size",
+        "--poll-us",
+        "--print-capabilities",
+    ] {
+        assert!(s.contains(flag), "--help lacks {flag}");
+    }
+}
+
+/// Runs the binary, expects exit 2 and exactly one stderr line containing `want`.
+fn bad(args: &[&str], want: &str) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: not one line: {err}"
+    );
+    assert!(err.contains(want), "{args:?}: {err}");
+}
+
+#[test]
+fn bad_input_is_one_line_and_exit_2() {
+    let dir = tempdir("vub-bad");
+    let sock = dir.as_path().join("s.sock");
+    let sock = sock.to_str().unwrap();
+    let img = dir.as_path().join("d.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let img = img.to_str().unwrap();
+    bad(
+        &["--socket-path", sock, "--blk-file", "/nonexistent/x.img"],
+        "create it",
+    );
+    bad(
+        &[
+            "--socket-path",
+            "/nonexistent-dir/s.sock",
+            "--blk-file",
+            img,
+        ],
+        "directory does not exist",
+    );
+    bad(
+        &[
+            "--socket-path",
+            sock,
+            "--blk-file",
+            img,
+            "--queue-size",
+            "100",
+        ],
+        "power of two",
+    );
+    bad(
+        &[
+            "--socket-path",
+            sock,
+            "--blk-file",
+            img,
+            "--queue-size",
+            "65536",
+        ],
+        "--queue-size",
+    );
+    bad(
+        &["--socket-path", sock, "--blk-file", img, "--queues", "0"],
+        "--queues",
+    );
+    bad(
+        &["--fd", "0", "--blk-file", img],
+        "not a listening unix socket",
+    );
+    bad(
+        &["--fd", "1000", "--blk-file", img],
+        "not an open file descriptor",
+    );
+    bad(&["--blk-file", img], "--socket-path");
+    assert!(!std::path::Path::new(sock).exists());
+}
+
+#[test]
+fn serves_an_inherited_listening_fd() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempdir("vub-fd");
+    let img = dir.as_path().join("disk.img");
+    let data: Vec<u8> = (0..IMG_SECTORS * 512).map(pattern).collect();
+    std::fs::write(&img, data).unwrap();
+    let sock = dir.as_path().join("fd.sock");
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fd = l.as_raw_fd();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--fd", "3", "--blk-file", img.to_str().unwrap()]);
+    // SAFETY: between fork and exec only async-signal-safe calls: dup2 onto fd 3.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    let d = Daemon {
+        child: Some(child),
+        dir,
+        socket: sock,
+    };
+    drop(l);
+    read_sector_ok(&d, 2);
+    read_sector_ok(&d, 4);
+}
