@@ -1,0 +1,600 @@
+//! `vhost-user-net`: a vhost-user virtio-net back-end on a tap, running the `backends` net
+//! engine (the same as the VMM's in-VMM virtio-net device).
+//!
+//! - [`Args`]: the command line.
+//! - [`NetBackend`]: one device instance for one frontend connection. Queues are
+//!   rx0, tx0, rx1, tx1, ..., then the control queue; one worker thread per queue pair (the
+//!   control queue on the first), each also woken by its tap fd.
+//! - [`run`]: opens the tap (created when missing) and the socket, then serves frontends one
+//!   after another with fresh device state until SIGTERM/SIGINT.
+//!
+//! `--poll-us N`: after work, the pair's thread keeps polling its TX ring and the tap for N
+//! microseconds before going back to sleep.
+
+#[path = "../../vhost-user-blk/src/server.rs"]
+pub mod server;
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backends::net::{
+    net_config_space, net_features, CtrlQueue, NetOptions, NetQueuePair, RxWait, Tap,
+};
+use backends::QueueError;
+use clap::Parser;
+use thiserror::Error;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use server::{lock, Handler, Served};
+pub use server::{Mem, ServeError, SocketSource, Stop, Vring};
+
+/// The largest queue size virtio's split ring allows.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// The most queue pairs (2 * 31 + 1 queues fit the worker masks).
+pub const MAX_QUEUE_PAIRS: u16 = 31;
+
+/// Command line of `vhost-user-net`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vhost-user-net",
+    version,
+    about = "vhost-user virtio-net back-end: connects a VMM's virtio-net device (QEMU \
+             -netdev vhost-user, Cloud Hypervisor, our vmm) to a tap over a unix socket",
+    long_about = None,
+    after_help = "The daemon serves one frontend at a time; when it disconnects or dies, the \
+                  socket and the tap stay and the next frontend gets a fresh device. \
+                  SIGTERM/SIGINT remove the socket and exit 0. Logs go to stderr \
+                  (RUST_LOG=debug for more)."
+)]
+pub struct Args {
+    /// Listen on this unix socket path (created; a stale socket file is replaced).
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+    /// Use this inherited, already listening unix socket instead of --socket-path.
+    #[arg(long, value_name = "FD")]
+    pub fd: Option<i32>,
+    /// Tap interface (created when missing; needs CAP_NET_ADMIN).
+    #[arg(
+        long,
+        value_name = "NAME",
+        required_unless_present = "print_capabilities"
+    )]
+    pub tap: Option<String>,
+    /// The guest's MAC address.
+    #[arg(long, value_name = "MAC", default_value = "52:54:00:12:34:56")]
+    pub mac: String,
+    /// Queue pairs (1-31); the tap is opened multiqueue when more than one.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub queues: u16,
+    /// Largest queue size the frontend may choose (power of two, 2-32768).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub queue_size: u16,
+    /// After work, keep polling the TX ring and the tap for N microseconds before sleeping.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub poll_us: u64,
+    /// Print the back-end capabilities (JSON, vhost-user spec) and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+}
+
+/// The JSON printed by `--print-capabilities` (docs/interop/vhost-user.json).
+pub const CAPABILITIES: &str = "{\n  \"type\": \"net\"\n}";
+
+/// Errors of the daemon, printed as one line by `main`.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A command line value is out of range.
+    #[error("{0}")]
+    Usage(String),
+    /// The tap could not be opened.
+    #[error("{0}")]
+    Tap(String),
+    /// The socket or the daemon could not be set up.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(mac)
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub fn run(args: Args) -> Result<(), Error> {
+    if args.print_capabilities {
+        println!("{CAPABILITIES}");
+        return Ok(());
+    }
+    if args.queues == 0 || args.queues > MAX_QUEUE_PAIRS {
+        return Err(Error::Usage(format!(
+            "--queues {}: expected 1 to {MAX_QUEUE_PAIRS} queue pairs",
+            args.queues
+        )));
+    }
+    if args.queue_size < 2 || args.queue_size > MAX_QUEUE_SIZE || !args.queue_size.is_power_of_two()
+    {
+        return Err(Error::Usage(format!(
+            "--queue-size {}: expected a power of two from 2 to {MAX_QUEUE_SIZE}",
+            args.queue_size
+        )));
+    }
+    let Some(mac) = parse_mac(&args.mac) else {
+        return Err(Error::Usage(format!(
+            "--mac {}: expected six hex bytes like 52:54:00:12:34:56",
+            args.mac
+        )));
+    };
+    let source = match (&args.socket_path, args.fd) {
+        (Some(p), None) => SocketSource::Path(p.clone()),
+        (None, Some(fd)) => SocketSource::Fd(fd),
+        _ => {
+            return Err(Error::Usage(
+                "give exactly one of --socket-path and --fd".into(),
+            ))
+        }
+    };
+    let Some(tap_name) = args.tap.clone() else {
+        return Err(Error::Usage("--tap NAME is required".into()));
+    };
+    let stop = Stop::new().map_err(ServeError::Setup)?;
+    server::handle_signals(stop.clone()).map_err(ServeError::Setup)?;
+    let taps = Tap::open_queues(&tap_name, args.queues).map_err(|e| {
+        use std::error::Error as _;
+        let cause = e.source().map(|s| format!(": {s}")).unwrap_or_default();
+        Error::Tap(format!(
+            "{e}{cause} (needs root or CAP_NET_ADMIN and /dev/net/tun; an existing \
+             interface must be a tap{})",
+            if args.queues > 1 {
+                " created with multi_queue"
+            } else {
+                ""
+            }
+        ))
+    })?;
+    let taps: Vec<Arc<Tap>> = taps.into_iter().map(Arc::new).collect();
+    let mut listener = server::open_listener(&source)?;
+    log::info!(
+        "serving tap '{}' on {}, {} queue pair(s) of up to {}",
+        taps[0].name(),
+        match &source {
+            SocketSource::Path(p) => p.display().to_string(),
+            SocketSource::Fd(fd) => format!("fd {fd}"),
+        },
+        args.queues,
+        args.queue_size
+    );
+    let opts = NetOptions {
+        mac,
+        queue_pairs: args.queues,
+        mtu: None,
+    };
+    let poll = Duration::from_micros(args.poll_us);
+    server::serve("vhost-user-net", &mut listener, &stop, || {
+        NetBackend::new(taps.clone(), opts.clone(), args.queue_size, poll)
+    })?;
+    log::info!("stopped");
+    Ok(())
+}
+
+struct PairState {
+    engine: Option<NetQueuePair<Mem, Arc<Tap>>>,
+    tap_in: bool,
+    tap_out: bool,
+    broken: bool,
+    closed: bool,
+}
+
+/// The virtio-net device of one frontend connection.
+pub struct NetBackend {
+    taps: Vec<Arc<Tap>>,
+    opts: NetOptions,
+    queue_size: u16,
+    poll: Duration,
+    features: u64,
+    config: Vec<u8>,
+    acked: AtomicU64,
+    mem: Mutex<Option<Mem>>,
+    pairs: Vec<Mutex<PairState>>,
+    /// Per pair: an epoll fd holding the tap fd with the interest the engine wants (IN
+    /// while RX can take frames, OUT while TX waits for room), registered with the worker.
+    tap_epolls: Vec<Epoll>,
+    ctrl: Mutex<Option<CtrlQueue<Mem>>>,
+    conn: Mutex<Option<ShutdownHandle>>,
+}
+
+impl NetBackend {
+    /// A fresh device for one connection.
+    pub fn new(
+        taps: Vec<Arc<Tap>>,
+        opts: NetOptions,
+        queue_size: u16,
+        poll: Duration,
+    ) -> io::Result<Self> {
+        let mut tap_epolls = Vec::new();
+        for t in &taps {
+            let ep = Epoll::new()?;
+            ep.ctl(
+                ControlOperation::Add,
+                t.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 0),
+            )?;
+            tap_epolls.push(ep);
+        }
+        let features = net_features(&opts) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        Ok(NetBackend {
+            pairs: taps
+                .iter()
+                .map(|_| {
+                    Mutex::new(PairState {
+                        engine: None,
+                        tap_in: true,
+                        tap_out: false,
+                        broken: false,
+                        closed: false,
+                    })
+                })
+                .collect(),
+            config: net_config_space(&opts).to_vec(),
+            taps,
+            opts,
+            queue_size,
+            poll,
+            features,
+            acked: AtomicU64::new(0),
+            mem: Mutex::new(None),
+            tap_epolls,
+            ctrl: Mutex::new(None),
+            conn: Mutex::new(None),
+        })
+    }
+
+    fn num_pairs(&self) -> usize {
+        self.taps.len()
+    }
+
+    fn tap_event(&self) -> u16 {
+        (self.num_pairs() * 2 + 2) as u16
+    }
+
+    fn drop_connection(&self, why: &str) {
+        log::warn!("{why}; dropping the connection");
+        if let Some(c) = lock(&self.conn).as_ref() {
+            c.shutdown();
+        }
+    }
+
+    fn fail(&self, what: &str, broken: &mut bool, e: QueueError) {
+        match e {
+            QueueError::NotReady => {}
+            QueueError::InvalidLayout { .. } => {
+                *broken = true;
+                self.drop_connection(&format!("{what}: {e}"));
+            }
+            _ => {
+                *broken = true;
+                log::error!("{what}: {e}; the queue pair stops until the frontend restarts it");
+            }
+        }
+    }
+
+    fn set_interest(&self, p: usize, st: &PairState) {
+        let mut ev = EventSet::empty();
+        if st.tap_in {
+            ev |= EventSet::IN;
+        }
+        if st.tap_out {
+            ev |= EventSet::OUT;
+        }
+        if let Err(e) = self.tap_epolls[p].ctl(
+            ControlOperation::Modify,
+            self.taps[p].as_raw_fd(),
+            EpollEvent::new(ev, 0),
+        ) {
+            log::warn!("pair {p}: tap interest: {e}");
+        }
+    }
+
+    /// One round of RX (if `rx`) and TX (if `tx`) on pair `p`; returns whether work was done.
+    fn pair_round(
+        &self,
+        p: usize,
+        st: &mut PairState,
+        vrings: &[Vring],
+        rx: bool,
+        tx: bool,
+    ) -> bool {
+        let Some(engine) = st.engine.as_mut() else {
+            return false;
+        };
+        let mut did = false;
+        let (old_in, old_out) = (st.tap_in, st.tap_out);
+        if tx {
+            let mut q = vrings[1].get_mut();
+            match engine.process_tx(q.get_queue_mut()) {
+                Ok(o) => {
+                    did |= o.queue.used > 0;
+                    st.tap_out = o.tap_full;
+                    if o.queue.notify {
+                        let _ = q.signal_used_queue();
+                    }
+                }
+                Err(QueueError::NotReady) => st.tap_out = false,
+                Err(e) => {
+                    drop(q);
+                    self.fail(&format!("pair {p} tx"), &mut st.broken, e);
+                    return false;
+                }
+            }
+        }
+        if rx {
+            let mut q = vrings[0].get_mut();
+            match engine.process_rx(q.get_queue_mut()) {
+                Ok(o) => {
+                    did |= o.frames > 0;
+                    st.tap_in = o.wait != RxWait::GuestBuffers;
+                    if o.queue.notify {
+                        let _ = q.signal_used_queue();
+                    }
+                }
+                // Not started yet: stop reading the tap until the RX queue is kicked.
+                Err(QueueError::NotReady) => st.tap_in = false,
+                Err(e) => {
+                    drop(q);
+                    self.fail(&format!("pair {p} rx"), &mut st.broken, e);
+                    return false;
+                }
+            }
+        }
+        if (old_in, old_out) != (st.tap_in, st.tap_out) {
+            self.set_interest(p, st);
+        }
+        did
+    }
+
+    fn work(&self, p: usize, vrings: &[Vring], rx: bool, tx: bool) {
+        let Some(m) = self.pairs.get(p) else {
+            return;
+        };
+        if vrings.len() < 2 {
+            return;
+        }
+        let mut st = lock(m);
+        if st.closed || st.broken {
+            // Stop watching the tap, or its level-triggered readiness would spin the thread.
+            if st.tap_in || st.tap_out {
+                st.tap_in = false;
+                st.tap_out = false;
+                self.set_interest(p, &st);
+            }
+            return;
+        }
+        if st.engine.is_none() {
+            let Some(mem) = lock(&self.mem).clone() else {
+                return;
+            };
+            let acked = self.acked.load(Ordering::SeqCst);
+            if let Err(e) = self.taps[p].set_offloads(acked) {
+                log::warn!("pair {p}: {e}");
+            }
+            st.engine = Some(NetQueuePair::new(self.taps[p].clone(), mem, acked));
+            st.tap_in = true;
+            st.tap_out = false;
+            self.set_interest(p, &st);
+            log::debug!("pair {p}: started");
+        }
+        let (do_rx, do_tx) = (rx || st.tap_in, tx || st.tap_out);
+        self.pair_round(p, &mut st, vrings, do_rx, do_tx);
+        if self.poll.is_zero() {
+            return;
+        }
+        let mut deadline = Instant::now() + self.poll;
+        while Instant::now() < deadline && !st.broken {
+            let do_rx = st.tap_in;
+            if self.pair_round(p, &mut st, vrings, do_rx, true) {
+                deadline = Instant::now() + self.poll;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn work_ctrl(&self, vring: &Vring) {
+        let mut ctrl = lock(&self.ctrl);
+        if ctrl.is_none() {
+            let Some(mem) = lock(&self.mem).clone() else {
+                return;
+            };
+            *ctrl = Some(CtrlQueue::new(mem, self.opts.queue_pairs));
+        }
+        if let Some(c) = ctrl.as_mut() {
+            let mut q = vring.get_mut();
+            match c.process(q.get_queue_mut()) {
+                Ok(o) => {
+                    if o.queue.notify {
+                        let _ = q.signal_used_queue();
+                    }
+                    if let Some(n) = o.vq_pairs {
+                        log::debug!("driver uses {n} queue pairs");
+                    }
+                }
+                Err(QueueError::NotReady) => {}
+                Err(e) => log::error!("control queue: {e}"),
+            }
+        }
+    }
+
+    fn stop_pair(&self, p: usize, closing: bool) {
+        if let Some(m) = self.pairs.get(p) {
+            let mut st = lock(m);
+            st.engine = None;
+            st.broken = false;
+            st.closed |= closing;
+        }
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.num_pairs() * 2 + 1
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::SeqCst);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // vhost-user-backend sets EVENT_IDX on the vrings themselves.
+    }
+
+    fn reset_device(&self) {
+        for p in 0..self.num_pairs() {
+            self.stop_pair(p, false);
+        }
+        *lock(&self.ctrl) = None;
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(self.config.len());
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(self.config.len());
+        out[..end - start].copy_from_slice(&self.config[start..end]);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        log::debug!("ignoring SET_CONFIG at {offset} ({} bytes)", buf.len());
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        if let Err(e) = server::check_regions(&mem) {
+            log::warn!("refusing the memory table: {e}");
+            for p in 0..self.num_pairs() {
+                self.stop_pair(p, true);
+            }
+            return Err(e);
+        }
+        *lock(&self.mem) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let n = self.num_pairs();
+        (0..n)
+            .map(|p| {
+                let mut mask = 0b11u64 << (2 * p);
+                if p == 0 {
+                    mask |= 1u64 << (2 * n);
+                }
+                mask
+            })
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                log::error!("cannot create a worker exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let q = queue_index as usize;
+        if q < self.num_pairs() * 2 {
+            self.stop_pair(q / 2, false);
+        } else {
+            *lock(&self.ctrl) = None;
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let p = thread_id;
+        match device_event {
+            0 => self.work(p, vrings, true, false),
+            1 => self.work(p, vrings, false, true),
+            2 if p == 0 => {
+                if let Some(v) = vrings.get(2) {
+                    self.work_ctrl(v);
+                }
+            }
+            e if e == self.tap_event() => self.work(p, vrings, false, false),
+            _ => {}
+        }
+        // Errors were handled (logged, pair stopped or connection dropped); an error here
+        // would end the worker thread for good.
+        Ok(())
+    }
+}
+
+impl Served for NetBackend {
+    fn attach(&self, handlers: &[Arc<Handler<Self>>]) -> io::Result<()> {
+        for (p, h) in handlers.iter().enumerate() {
+            if let Some(ep) = self.tap_epolls.get(p) {
+                h.register_listener(ep.as_raw_fd(), EventSet::IN, u64::from(self.tap_event()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_connection(&self, conn: ShutdownHandle) {
+        *lock(&self.conn) = Some(conn);
+    }
+
+    fn teardown(&self) {
+        for p in 0..self.num_pairs() {
+            self.stop_pair(p, true);
+        }
+        *lock(&self.ctrl) = None;
+        *lock(&self.mem) = None;
+    }
+}
