@@ -141,7 +141,7 @@ impl InterruptRouter for KvmRouter {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fake {
     //! A router that records what it was asked, for unit tests.
     use super::*;
