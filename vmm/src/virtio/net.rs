@@ -66,6 +66,19 @@ impl PairThread {
             log::error!("{}: {e}; device needs reset", self.name);
             self.shared.set_needs_reset();
         }
+        let s = self.engine.stats();
+        log::info!(
+            "{}: rx {} frames {} bytes ({} dropped, {} waits for buffers), tx {} frames {} bytes ({} dropped, {} tap full)",
+            self.name,
+            s.rx_frames,
+            s.rx_bytes,
+            s.rx_dropped,
+            s.rx_no_buffers,
+            s.tx_frames,
+            s.tx_bytes,
+            s.tx_dropped,
+            s.tx_tap_full
+        );
     }
 
     fn serve(&mut self) -> io::Result<()> {
@@ -119,6 +132,15 @@ impl PairThread {
                 if o.queue.notify {
                     self.rx.irq.trigger();
                 }
+                log::trace!(
+                    "{}: rx {} frames, used {}, notify {}, wait {:?}, pending {}",
+                    self.name,
+                    o.frames,
+                    o.queue.used,
+                    o.queue.notify,
+                    o.wait,
+                    self.engine.rx_pending()
+                );
                 let want_in = match o.wait {
                     RxWait::TapEmpty => true,
                     RxWait::GuestBuffers => false,
@@ -155,6 +177,7 @@ impl PairThread {
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_RX_KICK => {
+                        log::trace!("{}: rx kick", self.name);
                         let _ = self.rx.kick.read();
                         do_rx = true;
                     }
