@@ -179,6 +179,69 @@ pub struct NetConfig {
     pub id: String,
 }
 
+/// `--vhost-user-blk socket=PATH[,queues=N][,queue_size=N][,id=NAME]` and
+/// `--vhost-user-net socket=PATH[,queues=N][,queue_size=N][,mac=MAC][,id=NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostUserConfig {
+    pub socket: PathBuf,
+    pub net: bool,
+    /// Queues (blk) or queue pairs (net).
+    pub queues: u16,
+    pub queue_size: u16,
+    pub mac: Option<[u8; 6]>,
+    pub id: String,
+}
+
+impl VhostUserConfig {
+    pub fn parse(value: &str, net: bool, index: usize) -> Result<Self, ConfigError> {
+        let o: &'static str = if net {
+            "--vhost-user-net"
+        } else {
+            "--vhost-user-blk"
+        };
+        let known: &[&str] = if net {
+            &["socket", "queues", "queue_size", "mac", "id"]
+        } else {
+            &["socket", "queues", "queue_size", "id"]
+        };
+        let kv = parse_kv(o, value, known)?;
+        let bad = |why: String| ConfigError::BadDevice {
+            option: o,
+            value: value.to_string(),
+            why,
+        };
+        let mut c = VhostUserConfig {
+            socket: PathBuf::new(),
+            net,
+            queues: 1,
+            queue_size: 256,
+            mac: None,
+            id: format!("{}{index}", if net { "vunet" } else { "vublk" }),
+        };
+        for (k, v) in &kv {
+            match k.as_str() {
+                "socket" => c.socket = PathBuf::from(v),
+                "queues" => c.queues = parse_num(o, value, k, v)?,
+                "queue_size" => c.queue_size = parse_num(o, value, k, v)?,
+                "mac" => {
+                    c.mac = Some(
+                        parse_mac(v)
+                            .ok_or_else(|| bad(format!("mac={v}: expected xx:xx:xx:xx:xx:xx")))?,
+                    )
+                }
+                _ => c.id = v.clone(),
+            }
+        }
+        if c.socket.as_os_str().is_empty() {
+            return Err(bad(
+                "socket= is required (the back-end's unix socket)".into()
+            ));
+        }
+        check_queues(o, value, c.queues, c.queue_size)?;
+        Ok(c)
+    }
+}
+
 /// Parses `52:54:00:12:34:56`.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -332,6 +395,14 @@ pub struct Cli {
     /// missing): tap=NAME[,mac=MAC][,queues=N][,queue_size=N][,id=NAME]
     #[arg(long, value_name = "tap=NAME,...")]
     pub net: Vec<String>,
+    /// A virtio-blk disk served by a vhost-user back-end (repeatable):
+    /// socket=PATH[,queues=N][,queue_size=N][,id=NAME]
+    #[arg(long, value_name = "socket=PATH,...")]
+    pub vhost_user_blk: Vec<String>,
+    /// A virtio-net NIC served by a vhost-user back-end (repeatable):
+    /// socket=PATH[,queues=N][,queue_size=N][,mac=MAC][,id=NAME]
+    #[arg(long, value_name = "socket=PATH,...")]
+    pub vhost_user_net: Vec<String>,
 }
 
 /// A validated VM configuration.
@@ -346,6 +417,7 @@ pub struct VmConfig {
     pub exit_stats: Option<PathBuf>,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
+    pub vhost_user: Vec<VhostUserConfig>,
 }
 
 /// Host facts that bound the configuration (read from the host in `main`, faked in tests).
@@ -392,10 +464,18 @@ impl VmConfig {
             .enumerate()
             .map(|(i, n)| NetConfig::parse(n, i))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut vhost_user = Vec::new();
+        for (i, v) in cli.vhost_user_blk.iter().enumerate() {
+            vhost_user.push(VhostUserConfig::parse(v, false, i)?);
+        }
+        for (i, v) in cli.vhost_user_net.iter().enumerate() {
+            vhost_user.push(VhostUserConfig::parse(v, true, i)?);
+        }
         let mut ids: Vec<&str> = disks
             .iter()
             .map(|d| d.id.as_str())
             .chain(nets.iter().map(|n| n.id.as_str()))
+            .chain(vhost_user.iter().map(|v| v.id.as_str()))
             .collect();
         ids.sort_unstable();
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
@@ -404,6 +484,7 @@ impl VmConfig {
         Ok(VmConfig {
             disks,
             nets,
+            vhost_user,
             kernel: cli.kernel.clone(),
             initramfs: cli.initramfs.clone(),
             cmdline: cli.cmdline.clone(),
@@ -560,6 +641,20 @@ mod tests {
         assert!(e("tap=t,mac=zz:00:00:00:00:01").contains("expected xx:"));
         assert!(e("tap=t,mac=02:00:00:00:00").contains("expected xx:"));
         assert_eq!(parse_mac("02:00:00:00:00:01:02"), None);
+    }
+
+    #[test]
+    fn vhost_user_options() {
+        let b = VhostUserConfig::parse("socket=/run/blk.sock,queues=2,id=vb", false, 0).unwrap();
+        assert_eq!(b.socket, PathBuf::from("/run/blk.sock"));
+        assert_eq!((b.queues, b.net, b.id.as_str()), (2, false, "vb"));
+        let n = VhostUserConfig::parse("socket=/s,mac=02:00:00:00:00:09", true, 1).unwrap();
+        assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 9]));
+        assert_eq!(n.id, "vunet1");
+        let e = |v: &str, net| VhostUserConfig::parse(v, net, 0).unwrap_err().to_string();
+        assert!(e("queues=1", false).contains("socket= is required"));
+        assert!(e("socket=/s,mac=02:00:00:00:00:09", false).contains("unknown key 'mac'"));
+        assert!(e("socket=/s,queue_size=3", true).contains("power of two"));
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub enum Error {
     },
     #[error("device '{0}'")]
     Device(String, #[source] io::Error),
+    #[error("device '{id}'")]
+    VhostUser {
+        id: String,
+        #[source]
+        source: virtio::vhost_user::VhostUserError,
+    },
     #[error("PCI")]
     Pci(#[from] pci::PciError),
     #[error("the 32-bit PCI window is full: too many devices")]

@@ -35,6 +35,7 @@ use crate::virtio::{self, Memory, VirtioDevice};
 use crate::Error;
 use backends::block::{BlockBackend, BlockOptions, EngineChoice};
 use backends::net::Tap;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicU64;
 use vm_memory::GuestMemoryAtomic;
 
@@ -266,7 +267,7 @@ fn add_virtio_devices(
     ram: &Ram,
     root: &Arc<Mutex<PciRoot>>,
 ) -> Result<Vec<(String, Arc<AtomicU64>)>, Error> {
-    if cfg.disks.is_empty() && cfg.nets.is_empty() {
+    if cfg.disks.is_empty() && cfg.nets.is_empty() && cfg.vhost_user.is_empty() {
         return Ok(Vec::new());
     }
     let mem: Memory = GuestMemoryAtomic::new(ram.memory.clone());
@@ -324,6 +325,16 @@ fn add_virtio_devices(
             n.id.clone(),
             Box::new(Net::new(&n.id, taps, n.mac, n.queue_size)),
         ));
+    }
+    let regions = virtio::vhost_user::shared_regions(ram);
+    for v in &cfg.vhost_user {
+        let dev =
+            virtio::vhost_user::VhostUserDevice::new(v, ram.file.as_raw_fd(), regions.clone())
+                .map_err(|source| Error::VhostUser {
+                    id: v.id.clone(),
+                    source,
+                })?;
+        devices.push((v.id.clone(), Box::new(dev)));
     }
     let mut counters = Vec::new();
     let mut root = root.lock().unwrap_or_else(|p| p.into_inner());

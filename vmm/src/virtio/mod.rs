@@ -4,6 +4,7 @@
 pub mod blk;
 pub mod net;
 pub mod pci;
+pub mod vhost_user;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +33,11 @@ pub struct Irq(Option<EventFd>);
 impl Irq {
     pub fn new(fd: Option<EventFd>) -> Self {
         Irq(fd)
+    }
+
+    /// The irqfd, for a process that raises it directly (a vhost-user back-end's call fd).
+    pub fn fd(&self) -> Option<&EventFd> {
+        self.0.as_ref()
     }
 
     pub fn trigger(&self) {
