@@ -3,7 +3,9 @@
 //! router and ioeventfd registry.
 //!
 //! Besides "no panic", the fake device checks what the transport hands it at DRIVER_OK:
-//! every queue has a valid size and aligned rings inside guest memory.
+//! every queue has a valid size and aligned rings inside guest memory, and, read back
+//! through the common configuration right after, exactly the size and ring addresses the
+//! driver programmed (a queue the transport "fixed" silently is a bug).
 //!
 //! Input: a sequence of operations, each `[op, a, b]` followed by the data bytes it writes.
 //! `op & 7` picks the kind:
@@ -19,7 +21,7 @@
 #![no_main]
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::QueueT;
@@ -33,8 +35,12 @@ use vmm_sys_util::eventfd::EventFd;
 const MEM_SIZE: u64 = 1 << 20;
 const MAX_SIZES: [u16; 3] = [256, 64, 1024];
 
+/// A queue as activated: index, size, descriptor table, available ring, used ring.
+type Got = (u16, u16, u64, u64, u64);
+
 struct Device {
     mem: GuestMemoryMmap<()>,
+    activated: Arc<Mutex<Vec<Got>>>,
 }
 
 impl VirtioDevice for Device {
@@ -69,6 +75,13 @@ impl VirtioDevice for Device {
             assert_eq!(q.avail_ring() % 2, 0);
             assert_eq!(q.used_ring() % 4, 0);
             assert!(q.is_valid(&self.mem), "queue {} outside memory", aq.index);
+            self.activated.lock().unwrap().push((
+                aq.index,
+                size,
+                q.desc_table(),
+                q.avail_ring(),
+                q.used_ring(),
+            ));
         }
         Ok(())
     }
@@ -86,14 +99,47 @@ impl IoEvents for NoIoEvents {
     }
 }
 
+fn read(dev: &mut VirtioPciDevice, off: u64, len: usize) -> u64 {
+    let mut b = [0u8; 8];
+    dev.read_bar(0, off, &mut b[..len]);
+    u64::from_le_bytes(b)
+}
+
+/// Checks the activated queues against the registers the driver programmed.
+fn check_registers(dev: &mut VirtioPciDevice, got: &[Got]) {
+    let select = read(dev, 0x16, 2) as u16;
+    for &(index, size, desc, avail, used) in got {
+        dev.write_bar(0, 0x16, &index.to_le_bytes());
+        let reg64 =
+            |dev: &mut VirtioPciDevice, off| read(dev, off, 4) | read(dev, off + 4, 4) << 32;
+        let regs = (
+            index,
+            read(dev, 0x18, 2) as u16,
+            reg64(dev, 0x20),
+            reg64(dev, 0x28),
+            reg64(dev, 0x30),
+        );
+        assert_eq!(
+            regs,
+            (index, size, desc, avail, used),
+            "activated queue differs from its registers"
+        );
+    }
+    dev.write_bar(0, 0x16, &select.to_le_bytes());
+}
+
 fuzz_target!(|data: &[u8]| {
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
     else {
         return;
     };
+    let activated = Arc::new(Mutex::new(Vec::new()));
     let Ok(mut dev) = VirtioPciDevice::new(
         "fuzz",
-        Box::new(Device { mem: mem.clone() }),
+        Box::new(Device {
+            mem: mem.clone(),
+            activated: activated.clone(),
+        }),
         0xd000_0000,
         GuestMemoryAtomic::new(mem),
         Arc::new(FakeRouter::default()),
@@ -137,6 +183,10 @@ fuzz_target!(|data: &[u8]| {
             }
             6 => dev.write_bar(0, 0x3000 + u64::from(a % 8) * 4, &[a, 0]),
             _ => dev.write_bar(0, 0x14, &[a]),
+        }
+        let got = std::mem::take(&mut *activated.lock().unwrap());
+        if !got.is_empty() {
+            check_registers(&mut dev, &got);
         }
     }
 });
