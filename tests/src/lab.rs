@@ -666,3 +666,47 @@ impl LabRun {
         }
     }
 }
+
+/// A Linux guest image for a VMM running directly on this host (not inside L1): Debian's
+/// cloud kernel and the lab's L2 initramfs with `script` as its `/lab/scenario.sh`, whose
+/// init prints `L2-INIT`, runs the script, prints `L2-EXIT <status>` and powers off.
+pub struct DirectGuest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl DirectGuest {
+    /// Builds the initramfs under `dir` (the images are built or reused first).
+    pub fn new(dir: &Path, script: &str) -> Result<DirectGuest, String> {
+        build_images()?;
+        let images = lab_dir().join("images");
+        let stage = dir.join("l2-stage");
+        let lab = stage.join("lab");
+        fs::create_dir_all(&lab).map_err(|e| format!("{}: {e}", lab.display()))?;
+        fs::write(lab.join("scenario.sh"), script).map_err(|e| format!("scenario: {e}"))?;
+        let extra = dir.join("l2-extra.cpio");
+        // `find . | busybox cpio -o -H newc`, as scripts/lab does.
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("find . | busybox cpio -o -H newc")
+            .current_dir(&stage)
+            .output()
+            .map_err(|e| format!("cannot run busybox cpio: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "busybox cpio failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        fs::write(&extra, &out.stdout).map_err(|e| format!("{}: {e}", extra.display()))?;
+        let mut initrd = fs::read(images.join("l2-base.cpio"))
+            .map_err(|e| format!("{}: {e}", images.join("l2-base.cpio").display()))?;
+        initrd.extend_from_slice(&out.stdout);
+        let initrd_path = dir.join("initrd.img");
+        fs::write(&initrd_path, initrd).map_err(|e| format!("{}: {e}", initrd_path.display()))?;
+        Ok(DirectGuest {
+            kernel: images.join("l2-vmlinuz"),
+            initrd: initrd_path,
+        })
+    }
+}
