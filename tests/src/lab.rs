@@ -371,6 +371,7 @@ impl Scenario {
         let mut lines = Vec::new();
         let mut script_lines = Vec::new();
         let mut killed = false;
+        let mut lockup = false;
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -385,7 +386,15 @@ impl Scenario {
                     match stream {
                         Stream::Console => {
                             eprintln!("[L1 {:7.2}] {text}", at.as_secs_f64());
+                            let stuck = text.contains("watchdog: BUG: soft lockup");
                             lines.push(Line { at, text });
+                            if stuck && !lockup {
+                                // A vCPU of L1 is stuck inside nested SVM (see
+                                // `Outcome::L1Lockup`): nothing will finish, stop now.
+                                eprintln!("lab: L1 reports a soft lockup; killing it");
+                                lockup = true;
+                                group.kill();
+                            }
                         }
                         Stream::Script => {
                             eprintln!("{text}");
@@ -404,6 +413,7 @@ impl Scenario {
         let duration = start.elapsed();
         let exit = parse_exit(&lines);
         let outcome = match (exit, status.code()) {
+            _ if lockup => Outcome::L1Lockup,
             _ if killed => Outcome::Timeout,
             (Some(code), _) => Outcome::Exited(code),
             (None, Some(124)) => Outcome::Timeout,
@@ -424,15 +434,32 @@ impl Scenario {
         })
     }
 
-    /// [`Scenario::run`], then [`LabRun::assert_success`].
+    /// [`Scenario::run`], then [`LabRun::assert_success`]. A run that ends in an L1 soft
+    /// lockup (an L1 vCPU stuck in nested virtualization under TCG, seen in a few percent of
+    /// L2 boots) is run once more, saying so loudly; a second lockup fails the test.
     pub fn run_ok(&self) -> LabRun {
-        match self.run() {
-            Ok(run) => {
-                run.assert_success();
-                run
+        for attempt in 1..=2 {
+            match self.run() {
+                Ok(run) if run.outcome == Outcome::L1Lockup && attempt == 1 => {
+                    eprintln!(
+                        "lab: WARNING: scenario {} hit an L1 soft lockup; running it again",
+                        self.name
+                    );
+                    let _ = fs::copy(
+                        &run.log,
+                        lab_dir()
+                            .join("logs")
+                            .join(format!("{}.lockup.log", self.name)),
+                    );
+                }
+                Ok(run) => {
+                    run.assert_success();
+                    return run;
+                }
+                Err(e) => panic!("lab scenario {}: {e}", self.name),
             }
-            Err(e) => panic!("lab scenario {}: {e}", self.name),
         }
+        unreachable!("the loop returns or panics on its second attempt")
     }
 }
 
@@ -538,6 +565,9 @@ pub enum Outcome {
     Timeout,
     /// No `LAB-EXIT`: setup failed (see the script's messages) or L1 crashed.
     NoExit(ExitStatus),
+    /// L1's kernel reported a soft lockup: one of its vCPUs is stuck running L2 (nested SVM
+    /// emulated by TCG) and L1 was killed.
+    L1Lockup,
 }
 
 impl fmt::Display for Outcome {
@@ -545,6 +575,9 @@ impl fmt::Display for Outcome {
         match self {
             Outcome::Exited(code) => write!(f, "scenario exited with status {code}"),
             Outcome::Timeout => write!(f, "timed out"),
+            Outcome::L1Lockup => {
+                write!(f, "L1 soft lockup (a vCPU stuck in nested virtualization)")
+            }
             Outcome::NoExit(status) => write!(
                 f,
                 "no LAB-EXIT marker: the lab could not be set up or L1 crashed (script {status})"
