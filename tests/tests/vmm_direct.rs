@@ -245,3 +245,122 @@ fn set_mode(p: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
+
+#[test]
+fn disk_image_missing() {
+    let dir = ScratchDir::new("vmm-direct").expect("tempdir");
+    let img = dir.join("nope.img");
+    assert_user_error(
+        &run(&[
+            "--kernel",
+            &elf(),
+            "--disk",
+            &format!("path={}", img.display()),
+        ]),
+        "disk 'disk0': disk image",
+    );
+    let out = run(&[
+        "--kernel",
+        &elf(),
+        "--disk",
+        &format!("path={}", img.display()),
+    ]);
+    assert!(
+        text(&out.stderr).contains("does not exist"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn duplicate_device_ids() {
+    assert_user_error(
+        &run(&[
+            "--kernel",
+            &elf(),
+            "--disk",
+            "path=/a,id=x",
+            "--net",
+            "tap=t0,id=x",
+        ]),
+        "device id 'x' is used twice",
+    );
+}
+
+#[test]
+fn bad_device_options() {
+    assert_user_error(
+        &run(&["--kernel", &elf(), "--disk", "readonly=on"]),
+        "path= is required",
+    );
+    assert_user_error(
+        &run(&["--kernel", &elf(), "--net", "tap=t0,queue_size=1000"]),
+        "power of two",
+    );
+    assert_user_error(
+        &run(&[
+            "--kernel",
+            &elf(),
+            "--vhost-user-blk",
+            "socket=/nonexistent/x.sock",
+        ]),
+        "cannot connect to vhost-user back-end '/nonexistent/x.sock'",
+    );
+}
+
+/// An image on a read-only filesystem (a tmpfs remounted read-only in a private mount
+/// namespace) without readonly=on: one line that says to add readonly=on.
+#[test]
+fn disk_image_not_writable() {
+    let dir = ScratchDir::new("vmm-direct").expect("tempdir");
+    let mnt = dir.join("ro");
+    std::fs::create_dir(&mnt).unwrap();
+    let out = Command::new("unshare")
+        .args(["--mount", "--", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs none {m} && truncate -s 1M {m}/img && mount -o remount,ro {m} && \
+             exec {vmm} --kernel {k} --disk path={m}/img",
+            m = mnt.display(),
+            vmm = vmm().display(),
+            k = elf()
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare (util-linux) is needed for this test");
+    assert_user_error(&out, "is not writable");
+    assert!(
+        text(&out.stderr).contains("add readonly=on"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// A tap the user may not create (no CAP_NET_ADMIN): one line with the fix.
+#[test]
+fn tap_cannot_be_opened() {
+    let dir = ScratchDir::new("vmm-direct").expect("tempdir");
+    let copy = dir.join("vmm");
+    std::fs::copy(vmm(), &copy).unwrap();
+    let kernel = dir.join("guest.elf");
+    std::fs::copy(elf(), &kernel).unwrap();
+    set_mode(dir.path(), 0o755);
+    set_mode(&copy, 0o755);
+    set_mode(&kernel, 0o644);
+    let tap = tests::host::unique_name("vmmnp");
+    let out = Command::new("unshare")
+        .args(["--mount", "--", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs none /dev && \
+             mknod -m 666 /dev/kvm c 10 232 && mkdir /dev/net && mknod -m 666 /dev/net/tun c 10 200 && \
+             exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all {} --kernel {} --net tap={tap}",
+            copy.display(),
+            kernel.display()
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare and setpriv (util-linux) are needed for this test");
+    assert_user_error(
+        &out,
+        &format!("net 'net0': cannot attach to tap '{tap}': permission denied"),
+    );
+}
