@@ -55,13 +55,17 @@ pub const MAX_QUEUES: u16 = 64;
     after_help = "The daemon serves one frontend at a time; when it disconnects or dies, the \
                   socket stays and the next frontend gets a fresh device. SIGTERM/SIGINT finish \
                   in-flight requests, flush the image, remove the socket and exit 0. Logs go to \
-                  stderr (RUST_LOG=debug for more)."
+                  stderr (RUST_LOG=debug for more). With --fd and a socket already connected to a frontend, the \
+                  daemon serves that one connection and exits 0 when it ends."
 )]
 pub struct Args {
     /// Listen on this unix socket path (created; a stale socket file is replaced).
     #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
     pub socket_path: Option<PathBuf>,
-    /// Use this inherited, already listening unix socket instead of --socket-path.
+    /// Use this inherited unix socket instead of --socket-path: a listening one (frontends
+    /// connect to it, one after another), or one already connected to a frontend (that one
+    /// connection is served, and the daemon exits 0 when it ends: there is nothing to accept
+    /// another from).
     #[arg(long, value_name = "FD")]
     pub fd: Option<RawFd>,
     /// Raw disk image (file or block device).

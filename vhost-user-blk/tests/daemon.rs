@@ -453,7 +453,7 @@ fn bad_input_is_one_line_and_exit_2() {
     );
     bad(
         &["--fd", "0", "--blk-file", img],
-        "not a listening unix socket",
+        "not a unix stream socket",
     );
     bad(
         &["--fd", "1000", "--blk-file", img],

@@ -53,13 +53,17 @@ pub const MAX_QUEUE_PAIRS: u16 = 31;
     after_help = "The daemon serves one frontend at a time; when it disconnects or dies, the \
                   socket and the tap stay and the next frontend gets a fresh device. \
                   SIGTERM/SIGINT remove the socket and exit 0. Logs go to stderr \
-                  (RUST_LOG=debug for more)."
+                  (RUST_LOG=debug for more). With --fd and a socket already connected to a frontend, the \
+                  daemon serves that one connection and exits 0 when it ends."
 )]
 pub struct Args {
     /// Listen on this unix socket path (created; a stale socket file is replaced).
     #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
     pub socket_path: Option<PathBuf>,
-    /// Use this inherited, already listening unix socket instead of --socket-path.
+    /// Use this inherited unix socket instead of --socket-path: a listening one (frontends
+    /// connect to it, one after another), or one already connected to a frontend (that one
+    /// connection is served, and the daemon exits 0 when it ends: there is nothing to accept
+    /// another from).
     #[arg(long, value_name = "FD")]
     pub fd: Option<i32>,
     /// Tap interface (created when missing; needs CAP_NET_ADMIN).
