@@ -6,7 +6,10 @@ use std::io;
 use std::os::fd::FromRawFd;
 
 use thiserror::Error;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use crate::layout;
 
@@ -68,6 +71,31 @@ pub fn create_ram(size: u64) -> Result<Ram, MemoryError> {
         offset += len;
     }
     let memory = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Layout)?;
+    if let Ok(mode) = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled") {
+        if mode.contains("[never]") || mode.contains("[deny]") {
+            log::info!(
+                "guest RAM (a memfd, shareable with vhost-user back-ends) gets 4 KiB pages: shmem \
+                 huge pages are off on this host; for faster guests run \
+                 'echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled'"
+            );
+        }
+    }
+    for region in memory.iter() {
+        if let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) {
+            // Huge pages where the host allows them (shmem THP: shmem_enabled=advise or
+            // always): far fewer nested page faults while the guest touches its RAM.
+            // SAFETY: the range is exactly one mapping of guest RAM owned by `memory`;
+            // MADV_HUGEPAGE only changes how the kernel backs it.
+            let r =
+                unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+            if r != 0 {
+                log::debug!(
+                    "madvise(MADV_HUGEPAGE) on guest RAM: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+    }
     Ok(Ram {
         memory,
         file,
