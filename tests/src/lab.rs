@@ -41,6 +41,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// Console silence after which L1 is taken for stuck (scenarios print at least every few
+/// seconds; the longest quiet step, a 64 MiB transfer in L2, takes about 30 s).
+const STALL: Duration = Duration::from_secs(150);
+
 /// Extra time the fixture allows beyond the scenario timeout, for building the images the
 /// first time (downloads, unpacking) and waiting for another lab run (runs are serialized).
 const SETUP_ALLOWANCE: Duration = Duration::from_secs(1800);
@@ -372,16 +376,28 @@ impl Scenario {
         let mut script_lines = Vec::new();
         let mut killed = false;
         let mut lockup = false;
+        let mut last_line = Instant::now();
         loop {
             let now = Instant::now();
+            if !lockup && now.duration_since(last_line) > STALL {
+                // Neither L1 nor its guests said anything for minutes: an L1 vCPU is stuck
+                // in nested virtualization and took L1 with it (see `Outcome::L1Lockup`).
+                eprintln!(
+                    "lab: no console output for {} s; L1 is stuck, killing it",
+                    STALL.as_secs()
+                );
+                lockup = true;
+                group.kill();
+            }
             if now >= deadline {
                 eprintln!("lab: the lab script did not finish in time; killing it");
                 group.kill();
                 killed = true;
                 break;
             }
-            match rx.recv_timeout(deadline - now) {
+            match rx.recv_timeout((deadline - now).min(Duration::from_secs(5))) {
                 Ok((stream, text)) => {
+                    last_line = Instant::now();
                     let at = start.elapsed();
                     match stream {
                         Stream::Console => {
@@ -434,9 +450,10 @@ impl Scenario {
         })
     }
 
-    /// [`Scenario::run`], then [`LabRun::assert_success`]. A run that ends in an L1 soft
-    /// lockup (an L1 vCPU stuck in nested virtualization under TCG, seen in a few percent of
-    /// L2 boots) is run once more, saying so loudly; a second lockup fails the test.
+    /// [`Scenario::run`], then [`LabRun::assert_success`]. A run that ends in an L1 lockup
+    /// (an L1 vCPU stuck in nested virtualization under TCG, seen in a few percent of L2
+    /// boots, with QEMU as the L2 VMM too) is run once more, saying so loudly; a second
+    /// lockup fails the test.
     pub fn run_ok(&self) -> LabRun {
         for attempt in 1..=2 {
             match self.run() {
@@ -565,8 +582,9 @@ pub enum Outcome {
     Timeout,
     /// No `LAB-EXIT`: setup failed (see the script's messages) or L1 crashed.
     NoExit(ExitStatus),
-    /// L1's kernel reported a soft lockup: one of its vCPUs is stuck running L2 (nested SVM
-    /// emulated by TCG) and L1 was killed.
+    /// L1's kernel reported a soft lockup, or the console went silent for minutes: an L1
+    /// vCPU is stuck running L2 (nested SVM emulated by TCG; seen with QEMU as the L2 VMM
+    /// as well as with ours) and L1 was killed.
     L1Lockup,
 }
 
@@ -610,6 +628,14 @@ impl LabRun {
     /// The first console line starting with `prefix`.
     pub fn find(&self, prefix: &str) -> Option<&Line> {
         self.lines.iter().find(|l| l.text.starts_with(prefix))
+    }
+
+    /// The value of the `key value` line; panics with the run's report when there is none.
+    pub fn require(&self, key: &str) -> &str {
+        match self.field(key) {
+            Some(v) => v,
+            None => panic!("no '{key}' line in the lab output\n{}", self.report()),
+        }
     }
 
     /// The rest of the first console line that starts with the word `key` (`key value...`).

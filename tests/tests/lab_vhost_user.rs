@@ -120,11 +120,6 @@ echo "L2-VAL after-restart-seconds $(awk -v t=$t '{ print $1 - t }' /proc/uptime
 dmesg | grep -iE "blk_update_request|I/O error|timeout" | tail -3 | sed 's/^/L2-DMESG /'
 "#;
 
-fn val<'a>(run: &'a tests::lab::LabRun, key: &str) -> &'a str {
-    run.field(key)
-        .unwrap_or_else(|| panic!("no '{key}' line in the lab output"))
-}
-
 #[test]
 fn vhost_user_daemons_and_qemu_storage_daemon() {
     let run = Scenario::new("lab_vhost_user", L1)
@@ -135,25 +130,25 @@ fn vhost_user_daemons_and_qemu_storage_daemon() {
     run.assert_ok("vmm-exit-0");
     run.assert_ok("l2-exit");
     assert_eq!(
-        val(&run, "L2-VAL host-pattern"),
+        run.require("L2-VAL host-pattern"),
         "HOST-PATTERN-VU-0123456789"
     );
     run.assert_ok("guest-pattern-on-image");
-    let ping = val(&run, "L2-VAL ping");
+    let ping = run.require("L2-VAL ping");
     assert!(
         ping.starts_with("100 packets transmitted, 100 packets received, 0% packet loss"),
         "{ping}"
     );
     assert_eq!(
-        val(&run, "L2-VAL guest-up-sha"),
-        val(&run, "LAB-VAL host-up-sha")
+        run.require("L2-VAL guest-up-sha"),
+        run.require("LAB-VAL host-up-sha")
     );
     assert_eq!(
-        val(&run, "L2-VAL guest-down-sha"),
-        val(&run, "LAB-VAL host-down-sha")
+        run.require("L2-VAL guest-down-sha"),
+        run.require("LAB-VAL host-down-sha")
     );
     run.assert_ok("vmm-reconnected");
-    assert_eq!(val(&run, "L2-VAL after-restart"), "ok");
+    assert_eq!(run.require("L2-VAL after-restart"), "ok");
     run.assert_ok("after-restart-on-image");
     run.assert_ok("blk-daemon-alive");
     run.assert_ok("net-daemon-alive");
@@ -161,8 +156,8 @@ fn vhost_user_daemons_and_qemu_storage_daemon() {
     run.assert_ok("daemons-removed-sockets");
     eprintln!(
         "guest I/O across the daemon kill: {}; first write after the restart took {} s",
-        val(&run, "L2-VAL io-during-kill"),
-        val(&run, "L2-VAL after-restart-seconds")
+        run.require("L2-VAL io-during-kill"),
+        run.require("L2-VAL after-restart-seconds")
     );
     run.assert_ok("qsd-vmm-exit-0");
     run.assert_ok("qsd-guest-pattern");

@@ -81,11 +81,6 @@ until wget -q -O /dev/null http://192.0.2.1:8080/done 2>/dev/null || [ $n -ge 60
 done
 "#;
 
-fn val<'a>(run: &'a tests::lab::LabRun, key: &str) -> &'a str {
-    run.field(key)
-        .unwrap_or_else(|| panic!("no '{key}' line in the lab output"))
-}
-
 #[test]
 fn in_vmm_virtio_blk_and_net() {
     let run = Scenario::new("lab_virtio", L1)
@@ -94,29 +89,29 @@ fn in_vmm_virtio_blk_and_net() {
         .run_ok();
     run.assert_ok("vmm-exit-0");
     run.assert_ok("l2-exit");
-    assert_eq!(val(&run, "L2-VAL disks").trim(), "vda vdb");
+    assert_eq!(run.require("L2-VAL disks").trim(), "vda vdb");
     assert_eq!(
-        val(&run, "L2-VAL host-pattern"),
+        run.require("L2-VAL host-pattern"),
         "HOST-PATTERN-A-0123456789abcdef"[..30].to_string()
     );
-    assert_eq!(val(&run, "L2-VAL write-a"), "ok");
+    assert_eq!(run.require("L2-VAL write-a"), "ok");
     run.assert_ok("guest-pattern-on-image");
-    assert_eq!(val(&run, "L2-VAL ro-flag"), "1");
-    assert_eq!(val(&run, "L2-VAL pattern-b"), "HOST-PATTERN-B");
-    assert_eq!(val(&run, "L2-VAL write-b"), "refused");
+    assert_eq!(run.require("L2-VAL ro-flag"), "1");
+    assert_eq!(run.require("L2-VAL pattern-b"), "HOST-PATTERN-B");
+    assert_eq!(run.require("L2-VAL write-b"), "refused");
     run.assert_ok("readonly-image-unchanged");
-    let ping = val(&run, "L2-VAL ping");
+    let ping = run.require("L2-VAL ping");
     assert!(
         ping.starts_with("100 packets transmitted, 100 packets received, 0% packet loss"),
         "{ping}"
     );
     assert_eq!(
-        val(&run, "L2-VAL guest-up-sha"),
-        val(&run, "LAB-VAL host-up-sha")
+        run.require("L2-VAL guest-up-sha"),
+        run.require("LAB-VAL host-up-sha")
     );
     assert_eq!(
-        val(&run, "L2-VAL guest-down-sha"),
-        val(&run, "LAB-VAL host-down-sha")
+        run.require("L2-VAL guest-down-sha"),
+        run.require("LAB-VAL host-down-sha")
     );
     run.assert_ok("no-notify-exits");
 }
