@@ -663,6 +663,12 @@ pub mod relay {
                     return;
                 }
             };
+            log::trace!(
+                "connection {n}: {src} -> {dst}: request {}, {} bytes, {} fd(s)",
+                m.request(),
+                m.bytes.len(),
+                m.fds.len()
+            );
             if to_backend {
                 match m.request() {
                     SET_FEATURES => features_seen = true,

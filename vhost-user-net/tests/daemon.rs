@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::*;
 use vhost::vhost_user::message::VhostUserConfigFlags;
-use vhost::vhost_user::VhostUserFrontend;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -56,7 +57,13 @@ fn start(extra: &[&str]) -> NetDaemon {
 /// A correct connection: features, config (MAC), queue count, and one frame sent on TX0
 /// coming back as a used entry.
 fn connection_ok(d: &Daemon) {
-    let (mut fe, _) = negotiate(&d.socket, 3);
+    let (fe, _) = negotiate(&d.socket, 3);
+    device_works(fe);
+}
+
+/// After negotiation: config (MAC), queue count, and one frame sent on TX0 coming back as a
+/// used entry.
+fn device_works(mut fe: Frontend) {
     assert_eq!(fe.get_queue_num().unwrap(), 3, "rx0, tx0, ctrl");
     let (_, cfg) = fe
         .get_config(0, 12, VhostUserConfigFlags::WRITABLE, &[0u8; 12])
@@ -137,15 +144,139 @@ fn hostile_frontends_get_dropped_and_the_daemon_serves_the_next() {
         ),
         ("unknown request", vec![0u8; 8], 777, vec![]),
         ("body of the wrong size", vec![0u8; 3], SET_FEATURES, vec![]),
+        (
+            "header announcing a body over 4096 bytes",
+            vec![0u8; 8],
+            GET_FEATURES,
+            vec![],
+        ),
+        (
+            "more than 8 fds on one message",
+            mem_table_body(&[(0, page, 0x7000_0000, 0)]),
+            SET_MEM_TABLE,
+            vec![a.as_raw_fd(); 9],
+        ),
     ];
     for (name, body, code, fds) in &cases {
         let s = raw_connect(&n.d.socket);
-        raw_send(&s, *code, body, fds);
+        if name.starts_with("header announcing") {
+            let mut m = header(*code, 5000);
+            m.extend_from_slice(body);
+            let _ = std::io::Write::write_all(&mut &s, &m);
+        } else {
+            raw_send(&s, *code, body, fds);
+        }
         assert!(dropped(&s, Duration::from_secs(2)), "{name}: not dropped");
         n.d.assert_serving(name);
     }
     connection_ok(&n.d);
     n.d.assert_serving("the correct connection after the hostile ones");
+}
+
+const SET_VRING_ENABLE: u32 = 18;
+
+/// What QEMU 7.2's `-netdev vhost-user` does: protocol features negotiated, then
+/// SET_VRING_ENABLE (disable) for the queues before SET_FEATURES. The connection survives
+/// and the device works once the real features are set.
+#[test]
+fn set_vring_enable_before_set_features_like_qemu() {
+    let mut n = start(&[]);
+    let s = raw_connect(&n.d.socket);
+    let mut fe = Frontend::from_stream(s.try_clone().expect("dup"), 3);
+    fe.set_owner().expect("SET_OWNER");
+    let features = fe.get_features().expect("GET_FEATURES");
+    assert_ne!(
+        features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+        0
+    );
+    let pf = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+    assert!(pf.contains(required_protocol_features()));
+    fe.set_protocol_features(required_protocol_features())
+        .expect("SET_PROTOCOL_FEATURES");
+    // The Frontend refuses SET_VRING_ENABLE before SET_FEATURES: raw, as QEMU sends it (no
+    // need-reply, so no reply comes).
+    for q in 0..3 {
+        raw_send(&s, SET_VRING_ENABLE, &vring_state_body(q, 0), &[]);
+    }
+    assert_eq!(
+        fe.get_features()
+            .expect("the connection survives SET_VRING_ENABLE"),
+        features
+    );
+    // With need-reply (REPLY_ACK negotiated): the ack says success.
+    let mut m = header(SET_VRING_ENABLE, 8);
+    m[4..8].copy_from_slice(&(1u32 | 1 << 3).to_le_bytes());
+    m.extend_from_slice(&vring_state_body(2, 0));
+    std::io::Write::write_all(&mut &s, &m).expect("send");
+    let mut reply = [0u8; 20];
+    std::io::Read::read_exact(&mut &s, &mut reply).expect("the ack of SET_VRING_ENABLE");
+    assert_eq!(
+        u32::from_le_bytes(reply[0..4].try_into().unwrap()),
+        SET_VRING_ENABLE
+    );
+    assert_eq!(
+        u64::from_le_bytes(reply[12..20].try_into().unwrap()),
+        0,
+        "ack status"
+    );
+    fe.set_features(features).expect("SET_FEATURES");
+    device_works(fe);
+    drop(s);
+    n.d.assert_serving("SET_VRING_ENABLE before SET_FEATURES");
+    connection_ok(&n.d);
+}
+
+/// `--fd` with a socket already connected to the frontend (a socketpair end): that one
+/// connection is served, and the daemon exits 0 when the frontend closes it.
+#[test]
+fn serves_a_connected_fd_and_exits_when_it_ends() {
+    use std::os::unix::process::CommandExt;
+    assert!(
+        std::path::Path::new("/dev/net/tun").exists(),
+        "this test needs /dev/net/tun and root"
+    );
+    let tap = format!(
+        "vut{}x{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::SeqCst)
+    );
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let fd = theirs.as_raw_fd();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--fd", "3", "--tap", &tap, "--mac", "52:54:00:aa:bb:cc"])
+        .env("RUST_LOG", "debug");
+    // SAFETY: between fork and exec only async-signal-safe calls: dup2 onto fd 3.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn the daemon");
+    let mut n = NetDaemon {
+        d: Daemon {
+            child: Some(child),
+            dir: tempdir("vun-fd"),
+            socket: std::path::PathBuf::new(),
+        },
+        tap,
+    };
+    drop(theirs);
+    let mut fe = Frontend::from_stream(ours, 3);
+    fe.set_owner().expect("SET_OWNER");
+    let features = fe.get_features().expect("GET_FEATURES");
+    fe.set_features(features).expect("SET_FEATURES");
+    fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+    fe.set_protocol_features(required_protocol_features() & VhostUserProtocolFeatures::all())
+        .expect("SET_PROTOCOL_FEATURES");
+    device_works(fe);
+    // device_works dropped the frontend: the daemon has nothing more to serve.
+    let st =
+        n.d.wait_exit(Duration::from_secs(10))
+            .expect("the daemon did not exit after its connection ended");
+    assert_eq!(st.code(), Some(0));
 }
 
 #[test]
