@@ -345,8 +345,19 @@ where
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
     let handlers = daemon.get_epoll_handlers();
     backend.attach(&handlers).map_err(ServeError::Setup)?;
-    // Connect first: the connection waits in the backlog for the accept in start().
-    let inner = UnixStream::connect(&internal.path).map_err(ServeError::Internal)?;
+    // Connect first: the connection waits in the backlog for the accept in start(). If the
+    // private socket is gone (a /tmp cleaner), make a new one.
+    let inner = match UnixStream::connect(&internal.path) {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!(
+                "internal socket {}: {e}; recreating it",
+                internal.path.display()
+            );
+            *internal = Internal::new().map_err(ServeError::Internal)?;
+            UnixStream::connect(&internal.path).map_err(ServeError::Internal)?
+        }
+    };
     let started = daemon.start(&mut internal.listener);
     let handle = daemon.shutdown_handle();
     if let Some(h) = &handle {

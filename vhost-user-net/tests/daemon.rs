@@ -27,9 +27,7 @@ struct NetDaemon {
 impl Drop for NetDaemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.d.child.take() {
-            // SAFETY: kill(2) on the PID of our own, not yet reaped child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
-            let _ = c.wait();
+            stop_child(&mut c);
         }
         let _ = Command::new("ip")
             .args(["link", "delete", &self.tap])

@@ -85,12 +85,27 @@ impl Daemon {
     }
 }
 
+/// SIGTERM (the daemon removes its sockets and its private relay directory), then SIGKILL
+/// if it has not exited within 2 s; reaps it.
+pub fn stop_child(c: &mut Child) {
+    // SAFETY: kill(2) on the PID of our own child, which we have not reaped yet.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        if !matches!(c.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: as above; the child is still not reaped.
+    unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+    let _ = c.wait();
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on the PID of our own child, which we have not reaped yet.
-            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
-            let _ = c.wait();
+            stop_child(&mut c);
         }
     }
 }
