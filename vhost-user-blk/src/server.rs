@@ -480,6 +480,10 @@ pub mod relay {
     pub const SET_FEATURES: u32 = 2;
     /// VHOST_USER_SET_VRING_ENABLE.
     pub const SET_VRING_ENABLE: u32 = 18;
+    /// VHOST_USER_SET_VRING_NUM.
+    pub const SET_VRING_NUM: u32 = 8;
+    /// The largest split virtqueue.
+    const MAX_QUEUE_SIZE: u32 = 32768;
     /// VHOST_USER_F_PROTOCOL_FEATURES.
     pub const PROTOCOL_FEATURES: u64 = 1 << 30;
     /// Version 1 in the flags.
@@ -682,6 +686,26 @@ pub mod relay {
             );
             if to_backend {
                 match m.request() {
+                    SET_VRING_NUM => {
+                        // virtio-queue would ignore a size that is not a power of two and
+                        // keep the old one; refuse it like every other bad queue size.
+                        let word = |i: usize| {
+                            m.bytes
+                                .get(HEADER + i..HEADER + i + 4)
+                                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        };
+                        match (word(0), word(4)) {
+                            (Some(_), Some(num))
+                                if num.is_power_of_two() && num <= MAX_QUEUE_SIZE => {}
+                            (q, num) => {
+                                log::warn!(
+                                    "connection {n}: SET_VRING_NUM {num:?} for queue {q:?}: not a \
+                                     power of two from 1 to {MAX_QUEUE_SIZE}; closing"
+                                );
+                                return;
+                            }
+                        }
+                    }
                     SET_FEATURES => features_seen = true,
                     SET_VRING_ENABLE if !features_seen => {
                         log::debug!(

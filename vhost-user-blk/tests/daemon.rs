@@ -173,10 +173,8 @@ fn hostile_frontends_get_dropped_and_the_daemon_serves_the_next() {
             Box::new(|s| raw_send(s, SET_VRING_NUM, &vring_state_body(0, 0), &[])),
         ),
         (
-            // Ignored by virtio-queue (the previous size stays): the daemon survives, the
-            // connection is not dropped.
             "queue size not a power of two",
-            false,
+            true,
             Box::new(|s| raw_send(s, SET_VRING_NUM, &vring_state_body(0, 100), &[])),
         ),
         (

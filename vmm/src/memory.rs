@@ -40,6 +40,19 @@ pub struct Ram {
     pub ranges: Vec<(GuestAddress, u64, u64)>,
 }
 
+/// Says how to get huge pages for guest RAM when the host's shmem THP is off.
+pub fn log_huge_page_hint() {
+    if let Ok(mode) = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled") {
+        if mode.contains("[never]") || mode.contains("[deny]") {
+            log::info!(
+                "guest RAM (a memfd, shareable with vhost-user back-ends) gets 4 KiB pages: shmem \
+                 huge pages are off on this host; for faster guests run \
+                 'echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled'"
+            );
+        }
+    }
+}
+
 /// Creates guest RAM of `size` bytes laid out around the MMIO hole.
 pub fn create_ram(size: u64) -> Result<Ram, MemoryError> {
     let name = CString::new("vmm-guest-ram").expect("static name has no NUL");
@@ -71,15 +84,6 @@ pub fn create_ram(size: u64) -> Result<Ram, MemoryError> {
         offset += len;
     }
     let memory = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Layout)?;
-    if let Ok(mode) = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled") {
-        if mode.contains("[never]") || mode.contains("[deny]") {
-            log::info!(
-                "guest RAM (a memfd, shareable with vhost-user back-ends) gets 4 KiB pages: shmem \
-                 huge pages are off on this host; for faster guests run \
-                 'echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled'"
-            );
-        }
-    }
     for region in memory.iter() {
         if let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) {
             // Huge pages where the host allows them (shmem THP: shmem_enabled=advise or

@@ -196,6 +196,7 @@ impl Vm {
 
     /// Runs the guest until it stops; returns why, with the exit counters.
     pub fn run(self) -> Result<(VmExit, ExitStats), Error> {
+        memory::log_huge_page_hint();
         vcpu::install_kick_handler().map_err(Error::Signal)?;
         crate::signals::install(self.exit.clone()).map_err(Error::Signal)?;
         if self.stdin_to_guest {

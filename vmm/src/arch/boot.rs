@@ -21,6 +21,8 @@ use crate::layout;
 pub enum BootError {
     #[error("cannot open kernel '{0}'")]
     OpenKernel(PathBuf, #[source] io::Error),
+    #[error("kernel '{0}' is a directory; pass the kernel image file (e.g. /boot/vmlinuz-...)")]
+    KernelIsDirectory(PathBuf),
     #[error("kernel '{0}' is neither a bzImage nor an ELF with a PVH note; pass a bzImage (arch/x86/boot/bzImage) or a vmlinux built with CONFIG_PVH=y")]
     UnknownKernelFormat(PathBuf),
     #[error("kernel '{0}' is an ELF without a PVH entry note; build it with CONFIG_PVH=y or pass its bzImage")]
@@ -61,6 +63,9 @@ struct Loaded {
 
 fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<Loaded, BootError> {
     let mut f = File::open(path).map_err(|e| BootError::OpenKernel(path.to_path_buf(), e))?;
+    if f.metadata().is_ok_and(|m| m.is_dir()) {
+        return Err(BootError::KernelIsDirectory(path.to_path_buf()));
+    }
     match Elf::load(mem, None, &mut f, Some(layout::HIMEM_START)) {
         Ok(r) => match r.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(entry) => {
