@@ -1,6 +1,7 @@
 //! Why a VM stops, and the process exit code for it.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 
 /// An event that ends the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,21 +38,35 @@ impl VmExit {
     }
 }
 
-/// Lets devices and vCPUs ask for the VM to stop. The first request wins.
+/// Lets devices and vCPUs ask for the VM to stop. The first request wins; from then on
+/// every vCPU stops at its next exit instead of running the guest further.
 #[derive(Clone)]
 pub struct ExitHandle {
     tx: mpsc::Sender<VmExit>,
+    stopping: Arc<AtomicBool>,
 }
 
 impl ExitHandle {
     pub fn new() -> (Self, mpsc::Receiver<VmExit>) {
         let (tx, rx) = mpsc::channel();
-        (ExitHandle { tx }, rx)
+        (
+            ExitHandle {
+                tx,
+                stopping: Arc::new(AtomicBool::new(false)),
+            },
+            rx,
+        )
     }
 
     pub fn request(&self, exit: VmExit) {
+        self.stopping.store(true, Ordering::Release);
         // The receiver is gone only while the VMM is already tearing down.
         let _ = self.tx.send(exit);
+    }
+
+    /// The flag vCPU threads check before re-entering the guest.
+    pub fn stopping(&self) -> Arc<AtomicBool> {
+        self.stopping.clone()
     }
 }
 
@@ -80,7 +95,10 @@ mod tests {
     #[test]
     fn handle_delivers() {
         let (h, rx) = ExitHandle::new();
+        let stopping = h.stopping();
+        assert!(!stopping.load(Ordering::Acquire));
         h.clone().request(VmExit::PowerOff);
         assert_eq!(rx.recv().unwrap(), VmExit::PowerOff);
+        assert!(stopping.load(Ordering::Acquire));
     }
 }

@@ -2,7 +2,6 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -202,7 +201,7 @@ impl Vm {
         if self.stdin_to_guest {
             spawn_stdin_reader(self.serial.clone()).map_err(Error::Thread)?;
         }
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = self.exit.stopping();
         let mut threads = Vec::new();
         for (id, fd) in self.vcpus.into_iter().enumerate() {
             let ctx = VcpuContext {
