@@ -49,6 +49,19 @@ pub enum QueueError {
     Io(#[source] std::io::Error),
 }
 
+/// Reads a device configuration space: `data.len()` bytes of `config` from `offset`, zero
+/// past its end (a driver or frontend may read a newer, longer layout). Both hosts use it.
+pub fn read_config(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// What one call into an engine did, for the host.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueOutcome {
@@ -93,4 +106,17 @@ pub(crate) fn finish_batch<M: vm_memory::GuestMemory>(
     }
     let notify = queue.needs_notification(mem).map_err(QueueError::Ring)?;
     Ok(QueueOutcome { used, notify })
+}
+
+#[cfg(test)]
+mod config_tests {
+    #[test]
+    fn read_config_windows() {
+        let c = [1u8, 2, 3, 4];
+        let mut d = [9u8; 3];
+        super::read_config(&c, 2, &mut d);
+        assert_eq!(d, [3, 4, 0]);
+        super::read_config(&c, u64::MAX, &mut d);
+        assert_eq!(d, [0, 0, 0]);
+    }
 }

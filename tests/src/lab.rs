@@ -630,6 +630,24 @@ impl LabRun {
         self.lines.iter().find(|l| l.text.starts_with(prefix))
     }
 
+    /// The network checks the L2 scripts of the device tests share: `L2-VAL ping` reports 100
+    /// packets with no loss, and the sha256 of each transfer (`L2-VAL guest-up-sha` against
+    /// `LAB-VAL host-up-sha`, and the same for `down`) agrees on both ends.
+    pub fn assert_ping_and_transfers(&self) {
+        let ping = self.require("L2-VAL ping");
+        assert!(
+            ping.starts_with("100 packets transmitted, 100 packets received, 0% packet loss"),
+            "{ping}"
+        );
+        for dir in ["up", "down"] {
+            assert_eq!(
+                self.require(&format!("L2-VAL guest-{dir}-sha")),
+                self.require(&format!("LAB-VAL host-{dir}-sha")),
+                "{dir}load corrupted"
+            );
+        }
+    }
+
     /// The value of the `key value` line; panics with the run's report when there is none.
     pub fn require(&self, key: &str) -> &str {
         match self.field(key) {

@@ -134,19 +134,7 @@ fn vhost_user_daemons_and_qemu_storage_daemon() {
         "HOST-PATTERN-VU-0123456789"
     );
     run.assert_ok("guest-pattern-on-image");
-    let ping = run.require("L2-VAL ping");
-    assert!(
-        ping.starts_with("100 packets transmitted, 100 packets received, 0% packet loss"),
-        "{ping}"
-    );
-    assert_eq!(
-        run.require("L2-VAL guest-up-sha"),
-        run.require("LAB-VAL host-up-sha")
-    );
-    assert_eq!(
-        run.require("L2-VAL guest-down-sha"),
-        run.require("LAB-VAL host-down-sha")
-    );
+    run.assert_ping_and_transfers();
     run.assert_ok("vmm-reconnected");
     assert_eq!(run.require("L2-VAL after-restart"), "ok");
     run.assert_ok("after-restart-on-image");

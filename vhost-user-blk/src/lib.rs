@@ -472,15 +472,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        // The frontend may read past our structure (e.g. a newer virtio_blk_config): the
-        // rest reads as zero. vhost already bounds `size` to the message limit.
-        let mut out = vec![0u8; size as usize];
-        let start = (offset as usize).min(self.config.len());
-        let end = (offset as usize)
-            .saturating_add(size as usize)
-            .min(self.config.len());
-        out[..end - start].copy_from_slice(&self.config[start..end]);
-        out
+        server::config_window(&self.config, offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {

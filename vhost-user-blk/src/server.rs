@@ -800,6 +800,14 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// GET_CONFIG: `size` bytes of `config` from `offset`. A frontend may read past the device's
+/// structure (e.g. a newer layout): the rest reads as zero. vhost already bounds `size`.
+pub fn config_window(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let mut out = vec![0u8; size as usize];
+    backends::read_config(config, u64::from(offset), &mut out);
+    out
+}
+
 /// Checks that every region of `mem` lies inside its file. vm-memory maps past the end of a
 /// file without complaint, and touching such a page would kill the daemon with SIGBUS, so a
 /// frontend that sends a region larger than its memfd is refused here.

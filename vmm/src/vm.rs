@@ -44,8 +44,6 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 
 /// A VM that has been set up and not started yet.
 pub struct Vm {
-    #[allow(dead_code)]
-    kvm: Kvm,
     vm: Arc<VmFd>,
     /// The PCI root owns the devices; dropped before the VM fd.
     _pci: Arc<Mutex<PciRoot>>,
@@ -177,7 +175,6 @@ impl Vm {
 
         let vcpus = create_vcpus(&kvm, &vm, &ram, cfg.cpus, entry)?;
         Ok(Vm {
-            kvm,
             vm,
             _pci: root,
             notify_exits,
@@ -408,6 +405,5 @@ fn create_vcpus(
         }
         out.push(vcpu);
     }
-    let _ = ram.memory.num_regions();
     Ok(out)
 }

@@ -109,18 +109,6 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
-/// Copies `src[offset..]` into `data`, zero past the end.
-pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = usize::try_from(offset)
-            .ok()
-            .and_then(|o| o.checked_add(i))
-            .and_then(|o| src.get(o))
-            .copied()
-            .unwrap_or(0);
-    }
-}
-
 /// A device thread's stop signal and handle.
 pub struct Worker {
     pub stop: EventFd,

@@ -90,7 +90,7 @@ impl VirtioDevice for FakeDevice {
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let cfg: Vec<u8> = (0u8..64).map(|i| 0xa0 ^ i).collect();
-        super::read_config_bytes(&cfg, offset, data);
+        backends::read_config(&cfg, offset, data);
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         self.rec().config_writes.push((offset, data.to_vec()));

@@ -406,7 +406,7 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::read_config_bytes(&self.config, offset, data);
+        backends::read_config(&self.config, offset, data);
     }
 
     fn activate(&mut self, a: Activation) -> io::Result<()> {
