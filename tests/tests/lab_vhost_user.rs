@@ -7,6 +7,8 @@
 //!    is killed with SIGKILL in the middle of guest I/O and restarted: the vmm survives,
 //!    reconnects, and a write the guest issues afterwards lands on the image. No queue
 //!    notification exits to userspace. Both daemons are still up after the vmm exits.
+//!    Then the daemon stays away longer than the vmm's grace period: the guest's write fails
+//!    quickly with an I/O error, and once the daemon is back I/O works again.
 //! 2. vmm + qemu-storage-daemon --export type=vhost-user-blk: patterns both ways.
 
 use std::time::Duration;
@@ -48,6 +50,15 @@ httpd -p 192.0.2.1:8080 -h /tmp/www
     start_blk
     echo "LAB-VAL blk-daemon-restarted"
     touch /tmp/www/restarted
+    # A long outage: the vmm fails the guest's requests after its grace period, then the
+    # daemon comes back.
+    n=0; until grep -q 'L2-VAL outage-ready' /tmp/l2.log || [ $n -ge 600 ]; do sleep 0.2; n=$((n + 1)); done
+    kill -9 "$(cat /tmp/blk.pid)"
+    sleep 12
+    touch /tmp/www/down-long
+    n=0; until grep -q 'L2-VAL outage-write' /tmp/l2.log || [ $n -ge 600 ]; do sleep 0.2; n=$((n + 1)); done
+    start_blk
+    touch /tmp/www/back
 ) &
 watcher=$!
 t0=$(lab_uptime)
@@ -60,6 +71,8 @@ check vmm-exit-0 grep -q '^VMM-RC 0$' /tmp/l2.log
 check l2-exit grep -q '^L2-EXIT 0$' /tmp/l2.log
 check vmm-reconnected grep -q 'vublk: reconnected' /tmp/l2.log
 check guest-pattern-on-image [ "$(dd if=/tmp/a.img bs=512 skip=200 count=1 2>/dev/null | head -c 22)" = "GUEST-PATTERN-VU-fedcb" ]
+check after-outage-on-image [ "$(dd if=/tmp/a.img bs=512 skip=400 count=1 2>/dev/null | head -c 12)" = "AFTER-OUTAGE" ]
+check vmm-failed-requests grep -q 'vublk: back-end /tmp/blk.sock still away' /tmp/l2.log
 check after-restart-on-image [ "$(dd if=/tmp/a.img bs=512 skip=300 count=1 2>/dev/null | head -c 13)" = "AFTER-RESTART" ]
 check blk-daemon-alive kill -0 "$(cat /tmp/blk.pid)"
 check net-daemon-alive kill -0 "$net_pid"
@@ -117,6 +130,15 @@ echo "L2-VAL io-during-kill ok=$ok failed=$bad"
 t=$(cut -d' ' -f1 /proc/uptime)
 printf 'AFTER-RESTART' | dd of=/dev/vda bs=512 seek=300 conv=fsync 2>/dev/null && echo "L2-VAL after-restart ok"
 echo "L2-VAL after-restart-seconds $(awk -v t=$t '{ print $1 - t }' /proc/uptime)"
+# The daemon stays away longer than the vmm's grace period: a write fails quickly.
+echo "L2-VAL outage-ready"
+n=0; until wget -q -O /dev/null http://192.0.2.1:8080/down-long 2>/dev/null || [ $n -ge 600 ]; do sleep 0.5; n=$((n + 1)); done
+t=$(cut -d' ' -f1 /proc/uptime)
+if dd if=/dev/zero of=/dev/vda bs=4k count=1 seek=6000 oflag=direct 2>/dev/null; then r=ok; else r=failed; fi
+echo "L2-VAL outage-write $r"
+echo "L2-VAL outage-write-seconds $(awk -v t=$t '{ print $1 - t }' /proc/uptime)"
+n=0; until wget -q -O /dev/null http://192.0.2.1:8080/back 2>/dev/null || [ $n -ge 600 ]; do sleep 0.5; n=$((n + 1)); done
+printf 'AFTER-OUTAGE' | dd of=/dev/vda bs=512 seek=400 conv=fsync 2>/dev/null && echo "L2-VAL after-outage ok"
 dmesg | grep -iE "blk_update_request|I/O error|timeout" | tail -3 | sed 's/^/L2-DMESG /'
 "#;
 
@@ -138,6 +160,17 @@ fn vhost_user_daemons_and_qemu_storage_daemon() {
     run.assert_ok("vmm-reconnected");
     assert_eq!(run.require("L2-VAL after-restart"), "ok");
     run.assert_ok("after-restart-on-image");
+    // A long outage: after the grace period the guest's write fails (an I/O error, not
+    // a hang until the guest's own timeout), and I/O works again once the daemon is back.
+    assert_eq!(run.require("L2-VAL outage-write"), "failed");
+    let secs: f64 = run
+        .require("L2-VAL outage-write-seconds")
+        .parse()
+        .unwrap_or(f64::MAX);
+    assert!(secs < 10.0, "the failing write took {secs} s");
+    run.assert_ok("vmm-failed-requests");
+    assert_eq!(run.require("L2-VAL after-outage"), "ok");
+    run.assert_ok("after-outage-on-image");
     run.assert_ok("blk-daemon-alive");
     run.assert_ok("net-daemon-alive");
     run.assert_ok("no-notify-exits");

@@ -5,7 +5,10 @@
 //! When the back-end goes away the VMM stays up: a watcher thread sees the socket hang up,
 //! reconnects as soon as the back-end listens again, replays the setup and resumes every
 //! queue from the used index in guest memory (requests that were in flight are executed
-//! again by the new back-end). Until then the guest's requests wait in the rings.
+//! again by the new back-end). For [`OUTAGE_GRACE`] the guest's requests wait in the rings,
+//! so a quick restart costs the guest nothing; after that the VMM completes them itself with
+//! an error (block: VIRTIO_BLK_S_IOERR; net: transmitted frames are dropped) until the
+//! back-end is back, so a guest is told instead of left waiting.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -18,7 +21,7 @@ use std::time::Duration;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -242,9 +245,10 @@ impl VhostUserDevice {
         let memfd = self.memfd;
         let regions = self.regions.clone();
         let nq = self.queue_sizes.len() as u64;
+        let kind = self.kind;
         let t = thread::Builder::new()
             .name(format!("{}-vu", self.name))
-            .spawn(move || watch(&name, &path, nq, memfd, &regions, &inner, &stop));
+            .spawn(move || watch(&name, kind, &path, nq, memfd, &regions, &inner, &stop));
         match t {
             Ok(t) => self.watcher = Some(t),
             Err(e) => log::error!("{}: cannot start the reconnect thread: {e}", self.name),
@@ -322,6 +326,76 @@ fn configure(
     Ok(())
 }
 
+/// How long guest requests wait for a back-end that went away before they fail.
+pub const OUTAGE_GRACE: Duration = Duration::from_secs(8);
+const VIRTIO_BLK_S_IOERR: u8 = 1;
+const VRING_DESC_F_WRITE: u16 = 2;
+
+/// Completes every request the guest queued on `setup`'s queues with an error, as the
+/// device would while its back-end is gone. Starts at the used index in guest memory, so
+/// requests the dead back-end took but never finished are failed too; a later reconnect
+/// resumes at the new used index. Returns how many requests failed.
+fn fail_pending(kind: Kind, setup: &Setup) -> u32 {
+    let mem = setup.mem.memory();
+    let mut failed = 0;
+    for q in &setup.queues {
+        // Net: only transmit queues (odd indexes) carry requests to fail; RX buffers wait.
+        let net_tx = q.index % 2 == 1;
+        if kind == Kind::Net && !net_tx {
+            continue;
+        }
+        let Ok(mut queue) = virtio_queue::Queue::new(q.size) else {
+            continue;
+        };
+        queue.set_size(q.size);
+        queue.set_desc_table_address(Some(q.desc as u32), Some((q.desc >> 32) as u32));
+        queue.set_avail_ring_address(Some(q.avail as u32), Some((q.avail >> 32) as u32));
+        queue.set_used_ring_address(Some(q.used as u32), Some((q.used >> 32) as u32));
+        queue.set_event_idx(setup.acked & super::VIRTIO_RING_F_EVENT_IDX != 0);
+        queue.set_ready(true);
+        if !queue.is_valid(&*mem) {
+            continue;
+        }
+        let Ok(used) = mem.read_obj::<u16>(GuestAddress(q.used + 2)) else {
+            continue;
+        };
+        queue.set_next_avail(used);
+        queue.set_next_used(used);
+        let mut done = 0;
+        loop {
+            let chain = match queue.iter(&*mem) {
+                Ok(mut it) => it.next(),
+                Err(_) => None,
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let mut len = 0;
+            if kind == Kind::Block {
+                // The status byte is the last byte of the last device-writable descriptor.
+                if let Some(d) = chain.clone().last() {
+                    if d.flags() & VRING_DESC_F_WRITE != 0 && d.len() > 0 {
+                        let at = GuestAddress(d.addr().0.wrapping_add(u64::from(d.len()) - 1));
+                        if mem.write_obj(VIRTIO_BLK_S_IOERR, at).is_ok() {
+                            len = 1;
+                        }
+                    }
+                }
+            }
+            if queue.add_used(&*mem, head, len).is_err() {
+                break;
+            }
+            done += 1;
+        }
+        if done > 0 {
+            failed += done;
+            if let Some(call) = &q.call {
+                let _ = call.write(1);
+            }
+        }
+    }
+    failed
+}
+
 fn hung_up(fd: RawFd) -> bool {
     let mut pfd = libc::pollfd {
         fd,
@@ -333,8 +407,10 @@ fn hung_up(fd: RawFd) -> bool {
     r > 0 && pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
+#[allow(clippy::too_many_arguments)]
 fn watch(
     name: &str,
+    kind: Kind,
     path: &Path,
     nq: u64,
     memfd: RawFd,
@@ -342,6 +418,8 @@ fn watch(
     inner: &Mutex<Inner>,
     stop: &AtomicBool,
 ) {
+    let mut down_since: Option<std::time::Instant> = None;
+    let mut failed_total = 0u64;
     while !stop.load(Ordering::Acquire) {
         let fd = inner
             .lock()
@@ -359,9 +437,25 @@ fn watch(
                     path.display()
                 );
                 inner.lock().unwrap_or_else(|p| p.into_inner()).conn = None;
+                down_since = Some(std::time::Instant::now());
+                failed_total = 0;
             }
             None => {
                 thread::sleep(Duration::from_millis(100));
+                if down_since.is_some_and(|t| t.elapsed() >= OUTAGE_GRACE) {
+                    let g = inner.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(setup) = &g.setup {
+                        let n = fail_pending(kind, setup);
+                        if n > 0 && failed_total == 0 {
+                            log::warn!(
+                                "{name}: back-end {} still away after {} s: failing guest requests until it is back",
+                                path.display(),
+                                OUTAGE_GRACE.as_secs()
+                            );
+                        }
+                        failed_total += u64::from(n);
+                    }
+                }
                 let Ok((mut conn, _)) = connect(path, nq) else {
                     continue;
                 };
@@ -372,8 +466,12 @@ fn watch(
                 };
                 match result {
                     Ok(()) => {
-                        log::info!("{name}: reconnected to {}, queues resumed", path.display());
+                        log::info!(
+                            "{name}: reconnected to {}, queues resumed ({failed_total} requests failed meanwhile)",
+                            path.display()
+                        );
                         g.conn = Some(conn);
+                        down_since = None;
                     }
                     Err(e) => log::warn!("{name}: reconnect to {} failed: {e}", path.display()),
                 }
