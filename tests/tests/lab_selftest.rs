@@ -43,6 +43,8 @@ assign() {
 }
 assign nic $NIC_BDF 0x8086:0x10d3 e1000e
 assign nvme $NVME_BDF 0x1b36:0x0010 nvme
+# The nvme driver scans namespaces asynchronously after the probe: give it a moment.
+n=0; while [ ! -b /dev/nvme0n1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 check nvme-block [ -b /dev/nvme0n1 ]
 
 check peer-nic-driver [ "$(pci_driver $PEER_NIC_BDF)" = e1000e ]
