@@ -14,27 +14,11 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub use passthrough::interrupt::fake;
+pub use passthrough::interrupt::{InterruptRouter, MsiMessage};
+
 use crate::layout::IOAPIC_PINS;
-
-/// An MSI message as the guest programs it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MsiMessage {
-    pub addr_lo: u32,
-    pub addr_hi: u32,
-    pub data: u32,
-}
-
-/// What MSI/MSI-X emulation needs from the hypervisor; faked in unit tests.
-pub trait InterruptRouter: Send + Sync {
-    /// Reserves a GSI for an MSI route.
-    fn allocate_gsi(&self) -> io::Result<u32>;
-    /// Points `gsi` at `msg` (adds or replaces the route).
-    fn set_msi_route(&self, gsi: u32, msg: MsiMessage) -> io::Result<()>;
-    /// Removes the route of `gsi`, if any.
-    fn remove_route(&self, gsi: u32) -> io::Result<()>;
-    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()>;
-    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()>;
-}
 
 /// Most routes KVM accepts.
 const MAX_ROUTES: usize = kvm_bindings::KVM_MAX_IRQ_ROUTES;
@@ -139,41 +123,15 @@ impl InterruptRouter for KvmRouter {
     fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()> {
         self.vm.unregister_irqfd(fd, gsi).map_err(kvm_io)
     }
-}
 
-#[cfg(any(test, feature = "fuzzing"))]
-pub mod fake {
-    //! A router that records what it was asked, for unit tests.
-    use super::*;
-
-    #[derive(Default)]
-    pub struct FakeRouter {
-        pub next: Mutex<u32>,
-        pub routes: Mutex<BTreeMap<u32, MsiMessage>>,
-        pub irqfds: Mutex<BTreeMap<u32, bool>>,
-    }
-
-    impl InterruptRouter for FakeRouter {
-        fn allocate_gsi(&self) -> io::Result<u32> {
-            let mut n = self.next.lock().unwrap();
-            *n += 1;
-            Ok(IOAPIC_PINS + *n - 1)
-        }
-        fn set_msi_route(&self, gsi: u32, msg: MsiMessage) -> io::Result<()> {
-            self.routes.lock().unwrap().insert(gsi, msg);
-            Ok(())
-        }
-        fn remove_route(&self, gsi: u32) -> io::Result<()> {
-            self.routes.lock().unwrap().remove(&gsi);
-            Ok(())
-        }
-        fn register_irqfd(&self, _fd: &EventFd, gsi: u32) -> io::Result<()> {
-            self.irqfds.lock().unwrap().insert(gsi, true);
-            Ok(())
-        }
-        fn unregister_irqfd(&self, _fd: &EventFd, gsi: u32) -> io::Result<()> {
-            self.irqfds.lock().unwrap().insert(gsi, false);
-            Ok(())
-        }
+    fn register_resample_irqfd(
+        &self,
+        fd: &EventFd,
+        resample: &EventFd,
+        gsi: u32,
+    ) -> io::Result<()> {
+        self.vm
+            .register_irqfd_with_resample(fd, resample, gsi)
+            .map_err(kvm_io)
     }
 }
