@@ -5,6 +5,8 @@
 //!   hypervisor for MSI routes and irqfds (the vmm implements it on KVM).
 //! - [`msix`]: the MSI-X table and PBA as the guest sees them.
 
+pub mod device;
 pub mod interrupt;
 pub mod msix;
 pub mod pci;
+pub mod vfio;
