@@ -571,6 +571,11 @@ impl PassthroughPci {
         }
     }
 
+    /// The INTx pin the guest sees (1 = INTA), if the device uses one.
+    pub fn intx_pin(&self) -> Option<u8> {
+        self.intx.as_ref().map(|i| i.pin)
+    }
+
     /// Guest-physical ranges mapped directly (not trapped), for tests and logs.
     pub fn mapped_ranges(&self) -> Vec<(u64, u64)> {
         let mut v = Vec::new();
@@ -1211,7 +1216,7 @@ mod tests {
             .pci
             .mapped_ranges()
             .iter()
-            .any(|&(g, _)| g >= 0xd000_0000 && g < 0xd002_0000));
+            .any(|&(g, _)| (0xd000_0000..0xd002_0000).contains(&g)));
         // Trapped accesses go to the region.
         r.pci.write_bar(0, 0x100, &7u32.to_le_bytes());
         assert_eq!(

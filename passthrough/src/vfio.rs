@@ -198,8 +198,10 @@ impl Container {
     }
 }
 
-impl Drop for Container {
-    fn drop(&mut self) {
+impl Container {
+    /// Removes every DMA mapping: call it once the devices are quiesced and before their
+    /// groups leave the container (dropping the devices), which tears down the IOMMU domain.
+    pub fn unmap_all(&self) {
         for (iova, size) in self.dma.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             if let Err(e) = self.inner.vfio_dma_unmap(iova, size as usize) {
                 log::warn!("vfio: cannot unmap DMA [{iova:#x}, +{size:#x}): {e}");

@@ -18,10 +18,12 @@ const OEM_ID: [u8; 6] = *b"IOVMM ";
 const OEM_REVISION: u32 = 1;
 
 /// What the tables describe.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AcpiConfig {
     pub cpus: u8,
     pub memory: u64,
+    /// PCI INTx lines wired to IOAPIC pins (assigned devices), listed in PCI0._PRT.
+    pub intx_routes: Vec<crate::vfio::IntxRoute>,
 }
 
 /// Builds the DSDT body: PCI root bridge PCI0, a motherboard resource reserving ECAM, COM1,
@@ -29,6 +31,18 @@ pub struct AcpiConfig {
 pub fn dsdt(cfg: &AcpiConfig) -> Sdt {
     let (mmio64_start, mmio64_size) = layout::mmio64_window(cfg.memory);
     let mut body = Vec::new();
+    // _PRT: PCI INTx lines of assigned devices to IOAPIC pins (level, active low).
+    let prt_values: Vec<(u32, u8, u32)> = cfg
+        .intx_routes
+        .iter()
+        .map(|r| ((u32::from(r.slot) << 16) | 0xffff, r.pin, r.gsi))
+        .collect();
+    let prt_entries: Vec<aml::Package> = prt_values
+        .iter()
+        .map(|(addr, pin, gsi)| aml::Package::new(vec![addr, pin, &aml::ZERO, gsi]))
+        .collect();
+    let prt = aml::Package::new(prt_entries.iter().map(|e| e as &dyn Aml).collect());
+    let prt_name = aml::Name::new("_PRT".into(), &prt);
     // Each object is built and serialized in one statement: the AML builders borrow their
     // children, which must outlive the serialization.
     aml::Device::new(
@@ -40,6 +54,7 @@ pub fn dsdt(cfg: &AcpiConfig) -> Sdt {
             &aml::Name::new("_SEG".into(), &aml::ZERO),
             &aml::Name::new("_UID".into(), &aml::ZERO),
             &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &prt_name,
             &aml::Name::new(
                 "_CRS".into(),
                 &aml::ResourceTemplate::new(vec![
@@ -244,6 +259,7 @@ mod tests {
         let cfg = AcpiConfig {
             cpus: 2,
             memory: 512 << 20,
+            intx_routes: Vec::new(),
         };
         let rsdp_addr = write_tables(&m, &cfg).unwrap();
         let mut rsdp = [0u8; 36];
@@ -301,8 +317,23 @@ mod tests {
         let d = dsdt(&AcpiConfig {
             cpus: 1,
             memory: 1 << 30,
+            intx_routes: vec![crate::vfio::IntxRoute {
+                slot: 3,
+                pin: 0,
+                gsi: 17,
+            }],
         });
         let b = d.as_slice();
+        // _PRT entry for device 3, INTA -> GSI 17: Package { 0x0003ffff, 0, 0, 17 }.
+        let prt_entry = [
+            0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x03, 0x00, 0x00, 0x00, 0x0a, 0x11,
+        ];
+        let at = b.windows(4).position(|w| w == b"_PRT").unwrap();
+        assert!(
+            b.windows(prt_entry.len()).any(|w| w == prt_entry),
+            "no _PRT entry in the DSDT: {:02x?}",
+            &b[at..at + 24]
+        );
         let has = |n: &[u8]| b.windows(n.len()).any(|w| w == n);
         assert!(has(b"PCI0"));
         assert!(has(b"_S5_"));

@@ -403,6 +403,51 @@ pub struct Cli {
     /// socket=PATH[,queues=N][,queue_size=N][,mac=MAC][,id=NAME]
     #[arg(long, value_name = "socket=PATH,...")]
     pub vhost_user_net: Vec<String>,
+    /// A host PCI device assigned to the guest through VFIO (repeatable; bind it to
+    /// vfio-pci first: `passthrough bind BDF`): host=BDF|SYSFS_PATH[,id=NAME]
+    #[arg(long, value_name = "host=BDF,...")]
+    pub vfio: Vec<String>,
+}
+
+/// `--vfio host=BDF|SYSFS_PATH[,id=NAME]`: a host PCI device assigned through VFIO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VfioConfig {
+    /// As given (`0000:3b:00.0`, `3b:00.0` or `/sys/bus/pci/devices/...`).
+    pub host: String,
+    /// The device's sysfs directory.
+    pub sysfs: PathBuf,
+    pub id: String,
+}
+
+impl VfioConfig {
+    pub fn parse(value: &str, index: usize) -> Result<Self, ConfigError> {
+        const O: &str = "--vfio";
+        let kv = parse_kv(O, value, &["host", "id"])?;
+        let mut c = VfioConfig {
+            host: String::new(),
+            sysfs: PathBuf::new(),
+            id: format!("vfio{index}"),
+        };
+        for (k, v) in kv {
+            match k.as_str() {
+                "host" => c.host = v,
+                _ => c.id = v,
+            }
+        }
+        if c.host.is_empty() {
+            return Err(ConfigError::BadDevice {
+                option: O,
+                value: value.to_string(),
+                why: "host= is required: the device's PCI address (e.g. host=0000:3b:00.0) or sysfs path".into(),
+            });
+        }
+        c.sysfs = crate::vfio::sysfs_path(&c.host).map_err(|why| ConfigError::BadDevice {
+            option: O,
+            value: value.to_string(),
+            why,
+        })?;
+        Ok(c)
+    }
 }
 
 /// A validated VM configuration.
@@ -418,6 +463,7 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub vhost_user: Vec<VhostUserConfig>,
+    pub vfio: Vec<VfioConfig>,
 }
 
 /// Host facts that bound the configuration (read from the host in `main`, faked in tests).
@@ -471,17 +517,25 @@ impl VmConfig {
         for (i, v) in cli.vhost_user_net.iter().enumerate() {
             vhost_user.push(VhostUserConfig::parse(v, true, i)?);
         }
+        let vfio = cli
+            .vfio
+            .iter()
+            .enumerate()
+            .map(|(i, v)| VfioConfig::parse(v, i))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut ids: Vec<&str> = disks
             .iter()
             .map(|d| d.id.as_str())
             .chain(nets.iter().map(|n| n.id.as_str()))
             .chain(vhost_user.iter().map(|v| v.id.as_str()))
+            .chain(vfio.iter().map(|v| v.id.as_str()))
             .collect();
         ids.sort_unstable();
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
             return Err(ConfigError::DuplicateId(w[0].to_string()));
         }
         Ok(VmConfig {
+            vfio,
             disks,
             nets,
             vhost_user,

@@ -64,6 +64,12 @@ pub const RTC_IRQ: u32 = 8;
 pub const PCI_CONFIG_ADDRESS_PORT: u16 = 0xcf8;
 /// IOAPIC pins: GSIs 0..24 are the in-kernel IOAPIC's; MSI routes start above.
 pub const IOAPIC_PINS: u32 = 24;
+/// IOAPIC pins wired to PCI INTx lines (level-triggered, active low, listed in _PRT).
+pub const PCI_INTX_GSI_FIRST: u32 = 16;
+pub const PCI_INTX_GSIS: u32 = 8;
+/// I/O port window for I/O BARs.
+pub const PCI_IO_START: u64 = 0xc000;
+pub const PCI_IO_END: u64 = 0x1_0000;
 
 /// RAM ranges of a guest of `memory` bytes: low RAM up to the MMIO hole, the rest above 4 GiB.
 pub fn ram_ranges(memory: u64) -> Vec<(GuestAddress, u64)> {

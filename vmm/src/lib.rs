@@ -17,6 +17,7 @@ pub mod pci;
 pub mod signals;
 pub mod stats;
 pub mod vcpu;
+pub mod vfio;
 pub mod virtio;
 pub mod vm;
 
@@ -77,6 +78,8 @@ pub enum Error {
     },
     #[error("PCI")]
     Pci(#[from] pci::PciError),
+    #[error("vfio device '{id}': {why}")]
+    Vfio { id: String, why: String },
     #[error("the 32-bit PCI window is full: too many devices")]
     PciWindowFull,
     #[error("internal error: {0}")]

@@ -47,6 +47,8 @@ pub struct Vm {
     vm: Arc<VmFd>,
     /// The PCI root owns the devices; dropped before the VM fd.
     _pci: Arc<Mutex<PciRoot>>,
+    /// VFIO container of assigned devices: released after them, before guest RAM.
+    _vfio: Option<crate::vfio::Assigned>,
     notify_exits: Vec<(String, Arc<AtomicU64>)>,
     ram: Ram,
     pio: Arc<Bus>,
@@ -136,7 +138,11 @@ impl Vm {
             2,
         )?;
         let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone(), pio.clone())));
-        let notify_exits = add_virtio_devices(cfg, &vm, &ram, &root)?;
+        let router: Arc<dyn InterruptRouter> = Arc::new(KvmRouter::new(vm.clone()));
+        let mut bars = BarAllocator::new(cfg.memory);
+        let notify_exits = add_virtio_devices(cfg, &vm, &ram, &root, &mut bars, &router)?;
+        let vfio = crate::vfio::assign(&cfg.vfio, &vm, &ram, &root, &mut bars, &router)?;
+        let intx_routes = vfio.as_ref().map(|v| v.routes.clone()).unwrap_or_default();
         pio.insert(
             "pci-config",
             Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
@@ -156,6 +162,7 @@ impl Vm {
             &acpi::AcpiConfig {
                 cpus: cfg.cpus,
                 memory: cfg.memory,
+                intx_routes,
             },
         )
         .map_err(|e| Error::Internal(format!("cannot write ACPI tables: {e}")))?;
@@ -177,6 +184,7 @@ impl Vm {
         Ok(Vm {
             vm,
             _pci: root,
+            _vfio: vfio,
             notify_exits,
             ram,
             pio,
@@ -235,6 +243,7 @@ impl Vm {
         // Device threads stop (and drain in-flight I/O) before guest memory goes away, and
         // the VM fd only after every vCPU thread has returned.
         drop(self._pci);
+        drop(self._vfio);
         drop(self.vm);
         drop(self.ram);
         Ok((why, stats))
@@ -242,11 +251,26 @@ impl Vm {
 }
 
 /// Bump allocator for 64 KiB-aligned BARs in the 32-bit PCI window.
-struct BarAllocator {
+/// Places BARs: memory BARs in the 32-bit window (64-bit BARs that do not fit there go
+/// above RAM), I/O BARs in the I/O window.
+pub struct BarAllocator {
     next: u64,
+    next64: u64,
+    end64: u64,
+    next_io: u64,
 }
 
 impl BarAllocator {
+    pub fn new(memory: u64) -> Self {
+        let (start64, size64) = layout::mmio64_window(memory);
+        BarAllocator {
+            next: layout::MMIO32_START,
+            next64: start64,
+            end64: start64 + size64,
+            next_io: layout::PCI_IO_START,
+        }
+    }
+
     fn alloc(&mut self, size: u64) -> Result<u64, Error> {
         let addr = self.next.next_multiple_of(size);
         if addr + size > layout::MMIO32_START + layout::MMIO32_SIZE {
@@ -255,24 +279,49 @@ impl BarAllocator {
         self.next = addr + size;
         Ok(addr)
     }
+
+    /// Places a BAR of `kind` and `size` (a power of two), naturally aligned.
+    pub fn alloc_kind(&mut self, kind: crate::pci::BarKind, size: u64) -> io::Result<u64> {
+        use crate::pci::BarKind;
+        let full = |what: &str| io::Error::other(format!("the {what} is full"));
+        match kind {
+            BarKind::Io => {
+                let addr = self.next_io.next_multiple_of(size);
+                if addr + size > layout::PCI_IO_END {
+                    return Err(full("PCI I/O port window"));
+                }
+                self.next_io = addr + size;
+                Ok(addr)
+            }
+            BarKind::Mem32 => self.alloc(size).map_err(|_| full("32-bit PCI window")),
+            BarKind::Mem64 => match self.alloc(size) {
+                Ok(a) => Ok(a),
+                Err(_) => {
+                    let addr = self.next64.next_multiple_of(size);
+                    if addr + size > self.end64 {
+                        return Err(full("64-bit PCI window"));
+                    }
+                    self.next64 = addr + size;
+                    Ok(addr)
+                }
+            },
+        }
+    }
 }
 
-/// Opens the disks and taps of `cfg` and plugs a virtio-pci device for each into `root`.
 fn add_virtio_devices(
     cfg: &VmConfig,
     vm: &Arc<VmFd>,
     ram: &Ram,
     root: &Arc<Mutex<PciRoot>>,
+    bars: &mut BarAllocator,
+    router: &Arc<dyn InterruptRouter>,
 ) -> Result<Vec<(String, Arc<AtomicU64>)>, Error> {
     if cfg.disks.is_empty() && cfg.nets.is_empty() && cfg.vhost_user.is_empty() {
         return Ok(Vec::new());
     }
     let mem: Memory = GuestMemoryAtomic::new(ram.memory.clone());
-    let router: Arc<dyn InterruptRouter> = Arc::new(KvmRouter::new(vm.clone()));
     let ioevents: Arc<dyn IoEvents> = Arc::new(KvmIoEvents(vm.clone()));
-    let mut bars = BarAllocator {
-        next: layout::MMIO32_START,
-    };
     let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
     for d in &cfg.disks {
         let disk = BlockBackend::open(&BlockOptions {

@@ -1,0 +1,242 @@
+//! The KVM side of VFIO passthrough: the KVM VFIO pseudo device, the container with all
+//! guest RAM mapped for DMA, KVM memory slots for the devices' BARs, and each assigned
+//! device on the PCI bus (its PCI logic lives in the `passthrough` crate).
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_userspace_memory_region,
+};
+use kvm_ioctls::VmFd;
+use passthrough::device::{GuestMapper, PassthroughPci, Placement};
+use passthrough::vfio::{Container, Vfio};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::config::VfioConfig;
+use crate::interrupt::InterruptRouter;
+use crate::layout;
+use crate::memory::Ram;
+use crate::pci::{PciDevice, PciRoot};
+use crate::vm::BarAllocator;
+use crate::Error;
+
+/// KVM memory slots for BAR mappings, above the RAM slots.
+pub struct KvmMapper {
+    vm: Arc<VmFd>,
+    first: u32,
+    used: Mutex<Vec<bool>>,
+}
+
+impl KvmMapper {
+    pub fn new(vm: Arc<VmFd>, first: u32) -> Self {
+        KvmMapper {
+            vm,
+            first,
+            used: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl GuestMapper for KvmMapper {
+    fn map(&self, gpa: u64, size: u64, host: *mut u8) -> io::Result<u32> {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let i = match used.iter().position(|u| !u) {
+            Some(i) => i,
+            None => {
+                used.push(false);
+                used.len() - 1
+            }
+        };
+        let slot = self.first + i as u32;
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host` is a live mapping of `size` bytes of a device region, kept by the
+        // caller until `unmap`; KVM only maps it into the guest.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        used[i] = true;
+        Ok(slot)
+    }
+
+    fn unmap(&self, slot: u32) -> io::Result<()> {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let i = slot
+            .checked_sub(self.first)
+            .map(|i| i as usize)
+            .filter(|&i| used.get(i) == Some(&true))
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: a zero size deletes the slot; no memory is mapped.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        used[i] = false;
+        Ok(())
+    }
+}
+
+/// A PCI INTx line for the DSDT's _PRT: device `slot`, pin (0 = INTA), GSI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntxRoute {
+    pub slot: u8,
+    pub pin: u8,
+    pub gsi: u32,
+}
+
+/// What assignment keeps alive for the VM's lifetime. Drop it after the PCI bus: the
+/// devices are then quiesced and reset, guest RAM is unmapped from the IOMMU, and only
+/// then are the device and group fds closed (the group leaves the container).
+pub struct Assigned {
+    container: Container,
+    devices: Vec<Arc<dyn Vfio>>,
+    pub routes: Vec<IntxRoute>,
+}
+
+impl Drop for Assigned {
+    fn drop(&mut self) {
+        self.container.unmap_all();
+        self.devices.clear();
+    }
+}
+
+/// The sysfs directory of `--vfio host=`: a PCI address (`0000:3b:00.0`, `3b:00.0`) or a
+/// sysfs path.
+pub fn sysfs_path(host: &str) -> Result<PathBuf, String> {
+    if host.starts_with('/') {
+        return Ok(PathBuf::from(host));
+    }
+    let full = if host.matches(':').count() == 1 {
+        format!("0000:{host}")
+    } else {
+        host.to_string()
+    };
+    let ok = {
+        let b = full.as_bytes();
+        b.len() == 12
+            && b[4] == b':'
+            && b[7] == b':'
+            && b[10] == b'.'
+            && full
+                .char_indices()
+                .all(|(i, c)| [4, 7, 10].contains(&i) || c.is_ascii_hexdigit())
+            && (b'0'..=b'7').contains(&b[11])
+    };
+    if !ok {
+        return Err(format!(
+            "'{host}' is not a PCI address: expected DDDD:BB:DD.F (e.g. 0000:3b:00.0) or a /sys/bus/pci/devices/... path"
+        ));
+    }
+    Ok(PathBuf::from("/sys/bus/pci/devices").join(full.to_ascii_lowercase()))
+}
+
+/// Opens the VFIO container, maps guest RAM for DMA and puts every `--vfio` device on the
+/// PCI bus.
+pub fn assign(
+    devices: &[VfioConfig],
+    vm: &Arc<VmFd>,
+    ram: &Ram,
+    root: &Arc<Mutex<PciRoot>>,
+    bars: &mut BarAllocator,
+    router: &Arc<dyn InterruptRouter>,
+) -> Result<Option<Assigned>, Error> {
+    if devices.is_empty() {
+        return Ok(None);
+    }
+    let first = &devices[0];
+    let fail = |id: &str, why: String| Error::Vfio {
+        id: id.to_string(),
+        why,
+    };
+    let mut kvm_dev = kvm_create_device {
+        type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
+        fd: 0,
+        flags: 0,
+    };
+    let kvm_vfio = vm.create_device(&mut kvm_dev).map_err(|e| {
+        fail(
+            &first.id,
+            format!(
+                "KVM cannot create its VFIO device ({e}); load the kvm module with VFIO support"
+            ),
+        )
+    })?;
+    let handle = Arc::new(vfio_ioctls::VfioDeviceFd::new_from_kvm(kvm_vfio));
+    let container =
+        Container::new(Some(handle)).map_err(|e| fail(&first.id, crate::error_line(&e)))?;
+    let mut assigned = Assigned {
+        container,
+        devices: Vec::new(),
+        routes: Vec::new(),
+    };
+    let mapper: Arc<dyn GuestMapper> =
+        Arc::new(KvmMapper::new(vm.clone(), ram.memory.num_regions() as u32));
+    let mut root = root.lock().unwrap_or_else(|p| p.into_inner());
+    for (n, d) in devices.iter().enumerate() {
+        let dev = assigned
+            .container
+            .open(&d.sysfs)
+            .map_err(|e| fail(&d.id, crate::error_line(&e)))?;
+        if n == 0 {
+            // The first group set the IOMMU type: now guest RAM can be mapped, once for all.
+            for region in ram.memory.iter() {
+                let host = region
+                    .get_host_address(vm_memory::MemoryRegionAddress(0))
+                    .map_err(|e| Error::Internal(format!("guest RAM has no host mapping: {e}")))?;
+                // SAFETY: guest RAM stays mapped until the VM is dropped, after the container.
+                unsafe {
+                    assigned
+                        .container
+                        .map_dma(region.start_addr().0, region.len(), host)
+                }
+                .map_err(|e| fail(&d.id, crate::error_line(&e)))?;
+            }
+        }
+        let dev: Arc<dyn Vfio> = Arc::new(dev);
+        assigned.devices.push(dev.clone());
+        let gsi = layout::PCI_INTX_GSI_FIRST + (n as u32 % layout::PCI_INTX_GSIS);
+        let mut alloc = |kind, size| bars.alloc_kind(kind, size);
+        let pci = PassthroughPci::new(
+            &d.id,
+            dev,
+            router.clone(),
+            mapper.clone(),
+            Placement {
+                alloc: &mut alloc,
+                intx_gsi: gsi,
+            },
+        )
+        .map_err(|e| fail(&d.id, crate::error_line(&e)))?;
+        let pin = pci.intx_pin();
+        let mapped: u64 = pci.mapped_ranges().iter().map(|r| r.1).sum();
+        let bar_list = pci.bars();
+        let slot = root.add(&d.id, Arc::new(Mutex::new(pci)))?;
+        if let Some(pin) = pin {
+            assigned.routes.push(IntxRoute {
+                slot,
+                pin: pin - 1,
+                gsi,
+            });
+        }
+        log::info!(
+            "{}: {} assigned at 00:{slot:02x}.0, {} BAR(s), {} KiB mapped directly, INTx {}",
+            d.id,
+            d.sysfs.display(),
+            bar_list.len(),
+            mapped >> 10,
+            pin.map_or("none".to_string(), |_| format!("on GSI {gsi}"))
+        );
+    }
+    Ok(Some(assigned))
+}
