@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use passthrough::host::{parse_size, Bdf, Host};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// The vmm's default guest RAM (`vmm --memory`).
@@ -21,12 +22,40 @@ const DEFAULT_MEMORY: &str = "512M";
         BDF is a PCI address as sysfs names it (0000:3b:00.0), without the domain \
         (3b:00.0), or a sysfs path (/sys/bus/pci/devices/0000:3b:00.0); list them with \
         `lspci -D`.\n\n\
-        Exit status: 0 when ready / done; 2 when the device cannot be assigned, the \
-        operation failed, or the command line is wrong (one line on stderr)."
+        Exit status: 0 when the device is ready / the operation is done; 2 otherwise. \
+        `check` ends its report with one verdict line (`ready: ...` or `not ready: ...`); \
+        a failed bind or unbind and a wrong command line print one line on stderr."
 )]
 struct Args {
     #[command(subcommand)]
     command: Command,
+    /// Test hook: read sysfs from here instead of /sys (a fake tree).
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        value_name = "DIR",
+        default_value = "/sys"
+    )]
+    sysfs_root: PathBuf,
+    /// Test hook: look for vfio/N here instead of /dev.
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        value_name = "DIR",
+        default_value = "/dev"
+    )]
+    dev_root: PathBuf,
+    /// Test hook: read cpuinfo and self/status here instead of /proc.
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        value_name = "DIR",
+        default_value = "/proc"
+    )]
+    proc_root: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,7 +121,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let host = Host::new();
+    let host = Host::with_sysfs_root(args.sysfs_root)
+        .dev_root(args.dev_root)
+        .proc_root(args.proc_root);
     match args.command {
         Command::Check { bdf, memory } => {
             let bdf = match Bdf::parse(&bdf) {

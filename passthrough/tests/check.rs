@@ -171,3 +171,141 @@ fn help_explains() {
     let out = passthrough(&["check", "--help"]);
     assert!(text(&out.stdout).contains("--memory"));
 }
+
+/// A fake host in a temporary directory (the binary's hidden --sysfs-root, --dev-root and
+/// --proc-root point at it): 0000:00:02.0 on vfio-pci, alone in IOMMU group 5 with
+/// /dev/vfio/5, as in the lab once the e1000e is bound.
+struct FakeHost {
+    root: std::path::PathBuf,
+}
+
+impl FakeHost {
+    fn new(name: &str, cap_eff: &str) -> Self {
+        use std::os::unix::fs::symlink;
+        let root =
+            std::env::temp_dir().join(format!("passthrough-check-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let dev = root.join("sys/bus/pci/devices/0000:00:02.0");
+        for d in [
+            dev.clone(),
+            root.join("sys/bus/pci/drivers/vfio-pci"),
+            root.join("sys/kernel/iommu_groups/5/devices"),
+            root.join("sys/class/iommu/dmar0"),
+            root.join("dev/vfio"),
+            root.join("proc/self"),
+        ] {
+            fs::create_dir_all(d).unwrap();
+        }
+        for (f, v) in [
+            ("vendor", "0x8086"),
+            ("device", "0x10d3"),
+            ("class", "0x020000"),
+            ("reset_method", "flr bus"),
+            ("driver_override", "vfio-pci"),
+        ] {
+            fs::write(dev.join(f), format!("{v}\n")).unwrap();
+        }
+        symlink("../../drivers/vfio-pci", dev.join("driver")).unwrap();
+        symlink("../../../../kernel/iommu_groups/5", dev.join("iommu_group")).unwrap();
+        symlink(
+            "../../../../bus/pci/devices/0000:00:02.0",
+            root.join("sys/kernel/iommu_groups/5/devices/0000:00:02.0"),
+        )
+        .unwrap();
+        fs::write(root.join("dev/vfio/5"), "").unwrap();
+        fs::write(root.join("proc/cpuinfo"), "vendor_id\t: GenuineIntel\n").unwrap();
+        fs::write(
+            root.join("proc/self/status"),
+            format!("CapEff:\t{cap_eff}\n"),
+        )
+        .unwrap();
+        FakeHost { root }
+    }
+
+    fn check(&self, args: &[&str]) -> Output {
+        let sys = self.root.join("sys");
+        let dev = self.root.join("dev");
+        let proc = self.root.join("proc");
+        let mut all = vec![
+            "--sysfs-root",
+            sys.to_str().unwrap(),
+            "--dev-root",
+            dev.to_str().unwrap(),
+            "--proc-root",
+            proc.to_str().unwrap(),
+            "check",
+        ];
+        all.extend_from_slice(args);
+        passthrough(&all)
+    }
+}
+
+impl Drop for FakeHost {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+#[test]
+fn ready_device_prints_ready_and_exits_0() {
+    // CAP_IPC_LOCK (bit 14): the memlock limit does not apply.
+    let host = FakeHost::new("ready", "0000000000004000");
+    let out = host.check(&["0000:00:02.0", "--memory", "512M"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert_eq!(
+        last_line(&stdout),
+        "ready: 0000:00:02.0 (IOMMU group 5) can be assigned with `vmm --vfio host=0000:00:02.0`"
+    );
+    for want in [
+        "IOMMU:           on",
+        "IOMMU group:     5 (1 device)",
+        "0000:00:02.0  vfio-pci     OK (vfio-pci)  <- this device",
+        "reset:           flr, bus",
+        "vfio-pci driver: loaded",
+        "/dev/vfio/5 present",
+    ] {
+        assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");
+    }
+}
+
+/// The soft RLIMIT_MEMLOCK this test runs with (the binary inherits it); None: unlimited.
+fn memlock_soft_limit() -> Option<u64> {
+    let limits = fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .expect("no 'Max locked memory' in /proc/self/limits");
+    let soft = line["Max locked memory".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap();
+    (soft != "unlimited").then(|| soft.parse().unwrap())
+}
+
+#[test]
+fn memlock_is_this_process_limit_without_cap_ipc_lock() {
+    let host = FakeHost::new("memlock", "0000000000000000");
+    let out = host.check(&["0000:00:02.0", "--memory", "1G"]);
+    let stdout = text(&out.stdout);
+    let need = (1u64 << 30) + (64 << 20);
+    match memlock_soft_limit() {
+        Some(have) if have < need => {
+            assert_eq!(out.status.code(), Some(2), "{stdout}");
+            let verdict = last_line(&stdout);
+            assert!(
+                verdict.starts_with("not ready: 0000:00:02.0: memlock limit ")
+                    && verdict.contains(" is below the 1088 MiB VFIO must pin (1 GiB of guest RAM + 64 MiB headroom)"),
+                "{verdict}"
+            );
+            assert!(
+                stdout.contains("need 1088 MiB for 1 GiB of guest RAM: too low"),
+                "{stdout}"
+            );
+        }
+        _ => {
+            assert_eq!(out.status.code(), Some(0), "{stdout}");
+            assert!(last_line(&stdout).starts_with("ready: "), "{stdout}");
+        }
+    }
+}
