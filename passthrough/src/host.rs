@@ -737,16 +737,16 @@ impl DeviceReport {
                 driver: self.driver.clone(),
             });
         }
-        if let Some(m) = self
-            .group_members
-            .iter()
-            .find(|m| m.bdf != bdf && !m.status.is_ok())
-        {
+        let offender = self.group_members.iter().find_map(|m| match &m.status {
+            MemberStatus::HostDriver(d) if m.bdf != bdf => Some((m.bdf, d.clone())),
+            _ => None,
+        });
+        if let Some((other, other_driver)) = offender {
             return Err(Problem::GroupNotViable {
                 bdf,
                 group,
-                other: m.bdf,
-                other_driver: m.driver.clone().unwrap_or_default(),
+                other,
+                other_driver,
             });
         }
         if !self.vfio_dev_node_exists {
@@ -860,20 +860,20 @@ impl DeviceReport {
         };
         writeln!(s, "  reset:           {reset}")?;
         let need = Self::memlock_needed(guest_ram);
-        let memlock = if self.memlock.cap_ipc_lock {
-            format!(
-                "{} but CAP_IPC_LOCK, so the limit does not apply: OK",
-                self.memlock
-            )
-        } else {
-            format!(
-                "{}, need {} for {} of guest RAM: {}",
-                self.memlock,
-                format_size(need),
-                format_size(guest_ram),
-                yes_no(self.memlock.covers(need), "OK", "too low")
-            )
-        };
+        let memlock = format!(
+            "{}, need {} for {} of guest RAM: {}",
+            self.memlock,
+            format_size(need),
+            format_size(guest_ram),
+            match (
+                self.memlock.bytes.is_none_or(|b| b >= need),
+                self.memlock.cap_ipc_lock
+            ) {
+                (true, _) => "OK",
+                (false, true) => "OK (CAP_IPC_LOCK: the limit does not apply)",
+                (false, false) => "too low",
+            }
+        );
         writeln!(s, "  memlock:         {memlock}")?;
         writeln!(
             s,

@@ -1,7 +1,7 @@
 //! `passthrough`: prepare a host PCI device for VFIO passthrough. See `passthrough --help`.
 
 use clap::{Parser, Subcommand};
-use passthrough::host::{parse_size, Bdf, Host};
+use passthrough::host::{parse_size, Bdf, Host, Problem};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -165,6 +165,13 @@ fn main() -> ExitCode {
                         "{bdf}: bound to vfio-pci (was {}); `passthrough unbind {bdf}` gives it back",
                         o.previous.as_deref().unwrap_or("on no driver")
                     );
+                    // What else stands between the device and a guest, memlock aside.
+                    if let Err(
+                        p @ (Problem::GroupNotViable { .. } | Problem::NoVfioDevNode { .. }),
+                    ) = host.inspect(bdf).verdict(0)
+                    {
+                        println!("still not ready: {p}");
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e),

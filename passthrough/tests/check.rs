@@ -223,6 +223,10 @@ impl FakeHost {
     }
 
     fn check(&self, args: &[&str]) -> Output {
+        self.run("check", args)
+    }
+
+    fn run(&self, command: &str, args: &[&str]) -> Output {
         let sys = self.root.join("sys");
         let dev = self.root.join("dev");
         let proc = self.root.join("proc");
@@ -233,7 +237,7 @@ impl FakeHost {
             dev.to_str().unwrap(),
             "--proc-root",
             proc.to_str().unwrap(),
-            "check",
+            command,
         ];
         all.extend_from_slice(args);
         passthrough(&all)
@@ -308,4 +312,41 @@ fn memlock_is_this_process_limit_without_cap_ipc_lock() {
             assert!(last_line(&stdout).starts_with("ready: "), "{stdout}");
         }
     }
+}
+
+#[test]
+fn bind_writes_the_sysfs_files_and_reports_when_no_kernel_reacts() {
+    // A fake tree has no kernel behind it: the files are written, the driver stays, and bind
+    // must say so instead of claiming success.
+    use std::os::unix::fs::symlink;
+    let host = FakeHost::new("bind", "0000000000000000");
+    let sys = host.root.join("sys/bus/pci");
+    let dev = sys.join("devices/0000:00:02.0");
+    fs::remove_file(dev.join("driver")).unwrap();
+    fs::write(dev.join("driver_override"), "(null)\n").unwrap();
+    fs::create_dir_all(sys.join("drivers/e1000e")).unwrap();
+    fs::write(sys.join("drivers/e1000e/unbind"), "").unwrap();
+    fs::write(sys.join("drivers_probe"), "").unwrap();
+    symlink("../../drivers/e1000e", dev.join("driver")).unwrap();
+
+    let out = host.run("bind", &["00:02.0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("passthrough: 0000:00:02.0: driver_override is vfio-pci but after drivers_probe the device is bound to e1000e"),
+        "{stderr}"
+    );
+    assert_eq!(
+        fs::read_to_string(dev.join("driver_override")).unwrap(),
+        "vfio-pci"
+    );
+    assert_eq!(
+        fs::read_to_string(sys.join("drivers/e1000e/unbind")).unwrap(),
+        "0000:00:02.0"
+    );
+    assert_eq!(
+        fs::read_to_string(sys.join("drivers_probe")).unwrap(),
+        "0000:00:02.0"
+    );
 }

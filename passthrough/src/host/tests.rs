@@ -497,7 +497,9 @@ fn memlock_too_low_says_how_much() {
         .memlock(cap)
         .inspect(bdf("00:02.0"))
         .render(GIB)
-        .contains("8 MiB but CAP_IPC_LOCK, so the limit does not apply: OK"));
+        .contains(
+        "8 MiB, need 1088 MiB for 1 GiB of guest RAM: OK (CAP_IPC_LOCK: the limit does not apply)"
+    ));
 }
 
 #[test]
