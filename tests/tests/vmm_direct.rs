@@ -366,3 +366,32 @@ fn tap_cannot_be_opened() {
         &format!("net 'net0': cannot attach to tap '{tap}': permission denied"),
     );
 }
+
+/// `--vfio` on this host: what blocks the assignment, in one line, before VFIO is touched.
+#[test]
+fn vfio_assignment_problems_are_one_line() {
+    // A bad address.
+    let out = run(&["--kernel", &elf(), "--vfio", "host=3b:00"]);
+    assert_user_error(&out, "invalid PCI address");
+    // No such device.
+    let out = run(&["--kernel", &elf(), "--vfio", "host=0000:00:1f.7"]);
+    assert_user_error(&out, "no such PCI device");
+    // A real device of this host: the real blocker is named with its fix.
+    let real = std::fs::read_dir("/sys/bus/pci/devices")
+        .expect("/sys/bus/pci/devices")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .min()
+        .expect("this host has PCI devices");
+    let out = run(&["--kernel", &elf(), "--vfio", &format!("host={real}")]);
+    let iommu_on = std::fs::read_dir("/sys/kernel/iommu_groups")
+        .map(|d| d.count() > 0)
+        .unwrap_or(false);
+    if iommu_on {
+        // With an IOMMU the device is still bound to its host driver.
+        assert_user_error(&out, "vfio-pci");
+    } else {
+        assert_user_error(&out, "no IOMMU is enabled on this host");
+    }
+    assert!(text(&out.stderr).contains(&format!("vfio device 'vfio0': {real}")));
+}

@@ -414,8 +414,7 @@ pub struct Cli {
 pub struct VfioConfig {
     /// As given (`0000:3b:00.0`, `3b:00.0` or `/sys/bus/pci/devices/...`).
     pub host: String,
-    /// The device's sysfs directory.
-    pub sysfs: PathBuf,
+    pub bdf: passthrough::host::Bdf,
     pub id: String,
 }
 
@@ -425,7 +424,7 @@ impl VfioConfig {
         let kv = parse_kv(O, value, &["host", "id"])?;
         let mut c = VfioConfig {
             host: String::new(),
-            sysfs: PathBuf::new(),
+            bdf: passthrough::host::Bdf::new(0, 0, 0, 0),
             id: format!("vfio{index}"),
         };
         for (k, v) in kv {
@@ -441,10 +440,10 @@ impl VfioConfig {
                 why: "host= is required: the device's PCI address (e.g. host=0000:3b:00.0) or sysfs path".into(),
             });
         }
-        c.sysfs = crate::vfio::sysfs_path(&c.host).map_err(|why| ConfigError::BadDevice {
+        c.bdf = passthrough::host::Bdf::parse(&c.host).map_err(|e| ConfigError::BadDevice {
             option: O,
             value: value.to_string(),
-            why,
+            why: e.to_string(),
         })?;
         Ok(c)
     }

@@ -3,7 +3,6 @@
 //! device on the PCI bus (its PCI logic lives in the `passthrough` crate).
 
 use std::io;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
@@ -11,6 +10,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use passthrough::device::{GuestMapper, PassthroughPci, Placement};
+use passthrough::host::Host;
 use passthrough::vfio::{Container, Vfio};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -111,36 +111,6 @@ impl Drop for Assigned {
     }
 }
 
-/// The sysfs directory of `--vfio host=`: a PCI address (`0000:3b:00.0`, `3b:00.0`) or a
-/// sysfs path.
-pub fn sysfs_path(host: &str) -> Result<PathBuf, String> {
-    if host.starts_with('/') {
-        return Ok(PathBuf::from(host));
-    }
-    let full = if host.matches(':').count() == 1 {
-        format!("0000:{host}")
-    } else {
-        host.to_string()
-    };
-    let ok = {
-        let b = full.as_bytes();
-        b.len() == 12
-            && b[4] == b':'
-            && b[7] == b':'
-            && b[10] == b'.'
-            && full
-                .char_indices()
-                .all(|(i, c)| [4, 7, 10].contains(&i) || c.is_ascii_hexdigit())
-            && (b'0'..=b'7').contains(&b[11])
-    };
-    if !ok {
-        return Err(format!(
-            "'{host}' is not a PCI address: expected DDDD:BB:DD.F (e.g. 0000:3b:00.0) or a /sys/bus/pci/devices/... path"
-        ));
-    }
-    Ok(PathBuf::from("/sys/bus/pci/devices").join(full.to_ascii_lowercase()))
-}
-
 /// Opens the VFIO container, maps guest RAM for DMA and puts every `--vfio` device on the
 /// PCI bus.
 pub fn assign(
@@ -150,6 +120,7 @@ pub fn assign(
     root: &Arc<Mutex<PciRoot>>,
     bars: &mut BarAllocator,
     router: &Arc<dyn InterruptRouter>,
+    ram_size: u64,
 ) -> Result<Option<Assigned>, Error> {
     if devices.is_empty() {
         return Ok(None);
@@ -159,6 +130,16 @@ pub fn assign(
         id: id.to_string(),
         why,
     };
+    // What blocks an assignment, said in one line before VFIO is touched: no such device,
+    // no IOMMU, not on vfio-pci, group not viable, no /dev/vfio node, memlock too low.
+    let host = Host::new();
+    let mut sysfs = Vec::new();
+    for d in devices {
+        let ok = host
+            .preflight(d.bdf, ram_size)
+            .map_err(|p| fail(&d.id, p.to_string()))?;
+        sysfs.push(ok.sysfs_path);
+    }
     let mut kvm_dev = kvm_create_device {
         type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
         fd: 0,
@@ -183,10 +164,10 @@ pub fn assign(
     let mapper: Arc<dyn GuestMapper> =
         Arc::new(KvmMapper::new(vm.clone(), ram.memory.num_regions() as u32));
     let mut root = root.lock().unwrap_or_else(|p| p.into_inner());
-    for (n, d) in devices.iter().enumerate() {
+    for (n, (d, path)) in devices.iter().zip(&sysfs).enumerate() {
         let dev = assigned
             .container
-            .open(&d.sysfs)
+            .open(path)
             .map_err(|e| fail(&d.id, crate::error_line(&e)))?;
         if n == 0 {
             // The first group set the IOMMU type: now guest RAM can be mapped, once for all.
@@ -232,7 +213,7 @@ pub fn assign(
         log::info!(
             "{}: {} assigned at 00:{slot:02x}.0, {} BAR(s), {} KiB mapped directly, INTx {}",
             d.id,
-            d.sysfs.display(),
+            path.display(),
             bar_list.len(),
             mapped >> 10,
             pin.map_or("none".to_string(), |_| format!("on GSI {gsi}"))
