@@ -1,0 +1,206 @@
+//! The passthrough model in the lab: host PCI devices of L1 (behind its Intel IOMMU)
+//! assigned to an L2 Linux guest (Debian's generic kernel, for its e1000e and nvme drivers)
+//! by our vmm's `--vfio`.
+//!
+//! - NIC: the e1000e at 00:02.0 is prepared with `passthrough bind` (and `passthrough check`
+//!   says it is ready), then assigned to two VMs one after the other. The first runs on
+//!   MSI-X, the second with `pci=nomsi`, so on INTx. In both the guest's e1000e driver binds,
+//!   pings L1's peer NIC (00:03.0, same QEMU hub) 100 times with no loss, and 64 MiB each
+//!   way over TCP arrives intact; /proc/interrupts shows which interrupts carried it.
+//!   `passthrough unbind` gives it back to L1's e1000e afterwards.
+//! - NVMe: the guest writes a pattern and 4 MiB of random data to the assigned NVMe; after
+//!   the VM exits, L1 rebinds the device to its nvme driver and reads both back.
+
+use std::time::Duration;
+
+use tests::lab::Scenario;
+
+const NIC_L1: &str = r#"
+. /lab/lib.sh
+passthrough check $NIC_BDF --memory 512M >/tmp/check0.txt 2>&1
+echo "LAB-VAL check-before-rc $?"
+sed 's/^/CHECK-BEFORE | /' /tmp/check0.txt
+check bind passthrough bind $NIC_BDF
+passthrough check $NIC_BDF --memory 512M >/tmp/check1.txt 2>&1
+rc=$?
+sed 's/^/CHECK-AFTER | /' /tmp/check1.txt
+check check-ready [ $rc -eq 0 ]
+
+peer=$(ls /sys/bus/pci/devices/$PEER_NIC_BDF/net/)
+$IP addr add 192.0.2.1/24 dev $peer
+$IP link set $peer up
+mkdir -p /tmp/www
+dd if=/dev/urandom of=/tmp/www/down.bin bs=1M count=64 2>/dev/null
+echo "LAB-VAL host-down-sha $(sha256sum /tmp/www/down.bin | cut -d' ' -f1)"
+httpd -p 192.0.2.1:8080 -h /tmp/www
+
+# run_vm TAG CMDLINE: one VM with the NIC; the guest's upload is fetched meanwhile.
+run_vm() {
+    tag=$1
+    rm -f /tmp/www/done
+    (
+        n=0
+        until wget -q -O /tmp/up.bin http://192.0.2.2:8080/up.bin 2>/dev/null || [ $n -ge 900 ]; do
+            sleep 1; n=$((n + 1))
+        done
+        echo "LAB-VAL $tag-host-up-sha $(sha256sum /tmp/up.bin | cut -d' ' -f1)"
+        rm -f /tmp/up.bin
+        touch /tmp/www/done
+    ) &
+    fetcher=$!
+    t0=$(lab_uptime)
+    { vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" --cmdline "$2" \
+        --cpus 2 --memory 512M --vfio host=$NIC_BDF,id=nic0 \
+        --exit-stats /tmp/stats-$tag.json </dev/null 2>&1; echo "VMM-RC $?"; } \
+        | lab_console "$t0" $tag | tee /tmp/$tag.log
+    kill $fetcher 2>/dev/null
+    wait $fetcher 2>/dev/null
+    check $tag-vmm-exit-0 grep -q '^VMM-RC 0$' /tmp/$tag.log
+    check $tag-l2-exit grep -q '^L2-EXIT 0$' /tmp/$tag.log
+    echo "LAB-VAL $tag-exit-stats $(cat /tmp/stats-$tag.json)"
+}
+run_vm msix "$L2_CMDLINE"
+run_vm intx "$L2_CMDLINE pci=nomsi"
+check host-driver-after-vms [ "$(pci_driver $NIC_BDF)" = vfio-pci ]
+check unbind passthrough unbind $NIC_BDF
+check host-driver-back [ "$(pci_driver $NIC_BDF)" = e1000e ]
+lab_finish
+"#;
+
+const NIC_L2: &str = r#"
+if grep -q pci=nomsi /proc/cmdline; then tag=intx; else tag=msix; fi
+dev=$(ls /sys/bus/pci/drivers/e1000e/ | grep '^0000:' | head -n1)
+echo "L2-VAL $tag-driver-bound ${dev:-none}"
+ifc=$(ls /sys/bus/pci/devices/$dev/net/ 2>/dev/null | head -n1)
+ip link set $ifc up
+ip addr add 192.0.2.2/24 dev $ifc
+# e1000e brings the link up after autonegotiation.
+n=0; until [ "$(cat /sys/class/net/$ifc/carrier 2>/dev/null)" = 1 ] || [ $n -ge 100 ]; do sleep 0.1; n=$((n + 1)); done
+ping -c 100 -i 0.02 -W 2 192.0.2.1 > /tmp/ping.txt 2>&1
+echo "L2-VAL $tag-ping $(grep 'packets transmitted' /tmp/ping.txt)"
+echo "L2-VAL $tag-ping-seqs $(sed -n 's/.*seq=\([0-9]*\).*/\1/p' /tmp/ping.txt | tr '\n' ' ')"
+mkdir -p /tmp/www
+dd if=/dev/urandom of=/tmp/up.tmp bs=1M count=64 2>/dev/null
+echo "L2-VAL $tag-guest-up-sha $(sha256sum /tmp/up.tmp | cut -d' ' -f1)"
+mv /tmp/up.tmp /tmp/www/up.bin
+httpd -p 192.0.2.2:8080 -h /tmp/www
+wget -q -O /tmp/down.bin http://192.0.2.1:8080/down.bin
+echo "L2-VAL $tag-guest-down-sha $(sha256sum /tmp/down.bin | cut -d' ' -f1)"
+rm -f /tmp/down.bin
+n=0
+until wget -q -O /dev/null http://192.0.2.1:8080/done 2>/dev/null || [ $n -ge 900 ]; do
+    sleep 1; n=$((n + 1))
+done
+grep -E "$ifc|$dev" /proc/interrupts | sed "s/^/L2-IRQ /"
+# Interrupts of the NIC by kind: sum the per-CPU counts of its lines.
+count() {
+    grep -E "$ifc|$dev" /proc/interrupts | grep "$1" |
+        awk '{ for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i } END { print s + 0 }'
+}
+echo "L2-VAL $tag-msix-irqs $(count MSI)"
+echo "L2-VAL $tag-ioapic-irqs $(count IO-APIC)"
+"#;
+
+fn num(s: &str) -> u64 {
+    s.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a count: {s:?}"))
+}
+
+#[test]
+fn nic_on_msix_then_intx_in_two_vms() {
+    let run = Scenario::new("lab_vfio_nic", NIC_L1)
+        .l2_script(NIC_L2)
+        .timeout(Duration::from_secs(1200))
+        .run_ok();
+    run.assert_ok("bind");
+    run.assert_ok("check-ready");
+    assert_eq!(run.require("LAB-VAL check-before-rc"), "2");
+    for tag in ["msix", "intx"] {
+        run.assert_ok(&format!("{tag}-vmm-exit-0"));
+        run.assert_ok(&format!("{tag}-l2-exit"));
+        let bound = run.require(&format!("L2-VAL {tag}-driver-bound"));
+        assert!(bound.starts_with("0000:"), "{tag}: e1000e bound to {bound}");
+        let ping = run.require(&format!("L2-VAL {tag}-ping"));
+        assert!(
+            ping.starts_with("100 packets transmitted, 100 packets received, 0% packet loss"),
+            "{tag}: {ping}"
+        );
+        assert_eq!(
+            run.require(&format!("L2-VAL {tag}-guest-down-sha")),
+            run.require("LAB-VAL host-down-sha"),
+            "{tag}: download corrupted"
+        );
+        assert_eq!(
+            run.require(&format!("L2-VAL {tag}-guest-up-sha")),
+            run.require(&format!("LAB-VAL {tag}-host-up-sha")),
+            "{tag}: upload corrupted"
+        );
+    }
+    // Which interrupts carried the traffic.
+    let msix = num(run.require("L2-VAL msix-msix-irqs"));
+    assert!(msix >= 100, "MSI-X run: {msix} MSI-X interrupts");
+    assert_eq!(num(run.require("L2-VAL msix-ioapic-irqs")), 0);
+    let intx = num(run.require("L2-VAL intx-ioapic-irqs"));
+    assert!(intx >= 100, "pci=nomsi run: {intx} INTx interrupts");
+    assert_eq!(num(run.require("L2-VAL intx-msix-irqs")), 0);
+    run.assert_ok("host-driver-after-vms");
+    run.assert_ok("unbind");
+    run.assert_ok("host-driver-back");
+}
+
+const NVME_L1: &str = r#"
+. /lab/lib.sh
+check bind passthrough bind $NVME_BDF
+t0=$(lab_uptime)
+{ vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" --cmdline "$L2_CMDLINE" \
+    --cpus 2 --memory 512M --vfio host=$NVME_BDF,id=nvme0 </dev/null 2>&1; echo "VMM-RC $?"; } \
+    | lab_console "$t0" l2 | tee /tmp/l2.log
+check vmm-exit-0 grep -q '^VMM-RC 0$' /tmp/l2.log
+check l2-exit grep -q '^L2-EXIT 0$' /tmp/l2.log
+check unbind passthrough unbind $NVME_BDF
+n=0; while [ ! -b /dev/nvme0n1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+check nvme-back [ -b /dev/nvme0n1 ]
+echo "LAB-VAL host-pattern $(dd if=/dev/nvme0n1 bs=512 skip=300 count=1 2>/dev/null | head -c 32)"
+echo "LAB-VAL host-random-sha $(dd if=/dev/nvme0n1 bs=1M skip=8 count=4 2>/dev/null | sha256sum | cut -d' ' -f1)"
+lab_finish
+"#;
+
+const NVME_L2: &str = r#"
+n=0; while [ ! -b /dev/nvme0n1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+echo "L2-VAL nvme-driver $(ls /sys/bus/pci/drivers/nvme/ | grep '^0000:' | head -n1)"
+printf 'L2-NVME-PATTERN-0123456789abcdef' | dd of=/dev/nvme0n1 bs=512 seek=300 conv=fsync 2>/dev/null && echo "L2-VAL pattern-written ok"
+dd if=/dev/urandom of=/tmp/r.bin bs=1M count=4 2>/dev/null
+dd if=/tmp/r.bin of=/dev/nvme0n1 bs=1M seek=8 conv=fsync 2>/dev/null && echo "L2-VAL random-written ok"
+echo "L2-VAL random-sha $(sha256sum /tmp/r.bin | cut -d' ' -f1)"
+echo "L2-VAL readback-sha $(dd if=/dev/nvme0n1 bs=1M skip=8 count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
+grep nvme /proc/interrupts | sed "s/^/L2-IRQ /"
+"#;
+
+#[test]
+fn nvme_pattern_survives_the_vm() {
+    let run = Scenario::new("lab_vfio_nvme", NVME_L1)
+        .l2_script(NVME_L2)
+        .timeout(Duration::from_secs(600))
+        .run_ok();
+    run.assert_ok("bind");
+    run.assert_ok("vmm-exit-0");
+    run.assert_ok("l2-exit");
+    assert!(run.require("L2-VAL nvme-driver").starts_with("0000:"));
+    assert_eq!(run.require("L2-VAL pattern-written"), "ok");
+    assert_eq!(run.require("L2-VAL random-written"), "ok");
+    assert_eq!(
+        run.require("L2-VAL readback-sha"),
+        run.require("L2-VAL random-sha")
+    );
+    run.assert_ok("unbind");
+    run.assert_ok("nvme-back");
+    assert_eq!(
+        run.require("LAB-VAL host-pattern"),
+        "L2-NVME-PATTERN-0123456789abcdef"
+    );
+    assert_eq!(
+        run.require("LAB-VAL host-random-sha"),
+        run.require("L2-VAL random-sha")
+    );
+}
