@@ -79,6 +79,9 @@ pub struct PciRoot {
     devices: BTreeMap<u8, Slot>,
     mmio: Arc<Bus>,
     pio: Arc<Bus>,
+    /// With debug logging: configuration accesses per (device, register, write), logged
+    /// when the root goes away, to find what a guest driver polls.
+    trace: Option<Mutex<BTreeMap<(u8, usize, bool), u64>>>,
 }
 
 impl PciRoot {
@@ -92,7 +95,12 @@ impl PciRoot {
                 dev: bridge,
             },
         );
-        PciRoot { devices, mmio, pio }
+        PciRoot {
+            devices,
+            mmio,
+            pio,
+            trace: log::log_enabled!(log::Level::Debug).then(|| Mutex::new(BTreeMap::new())),
+        }
     }
 
     fn bus(&self, kind: BarKind) -> &Bus {
@@ -156,7 +164,19 @@ impl PciRoot {
             .bar_moved(m);
     }
 
+    fn count(&self, dev: u8, reg: usize, write: bool) {
+        if let Some(t) = &self.trace {
+            *t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry((dev, reg, write))
+                .or_default() += 1;
+        }
+    }
+
     fn read(&self, bus: u8, dev: u8, func: u8, reg: usize) -> u32 {
+        if bus == 0 && func == 0 {
+            self.count(dev, reg, false);
+        }
         if bus != 0 || func != 0 {
             return 0xffff_ffff;
         }
@@ -171,6 +191,9 @@ impl PciRoot {
     }
 
     fn write(&self, bus: u8, dev: u8, func: u8, reg: usize, offset: u64, data: &[u8]) {
+        if bus == 0 && func == 0 {
+            self.count(dev, reg, true);
+        }
         if bus != 0 || func != 0 {
             return;
         }
@@ -184,6 +207,26 @@ impl PciRoot {
                 self.move_bar(s, &m);
             }
         }
+    }
+}
+
+impl Drop for PciRoot {
+    fn drop(&mut self) {
+        let Some(t) = self.trace.take() else {
+            return;
+        };
+        let mut v: Vec<((u8, usize, bool), u64)> =
+            t.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1));
+        let top: Vec<String> = v
+            .iter()
+            .take(12)
+            .map(|((d, r, w), n)| {
+                let name = self.devices.get(d).map_or("-", |s| s.name.as_str());
+                format!("{name}:{:#05x}{}={n}", r * 4, if *w { "w" } else { "r" })
+            })
+            .collect();
+        log::debug!("pci: busiest config registers: {}", top.join(" "));
     }
 }
 
