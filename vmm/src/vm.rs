@@ -243,6 +243,10 @@ impl Vm {
         }
         // Device threads stop (and drain in-flight I/O) before guest memory goes away, and
         // the VM fd only after every vCPU thread has returned.
+        self._pci
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .log_config_trace();
         drop(self._pci);
         drop(self._vfio);
         drop(self.vm);

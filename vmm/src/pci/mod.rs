@@ -210,13 +210,18 @@ impl PciRoot {
     }
 }
 
-impl Drop for PciRoot {
-    fn drop(&mut self) {
-        let Some(t) = self.trace.take() else {
+impl PciRoot {
+    /// With debug logging: the most accessed configuration registers.
+    pub fn log_config_trace(&self) {
+        let Some(t) = &self.trace else {
             return;
         };
-        let mut v: Vec<((u8, usize, bool), u64)> =
-            t.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().collect();
+        let mut v: Vec<((u8, usize, bool), u64)> = t
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, n)| (*k, *n))
+            .collect();
         v.sort_by(|a, b| b.1.cmp(&a.1));
         let top: Vec<String> = v
             .iter()
