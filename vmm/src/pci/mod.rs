@@ -81,7 +81,7 @@ pub struct PciRoot {
     pio: Arc<Bus>,
     /// With debug logging: configuration accesses per (device, register, write), logged
     /// when the root goes away, to find what a guest driver polls.
-    trace: Option<Mutex<BTreeMap<(u8, usize, bool), u64>>>,
+    trace: Option<Mutex<BTreeMap<(u8, u8, u8, usize, bool), u64>>>,
 }
 
 impl PciRoot {
@@ -164,19 +164,17 @@ impl PciRoot {
             .bar_moved(m);
     }
 
-    fn count(&self, dev: u8, reg: usize, write: bool) {
+    fn count(&self, bdf: (u8, u8, u8), reg: usize, write: bool) {
         if let Some(t) = &self.trace {
             *t.lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .entry((dev, reg, write))
+                .entry((bdf.0, bdf.1, bdf.2, reg, write))
                 .or_default() += 1;
         }
     }
 
     fn read(&self, bus: u8, dev: u8, func: u8, reg: usize) -> u32 {
-        if bus == 0 && func == 0 {
-            self.count(dev, reg, false);
-        }
+        self.count((bus, dev, func), reg, false);
         if bus != 0 || func != 0 {
             return 0xffff_ffff;
         }
@@ -191,9 +189,7 @@ impl PciRoot {
     }
 
     fn write(&self, bus: u8, dev: u8, func: u8, reg: usize, offset: u64, data: &[u8]) {
-        if bus == 0 && func == 0 {
-            self.count(dev, reg, true);
-        }
+        self.count((bus, dev, func), reg, true);
         if bus != 0 || func != 0 {
             return;
         }
@@ -216,7 +212,7 @@ impl PciRoot {
         let Some(t) = &self.trace else {
             return;
         };
-        let mut v: Vec<((u8, usize, bool), u64)> = t
+        let mut v: Vec<((u8, u8, u8, usize, bool), u64)> = t
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
@@ -226,12 +222,19 @@ impl PciRoot {
         let top: Vec<String> = v
             .iter()
             .take(12)
-            .map(|((d, r, w), n)| {
-                let name = self.devices.get(d).map_or("-", |s| s.name.as_str());
+            .map(|((b, d, f, r, w), n)| {
+                let name = match self.devices.get(d) {
+                    Some(s) if *b == 0 && *f == 0 => s.name.clone(),
+                    _ => format!("{b:02x}:{d:02x}.{f}"),
+                };
                 format!("{name}:{:#05x}{}={n}", r * 4, if *w { "w" } else { "r" })
             })
             .collect();
-        log::debug!("pci: busiest config registers: {}", top.join(" "));
+        let total: u64 = v.iter().map(|x| x.1).sum();
+        log::debug!(
+            "pci: {total} config accesses; busiest registers: {}",
+            top.join(" ")
+        );
     }
 }
 
