@@ -231,6 +231,14 @@ impl PciRoot {
             })
             .collect();
         let total: u64 = v.iter().map(|x| x.1).sum();
+        let buses: std::collections::BTreeSet<u8> = v.iter().map(|x| x.0 .0).collect();
+        let funcs = v.iter().filter(|x| x.0 .2 != 0).count();
+        let regs: std::collections::BTreeSet<usize> = v.iter().map(|x| x.0 .3 * 4).collect();
+        log::debug!(
+            "pci: config accesses touched {} bus(es), {funcs} register(s) of functions other than 0, registers {:x?}",
+            buses.len(),
+            regs.iter().take(16).collect::<Vec<_>>()
+        );
         log::debug!(
             "pci: {total} config accesses; busiest registers: {}",
             top.join(" ")
