@@ -75,13 +75,16 @@ struct Slot {
 }
 
 /// Bus 0: up to 32 single-function devices, their BARs on the MMIO and PIO buses.
+/// Bus, device, function, register, write.
+type TraceKey = (u8, u8, u8, usize, bool);
+
 pub struct PciRoot {
     devices: BTreeMap<u8, Slot>,
     mmio: Arc<Bus>,
     pio: Arc<Bus>,
     /// With debug logging: configuration accesses per (device, register, write), logged
     /// when the root goes away, to find what a guest driver polls.
-    trace: Option<Mutex<BTreeMap<(u8, u8, u8, usize, bool), u64>>>,
+    trace: Option<Mutex<BTreeMap<TraceKey, u64>>>,
 }
 
 impl PciRoot {
@@ -212,7 +215,7 @@ impl PciRoot {
         let Some(t) = &self.trace else {
             return;
         };
-        let mut v: Vec<((u8, u8, u8, usize, bool), u64)> = t
+        let mut v: Vec<(TraceKey, u64)> = t
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
