@@ -221,7 +221,7 @@ impl PciRoot {
             .iter()
             .map(|(k, n)| (*k, *n))
             .collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|x| std::cmp::Reverse(x.1));
         let top: Vec<String> = v
             .iter()
             .take(12)
