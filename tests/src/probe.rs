@@ -10,6 +10,7 @@
 //! (0 < p <= 1000), the sample of 1-based rank `ceil(p * n / 1000)`; `p = 0` is the minimum.
 //! The guest computes them from all its samples; the host only converts units.
 
+use std::ffi::OsString;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -627,11 +628,20 @@ impl ProbeConfig {
 /// Our vmm running the probe ELF with `cfg`; add `--disk`/`--net`/`--exit-stats` to it.
 pub fn vmm_command(vmm: &Path, elf: &Path, cfg: &ProbeConfig) -> Command {
     let mut cmd = Command::new(vmm);
-    cmd.arg("--kernel")
-        .arg(elf)
-        .args(["--cmdline", &cfg.cmdline()])
-        .args(["--memory", &format!("{PROBE_MEMORY_MIB}M")]);
+    cmd.args(vmm_args(elf, cfg));
     cmd
+}
+
+/// The arguments of [`vmm_command`], for a vmm started some other way (`ip netns exec`).
+pub fn vmm_args(elf: &Path, cfg: &ProbeConfig) -> Vec<OsString> {
+    vec![
+        "--kernel".into(),
+        elf.into(),
+        "--cmdline".into(),
+        cfg.cmdline().into(),
+        "--memory".into(),
+        format!("{PROBE_MEMORY_MIB}M").into(),
+    ]
 }
 
 /// `--disk path=IMG` for our vmm.
