@@ -57,7 +57,7 @@ fn sector_words(bytes: &[u8]) -> [u64; WORDS_PER_SECTOR] {
 /// Creates (or overwrites) `path` as an image of `size` bytes (a multiple of 4 KiB) in which
 /// every sector carries its stamp for `seed`.
 pub fn stamp_image(path: &Path, size: u64, seed: u64) -> io::Result<()> {
-    if size == 0 || size % BLOCK_SIZE as u64 != 0 {
+    if size == 0 || !size.is_multiple_of(BLOCK_SIZE as u64) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("image size {size} is not a positive multiple of {BLOCK_SIZE}"),
