@@ -213,3 +213,51 @@ fn blk_probe_on_qemu_verifies_every_read() {
         "sectors no longer stamped after the run: {bad:?}"
     );
 }
+
+/// Without the device it is asked to probe, the guest says so and exits with 0x72; a bad
+/// probe argument is a command-line error (the guest's panic, 0x70) that names the word.
+#[test]
+fn probe_without_device_or_with_bad_arguments_fails_with_a_message() {
+    let cfg = ProbeConfig::blk(10, SEED, "read");
+    let out = run_probe(&mut probe::vmm_command(&vmm(), &elf(), &cfg), TIMEOUT).expect("vmm run");
+    assert_eq!(
+        out.guest_exit_code(),
+        Some(EXIT_PROBE_FAILED),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("probe: virtio-blk: no virtio device of this type on PCI bus 0"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.results().expect("no result lines").is_empty());
+
+    for (cmdline, message) in [
+        ("probe=disk", "probe=disk: expected blk or net"),
+        (
+            "probe=blk tests=read,trim",
+            "tests: trim: expected read, write or qd32",
+        ),
+        ("probe=net ip=192.0.2", "ip=192.0.2: not an IPv4 address"),
+        ("probe=blk n=lots", "n=lots: not a number"),
+    ] {
+        let mut cmd = std::process::Command::new(vmm());
+        cmd.arg("--kernel")
+            .arg(elf())
+            .args(["--cmdline", cmdline, "--memory", "128M"]);
+        let out = run_probe(&mut cmd, TIMEOUT).expect("vmm run");
+        assert_eq!(
+            out.guest_exit_code(),
+            Some(0x70),
+            "{cmdline}: {}",
+            out.stdout
+        );
+        assert!(
+            out.stdout.contains(message),
+            "{cmdline}: '{message}' not in:\n{}",
+            out.stdout
+        );
+    }
+}

@@ -69,6 +69,15 @@ pub extern "C" fn ring3_main(start_info: u64) -> ! {
     if let Some(fault) = args.fault {
         cause(fault);
     }
+    if args.probe.is_some() && info.ram_covers(virtio::DMA_BASE, virtio::SAMPLES_END) == Some(false)
+    {
+        println!(
+            "probe: guest RAM must cover {:#x}..{:#x} (give the guest at least 64 MiB)",
+            virtio::DMA_BASE,
+            virtio::SAMPLES_END
+        );
+        exit::exit(probe::EXIT_PROBE_FAILED);
+    }
     exit::exit(probe::run(&args))
 }
 
