@@ -10,6 +10,7 @@
 //! (0 < p <= 1000), the sample of 1-based rank `ceil(p * n / 1000)`; `p = 0` is the minimum.
 //! The guest computes them from all its samples; the host only converts units.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -683,6 +684,61 @@ pub fn qemu_blk_args(img: &Path) -> Vec<String> {
     ]
 }
 
+/// QEMU's virtio-net on an existing tap (`ifname=`, no vhost-net: the host has none).
+pub fn qemu_net_args(tap: &str) -> Vec<String> {
+    vec![
+        "-netdev".into(),
+        format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"),
+        "-device".into(),
+        "virtio-net-pci,netdev=n0,disable-legacy=on,romfile=".into(),
+    ]
+}
+
+/// The vmm's `--exit-stats` JSON: exits to userspace, in total and per device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    pub total: u64,
+    pub pio: BTreeMap<String, u64>,
+    pub mmio: BTreeMap<String, u64>,
+    /// Queue notifications that reached the vmm (no ioeventfd caught them), per device.
+    pub notify_exits: BTreeMap<String, u64>,
+}
+
+impl ExitStats {
+    pub fn parse(text: &str) -> Result<ExitStats, ParseError> {
+        let j = parse_json(text)?;
+        let map = |key: &'static str| -> Result<BTreeMap<String, u64>, ParseError> {
+            match j.get(key) {
+                Some(Json::Obj(m)) => m
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), v.as_u64().ok_or(ParseError::Field(key))?)))
+                    .collect(),
+                _ => Err(ParseError::Field(key)),
+            }
+        };
+        Ok(ExitStats {
+            total: j
+                .get("total")
+                .and_then(Json::as_u64)
+                .ok_or(ParseError::Field("total"))?,
+            pio: map("pio")?,
+            mmio: map("mmio")?,
+            notify_exits: map("notify_exits")?,
+        })
+    }
+
+    /// Reads and parses the file the vmm wrote.
+    pub fn read(path: &Path) -> io::Result<ExitStats> {
+        let text = std::fs::read_to_string(path)?;
+        ExitStats::parse(&text).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })
+    }
+}
+
 /// What a probe run printed and how it ended.
 #[derive(Debug)]
 pub struct ProbeOutput {
@@ -945,6 +1001,18 @@ mod tests {
             assert!(x < 10);
             assert_eq!(x, b.below(10));
         }
+    }
+
+    #[test]
+    fn exit_stats() {
+        let text = "{\"total\":16,\"pio\":{\"i8042\":0,\"serial\":10},\"pio_unclaimed\":2,\"mmio\":{\"disk0\":3},\"mmio_unclaimed\":0,\"other\":{\"irq_window\":1},\"interrupted\":0,\"notify_exits\":{\"disk0\":0}}";
+        let s = ExitStats::parse(text).unwrap();
+        assert_eq!(s.total, 16);
+        assert_eq!(s.pio["serial"], 10);
+        assert_eq!(s.mmio["disk0"], 3);
+        assert_eq!(s.notify_exits["disk0"], 0);
+        assert!(ExitStats::parse("{\"total\":1}").is_err());
+        assert!(ExitStats::parse(&text.replace("\"serial\":10", "\"serial\":\"x\"")).is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tests::guest::test_guest_elf;
 use tests::host::{NetNs, ScratchDir, Tap};
 use tests::probe::{
-    self, parse_json, run_probe, stamp_image, tsc_hz, verify_image, Json, ProbeConfig, ProbeOutput,
+    self, run_probe, stamp_image, tsc_hz, verify_image, ExitStats, ProbeConfig, ProbeOutput,
     ProbeResult, EXIT_PROBE_FAILED,
 };
 
@@ -78,17 +78,9 @@ fn assert_all_verified(results: &[ProbeResult], tests: &[&str], n: u64) {
     }
 }
 
-fn stats_counter(stats: &Json, group: &str, name: &str) -> u64 {
-    stats
-        .get(group)
-        .and_then(|g| g.get(name))
-        .and_then(Json::as_u64)
-        .unwrap_or_else(|| panic!("exit stats have no {group}.{name}: {stats:?}"))
-}
-
-fn read_stats(path: &Path) -> Json {
-    let text = std::fs::read_to_string(path).expect("exit stats file");
-    parse_json(&text).unwrap_or_else(|e| panic!("exit stats: {e}: {text}"))
+fn counter(map: &std::collections::BTreeMap<String, u64>, name: &str) -> u64 {
+    *map.get(name)
+        .unwrap_or_else(|| panic!("exit stats have no counter for {name}: {map:?}"))
 }
 
 #[test]
@@ -117,11 +109,11 @@ fn blk_probe_on_vmm_verifies_every_read() {
 
     // Doorbells go to an ioeventfd: no notify reaches the vmm, and the device's MMIO exits
     // are the set-up's only (far fewer than the 3300 I/Os).
-    let stats = read_stats(&stats);
+    let stats = ExitStats::read(&stats).expect("exit stats");
     let ios: u64 = results.iter().map(|r| r.n + r.warmup).sum();
-    let notify_exits = stats_counter(&stats, "notify_exits", "disk0");
-    let mmio = stats_counter(&stats, "mmio", "disk0");
-    let total = stats.get("total").and_then(Json::as_u64).unwrap_or(0);
+    let notify_exits = counter(&stats.notify_exits, "disk0");
+    let mmio = counter(&stats.mmio, "disk0");
+    let total = stats.total;
     eprintln!(
         "vmm blk: {ios} I/Os, {total} exits to userspace ({:.3} per I/O), disk0 mmio {mmio}, notify exits {notify_exits}",
         total as f64 / ios as f64
@@ -176,13 +168,33 @@ fn net_probe_on_vmm_gets_every_echo_reply() {
     let out = run_probe(&mut cmd, TIMEOUT).expect("vmm net probe run");
     let results = results_of(&out, "vmm net");
     assert_all_verified(&results, &["net-icmp-rr"], u64::from(N));
-    let stats = read_stats(&stats);
-    let notify_exits = stats_counter(&stats, "notify_exits", "net0");
+    let stats = ExitStats::read(&stats).expect("exit stats");
+    let notify_exits = counter(&stats.notify_exits, "net0");
     eprintln!(
-        "vmm net: {} exits to userspace, notify exits {notify_exits}",
-        stats.get("total").and_then(Json::as_u64).unwrap_or(0)
+        "vmm net: {} exits to userspace, net0 mmio {}, notify exits {notify_exits}",
+        stats.total,
+        counter(&stats.mmio, "net0")
     );
     assert_eq!(notify_exits, 0, "{stats:?}");
+    assert!(counter(&stats.mmio, "net0") < 100, "{stats:?}");
+}
+
+/// The same ELF on QEMU's virtio-net (the probe's driver against a second implementation).
+#[test]
+fn net_probe_on_qemu_gets_every_echo_reply() {
+    let ns = NetNs::new("prbns").expect("network namespace");
+    let mut tap = Tap::new("prbtap").expect("tap");
+    tap.move_to(&ns).expect("move tap");
+    tap.add_addr("192.0.2.1/24").expect("tap address");
+    tap.up().expect("tap up");
+    let cfg = ProbeConfig::net(N, "192.0.2.2", "192.0.2.1");
+    let qemu = probe::qemu_command(&elf(), &cfg);
+    let mut cmd = ns.command(qemu.get_program());
+    cmd.args(qemu.get_args())
+        .args(probe::qemu_net_args(tap.name()));
+    let out = run_probe(&mut cmd, TIMEOUT).expect("QEMU net probe run");
+    let results = results_of(&out, "qemu net");
+    assert_all_verified(&results, &["net-icmp-rr"], u64::from(N));
 }
 
 /// The same ELF, unchanged, on QEMU's virtio-blk (io_uring + iothread): the probe assigns the
