@@ -1004,6 +1004,17 @@ mod tests {
     }
 
     #[test]
+    fn tsc_frequency_is_plausible_and_stable() {
+        let a = measure_tsc_hz(Duration::from_millis(50));
+        let b = tsc_hz();
+        for hz in [a, b] {
+            assert!((1e8..1e10).contains(&hz), "TSC at {hz} Hz");
+        }
+        assert!((a / b - 1.0).abs() < 0.1, "{a} vs {b}");
+        assert!((cycles_to_us(b as u64, b) - 1e6).abs() < 1.0);
+    }
+
+    #[test]
     fn exit_stats() {
         let text = "{\"total\":16,\"pio\":{\"i8042\":0,\"serial\":10},\"pio_unclaimed\":2,\"mmio\":{\"disk0\":3},\"mmio_unclaimed\":0,\"other\":{\"irq_window\":1},\"interrupted\":0,\"notify_exits\":{\"disk0\":0}}";
         let s = ExitStats::parse(text).unwrap();
