@@ -184,6 +184,7 @@ impl Blk {
     }
 
     /// Checks a completed slot: (I/O error, verify failure).
+    /// The sector is read back from the slot's header, which the device does not write.
     fn check(&self, slot: u16, kind: u32) -> (bool, bool) {
         let hdr = self.hdr + 16 * u64::from(slot);
         // SAFETY: the slot's header and status, which the device has finished with.
