@@ -16,7 +16,8 @@
 //!   (default 100).
 //! - `seed=N`: the image seed and the random sequence's seed (default 1).
 //! - `tests=LIST`: comma-separated blk tests: `read` (QD1 random 4 KiB reads), `write` (QD1
-//!   random 4 KiB writes), `qd32` (random reads at queue depth `qd=`, 1 to 64, default 32). Default: all.
+//!   random 4 KiB writes), `qd32` (random reads at queue depth `qd=`, 1 to 64, default 32).
+//!   Default: all.
 //! - `ip=A.B.C.D`, `peer=A.B.C.D`: the net probe's address and the echo target (defaults
 //!   192.0.2.2 and 192.0.2.1); `size=N`: ICMP payload bytes (default 56).
 
