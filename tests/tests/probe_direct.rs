@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tests::guest::test_guest_elf;
-use tests::host::{NetNs, ScratchDir, Tap};
+use tests::host::{Daemon, NetNs, ScratchDir, Tap};
 use tests::probe::{
     self, run_probe, stamp_image, tsc_hz, verify_image, ExitStats, ProbeConfig, ProbeOutput,
     ProbeResult, EXIT_PROBE_FAILED,
@@ -272,4 +272,56 @@ fn probe_without_device_or_with_bad_arguments_fails_with_a_message() {
             out.stdout
         );
     }
+}
+
+/// The probe through our vmm's vhost-user-blk frontend and our vhost-user-blk daemon: the
+/// third device model gets the same verified run.
+#[test]
+fn blk_probe_on_vmm_with_vhost_user_daemon_verifies_every_read() {
+    let daemon_bin = tests::lab::profile_dir().join("vhost-user-blk");
+    assert!(
+        daemon_bin.is_file(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        daemon_bin.display()
+    );
+    let dir = ScratchDir::new("probe").expect("scratch dir");
+    let img = dir.join("disk.img");
+    stamp_image(&img, IMAGE_SIZE, SEED).expect("stamp image");
+    let sock = dir.join("blk.sock");
+    let mut daemon = Daemon::spawn(
+        "vhost-user-blk",
+        std::process::Command::new(&daemon_bin)
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--blk-file")
+            .arg(&img),
+    )
+    .expect("start vhost-user-blk");
+    daemon
+        .wait_for_path(&sock, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stats = dir.join("exits.json");
+    let cfg = ProbeConfig::blk(N, SEED, "read,write,qd32");
+    let mut cmd = probe::vmm_command(&vmm(), &elf(), &cfg);
+    cmd.arg("--vhost-user-blk")
+        .arg(format!("socket={}", sock.display()))
+        .arg("--exit-stats")
+        .arg(&stats);
+    let out = run_probe(&mut cmd, TIMEOUT).expect("vmm probe run");
+    let results = results_of(&out, "vmm vhost-user-blk");
+    assert_all_verified(
+        &results,
+        &["blk-read-qd1", "blk-write-qd1", "blk-read-qd32"],
+        u64::from(N),
+    );
+    let stats = ExitStats::read(&stats).expect("exit stats");
+    assert_eq!(counter(&stats.notify_exits, "vublk0"), 0, "{stats:?}");
+    // The daemon flushes on SIGTERM; then the image must still verify.
+    let status = daemon.stop().expect("stop the daemon");
+    assert!(status.success(), "daemon: {status}\n{}", daemon.log());
+    let bad = verify_image(&img, SEED).expect("verify image");
+    assert!(
+        bad.is_empty(),
+        "sectors no longer stamped after the run: {bad:?}"
+    );
 }
