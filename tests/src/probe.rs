@@ -781,8 +781,14 @@ pub fn run_probe(cmd: &mut Command, timeout: Duration) -> io::Result<ProbeOutput
     let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
     let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
     let status = loop {
-        if let Some(status) = child.try_wait()? {
+        let polled = child.try_wait();
+        if let Ok(Some(status)) = polled {
             break status;
+        }
+        if let Err(e) = polled {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
         }
         if start.elapsed() > timeout {
             let _ = child.kill();
