@@ -4,6 +4,9 @@
 //! `exit=N` (debug-exit code, default 0), `msg=TEXT`, `fault=panic|ud|pf|bp|gp`. It prints
 //! `test-guest: hello from ring 3 (cpl=3)` on COM1 and writes N to the debug-exit port 0xf4
 //! (QEMU's `isa-debug-exit` then exits with status `(N << 1) | 1`).
+//!
+//! With `probe=blk|net` (and `n=`, `warmup=`, `seed=`, `tests=read,write,qd32`, `qd=`,
+//! `ip=`, `peer=`, `size=`) it runs the latency probe instead; see [`crate::probe`].
 
 use std::path::PathBuf;
 

@@ -9,14 +9,65 @@
 //!   (invalid opcode), `pf` (page fault), `bp` (`int3`), `gp` (`hlt` in ring 3), `triple`
 //!   (an exception whose handler faults with no usable IDT: a triple fault, which ends the VM
 //!   with no exit code of the guest's choosing).
+//!
+//! Probe keys (see [`crate::probe`]); without `probe=` the guest only does the above:
+//! - `probe=blk|net`: run the virtio-blk or the virtio-net probe.
+//! - `n=N`: measured operations per test (default 1000); `warmup=N`: unmeasured ones before
+//!   (default 100).
+//! - `seed=N`: the image seed and the random sequence's seed (default 1).
+//! - `tests=LIST`: comma-separated blk tests: `read` (QD1 random 4 KiB reads), `write` (QD1
+//!   random 4 KiB writes), `qd32` (random reads at queue depth `qd=`, 1 to 64, default 32).
+//!   Default: all.
+//! - `ip=A.B.C.D`, `peer=A.B.C.D`: the net probe's address and the echo target (defaults
+//!   192.0.2.2 and 192.0.2.1); `size=N`: ICMP payload bytes (default 56).
 
 /// What the command line asks for.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Args<'a> {
     pub exit: u32,
     pub msg: Option<&'a [u8]>,
     pub fault: Option<Failure>,
+    pub probe: Option<Probe>,
+    pub n: u32,
+    pub warmup: u32,
+    pub seed: u64,
+    /// Bit set of `TEST_*`.
+    pub tests: u32,
+    pub qd: u32,
+    pub ip: [u8; 4],
+    pub peer: [u8; 4],
+    pub size: u32,
 }
+
+impl Default for Args<'_> {
+    fn default() -> Self {
+        Args {
+            exit: 0,
+            msg: None,
+            fault: None,
+            probe: None,
+            n: 1000,
+            warmup: 100,
+            seed: 1,
+            tests: TEST_READ | TEST_WRITE | TEST_QD,
+            qd: 32,
+            ip: [192, 0, 2, 2],
+            peer: [192, 0, 2, 1],
+            size: 56,
+        }
+    }
+}
+
+/// Which probe to run (`probe=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    Blk,
+    Net,
+}
+
+pub const TEST_READ: u32 = 1 << 0;
+pub const TEST_WRITE: u32 = 1 << 1;
+pub const TEST_QD: u32 = 1 << 2;
 
 /// A failure to cause on purpose (`fault=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +85,9 @@ pub enum Failure {
 pub enum Error<'a> {
     BadNumber { key: &'a str, value: &'a [u8] },
     UnknownFault(&'a [u8]),
+    UnknownProbe(&'a [u8]),
+    UnknownTest(&'a [u8]),
+    BadAddress { key: &'a str, value: &'a [u8] },
 }
 
 impl core::fmt::Display for Error<'_> {
@@ -48,6 +102,21 @@ impl core::fmt::Display for Error<'_> {
                 write!(f, "fault=")?;
                 write_escaped(f, value)?;
                 write!(f, ": expected panic, ud, pf, bp, gp or triple")
+            }
+            Error::UnknownProbe(value) => {
+                write!(f, "probe=")?;
+                write_escaped(f, value)?;
+                write!(f, ": expected blk or net")
+            }
+            Error::UnknownTest(value) => {
+                write!(f, "tests: ")?;
+                write_escaped(f, value)?;
+                write!(f, ": expected read, write or qd32")
+            }
+            Error::BadAddress { key, value } => {
+                write!(f, "{key}=")?;
+                write_escaped(f, value)?;
+                write!(f, ": not an IPv4 address")
             }
         }
     }
@@ -97,7 +166,7 @@ fn unquote(value: &[u8]) -> &[u8] {
     value.strip_suffix(b"\"").unwrap_or(value)
 }
 
-fn parse_u32(value: &[u8]) -> Option<u32> {
+fn parse_u64(value: &[u8]) -> Option<u64> {
     let (digits, radix) = match value {
         [b'0', b'x' | b'X', hex @ ..] => (hex, 16),
         _ => (value, 10),
@@ -105,12 +174,28 @@ fn parse_u32(value: &[u8]) -> Option<u32> {
     if digits.is_empty() {
         return None;
     }
-    let mut n: u32 = 0;
+    let mut n: u64 = 0;
     for &d in digits {
         let digit = (d as char).to_digit(radix)?;
-        n = n.checked_mul(radix)?.checked_add(digit)?;
+        n = n
+            .checked_mul(u64::from(radix))?
+            .checked_add(u64::from(digit))?;
     }
     Some(n)
+}
+
+fn parse_u32(value: &[u8]) -> Option<u32> {
+    parse_u64(value).and_then(|n| u32::try_from(n).ok())
+}
+
+fn parse_ipv4(value: &[u8]) -> Option<[u8; 4]> {
+    let mut out = [0u8; 4];
+    let mut parts = value.split(|&b| b == b'.');
+    for o in &mut out {
+        let n = parse_u32(parts.next()?)?;
+        *o = u8::try_from(n).ok()?;
+    }
+    parts.next().is_none().then_some(out)
 }
 
 /// Parses `cmdline`.
@@ -126,6 +211,42 @@ pub fn parse(cmdline: &[u8]) -> Result<Args<'_>, Error<'_>> {
                 args.exit = parse_u32(value).ok_or(Error::BadNumber { key: "exit", value })?;
             }
             b"msg" => args.msg = Some(value),
+            b"probe" => {
+                args.probe = Some(match value {
+                    b"blk" => Probe::Blk,
+                    b"net" => Probe::Net,
+                    _ => return Err(Error::UnknownProbe(value)),
+                });
+            }
+            b"n" => args.n = parse_u32(value).ok_or(Error::BadNumber { key: "n", value })?,
+            b"warmup" => {
+                args.warmup = parse_u32(value).ok_or(Error::BadNumber {
+                    key: "warmup",
+                    value,
+                })?;
+            }
+            b"seed" => {
+                args.seed = parse_u64(value).ok_or(Error::BadNumber { key: "seed", value })?
+            }
+            b"qd" => args.qd = parse_u32(value).ok_or(Error::BadNumber { key: "qd", value })?,
+            b"size" => {
+                args.size = parse_u32(value).ok_or(Error::BadNumber { key: "size", value })?
+            }
+            b"ip" => args.ip = parse_ipv4(value).ok_or(Error::BadAddress { key: "ip", value })?,
+            b"peer" => {
+                args.peer = parse_ipv4(value).ok_or(Error::BadAddress { key: "peer", value })?;
+            }
+            b"tests" => {
+                args.tests = 0;
+                for t in value.split(|&b| b == b',').filter(|t| !t.is_empty()) {
+                    args.tests |= match t {
+                        b"read" => TEST_READ,
+                        b"write" => TEST_WRITE,
+                        b"qd32" | b"qd" => TEST_QD,
+                        _ => return Err(Error::UnknownTest(t)),
+                    };
+                }
+            }
             b"fault" => {
                 args.fault = Some(match value {
                     b"panic" => Failure::Panic,

@@ -7,6 +7,9 @@
 //! [`exit::EXIT_PANIC`]; a CPU exception prints `test-guest: EXCEPTION <vector> ...` and exits
 //! with [`exit::EXIT_EXCEPTION`].
 //!
+//! With `probe=blk` or `probe=net` it then runs the latency probe of [`probe`] (a polling
+//! ring-3 virtio-pci driver, see [`virtio`]) and exits with 0x72 if a probe test failed.
+//!
 //! Built for the host target as a freestanding static ELF by the `tests` package's build
 //! script (see `tests/build.rs`), linked by `link.ld`.
 
@@ -17,10 +20,15 @@ mod boot;
 mod cmdline;
 mod exit;
 mod mem;
+mod net;
+mod pci;
 mod pio;
+mod probe;
+mod probe_shared;
 mod serial;
 mod start_info;
 mod trap;
+mod virtio;
 
 use core::arch::asm;
 
@@ -61,7 +69,16 @@ pub extern "C" fn ring3_main(start_info: u64) -> ! {
     if let Some(fault) = args.fault {
         cause(fault);
     }
-    exit::exit(args.exit)
+    if args.probe.is_some() && info.ram_covers(virtio::DMA_BASE, virtio::SAMPLES_END) == Some(false)
+    {
+        println!(
+            "probe: guest RAM must cover {:#x}..{:#x} (give the guest at least 64 MiB)",
+            virtio::DMA_BASE,
+            virtio::SAMPLES_END
+        );
+        exit::exit(probe::EXIT_PROBE_FAILED);
+    }
+    exit::exit(probe::run(&args))
 }
 
 /// Fails on purpose (`fault=`), to test the panic and exception paths.

@@ -5,6 +5,10 @@ pub const MAGIC: u32 = 0x336e_c578;
 const OFFSET_MAGIC: usize = 0;
 const OFFSET_VERSION: usize = 4;
 const OFFSET_CMDLINE_PADDR: usize = 24;
+const OFFSET_MEMMAP_PADDR: usize = 40;
+const OFFSET_MEMMAP_ENTRIES: usize = 48;
+const MEMMAP_ENTRY_SIZE: usize = 24;
+const E820_RAM: u32 = 1;
 /// Longest command line read (the rest is ignored).
 const CMDLINE_MAX: usize = 4096;
 
@@ -58,5 +62,37 @@ impl StartInfo {
             }
             core::slice::from_raw_parts(start, len)
         }
+    }
+
+    /// Whether one RAM entry of the PVH memory map (start_info version 1) covers
+    /// `[start, end)`; `None` when there is no memory map.
+    pub fn ram_covers(&self, start: u64, end: u64) -> Option<bool> {
+        if self.version() < 1 {
+            return None;
+        }
+        // SAFETY: version >= 1: memmap_paddr and memmap_entries are inside the structure.
+        let (paddr, entries): (u64, u32) = unsafe {
+            (
+                self.read(OFFSET_MEMMAP_PADDR),
+                self.read(OFFSET_MEMMAP_ENTRIES),
+            )
+        };
+        if paddr == 0 || entries == 0 {
+            return None;
+        }
+        let covered = (0..entries.min(128) as usize).any(|i| {
+            let e = paddr as usize + i * MEMMAP_ENTRY_SIZE;
+            // SAFETY: the loader's memory map has `entries` entries of 24 bytes at `paddr`
+            // (identity mapped, unchanging, as `new` requires of the loader's data).
+            let (addr, size, kind) = unsafe {
+                (
+                    core::ptr::read_unaligned(e as *const u64),
+                    core::ptr::read_unaligned((e + 8) as *const u64),
+                    core::ptr::read_unaligned((e + 16) as *const u32),
+                )
+            };
+            kind == E820_RAM && addr <= start && addr.saturating_add(size) >= end
+        });
+        Some(covered)
     }
 }

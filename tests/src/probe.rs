@@ -1,0 +1,1046 @@
+//! Host side of the latency probe (the test guest with `probe=blk|net`, see
+//! `tests/guest/src/probe.rs`): stamped disk images, the guest's `probe-result` lines, the
+//! percentile rule, TSC frequency and cycles-to-µs conversion, and the command lines that run
+//! the probe on our vmm and on QEMU.
+//!
+//! The stamp format, the random sequence and the percentile rule are compiled from the same
+//! source file as the guest's (`tests/guest/src/probe_shared.rs`), so the two cannot drift.
+//!
+//! Percentiles are nearest-rank: for `n` samples sorted ascending and `p` in per-mille
+//! (0 < p <= 1000), the sample of 1-based rank `ceil(p * n / 1000)`; `p = 0` is the minimum.
+//! The guest computes them from all its samples; the host only converts units.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+#[path = "../guest/src/probe_shared.rs"]
+mod shared;
+
+pub use shared::{
+    percentile, sector_matches, stamp_sector, XorShift, BLOCK_SIZE, PERCENTILES_PER_MILLE,
+    SECTOR_SIZE, STAMP_MAGIC, WORDS_PER_SECTOR,
+};
+
+/// The prefix of every result line.
+pub const RESULT_PREFIX: &str = "probe-result ";
+/// The guest's exit code when a probe test failed (verify failure, I/O error, lost reply).
+pub const EXIT_PROBE_FAILED: u32 = 0x72;
+/// Guest RAM the probe needs (its DMA and sample areas end at 64 MiB).
+pub const PROBE_MEMORY_MIB: u32 = 128;
+
+// ---------------------------------------------------------------------------------------------
+// Stamped images
+
+fn sector_bytes(words: &[u64; WORDS_PER_SECTOR], out: &mut [u8]) {
+    for (w, o) in words.iter().zip(out.chunks_exact_mut(8)) {
+        o.copy_from_slice(&u64::from_le(*w).to_le_bytes());
+    }
+}
+
+fn sector_words(bytes: &[u8]) -> [u64; WORDS_PER_SECTOR] {
+    let mut words = [0u64; WORDS_PER_SECTOR];
+    for (w, b) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        *w = u64::from_le_bytes(a).to_le();
+    }
+    words
+}
+
+/// Creates (or overwrites) `path` as an image of `size` bytes (a multiple of 4 KiB) in which
+/// every sector carries its stamp for `seed`.
+pub fn stamp_image(path: &Path, size: u64, seed: u64) -> io::Result<()> {
+    if size == 0 || !size.is_multiple_of(BLOCK_SIZE as u64) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("image size {size} is not a positive multiple of {BLOCK_SIZE}"),
+        ));
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    let chunk_sectors = 2048u64; // 1 MiB
+    let mut buf = vec![0u8; chunk_sectors as usize * SECTOR_SIZE];
+    let mut words = [0u64; WORDS_PER_SECTOR];
+    let sectors = size / SECTOR_SIZE as u64;
+    let mut s = 0;
+    while s < sectors {
+        let n = chunk_sectors.min(sectors - s);
+        for i in 0..n {
+            stamp_sector(&mut words, seed, s + i);
+            let at = i as usize * SECTOR_SIZE;
+            sector_bytes(&words, &mut buf[at..at + SECTOR_SIZE]);
+        }
+        f.write_all(&buf[..n as usize * SECTOR_SIZE])?;
+        s += n;
+    }
+    f.sync_all()
+}
+
+/// The sectors of the image at `path` that do not carry their stamp for `seed` (a trailing
+/// partial sector counts as bad).
+pub fn verify_image(path: &Path, seed: u64) -> io::Result<Vec<u64>> {
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 2048 * SECTOR_SIZE];
+    let mut bad = Vec::new();
+    let mut sector = 0u64;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match f.read(&mut buf[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        for chunk in buf[..filled].chunks(SECTOR_SIZE) {
+            if chunk.len() < SECTOR_SIZE || !sector_matches(&sector_words(chunk), seed, sector) {
+                bad.push(sector);
+            }
+            sector += 1;
+        }
+        if filled < buf.len() {
+            break;
+        }
+    }
+    Ok(bad)
+}
+
+// ---------------------------------------------------------------------------------------------
+// A small JSON reader (objects, arrays, strings, unsigned integers, booleans, null): enough
+// for the probe's result lines and the vmm's exit statistics.
+
+/// A JSON value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Json {
+    Null,
+    Bool(bool),
+    Num(u64),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(String, Json)>),
+}
+
+impl Json {
+    /// The member `key` of an object.
+    pub fn get(&self, key: &str) -> Option<&Json> {
+        match self {
+            Json::Obj(m) => m.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Json::Num(n) => Some(*n),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Json::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// Why a result line or a JSON text was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParseError {
+    /// The line does not start with `probe-result `.
+    NotAResult,
+    /// Malformed JSON, at byte `at`.
+    Syntax { at: usize, what: &'static str },
+    /// A required field is missing or has the wrong type.
+    Field(&'static str),
+    /// The percentiles are not in ascending order, or `n` is 0 with non-zero cycles.
+    Inconsistent(&'static str),
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParseError::NotAResult => write!(f, "not a '{}' line", RESULT_PREFIX.trim_end()),
+            ParseError::Syntax { at, what } => write!(f, "bad JSON at byte {at}: {what}"),
+            ParseError::Field(name) => write!(f, "field '{name}' missing or not of its type"),
+            ParseError::Inconsistent(what) => write!(f, "inconsistent result: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+struct Reader<'a> {
+    s: &'a [u8],
+    at: usize,
+    depth: u32,
+}
+
+impl Reader<'_> {
+    fn err(&self, what: &'static str) -> ParseError {
+        ParseError::Syntax { at: self.at, what }
+    }
+
+    fn ws(&mut self) {
+        while self.s.get(self.at).is_some_and(|b| b.is_ascii_whitespace()) {
+            self.at += 1;
+        }
+    }
+
+    fn eat(&mut self, b: u8, what: &'static str) -> Result<(), ParseError> {
+        self.ws();
+        if self.s.get(self.at) == Some(&b) {
+            self.at += 1;
+            Ok(())
+        } else {
+            Err(self.err(what))
+        }
+    }
+
+    fn literal(&mut self, word: &str, v: Json) -> Result<Json, ParseError> {
+        if self.s[self.at..].starts_with(word.as_bytes()) {
+            self.at += word.len();
+            Ok(v)
+        } else {
+            Err(self.err("unknown literal"))
+        }
+    }
+
+    fn string(&mut self) -> Result<String, ParseError> {
+        self.eat(b'"', "expected a string")?;
+        let mut out = String::new();
+        loop {
+            let Some(&b) = self.s.get(self.at) else {
+                return Err(self.err("unterminated string"));
+            };
+            self.at += 1;
+            match b {
+                b'"' => return Ok(out),
+                b'\\' => {
+                    let Some(&e) = self.s.get(self.at) else {
+                        return Err(self.err("unterminated escape"));
+                    };
+                    self.at += 1;
+                    out.push(match e {
+                        b'"' => '"',
+                        b'\\' => '\\',
+                        b'/' => '/',
+                        b'n' => '\n',
+                        b't' => '\t',
+                        b'r' => '\r',
+                        _ => return Err(self.err("unsupported escape")),
+                    });
+                }
+                b if b < 0x20 => return Err(self.err("control character in string")),
+                _ => {
+                    // Copy one UTF-8 sequence (the input is a &str, so it is valid).
+                    let start = self.at - 1;
+                    let mut end = self.at;
+                    while self.s.get(end).is_some_and(|c| c & 0xc0 == 0x80) {
+                        end += 1;
+                    }
+                    out.push_str(std::str::from_utf8(&self.s[start..end]).unwrap_or("\u{fffd}"));
+                    self.at = end;
+                }
+            }
+        }
+    }
+
+    fn value(&mut self) -> Result<Json, ParseError> {
+        self.ws();
+        self.depth += 1;
+        if self.depth > 32 {
+            return Err(self.err("nested too deeply"));
+        }
+        let v = match self.s.get(self.at) {
+            None => Err(self.err("unexpected end")),
+            Some(b'{') => {
+                self.at += 1;
+                let mut members = Vec::new();
+                self.ws();
+                if self.s.get(self.at) == Some(&b'}') {
+                    self.at += 1;
+                } else {
+                    loop {
+                        let k = self.string()?;
+                        self.eat(b':', "expected ':'")?;
+                        let v = self.value()?;
+                        members.push((k, v));
+                        self.ws();
+                        match self.s.get(self.at) {
+                            Some(b',') => self.at += 1,
+                            Some(b'}') => {
+                                self.at += 1;
+                                break;
+                            }
+                            _ => return Err(self.err("expected ',' or '}'")),
+                        }
+                    }
+                }
+                Ok(Json::Obj(members))
+            }
+            Some(b'[') => {
+                self.at += 1;
+                let mut items = Vec::new();
+                self.ws();
+                if self.s.get(self.at) == Some(&b']') {
+                    self.at += 1;
+                } else {
+                    loop {
+                        items.push(self.value()?);
+                        self.ws();
+                        match self.s.get(self.at) {
+                            Some(b',') => self.at += 1,
+                            Some(b']') => {
+                                self.at += 1;
+                                break;
+                            }
+                            _ => return Err(self.err("expected ',' or ']'")),
+                        }
+                    }
+                }
+                Ok(Json::Arr(items))
+            }
+            Some(b'"') => self.string().map(Json::Str),
+            Some(b't') => self.literal("true", Json::Bool(true)),
+            Some(b'f') => self.literal("false", Json::Bool(false)),
+            Some(b'n') => self.literal("null", Json::Null),
+            Some(b'0'..=b'9') => {
+                let start = self.at;
+                while self.s.get(self.at).is_some_and(u8::is_ascii_digit) {
+                    self.at += 1;
+                }
+                if matches!(self.s.get(self.at), Some(b'.' | b'e' | b'E')) {
+                    return Err(self.err("only unsigned integers are supported"));
+                }
+                std::str::from_utf8(&self.s[start..self.at])
+                    .ok()
+                    .and_then(|d| d.parse().ok())
+                    .map(Json::Num)
+                    .ok_or(ParseError::Syntax {
+                        at: start,
+                        what: "integer out of range",
+                    })
+            }
+            Some(_) => Err(self.err("unexpected character")),
+        };
+        self.depth -= 1;
+        v
+    }
+}
+
+/// Parses a whole JSON text (trailing whitespace allowed, nothing else).
+pub fn parse_json(text: &str) -> Result<Json, ParseError> {
+    let mut r = Reader {
+        s: text.as_bytes(),
+        at: 0,
+        depth: 0,
+    };
+    let v = r.value()?;
+    r.ws();
+    if r.at != r.s.len() {
+        return Err(r.err("trailing characters"));
+    }
+    Ok(v)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results
+
+/// Latency percentiles of one test in TSC cycles, as the guest computed them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cycles {
+    pub min: u64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+impl Cycles {
+    /// The guest's computation, for host-side samples: sorts `samples`.
+    pub fn from_samples(samples: &mut [u64]) -> Cycles {
+        samples.sort_unstable();
+        let p = |pm| percentile(samples, pm).unwrap_or(0);
+        let [p50, p90, p99, p999] = PERCENTILES_PER_MILLE;
+        Cycles {
+            min: p(0),
+            p50: p(p50),
+            p90: p(p90),
+            p99: p(p99),
+            p999: p(p999),
+            max: p(1000),
+        }
+    }
+
+    fn ascending(&self) -> bool {
+        let v = [self.min, self.p50, self.p90, self.p99, self.p999, self.max];
+        v.windows(2).all(|w| w[0] <= w[1])
+    }
+}
+
+/// One `probe-result` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeResult {
+    /// `blk-read-qd1`, `blk-write-qd1`, `blk-read-qd32`, `net-icmp-rr`.
+    pub test: String,
+    /// Measured operations (warm-up excluded).
+    pub n: u64,
+    pub qd: u64,
+    pub warmup: u64,
+    pub verify_failures: u64,
+    /// I/O errors (blk) or lost replies (net).
+    pub errors: u64,
+    /// Doorbells written and skipped (the device asked for none), warm-up included.
+    pub notifies: u64,
+    pub notifies_suppressed: u64,
+    /// TSC cycles spanned by the measured operations.
+    pub elapsed_cycles: u64,
+    pub cycles: Cycles,
+}
+
+impl ProbeResult {
+    /// Whether the test passed: samples, no verify failure, no error.
+    pub fn ok(&self) -> bool {
+        self.n > 0 && self.verify_failures == 0 && self.errors == 0
+    }
+
+    /// Operations per second over the measured part.
+    pub fn ops_per_sec(&self, tsc_hz: f64) -> f64 {
+        if self.elapsed_cycles == 0 {
+            return 0.0;
+        }
+        self.n as f64 * tsc_hz / self.elapsed_cycles as f64
+    }
+
+    pub fn summary(&self, tsc_hz: f64) -> Summary {
+        Summary::from_cycles(&self.cycles, tsc_hz)
+    }
+}
+
+/// Parses one `probe-result {...}` line (leading whitespace and a trailing CR allowed).
+pub fn parse_result_line(line: &str) -> Result<ProbeResult, ParseError> {
+    let body = line
+        .trim()
+        .strip_prefix(RESULT_PREFIX)
+        .ok_or(ParseError::NotAResult)?;
+    let j = parse_json(body)?;
+    let num = |key: &'static str| {
+        j.get(key)
+            .and_then(Json::as_u64)
+            .ok_or(ParseError::Field(key))
+    };
+    let c = j.get("cycles").ok_or(ParseError::Field("cycles"))?;
+    let cyc = |key: &'static str| {
+        c.get(key)
+            .and_then(Json::as_u64)
+            .ok_or(ParseError::Field(key))
+    };
+    let r = ProbeResult {
+        test: j
+            .get("test")
+            .and_then(Json::as_str)
+            .filter(|t| !t.is_empty())
+            .ok_or(ParseError::Field("test"))?
+            .to_string(),
+        n: num("n")?,
+        qd: num("qd")?,
+        warmup: num("warmup")?,
+        verify_failures: num("verify_failures")?,
+        errors: num("errors")?,
+        notifies: num("notifies")?,
+        notifies_suppressed: num("notifies_suppressed")?,
+        elapsed_cycles: num("elapsed_cycles")?,
+        cycles: Cycles {
+            min: cyc("min")?,
+            p50: cyc("p50")?,
+            p90: cyc("p90")?,
+            p99: cyc("p99")?,
+            p999: cyc("p999")?,
+            max: cyc("max")?,
+        },
+    };
+    if !r.cycles.ascending() {
+        return Err(ParseError::Inconsistent("percentiles are not ascending"));
+    }
+    if r.n == 0 && r.cycles != Cycles::default() {
+        return Err(ParseError::Inconsistent("cycles without samples"));
+    }
+    Ok(r)
+}
+
+/// Every result line in a guest's output (other lines are skipped); one malformed result line
+/// is an error.
+pub fn parse_results(output: &str) -> Result<Vec<ProbeResult>, ParseError> {
+    output
+        .lines()
+        .filter(|l| l.trim_start().starts_with(RESULT_PREFIX))
+        .map(parse_result_line)
+        .collect()
+}
+
+/// Latency percentiles in µs.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Summary {
+    pub min: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Summary {
+    pub fn from_cycles(c: &Cycles, tsc_hz: f64) -> Summary {
+        let us = |v: u64| cycles_to_us(v, tsc_hz);
+        Summary {
+            min: us(c.min),
+            p50: us(c.p50),
+            p90: us(c.p90),
+            p99: us(c.p99),
+            p999: us(c.p999),
+            max: us(c.max),
+        }
+    }
+
+    /// `{"min":1.234,"p50":...,"p99.9":...,"max":...}` (µs, 3 decimals).
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"min\":{:.3},\"p50\":{:.3},\"p90\":{:.3},\"p99\":{:.3},\"p99.9\":{:.3},\"max\":{:.3}}}",
+            self.min, self.p50, self.p90, self.p99, self.p999, self.max
+        )
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "min {:.2} p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} µs",
+            self.min, self.p50, self.p90, self.p99, self.p999, self.max
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC only reads the time-stamp counter; x86_64 always has it.
+    unsafe { std::arch::x86_64::_rdtsc() }
+}
+
+/// The TSC frequency in Hz, measured once per process: TSC ticks against CLOCK_MONOTONIC
+/// over about 100 ms. (The guest's rdtsc reads the same counter with no offset on KVM here.)
+pub fn tsc_hz() -> f64 {
+    static HZ: OnceLock<f64> = OnceLock::new();
+    *HZ.get_or_init(|| measure_tsc_hz(Duration::from_millis(100)))
+}
+
+/// Measures the TSC frequency over `span`.
+pub fn measure_tsc_hz(span: Duration) -> f64 {
+    let (t0, c0) = (Instant::now(), rdtsc());
+    thread::sleep(span);
+    let (t1, c1) = (Instant::now(), rdtsc());
+    c1.wrapping_sub(c0) as f64 / (t1 - t0).as_secs_f64()
+}
+
+pub fn cycles_to_us(cycles: u64, tsc_hz: f64) -> f64 {
+    if tsc_hz <= 0.0 {
+        return 0.0;
+    }
+    cycles as f64 * 1e6 / tsc_hz
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command lines
+
+/// Which probe, with its parameters; [`ProbeConfig::cmdline`] is the guest command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeConfig {
+    /// `blk` or `net`.
+    pub probe: &'static str,
+    pub n: u32,
+    pub warmup: u32,
+    pub seed: u64,
+    /// blk: comma-separated `read`, `write`, `qd32`.
+    pub tests: String,
+    pub qd: u32,
+    /// net: guest and peer addresses.
+    pub ip: String,
+    pub peer: String,
+}
+
+impl ProbeConfig {
+    pub fn blk(n: u32, seed: u64, tests: &str) -> Self {
+        ProbeConfig {
+            probe: "blk",
+            n,
+            warmup: 100,
+            seed,
+            tests: tests.to_string(),
+            qd: 32,
+            ip: "192.0.2.2".into(),
+            peer: "192.0.2.1".into(),
+        }
+    }
+
+    pub fn net(n: u32, ip: &str, peer: &str) -> Self {
+        ProbeConfig {
+            probe: "net",
+            n,
+            warmup: 100,
+            seed: 1,
+            tests: String::new(),
+            qd: 1,
+            ip: ip.into(),
+            peer: peer.into(),
+        }
+    }
+
+    pub fn cmdline(&self) -> String {
+        let mut s = format!(
+            "probe={} n={} warmup={} seed={}",
+            self.probe, self.n, self.warmup, self.seed
+        );
+        if self.probe == "blk" {
+            s += &format!(" tests={} qd={}", self.tests, self.qd);
+        } else {
+            s += &format!(" ip={} peer={}", self.ip, self.peer);
+        }
+        s
+    }
+}
+
+/// Our vmm running the probe ELF with `cfg`; add `--disk`/`--net`/`--exit-stats` to it.
+pub fn vmm_command(vmm: &Path, elf: &Path, cfg: &ProbeConfig) -> Command {
+    let mut cmd = Command::new(vmm);
+    cmd.args(vmm_args(elf, cfg));
+    cmd
+}
+
+/// The arguments of [`vmm_command`], for a vmm started some other way (`ip netns exec`).
+pub fn vmm_args(elf: &Path, cfg: &ProbeConfig) -> Vec<OsString> {
+    vec![
+        "--kernel".into(),
+        elf.into(),
+        "--cmdline".into(),
+        cfg.cmdline().into(),
+        "--memory".into(),
+        format!("{PROBE_MEMORY_MIB}M").into(),
+    ]
+}
+
+/// `--disk path=IMG` for our vmm.
+pub fn vmm_disk_arg(img: &Path) -> String {
+    format!("path={}", img.display())
+}
+
+pub const QEMU: &str = "qemu-system-x86_64";
+pub const QBOOT: &str = "/usr/share/qemu/qboot.rom";
+
+/// QEMU + KVM running the probe ELF with `cfg` through qboot, debug-exit and serial on stdio;
+/// add devices with [`qemu_blk_args`].
+pub fn qemu_command(elf: &Path, cfg: &ProbeConfig) -> Command {
+    let mut cmd = Command::new(QEMU);
+    cmd.args(["-accel", "kvm", "-cpu", "qemu64"])
+        .args(["-m", &PROBE_MEMORY_MIB.to_string()])
+        .args(["-nodefaults", "-nographic", "-no-reboot"])
+        .args(["-bios", QBOOT])
+        .arg("-kernel")
+        .arg(elf)
+        .args(["-append", &cfg.cmdline()])
+        .args(["-serial", "stdio"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    cmd
+}
+
+/// QEMU's best virtio-blk configuration here: io_uring, writeback cache, an iothread.
+pub fn qemu_blk_args(img: &Path) -> Vec<String> {
+    vec![
+        "-object".into(),
+        "iothread,id=io0".into(),
+        "-drive".into(),
+        format!(
+            "if=none,file={},format=raw,id=d0,cache=writeback,aio=io_uring",
+            img.display()
+        ),
+        "-device".into(),
+        "virtio-blk-pci,drive=d0,iothread=io0,disable-legacy=on".into(),
+    ]
+}
+
+/// QEMU's virtio-net on an existing tap (`ifname=`, no vhost-net: the host has none).
+pub fn qemu_net_args(tap: &str) -> Vec<String> {
+    vec![
+        "-netdev".into(),
+        format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"),
+        "-device".into(),
+        "virtio-net-pci,netdev=n0,disable-legacy=on,romfile=".into(),
+    ]
+}
+
+/// The vmm's `--exit-stats` JSON: exits to userspace, in total and per device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    pub total: u64,
+    pub pio: BTreeMap<String, u64>,
+    pub mmio: BTreeMap<String, u64>,
+    /// Queue notifications that reached the vmm (no ioeventfd caught them), per device.
+    pub notify_exits: BTreeMap<String, u64>,
+}
+
+impl ExitStats {
+    pub fn parse(text: &str) -> Result<ExitStats, ParseError> {
+        let j = parse_json(text)?;
+        let map = |key: &'static str| -> Result<BTreeMap<String, u64>, ParseError> {
+            match j.get(key) {
+                Some(Json::Obj(m)) => m
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), v.as_u64().ok_or(ParseError::Field(key))?)))
+                    .collect(),
+                _ => Err(ParseError::Field(key)),
+            }
+        };
+        Ok(ExitStats {
+            total: j
+                .get("total")
+                .and_then(Json::as_u64)
+                .ok_or(ParseError::Field("total"))?,
+            pio: map("pio")?,
+            mmio: map("mmio")?,
+            notify_exits: map("notify_exits")?,
+        })
+    }
+
+    /// Reads and parses the file the vmm wrote.
+    pub fn read(path: &Path) -> io::Result<ExitStats> {
+        let text = std::fs::read_to_string(path)?;
+        ExitStats::parse(&text).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })
+    }
+}
+
+/// What a probe run printed and how it ended.
+#[derive(Debug)]
+pub struct ProbeOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl ProbeOutput {
+    /// The guest's debug-exit code (`(code << 1) | 1` is the VMM's status), if it wrote one.
+    pub fn guest_exit_code(&self) -> Option<u32> {
+        let s = self.status.code()?;
+        (s & 1 == 1).then_some((s as u32) >> 1)
+    }
+
+    pub fn results(&self) -> Result<Vec<ProbeResult>, ParseError> {
+        parse_results(&self.stdout)
+    }
+}
+
+/// Runs `cmd` to completion, killing it (by its PID) after `timeout`.
+pub fn run_probe(cmd: &mut Command, timeout: Duration) -> io::Result<ProbeOutput> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot start {cmd:?}: {e}")))?;
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut s = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut s);
+            }
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
+    let status = loop {
+        let polled = child.try_wait();
+        if let Ok(Some(status)) = polled {
+            break status;
+        }
+        if let Err(e) = polled {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = out.join().unwrap_or_default();
+            let stderr = err.join().unwrap_or_default();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{cmd:?} did not finish in {timeout:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+                ),
+            ));
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    Ok(ProbeOutput {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+        elapsed: start.elapsed(),
+    })
+}
+
+/// The `vmm` binary of this build profile.
+pub fn vmm_binary() -> PathBuf {
+    crate::lab::profile_dir().join("vmm")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str = r#"probe-result {"test":"blk-read-qd1","n":1000,"qd":1,"warmup":100,"verify_failures":0,"errors":0,"notifies":1100,"notifies_suppressed":0,"elapsed_cycles":9000000,"cycles":{"min":5000,"p50":7000,"p90":8000,"p99":9000,"p999":12000,"max":50000}}"#;
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let v: Vec<u64> = (1..=10).collect();
+        assert_eq!(percentile(&v, 0), Some(1));
+        assert_eq!(percentile(&v, 1), Some(1)); // ceil(0.01) = rank 1
+        assert_eq!(percentile(&v, 500), Some(5)); // rank 5
+        assert_eq!(percentile(&v, 501), Some(6)); // ceil(5.01) = 6
+        assert_eq!(percentile(&v, 900), Some(9));
+        assert_eq!(percentile(&v, 990), Some(10));
+        assert_eq!(percentile(&v, 1000), Some(10));
+        assert_eq!(percentile(&v, 1001), None);
+        assert_eq!(percentile(&[], 500), None);
+        assert_eq!(percentile(&[42], 999), Some(42));
+        // 1000 samples 1..=1000: p99.9 is the 999th.
+        let v: Vec<u64> = (1..=1000).collect();
+        assert_eq!(percentile(&v, 999), Some(999));
+        assert_eq!(percentile(&v, 990), Some(990));
+        // 1001 samples: rank ceil(999.999) = 1000.
+        let v: Vec<u64> = (1..=1001).collect();
+        assert_eq!(percentile(&v, 999), Some(1000));
+        assert_eq!(percentile(&v, 500), Some(501));
+    }
+
+    #[test]
+    fn percentile_never_indexes_out_of_range() {
+        for n in 1..300u64 {
+            let v: Vec<u64> = (0..n).collect();
+            for pm in 0..=1000 {
+                let p = percentile(&v, pm).unwrap();
+                // At least pm/1000 of the samples are <= p, and p is the smallest such sample.
+                let le = v.iter().filter(|&&x| x <= p).count() as u64;
+                assert!(le * 1000 >= u64::from(pm) * n, "n={n} pm={pm}");
+                if p > 0 {
+                    assert!(
+                        (le - 1) * 1000 < u64::from(pm) * n || pm == 0,
+                        "n={n} pm={pm}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn cycles_from_samples_sorts() {
+        let mut s = vec![5, 1, 4, 2, 3];
+        let c = Cycles::from_samples(&mut s);
+        assert_eq!(
+            c,
+            Cycles {
+                min: 1,
+                p50: 3,
+                p90: 5,
+                p99: 5,
+                p999: 5,
+                max: 5
+            }
+        );
+    }
+
+    #[test]
+    fn parses_a_result_line() {
+        let r = parse_result_line(LINE).unwrap();
+        assert_eq!(r.test, "blk-read-qd1");
+        assert_eq!(r.n, 1000);
+        assert_eq!(r.cycles.p999, 12000);
+        assert!(r.ok());
+        let s = r.summary(1e9);
+        assert!((s.p50 - 7.0).abs() < 1e-9);
+        assert!((r.ops_per_sec(1e9) - 1000.0 / 0.009).abs() < 1e-6);
+        // With a CR and surrounding output.
+        let out = format!("test-guest: hello\r\n{LINE}\r\nprobe: done\n");
+        assert_eq!(parse_results(&out).unwrap(), vec![r]);
+    }
+
+    #[test]
+    fn malformed_lines_are_errors() {
+        let cut = &LINE[..LINE.len() - 5];
+        for bad in [
+            "",
+            "probe-result",
+            "probe-result ",
+            "probe-result {",
+            "probe-result []",
+            "probe-result {\"test\":1}",
+            cut,
+            &LINE.replace("\"n\":1000", "\"n\":-1"),
+            &LINE.replace("\"n\":1000", "\"n\":1.5"),
+            &LINE.replace("\"n\":1000", "\"n\":99999999999999999999999"),
+            &LINE.replace("\"p50\":7000", "\"p50\":1"),
+            &LINE.replace("\"test\":\"blk-read-qd1\"", "\"test\":\"\""),
+            &LINE.replace(",\"errors\":0", ""),
+            &format!("{LINE} trailing"),
+            &LINE.replace("probe-result ", "probe-results "),
+            "probe-result {\"a\":\"\\u0041\"}",
+            &format!("probe-result {}", "[".repeat(100)),
+        ] {
+            assert!(parse_result_line(bad).is_err(), "accepted: {bad}");
+        }
+        let out = format!("{LINE}\nprobe-result {{\"test\"\n");
+        assert!(parse_results(&out).is_err());
+        assert_eq!(parse_result_line("hello"), Err(ParseError::NotAResult));
+        assert!(parse_result_line(cut)
+            .unwrap_err()
+            .to_string()
+            .contains("bad JSON"));
+    }
+
+    #[test]
+    fn json_reader() {
+        let j = parse_json(r#" {"a":{"b":[1,2,{}]},"s":"x\"y","t":true,"n":null} "#).unwrap();
+        assert_eq!(
+            j.get("a").and_then(|a| a.get("b")),
+            Some(&Json::Arr(vec![
+                Json::Num(1),
+                Json::Num(2),
+                Json::Obj(vec![])
+            ]))
+        );
+        assert_eq!(j.get("s").and_then(Json::as_str), Some("x\"y"));
+        assert_eq!(j.get("t"), Some(&Json::Bool(true)));
+        assert!(parse_json("{\"a\":1,}").is_err());
+        assert!(parse_json("{\"a\" 1}").is_err());
+        assert!(parse_json("\"é\"").is_ok());
+    }
+
+    #[test]
+    fn summary_json_and_conversion() {
+        let c = Cycles {
+            min: 2600,
+            p50: 5200,
+            p90: 7800,
+            p99: 26000,
+            p999: 260000,
+            max: 2_600_000,
+        };
+        let s = Summary::from_cycles(&c, 2.6e9);
+        assert_eq!(
+            s.to_json(),
+            "{\"min\":1.000,\"p50\":2.000,\"p90\":3.000,\"p99\":10.000,\"p99.9\":100.000,\"max\":1000.000}"
+        );
+        assert!(
+            parse_json(&s.to_json()).is_err(),
+            "floats are not read back"
+        );
+        assert_eq!(cycles_to_us(1, 0.0), 0.0);
+    }
+
+    #[test]
+    fn stamp_round_trip_and_corruption() {
+        let dir = crate::host::ScratchDir::new("stamp").unwrap();
+        let img = dir.join("img");
+        stamp_image(&img, 64 * 1024, 7).unwrap();
+        assert!(verify_image(&img, 7).unwrap().is_empty());
+        assert_eq!(verify_image(&img, 8).unwrap().len(), 128);
+        let mut bytes = std::fs::read(&img).unwrap();
+        assert_eq!(&bytes[..8], b"PRBSTMP1");
+        bytes[3 * 512 + 100] ^= 1;
+        std::fs::write(&img, &bytes).unwrap();
+        assert_eq!(verify_image(&img, 7).unwrap(), vec![3]);
+        assert!(stamp_image(&img, 1000, 7).is_err());
+    }
+
+    #[test]
+    fn stamps_differ_by_sector_and_seed() {
+        let mut a = [0u64; WORDS_PER_SECTOR];
+        stamp_sector(&mut a, 1, 10);
+        assert!(sector_matches(&a, 1, 10));
+        assert!(!sector_matches(&a, 1, 11));
+        assert!(!sector_matches(&a, 2, 10));
+        assert_eq!(a[0], STAMP_MAGIC.to_le());
+    }
+
+    #[test]
+    fn xorshift_is_deterministic() {
+        let mut a = XorShift::new(5);
+        let mut b = XorShift::new(5);
+        let mut z = XorShift::new(0);
+        for _ in 0..100 {
+            assert_eq!(a.next_u64(), b.next_u64());
+            assert_ne!(z.next_u64(), 0);
+            let x = a.below(10);
+            assert!(x < 10);
+            assert_eq!(x, b.below(10));
+        }
+    }
+
+    #[test]
+    fn tsc_frequency_is_plausible_and_stable() {
+        let a = measure_tsc_hz(Duration::from_millis(50));
+        let b = tsc_hz();
+        for hz in [a, b] {
+            assert!((1e8..1e10).contains(&hz), "TSC at {hz} Hz");
+        }
+        assert!((a / b - 1.0).abs() < 0.1, "{a} vs {b}");
+        assert!((cycles_to_us(b as u64, b) - 1e6).abs() < 1.0);
+    }
+
+    #[test]
+    fn exit_stats() {
+        let text = "{\"total\":16,\"pio\":{\"i8042\":0,\"serial\":10},\"pio_unclaimed\":2,\"mmio\":{\"disk0\":3},\"mmio_unclaimed\":0,\"other\":{\"irq_window\":1},\"interrupted\":0,\"notify_exits\":{\"disk0\":0}}";
+        let s = ExitStats::parse(text).unwrap();
+        assert_eq!(s.total, 16);
+        assert_eq!(s.pio["serial"], 10);
+        assert_eq!(s.mmio["disk0"], 3);
+        assert_eq!(s.notify_exits["disk0"], 0);
+        assert!(ExitStats::parse("{\"total\":1}").is_err());
+        assert!(ExitStats::parse(&text.replace("\"serial\":10", "\"serial\":\"x\"")).is_err());
+    }
+
+    #[test]
+    fn cmdlines() {
+        assert_eq!(
+            ProbeConfig::blk(1000, 9, "read,qd32").cmdline(),
+            "probe=blk n=1000 warmup=100 seed=9 tests=read,qd32 qd=32"
+        );
+        assert_eq!(
+            ProbeConfig::net(10, "192.0.2.2", "192.0.2.1").cmdline(),
+            "probe=net n=10 warmup=100 seed=1 ip=192.0.2.2 peer=192.0.2.1"
+        );
+    }
+}

@@ -1,0 +1,327 @@
+//! The latency probe (test guest with `probe=blk|net`) on this host's /dev/kvm: on our vmm
+//! with its in-VMM virtio-blk and virtio-net, and the same ELF under QEMU's virtio-blk. A
+//! short run (n=1000) that must complete with every read verified, so the probe stays
+//! working; the latencies are printed (not asserted: timing is the bench's job).
+//!
+//! Needs /dev/kvm, root (network namespaces, taps) and qemu-system-x86_64 with qboot; a missing
+//! piece is a failure, not a skip.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tests::guest::test_guest_elf;
+use tests::host::{Daemon, NetNs, ScratchDir, Tap};
+use tests::probe::{
+    self, run_probe, stamp_image, tsc_hz, verify_image, ExitStats, ProbeConfig, ProbeOutput,
+    ProbeResult, EXIT_PROBE_FAILED,
+};
+
+const N: u32 = 1000;
+const SEED: u64 = 0x5eed_1234;
+const IMAGE_SIZE: u64 = 32 << 20;
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn vmm() -> std::path::PathBuf {
+    let p = probe::vmm_binary();
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        p.display()
+    );
+    p
+}
+
+fn elf() -> std::path::PathBuf {
+    let p = test_guest_elf();
+    assert!(p.is_file(), "test guest missing at {}", p.display());
+    p
+}
+
+/// The run's results; fails unless the guest exited with code 0.
+fn results_of(out: &ProbeOutput, what: &str) -> Vec<ProbeResult> {
+    assert_eq!(
+        out.guest_exit_code(),
+        Some(0),
+        "{what}: exit status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    let results = out
+        .results()
+        .unwrap_or_else(|e| panic!("{what}: {e}\nstdout:\n{}", out.stdout));
+    let hz = tsc_hz();
+    for r in &results {
+        eprintln!(
+            "{what}: {} n={} qd={}: {} ({:.0} ops/s, {} doorbells, {} skipped)",
+            r.test,
+            r.n,
+            r.qd,
+            r.summary(hz),
+            r.ops_per_sec(hz),
+            r.notifies,
+            r.notifies_suppressed
+        );
+    }
+    results
+}
+
+/// Exactly the tests named, each with `n` samples, no verify failure, no error.
+fn assert_all_verified(results: &[ProbeResult], tests: &[&str], n: u64) {
+    let names: Vec<&str> = results.iter().map(|r| r.test.as_str()).collect();
+    assert_eq!(names, tests, "{results:#?}");
+    for r in results {
+        assert_eq!(r.n, n, "{r:#?}");
+        assert_eq!(r.verify_failures, 0, "{r:#?}");
+        assert_eq!(r.errors, 0, "{r:#?}");
+        assert!(r.cycles.min > 0 && r.elapsed_cycles > 0, "{r:#?}");
+    }
+}
+
+fn counter(map: &std::collections::BTreeMap<String, u64>, name: &str) -> u64 {
+    *map.get(name)
+        .unwrap_or_else(|| panic!("exit stats have no counter for {name}: {map:?}"))
+}
+
+#[test]
+fn blk_probe_on_vmm_verifies_every_read() {
+    let dir = ScratchDir::new("probe").expect("scratch dir");
+    let img = dir.join("disk.img");
+    stamp_image(&img, IMAGE_SIZE, SEED).expect("stamp image");
+    let stats = dir.join("exits.json");
+    let cfg = ProbeConfig::blk(N, SEED, "read,write,qd32");
+    let mut cmd = probe::vmm_command(&vmm(), &elf(), &cfg);
+    cmd.args(["--disk", &probe::vmm_disk_arg(&img)])
+        .arg("--exit-stats")
+        .arg(&stats);
+    let out = run_probe(&mut cmd, TIMEOUT).expect("vmm probe run");
+    let results = results_of(&out, "vmm blk");
+    assert_all_verified(
+        &results,
+        &["blk-read-qd1", "blk-write-qd1", "blk-read-qd32"],
+        u64::from(N),
+    );
+    let bad = verify_image(&img, SEED).expect("verify image");
+    assert!(
+        bad.is_empty(),
+        "sectors no longer stamped after the run: {bad:?}"
+    );
+
+    // Doorbells go to an ioeventfd: no notify reaches the vmm, and the device's MMIO exits
+    // are the set-up's only (far fewer than the 3300 I/Os).
+    let stats = ExitStats::read(&stats).expect("exit stats");
+    let ios: u64 = results.iter().map(|r| r.n + r.warmup).sum();
+    let notify_exits = counter(&stats.notify_exits, "disk0");
+    let mmio = counter(&stats.mmio, "disk0");
+    let total = stats.total;
+    eprintln!(
+        "vmm blk: {ios} I/Os, {total} exits to userspace ({:.3} per I/O), disk0 mmio {mmio}, notify exits {notify_exits}",
+        total as f64 / ios as f64
+    );
+    assert_eq!(notify_exits, 0, "{stats:?}");
+    assert!(mmio < 100, "disk0 MMIO exits per I/O: {stats:?}");
+}
+
+/// The probe fails loudly when the image does not hold what it expects: reads of an image
+/// stamped with another seed all fail verification, and the guest exits with 0x72.
+#[test]
+fn blk_probe_detects_a_wrong_image() {
+    let dir = ScratchDir::new("probe").expect("scratch dir");
+    let img = dir.join("disk.img");
+    stamp_image(&img, 1 << 20, SEED).expect("stamp image");
+    let mut cfg = ProbeConfig::blk(50, SEED + 1, "read");
+    cfg.warmup = 0;
+    let mut cmd = probe::vmm_command(&vmm(), &elf(), &cfg);
+    cmd.args([
+        "--disk",
+        &format!("{},readonly=on", probe::vmm_disk_arg(&img)),
+    ]);
+    let out = run_probe(&mut cmd, TIMEOUT).expect("vmm probe run");
+    assert_eq!(
+        out.guest_exit_code(),
+        Some(EXIT_PROBE_FAILED),
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+    let results = out.results().expect("results");
+    assert_eq!(results.len(), 1, "{}", out.stdout);
+    assert_eq!(results[0].verify_failures, 50, "{:#?}", results[0]);
+    assert!(!results[0].ok());
+}
+
+#[test]
+fn net_probe_on_vmm_gets_every_echo_reply() {
+    let ns = NetNs::new("prbns").expect("network namespace");
+    let mut tap = Tap::new("prbtap").expect("tap");
+    tap.move_to(&ns).expect("move tap");
+    tap.add_addr("192.0.2.1/24").expect("tap address");
+    tap.up().expect("tap up");
+    let dir = ScratchDir::new("probe").expect("scratch dir");
+    let stats = dir.join("exits.json");
+    let cfg = ProbeConfig::net(N, "192.0.2.2", "192.0.2.1");
+    let mut cmd = ns.command(vmm());
+    cmd.args(probe::vmm_args(&elf(), &cfg))
+        .args(["--net", &format!("tap={}", tap.name())])
+        .arg("--exit-stats")
+        .arg(&stats);
+    let out = run_probe(&mut cmd, TIMEOUT).expect("vmm net probe run");
+    let results = results_of(&out, "vmm net");
+    assert_all_verified(&results, &["net-icmp-rr"], u64::from(N));
+    let stats = ExitStats::read(&stats).expect("exit stats");
+    let notify_exits = counter(&stats.notify_exits, "net0");
+    eprintln!(
+        "vmm net: {} exits to userspace, net0 mmio {}, notify exits {notify_exits}",
+        stats.total,
+        counter(&stats.mmio, "net0")
+    );
+    assert_eq!(notify_exits, 0, "{stats:?}");
+    assert!(counter(&stats.mmio, "net0") < 100, "{stats:?}");
+}
+
+/// The same ELF on QEMU's virtio-net (the probe's driver against a second implementation).
+#[test]
+fn net_probe_on_qemu_gets_every_echo_reply() {
+    let ns = NetNs::new("prbns").expect("network namespace");
+    let mut tap = Tap::new("prbtap").expect("tap");
+    tap.move_to(&ns).expect("move tap");
+    tap.add_addr("192.0.2.1/24").expect("tap address");
+    tap.up().expect("tap up");
+    let cfg = ProbeConfig::net(N, "192.0.2.2", "192.0.2.1");
+    let qemu = probe::qemu_command(&elf(), &cfg);
+    let mut cmd = ns.command(qemu.get_program());
+    cmd.args(qemu.get_args())
+        .args(probe::qemu_net_args(tap.name()));
+    let out = run_probe(&mut cmd, TIMEOUT).expect("QEMU net probe run");
+    let results = results_of(&out, "qemu net");
+    assert_all_verified(&results, &["net-icmp-rr"], u64::from(N));
+}
+
+/// The same ELF, unchanged, on QEMU's virtio-blk (io_uring + iothread): the probe assigns the
+/// BAR qboot leaves unassigned and verifies every read.
+#[test]
+fn blk_probe_on_qemu_verifies_every_read() {
+    assert!(
+        Path::new(probe::QBOOT).is_file(),
+        "{} missing: install qemu-system-x86 (Debian)",
+        probe::QBOOT
+    );
+    let dir = ScratchDir::new("probe").expect("scratch dir");
+    let img = dir.join("disk.img");
+    stamp_image(&img, IMAGE_SIZE, SEED).expect("stamp image");
+    let cfg = ProbeConfig::blk(N, SEED, "read,write,qd32");
+    let mut cmd = probe::qemu_command(&elf(), &cfg);
+    cmd.args(probe::qemu_blk_args(&img));
+    let out = run_probe(&mut cmd, TIMEOUT).expect("QEMU probe run");
+    let results = results_of(&out, "qemu blk");
+    assert_all_verified(
+        &results,
+        &["blk-read-qd1", "blk-write-qd1", "blk-read-qd32"],
+        u64::from(N),
+    );
+    let bad = verify_image(&img, SEED).expect("verify image");
+    assert!(
+        bad.is_empty(),
+        "sectors no longer stamped after the run: {bad:?}"
+    );
+}
+
+/// Without the device it is asked to probe, the guest says so and exits with 0x72; a bad
+/// probe argument is a command-line error (the guest's panic, 0x70) that names the word.
+#[test]
+fn probe_without_device_or_with_bad_arguments_fails_with_a_message() {
+    let cfg = ProbeConfig::blk(10, SEED, "read");
+    let out = run_probe(&mut probe::vmm_command(&vmm(), &elf(), &cfg), TIMEOUT).expect("vmm run");
+    assert_eq!(
+        out.guest_exit_code(),
+        Some(EXIT_PROBE_FAILED),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("probe: virtio-blk: no virtio device of this type on PCI bus 0"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.results().expect("no result lines").is_empty());
+
+    for (cmdline, message) in [
+        ("probe=disk", "probe=disk: expected blk or net"),
+        (
+            "probe=blk tests=read,trim",
+            "tests: trim: expected read, write or qd32",
+        ),
+        ("probe=net ip=192.0.2", "ip=192.0.2: not an IPv4 address"),
+        ("probe=blk n=lots", "n=lots: not a number"),
+    ] {
+        let mut cmd = std::process::Command::new(vmm());
+        cmd.arg("--kernel")
+            .arg(elf())
+            .args(["--cmdline", cmdline, "--memory", "128M"]);
+        let out = run_probe(&mut cmd, TIMEOUT).expect("vmm run");
+        assert_eq!(
+            out.guest_exit_code(),
+            Some(0x70),
+            "{cmdline}: {}",
+            out.stdout
+        );
+        assert!(
+            out.stdout.contains(message),
+            "{cmdline}: '{message}' not in:\n{}",
+            out.stdout
+        );
+    }
+}
+
+/// The probe through our vmm's vhost-user-blk frontend and our vhost-user-blk daemon: the
+/// third device model gets the same verified run.
+#[test]
+fn blk_probe_on_vmm_with_vhost_user_daemon_verifies_every_read() {
+    let daemon_bin = tests::lab::profile_dir().join("vhost-user-blk");
+    assert!(
+        daemon_bin.is_file(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        daemon_bin.display()
+    );
+    let dir = ScratchDir::new("probe").expect("scratch dir");
+    let img = dir.join("disk.img");
+    stamp_image(&img, IMAGE_SIZE, SEED).expect("stamp image");
+    let sock = dir.join("blk.sock");
+    let mut daemon = Daemon::spawn(
+        "vhost-user-blk",
+        std::process::Command::new(&daemon_bin)
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--blk-file")
+            .arg(&img),
+    )
+    .expect("start vhost-user-blk");
+    daemon
+        .wait_for_path(&sock, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stats = dir.join("exits.json");
+    let cfg = ProbeConfig::blk(N, SEED, "read,write,qd32");
+    let mut cmd = probe::vmm_command(&vmm(), &elf(), &cfg);
+    cmd.arg("--vhost-user-blk")
+        .arg(format!("socket={}", sock.display()))
+        .arg("--exit-stats")
+        .arg(&stats);
+    let out = run_probe(&mut cmd, TIMEOUT).expect("vmm probe run");
+    let results = results_of(&out, "vmm vhost-user-blk");
+    assert_all_verified(
+        &results,
+        &["blk-read-qd1", "blk-write-qd1", "blk-read-qd32"],
+        u64::from(N),
+    );
+    let stats = ExitStats::read(&stats).expect("exit stats");
+    assert_eq!(counter(&stats.notify_exits, "vublk0"), 0, "{stats:?}");
+    // The daemon flushes on SIGTERM; then the image must still verify.
+    let status = daemon.stop().expect("stop the daemon");
+    assert!(status.success(), "daemon: {status}\n{}", daemon.log());
+    let bad = verify_image(&img, SEED).expect("verify image");
+    assert!(
+        bad.is_empty(),
+        "sectors no longer stamped after the run: {bad:?}"
+    );
+}
