@@ -300,9 +300,7 @@ fn mappable_areas(size: u64, areas: &[(u64, u64)], holes: &[(u64, u64)]) -> Vec<
             })
             .collect();
     }
-    out.retain(|&(s, l)| {
-        l > 0 && s.is_multiple_of(PAGE_SIZE) && l.is_multiple_of(PAGE_SIZE) && s + l <= size
-    });
+    out.retain(|&(s, l)| l > 0 && s % PAGE_SIZE == 0 && l % PAGE_SIZE == 0 && s + l <= size);
     out
 }
 
@@ -543,7 +541,7 @@ impl PassthroughPci {
         };
         for a in &mut bar.areas {
             let gpa = addr + a.offset;
-            if !gpa.is_multiple_of(PAGE_SIZE) {
+            if gpa % PAGE_SIZE != 0 {
                 continue;
             }
             match self.mapper.map(gpa, a.map.len() as u64, a.map.addr()) {

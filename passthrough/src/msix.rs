@@ -144,10 +144,7 @@ impl Msix {
         let idx = (offset / MSIX_ENTRY_SIZE) as usize;
         let field = (offset % MSIX_ENTRY_SIZE) as usize;
         // Dword or qword accesses within one entry, as the PCI spec allows.
-        if !(data.len() == 4 || data.len() == 8)
-            || !field.is_multiple_of(4)
-            || field + data.len() > 16
-        {
+        if !(data.len() == 4 || data.len() == 8) || field % 4 != 0 || field + data.len() > 16 {
             return;
         }
         let Some(e) = self.entries.get_mut(idx) else {

@@ -81,8 +81,11 @@ pub struct PciRoot {
     pio: Arc<Bus>,
     /// With debug logging: configuration accesses per (device, register, write), logged
     /// when the root goes away, to find what a guest driver polls.
-    trace: Option<Mutex<BTreeMap<(u8, usize, bool), u64>>>,
+    trace: Option<Mutex<ConfigTrace>>,
 }
+
+/// Configuration accesses per (device, register, write).
+type ConfigTrace = BTreeMap<(u8, usize, bool), u64>;
 
 impl PciRoot {
     pub fn new(mmio: Arc<Bus>, pio: Arc<Bus>) -> Self {
@@ -215,9 +218,12 @@ impl Drop for PciRoot {
         let Some(t) = self.trace.take() else {
             return;
         };
-        let mut v: Vec<((u8, usize, bool), u64)> =
-            t.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        let mut v: Vec<((u8, usize, bool), u64)> = t
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .into_iter()
+            .collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
         let top: Vec<String> = v
             .iter()
             .take(12)
