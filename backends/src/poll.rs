@@ -1,0 +1,118 @@
+//! Bounded busy-polling after work, shared by the in-VMM devices and the daemons.
+//!
+//! A queue thread that sleeps on its eventfd pays, per request, a doorbell (a vCPU exit to
+//! the kernel's ioeventfd) and a thread wake-up. After handling work the host may instead
+//! keep polling the queue for a bounded window: the engine leaves guest notifications
+//! disabled meanwhile (`set_polling(true)` on [`crate::block::BlockQueue`] and
+//! [`crate::net::NetQueuePair`]: VRING_USED_F_NO_NOTIFY, or a stale avail_event with
+//! EVENT_IDX), so the driver skips the doorbell. When the window ends the host re-enables
+//! notifications and checks the ring once more (`rearm`) before it sleeps, so no request is
+//! ever left behind.
+
+use std::time::{Duration, Instant};
+
+/// The largest polling window a host accepts (1 s): longer only burns a core.
+pub const MAX_POLL_US: u64 = 1_000_000;
+
+/// How often a polling loop looks at its stop condition, whether or not it finds work.
+pub const STOP_CHECK_INTERVAL: Duration = Duration::from_micros(50);
+
+/// Why [`busy_poll`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollEnd {
+    /// No work for a whole window: re-arm notifications and sleep.
+    Idle,
+    /// The stop condition fired.
+    Stopped,
+}
+
+/// Calls `round` until it has found no work for `window`, or until `stopped` returns true
+/// (asked at least every [`STOP_CHECK_INTERVAL`], so a guest that keeps the queue busy cannot
+/// keep the thread from stopping). `round` returns `Ok(true)` when it found work, which
+/// restarts the window; an error ends the loop and is returned.
+pub fn busy_poll<E>(
+    window: Duration,
+    mut stopped: impl FnMut() -> bool,
+    mut round: impl FnMut() -> Result<bool, E>,
+) -> Result<PollEnd, E> {
+    let mut last_work = Instant::now();
+    let mut last_stop_check = last_work;
+    loop {
+        let work = round()?;
+        let now = Instant::now();
+        if work {
+            last_work = now;
+        }
+        if now.duration_since(last_stop_check) >= STOP_CHECK_INTERVAL {
+            last_stop_check = now;
+            if stopped() {
+                return Ok(PollEnd::Stopped);
+            }
+        }
+        if now.duration_since(last_work) >= window {
+            return Ok(PollEnd::Idle);
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Checks a polling window given in microseconds (`poll_us=`, `--poll-us`).
+pub fn check_poll_us(us: u64) -> Result<Duration, String> {
+    if us > MAX_POLL_US {
+        return Err(format!("{us} µs: expected 0 (off) to {MAX_POLL_US}"));
+    }
+    Ok(Duration::from_micros(us))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_after_the_window() {
+        let mut rounds = 0u32;
+        let start = Instant::now();
+        let end = busy_poll(
+            Duration::from_micros(200),
+            || false,
+            || -> Result<bool, ()> {
+                rounds += 1;
+                // Work in the first 10 rounds only.
+                Ok(rounds <= 10)
+            },
+        );
+        assert_eq!(end, Ok(PollEnd::Idle));
+        assert!(rounds > 10);
+        assert!(start.elapsed() >= Duration::from_micros(200));
+    }
+
+    #[test]
+    fn endless_work_still_stops() {
+        let start = Instant::now();
+        let mut checks = 0;
+        let end = busy_poll(
+            Duration::from_secs(3600),
+            || {
+                checks += 1;
+                start.elapsed() > Duration::from_millis(5)
+            },
+            || -> Result<bool, ()> { Ok(true) },
+        );
+        assert_eq!(end, Ok(PollEnd::Stopped));
+        assert!(checks >= 1);
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn errors_end_the_loop() {
+        let end = busy_poll(Duration::from_secs(3600), || false, || Err::<bool, _>(7));
+        assert_eq!(end, Err(7));
+    }
+
+    #[test]
+    fn poll_us_range() {
+        assert_eq!(check_poll_us(0), Ok(Duration::ZERO));
+        assert_eq!(check_poll_us(MAX_POLL_US), Ok(Duration::from_secs(1)));
+        assert!(check_poll_us(MAX_POLL_US + 1).is_err());
+    }
+}
