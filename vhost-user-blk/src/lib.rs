@@ -288,6 +288,16 @@ impl BlkBackend {
     /// A queue error: layout errors come from the frontend (drop it); others are guest
     /// faults (the queue stops, as with NEEDS_RESET).
     fn fail(&self, q: usize, st: &mut QueueState, e: QueueError) {
+        if !matches!(e, QueueError::NotReady) {
+            // Completions are no longer reaped: stop watching their eventfd, or its
+            // level-triggered readiness would spin the worker.
+            if let (Some(fd), Some(ep)) = (
+                st.engine.as_ref().and_then(BlockQueue::completion_fd),
+                self.completions.get(q),
+            ) {
+                let _ = ep.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            }
+        }
         match e {
             QueueError::NotReady => {}
             QueueError::InvalidLayout { .. } => {
@@ -406,7 +416,9 @@ impl BlkBackend {
                 if end == PollEnd::Stopped || !more {
                     return Ok(None);
                 }
-                engine.process_queue(state.get_queue_mut()).map(Some)
+                engine
+                    .poll_round(state.get_queue_mut())
+                    .map(|o| Some(o.unwrap_or_default()))
             });
             match end {
                 Ok(None) => return,

@@ -239,13 +239,22 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
     /// Handles the completion eventfd: reaps io_uring completions, writes status bytes, adds
     /// used entries, and resumes popping the queue if it had stopped for lack of slots.
     pub fn process_completions(&mut self, queue: &mut Queue) -> Result<QueueOutcome, QueueError> {
+        self.reap(queue, true)
+    }
+
+    /// [`process_completions`](Self::process_completions); `clear_event`: read the
+    /// completion eventfd first (not while polling: [`rearm`](Self::rearm) clears it once
+    /// before the host sleeps, a system call per completion saved).
+    fn reap(&mut self, queue: &mut Queue, clear_event: bool) -> Result<QueueOutcome, QueueError> {
         let guard = self.mem.memory();
         let mem: &S::M = &guard;
         let Some(u) = self.uring.as_mut() else {
             return Ok(QueueOutcome::default());
         };
         // Clear the eventfd before reaping so that a completion arriving now re-arms it.
-        let _ = u.eventfd.read();
+        if clear_event {
+            let _ = u.eventfd.read();
+        }
         u.collect_completions();
         let mut used = 0;
         for i in 0..u.completions.len() {
@@ -304,19 +313,26 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             .as_mut()
             .is_some_and(|u| !u.ring.completion().is_empty());
         if completed {
-            let o = self.process_completions(queue)?;
+            let o = self.reap(queue, false)?;
             out.get_or_insert_with(QueueOutcome::default).merge(o);
         }
         Ok(out)
     }
 
-    /// Re-enables guest notifications before the host sleeps. `Ok(true)`: the driver added
-    /// chains meanwhile; process them (a doorbell may not come).
+    /// Re-enables guest notifications and clears the completion eventfd before the host
+    /// sleeps. `Ok(true)`: the driver added chains or completions arrived meanwhile; call
+    /// [`poll_round`](Self::poll_round) (no doorbell or eventfd may come for them).
     pub fn rearm(&mut self, queue: &mut Queue) -> Result<bool, QueueError> {
         let guard = self.mem.memory();
         let mem: &S::M = &guard;
         check_queue(queue, mem)?;
-        queue.enable_notification(mem).map_err(QueueError::Ring)
+        let mut more = false;
+        if let Some(u) = self.uring.as_mut() {
+            let _ = u.eventfd.read();
+            more = !u.ring.completion().is_empty();
+        }
+        let pending = queue.enable_notification(mem).map_err(QueueError::Ring)?;
+        Ok(more || pending)
     }
 
     /// Waits for every in-flight request and completes it (before a queue reset, a memory

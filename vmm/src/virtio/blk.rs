@@ -110,6 +110,11 @@ fn run_queue(
                     log::error!("{name}: queue {}: {e}; device needs reset", aq.index);
                     shared.set_needs_reset();
                     broken = true;
+                    // Completions are no longer reaped: stop watching their eventfd, or
+                    // its level-triggered readiness would spin the thread.
+                    if let Some(fd) = engine.completion_fd() {
+                        let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                    }
                 }
             }
         }
@@ -188,15 +193,16 @@ fn serve(
         if end == PollEnd::Stopped {
             return Ok(end);
         }
-        // A doorbell rung before the driver saw notifications off is stale: the ring is
-        // checked after re-enabling them.
+        // A doorbell rung before the driver saw notifications off is stale: the ring (and
+        // the completions) are checked after re-enabling them.
         let _ = aq.kick.read();
         if !engine.rearm(&mut aq.queue)? {
             return Ok(PollEnd::Idle);
         }
-        let o = engine.process_queue(&mut aq.queue)?;
-        if o.notify {
-            aq.irq.trigger();
+        if let Some(o) = engine.poll_round(&mut aq.queue)? {
+            if o.notify {
+                aq.irq.trigger();
+            }
         }
     }
 }
@@ -516,8 +522,30 @@ mod tests {
             assert!(start.elapsed() < Duration::from_secs(10), "no NEEDS_RESET");
             std::thread::sleep(Duration::from_millis(1));
         }
+        // The broken queue's thread sleeps: it does not spin on a completion eventfd.
+        let before = thread_cpu_ticks("garbage-q0");
+        std::thread::sleep(Duration::from_millis(500));
+        let spent = thread_cpu_ticks("garbage-q0") - before;
+        assert!(spent < 10, "the queue thread used {spent} ticks in 500 ms");
         let start = Instant::now();
         d.dev.reset();
         assert!(start.elapsed() < Duration::from_millis(500));
+    }
+
+    /// utime + stime (clock ticks) of this process's thread named `name`.
+    fn thread_cpu_ticks(name: &str) -> u64 {
+        for t in std::fs::read_dir("/proc/self/task").unwrap() {
+            let dir = t.unwrap().path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            if comm.trim_end() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+            // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<&str> = rest.split(' ').collect();
+            return f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        }
+        panic!("no thread named {name}");
     }
 }
