@@ -56,6 +56,81 @@ pub fn busy_poll<E>(
     }
 }
 
+/// How long a shrunk window stays shrunk before [`Poller`] tries the full window again.
+pub const REPROBE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The polling window of one queue thread, shrunk while polling does not pay.
+///
+/// Polling pays when the guest's next request comes while the thread polls. When the
+/// window ends idle and the guest's doorbell comes soon after the thread went to sleep
+/// (within two configured windows), polling was in the guest's way: typically the vCPU
+/// shares a CPU with the polling thread (another busy process on a 2-core host), cannot run
+/// while the thread spins, and every request then costs a whole window. The window halves
+/// each time that happens, down to a single round, and goes back to the configured one
+/// every [`REPROBE_INTERVAL`] to see whether the CPU is free again.
+#[derive(Debug)]
+pub struct Poller {
+    max: Duration,
+    window: Duration,
+    idle_since: Option<Instant>,
+    reprobe_at: Instant,
+}
+
+impl Poller {
+    /// A poller with the configured window `max` (zero: off).
+    pub fn new(max: Duration) -> Self {
+        Poller {
+            max,
+            window: max,
+            idle_since: None,
+            reprobe_at: Instant::now() + REPROBE_INTERVAL,
+        }
+    }
+
+    /// Whether polling is configured at all.
+    pub fn enabled(&self) -> bool {
+        !self.max.is_zero()
+    }
+
+    /// The window for the next polling run.
+    pub fn window(&mut self) -> Duration {
+        if self.window < self.max {
+            let now = Instant::now();
+            if now >= self.reprobe_at {
+                self.window = self.max;
+                self.reprobe_at = now + REPROBE_INTERVAL;
+            }
+        }
+        self.window
+    }
+
+    /// The thread goes to sleep after a window without work.
+    pub fn went_idle(&mut self) {
+        self.idle_since = Some(Instant::now());
+    }
+
+    /// A guest doorbell woke the thread.
+    pub fn kicked(&mut self) {
+        let Some(t) = self.idle_since.take() else {
+            return;
+        };
+        // Within two configured windows: polling longer would not have caught this request,
+        // and a vCPU kept off the CPU by the polling takes a while to get back to it.
+        if t.elapsed() < 2 * self.max {
+            self.window /= 2;
+            if self.window < MIN_WINDOW {
+                self.window = Duration::ZERO;
+            }
+            if self.window < self.max {
+                self.reprobe_at = Instant::now() + REPROBE_INTERVAL;
+            }
+        }
+    }
+}
+
+/// Below this a window is not worth a run: [`Poller`] drops to a single round.
+const MIN_WINDOW: Duration = Duration::from_micros(2);
+
 /// Checks a polling window given in microseconds (`poll_us=`, `--poll-us`).
 pub fn check_poll_us(us: u64) -> Result<Duration, String> {
     if us > MAX_POLL_US {
@@ -107,6 +182,35 @@ mod tests {
     fn errors_end_the_loop() {
         let end = busy_poll(Duration::from_secs(3600), || false, || Err::<bool, _>(7));
         assert_eq!(end, Err(7));
+    }
+
+    #[test]
+    fn poller_shrinks_when_doorbells_follow_idle_windows_and_reprobes() {
+        let max = Duration::from_millis(400);
+        let mut p = Poller::new(max);
+        assert!(p.enabled() && !Poller::new(Duration::ZERO).enabled());
+        assert_eq!(p.window(), max);
+        // A doorbell with no idle window before it (woken from the start): no change.
+        p.kicked();
+        assert_eq!(p.window(), max);
+        // Doorbells right after idle windows: halve, down to a single round.
+        p.went_idle();
+        p.kicked();
+        assert_eq!(p.window(), max / 2);
+        for _ in 0..40 {
+            p.went_idle();
+            p.kicked();
+        }
+        assert_eq!(p.window(), Duration::ZERO);
+        // Back to the configured window after REPROBE_INTERVAL.
+        std::thread::sleep(REPROBE_INTERVAL + Duration::from_millis(5));
+        assert_eq!(p.window(), max);
+        // A doorbell long after the thread went idle (the guest was idle): no change.
+        let mut p = Poller::new(Duration::from_micros(50));
+        p.went_idle();
+        std::thread::sleep(Duration::from_millis(2));
+        p.kicked();
+        assert_eq!(p.window(), Duration::from_micros(50));
     }
 
     #[test]

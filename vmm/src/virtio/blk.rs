@@ -9,7 +9,7 @@ use std::thread;
 use std::time::Duration;
 
 use backends::block::{block_config_space, block_features, BlockBackend, BlockQueue};
-use backends::poll::{busy_poll, PollEnd};
+use backends::poll::{busy_poll, PollEnd, Poller};
 use backends::QueueError;
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -90,7 +90,8 @@ fn run_queue(
         shared.set_needs_reset();
         return;
     }
-    engine.set_polling(!poll.is_zero());
+    let mut poller = Poller::new(poll);
+    engine.set_polling(poller.enabled());
     let mut events = [EpollEvent::default(); 4];
     let mut broken = false;
     // Requests queued before DRIVER_OK are served at once.
@@ -100,7 +101,7 @@ fn run_queue(
         if (pending_kick || pending_completion) && !broken {
             let kick = std::mem::take(&mut pending_kick);
             let completion = std::mem::take(&mut pending_completion);
-            match serve(&mut aq, &mut engine, &stop, poll, kick, completion) {
+            match serve(&mut aq, &mut engine, &stop, &mut poller, kick, completion) {
                 Ok(PollEnd::Idle) => {}
                 Ok(PollEnd::Stopped) => {
                     let _ = engine.drain(&mut aq.queue);
@@ -132,6 +133,7 @@ fn run_queue(
                 TOKEN_KICK => {
                     let _ = aq.kick.read();
                     pending_kick = true;
+                    poller.kicked();
                 }
                 TOKEN_COMPLETION => pending_completion = true,
                 TOKEN_STOP => {
@@ -147,14 +149,14 @@ fn run_queue(
 }
 
 /// Handles io_uring completions (`completion`) and a kick (`kick`), then, with a polling window, keeps
-/// polling the available ring and the completions until the queue has been idle for `poll`
-/// (guest notifications stay off meanwhile), re-enables notifications and checks the ring
+/// polling the available ring and the completions until the queue has been idle for the
+/// poller's window (guest notifications stay off meanwhile), re-enables notifications and checks the ring
 /// once more before the thread sleeps. `Stopped`: the stop eventfd fired while polling.
 fn serve(
     aq: &mut ActiveQueue,
     engine: &mut BlockQueue<Memory>,
     stop: &EventFd,
-    poll: Duration,
+    poller: &mut Poller,
     kick: bool,
     completion: bool,
 ) -> Result<PollEnd, QueueError> {
@@ -170,12 +172,12 @@ fn serve(
             aq.irq.trigger();
         }
     }
-    if poll.is_zero() {
+    if !poller.enabled() {
         return Ok(PollEnd::Idle);
     }
     loop {
         let end = busy_poll(
-            poll,
+            poller.window(),
             // The stop eventfd is non-blocking: a read succeeds only once it was written.
             || stop.read().is_ok(),
             || {
@@ -197,6 +199,7 @@ fn serve(
         // the completions) are checked after re-enabling them.
         let _ = aq.kick.read();
         if !engine.rearm(&mut aq.queue)? {
+            poller.went_idle();
             return Ok(PollEnd::Idle);
         }
         if let Some(o) = engine.poll_round(&mut aq.queue)? {

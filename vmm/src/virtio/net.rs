@@ -12,7 +12,7 @@ use std::time::Duration;
 use backends::net::{
     net_config_space, net_features, CtrlQueue, NetOptions, NetQueuePair, RxWait, Tap,
 };
-use backends::poll::{busy_poll, PollEnd};
+use backends::poll::{busy_poll, PollEnd, Poller};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -108,7 +108,8 @@ impl PairThread {
             tap_in: true,
             tap_out: false,
         };
-        self.engine.set_polling(!self.poll.is_zero());
+        let mut poller = Poller::new(self.poll);
+        self.engine.set_polling(poller.enabled());
         // For the polling loop, which borrows `self` whole.
         let stop = self.stop.try_clone()?;
         let mut events = [EpollEvent::default(); 8];
@@ -136,8 +137,8 @@ impl PairThread {
             if do_rx {
                 continue;
             }
-            if !self.poll.is_zero() {
-                match self.poll_pair(&mut tap, &stop)? {
+            if poller.enabled() {
+                match self.poll_pair(&mut tap, &stop, poller.window())? {
                     PollEnd::Stopped => return Ok(()),
                     PollEnd::Idle => {
                         // A TX doorbell rung before the driver saw notifications off is
@@ -147,6 +148,7 @@ impl PairThread {
                             do_tx = true;
                             continue;
                         }
+                        poller.went_idle();
                     }
                 }
             }
@@ -165,6 +167,7 @@ impl PairThread {
                     TOKEN_TX_KICK => {
                         let _ = self.tx.kick.read();
                         do_tx = true;
+                        poller.kicked();
                     }
                     TOKEN_CTRL => {
                         if let Some((q, _)) = &self.ctrl {
@@ -222,10 +225,15 @@ impl PairThread {
     }
 
     /// Busy-polls the TX ring and (while RX can take frames) the tap until both were idle
-    /// for the polling window, or the stop eventfd fires. TX notifications stay off meanwhile.
-    fn poll_pair(&mut self, tap: &mut TapWatch, stop: &EventFd) -> io::Result<PollEnd> {
+    /// for `window`, or the stop eventfd fires. TX notifications stay off meanwhile.
+    fn poll_pair(
+        &mut self,
+        tap: &mut TapWatch,
+        stop: &EventFd,
+        window: Duration,
+    ) -> io::Result<PollEnd> {
         busy_poll(
-            self.poll,
+            window,
             // The stop eventfd is non-blocking: a read succeeds only once it was written.
             || stop.read().is_ok(),
             || {
