@@ -128,6 +128,13 @@ impl Poller {
     }
 }
 
+impl Default for Poller {
+    /// Polling off.
+    fn default() -> Self {
+        Poller::new(Duration::ZERO)
+    }
+}
+
 /// Below this a window is not worth a run: [`Poller`] drops to a single round.
 const MIN_WINDOW: Duration = Duration::from_micros(2);
 

@@ -25,7 +25,7 @@ use std::time::Duration;
 use backends::block::{
     block_config_space, block_features, BlockBackend, BlockOptions, BlockQueue, EngineChoice,
 };
-use backends::poll::{busy_poll, PollEnd};
+use backends::poll::{busy_poll, PollEnd, Poller};
 use backends::QueueError;
 use clap::Parser;
 use thiserror::Error;
@@ -231,6 +231,8 @@ struct QueueState {
     broken: bool,
     /// The connection is gone: no new engine.
     closed: bool,
+    /// The polling window after work (shrinks while polling does not pay).
+    poller: Poller,
 }
 
 /// The virtio-blk device of one frontend connection.
@@ -345,6 +347,7 @@ impl BlkBackend {
                 );
                 st.engine = Some(engine);
                 st.vring = Some(vring.clone());
+                st.poller = Poller::new(self.cfg.poll);
                 true
             }
             Err(e) => {
@@ -364,6 +367,9 @@ impl BlkBackend {
         }
         if st.broken || st.closed {
             return;
+        }
+        if kick {
+            st.poller.kicked();
         }
         let Some(engine) = st.engine.as_mut() else {
             return;
@@ -387,16 +393,17 @@ impl BlkBackend {
                 log::warn!("queue {q}: cannot signal the call eventfd: {e}");
             }
         }
-        if self.cfg.poll.is_zero() {
+        if !st.poller.enabled() {
             return;
         }
         // Busy-poll the available ring and the io_uring completions (guest notifications
-        // off) until the queue was idle for `poll`; then re-arm notifications and look at
+        // off) until the queue was idle for the poller's window; then re-arm notifications and look at
         // the ring once more before sleeping.
         let stop = &self.stop_poll[q];
         loop {
+            let mut idle = false;
             let end = busy_poll(
-                self.cfg.poll,
+                st.poller.window(),
                 || stop.load(Ordering::Acquire),
                 || {
                     Ok(match engine.poll_round(state.get_queue_mut())? {
@@ -413,6 +420,7 @@ impl BlkBackend {
             .and_then(|end| {
                 // Stopped too: a restarted queue must not find doorbells turned off.
                 let more = engine.rearm(state.get_queue_mut())?;
+                idle = end == PollEnd::Idle && !more;
                 if end == PollEnd::Stopped || !more {
                     return Ok(None);
                 }
@@ -420,6 +428,9 @@ impl BlkBackend {
                     .poll_round(state.get_queue_mut())
                     .map(|o| Some(o.unwrap_or_default()))
             });
+            if idle {
+                st.poller.went_idle();
+            }
             match end {
                 Ok(None) => return,
                 Ok(Some(o)) => {

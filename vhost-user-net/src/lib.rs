@@ -25,7 +25,7 @@ use std::time::Duration;
 use backends::net::{
     net_config_space, net_features, CtrlQueue, NetOptions, NetQueuePair, RxWait, Tap,
 };
-use backends::poll::{busy_poll, PollEnd};
+use backends::poll::{busy_poll, PollEnd, Poller};
 use backends::QueueError;
 use clap::Parser;
 use thiserror::Error;
@@ -210,6 +210,8 @@ struct PairState {
     tap_out: bool,
     broken: bool,
     closed: bool,
+    /// The polling window after work (shrinks while polling does not pay).
+    poller: Poller,
 }
 
 /// The virtio-net device of one frontend connection.
@@ -262,6 +264,7 @@ impl NetBackend {
                         tap_out: false,
                         broken: false,
                         closed: false,
+                        poller: Poller::default(),
                     })
                 })
                 .collect(),
@@ -411,23 +414,28 @@ impl NetBackend {
             let mut engine = NetQueuePair::new(self.taps[p].clone(), mem, acked);
             engine.set_polling(!self.poll.is_zero());
             st.engine = Some(engine);
+            st.poller = Poller::new(self.poll);
             st.tap_in = true;
             st.tap_out = false;
             self.set_interest(p, &st);
             log::debug!("pair {p}: started");
         }
+        if tx {
+            st.poller.kicked();
+        }
         let (do_rx, do_tx) = (rx || st.tap_in, tx || st.tap_out);
         self.pair_round(p, &mut st, vrings, do_rx, do_tx);
-        if self.poll.is_zero() {
+        if !st.poller.enabled() {
             return;
         }
         // Busy-poll the TX ring and (while RX can take frames) the tap, TX doorbells off,
-        // until both were idle for `poll`; then re-arm TX notifications and look at the ring
+        // until both were idle for the poller's window; then re-arm TX notifications and look at the ring
         // once more before sleeping.
         let stop = &self.stop_poll[p];
         loop {
+            let window = st.poller.window();
             let end = busy_poll(
-                self.poll,
+                window,
                 || stop.load(Ordering::Acquire),
                 || {
                     if st.broken {
@@ -452,6 +460,10 @@ impl NetBackend {
                 }
                 (_, Err(e)) if !st.broken => {
                     self.fail(&format!("pair {p} tx"), &mut st.broken, e);
+                    return;
+                }
+                (Ok(PollEnd::Idle), Ok(false)) => {
+                    st.poller.went_idle();
                     return;
                 }
                 _ => return,
