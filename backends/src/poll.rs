@@ -66,7 +66,7 @@ pub const REPROBE_INTERVAL: Duration = Duration::from_millis(50);
 /// (within two configured windows), polling was in the guest's way: typically the vCPU
 /// shares a CPU with the polling thread (another busy process on a 2-core host), cannot run
 /// while the thread spins, and every request then costs a whole window. The window halves
-/// each time that happens, down to a single round, and goes back to the configured one
+/// each time that happens a few times in a row, down to a single round, and goes back to the configured one
 /// every [`REPROBE_INTERVAL`] to see whether the CPU is free again.
 #[derive(Debug)]
 pub struct Poller {
@@ -74,6 +74,9 @@ pub struct Poller {
     window: Duration,
     idle_since: Option<Instant>,
     reprobe_at: Instant,
+    /// Doorbells soon after idle windows, each within [`STRIKE_GAP`] of the previous one.
+    strikes: u32,
+    last_strike: Option<Instant>,
 }
 
 impl Poller {
@@ -84,6 +87,8 @@ impl Poller {
             window: max,
             idle_since: None,
             reprobe_at: Instant::now() + REPROBE_INTERVAL,
+            strikes: 0,
+            last_strike: None,
         }
     }
 
@@ -116,13 +121,27 @@ impl Poller {
         };
         // Within two configured windows: polling longer would not have caught this request,
         // and a vCPU kept off the CPU by the polling takes a while to get back to it.
-        if t.elapsed() < 2 * self.max {
+        if t.elapsed() >= 2 * self.max {
+            return;
+        }
+        // One late request is the guest's own business (it was descheduled, it computed);
+        // a run of them is polling in its way.
+        let now = Instant::now();
+        self.strikes = match self.last_strike {
+            Some(l) if now.duration_since(l) < STRIKE_GAP => self.strikes + 1,
+            _ => 1,
+        };
+        self.last_strike = Some(now);
+        if self.strikes >= STRIKES {
+            self.strikes = 0;
+            if self.window == self.max {
+                // The configured window comes back REPROBE_INTERVAL from its first cut,
+                // however the guest keeps striking meanwhile.
+                self.reprobe_at = now + REPROBE_INTERVAL;
+            }
             self.window /= 2;
             if self.window < MIN_WINDOW {
                 self.window = Duration::ZERO;
-            }
-            if self.window < self.max {
-                self.reprobe_at = Instant::now() + REPROBE_INTERVAL;
             }
         }
     }
@@ -134,6 +153,11 @@ impl Default for Poller {
         Poller::new(Duration::ZERO)
     }
 }
+
+/// Doorbells soon after idle windows, in a row, that halve the window.
+const STRIKES: u32 = 4;
+/// Strikes further apart than this do not make a row.
+const STRIKE_GAP: Duration = Duration::from_millis(1);
 
 /// Below this a window is not worth a run: [`Poller`] drops to a single round.
 const MIN_WINDOW: Duration = Duration::from_micros(2);
@@ -200,23 +224,37 @@ mod tests {
         // A doorbell with no idle window before it (woken from the start): no change.
         p.kicked();
         assert_eq!(p.window(), max);
-        // Doorbells right after idle windows: halve, down to a single round.
+        // One doorbell right after an idle window: no change; a run of them: halve, down to
+        // a single round.
         p.went_idle();
         p.kicked();
+        assert_eq!(p.window(), max);
+        for _ in 1..STRIKES {
+            p.went_idle();
+            p.kicked();
+        }
         assert_eq!(p.window(), max / 2);
-        for _ in 0..40 {
+        for _ in 0..40 * STRIKES {
             p.went_idle();
             p.kicked();
         }
         assert_eq!(p.window(), Duration::ZERO);
-        // Back to the configured window after REPROBE_INTERVAL.
-        std::thread::sleep(REPROBE_INTERVAL + Duration::from_millis(5));
+        // Back to the configured window REPROBE_INTERVAL after the first cut, even while
+        // the strikes go on.
+        let start = Instant::now();
+        while start.elapsed() < REPROBE_INTERVAL + Duration::from_millis(5) {
+            p.went_idle();
+            p.kicked();
+            std::thread::sleep(Duration::from_micros(100));
+        }
         assert_eq!(p.window(), max);
         // A doorbell long after the thread went idle (the guest was idle): no change.
         let mut p = Poller::new(Duration::from_micros(50));
-        p.went_idle();
-        std::thread::sleep(Duration::from_millis(2));
-        p.kicked();
+        for _ in 0..STRIKES {
+            p.went_idle();
+            std::thread::sleep(Duration::from_millis(2));
+            p.kicked();
+        }
         assert_eq!(p.window(), Duration::from_micros(50));
     }
 

@@ -413,7 +413,14 @@ impl BlkBackend {
                             }
                             true
                         }
-                        None => false,
+                        None => {
+                            // I/O punted to an io_uring worker needs a CPU: on a small host it may be
+                            // this one, which the polling would keep for the whole window.
+                            if engine.in_flight() > 0 {
+                                std::thread::yield_now();
+                            }
+                            false
+                        }
                     })
                 },
             )
