@@ -7,6 +7,8 @@
 //!   [`block::BlockQueue`], the virtio-blk request engine for one virtqueue.
 //! - [`net`]: [`net::Tap`] and [`net::NetQueuePair`], the virtio-net RX/TX engine for one
 //!   queue pair, plus [`net::CtrlQueue`] for the control queue.
+//! - [`poll`]: the bounded busy-polling loop both hosts run after work (`poll_us=`,
+//!   `--poll-us`).
 //!
 //! Every engine is generic over the guest memory handle (`S: GuestAddressSpace`, e.g.
 //! `GuestMemoryAtomic<GuestMemoryMmap<B>>`, `Arc<GuestMemoryMmap>` or `&GuestMemoryMmap`)
@@ -19,6 +21,7 @@ mod chain;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod net;
+pub mod poll;
 pub mod ratelimit;
 
 pub use chain::ChainError;

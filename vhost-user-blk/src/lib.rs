@@ -10,27 +10,28 @@
 //!
 //! `--poll-us N`: after handling a kick or a completion the queue thread keeps polling the
 //! available ring (and the io_uring completions) for N microseconds before going back to
-//! sleep on its eventfds; every request found meanwhile restarts the window.
+//! sleep on its eventfds; every request found meanwhile restarts the window, and the guest's
+//! doorbells stay off meanwhile (`backends::poll`, the loop the vmm's devices run too).
 
 pub mod server;
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backends::block::{
     block_config_space, block_features, BlockBackend, BlockOptions, BlockQueue, EngineChoice,
 };
+use backends::poll::{busy_poll, PollEnd, Poller};
 use backends::QueueError;
 use clap::Parser;
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringT};
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -133,6 +134,8 @@ pub fn run(args: Args) -> Result<(), Error> {
             args.queue_size
         )));
     }
+    let poll = backends::poll::check_poll_us(args.poll_us)
+        .map_err(|why| Error::Usage(format!("--poll-us {why}")))?;
     let source = match (&args.socket_path, args.fd) {
         (Some(p), None) => SocketSource::Path(p.clone()),
         (None, Some(fd)) => SocketSource::Fd(fd),
@@ -173,7 +176,7 @@ pub fn run(args: Args) -> Result<(), Error> {
     let cfg = BlkConfig {
         queues: args.queues,
         queue_size: args.queue_size,
-        poll: Duration::from_micros(args.poll_us),
+        poll,
     };
     server::serve("vhost-user-blk", &mut listener, &stop, || {
         BlkBackend::new(disk.clone(), cfg)
@@ -228,6 +231,8 @@ struct QueueState {
     broken: bool,
     /// The connection is gone: no new engine.
     closed: bool,
+    /// The polling window after work (shrinks while polling does not pay).
+    poller: Poller,
 }
 
 /// The virtio-blk device of one frontend connection.
@@ -241,6 +246,9 @@ pub struct BlkBackend {
     /// Per queue: an epoll fd holding the engine's io_uring completion eventfd, registered
     /// with the queue's worker thread (an engine is created when the queue starts).
     completions: Vec<Epoll>,
+    /// Per queue: asks a worker that is busy-polling the queue to stop (the queue is being
+    /// stopped, reset or torn down, and needs the queue's lock the worker holds).
+    stop_poll: Vec<AtomicBool>,
     conn: Mutex<Option<ShutdownHandle>>,
 }
 
@@ -267,6 +275,7 @@ impl BlkBackend {
             mem: Mutex::new(None),
             queues: (0..cfg.queues).map(|_| Mutex::default()).collect(),
             completions,
+            stop_poll: (0..cfg.queues).map(|_| AtomicBool::new(false)).collect(),
             conn: Mutex::new(None),
         })
     }
@@ -281,6 +290,16 @@ impl BlkBackend {
     /// A queue error: layout errors come from the frontend (drop it); others are guest
     /// faults (the queue stops, as with NEEDS_RESET).
     fn fail(&self, q: usize, st: &mut QueueState, e: QueueError) {
+        if !matches!(e, QueueError::NotReady) {
+            // Completions are no longer reaped: stop watching their eventfd, or its
+            // level-triggered readiness would spin the worker.
+            if let (Some(fd), Some(ep)) = (
+                st.engine.as_ref().and_then(BlockQueue::completion_fd),
+                self.completions.get(q),
+            ) {
+                let _ = ep.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            }
+        }
         match e {
             QueueError::NotReady => {}
             QueueError::InvalidLayout { .. } => {
@@ -309,7 +328,8 @@ impl BlkBackend {
         };
         let size = vring.get_ref().get_queue().size();
         match BlockQueue::new(self.disk.clone(), mem, size) {
-            Ok(engine) => {
+            Ok(mut engine) => {
+                engine.set_polling(!self.cfg.poll.is_zero());
                 if let Some(fd) = engine.completion_fd() {
                     if let Err(e) = self.completions[q].ctl(
                         ControlOperation::Add,
@@ -327,6 +347,7 @@ impl BlkBackend {
                 );
                 st.engine = Some(engine);
                 st.vring = Some(vring.clone());
+                st.poller = Poller::new(self.cfg.poll);
                 true
             }
             Err(e) => {
@@ -346,6 +367,9 @@ impl BlkBackend {
         }
         if st.broken || st.closed {
             return;
+        }
+        if kick {
+            st.poller.kicked();
         }
         let Some(engine) = st.engine.as_mut() else {
             return;
@@ -369,33 +393,54 @@ impl BlkBackend {
                 log::warn!("queue {q}: cannot signal the call eventfd: {e}");
             }
         }
-        if self.cfg.poll.is_zero() {
+        if !st.poller.enabled() {
             return;
         }
-        // Busy-poll the available ring (and io_uring completions) for `poll`, restarting
-        // the window whenever work shows up.
-        let Some(mem) = lock(&self.mem).clone() else {
-            return;
-        };
-        let mut deadline = Instant::now() + self.cfg.poll;
-        while Instant::now() < deadline {
-            let queue = state.get_queue_mut();
-            let pending = queue
-                .avail_idx(&*mem.memory(), Ordering::Acquire)
-                .map(|i| i.0 != queue.next_avail())
-                .unwrap_or(false);
-            let r = if pending {
-                engine.process_queue(queue)
-            } else if engine.in_flight() > 0 {
-                engine.process_completions(queue)
-            } else {
-                Ok(Default::default())
-            };
-            match r {
-                Ok(o) => {
-                    if pending || o.used > 0 {
-                        deadline = Instant::now() + self.cfg.poll;
-                    }
+        // Busy-poll the available ring and the io_uring completions (guest notifications
+        // off) until the queue was idle for the poller's window; then re-arm notifications and look at
+        // the ring once more before sleeping.
+        let stop = &self.stop_poll[q];
+        loop {
+            let mut idle = false;
+            let end = busy_poll(
+                st.poller.window(),
+                || stop.load(Ordering::Acquire),
+                || {
+                    Ok(match engine.poll_round(state.get_queue_mut())? {
+                        Some(o) => {
+                            if o.notify {
+                                let _ = state.signal_used_queue();
+                            }
+                            true
+                        }
+                        None => {
+                            // I/O punted to an io_uring worker needs a CPU: on a small host it may be
+                            // this one, which the polling would keep for the whole window.
+                            if engine.in_flight() > 0 {
+                                std::thread::yield_now();
+                            }
+                            false
+                        }
+                    })
+                },
+            )
+            .and_then(|end| {
+                // Stopped too: a restarted queue must not find doorbells turned off.
+                let more = engine.rearm(state.get_queue_mut())?;
+                idle = end == PollEnd::Idle && !more;
+                if end == PollEnd::Stopped || !more {
+                    return Ok(None);
+                }
+                engine
+                    .poll_round(state.get_queue_mut())
+                    .map(|o| Some(o.unwrap_or_default()))
+            });
+            if idle {
+                st.poller.went_idle();
+            }
+            match end {
+                Ok(None) => return,
+                Ok(Some(o)) => {
                     if o.notify {
                         let _ = state.signal_used_queue();
                     }
@@ -406,16 +451,17 @@ impl BlkBackend {
                     return;
                 }
             }
-            std::hint::spin_loop();
         }
     }
 
     /// Finishes in-flight requests of queue `q` and drops its engine.
     fn stop_queue(&self, q: usize, closing: bool) {
-        let Some(m) = self.queues.get(q) else {
+        let (Some(m), Some(stop)) = (self.queues.get(q), self.stop_poll.get(q)) else {
             return;
         };
+        stop.store(true, Ordering::Release);
         let mut st = lock(m);
+        stop.store(false, Ordering::Release);
         if closing {
             st.closed = true;
         }

@@ -450,6 +450,17 @@ fn bad_input_is_one_line_and_exit_2() {
         "--queues",
     );
     bad(
+        &[
+            "--socket-path",
+            sock,
+            "--blk-file",
+            img,
+            "--poll-us",
+            "1000001",
+        ],
+        "--poll-us 1000001 µs: expected 0 (off) to 1000000",
+    );
+    bad(
         &["--fd", "0", "--blk-file", img],
         "not a unix stream socket",
     );

@@ -9,7 +9,8 @@
 //!   after another with fresh device state until SIGTERM/SIGINT.
 //!
 //! `--poll-us N`: after work, the pair's thread keeps polling its TX ring and the tap for N
-//! microseconds before going back to sleep.
+//! microseconds before going back to sleep, with TX doorbells off meanwhile
+//! (`backends::poll`, the loop the vmm's devices run too).
 
 #[path = "../../vhost-user-blk/src/server.rs"]
 pub mod server;
@@ -17,13 +18,14 @@ pub mod server;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backends::net::{
     net_config_space, net_features, CtrlQueue, NetOptions, NetQueuePair, RxWait, Tap,
 };
+use backends::poll::{busy_poll, PollEnd, Poller};
 use backends::QueueError;
 use clap::Parser;
 use thiserror::Error;
@@ -143,6 +145,8 @@ pub fn run(args: Args) -> Result<(), Error> {
             args.queue_size
         )));
     }
+    let poll = backends::poll::check_poll_us(args.poll_us)
+        .map_err(|why| Error::Usage(format!("--poll-us {why}")))?;
     let Some(mac) = parse_mac(&args.mac) else {
         return Err(Error::Usage(format!(
             "--mac {}: expected six hex bytes like 52:54:00:12:34:56",
@@ -193,7 +197,6 @@ pub fn run(args: Args) -> Result<(), Error> {
         queue_pairs: args.queues,
         mtu: None,
     };
-    let poll = Duration::from_micros(args.poll_us);
     server::serve("vhost-user-net", &mut listener, &stop, || {
         NetBackend::new(taps.clone(), opts.clone(), args.queue_size, poll)
     })?;
@@ -207,6 +210,8 @@ struct PairState {
     tap_out: bool,
     broken: bool,
     closed: bool,
+    /// The polling window after work (shrinks while polling does not pay).
+    poller: Poller,
 }
 
 /// The virtio-net device of one frontend connection.
@@ -223,6 +228,9 @@ pub struct NetBackend {
     /// Per pair: an epoll fd holding the tap fd with the interest the engine wants (IN
     /// while RX can take frames, OUT while TX waits for room), registered with the worker.
     tap_epolls: Vec<Epoll>,
+    /// Per pair: asks a worker that is busy-polling the pair to stop (the pair is being
+    /// stopped or torn down, and needs the pair's lock the worker holds).
+    stop_poll: Vec<AtomicBool>,
     ctrl: Mutex<Option<CtrlQueue<Mem>>>,
     conn: Mutex<Option<ShutdownHandle>>,
 }
@@ -256,6 +264,7 @@ impl NetBackend {
                         tap_out: false,
                         broken: false,
                         closed: false,
+                        poller: Poller::default(),
                     })
                 })
                 .collect(),
@@ -267,6 +276,7 @@ impl NetBackend {
             features,
             acked: AtomicU64::new(0),
             mem: Mutex::new(None),
+            stop_poll: tap_epolls.iter().map(|_| AtomicBool::new(false)).collect(),
             tap_epolls,
             ctrl: Mutex::new(None),
             conn: Mutex::new(None),
@@ -401,24 +411,63 @@ impl NetBackend {
             if let Err(e) = self.taps[p].set_offloads(acked) {
                 log::warn!("pair {p}: {e}");
             }
-            st.engine = Some(NetQueuePair::new(self.taps[p].clone(), mem, acked));
+            let mut engine = NetQueuePair::new(self.taps[p].clone(), mem, acked);
+            engine.set_polling(!self.poll.is_zero());
+            st.engine = Some(engine);
+            st.poller = Poller::new(self.poll);
             st.tap_in = true;
             st.tap_out = false;
             self.set_interest(p, &st);
             log::debug!("pair {p}: started");
         }
+        if tx {
+            st.poller.kicked();
+        }
         let (do_rx, do_tx) = (rx || st.tap_in, tx || st.tap_out);
         self.pair_round(p, &mut st, vrings, do_rx, do_tx);
-        if self.poll.is_zero() {
+        if !st.poller.enabled() {
             return;
         }
-        let mut deadline = Instant::now() + self.poll;
-        while Instant::now() < deadline && !st.broken {
-            let do_rx = st.tap_in;
-            if self.pair_round(p, &mut st, vrings, do_rx, true) {
-                deadline = Instant::now() + self.poll;
+        // Busy-poll the TX ring and (while RX can take frames) the tap, TX doorbells off,
+        // until both were idle for the poller's window; then re-arm TX notifications and look at the ring
+        // once more before sleeping.
+        let stop = &self.stop_poll[p];
+        loop {
+            let window = st.poller.window();
+            let end = busy_poll(
+                window,
+                || stop.load(Ordering::Acquire),
+                || {
+                    if st.broken {
+                        return Err(());
+                    }
+                    let tx = st.engine.as_ref().is_some_and(|e| {
+                        e.tx_pending(vrings[1].get_ref().get_queue())
+                            .unwrap_or(true)
+                    });
+                    let rx = st.tap_in;
+                    Ok(self.pair_round(p, &mut st, vrings, rx, tx))
+                },
+            );
+            // Stopped too: a restarted queue must not find doorbells turned off.
+            let more = match st.engine.as_mut() {
+                Some(e) => e.rearm_tx(vrings[1].get_mut().get_queue_mut()),
+                None => return,
+            };
+            match (end, more) {
+                (Ok(PollEnd::Idle), Ok(true)) => {
+                    self.pair_round(p, &mut st, vrings, false, true);
+                }
+                (_, Err(e)) if !st.broken => {
+                    self.fail(&format!("pair {p} tx"), &mut st.broken, e);
+                    return;
+                }
+                (Ok(PollEnd::Idle), Ok(false)) => {
+                    st.poller.went_idle();
+                    return;
+                }
+                _ => return,
             }
-            std::hint::spin_loop();
         }
     }
 
@@ -448,8 +497,10 @@ impl NetBackend {
     }
 
     fn stop_pair(&self, p: usize, closing: bool) {
-        if let Some(m) = self.pairs.get(p) {
+        if let (Some(m), Some(stop)) = (self.pairs.get(p), self.stop_poll.get(p)) {
+            stop.store(true, Ordering::Release);
             let mut st = lock(m);
+            stop.store(false, Ordering::Release);
             st.engine = None;
             st.broken = false;
             st.closed |= closing;

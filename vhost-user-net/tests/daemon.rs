@@ -344,6 +344,17 @@ fn command_line() {
             "power of two",
         ),
         (
+            vec![
+                "--socket-path",
+                sock,
+                "--tap",
+                "vutx",
+                "--poll-us",
+                "1000001",
+            ],
+            "--poll-us 1000001 µs: expected 0 (off) to 1000000",
+        ),
+        (
             vec!["--socket-path", "/nonexistent-dir/s", "--tap", "vutbad0"],
             "directory does not exist",
         ),

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
@@ -352,7 +353,13 @@ fn add_virtio_devices(
         );
         devices.push((
             d.id.clone(),
-            Box::new(Block::new(&d.id, disk, d.queues, d.queue_size)),
+            Box::new(Block::new(
+                &d.id,
+                disk,
+                d.queues,
+                d.queue_size,
+                Duration::from_micros(d.poll_us),
+            )),
         ));
     }
     for n in &cfg.nets {
@@ -374,7 +381,13 @@ fn add_virtio_devices(
         );
         devices.push((
             n.id.clone(),
-            Box::new(Net::new(&n.id, taps, n.mac, n.queue_size)),
+            Box::new(Net::new(
+                &n.id,
+                taps,
+                n.mac,
+                n.queue_size,
+                Duration::from_micros(n.poll_us),
+            )),
         ));
     }
     let regions = virtio::vhost_user::shared_regions(ram);

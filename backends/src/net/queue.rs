@@ -1,7 +1,9 @@
 //! The virtio-net engine of one queue pair: TX (guest -> tap) and RX (tap -> guest).
 
 use std::io;
+use std::num::Wrapping;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -104,6 +106,8 @@ pub struct NetQueuePair<S: GuestAddressSpace, T: AsRawFd> {
     mrg_rxbuf: bool,
     rx_buf: Vec<u8>,
     rx_pending: Option<usize>,
+    /// The host busy-polls the TX queue: leave its notifications disabled after popping.
+    polling: bool,
     iovecs: IoVecScratch,
     log: GuestErrorLog<NET_FAULT_KINDS>,
     stats: NetStats,
@@ -136,6 +140,7 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
             mrg_rxbuf: acked_features & (1u64 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             rx_buf: vec![0u8; MAX_FRAME_LEN],
             rx_pending: None,
+            polling: false,
             iovecs: IoVecScratch::default(),
             log: GuestErrorLog::new("virtio-net"),
             stats: NetStats::default(),
@@ -167,6 +172,33 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
         self.rx_pending.is_some()
     }
 
+    /// Polling mode (see [`crate::poll`]): while on, [`process_tx`](Self::process_tx) leaves
+    /// the TX queue's notifications disabled after emptying it, so the driver skips its
+    /// doorbell; the host calls [`rearm_tx`](Self::rearm_tx) before it sleeps.
+    pub fn set_polling(&mut self, on: bool) {
+        self.polling = on;
+    }
+
+    /// Whether the TX queue has chains the device has not popped (no system call).
+    pub fn tx_pending(&self, queue: &Queue) -> Result<bool, QueueError> {
+        let guard = self.mem.memory();
+        let mem: &S::M = &guard;
+        check_queue(queue, mem)?;
+        let avail = queue
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(QueueError::Ring)?;
+        Ok(avail != Wrapping(queue.next_avail()))
+    }
+
+    /// Re-enables TX notifications before the host sleeps. `Ok(true)`: the driver added
+    /// chains meanwhile; process them (a doorbell may not come).
+    pub fn rearm_tx(&mut self, queue: &mut Queue) -> Result<bool, QueueError> {
+        let guard = self.mem.memory();
+        let mem: &S::M = &guard;
+        check_queue(queue, mem)?;
+        queue.enable_notification(mem).map_err(QueueError::Ring)
+    }
+
     /// Sends every available TX chain to the tap. Call on a TX kick, and when the tap becomes
     /// writable after an outcome with `tap_full`.
     pub fn process_tx(&mut self, queue: &mut Queue) -> Result<TxOutcome, QueueError> {
@@ -194,6 +226,9 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
                 }
                 queue.add_used(mem, head, 0).map_err(QueueError::Ring)?;
                 used += 1;
+            }
+            if self.polling {
+                break;
             }
             if !queue.enable_notification(mem).map_err(QueueError::Ring)? {
                 break;

@@ -1,15 +1,18 @@
 //! The in-VMM virtio-net device on a tap: one thread per queue pair running the `backends`
 //! RX/TX engine, woken by the queues' ioeventfds and the tap; the control queue is served by
-//! the first pair's thread.
+//! the first pair's thread. With `poll_us=`, a pair's thread keeps polling its TX queue and
+//! the tap for a while after work (`backends::poll`).
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use backends::net::{
     net_config_space, net_features, CtrlQueue, NetOptions, NetQueuePair, RxWait, Tap,
 };
+use backends::poll::{busy_poll, PollEnd, Poller};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -27,12 +30,13 @@ pub struct Net {
     taps: Vec<Arc<Tap>>,
     opts: NetOptions,
     queue_size: u16,
+    poll: Duration,
     config: Vec<u8>,
     workers: Vec<Worker>,
 }
 
 impl Net {
-    pub fn new(name: &str, taps: Vec<Tap>, mac: [u8; 6], queue_size: u16) -> Self {
+    pub fn new(name: &str, taps: Vec<Tap>, mac: [u8; 6], queue_size: u16, poll: Duration) -> Self {
         let opts = NetOptions {
             mac,
             queue_pairs: taps.len() as u16,
@@ -44,6 +48,7 @@ impl Net {
             taps: taps.into_iter().map(Arc::new).collect(),
             opts,
             queue_size,
+            poll,
             config,
             workers: Vec::new(),
         }
@@ -58,6 +63,8 @@ struct PairThread {
     engine: NetQueuePair<Memory, Arc<Tap>>,
     stop: EventFd,
     shared: Arc<DeviceShared>,
+    /// Busy-poll window after work (zero: sleep on the eventfds at once).
+    poll: Duration,
 }
 
 impl PairThread {
@@ -93,66 +100,27 @@ impl PairThread {
         if let Some((q, _)) = &self.ctrl {
             add(q.kick.as_raw_fd(), EventSet::IN, TOKEN_CTRL)?;
         }
-        // The tap's interest: IN while RX can take frames, OUT while TX waits for room.
-        let mut tap_in = true;
-        let mut tap_out = false;
         add(tap_fd, EventSet::IN, TOKEN_TAP)?;
-        let set_tap = |tap_in: bool, tap_out: bool| {
-            let mut ev = EventSet::empty();
-            if tap_in {
-                ev |= EventSet::IN;
-            }
-            if tap_out {
-                ev |= EventSet::OUT;
-            }
-            epoll.ctl(
-                ControlOperation::Modify,
-                tap_fd,
-                EpollEvent::new(ev, TOKEN_TAP),
-            )
+        // The tap's interest: IN while RX can take frames, OUT while TX waits for room.
+        let mut tap = TapWatch {
+            epoll: &epoll,
+            fd: tap_fd,
+            tap_in: true,
+            tap_out: false,
         };
-        let err = |e: backends::QueueError| io::Error::other(e.to_string());
+        let mut poller = Poller::new(self.poll);
+        self.engine.set_polling(poller.enabled());
+        // For the polling loop, which borrows `self` whole.
+        let stop = self.stop.try_clone()?;
         let mut events = [EpollEvent::default(); 8];
         let (mut do_rx, mut do_tx, mut do_ctrl) = (true, true, true);
         loop {
             if do_tx {
                 do_tx = false;
-                let o = self.engine.process_tx(&mut self.tx.queue).map_err(err)?;
-                if o.queue.notify {
-                    self.tx.irq.trigger();
-                }
-                if o.tap_full != tap_out {
-                    tap_out = o.tap_full;
-                    set_tap(tap_in, tap_out)?;
-                }
+                self.tx_round(&mut tap)?;
             }
             if do_rx {
-                do_rx = false;
-                let o = self.engine.process_rx(&mut self.rx.queue).map_err(err)?;
-                if o.queue.notify {
-                    self.rx.irq.trigger();
-                }
-                log::trace!(
-                    "{}: rx {} frames, used {}, notify {}, wait {:?}, pending {}",
-                    self.name,
-                    o.frames,
-                    o.queue.used,
-                    o.queue.notify,
-                    o.wait,
-                    self.engine.rx_pending()
-                );
-                let want_in = match o.wait {
-                    RxWait::TapEmpty => true,
-                    RxWait::GuestBuffers => false,
-                    RxWait::Budget => {
-                        do_rx = true;
-                        true
-                    }
-                };
-                if want_in != tap_in {
-                    tap_in = want_in;
-                    set_tap(tap_in, tap_out)?;
-                }
+                do_rx = self.rx_round(&mut tap)?.1;
             }
             if do_ctrl {
                 do_ctrl = false;
@@ -169,6 +137,21 @@ impl PairThread {
             if do_rx {
                 continue;
             }
+            if poller.enabled() {
+                match self.poll_pair(&mut tap, &stop, poller.window())? {
+                    PollEnd::Stopped => return Ok(()),
+                    PollEnd::Idle => {
+                        // A TX doorbell rung before the driver saw notifications off is
+                        // stale: the ring is checked after re-enabling them.
+                        let _ = self.tx.kick.read();
+                        if self.engine.rearm_tx(&mut self.tx.queue).map_err(err)? {
+                            do_tx = true;
+                            continue;
+                        }
+                        poller.went_idle();
+                    }
+                }
+            }
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -184,6 +167,7 @@ impl PairThread {
                     TOKEN_TX_KICK => {
                         let _ = self.tx.kick.read();
                         do_tx = true;
+                        poller.kicked();
                     }
                     TOKEN_CTRL => {
                         if let Some((q, _)) = &self.ctrl {
@@ -205,6 +189,98 @@ impl PairThread {
                 }
             }
         }
+    }
+
+    /// Sends the TX queue's frames; returns whether any chain was used.
+    fn tx_round(&mut self, tap: &mut TapWatch) -> io::Result<bool> {
+        let o = self.engine.process_tx(&mut self.tx.queue).map_err(err)?;
+        if o.queue.notify {
+            self.tx.irq.trigger();
+        }
+        tap.set(tap.tap_in, o.tap_full)?;
+        Ok(o.queue.used > 0)
+    }
+
+    /// Delivers tap frames to the RX queue; returns (work done, the RX budget ran out).
+    fn rx_round(&mut self, tap: &mut TapWatch) -> io::Result<(bool, bool)> {
+        let o = self.engine.process_rx(&mut self.rx.queue).map_err(err)?;
+        if o.queue.notify {
+            self.rx.irq.trigger();
+        }
+        log::trace!(
+            "{}: rx {} frames, used {}, notify {}, wait {:?}, pending {}",
+            self.name,
+            o.frames,
+            o.queue.used,
+            o.queue.notify,
+            o.wait,
+            self.engine.rx_pending()
+        );
+        let want_in = match o.wait {
+            RxWait::TapEmpty | RxWait::Budget => true,
+            RxWait::GuestBuffers => false,
+        };
+        tap.set(want_in, tap.tap_out)?;
+        Ok((o.frames > 0 || o.queue.used > 0, o.wait == RxWait::Budget))
+    }
+
+    /// Busy-polls the TX ring and (while RX can take frames) the tap until both were idle
+    /// for `window`, or the stop eventfd fires. TX notifications stay off meanwhile.
+    fn poll_pair(
+        &mut self,
+        tap: &mut TapWatch,
+        stop: &EventFd,
+        window: Duration,
+    ) -> io::Result<PollEnd> {
+        busy_poll(
+            window,
+            // The stop eventfd is non-blocking: a read succeeds only once it was written.
+            || stop.read().is_ok(),
+            || {
+                let mut work = false;
+                if self.engine.tx_pending(&self.tx.queue).map_err(err)? {
+                    work |= self.tx_round(tap)?;
+                }
+                if tap.tap_in {
+                    work |= self.rx_round(tap)?.0;
+                }
+                Ok(work)
+            },
+        )
+    }
+}
+
+fn err(e: backends::QueueError) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// The tap's epoll interest, changed only when it differs.
+struct TapWatch<'a> {
+    epoll: &'a Epoll,
+    fd: i32,
+    tap_in: bool,
+    tap_out: bool,
+}
+
+impl TapWatch<'_> {
+    fn set(&mut self, tap_in: bool, tap_out: bool) -> io::Result<()> {
+        if (tap_in, tap_out) == (self.tap_in, self.tap_out) {
+            return Ok(());
+        }
+        self.tap_in = tap_in;
+        self.tap_out = tap_out;
+        let mut ev = EventSet::empty();
+        if tap_in {
+            ev |= EventSet::IN;
+        }
+        if tap_out {
+            ev |= EventSet::OUT;
+        }
+        self.epoll.ctl(
+            ControlOperation::Modify,
+            self.fd,
+            EpollEvent::new(ev, TOKEN_TAP),
+        )
     }
 }
 
@@ -261,6 +337,7 @@ impl VirtioDevice for Net {
                 engine: NetQueuePair::new(tap.clone(), a.mem.clone(), a.acked_features),
                 stop: stop.try_clone()?,
                 shared: a.shared.clone(),
+                poll: self.poll,
             };
             let thread = thread::Builder::new()
                 .name(format!("{}-p{p}", self.name))
