@@ -16,6 +16,9 @@ use std::time::Instant;
 
 use crate::probe::Summary;
 
+pub mod direct;
+pub mod report;
+
 /// Which matrix a record belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Matrix {

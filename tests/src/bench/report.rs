@@ -1,0 +1,402 @@
+//! The bench's outputs: medians across runs with their spread, as a Markdown table, a JSON
+//! document (every record plus the summary rows) and an SVG plot of the percentiles.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use super::{json_str, median, Matrix, Model, Record};
+
+/// One configuration and test, summarized over its runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub matrix: Matrix,
+    pub model: Model,
+    pub vmm: String,
+    pub config: String,
+    pub test: String,
+    pub runs: usize,
+    /// Medians across runs.
+    pub p50: Option<f64>,
+    pub p90: Option<f64>,
+    pub p99: Option<f64>,
+    pub p999: Option<f64>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    /// Smallest and largest p50 of the runs.
+    pub p50_spread: Option<(f64, f64)>,
+    pub iops: Option<f64>,
+    pub seconds: Option<f64>,
+    pub exits_per_op: BTreeMap<String, f64>,
+    pub cpu_us_per_op: Option<f64>,
+    /// The busiest other load seen in any of its runs (CPUs).
+    pub max_other_cpus: f64,
+}
+
+fn med(records: &[&Record], f: impl Fn(&Record) -> Option<f64>) -> Option<f64> {
+    let v: Vec<f64> = records.iter().filter_map(|r| f(r)).collect();
+    median(&v)
+}
+
+/// Groups records by configuration and test, in first-seen order.
+pub fn summarize(records: &[Record]) -> Vec<Row> {
+    let mut order = Vec::new();
+    let mut groups: BTreeMap<_, Vec<&Record>> = BTreeMap::new();
+    for r in records {
+        let k = r.key();
+        if !groups.contains_key(&k) {
+            order.push(k.clone());
+        }
+        groups.entry(k).or_default().push(r);
+    }
+    order
+        .into_iter()
+        .filter_map(|k| {
+            let rs = groups.get(&k)?;
+            let first = rs.first()?;
+            let p50s: Vec<f64> = rs.iter().filter_map(|r| r.latency.map(|l| l.p50)).collect();
+            let spread = p50s.iter().copied().fold(None, |acc: Option<(f64, f64)>, v| {
+                Some(acc.map_or((v, v), |(lo, hi)| (lo.min(v), hi.max(v))))
+            });
+            let mut exits = BTreeMap::new();
+            let kinds: std::collections::BTreeSet<String> = rs
+                .iter()
+                .flat_map(|r| r.exits_per_op.keys().cloned())
+                .collect();
+            for kind in kinds {
+                if let Some(m) = med(rs, |r| r.exits_per_op.get(&kind).copied()) {
+                    exits.insert(kind, m);
+                }
+            }
+            Some(Row {
+                matrix: first.matrix,
+                model: first.model,
+                vmm: first.vmm.clone(),
+                config: first.config.clone(),
+                test: first.test.clone(),
+                runs: rs.len(),
+                p50: med(rs, |r| r.latency.map(|l| l.p50)),
+                p90: med(rs, |r| r.latency.map(|l| l.p90)),
+                p99: med(rs, |r| r.latency.map(|l| l.p99)),
+                p999: med(rs, |r| r.latency.map(|l| l.p999)),
+                min: med(rs, |r| r.latency.map(|l| l.min)),
+                max: med(rs, |r| r.latency.map(|l| l.max)),
+                p50_spread: spread,
+                iops: med(rs, |r| r.iops),
+                seconds: med(rs, |r| r.seconds),
+                exits_per_op: exits,
+                cpu_us_per_op: med(rs, |r| r.cpu_us_per_op),
+                max_other_cpus: rs.iter().map(|r| r.load.other_cpus).fold(0.0, f64::max),
+            })
+        })
+        .collect()
+}
+
+fn f2(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.2}"))
+}
+
+/// The Markdown table: one line per configuration and test.
+pub fn table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str("| matrix | model | vmm | configuration | test | runs | p50 µs (spread) | p90 | p99 | p99.9 | max | IOPS / s | exits per op | host CPU µs per op | other load |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        let spread = r
+            .p50_spread
+            .map_or(String::new(), |(lo, hi)| format!(" ({lo:.2}-{hi:.2})"));
+        let exits = if r.exits_per_op.is_empty() {
+            "-".to_string()
+        } else {
+            r.exits_per_op
+                .iter()
+                .filter(|(k, _)| k.as_str() != "total")
+                .map(|(k, v)| format!("{k} {v:.3}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let iops_or_secs = match (r.iops, r.seconds) {
+            (Some(i), _) => format!("{i:.0} IOPS"),
+            (_, Some(s)) => format!("{s:.2} s"),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {:.2} |",
+            r.matrix.name(),
+            r.model.name(),
+            r.vmm,
+            r.config,
+            r.test,
+            r.runs,
+            f2(r.p50),
+            spread,
+            f2(r.p90),
+            f2(r.p99),
+            f2(r.p999),
+            f2(r.max),
+            iops_or_secs,
+            exits,
+            f2(r.cpu_us_per_op),
+            r.max_other_cpus
+        );
+    }
+    s
+}
+
+/// The JSON document: metadata, every record, the summary rows.
+pub fn json(meta: &[(&str, String)], records: &[Record], rows: &[Row]) -> String {
+    let mut s = String::from("{\n");
+    for (k, v) in meta {
+        let _ = writeln!(s, "  {}: {},", json_str(k), json_str(v));
+    }
+    s.push_str("  \"records\": [\n");
+    for (i, r) in records.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "    {}{}",
+            r.to_json(),
+            if i + 1 < records.len() { "," } else { "" }
+        );
+    }
+    s.push_str("  ],\n  \"summary\": [\n");
+    let opt = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
+    for (i, r) in rows.iter().enumerate() {
+        let exits: Vec<String> = r
+            .exits_per_op
+            .iter()
+            .map(|(k, v)| format!("{}:{v:.3}", json_str(k)))
+            .collect();
+        let _ = writeln!(
+            s,
+            "    {{\"matrix\":\"{}\",\"model\":\"{}\",\"vmm\":{},\"config\":{},\"test\":{},\"runs\":{},\"p50_us\":{},\"p90_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"p50_min_us\":{},\"p50_max_us\":{},\"iops\":{},\"seconds\":{},\"exits_per_op\":{{{}}},\"cpu_us_per_op\":{},\"max_other_cpus\":{:.3}}}{}",
+            r.matrix.name(),
+            r.model.name(),
+            json_str(&r.vmm),
+            json_str(&r.config),
+            json_str(&r.test),
+            r.runs,
+            opt(r.p50),
+            opt(r.p90),
+            opt(r.p99),
+            opt(r.p999),
+            opt(r.max),
+            opt(r.p50_spread.map(|s| s.0)),
+            opt(r.p50_spread.map(|s| s.1)),
+            opt(r.iops),
+            opt(r.seconds),
+            exits.join(","),
+            opt(r.cpu_us_per_op),
+            r.max_other_cpus,
+            if i + 1 < rows.len() { "," } else { "" }
+        );
+    }
+    s.push_str("  ]\n}\n");
+    s
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// An SVG plot: one panel per (matrix, test); one line per configuration with its median
+/// p50, p90, p99 and p99.9 on a log-scale µs axis.
+pub fn svg(rows: &[Row], title: &str) -> String {
+    let mut panels: Vec<(String, Vec<&Row>)> = Vec::new();
+    for r in rows.iter().filter(|r| r.p50.is_some()) {
+        let name = format!("{} / {}", r.matrix.name(), r.test);
+        match panels.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, v)) => v.push(r),
+            None => panels.push((name, vec![r])),
+        }
+    }
+    let (lo, hi) = rows
+        .iter()
+        .flat_map(|r| [r.p50, r.p999.or(r.p99)])
+        .flatten()
+        .filter(|v| *v > 0.0)
+        .fold((f64::MAX, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = if lo > hi {
+        (1.0, 10.0)
+    } else {
+        (
+            10f64.powf(lo.log10().floor()),
+            10f64.powf(hi.log10().ceil()),
+        )
+    };
+    let (label_w, plot_w, row_h, head_h) = (430.0, 520.0, 18.0, 34.0);
+    let width = label_w + plot_w + 40.0;
+    let height: f64 = 60.0
+        + panels
+            .iter()
+            .map(|(_, v)| head_h + row_h * v.len() as f64 + 10.0)
+            .sum::<f64>();
+    let x = |v: f64| label_w + (v.max(lo).log10() - lo.log10()) / (hi.log10() - lo.log10()) * plot_w;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="14" font-weight="bold">{}</text>"#,
+        esc(title)
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="10" y="38">latency µs, log scale: <tspan fill="#1f77b4">● p50</tspan> <tspan fill="#2ca02c">▲ p90</tspan> <tspan fill="#ff7f0e">■ p99</tspan> <tspan fill="#d62728">◆ p99.9</tspan>; bar = p50 spread across runs</text>"##
+    );
+    let mut y = 60.0;
+    for (name, rs) in &panels {
+        let _ = writeln!(
+            s,
+            r#"<text x="10" y="{:.0}" font-weight="bold">{}</text>"#,
+            y + 14.0,
+            esc(name)
+        );
+        // Decade grid lines.
+        let mut d = lo;
+        while d <= hi * 1.0001 {
+            let gx = x(d);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{gx:.1}" y1="{:.0}" x2="{gx:.1}" y2="{:.0}" stroke="#ddd"/><text x="{gx:.1}" y="{:.0}" text-anchor="middle" fill="#666">{}</text>"##,
+                y + 20.0,
+                y + head_h + row_h * rs.len() as f64,
+                y + 28.0,
+                if d >= 1.0 { format!("{d:.0}") } else { format!("{d}") }
+            );
+            d *= 10.0;
+        }
+        y += head_h;
+        for r in rs {
+            let cy = y + row_h / 2.0;
+            let _ = writeln!(
+                s,
+                r#"<text x="10" y="{:.1}">{}</text>"#,
+                cy + 4.0,
+                esc(&format!("{} {} — {}", r.model.name(), r.vmm, r.config))
+            );
+            if let Some((a, b)) = r.p50_spread {
+                let _ = writeln!(
+                    s,
+                    r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="6" fill="#aec7e8"/>"##,
+                    x(a),
+                    cy - 3.0,
+                    (x(b) - x(a)).max(1.0)
+                );
+            }
+            let marks = [
+                (r.p50, "#1f77b4", "circle"),
+                (r.p90, "#2ca02c", "tri"),
+                (r.p99, "#ff7f0e", "square"),
+                (r.p999, "#d62728", "diamond"),
+            ];
+            for (v, color, shape) in marks {
+                let Some(v) = v else { continue };
+                let mx = x(v);
+                let _ = match shape {
+                    "circle" => writeln!(
+                        s,
+                        r#"<circle cx="{mx:.1}" cy="{cy:.1}" r="4" fill="{color}"/>"#
+                    ),
+                    "tri" => writeln!(
+                        s,
+                        r#"<path d="M{mx:.1},{:.1} l4,7 l-8,0 z" fill="{color}"/>"#,
+                        cy - 4.0
+                    ),
+                    "square" => writeln!(
+                        s,
+                        r#"<rect x="{:.1}" y="{:.1}" width="7" height="7" fill="{color}"/>"#,
+                        mx - 3.5,
+                        cy - 3.5
+                    ),
+                    _ => writeln!(
+                        s,
+                        r#"<path d="M{mx:.1},{:.1} l4,4 l-4,4 l-4,-4 z" fill="{color}"/>"#,
+                        cy - 4.0
+                    ),
+                };
+            }
+            y += row_h;
+        }
+        y += 10.0;
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::Load;
+    use crate::probe::Summary;
+
+    fn rec(vmm: &str, run: u32, p50: f64) -> Record {
+        Record {
+            matrix: Matrix::Direct,
+            model: Model::InVmm,
+            vmm: vmm.into(),
+            config: "virtio-blk".into(),
+            test: "blk-read-qd1".into(),
+            run,
+            n: 100,
+            latency: Some(Summary {
+                min: p50 / 2.0,
+                p50,
+                p90: p50 * 2.0,
+                p99: p50 * 3.0,
+                p999: p50 * 4.0,
+                max: p50 * 10.0,
+            }),
+            iops: None,
+            seconds: None,
+            exits_per_op: [("notify".to_string(), run as f64)].into_iter().collect(),
+            cpu_us_per_op: Some(p50),
+            load: Load {
+                loadavg1: 0.1,
+                other_cpus: run as f64 / 10.0,
+            },
+        }
+    }
+
+    #[test]
+    fn medians_and_spread_per_configuration() {
+        let recs = vec![
+            rec("vmm", 1, 3.0),
+            rec("qemu", 1, 5.0),
+            rec("vmm", 2, 2.0),
+            rec("qemu", 2, 6.0),
+            rec("vmm", 3, 10.0),
+        ];
+        let rows = summarize(&recs);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].vmm, "vmm", "first-seen order");
+        assert_eq!(rows[0].runs, 3);
+        assert_eq!(rows[0].p50, Some(3.0));
+        assert_eq!(rows[0].p50_spread, Some((2.0, 10.0)));
+        assert_eq!(rows[0].exits_per_op["notify"], 2.0);
+        assert!((rows[0].max_other_cpus - 0.3).abs() < 1e-9);
+        assert_eq!(rows[1].p50, Some(5.5));
+        let t = table(&rows);
+        assert_eq!(t.lines().count(), 4);
+        assert!(t.contains("| 3.00 (2.00-10.00) |"), "{t}");
+        let j = json(&[("date", "2026-11-24".into())], &recs, &rows);
+        assert!(j.contains("\"date\": \"2026-11-24\""));
+        assert_eq!(j.matches("\"run\":").count(), 5);
+        assert!(j.contains("\"p50_us\":3.000"));
+        let svg = svg(&rows, "test <plot>");
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("test &lt;plot&gt;"));
+        assert_eq!(svg.matches("<circle").count(), 2);
+    }
+
+    #[test]
+    fn empty_input_gives_an_empty_table_and_a_valid_plot() {
+        let rows = summarize(&[]);
+        assert!(rows.is_empty());
+        assert_eq!(table(&rows).lines().count(), 2);
+        assert!(svg(&rows, "empty").contains("</svg>"));
+    }
+}
