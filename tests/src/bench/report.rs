@@ -54,9 +54,12 @@ pub fn summarize(records: &[Record]) -> Vec<Row> {
             let rs = groups.get(&k)?;
             let first = rs.first()?;
             let p50s: Vec<f64> = rs.iter().filter_map(|r| r.latency.map(|l| l.p50)).collect();
-            let spread = p50s.iter().copied().fold(None, |acc: Option<(f64, f64)>, v| {
-                Some(acc.map_or((v, v), |(lo, hi)| (lo.min(v), hi.max(v))))
-            });
+            let spread = p50s
+                .iter()
+                .copied()
+                .fold(None, |acc: Option<(f64, f64)>, v| {
+                    Some(acc.map_or((v, v), |(lo, hi)| (lo.min(v), hi.max(v))))
+                });
             let mut exits = BTreeMap::new();
             let kinds: std::collections::BTreeSet<String> = rs
                 .iter()
@@ -232,7 +235,8 @@ pub fn svg(rows: &[Row], title: &str) -> String {
             .iter()
             .map(|(_, v)| head_h + row_h * v.len() as f64 + 10.0)
             .sum::<f64>();
-    let x = |v: f64| label_w + (v.max(lo).log10() - lo.log10()) / (hi.log10() - lo.log10()) * plot_w;
+    let x =
+        |v: f64| label_w + (v.max(lo).log10() - lo.log10()) / (hi.log10() - lo.log10()) * plot_w;
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -265,7 +269,11 @@ pub fn svg(rows: &[Row], title: &str) -> String {
                 y + 20.0,
                 y + head_h + row_h * rs.len() as f64,
                 y + 28.0,
-                if d >= 1.0 { format!("{d:.0}") } else { format!("{d}") }
+                if d >= 1.0 {
+                    format!("{d:.0}")
+                } else {
+                    format!("{d}")
+                }
             );
             d *= 10.0;
         }
