@@ -51,6 +51,21 @@ pub struct Placement<'a> {
     pub alloc: &'a mut dyn FnMut(BarKind, u64) -> io::Result<u64>,
     /// The IOAPIC pin (GSI) the device's INTx line is wired to.
     pub intx_gsi: u32,
+    /// Show the device's expansion ROM to the guest (hidden otherwise).
+    pub rom: bool,
+}
+
+/// Index under which the expansion ROM appears among the BARs (after BARs 0-5).
+pub const ROM_BAR: usize = 6;
+
+/// The expansion ROM BAR, when shown: read-only and trapped.
+struct Rom {
+    size: u64,
+    /// The address as the guest last wrote it (the size mask while it sizes the BAR).
+    addr: u64,
+    /// Where the trapped range is on the bus.
+    bus_addr: u64,
+    enabled: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -266,6 +281,7 @@ pub struct PassthroughPci {
     msi: Option<MsiState>,
     msix: Option<MsixState>,
     intx: Option<Intx>,
+    rom: Option<Rom>,
     logged: bool,
 }
 
@@ -400,8 +416,26 @@ impl PassthroughPci {
             msi: None,
             msix: None,
             intx: None,
+            rom: None,
             logged: false,
         };
+        let rom_size = d.dev.region(crate::vfio::ROM_REGION).size;
+        if place.rom && rom_size > 0 {
+            let size = rom_size.next_power_of_two().max(2048);
+            let addr = (place.alloc)(BarKind::Mem32, size.max(PAGE_SIZE)).map_err(|source| {
+                DeviceError::BarAlloc {
+                    index: ROM_BAR,
+                    size,
+                    source,
+                }
+            })?;
+            d.rom = Some(Rom {
+                size,
+                addr,
+                bus_addr: addr,
+                enabled: false,
+            });
+        }
         d.parse_capabilities(&raw)?;
 
         // INTx: the pin the device uses, wired to the GSI the vmm chose.
@@ -707,6 +741,35 @@ impl PassthroughPci {
         }
     }
 
+    /// A guest write to the expansion ROM BAR (address and enable bit; sizing reads back the
+    /// size mask). Returns the move of the ROM's trapped range, if any.
+    fn rom_write(&mut self, offset: u64, data: &[u8]) -> Option<BarMove> {
+        let r = self.rom.as_mut()?;
+        let mut bytes = ((r.addr as u32) | u32::from(r.enabled)).to_le_bytes();
+        for (k, b) in data.iter().enumerate() {
+            if let Some(x) = bytes.get_mut(offset as usize + k) {
+                *x = *b;
+            }
+        }
+        let v = u32::from_le_bytes(bytes);
+        let mask = !(r.size as u32 - 1);
+        r.enabled = v & 1 != 0;
+        r.addr = u64::from(v & mask);
+        // Sizing (all ones) and 0 are not addresses.
+        if r.addr == r.bus_addr || r.addr == u64::from(mask) || r.addr == 0 {
+            return None;
+        }
+        let old = r.bus_addr;
+        r.bus_addr = r.addr;
+        Some(BarMove {
+            index: ROM_BAR,
+            kind: BarKind::Mem32,
+            old,
+            new: r.addr,
+            size: r.size,
+        })
+    }
+
     /// Applies a guest write of `data` at config byte `start` to the emulated MSI capability.
     fn msi_write(&mut self, start: usize, data: &[u8]) {
         let Some(m) = self.msi.as_mut() else {
@@ -735,8 +798,12 @@ impl PciDevice for PassthroughPci {
         }
         match reg {
             4..=9 => return self.shadow.read(reg),
-            // The ROM BAR is hidden.
-            12 => return 0,
+            // The ROM BAR: hidden unless asked for.
+            12 => {
+                return self.rom.as_ref().map_or(0, |r| {
+                    (r.addr as u32 & !(r.size as u32 - 1)) | u32::from(r.enabled)
+                })
+            }
             _ => {}
         }
         let mut v = self.dev_u32(reg * 4);
@@ -785,7 +852,7 @@ impl PciDevice for PassthroughPci {
         }
         match reg {
             4..=9 => return self.shadow.write_tracking_bars(reg, offset, data),
-            12 => return None,
+            12 => return self.rom_write(offset, data),
             15 => {
                 self.shadow.write(15, offset, data);
                 return None;
@@ -825,10 +892,27 @@ impl PciDevice for PassthroughPci {
     }
 
     fn bars(&self) -> Vec<BarRange> {
-        self.shadow.bars()
+        let mut v = self.shadow.bars();
+        if let Some(r) = &self.rom {
+            v.push(BarRange {
+                index: ROM_BAR,
+                kind: BarKind::Mem32,
+                addr: r.bus_addr,
+                size: r.size,
+                prefetchable: false,
+            });
+        }
+        v
     }
 
     fn read_bar(&mut self, index: usize, offset: u64, data: &mut [u8]) {
+        if index == ROM_BAR {
+            match &self.rom {
+                Some(r) if r.enabled => self.dev.read(crate::vfio::ROM_REGION, offset, data),
+                _ => data.fill(0xff),
+            }
+            return;
+        }
         if let Some(x) = self.msix.as_mut() {
             if x.in_table(index, offset) {
                 x.table.read_table(offset - x.table_offset, data);
@@ -843,6 +927,9 @@ impl PciDevice for PassthroughPci {
     }
 
     fn write_bar(&mut self, index: usize, offset: u64, data: &[u8]) {
+        if index == ROM_BAR {
+            return;
+        }
         if let Some(x) = self.msix.as_mut() {
             if x.in_table(index, offset) {
                 x.table.write_table(offset - x.table_offset, data);
@@ -1059,6 +1146,14 @@ mod tests {
         );
         regions.insert(4, mem(MB));
         regions.insert(
+            crate::vfio::ROM_REGION,
+            RegionInfo {
+                size: 0x6000,
+                readable: true,
+                ..Default::default()
+            },
+        );
+        regions.insert(
             CONFIG_REGION,
             RegionInfo {
                 size: 4096,
@@ -1087,6 +1182,10 @@ mod tests {
     }
 
     fn rig(with_msix: bool) -> Rig {
+        rig_with(with_msix, false)
+    }
+
+    fn rig_with(with_msix: bool, rom: bool) -> Rig {
         let dev = fake_dev(with_msix);
         let router = Arc::new(FakeRouter::default());
         let mapper = Arc::new(FakeMapper::default());
@@ -1110,6 +1209,7 @@ mod tests {
             Placement {
                 alloc: &mut alloc,
                 intx_gsi: 17,
+                rom,
             },
         )
         .unwrap();
@@ -1328,6 +1428,38 @@ mod tests {
     }
 
     #[test]
+    fn rom_is_hidden_unless_asked_for() {
+        let mut r = rig(true);
+        assert_eq!(cfg_read(&mut r.pci, 0x30), 0);
+        assert!(!r.pci.bars().iter().any(|b| b.index == ROM_BAR));
+        let mut r = rig_with(true, true);
+        let rom = *r.pci.bars().iter().find(|b| b.index == ROM_BAR).unwrap();
+        // 24 KiB of ROM: a 32 KiB BAR, disabled at first.
+        assert_eq!(rom.size, 0x8000);
+        assert_eq!(cfg_read(&mut r.pci, 0x30), rom.addr as u32);
+        // Sizing reads the size mask; restoring does not move anything.
+        assert!(cfg_write(&mut r.pci, 0x30, &[0xfe, 0xff, 0xff, 0xff]).is_none());
+        assert_eq!(cfg_read(&mut r.pci, 0x30), !0x7fffu32);
+        assert!(cfg_write(&mut r.pci, 0x30, &(rom.addr as u32).to_le_bytes()).is_none());
+        // Disabled: reads float; enabled: the device's ROM; writes are dropped.
+        let mut d = [0u8; 4];
+        r.pci.read_bar(ROM_BAR, 0x10, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        cfg_write(&mut r.pci, 0x30, &(rom.addr as u32 | 1).to_le_bytes());
+        r.pci.read_bar(ROM_BAR, 0x10, &mut d);
+        assert_eq!(d, [0x10, 0x11, 0x12, 0x13]);
+        r.pci.write_bar(ROM_BAR, 0, &[0; 4]);
+        assert!(r.dev.bar_writes.lock().unwrap().is_empty());
+        // The guest moves it.
+        let m = cfg_write(&mut r.pci, 0x30, &0xd800_0001u32.to_le_bytes()).unwrap();
+        assert_eq!(
+            (m.index, m.old, m.new, m.size),
+            (ROM_BAR, rom.addr, 0xd800_0000, 0x8000)
+        );
+        assert_eq!(cfg_read(&mut r.pci, 0x30), 0xd800_0001);
+    }
+
+    #[test]
     fn a_looping_capability_list_ends() {
         let dev = fake_dev(false);
         {
@@ -1344,6 +1476,7 @@ mod tests {
             Placement {
                 alloc: &mut a,
                 intx_gsi: 16,
+                rom: false,
             },
         )
         .unwrap();

@@ -440,7 +440,7 @@ pub struct Cli {
     #[arg(long, value_name = "socket=PATH,...")]
     pub vhost_user_net: Vec<String>,
     /// A host PCI device assigned to the guest through VFIO (repeatable; bind it to
-    /// vfio-pci first: `passthrough bind BDF`): host=BDF|SYSFS_PATH[,id=NAME]
+    /// vfio-pci first: `passthrough bind BDF`): host=BDF|SYSFS_PATH[,rom=on][,id=NAME]
     #[arg(long, value_name = "host=BDF,...")]
     pub vfio: Vec<String>,
 }
@@ -452,20 +452,24 @@ pub struct VfioConfig {
     pub host: String,
     pub bdf: passthrough::host::Bdf,
     pub id: String,
+    /// Show the device's expansion ROM to the guest.
+    pub rom: bool,
 }
 
 impl VfioConfig {
     pub fn parse(value: &str, index: usize) -> Result<Self, ConfigError> {
         const O: &str = "--vfio";
-        let kv = parse_kv(O, value, &["host", "id"])?;
+        let kv = parse_kv(O, value, &["host", "id", "rom"])?;
         let mut c = VfioConfig {
             host: String::new(),
             bdf: passthrough::host::Bdf::new(0, 0, 0, 0),
             id: format!("vfio{index}"),
+            rom: false,
         };
         for (k, v) in kv {
             match k.as_str() {
                 "host" => c.host = v,
+                "rom" => c.rom = parse_bool(O, value, &k, &v)?,
                 _ => c.id = v,
             }
         }
@@ -786,6 +790,24 @@ mod tests {
         let ok =
             VmConfig::from_cli(&cli(&["--disk", "path=/a", "--disk", "path=/b"]), LIMITS).unwrap();
         assert_eq!(ok.disks.len(), 2);
+    }
+
+    #[test]
+    fn vfio_options() {
+        let v = VfioConfig::parse("host=3b:00.0,rom=on,id=nic", 0).unwrap();
+        assert_eq!(v.bdf.to_string(), "0000:3b:00.0");
+        assert!(v.rom);
+        assert_eq!(v.id, "nic");
+        let v = VfioConfig::parse("host=/sys/bus/pci/devices/0000:00:02.0", 1).unwrap();
+        assert_eq!(
+            (v.bdf.to_string().as_str(), v.rom, v.id.as_str()),
+            ("0000:00:02.0", false, "vfio1")
+        );
+        let e = |s: &str| VfioConfig::parse(s, 0).unwrap_err().to_string();
+        assert!(e("rom=on").contains("host= is required"));
+        assert!(e("host=3b:00").contains("invalid PCI address"));
+        assert!(e("host=3b:00.0,rom=maybe").contains("expected on or off"));
+        assert!(e("host=3b:00.0,bar=1").contains("unknown key 'bar'"));
     }
 
     #[test]

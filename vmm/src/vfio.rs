@@ -196,6 +196,7 @@ pub fn assign(
             Placement {
                 alloc: &mut alloc,
                 intx_gsi: gsi,
+                rom: d.rom,
             },
         )
         .map_err(|e| fail(&d.id, crate::error_line(&e)))?;
