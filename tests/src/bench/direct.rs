@@ -33,7 +33,7 @@ pub struct DirectOptions {
     pub pin: bool,
 }
 
-const SEED: u64 = 0x6265_6e63_68;
+const SEED: u64 = 0x0062_656e_6368;
 const IMAGE_SIZE: u64 = 64 << 20;
 const TIMEOUT: Duration = Duration::from_secs(120);
 const GUEST_IP: &str = "192.0.2.2";
