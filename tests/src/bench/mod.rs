@@ -16,6 +16,8 @@ use std::time::Instant;
 
 use crate::probe::Summary;
 
+pub mod lab;
+
 /// Which matrix a record belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Matrix {
