@@ -181,12 +181,13 @@ mkdir -p /tmp/pids
 cat >/tmp/cputicks.sh <<'EOF'
 for f in /tmp/pids/*; do
     p=$(cat "$f" 2>/dev/null) && [ -n "$p" ] && cat /proc/$p/task/*/stat 2>/dev/null
-done | awk '{
+done | awk -v verbose="${1:-}" '{
     name = $0; sub(/^[0-9]+ \(/, "", name); sub(/\) [A-Za-z] .*$/, "", name)
     rest = $0; sub(/^.*\) /, "", rest); split(rest, f, " ")
     if (name ~ /^vcpu[0-9]/ || name ~ /^CPU [0-9]+\/KVM/) next
     s += f[12] + f[13]
-} END { print s + 0 }'
+    if (f[12] + f[13] > 0) { gsub(/ /, "_", name); v = v " " name "=" f[12] + f[13] }
+} END { if (verbose) print s + 0, v; else print s + 0 }'
 EOF
 # phase_watch TAG: pass the console on; at each "LAT-PHASE <phase> <edge>" from L2 print
 # "LAB-VAL TAG-cpu-<phase>-<edge> <ticks>".
@@ -195,6 +196,11 @@ phase_watch() {
         $1 == "LAT-PHASE" {
             cmd = "sh /tmp/cputicks.sh"; t = ""; cmd | getline t; close(cmd)
             printf "LAB-VAL %s-cpu-%s-%s %s\n", tag, $2, $3, t; fflush()
+            if ($2 == "blk" && $3 == "begin") {
+                # Which threads used the CPU so far (boot): a diagnostic.
+                cmd = "sh /tmp/cputicks.sh -v"; t = ""; cmd | getline t; close(cmd)
+                printf "LAB-VAL %s-threads-at-boot %s\n", tag, t; fflush()
+            }
         }'
 }
 
@@ -204,12 +210,16 @@ check disk-image [ "$(stat -c %s /tmp/disk.img)" = 268435456 ]
 # QEMU's drive options: the best L1's QEMU and /tmp accept.
 QBLK=
 for o in cache=none,aio=io_uring cache=writeback,aio=io_uring cache=none,aio=native cache=writeback,aio=threads; do
-    if echo quit | qemu-system-x86_64 -nodefaults -display none -S -monitor stdio \
-        -drive if=none,id=d0,file=/tmp/disk.img,format=raw,$o >/tmp/qprobe.txt 2>&1; then
+    echo quit | qemu-system-x86_64 -nodefaults -display none -S -monitor stdio \
+        -drive if=none,id=d0,file=/tmp/disk.img,format=raw,$o >/tmp/qprobe.txt 2>&1
+    rc=$?
+    # QEMU's own errors start with its name; the exit status alone is not trusted here.
+    err=$(grep '^qemu-system-x86_64:' /tmp/qprobe.txt | head -n 2 | tr '\n' ' ')
+    echo "LAB-VAL qemu-drive-probe $o rc=$rc ${err:-no error}"
+    if [ -z "$err" ]; then
         QBLK=$o
         break
     fi
-    echo "LAB-VAL qemu-drive-refused $o: $(grep -v -e '^(qemu)' -e '^QEMU' /tmp/qprobe.txt | head -n 2 | tr '\n' ' ')"
 done
 echo "LAB-VAL qemu-blk-opts ${QBLK:-none}"
 check qemu-drive [ -n "$QBLK" ]
@@ -298,7 +308,7 @@ while [ $r -le $RUNS ]; do
         else
             vm r$r-vu-qemu qemu -object memory-backend-memfd,id=mem,size=512M,share=on \
                 -numa node,memdev=mem \
-                -chardev socket,id=c0,path=/tmp/blk.sock -device vhost-user-blk-pci,chardev=c0 \
+                -chardev socket,id=c0,path=/tmp/blk.sock -device vhost-user-blk-pci,chardev=c0,num-queues=1 \
                 -chardev socket,id=c1,path=/tmp/net.sock -netdev vhost-user,id=n0,chardev=c1 \
                 -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:03,romfile=,vectors=0
         fi
