@@ -38,10 +38,15 @@
 //!   vhost-user daemons at each marker. The difference over the phase, divided by the
 //!   operations, is `cpu_us_per_op`. Ticks are 10 ms, so with few operations the figure is
 //!   coarse; the phase also includes up to ~0.5 s of an idle guest.
+//! - binaries: the project binaries come from the directory `lat` is found in (see
+//!   `lat_binary`): a debug build measures an unoptimized vmm and daemons against Debian's
+//!   optimized QEMU, which costs our device threads several times the CPU per I/O; run the
+//!   bench from a release build for figures worth comparing.
 //! - load: one [`LoadMeter`] around the whole L1 run (the lab's QEMU and everything in it
 //!   count as ours); every record of that L1 run carries the same [`Load`].
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{Load, LoadMeter, Matrix, Model, Record};
@@ -383,9 +388,11 @@ fn l2_script(opts: &LabOptions) -> String {
         .replace("@WARMUP@", &WARMUP_READS.to_string())
 }
 
-/// The `lat` binary: beside the running executable (the bench), else in the profile
-/// directory (integration tests).
-fn lat_binary() -> Result<std::path::PathBuf, String> {
+/// The `lat` binary and the directory of the project binaries (`vmm`, the daemons,
+/// `passthrough`) to measure: beside the running executable when `lat` is there (the bench,
+/// so that a release bench measures release binaries), else this profile's directory
+/// (integration tests: `target/debug` for `cargo test`, `target/release` with `--release`).
+fn lat_binary() -> Result<(PathBuf, PathBuf), String> {
     let mut dirs = Vec::new();
     if let Some(dir) = std::env::current_exe()
         .ok()
@@ -394,15 +401,15 @@ fn lat_binary() -> Result<std::path::PathBuf, String> {
         dirs.push(dir);
     }
     dirs.push(profile_dir());
-    dirs.iter()
-        .map(|d| d.join("lat"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            format!(
-                "the lat binary is not in {:?}: cargo build -p tests --bins",
-                dirs
-            )
-        })
+    for d in &dirs {
+        let lat = d.join("lat");
+        if lat.is_file() {
+            return Ok((lat, d.clone()));
+        }
+    }
+    Err(format!(
+        "the lat binary is not in {dirs:?}: cargo build -p tests --bins"
+    ))
 }
 
 /// Runs the lab matrix; `progress` gets one human line per step (e.g.
@@ -411,7 +418,15 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
     if opts.runs == 0 || opts.blk_ops == 0 || opts.pings == 0 {
         return Err(format!("lab: nothing to measure: {opts:?}"));
     }
-    let lat = lat_binary()?;
+    let (lat, bins) = lat_binary()?;
+    for b in ["vmm", "vhost-user-blk", "vhost-user-net", "passthrough"] {
+        if !bins.join(b).is_file() {
+            return Err(format!(
+                "{} missing: cargo build --workspace --bins (same profile as lat)",
+                bins.join(b).display()
+            ));
+        }
+    }
     // About 8 s per L2 boot, the reads (well under 1 ms each), the pings (10 ms apart), the
     // daemons and the output; plus L1's boot and setup.
     let per_vm = 45.0 + f64::from(opts.blk_ops) * 0.002 + f64::from(opts.pings) * 0.03;
@@ -419,16 +434,18 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
     let scenario = Scenario::new("bench_lab", &l1_script(opts))
         .l2_script(&l2_script(opts))
         .l2_bin(&lat)
+        .project_bins(&bins)
         .with_qemu()
         // L1: the 256 MiB disk, a 512 MiB L2, QEMU or our vmm, two daemons, the images.
         .mem_mib(2560)
         .timeout(timeout);
     progress(&format!(
-        "lab: one L1 boot, {} run(s) x {} configurations ({} reads, {} pings each), timeout {} s",
+        "lab: one L1 boot, {} run(s) x {} configurations ({} reads, {} pings each), binaries from {}, timeout {} s",
         opts.runs,
         CONFIGS.len(),
         opts.blk_ops,
         opts.pings,
+        bins.display(),
         timeout.as_secs()
     ));
     let total = opts.runs;
