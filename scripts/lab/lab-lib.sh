@@ -87,10 +87,15 @@ vfio_unbind() {
 
 # lab_console T0 [PREFIX]: copy a guest console from stdin to stdout (without
 # CRs) and print "LAB-T PREFIX-init <s>" when the guest's L2-INIT marker shows
-# up, measured from uptime T0 (taken just before starting the VMM).
+# up, measured from uptime T0 (taken just before starting the VMM). A marker glued to the
+# end of firmware output without a newline (SeaBIOS's "Booting from ROM.." before a quiet
+# kernel) is put on a line of its own.
 lab_console() {
     awk -v t0="$1" -v name="${2:-l2}" '{
-        sub(/\r$/, ""); gsub(/\033(c|\[[0-9;?]*[a-zA-Z])/, ""); print; fflush()
+        sub(/\r$/, ""); gsub(/\033(c|\[[0-9;?]*[a-zA-Z])/, "")
+        i = index($0, "L2-INIT ")
+        if (i > 1 && substr($0, i) ~ /^L2-INIT [0-9.]+$/) { print substr($0, 1, i - 1); $0 = substr($0, i) }
+        print; fflush()
         if ($1 == "L2-INIT") {
             getline u < "/proc/uptime"; close("/proc/uptime"); split(u, a, " ")
             printf "LAB-T %s-init %.2f\n", name, a[1] - t0; fflush()

@@ -311,6 +311,12 @@ impl Scenario {
     /// started; everything else (setup failures, timeouts, the scenario's status) is in the
     /// returned [`LabRun`].
     pub fn run(&self) -> Result<LabRun, LabError> {
+        self.run_with(&mut |_| {})
+    }
+
+    /// [`Scenario::run`], calling `on_line` with every console line as it arrives (for
+    /// progress reports while L1 runs).
+    pub fn run_with(&self, on_line: &mut dyn FnMut(&str)) -> Result<LabRun, LabError> {
         let dir = self.write_dir()?;
         let script = repo_root().join("scripts/lab/run");
         let mut cmd = Command::new(&script);
@@ -402,6 +408,7 @@ impl Scenario {
                     match stream {
                         Stream::Console => {
                             eprintln!("[L1 {:7.2}] {text}", at.as_secs_f64());
+                            on_line(&text);
                             let stuck = text.contains("watchdog: BUG: soft lockup");
                             lines.push(Line { at, text });
                             if stuck && !lockup {

@@ -31,6 +31,8 @@ pub struct DirectOptions {
     pub wait_idle: bool,
     /// vCPU threads on CPU 1, every other thread of the VMM and the daemons on CPU 0.
     pub pin: bool,
+    /// Only the configurations whose "vmm configuration" text contains this.
+    pub only: Option<String>,
 }
 
 const SEED: u64 = 0x0062_656e_6368;
@@ -472,6 +474,11 @@ pub fn run_direct(
         for setup in Setup::ALL {
             let config = setup.config(opts.poll_us);
             let vmm = if setup.ours() { "vmm" } else { "qemu" };
+            if let Some(f) = &opts.only {
+                if !format!("{vmm} {config}").contains(f.as_str()) {
+                    continue;
+                }
+            }
             let env = start_env(setup, dir.path(), &img, opts.poll_us)
                 .map_err(|e| format!("{vmm} {config}: {e}"))?;
             let daemon_pid = env.daemon.as_ref().map(|d| d.pid());

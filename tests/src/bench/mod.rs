@@ -17,6 +17,7 @@ use std::time::Instant;
 use crate::probe::Summary;
 
 pub mod direct;
+pub mod lab;
 pub mod report;
 
 /// Which matrix a record belongs to.

@@ -1,0 +1,1025 @@
+//! The lab matrix of the bench: Linux guests (L2) inside the lab's L1 (QEMU TCG with real KVM,
+//! an IOMMU and assignable PCI devices, see [`crate::lab`]), our vmm next to QEMU + KVM, for
+//! the three device models:
+//!
+//! | model | our vmm | QEMU |
+//! |---|---|---|
+//! | in-VMM | `--disk` + `--net tap=` | virtio-blk-pci on an iothread (io_uring when L1's QEMU takes it) + virtio-net-pci on the same tap, `vhost=off` |
+//! | vhost-user | `--vhost-user-blk` + `--vhost-user-net` to our daemons | `vhost-user-blk-pci` + `-netdev vhost-user` to the same daemons (guest RAM in a shared memfd) |
+//! | passthrough | `--vfio` the NVMe and the e1000e | `-device vfio-pci` for both |
+//!
+//! One L1 boot per run (an L1 that dies of the lab's nested-virtualization flake costs one
+//! run and is booted once more) runs the six configurations one after the other (our vmm
+//! first in odd runs, QEMU first in even runs, so that neither always boots into the state
+//! the other left); an L2 that does not end cleanly is booted once more. Every L2 guest has the same generic kernel (it has the e1000e and
+//! nvme drivers passthrough needs), initramfs, command line, 2 vCPUs and 512 MiB, and
+//! measures, inside L2:
+//! - `blk-read-qd1`: 4 KiB random reads at queue depth 1 with O_DIRECT on its disk
+//!   (`tests/src/bin/lat.rs`; warm-up excluded); the in-VMM and vhost-user disks are the same
+//!   256 MiB file in L1's RAM (page cache; L1's /tmp is tmpfs, which has no O_DIRECT on its
+//!   6.1 kernel, so QEMU's `cache=none` is tried and refused — the config says what ran),
+//!   passthrough's is the lab's NVMe;
+//! - `net-rtt`: `ping -i 0.01` (busybox) to L1's end of the link (the tap, or for passthrough
+//!   the peer e1000e at 00:03.0 on the same QEMU hub), after a settle ping; the per-packet
+//!   `time=X ms` values are parsed here;
+//! - `boot-to-init`: from starting the VMM to the guest's init (`lab_console`).
+//!
+//! Beside the latencies:
+//! - exits per operation (our vmm only): the vmm writes its exit counters (`--exit-stats`)
+//!   only when the VM stops, so boot and driver probing cannot be split from the I/O phase.
+//!   The figures are the whole VM's life divided by the test's operations: `device` (exits to
+//!   the device under test: config-space and BAR accesses, mostly from the driver's probe),
+//!   `notify` (queue doorbells that reached userspace instead of an ioeventfd) and
+//!   `vm_total` (every exit of the VM, the serial console included). They are upper bounds;
+//!   the configs of our vmm's I/O records say so (`exits/op over the whole VM`).
+//! - host CPU per operation: the L2 script prints `LAT-PHASE <phase> begin|end` around each
+//!   measurement (and sleeps 0.5 s after `begin`, so that L1 reads the counters before the
+//!   I/O starts); L1's console filter reads `/proc/<pid>/task/*/stat` of the VMM (without its
+//!   vCPU threads: `vcpu*` in ours, `CPU n/KVM` in QEMU with `debug-threads=on`) and of the
+//!   vhost-user daemons at each marker. The difference over the phase, divided by the
+//!   operations, is `cpu_us_per_op`. Ticks are 10 ms, so with few operations the figure is
+//!   coarse; the phase also includes up to ~0.5 s of an idle guest.
+//! - binaries: the project binaries come from the directory `lat` is found in (see
+//!   `lat_binary`): a debug build measures an unoptimized vmm and daemons against Debian's
+//!   optimized QEMU, which costs our device threads several times the CPU per I/O; run the
+//!   bench from a release build for figures worth comparing.
+//! - load: one [`LoadMeter`] around each L1 boot (the lab's QEMU and everything in it
+//!   count as ours); every record of that run carries the same [`Load`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{Load, LoadMeter, Matrix, Model, Record};
+use crate::lab::{profile_dir, LabRun, Outcome, Scenario};
+use crate::probe::{parse_json, percentile, Json, Summary, PERCENTILES_PER_MILLE};
+
+/// What the lab matrix measures per configuration and run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LabOptions {
+    /// Runs of every configuration (interleaved).
+    pub runs: u32,
+    /// Measured 4 KiB reads per guest (16 warm-up reads more).
+    pub blk_ops: u32,
+    /// Measured pings per guest.
+    pub pings: u32,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            runs: 3,
+            blk_ops: 2000,
+            pings: 500,
+        }
+    }
+}
+
+/// Warm-up reads `lat` does before measuring.
+const WARMUP_READS: u32 = 16;
+
+/// USER_HZ: the unit of /proc's CPU times in L1 (100 on every x86 Linux).
+const L1_TICKS_PER_SEC: f64 = 100.0;
+
+/// One configuration of the matrix (a VMM with one device model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cfg {
+    model: Model,
+    vmm: &'static str,
+}
+
+const CONFIGS: [Cfg; 6] = [
+    Cfg {
+        model: Model::InVmm,
+        vmm: "vmm",
+    },
+    Cfg {
+        model: Model::InVmm,
+        vmm: "qemu",
+    },
+    Cfg {
+        model: Model::VhostUser,
+        vmm: "vmm",
+    },
+    Cfg {
+        model: Model::VhostUser,
+        vmm: "qemu",
+    },
+    Cfg {
+        model: Model::Passthrough,
+        vmm: "vmm",
+    },
+    Cfg {
+        model: Model::Passthrough,
+        vmm: "qemu",
+    },
+];
+
+impl Cfg {
+    fn short(self) -> &'static str {
+        match self.model {
+            Model::InVmm => "invmm",
+            Model::VhostUser => "vu",
+            Model::Passthrough => "pt",
+        }
+    }
+
+    /// The tag of run `run` (console markers, file names in L1).
+    fn tag(self, run: u32) -> String {
+        format!("r{run}-{}-{}", self.short(), self.vmm)
+    }
+
+    /// Our vmm's ids of the disk and the NIC (keys of its exit counters).
+    fn device_ids(self) -> (&'static str, &'static str) {
+        match self.model {
+            Model::InVmm => ("disk0", "net0"),
+            Model::VhostUser => ("vublk", "vunet"),
+            Model::Passthrough => ("nvme0", "nic0"),
+        }
+    }
+
+    /// The configuration strings of the blk, net and boot records.
+    fn configs(self, qemu_blk: &str) -> [String; 3] {
+        let exits = " [exits/op over the whole VM]";
+        match (self.model, self.vmm) {
+            (Model::InVmm, "vmm") => [
+                format!("virtio-blk{exits}"),
+                format!("virtio-net tap{exits}"),
+                "virtio-blk + virtio-net".into(),
+            ],
+            (Model::InVmm, _) => [
+                format!("virtio-blk iothread {qemu_blk}"),
+                "virtio-net tap vhost=off".into(),
+                "virtio-blk + virtio-net".into(),
+            ],
+            (Model::VhostUser, "vmm") => [
+                format!("vhost-user-blk (ours){exits}"),
+                format!("vhost-user-net (ours){exits}"),
+                "vhost-user-blk + vhost-user-net".into(),
+            ],
+            (Model::VhostUser, _) => [
+                "vhost-user-blk (ours)".into(),
+                // QEMU 7.2 crashes with MSI-X on -netdev vhost-user here (see
+                // tests/tests/qemu_vhost_user_interop.rs): its NIC runs on INTx.
+                "vhost-user-net (ours) vectors=0 (INTx)".into(),
+                "vhost-user-blk + vhost-user-net".into(),
+            ],
+            (Model::Passthrough, "vmm") => [
+                format!("nvme (vfio){exits}"),
+                format!("e1000e (vfio){exits}"),
+                "nvme + e1000e (vfio)".into(),
+            ],
+            (Model::Passthrough, _) => [
+                "nvme (vfio-pci)".into(),
+                "e1000e (vfio-pci)".into(),
+                "nvme + e1000e (vfio-pci)".into(),
+            ],
+        }
+    }
+}
+
+const L1_SCRIPT: &str = r#"
+. /lab/lib.sh
+RUN=@RUN@
+mkdir -p /tmp/pids
+# cputicks.sh: user+system ticks of the processes whose PIDs are in /tmp/pids/*, without
+# vCPU threads (ours: vcpuN; QEMU with debug-threads=on: "CPU N/KVM").
+cat >/tmp/cputicks.sh <<'EOF'
+for f in /tmp/pids/*; do
+    p=$(cat "$f" 2>/dev/null) && [ -n "$p" ] && cat /proc/$p/task/*/stat 2>/dev/null
+done | awk -v verbose="${1:-}" '{
+    name = $0; sub(/^[0-9]+ \(/, "", name); sub(/\) [A-Za-z] .*$/, "", name)
+    rest = $0; sub(/^.*\) /, "", rest); split(rest, f, " ")
+    if (name ~ /^vcpu[0-9]/ || name ~ /^CPU [0-9]+\/KVM/) next
+    s += f[12] + f[13]
+    if (f[12] + f[13] > 0) { gsub(/ /, "_", name); v = v " " name "=" f[12] + f[13] }
+} END { if (verbose) print s + 0, v; else print s + 0 }'
+EOF
+# phase_watch TAG: pass the console on; at each "LAT-PHASE <phase> <edge>" from L2 print
+# "LAB-VAL TAG-cpu-<phase>-<edge> <ticks>".
+phase_watch() {
+    awk -v tag="$1" '{ print; fflush() }
+        $1 == "LAT-PHASE" {
+            cmd = "sh /tmp/cputicks.sh"; t = ""; cmd | getline t; close(cmd)
+            printf "LAB-VAL %s-cpu-%s-%s %s\n", tag, $2, $3, t; fflush()
+            if ($2 == "blk" && $3 == "begin") {
+                # Which threads used the CPU so far (boot): a diagnostic.
+                cmd = "sh /tmp/cputicks.sh -v"; t = ""; cmd | getline t; close(cmd)
+                printf "LAB-VAL %s-threads-at-boot %s\n", tag, t; fflush()
+            }
+        }'
+}
+
+# The disk of the in-VMM and vhost-user models, in L1's RAM.
+dd if=/dev/zero of=/tmp/disk.img bs=1M count=256 2>/dev/null
+check disk-image [ "$(stat -c %s /tmp/disk.img)" = 268435456 ]
+# QEMU's drive options: the best L1's QEMU and /tmp accept.
+QBLK=
+for o in cache=none,aio=io_uring cache=writeback,aio=io_uring cache=none,aio=native cache=writeback,aio=threads; do
+    echo quit | qemu-system-x86_64 -nodefaults -display none -S -monitor stdio \
+        -drive if=none,id=d0,file=/tmp/disk.img,format=raw,$o >/tmp/qprobe.txt 2>&1
+    rc=$?
+    # QEMU's own errors start with its name; the exit status alone is not trusted here.
+    err=$(grep '^qemu-system-x86_64:' /tmp/qprobe.txt | head -n 2 | tr '\n' ' ')
+    echo "LAB-VAL qemu-drive-probe $o rc=$rc ${err:-no error}"
+    if [ -z "$err" ]; then
+        QBLK=$o
+        break
+    fi
+done
+echo "LAB-VAL qemu-blk-opts ${QBLK:-none}"
+check qemu-drive [ -n "$QBLK" ]
+
+# in-VMM: one tap for both VMMs.
+$IP tuntap add dev bt0 mode tap vnet_hdr
+$IP addr add 192.0.2.1/24 dev bt0
+$IP link set bt0 up
+# passthrough: the NVMe and the e1000e to vfio-pci; L1's peer e1000e on the same hub.
+check bind-nvme passthrough bind $NVME_BDF
+check bind-nic passthrough bind $NIC_BDF
+peer=$(ls /sys/bus/pci/devices/$PEER_NIC_BDF/net/)
+$IP addr add 198.51.100.1/24 dev $peer
+$IP link set $peer up
+
+# vhost-user: our daemons, started for each VM.
+vu_start() {
+    rm -f /tmp/blk.sock /tmp/net.sock
+    vhost-user-blk --socket-path /tmp/blk.sock --blk-file /tmp/disk.img >>/tmp/vublk.log 2>&1 &
+    echo $! >/tmp/pids/blk
+    vhost-user-net --socket-path /tmp/net.sock --tap vut0 --mac 52:54:00:00:00:03 >>/tmp/vunet.log 2>&1 &
+    echo $! >/tmp/pids/net
+    n=0
+    while { [ ! -S /tmp/blk.sock ] || [ ! -S /tmp/net.sock ]; } && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+    $IP addr add 203.0.113.1/24 dev vut0 2>/dev/null
+    $IP link set vut0 up
+}
+vu_stop() {
+    for f in /tmp/pids/blk /tmp/pids/net; do
+        p=$(cat $f 2>/dev/null) && kill $p 2>/dev/null && wait $p 2>/dev/null
+        rm -f $f
+    done
+}
+
+# vm TAG vmm|qemu ARGS...: boot L2 with the command line $C and the device ARGS. A VM that
+# does not end cleanly is booted once more (the lab's nested virtualization is flaky, and
+# QEMU's serial drops output when its pipe stays full); the host reads the last attempt.
+vm() {
+    tag=$1
+    kind=$2
+    shift 2
+    for attempt in 1 2; do
+        rm -f /tmp/stats-$tag.json
+        echo "BENCH-BEGIN $tag"
+        t0=$(lab_uptime)
+        {
+            if [ $kind = vmm ]; then
+                vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" --cmdline "$C" \
+                    --cpus 2 --memory 512M --exit-stats /tmp/stats-$tag.json "$@" </dev/null 2>&1 &
+            else
+                qemu-system-x86_64 -nodefaults -nographic -serial stdio -no-reboot \
+                    -enable-kvm -cpu host -m 512 -smp 2 -name l2,debug-threads=on \
+                    -kernel "$L2_GENERIC_KERNEL" -initrd "$L2_GENERIC_INITRD" -append "$C" \
+                    "$@" </dev/null 2>&1 &
+            fi
+            echo $! >/tmp/pids/vmm
+            wait $!
+            rc=$?
+            # On a line of its own even if the guest's last line was cut.
+            echo
+            echo "VMM-RC $rc"
+        } | lab_console "$t0" "$tag" | phase_watch "$tag" | tee /tmp/$tag.log
+        rm -f /tmp/pids/vmm
+        [ -f /tmp/stats-$tag.json ] && echo "LAB-VAL $tag-exit-stats $(cat /tmp/stats-$tag.json)"
+        if grep -q '^VMM-RC 0$' /tmp/$tag.log && grep -q '^L2-EXIT 0$' /tmp/$tag.log; then break; fi
+        [ $attempt = 1 ] && echo "LAB-VAL $tag-retry the VM did not end cleanly; booting it again"
+    done
+    check $tag-vmm-rc grep -q '^VMM-RC 0$' /tmp/$tag.log
+    check $tag-l2-exit grep -q '^L2-EXIT 0$' /tmp/$tag.log
+    echo "BENCH-END $tag"
+}
+
+r=$RUN
+while [ $r -le $RUN ]; do
+    if [ $((r % 2)) = 1 ]; then order="vmm qemu"; else order="qemu vmm"; fi
+    C="$L2_CMDLINE bench_net=192.0.2"
+    for v in $order; do
+        if [ $v = vmm ]; then
+            vm r$r-invmm-vmm vmm --disk path=/tmp/disk.img,id=disk0 \
+                --net tap=bt0,mac=52:54:00:00:00:02,id=net0
+        else
+            vm r$r-invmm-qemu qemu -object iothread,id=io0 \
+                -drive if=none,id=d0,file=/tmp/disk.img,format=raw,$QBLK \
+                -device virtio-blk-pci,drive=d0,iothread=io0 \
+                -netdev tap,id=n0,ifname=bt0,script=no,downscript=no,vhost=off \
+                -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:02,romfile=
+        fi
+    done
+    C="$L2_CMDLINE bench_net=203.0.113"
+    for v in $order; do
+        vu_start
+        if [ $v = vmm ]; then
+            vm r$r-vu-vmm vmm --vhost-user-blk socket=/tmp/blk.sock,id=vublk \
+                --vhost-user-net socket=/tmp/net.sock,id=vunet,mac=52:54:00:00:00:03
+        else
+            vm r$r-vu-qemu qemu -object memory-backend-memfd,id=mem,size=512M,share=on \
+                -numa node,memdev=mem \
+                -chardev socket,id=c0,path=/tmp/blk.sock -device vhost-user-blk-pci,chardev=c0,num-queues=1 \
+                -chardev socket,id=c1,path=/tmp/net.sock -netdev vhost-user,id=n0,chardev=c1 \
+                -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:03,romfile=,vectors=0
+        fi
+        vu_stop
+    done
+    C="$L2_CMDLINE bench_net=198.51.100"
+    for v in $order; do
+        if [ $v = vmm ]; then
+            vm r$r-pt-vmm vmm --vfio host=$NVME_BDF,id=nvme0 --vfio host=$NIC_BDF,id=nic0
+        else
+            vm r$r-pt-qemu qemu -device vfio-pci,host=$NVME_BDF -device vfio-pci,host=$NIC_BDF
+        fi
+    done
+    r=$((r + 1))
+done
+$IP link del bt0
+check unbind-nic passthrough unbind $NIC_BDF
+check unbind-nvme passthrough unbind $NVME_BDF
+lab_finish
+"#;
+
+const L2_SCRIPT: &str = r#"
+OPS=@BLK_OPS@
+PINGS=@PINGS@
+NET=192.0.2
+for x in $(cat /proc/cmdline); do
+    case $x in bench_net=*) NET=${x#bench_net=} ;; esac
+done
+# The disk: virtio-blk, or the assigned NVMe (probed asynchronously).
+n=0
+dev=
+while [ -z "$dev" ] && [ $n -lt 100 ]; do
+    for d in /dev/vda /dev/nvme0n1; do [ -b $d ] && dev=$d; done
+    [ -n "$dev" ] || { sleep 0.1; n=$((n + 1)); }
+done
+echo "L2-VAL disk ${dev:-none}"
+echo "LAT-PHASE blk begin"
+sleep 0.5
+lat "$dev" "$OPS" @WARMUP@
+echo "LAT-PHASE blk end"
+n=0
+ifc=
+while [ -z "$ifc" ] && [ $n -lt 100 ]; do
+    ifc=$(ls /sys/class/net | grep -v '^lo$' | head -n 1)
+    [ -n "$ifc" ] || { sleep 0.1; n=$((n + 1)); }
+done
+echo "L2-VAL nic ${ifc:-none}"
+ip link set "$ifc" up
+ip addr add $NET.2/24 dev "$ifc"
+n=0; until [ "$(cat /sys/class/net/$ifc/carrier 2>/dev/null)" = 1 ] || [ $n -ge 100 ]; do sleep 0.1; n=$((n + 1)); done
+# Settle: the first packets after a passthrough bind can be lost (see lab_vfio.rs).
+n=0; until ping -c 1 -W 1 $NET.1 >/dev/null 2>&1 || [ $n -ge 20 ]; do n=$((n + 1)); done
+echo "L2-VAL settle-lost $n"
+echo "LAT-PHASE net begin"
+sleep 0.5
+ping -c "$PINGS" -i 0.01 -W 2 $NET.1 >/tmp/ping.txt 2>&1
+echo "LAT-PHASE net end"
+echo "L2-PING-STAT $(grep 'packets transmitted' /tmp/ping.txt)"
+# The per-packet times, 25 a line.
+grep -o 'time=[0-9.]* ms' /tmp/ping.txt | awk '{ l = l " " $0 } NR % 25 == 0 { print "L2-PING" l; l = "" } END { if (l != "") print "L2-PING" l }'
+# Let the console drain before init powers off.
+sleep 1
+"#;
+
+/// The L1 script of run `run`.
+fn l1_script(run: u32) -> String {
+    L1_SCRIPT.replace("@RUN@", &run.to_string())
+}
+
+/// The L2 script for `opts`.
+fn l2_script(opts: &LabOptions) -> String {
+    L2_SCRIPT
+        .replace("@BLK_OPS@", &opts.blk_ops.to_string())
+        .replace("@PINGS@", &opts.pings.to_string())
+        .replace("@WARMUP@", &WARMUP_READS.to_string())
+}
+
+/// The `lat` binary and the directory of the project binaries (`vmm`, the daemons,
+/// `passthrough`) to measure: beside the running executable when `lat` is there (the bench,
+/// so that a release bench measures release binaries), else this profile's directory
+/// (integration tests: `target/debug` for `cargo test`, `target/release` with `--release`).
+fn lat_binary() -> Result<(PathBuf, PathBuf), String> {
+    let mut dirs = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|p| p.to_path_buf()))
+    {
+        dirs.push(dir);
+    }
+    dirs.push(profile_dir());
+    for d in &dirs {
+        let lat = d.join("lat");
+        if lat.is_file() {
+            return Ok((lat, d.clone()));
+        }
+    }
+    Err(format!(
+        "the lat binary is not in {dirs:?}: cargo build -p tests --bins"
+    ))
+}
+
+/// Runs the lab matrix; `progress` gets one human line per step (e.g.
+/// "lab: run 2/3: qemu passthrough").
+pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Record>, String> {
+    if opts.runs == 0 || opts.blk_ops == 0 || opts.pings == 0 {
+        return Err(format!("lab: nothing to measure: {opts:?}"));
+    }
+    let (lat, bins) = lat_binary()?;
+    for b in ["vmm", "vhost-user-blk", "vhost-user-net", "passthrough"] {
+        if !bins.join(b).is_file() {
+            return Err(format!(
+                "{} missing: cargo build --workspace --bins (same profile as lat)",
+                bins.join(b).display()
+            ));
+        }
+    }
+    // About 8 s per L2 boot (up to 30 s seen), the reads (well under 1 ms each), the pings
+    // (10 ms apart), the daemons and the output; plus L1's boot and setup.
+    let per_vm = 45.0 + f64::from(opts.blk_ops) * 0.002 + f64::from(opts.pings) * 0.03;
+    let timeout = Duration::from_secs_f64(200.0 + 6.0 * per_vm);
+    progress(&format!(
+        "lab: {} run(s), one L1 boot each, x {} configurations ({} reads, {} pings each), \
+         binaries from {}, timeout {} s per L1",
+        opts.runs,
+        CONFIGS.len(),
+        opts.blk_ops,
+        opts.pings,
+        bins.display(),
+        timeout.as_secs()
+    ));
+    let mut records = Vec::new();
+    let mut l1_seconds = 0.0;
+    for r in 1..=opts.runs {
+        // One L1 boot per run: a crash of the lab's nested virtualization costs one run,
+        // and each run gets the load measured around it.
+        let scenario = Scenario::new(&format!("bench_lab_r{r}"), &l1_script(r))
+            .l2_script(&l2_script(opts))
+            .l2_bin(&lat)
+            .project_bins(&bins)
+            .with_qemu()
+            // L1: the 256 MiB disk, a 512 MiB L2, QEMU or our vmm, two daemons, the images.
+            .mem_mib(2560)
+            .timeout(timeout);
+        let total = opts.runs;
+        let mut on_line = |line: &str| {
+            if let Some(tag) = line.strip_prefix("BENCH-BEGIN ") {
+                if let Some(msg) = describe_tag(tag.trim(), total) {
+                    progress(&msg);
+                }
+            } else if line.starts_with("LAB-INIT") {
+                progress(&format!("lab: run {r}/{total}: L1 is up"));
+            } else if let Some(f) = line.strip_prefix("LAB-FAIL ") {
+                progress(&format!("lab: FAILED {f}"));
+            } else if line.starts_with("LAB-VAL") && line.contains("-retry ") {
+                progress(&format!("lab: {}", &line[8..]));
+            }
+        };
+        let mut attempt = 1;
+        let (run, load) = loop {
+            let meter = LoadMeter::start();
+            let own0 = own_ticks();
+            let run = scenario
+                .run_with(&mut on_line)
+                .map_err(|e| format!("lab: {e}"))?;
+            let load = meter.finish(own_ticks().saturating_sub(own0));
+            // The lab's known flake: an L1 vCPU stuck in nested SVM (a soft lockup, or L1
+            // dies after its L2 stalls). Once per run, boot L1 again.
+            let l1_died = matches!(run.outcome, Outcome::L1Lockup | Outcome::NoExit(_))
+                && run.find("LAB-INIT").is_some();
+            if l1_died && attempt == 1 {
+                attempt += 1;
+                on_line(&format!(
+                    "LAB-FAIL l1-crash run {r}: {} (log {}); booting L1 again",
+                    run.outcome,
+                    run.log.display()
+                ));
+                let _ = std::fs::copy(&run.log, run.log.with_extension("failed.log"));
+                continue;
+            }
+            break (run, load);
+        };
+        l1_seconds += run.duration.as_secs_f64();
+        let mut v = records_from_run(&run, opts, r, load)?;
+        if !run.success() {
+            return Err(format!(
+                "lab: run {r}: {} after {:.0} s; failed checks: {:?}; log: {}",
+                run.outcome,
+                run.duration.as_secs_f64(),
+                run.failures(),
+                run.log.display()
+            ));
+        }
+        records.append(&mut v);
+    }
+    progress(&format!(
+        "lab: done, {} records, {l1_seconds:.0} s of L1",
+        records.len()
+    ));
+    Ok(records)
+}
+
+/// "lab: run 2/3: qemu passthrough" for a tag `r2-pt-qemu`.
+fn describe_tag(tag: &str, runs: u32) -> Option<String> {
+    let mut it = tag.splitn(3, '-');
+    let run = it.next()?.strip_prefix('r')?;
+    let short = it.next()?;
+    let vmm = it.next()?;
+    let cfg = CONFIGS
+        .iter()
+        .find(|c| c.short() == short && c.vmm == vmm)?;
+    Some(format!("lab: run {run}/{runs}: {vmm} {}", cfg.model.name()))
+}
+
+/// User + system ticks of this process and its waited-for children (the lab script and its
+/// QEMU), in this machine's clock ticks.
+fn own_ticks() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
+        return 0;
+    };
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // utime, stime, cutime, cstime (fields 14-17 of stat).
+    f.iter().sum()
+}
+
+/// The console lines between the last `BENCH-BEGIN tag` (a VM that failed is booted once
+/// more) and `BENCH-END tag`.
+fn section<'a>(run: &'a LabRun, tag: &str) -> Option<Vec<&'a str>> {
+    let begin = format!("BENCH-BEGIN {tag}");
+    let end = format!("BENCH-END {tag}");
+    let start = run.lines.iter().rposition(|l| l.text.trim_end() == begin)?;
+    let mut out = Vec::new();
+    for l in &run.lines[start + 1..] {
+        if l.text.trim_end() == end {
+            return Some(out);
+        }
+        out.push(l.text.as_str());
+    }
+    // The VM did not finish (the scenario was killed): what there is.
+    Some(out)
+}
+
+/// The rest of the first line of `lines` that starts with the word `key`.
+fn field<'a>(lines: &[&'a str], key: &str) -> Option<&'a str> {
+    lines.iter().find_map(|l| {
+        l.strip_prefix(key)
+            .filter(|r| r.is_empty() || r.starts_with(' '))
+            .map(str::trim)
+    })
+}
+
+/// Builds the records of every configuration in run `r`; an error names every configuration
+/// whose measurements are missing or malformed.
+fn records_from_run(
+    run: &LabRun,
+    opts: &LabOptions,
+    r: u32,
+    load: Load,
+) -> Result<Vec<Record>, String> {
+    let qemu_blk = run.value("qemu-blk-opts").unwrap_or("?").to_string();
+    let mut records = Vec::new();
+    let mut errors = Vec::new();
+    for cfg in CONFIGS {
+        let tag = cfg.tag(r);
+        let Some(lines) = section(run, &tag) else {
+            errors.push(format!("{tag}: never started"));
+            continue;
+        };
+        match config_records(&lines, cfg, r, &qemu_blk, opts, load) {
+            Ok(mut v) => records.append(&mut v),
+            Err(e) => errors.push(format!("{tag}: {e}")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(records)
+    } else {
+        Err(format!(
+            "lab: {} ({}; log {}):\n  {}",
+            if run.success() {
+                "measurements missing"
+            } else {
+                "the lab run failed"
+            },
+            run.outcome,
+            run.log.display(),
+            errors.join("\n  ")
+        ))
+    }
+}
+
+/// The three records (blk, net, boot) of one configuration in one run, from its console
+/// section.
+fn config_records(
+    lines: &[&str],
+    cfg: Cfg,
+    run: u32,
+    qemu_blk: &str,
+    opts: &LabOptions,
+    load: Load,
+) -> Result<Vec<Record>, String> {
+    let tag = cfg.tag(run);
+    if let Some(e) = field(lines, "LAT-ERROR") {
+        return Err(format!("lat failed: {e}"));
+    }
+    let lat_line = lines
+        .iter()
+        .find(|l| l.starts_with("LAT-RESULT"))
+        .ok_or("no LAT-RESULT line")?;
+    let lat = parse_lat_result(lat_line)?;
+    let ping: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("L2-PING "))
+        .collect();
+    if ping.is_empty() {
+        return Err("no L2-PING line".into());
+    }
+    let rtts = parse_ping(&ping.join(" "))?;
+    let boot = field(lines, &format!("LAB-T {tag}-init"))
+        .ok_or("no init time (L2 did not reach init)")?
+        .parse::<f64>()
+        .map_err(|e| format!("init time: {e}"))?;
+    let cpu = |phase: &str| -> Option<f64> {
+        let get = |edge: &str| -> Option<u64> {
+            field(lines, &format!("LAB-VAL {tag}-cpu-{phase}-{edge}"))?
+                .parse()
+                .ok()
+        };
+        let (b, e) = (get("begin")?, get("end")?);
+        Some(e.checked_sub(b)? as f64 / L1_TICKS_PER_SEC * 1e6)
+    };
+    let stats = match field(lines, &format!("LAB-VAL {tag}-exit-stats")) {
+        Some(text) if cfg.vmm == "vmm" => Some(parse_exit_stats(text)?),
+        None if cfg.vmm == "vmm" => return Err("no exit stats from the vmm".into()),
+        _ => None,
+    };
+    let (disk_id, nic_id) = cfg.device_ids();
+    let exits = |id: &str, ops: u64| -> BTreeMap<String, f64> {
+        let Some(s) = &stats else {
+            return BTreeMap::new();
+        };
+        let per = |v: u64| v as f64 / ops.max(1) as f64;
+        let mut m = BTreeMap::new();
+        m.insert("device".to_string(), per(s.device(id)));
+        m.insert("notify".to_string(), per(s.notify(id)));
+        m.insert("vm_total".to_string(), per(s.total));
+        m
+    };
+    let [blk_cfg, net_cfg, boot_cfg] = cfg.configs(qemu_blk);
+    let base = |config: String, test: &str| Record {
+        matrix: Matrix::Lab,
+        model: cfg.model,
+        vmm: cfg.vmm.to_string(),
+        config,
+        test: test.to_string(),
+        run,
+        n: 0,
+        latency: None,
+        iops: None,
+        seconds: None,
+        exits_per_op: BTreeMap::new(),
+        cpu_us_per_op: None,
+        load,
+    };
+    let blk_n = lat.n;
+    if blk_n != u64::from(opts.blk_ops) {
+        return Err(format!(
+            "lat measured {blk_n} reads, asked {}",
+            opts.blk_ops
+        ));
+    }
+    let net_n = rtts.len() as u64;
+    let blk = Record {
+        n: blk_n,
+        latency: Some(lat.summary),
+        exits_per_op: exits(disk_id, blk_n),
+        cpu_us_per_op: cpu("blk").map(|us| us / blk_n as f64),
+        ..base(blk_cfg, "blk-read-qd1")
+    };
+    let net = Record {
+        n: net_n,
+        latency: Some(summary_ns(&mut rtts.clone())),
+        exits_per_op: exits(nic_id, net_n),
+        cpu_us_per_op: cpu("net").map(|us| us / net_n as f64),
+        ..base(net_cfg, "net-rtt")
+    };
+    let boot = Record {
+        n: 1,
+        seconds: Some(boot),
+        ..base(boot_cfg, "boot-to-init")
+    };
+    Ok(vec![blk, net, boot])
+}
+
+/// One `LAT-RESULT {...}` line of `lat`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatResult {
+    pub test: String,
+    pub n: u64,
+    /// Percentiles in µs.
+    pub summary: Summary,
+}
+
+/// Parses a `LAT-RESULT {...}` line (ns in the line, µs in the result).
+pub fn parse_lat_result(line: &str) -> Result<LatResult, String> {
+    let body = line
+        .trim()
+        .strip_prefix("LAT-RESULT")
+        .ok_or_else(|| format!("not a LAT-RESULT line: {line:?}"))?;
+    let j = parse_json(body.trim()).map_err(|e| format!("LAT-RESULT: {e}"))?;
+    let num = |k: &str| -> Result<u64, String> {
+        j.get(k)
+            .and_then(Json::as_u64)
+            .ok_or_else(|| format!("LAT-RESULT: field {k} missing or not a count"))
+    };
+    let test = j
+        .get("test")
+        .and_then(Json::as_str)
+        .filter(|t| !t.is_empty())
+        .ok_or("LAT-RESULT: no test name")?
+        .to_string();
+    let n = num("n")?;
+    let ns = [
+        num("min_ns")?,
+        num("p50_ns")?,
+        num("p90_ns")?,
+        num("p99_ns")?,
+        num("p999_ns")?,
+        num("max_ns")?,
+    ];
+    if n == 0 {
+        return Err("LAT-RESULT: no samples".into());
+    }
+    if !ns.windows(2).all(|w| w[0] <= w[1]) {
+        return Err(format!("LAT-RESULT: percentiles not ascending: {ns:?}"));
+    }
+    let us = |v: u64| v as f64 / 1000.0;
+    Ok(LatResult {
+        test,
+        n,
+        summary: Summary {
+            min: us(ns[0]),
+            p50: us(ns[1]),
+            p90: us(ns[2]),
+            p99: us(ns[3]),
+            p999: us(ns[4]),
+            max: us(ns[5]),
+        },
+    })
+}
+
+/// The round-trip times (ns) in ping output: every `time=X ms` (busybox and iputils print
+/// one per reply; other lines are ignored). A `time=` that is not a number of ms is an
+/// error, and so is output without any.
+pub fn parse_ping(text: &str) -> Result<Vec<u64>, String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("time=") {
+        rest = &rest[i + 5..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (num, after) = rest.split_at(end);
+        if !after.trim_start().starts_with("ms") {
+            return Err(format!(
+                "ping: time=... without ms: {:?}",
+                &rest[..rest.len().min(20)]
+            ));
+        }
+        let ms: f64 = num
+            .parse()
+            .map_err(|_| format!("ping: not a time: {num:?}"))?;
+        if !ms.is_finite() || ms < 0.0 {
+            return Err(format!("ping: not a time: {num:?}"));
+        }
+        out.push((ms * 1e6).round() as u64);
+        rest = after;
+    }
+    if out.is_empty() {
+        return Err("ping: no time=X ms in the output".into());
+    }
+    Ok(out)
+}
+
+/// Nearest-rank percentiles (the probe's rule) of samples in ns, as µs; sorts `samples`.
+pub fn summary_ns(samples: &mut [u64]) -> Summary {
+    samples.sort_unstable();
+    let p = |pm: u32| percentile(samples, pm).unwrap_or(0) as f64 / 1000.0;
+    let [p50, p90, p99, p999] = PERCENTILES_PER_MILLE;
+    Summary {
+        min: p(0),
+        p50: p(p50),
+        p90: p(p90),
+        p99: p(p99),
+        p999: p(p999),
+        max: p(1000),
+    }
+}
+
+/// The parts of our vmm's `--exit-stats` JSON the lab records use.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct LabExits {
+    total: u64,
+    /// Exits per device (port I/O and MMIO added up).
+    devices: BTreeMap<String, u64>,
+    notify: BTreeMap<String, u64>,
+}
+
+impl LabExits {
+    fn device(&self, id: &str) -> u64 {
+        self.devices.get(id).copied().unwrap_or(0)
+    }
+
+    fn notify(&self, id: &str) -> u64 {
+        self.notify.get(id).copied().unwrap_or(0)
+    }
+}
+
+fn parse_exit_stats(text: &str) -> Result<LabExits, String> {
+    let j = parse_json(text.trim()).map_err(|e| format!("exit stats: {e}"))?;
+    let mut s = LabExits {
+        total: j
+            .get("total")
+            .and_then(Json::as_u64)
+            .ok_or("exit stats: no total")?,
+        ..LabExits::default()
+    };
+    for key in ["pio", "mmio", "notify_exits"] {
+        let Some(Json::Obj(m)) = j.get(key) else {
+            return Err(format!("exit stats: no {key} object"));
+        };
+        for (k, v) in m {
+            let v = v
+                .as_u64()
+                .ok_or_else(|| format!("exit stats: {key}.{k} is not a count"))?;
+            let map = if key == "notify_exits" {
+                &mut s.notify
+            } else {
+                &mut s.devices
+            };
+            *map.entry(k.clone()).or_insert(0) += v;
+        }
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lat_result_line() {
+        let r = parse_lat_result(
+            "LAT-RESULT {\"test\":\"blk-read-qd1\",\"n\":200,\"min_ns\":1500,\"p50_ns\":2000,\
+             \"p90_ns\":3000,\"p99_ns\":4000,\"p999_ns\":5000,\"max_ns\":9000}\r",
+        )
+        .unwrap();
+        assert_eq!(r.test, "blk-read-qd1");
+        assert_eq!(r.n, 200);
+        assert_eq!(r.summary.min, 1.5);
+        assert_eq!(r.summary.p50, 2.0);
+        assert_eq!(r.summary.max, 9.0);
+    }
+
+    #[test]
+    fn lat_result_rejects_malformed() {
+        for bad in [
+            "",
+            "LAT-RESULT",
+            "LAT-RESULT {",
+            "LAT-RESULT {\"test\":\"x\"}",
+            "probe-result {\"test\":\"x\"}",
+            // descending percentiles
+            "LAT-RESULT {\"test\":\"x\",\"n\":1,\"min_ns\":5,\"p50_ns\":4,\"p90_ns\":4,\"p99_ns\":4,\"p999_ns\":4,\"max_ns\":4}",
+            // no samples
+            "LAT-RESULT {\"test\":\"x\",\"n\":0,\"min_ns\":0,\"p50_ns\":0,\"p90_ns\":0,\"p99_ns\":0,\"p999_ns\":0,\"max_ns\":0}",
+            // negative / fractional
+            "LAT-RESULT {\"test\":\"x\",\"n\":1,\"min_ns\":-1,\"p50_ns\":4,\"p90_ns\":4,\"p99_ns\":4,\"p999_ns\":4,\"max_ns\":4}",
+            "LAT-RESULT {\"test\":\"\",\"n\":1,\"min_ns\":1,\"p50_ns\":4,\"p90_ns\":4,\"p99_ns\":4,\"p999_ns\":4,\"max_ns\":4}",
+        ] {
+            assert!(parse_lat_result(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn ping_output() {
+        let busybox = "PING 192.0.2.1 (192.0.2.1): 56 data bytes\n\
+            64 bytes from 192.0.2.1: seq=0 ttl=64 time=0.512 ms\n\
+            64 bytes from 192.0.2.1: seq=1 ttl=64 time=1.250 ms\n\
+            \n--- 192.0.2.1 ping statistics ---\n\
+            2 packets transmitted, 2 packets received, 0% packet loss\n\
+            round-trip min/avg/max = 0.512/0.881/1.250 ms\n";
+        assert_eq!(parse_ping(busybox).unwrap(), vec![512_000, 1_250_000]);
+        // The L2 script's compact form.
+        assert_eq!(
+            parse_ping("time=0.100 ms time=2 ms time=0.3 ms ").unwrap(),
+            vec![100_000, 2_000_000, 300_000]
+        );
+        let mut v = parse_ping("time=0.100 ms time=0.300 ms time=0.200 ms").unwrap();
+        let s = summary_ns(&mut v);
+        assert_eq!((s.min, s.p50, s.max), (100.0, 200.0, 300.0));
+    }
+
+    #[test]
+    fn ping_rejects_malformed() {
+        for bad in [
+            "",
+            "2 packets transmitted, 0 packets received, 100% packet loss",
+            "time= ms",
+            "time=abc ms",
+            "time=1.2.3 ms",
+            "time=0.5 us",
+            "time=0.5",
+        ] {
+            assert!(parse_ping(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn exit_stats_by_device() {
+        let s = parse_exit_stats(
+            "{\"total\":3133,\"pio\":{\"pci-config\":1507,\"serial\":1116,\"nic0\":4},\"pio_unclaimed\":18,\
+             \"mmio\":{\"disk0\":86,\"nic0\":71,\"pci-ecam\":19},\"mmio_unclaimed\":0,\"other\":{},\
+             \"interrupted\":3,\"notify_exits\":{\"disk0\":0,\"net0\":2}}",
+        )
+        .unwrap();
+        assert_eq!(s.total, 3133);
+        assert_eq!(s.device("disk0"), 86);
+        assert_eq!(s.device("nic0"), 75);
+        assert_eq!(s.notify("net0"), 2);
+        assert_eq!(s.device("absent"), 0);
+        assert!(parse_exit_stats("{\"total\":1}").is_err());
+        assert!(parse_exit_stats("not json").is_err());
+    }
+
+    #[test]
+    fn tags_and_scripts() {
+        assert_eq!(CONFIGS[5].tag(2), "r2-pt-qemu");
+        assert_eq!(
+            describe_tag("r2-pt-qemu", 3).as_deref(),
+            Some("lab: run 2/3: qemu passthrough")
+        );
+        assert_eq!(describe_tag("garbage", 3), None);
+        let o = LabOptions {
+            runs: 2,
+            blk_ops: 200,
+            pings: 50,
+        };
+        assert!(l1_script(2).contains("RUN=2\n"));
+        let l2 = l2_script(&o);
+        assert!(l2.contains("OPS=200\n") && l2.contains("PINGS=50\n"));
+        assert!(!l2.contains('@'));
+    }
+
+    #[test]
+    fn a_config_section_makes_three_records() {
+        let lines = [
+            "L2-INIT 1.00",
+            "LAB-T r1-invmm-vmm-init 5.25",
+            "LAB-VAL r1-invmm-vmm-cpu-blk-begin 10",
+            "LAT-RESULT {\"test\":\"blk-read-qd1\",\"n\":2,\"min_ns\":1000,\"p50_ns\":2000,\"p90_ns\":2000,\"p99_ns\":2000,\"p999_ns\":2000,\"max_ns\":2000}",
+            "LAB-VAL r1-invmm-vmm-cpu-blk-end 12",
+            "L2-PING time=0.500 ms",
+            "L2-PING time=0.700 ms",
+            "LAB-VAL r1-invmm-vmm-exit-stats {\"total\":100,\"pio\":{},\"mmio\":{\"disk0\":4},\"notify_exits\":{\"disk0\":0}}",
+        ];
+        let o = LabOptions {
+            runs: 1,
+            blk_ops: 2,
+            pings: 2,
+        };
+        let v = config_records(&lines, CONFIGS[0], 1, "x", &o, Load::default()).unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0].test, "blk-read-qd1");
+        assert_eq!(v[0].n, 2);
+        assert_eq!(v[0].exits_per_op["device"], 2.0);
+        assert_eq!(v[0].exits_per_op["vm_total"], 50.0);
+        // 2 ticks of 10 ms over 2 reads.
+        assert_eq!(v[0].cpu_us_per_op, Some(10_000.0));
+        assert_eq!(v[1].test, "net-rtt");
+        assert_eq!(v[1].latency.unwrap().p50, 500.0);
+        assert_eq!(v[1].cpu_us_per_op, None);
+        assert_eq!(v[2].seconds, Some(5.25));
+        // A missing result is an error, not a panic.
+        assert!(config_records(&lines[..2], CONFIGS[0], 1, "x", &o, Load::default()).is_err());
+        // QEMU has no exit stats and needs none.
+        let q: Vec<String> = lines[..7]
+            .iter()
+            .map(|l| l.replace("r1-invmm-vmm", "r1-invmm-qemu"))
+            .collect();
+        let q: Vec<&str> = q.iter().map(String::as_str).collect();
+        let v = config_records(&q, CONFIGS[1], 1, "x", &o, Load::default()).unwrap();
+        assert!(v[0].exits_per_op.is_empty());
+    }
+}

@@ -1,0 +1,181 @@
+//! `bench`: I/O latency across the three device models, our vmm next to QEMU.
+//!
+//! Runs the direct matrix (the ring-3 probe guest on /dev/kvm) and the lab matrix (Linux
+//! guests inside the lab), prints progress and a table, and writes `results.json`,
+//! `results.md` and `latency.svg` to the output directory. `scripts/bench` builds the
+//! release binaries and runs this.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use tests::bench::direct::{run_direct, DirectOptions};
+use tests::bench::lab::{run_lab, LabOptions};
+use tests::bench::report::{json, summarize, svg, table};
+use tests::bench::Record;
+
+const USAGE: &str = "usage: bench [--direct-only | --lab-only] [--runs N] [--n N] [--n-qd32 N]
+             [--poll-us N] [--lab-blk-ops N] [--lab-pings N] [--wait-idle] [--pin]
+             [--only TEXT] [--out DIR]
+
+  --runs N         runs of every configuration, interleaved (default 3)
+  --n N            measured operations per QD1 test in the direct matrix (default 20000)
+  --n-qd32 N       measured operations of the QD32 test (default 50000)
+  --poll-us N      poll_us= of our in-VMM devices, --poll-us of our daemons (default 50)
+  --lab-blk-ops N  4 KiB reads per lab guest (default 2000)
+  --lab-pings N    pings per lab guest (default 200)
+  --wait-idle      wait (at most a minute) for an idle machine before each direct run
+  --pin            direct matrix: vCPU threads on CPU 1, VMM/daemon threads on CPU 0
+  --only TEXT      direct matrix: only configurations whose \"vmm configuration\" contains
+                   TEXT (e.g. \"vmm virtio-blk\")
+  --out DIR        where results go (default target/bench)";
+
+struct Args {
+    direct: bool,
+    lab: bool,
+    runs: u32,
+    n: u32,
+    n_qd32: u32,
+    poll_us: u32,
+    lab_blk_ops: u32,
+    lab_pings: u32,
+    wait_idle: bool,
+    pin: bool,
+    only: Option<String>,
+    out: PathBuf,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        direct: true,
+        lab: true,
+        runs: 3,
+        n: 20_000,
+        n_qd32: 50_000,
+        poll_us: 50,
+        lab_blk_ops: 2000,
+        lab_pings: 200,
+        wait_idle: false,
+        pin: false,
+        only: None,
+        out: tests::lab::repo_root().join("target").join("bench"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut num = |name: &str| -> Result<u32, String> {
+            let v = it.next().ok_or(format!("{name} needs a value"))?;
+            v.parse()
+                .map_err(|_| format!("{name} {v}: expected a number"))
+        };
+        match arg.as_str() {
+            "--direct-only" => a.lab = false,
+            "--lab-only" => a.direct = false,
+            "--runs" => a.runs = num("--runs")?.max(1),
+            "--n" => a.n = num("--n")?.max(1),
+            "--n-qd32" => a.n_qd32 = num("--n-qd32")?.max(1),
+            "--poll-us" => a.poll_us = num("--poll-us")?,
+            "--lab-blk-ops" => a.lab_blk_ops = num("--lab-blk-ops")?.max(1),
+            "--lab-pings" => a.lab_pings = num("--lab-pings")?.max(1),
+            "--wait-idle" => a.wait_idle = true,
+            "--pin" => a.pin = true,
+            "--only" => a.only = Some(it.next().ok_or("--only needs a text")?),
+            "--out" => a.out = PathBuf::from(it.next().ok_or("--out needs a directory")?),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument '{other}'\n{USAGE}")),
+        }
+    }
+    Ok(a)
+}
+
+fn run() -> Result<(), String> {
+    let a = parse_args()?;
+    let t0 = Instant::now();
+    let mut progress = |line: &str| eprintln!("[{:6.1}s] {line}", t0.elapsed().as_secs_f64());
+    let mut records: Vec<Record> = Vec::new();
+    if a.direct {
+        records.extend(run_direct(
+            &DirectOptions {
+                runs: a.runs,
+                n: a.n,
+                n_qd32: a.n_qd32,
+                poll_us: a.poll_us,
+                wait_idle: a.wait_idle,
+                pin: a.pin,
+                only: a.only.clone(),
+            },
+            &mut progress,
+        )?);
+    }
+    if a.lab {
+        records.extend(run_lab(
+            &LabOptions {
+                runs: a.runs,
+                blk_ops: a.lab_blk_ops,
+                pings: a.lab_pings,
+            },
+            &mut progress,
+        )?);
+    }
+    let rows = summarize(&records);
+    let t = table(&rows);
+    println!("{t}");
+    std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let meta = [
+        ("date", date.clone()),
+        ("cpu", cpu),
+        ("runs", a.runs.to_string()),
+        ("poll_us", a.poll_us.to_string()),
+        ("pinned", a.pin.to_string()),
+        ("seconds", format!("{:.0}", t0.elapsed().as_secs_f64())),
+    ];
+    let write = |name: &str, body: &str| -> Result<(), String> {
+        let p = a.out.join(name);
+        std::fs::write(&p, body).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    write("results.json", &json(&meta, &records, &rows))?;
+    write(
+        "results.md",
+        &format!(
+            "Bench of {date}, {} run(s), poll_us={}, {}:\n\n{t}",
+            a.runs,
+            a.poll_us,
+            if a.pin { "pinned" } else { "not pinned" }
+        ),
+    )?;
+    write(
+        "latency.svg",
+        &svg(&rows, &format!("I/O latency by device model, {date}")),
+    )?;
+    progress(&format!(
+        "wrote results.json, results.md and latency.svg to {}",
+        a.out.display()
+    ));
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

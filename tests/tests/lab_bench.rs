@@ -1,0 +1,80 @@
+//! The bench's lab matrix end to end, small: one run of every configuration (our vmm and
+//! QEMU, in-VMM virtio, vhost-user, VFIO passthrough) with 200 reads and 50 pings each. Every
+//! configuration must produce its three records with sane values; a model that breaks fails
+//! the test. The numbers are printed, not judged.
+
+use tests::bench::lab::{run_lab, LabOptions};
+use tests::bench::{Matrix, Model};
+
+#[test]
+fn lab_matrix_produces_every_record() {
+    let opts = LabOptions {
+        runs: 1,
+        blk_ops: 200,
+        pings: 50,
+    };
+    let records = run_lab(&opts, &mut |line| eprintln!("{line}")).unwrap_or_else(|e| panic!("{e}"));
+    for r in &records {
+        eprintln!("{}", r.to_json());
+    }
+    for model in [Model::InVmm, Model::VhostUser, Model::Passthrough] {
+        for vmm in ["vmm", "qemu"] {
+            for test in ["blk-read-qd1", "net-rtt", "boot-to-init"] {
+                let found: Vec<_> = records
+                    .iter()
+                    .filter(|r| r.model == model && r.vmm == vmm && r.test == test)
+                    .collect();
+                let what = format!("{} {vmm} {test}", model.name());
+                assert_eq!(found.len(), 1, "{what}: {} records", found.len());
+                let r = found[0];
+                assert_eq!(r.matrix, Matrix::Lab, "{what}");
+                assert_eq!(r.run, 1, "{what}");
+                match test {
+                    "boot-to-init" => {
+                        let s = r.seconds.unwrap_or(0.0);
+                        assert!(s > 0.0 && s < 120.0, "{what}: {s} s");
+                    }
+                    _ => {
+                        let want = if test == "net-rtt" {
+                            opts.pings
+                        } else {
+                            opts.blk_ops
+                        };
+                        assert_eq!(r.n, u64::from(want), "{what}: n");
+                        let l = r.latency.unwrap_or_else(|| panic!("{what}: no latency"));
+                        assert!(l.p50 > 0.0, "{what}: {l}");
+                        assert!(l.min <= l.p50 && l.p50 <= l.p90, "{what}: {l}");
+                        assert!(
+                            l.p90 <= l.p99 && l.p99 <= l.p999 && l.p999 <= l.max,
+                            "{what}: {l}"
+                        );
+                        if vmm == "vmm" {
+                            assert!(r.exits_per_op.contains_key("vm_total"), "{what}: no exits");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The full lab matrix with the bench's defaults (3 runs, 2000 reads, 500 pings): about 10
+/// minutes of L1. Run by hand (`cargo test -p tests --test lab_bench -- --ignored`); the
+/// records go to `target/lab/bench-lab.json`, one JSON object a line.
+#[test]
+#[ignore = "about 10 minutes; the bench runs it"]
+fn lab_matrix_full() {
+    let opts = LabOptions::default();
+    let start = std::time::Instant::now();
+    let records = run_lab(&opts, &mut |line| eprintln!("{line}")).unwrap_or_else(|e| panic!("{e}"));
+    let json: String = records.iter().map(|r| r.to_json() + "\n").collect();
+    let out = tests::lab::lab_dir().join("bench-lab.json");
+    std::fs::write(&out, &json).expect("write bench-lab.json");
+    eprintln!(
+        "{} records in {:.0} s: {}",
+        records.len(),
+        start.elapsed().as_secs_f64(),
+        out.display()
+    );
+    assert_eq!(records.len(), opts.runs as usize * 6 * 3);
+}
