@@ -246,10 +246,13 @@ impl NetBackend {
         let mut tap_epolls = Vec::new();
         for t in &taps {
             let ep = Epoll::new()?;
+            // No interest until the pair starts: a tap with frames queued is readable for as
+            // long as nobody reads it, and would wake the worker in a loop (the guest's
+            // driver may start seconds after the frontend connects).
             ep.ctl(
                 ControlOperation::Add,
                 t.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, 0),
+                EpollEvent::new(EventSet::empty(), 0),
             )?;
             tap_epolls.push(ep);
         }
@@ -260,7 +263,7 @@ impl NetBackend {
                 .map(|_| {
                     Mutex::new(PairState {
                         engine: None,
-                        tap_in: true,
+                        tap_in: false,
                         tap_out: false,
                         broken: false,
                         closed: false,
@@ -405,6 +408,12 @@ impl NetBackend {
         }
         if st.engine.is_none() {
             let Some(mem) = lock(&self.mem).clone() else {
+                // Not started: make sure the tap cannot keep waking this thread.
+                if st.tap_in || st.tap_out {
+                    st.tap_in = false;
+                    st.tap_out = false;
+                    self.set_interest(p, &st);
+                }
                 return;
             };
             let acked = self.acked.load(Ordering::SeqCst);
@@ -504,6 +513,11 @@ impl NetBackend {
             st.engine = None;
             st.broken = false;
             st.closed |= closing;
+            if st.tap_in || st.tap_out {
+                st.tap_in = false;
+                st.tap_out = false;
+                self.set_interest(p, &st);
+            }
         }
     }
 }

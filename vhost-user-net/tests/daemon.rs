@@ -374,3 +374,67 @@ fn command_line() {
         .stderr(std::process::Stdio::null())
         .status();
 }
+
+/// Frames waiting on the tap before the guest's driver starts (the frontend connected, no
+/// memory table or rings yet) must not make the worker spin: a readable tap is only watched
+/// once a queue pair runs.
+#[test]
+fn queued_tap_frames_before_the_driver_starts_cost_no_cpu() {
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip")
+                .args(["netns", "delete", &self.0])
+                .status();
+        }
+    }
+    let n = start(&[]);
+    let (_fe, _) = negotiate(&n.d.socket, 3);
+    let ns = Ns(format!(
+        "vuns{}x{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let ip = |args: &[&str]| {
+        let st = Command::new("ip").args(args).status().expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    };
+    ip(&["netns", "add", &ns.0]);
+    ip(&["link", "set", &n.tap, "netns", &ns.0]);
+    ip(&["-n", &ns.0, "addr", "add", "203.0.113.1/24", "dev", &n.tap]);
+    ip(&["-n", &ns.0, "link", "set", &n.tap, "up"]);
+    // ARP requests for a neighbour that is not there queue frames on the tap.
+    let _ = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            "203.0.113.2",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    let pid = n.d.child.as_ref().expect("daemon running").id();
+    let ticks = || {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("daemon stat");
+        let rest = &s[s.rfind(')').expect("stat format") + 1..];
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // utime and stime (fields 14 and 15; the state letter is not a number).
+        f[10] + f[11]
+    };
+    let before = ticks();
+    std::thread::sleep(Duration::from_millis(1500));
+    let used = ticks() - before;
+    assert!(
+        used < 20,
+        "the daemon used {used} ticks of CPU in 1.5 s with frames queued on an unstarted tap"
+    );
+}
