@@ -12,6 +12,7 @@ fn lab_matrix_produces_every_record() {
         runs: 1,
         blk_ops: 200,
         pings: 50,
+        poll_us: 50,
     };
     let records = run_lab(&opts, &mut |line| eprintln!("{line}")).unwrap_or_else(|e| panic!("{e}"));
     for r in &records {
@@ -56,25 +57,4 @@ fn lab_matrix_produces_every_record() {
             }
         }
     }
-}
-
-/// The full lab matrix with the bench's defaults (3 runs, 2000 reads, 500 pings): about 10
-/// minutes of L1. Run by hand (`cargo test -p tests --test lab_bench -- --ignored`); the
-/// records go to `target/lab/bench-lab.json`, one JSON object a line.
-#[test]
-#[ignore = "about 10 minutes; the bench runs it"]
-fn lab_matrix_full() {
-    let opts = LabOptions::default();
-    let start = std::time::Instant::now();
-    let records = run_lab(&opts, &mut |line| eprintln!("{line}")).unwrap_or_else(|e| panic!("{e}"));
-    let json: String = records.iter().map(|r| r.to_json() + "\n").collect();
-    let out = tests::lab::lab_dir().join("bench-lab.json");
-    std::fs::write(&out, &json).expect("write bench-lab.json");
-    eprintln!(
-        "{} records in {:.0} s: {}",
-        records.len(),
-        start.elapsed().as_secs_f64(),
-        out.display()
-    );
-    assert_eq!(records.len(), opts.runs as usize * 6 * 3);
 }

@@ -63,6 +63,9 @@ pub struct LabOptions {
     pub blk_ops: u32,
     /// Measured pings per guest.
     pub pings: u32,
+    /// `poll_us=` of our in-VMM devices and `--poll-us` of our daemons (QEMU's iothread
+    /// polls by default too).
+    pub poll_us: u32,
 }
 
 impl Default for LabOptions {
@@ -71,6 +74,7 @@ impl Default for LabOptions {
             runs: 3,
             blk_ops: 2000,
             pings: 500,
+            poll_us: 50,
         }
     }
 }
@@ -244,9 +248,9 @@ $IP link set $peer up
 # vhost-user: our daemons, started for each VM.
 vu_start() {
     rm -f /tmp/blk.sock /tmp/net.sock
-    vhost-user-blk --socket-path /tmp/blk.sock --blk-file /tmp/disk.img >>/tmp/vublk.log 2>&1 &
+    vhost-user-blk --socket-path /tmp/blk.sock --blk-file /tmp/disk.img --poll-us @POLL_US@ >>/tmp/vublk.log 2>&1 &
     echo $! >/tmp/pids/blk
-    vhost-user-net --socket-path /tmp/net.sock --tap vut0 --mac 52:54:00:00:00:03 >>/tmp/vunet.log 2>&1 &
+    vhost-user-net --socket-path /tmp/net.sock --tap vut0 --mac 52:54:00:00:00:03 --poll-us @POLL_US@ >>/tmp/vunet.log 2>&1 &
     echo $! >/tmp/pids/net
     n=0
     while { [ ! -S /tmp/blk.sock ] || [ ! -S /tmp/net.sock ]; } && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
@@ -304,8 +308,8 @@ while [ $r -le $RUN ]; do
     C="$L2_CMDLINE bench_net=192.0.2"
     for v in $order; do
         if [ $v = vmm ]; then
-            vm r$r-invmm-vmm vmm --disk path=/tmp/disk.img,id=disk0 \
-                --net tap=bt0,mac=52:54:00:00:00:02,id=net0
+            vm r$r-invmm-vmm vmm --disk path=/tmp/disk.img,id=disk0,poll_us=@POLL_US@ \
+                --net tap=bt0,mac=52:54:00:00:00:02,id=net0,poll_us=@POLL_US@
         else
             vm r$r-invmm-qemu qemu -object iothread,id=io0 \
                 -drive if=none,id=d0,file=/tmp/disk.img,format=raw,$QBLK \
@@ -389,8 +393,10 @@ sleep 1
 "#;
 
 /// The L1 script of run `run`.
-fn l1_script(run: u32) -> String {
-    L1_SCRIPT.replace("@RUN@", &run.to_string())
+fn l1_script(run: u32, poll_us: u32) -> String {
+    L1_SCRIPT
+        .replace("@RUN@", &run.to_string())
+        .replace("@POLL_US@", &poll_us.to_string())
 }
 
 /// The L2 script for `opts`.
@@ -459,7 +465,7 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
     for r in 1..=opts.runs {
         // One L1 boot per run: a crash of the lab's nested virtualization costs one run,
         // and each run gets the load measured around it.
-        let scenario = Scenario::new(&format!("bench_lab_r{r}"), &l1_script(r))
+        let scenario = Scenario::new(&format!("bench_lab_r{r}"), &l1_script(r, opts.poll_us))
             .l2_script(&l2_script(opts))
             .l2_bin(&lat)
             .project_bins(&bins)
@@ -975,8 +981,11 @@ mod tests {
             runs: 2,
             blk_ops: 200,
             pings: 50,
+            poll_us: 50,
         };
-        assert!(l1_script(2).contains("RUN=2\n"));
+        assert!(l1_script(2, 50).contains("RUN=2\n"));
+        assert!(l1_script(2, 50).contains("id=disk0,poll_us=50"));
+        assert!(!l1_script(2, 50).contains("@POLL_US@"));
         let l2 = l2_script(&o);
         assert!(l2.contains("OPS=200\n") && l2.contains("PINGS=50\n"));
         assert!(!l2.contains('@'));
@@ -998,6 +1007,7 @@ mod tests {
             runs: 1,
             blk_ops: 2,
             pings: 2,
+            poll_us: 0,
         };
         let v = config_records(&lines, CONFIGS[0], 1, "x", &o, Load::default()).unwrap();
         assert_eq!(v.len(), 3);

@@ -23,7 +23,7 @@ const USAGE: &str = "usage: bench [--direct-only | --lab-only] [--runs N] [--n N
   --n-qd32 N       measured operations of the QD32 test (default 50000)
   --poll-us N      poll_us= of our in-VMM devices, --poll-us of our daemons (default 50)
   --lab-blk-ops N  4 KiB reads per lab guest (default 2000)
-  --lab-pings N    pings per lab guest (default 200)
+  --lab-pings N    pings per lab guest (default 500)
   --wait-idle      wait (at most a minute) for an idle machine before each direct run
   --pin            direct matrix: vCPU threads on CPU 1, VMM/daemon threads on CPU 0
   --only TEXT      direct matrix: only configurations whose \"vmm configuration\" contains
@@ -54,7 +54,7 @@ fn parse_args() -> Result<Args, String> {
         n_qd32: 50_000,
         poll_us: 50,
         lab_blk_ops: 2000,
-        lab_pings: 200,
+        lab_pings: 500,
         wait_idle: false,
         pin: false,
         only: None,
@@ -115,6 +115,7 @@ fn run() -> Result<(), String> {
                 runs: a.runs,
                 blk_ops: a.lab_blk_ops,
                 pings: a.lab_pings,
+                poll_us: a.poll_us,
             },
             &mut progress,
         )?);
