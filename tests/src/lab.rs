@@ -58,12 +58,17 @@ pub fn repo_root() -> PathBuf {
 /// The cargo profile directory this test was built into (`target/debug`, `target/release`):
 /// where the project binaries are.
 pub fn profile_dir() -> PathBuf {
-    // Integration tests run as target/<profile>/deps/<name>-<hash>.
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.to_path_buf()))
-        .filter(|dir| dir.join("deps").is_dir())
-        .unwrap_or_else(|| repo_root().join("target").join("debug"))
+    // Integration tests run as target/<profile>/deps/<name>-<hash>, this package's binaries
+    // (`bench`) as target/<profile>/<name>.
+    let found = std::env::current_exe().ok().and_then(|exe| {
+        let dir = exe.parent()?;
+        [Some(dir), dir.parent()]
+            .into_iter()
+            .flatten()
+            .find(|d| d.join("deps").is_dir())
+            .map(Path::to_path_buf)
+    });
+    found.unwrap_or_else(|| repo_root().join("target").join("debug"))
 }
 
 /// The lab's working directory: `$LAB_DIR`, else `<target>/lab`.
