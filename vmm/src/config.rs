@@ -136,7 +136,11 @@ pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
     pub direct: bool,
+    /// Queues; without `queues=`, one per vCPU (set by [`VmConfig::from_cli`]), as QEMU's
+    /// virtio-blk does: each vCPU then submits and completes on its own queue and vector, and
+    /// a completion needs no IPI to the submitting CPU.
     pub queues: u16,
+    pub queues_given: bool,
     pub queue_size: u16,
     /// Busy-poll window after work, in µs (0: off).
     pub poll_us: u64,
@@ -164,6 +168,7 @@ impl DiskConfig {
             readonly: false,
             direct: false,
             queues: 1,
+            queues_given: false,
             queue_size: 256,
             poll_us: 0,
             id: format!("disk{index}"),
@@ -173,7 +178,10 @@ impl DiskConfig {
                 "path" => d.path = PathBuf::from(v),
                 "readonly" => d.readonly = parse_bool(O, value, k, v)?,
                 "direct" => d.direct = parse_bool(O, value, k, v)?,
-                "queues" => d.queues = parse_num(O, value, k, v)?,
+                "queues" => {
+                    d.queues = parse_num(O, value, k, v)?;
+                    d.queues_given = true;
+                }
                 "queue_size" => d.queue_size = parse_num(O, value, k, v)?,
                 "poll_us" => d.poll_us = parse_poll_us(O, value, k, v)?,
                 _ => d.id = v.clone(),
@@ -537,12 +545,15 @@ impl VmConfig {
                 max,
             });
         }
-        let disks = cli
+        let mut disks = cli
             .disk
             .iter()
             .enumerate()
             .map(|(i, d)| DiskConfig::parse(d, i))
             .collect::<Result<Vec<_>, _>>()?;
+        for d in disks.iter_mut().filter(|d| !d.queues_given) {
+            d.queues = (cli.cpus as u16).clamp(1, MAX_QUEUES);
+        }
         let nets = cli
             .net
             .iter()
@@ -790,6 +801,18 @@ mod tests {
         let ok =
             VmConfig::from_cli(&cli(&["--disk", "path=/a", "--disk", "path=/b"]), LIMITS).unwrap();
         assert_eq!(ok.disks.len(), 2);
+    }
+
+    #[test]
+    fn disk_queues_default_to_one_per_vcpu() {
+        let c = VmConfig::from_cli(
+            &cli(&["--cpus", "2", "--disk", "path=/a", "--disk", "path=/b,queues=1"]),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!((c.disks[0].queues, c.disks[1].queues), (2, 1));
+        let c = VmConfig::from_cli(&cli(&["--disk", "path=/a"]), LIMITS).unwrap();
+        assert_eq!(c.disks[0].queues, 1);
     }
 
     #[test]

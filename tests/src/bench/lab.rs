@@ -248,7 +248,7 @@ $IP link set $peer up
 # vhost-user: our daemons, started for each VM.
 vu_start() {
     rm -f /tmp/blk.sock /tmp/net.sock
-    vhost-user-blk --socket-path /tmp/blk.sock --blk-file /tmp/disk.img --poll-us @POLL_US@ >>/tmp/vublk.log 2>&1 &
+    vhost-user-blk --socket-path /tmp/blk.sock --blk-file /tmp/disk.img --queues 2 --poll-us @POLL_US@ >>/tmp/vublk.log 2>&1 &
     echo $! >/tmp/pids/blk
     vhost-user-net --socket-path /tmp/net.sock --tap vut0 --mac 52:54:00:00:00:03 --poll-us @POLL_US@ >>/tmp/vunet.log 2>&1 &
     echo $! >/tmp/pids/net
@@ -322,12 +322,12 @@ while [ $r -le $RUN ]; do
     for v in $order; do
         vu_start
         if [ $v = vmm ]; then
-            vm r$r-vu-vmm vmm --vhost-user-blk socket=/tmp/blk.sock,id=vublk \
+            vm r$r-vu-vmm vmm --vhost-user-blk socket=/tmp/blk.sock,queues=2,id=vublk \
                 --vhost-user-net socket=/tmp/net.sock,id=vunet,mac=52:54:00:00:00:03
         else
             vm r$r-vu-qemu qemu -object memory-backend-memfd,id=mem,size=512M,share=on \
                 -numa node,memdev=mem \
-                -chardev socket,id=c0,path=/tmp/blk.sock -device vhost-user-blk-pci,chardev=c0,num-queues=1 \
+                -chardev socket,id=c0,path=/tmp/blk.sock -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
                 -chardev socket,id=c1,path=/tmp/net.sock -netdev vhost-user,id=n0,chardev=c1 \
                 -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:03,romfile=,vectors=0
         fi
