@@ -806,7 +806,14 @@ mod tests {
     #[test]
     fn disk_queues_default_to_one_per_vcpu() {
         let c = VmConfig::from_cli(
-            &cli(&["--cpus", "2", "--disk", "path=/a", "--disk", "path=/b,queues=1"]),
+            &cli(&[
+                "--cpus",
+                "2",
+                "--disk",
+                "path=/a",
+                "--disk",
+                "path=/b,queues=1",
+            ]),
             LIMITS,
         )
         .unwrap();
