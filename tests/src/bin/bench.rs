@@ -25,7 +25,8 @@ const USAGE: &str = "usage: bench [--direct-only | --lab-only] [--runs N] [--n N
   --lab-blk-ops N  4 KiB reads per lab guest (default 2000)
   --lab-pings N    pings per lab guest (default 500)
   --wait-idle      wait (at most a minute) for an idle machine before each direct run
-  --pin            direct matrix: vCPU threads on CPU 1, VMM/daemon threads on CPU 0
+  --pin            direct matrix: vCPU threads on CPU 1, device threads (queue threads,
+                   QEMU's iothread, the daemons' vring workers) on CPU 0
   --only TEXT      direct matrix: only configurations whose \"vmm configuration\" contains
                    TEXT (e.g. \"vmm virtio-blk\")
   --out DIR        where results go (default target/bench)";
