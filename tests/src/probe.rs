@@ -762,6 +762,17 @@ impl ProbeOutput {
 
 /// Runs `cmd` to completion, killing it (by its PID) after `timeout`.
 pub fn run_probe(cmd: &mut Command, timeout: Duration) -> io::Result<ProbeOutput> {
+    run_probe_watching(cmd, timeout, Duration::from_millis(5), &mut |_| {})
+}
+
+/// [`run_probe`], calling `watch` with the child's PID every `every` while it runs (the
+/// bench samples its threads' CPU time there).
+pub fn run_probe_watching(
+    cmd: &mut Command,
+    timeout: Duration,
+    every: Duration,
+    watch: &mut dyn FnMut(u32),
+) -> io::Result<ProbeOutput> {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -780,7 +791,9 @@ pub fn run_probe(cmd: &mut Command, timeout: Duration) -> io::Result<ProbeOutput
     };
     let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
     let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
+    let pid = child.id();
     let status = loop {
+        watch(pid);
         let polled = child.try_wait();
         if let Ok(Some(status)) = polled {
             break status;
@@ -802,7 +815,7 @@ pub fn run_probe(cmd: &mut Command, timeout: Duration) -> io::Result<ProbeOutput
                 ),
             ));
         }
-        thread::sleep(Duration::from_millis(5));
+        thread::sleep(every);
     };
     Ok(ProbeOutput {
         status,

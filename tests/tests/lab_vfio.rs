@@ -17,65 +17,57 @@ use tests::lab::Scenario;
 
 const NIC_L1: &str = r#"
 . /lab/lib.sh
-passthrough check $NIC_BDF --memory 512M >/tmp/check0.txt 2>&1
+passthrough check $NIC_BDF --memory 512M >$LAB_TMP/check0.txt 2>&1
 echo "LAB-VAL check-before-rc $?"
-sed 's/^/CHECK-BEFORE | /' /tmp/check0.txt
+sed 's/^/CHECK-BEFORE | /' $LAB_TMP/check0.txt
 check bind passthrough bind $NIC_BDF
 REFERENCE=$(cat /lab/files/reference 2>/dev/null)
-passthrough check $NIC_BDF --memory 512M >/tmp/check1.txt 2>&1
+passthrough check $NIC_BDF --memory 512M >$LAB_TMP/check1.txt 2>&1
 rc=$?
-sed 's/^/CHECK-AFTER | /' /tmp/check1.txt
+sed 's/^/CHECK-AFTER | /' $LAB_TMP/check1.txt
 check check-ready [ $rc -eq 0 ]
 
 peer=$(ls /sys/bus/pci/devices/$PEER_NIC_BDF/net/)
 $IP addr add 192.0.2.1/24 dev $peer
 $IP link set $peer up
-mkdir -p /tmp/www
-dd if=/dev/urandom of=/tmp/www/down.bin bs=1M count=64 2>/dev/null
-echo "LAB-VAL host-down-sha $(sha256sum /tmp/www/down.bin | cut -d' ' -f1)"
-httpd -p 192.0.2.1:8080 -h /tmp/www
+mkdir -p $LAB_TMP/www
+dd if=/dev/urandom of=$LAB_TMP/www/down.bin bs=1M count=64 2>/dev/null
+echo "LAB-VAL host-down-sha $(sha256sum $LAB_TMP/www/down.bin | cut -d' ' -f1)"
+httpd -p 192.0.2.1:8080 -h $LAB_TMP/www
 
-# run_vm TAG CMDLINE: one VM with the NIC; the guest's upload is fetched meanwhile.
+# run_vm TAG CMDLINE: one VM with the NIC (our vmm, or QEMU's vfio-pci when the scenario is
+# the reference); the guest's upload is fetched meanwhile.
 run_vm() {
     tag=$1
-    rm -f /tmp/www/done
+    rm -f $LAB_TMP/www/done
     (
         n=0
-        until wget -q -O /tmp/up.bin http://192.0.2.2:8080/up.bin 2>/dev/null || [ $n -ge 900 ]; do
+        until wget -q -O $LAB_TMP/up.bin http://192.0.2.2:8080/up.bin 2>/dev/null || [ $n -ge 900 ]; do
             sleep 1; n=$((n + 1))
         done
-        echo "LAB-VAL $tag-host-up-sha $(sha256sum /tmp/up.bin | cut -d' ' -f1)"
-        rm -f /tmp/up.bin
-        touch /tmp/www/done
+        echo "LAB-VAL $tag-host-up-sha $(sha256sum $LAB_TMP/up.bin | cut -d' ' -f1)"
+        rm -f $LAB_TMP/up.bin
+        touch $LAB_TMP/www/done
     ) &
     fetcher=$!
     t0=$(lab_uptime)
-    { vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" --cmdline "$2" \
-        --cpus 2 --memory 512M --vfio host=$NIC_BDF,id=nic0 \
-        --exit-stats /tmp/stats-$tag.json </dev/null 2>&1; echo "VMM-RC $?"; } \
-        | lab_console "$t0" $tag | tee /tmp/$tag.log
+    if [ "${REFERENCE:-}" = qemu ]; then
+        l2_qemu -kernel "$L2_GENERIC_KERNEL" -initrd "$L2_GENERIC_INITRD" -append "$2" -smp 2 \
+            -device vfio-pci,host=$NIC_BDF | lab_console "$t0" $tag | tee $LAB_TMP/$tag.log
+    else
+        { vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" --cmdline "$2" \
+            --cpus 2 --memory 512M --vfio host=$NIC_BDF,id=nic0 \
+            --exit-stats $LAB_TMP/stats-$tag.json </dev/null 2>&1; echo "VMM-RC $?"; } \
+            | lab_console "$t0" $tag | tee $LAB_TMP/$tag.log
+        check $tag-vmm-exit-0 grep -q '^VMM-RC 0$' $LAB_TMP/$tag.log
+        echo "LAB-VAL $tag-exit-stats $(cat $LAB_TMP/stats-$tag.json)"
+    fi
     kill $fetcher 2>/dev/null
     wait $fetcher 2>/dev/null
-    check $tag-vmm-exit-0 grep -q '^VMM-RC 0$' /tmp/$tag.log
-    check $tag-l2-exit grep -q '^L2-EXIT 0$' /tmp/$tag.log
-    echo "LAB-VAL $tag-exit-stats $(cat /tmp/stats-$tag.json)"
+    check $tag-l2-exit grep -q '^L2-EXIT 0$' $LAB_TMP/$tag.log
 }
-if [ "${REFERENCE:-}" = qemu ]; then
-    for tag in msix intx; do
-        c="$L2_CMDLINE"; [ $tag = intx ] && c="$c pci=nomsi"
-        rm -f /tmp/www/done
-        ( n=0; until wget -q -O /tmp/up.bin http://192.0.2.2:8080/up.bin 2>/dev/null || [ $n -ge 900 ]; do sleep 1; n=$((n + 1)); done
-          echo "LAB-VAL $tag-host-up-sha $(sha256sum /tmp/up.bin | cut -d' ' -f1)"; touch /tmp/www/done ) &
-        f=$!
-        l2_qemu -kernel "$L2_GENERIC_KERNEL" -initrd "$L2_GENERIC_INITRD" -append "$c" -smp 2 \
-            -device vfio-pci,host=$NIC_BDF | lab_console "$(lab_uptime)" $tag | tee /tmp/$tag.log
-        kill $f 2>/dev/null; wait $f 2>/dev/null
-        check $tag-l2-exit grep -q '^L2-EXIT 0$' /tmp/$tag.log
-    done
-else
-    run_vm msix "$L2_CMDLINE"
-    run_vm intx "$L2_CMDLINE pci=nomsi"
-fi
+run_vm msix "$L2_CMDLINE"
+run_vm intx "$L2_CMDLINE pci=nomsi"
 check host-driver-after-vms [ "$(pci_driver $NIC_BDF)" = vfio-pci ]
 check unbind passthrough unbind $NIC_BDF
 check host-driver-back [ "$(pci_driver $NIC_BDF)" = e1000e ]
@@ -99,22 +91,22 @@ echo "L2-VAL $tag-carrier-at $(cut -d' ' -f1 /proc/uptime)"
 n=0; until ping -c 1 -W 1 192.0.2.1 >/dev/null 2>&1 || [ $n -ge 20 ]; do n=$((n + 1)); done
 echo "L2-VAL $tag-first-reply-at $(cut -d' ' -f1 /proc/uptime) after $n lost"
 grep -E "$ifc|$dev" /proc/interrupts | sed "s/^/L2-IRQ-BEFORE /"
-ping -c 100 -i 0.02 -W 2 192.0.2.1 > /tmp/ping.txt 2>&1
+ping -c 100 -i 0.02 -W 2 192.0.2.1 > $LAB_TMP/ping.txt 2>&1
 echo "L2-VAL $tag-ping-done-at $(cut -d' ' -f1 /proc/uptime)"
 dmesg | grep -i -E 'e1000e|eth0' | tail -n 8 | sed "s/^/L2-DMESG /"
 for st in rx_packets rx_dropped rx_missed_errors rx_fifo_errors rx_errors tx_packets tx_dropped tx_errors; do
     echo "L2-STAT $tag $st $(cat /sys/class/net/$ifc/statistics/$st)"
 done
-echo "L2-VAL $tag-ping $(grep 'packets transmitted' /tmp/ping.txt)"
-echo "L2-VAL $tag-ping-seqs $(sed -n 's/.*seq=\([0-9]*\).*/\1/p' /tmp/ping.txt | tr '\n' ' ')"
-mkdir -p /tmp/www
-dd if=/dev/urandom of=/tmp/up.tmp bs=1M count=64 2>/dev/null
-echo "L2-VAL $tag-guest-up-sha $(sha256sum /tmp/up.tmp | cut -d' ' -f1)"
-mv /tmp/up.tmp /tmp/www/up.bin
-httpd -p 192.0.2.2:8080 -h /tmp/www
-wget -q -O /tmp/down.bin http://192.0.2.1:8080/down.bin
-echo "L2-VAL $tag-guest-down-sha $(sha256sum /tmp/down.bin | cut -d' ' -f1)"
-rm -f /tmp/down.bin
+echo "L2-VAL $tag-ping $(grep 'packets transmitted' $LAB_TMP/ping.txt)"
+echo "L2-VAL $tag-ping-seqs $(sed -n 's/.*seq=\([0-9]*\).*/\1/p' $LAB_TMP/ping.txt | tr '\n' ' ')"
+mkdir -p $LAB_TMP/www
+dd if=/dev/urandom of=$LAB_TMP/up.tmp bs=1M count=64 2>/dev/null
+echo "L2-VAL $tag-guest-up-sha $(sha256sum $LAB_TMP/up.tmp | cut -d' ' -f1)"
+mv $LAB_TMP/up.tmp $LAB_TMP/www/up.bin
+httpd -p 192.0.2.2:8080 -h $LAB_TMP/www
+wget -q -O $LAB_TMP/down.bin http://192.0.2.1:8080/down.bin
+echo "L2-VAL $tag-guest-down-sha $(sha256sum $LAB_TMP/down.bin | cut -d' ' -f1)"
+rm -f $LAB_TMP/down.bin
 n=0
 until wget -q -O /dev/null http://192.0.2.1:8080/done 2>/dev/null || [ $n -ge 900 ]; do
     sleep 1; n=$((n + 1))
@@ -202,9 +194,9 @@ check bind passthrough bind $NVME_BDF
 t0=$(lab_uptime)
 { RUST_LOG=info,vmm::pci=debug vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" --cmdline "$L2_CMDLINE" \
     --cpus 2 --memory 512M --vfio host=$NVME_BDF,id=nvme0 </dev/null 2>&1; echo "VMM-RC $?"; } \
-    | lab_console "$t0" l2 | tee /tmp/l2.log
-check vmm-exit-0 grep -q '^VMM-RC 0$' /tmp/l2.log
-check l2-exit grep -q '^L2-EXIT 0$' /tmp/l2.log
+    | lab_console "$t0" l2 | tee $LAB_TMP/l2.log
+check vmm-exit-0 grep -q '^VMM-RC 0$' $LAB_TMP/l2.log
+check l2-exit grep -q '^L2-EXIT 0$' $LAB_TMP/l2.log
 check unbind passthrough unbind $NVME_BDF
 n=0; while [ ! -b /dev/nvme0n1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 check nvme-back [ -b /dev/nvme0n1 ]
@@ -217,9 +209,9 @@ const NVME_L2: &str = r#"
 n=0; while [ ! -b /dev/nvme0n1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 echo "L2-VAL nvme-driver $(ls /sys/bus/pci/drivers/nvme/ | grep '^0000:' | head -n1)"
 printf 'L2-NVME-PATTERN-0123456789abcdef' | dd of=/dev/nvme0n1 bs=512 seek=300 conv=fsync 2>/dev/null && echo "L2-VAL pattern-written ok"
-dd if=/dev/urandom of=/tmp/r.bin bs=1M count=4 2>/dev/null
-dd if=/tmp/r.bin of=/dev/nvme0n1 bs=1M seek=8 conv=fsync 2>/dev/null && echo "L2-VAL random-written ok"
-echo "L2-VAL random-sha $(sha256sum /tmp/r.bin | cut -d' ' -f1)"
+dd if=/dev/urandom of=$LAB_TMP/r.bin bs=1M count=4 2>/dev/null
+dd if=$LAB_TMP/r.bin of=/dev/nvme0n1 bs=1M seek=8 conv=fsync 2>/dev/null && echo "L2-VAL random-written ok"
+echo "L2-VAL random-sha $(sha256sum $LAB_TMP/r.bin | cut -d' ' -f1)"
 echo "L2-VAL readback-sha $(dd if=/dev/nvme0n1 bs=1M skip=8 count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
 grep nvme /proc/interrupts | sed "s/^/L2-IRQ /"
 "#;

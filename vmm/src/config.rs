@@ -367,25 +367,10 @@ impl std::str::FromStr for SerialMode {
     }
 }
 
-/// Parses a size such as `512M`, `2G`, `65536K` or a plain number of bytes.
+/// Parses a size such as `512M`, `2G`, `2GiB`, `65536K` or a plain number of bytes (the
+/// same parser as `passthrough check --memory`).
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
-    let bad = || ConfigError::BadSize(s.to_string());
-    let t = s.trim();
-    let (num, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(bad()),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    n.checked_mul(1u64 << shift).ok_or_else(bad)
+    passthrough::host::parse_size(s).map_err(|_| ConfigError::BadSize(s.to_string()))
 }
 
 /// `vmm` command line.

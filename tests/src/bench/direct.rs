@@ -7,15 +7,16 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use super::{clock_ticks, LoadMeter, Matrix, Model, Record};
 use crate::host::{Daemon, NetNs, ScratchDir, Tap};
-use crate::probe::{self, parse_results, stamp_image, tsc_hz, ExitStats, ProbeConfig};
+use crate::probe::{
+    self, parse_results, run_probe_watching, stamp_image, tsc_hz, ExitStats, ProbeConfig,
+};
 
 /// What the direct matrix runs.
 #[derive(Debug, Clone)]
@@ -221,57 +222,18 @@ fn boot(
         sample_threads(d, pin, &mut daemon_seen);
     }
     let daemon_before = cpu_of(&daemon_seen);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    let pid = child.id();
-    let mut out_pipe = child.stdout.take();
-    let reader = thread::spawn(move || {
-        let mut s = Vec::new();
-        if let Some(p) = out_pipe.as_mut() {
-            let _ = p.read_to_end(&mut s);
-        }
-        String::from_utf8_lossy(&s).into_owned()
-    });
-    let mut err_pipe = child.stderr.take();
-    let err_reader = thread::spawn(move || {
-        let mut s = Vec::new();
-        if let Some(p) = err_pipe.as_mut() {
-            let _ = p.read_to_end(&mut s);
-        }
-        String::from_utf8_lossy(&s).into_owned()
-    });
-    let start = Instant::now();
     let mut seen = BTreeMap::new();
-    let status = loop {
+    let out = run_probe_watching(&mut cmd, TIMEOUT, SAMPLE_EVERY, &mut |pid| {
         sample_threads(pid, pin, &mut seen);
         if let Some(d) = daemon {
             sample_threads(d, pin, &mut daemon_seen);
         }
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) => {}
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("waiting for {cmd:?}: {e}"));
-            }
-        }
-        if start.elapsed() > TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("{cmd:?} did not finish in {TIMEOUT:?}"));
-        }
-        thread::sleep(SAMPLE_EVERY);
-    };
-    let stdout = reader.join().unwrap_or_default();
-    let stderr = err_reader.join().unwrap_or_default();
+    })
+    .map_err(|e| e.to_string())?;
     if let Some(d) = daemon {
         sample_threads(d, pin, &mut daemon_seen);
     }
+    let (stdout, stderr, status) = (out.stdout, out.stderr, out.status);
     let exits = match stats {
         Some(p) => Some(ExitStats::read(p).map_err(|e| format!("{e}\nstderr:\n{stderr}"))?),
         None => None,

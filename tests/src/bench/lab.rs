@@ -16,7 +16,7 @@
 //! measures, inside L2:
 //! - `blk-read-qd1`: 4 KiB random reads at queue depth 1 with O_DIRECT on its disk
 //!   (`tests/src/bin/lat.rs`; warm-up excluded); the in-VMM and vhost-user disks are the same
-//!   256 MiB file in L1's RAM (page cache; L1's /tmp is tmpfs, which has no O_DIRECT on its
+//!   256 MiB file in L1's RAM (page cache; L1's scratch directory is on tmpfs, which has no O_DIRECT on its
 //!   6.1 kernel, so QEMU's `cache=none` is tried and refused — the config says what ran),
 //!   passthrough's is the lab's NVMe;
 //! - `net-rtt`: `ping -i 0.01` (busybox) to L1's end of the link (the tap, or for passthrough
@@ -185,11 +185,11 @@ impl Cfg {
 const L1_SCRIPT: &str = r#"
 . /lab/lib.sh
 RUN=@RUN@
-mkdir -p /tmp/pids
-# cputicks.sh: user+system ticks of the processes whose PIDs are in /tmp/pids/*, without
+mkdir -p $LAB_TMP/pids
+# cputicks.sh: user+system ticks of the processes whose PIDs are in $LAB_TMP/pids/*, without
 # vCPU threads (ours: vcpuN; QEMU with debug-threads=on: "CPU N/KVM").
-cat >/tmp/cputicks.sh <<'EOF'
-for f in /tmp/pids/*; do
+cat >$LAB_TMP/cputicks.sh <<'EOF'
+for f in $LAB_TMP/pids/*; do
     p=$(cat "$f" 2>/dev/null) && [ -n "$p" ] && cat /proc/$p/task/*/stat 2>/dev/null
 done | awk -v verbose="${1:-}" '{
     name = $0; sub(/^[0-9]+ \(/, "", name); sub(/\) [A-Za-z] .*$/, "", name)
@@ -204,27 +204,27 @@ EOF
 phase_watch() {
     awk -v tag="$1" '{ print; fflush() }
         $1 == "LAT-PHASE" {
-            cmd = "sh /tmp/cputicks.sh"; t = ""; cmd | getline t; close(cmd)
+            cmd = "sh $LAB_TMP/cputicks.sh"; t = ""; cmd | getline t; close(cmd)
             printf "LAB-VAL %s-cpu-%s-%s %s\n", tag, $2, $3, t; fflush()
             if ($2 == "blk" && $3 == "begin") {
                 # Which threads used the CPU so far (boot): a diagnostic.
-                cmd = "sh /tmp/cputicks.sh -v"; t = ""; cmd | getline t; close(cmd)
+                cmd = "sh $LAB_TMP/cputicks.sh -v"; t = ""; cmd | getline t; close(cmd)
                 printf "LAB-VAL %s-threads-at-boot %s\n", tag, t; fflush()
             }
         }'
 }
 
 # The disk of the in-VMM and vhost-user models, in L1's RAM.
-dd if=/dev/zero of=/tmp/disk.img bs=1M count=256 2>/dev/null
-check disk-image [ "$(stat -c %s /tmp/disk.img)" = 268435456 ]
-# QEMU's drive options: the best L1's QEMU and /tmp accept.
+dd if=/dev/zero of=$LAB_TMP/disk.img bs=1M count=256 2>/dev/null
+check disk-image [ "$(stat -c %s $LAB_TMP/disk.img)" = 268435456 ]
+# QEMU's drive options: the best L1's QEMU and its tmpfs accept.
 QBLK=
 for o in cache=none,aio=io_uring cache=writeback,aio=io_uring cache=none,aio=native cache=writeback,aio=threads; do
     echo quit | qemu-system-x86_64 -nodefaults -display none -S -monitor stdio \
-        -drive if=none,id=d0,file=/tmp/disk.img,format=raw,$o >/tmp/qprobe.txt 2>&1
+        -drive if=none,id=d0,file=$LAB_TMP/disk.img,format=raw,$o >$LAB_TMP/qprobe.txt 2>&1
     rc=$?
     # QEMU's own errors start with its name; the exit status alone is not trusted here.
-    err=$(grep '^qemu-system-x86_64:' /tmp/qprobe.txt | head -n 2 | tr '\n' ' ')
+    err=$(grep '^qemu-system-x86_64:' $LAB_TMP/qprobe.txt | head -n 2 | tr '\n' ' ')
     echo "LAB-VAL qemu-drive-probe $o rc=$rc ${err:-no error}"
     if [ -z "$err" ]; then
         QBLK=$o
@@ -247,18 +247,18 @@ $IP link set $peer up
 
 # vhost-user: our daemons, started for each VM.
 vu_start() {
-    rm -f /tmp/blk.sock /tmp/net.sock
-    vhost-user-blk --socket-path /tmp/blk.sock --blk-file /tmp/disk.img --queues 2 --poll-us @POLL_US@ >>/tmp/vublk.log 2>&1 &
-    echo $! >/tmp/pids/blk
-    vhost-user-net --socket-path /tmp/net.sock --tap vut0 --mac 52:54:00:00:00:03 --poll-us @POLL_US@ >>/tmp/vunet.log 2>&1 &
-    echo $! >/tmp/pids/net
+    rm -f $LAB_TMP/blk.sock $LAB_TMP/net.sock
+    vhost-user-blk --socket-path $LAB_TMP/blk.sock --blk-file $LAB_TMP/disk.img --queues 2 --poll-us @POLL_US@ >>$LAB_TMP/vublk.log 2>&1 &
+    echo $! >$LAB_TMP/pids/blk
+    vhost-user-net --socket-path $LAB_TMP/net.sock --tap vut0 --mac 52:54:00:00:00:03 --poll-us @POLL_US@ >>$LAB_TMP/vunet.log 2>&1 &
+    echo $! >$LAB_TMP/pids/net
     n=0
-    while { [ ! -S /tmp/blk.sock ] || [ ! -S /tmp/net.sock ]; } && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+    while { [ ! -S $LAB_TMP/blk.sock ] || [ ! -S $LAB_TMP/net.sock ]; } && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
     $IP addr add 203.0.113.1/24 dev vut0 2>/dev/null
     $IP link set vut0 up
 }
 vu_stop() {
-    for f in /tmp/pids/blk /tmp/pids/net; do
+    for f in $LAB_TMP/pids/blk $LAB_TMP/pids/net; do
         p=$(cat $f 2>/dev/null) && kill $p 2>/dev/null && wait $p 2>/dev/null
         rm -f $f
     done
@@ -272,33 +272,33 @@ vm() {
     kind=$2
     shift 2
     for attempt in 1 2; do
-        rm -f /tmp/stats-$tag.json
+        rm -f $LAB_TMP/stats-$tag.json
         echo "BENCH-BEGIN $tag"
         t0=$(lab_uptime)
         {
             if [ $kind = vmm ]; then
                 vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" --cmdline "$C" \
-                    --cpus 2 --memory 512M --exit-stats /tmp/stats-$tag.json "$@" </dev/null 2>&1 &
+                    --cpus 2 --memory 512M --exit-stats $LAB_TMP/stats-$tag.json "$@" </dev/null 2>&1 &
             else
                 qemu-system-x86_64 -nodefaults -nographic -serial stdio -no-reboot \
                     -enable-kvm -cpu host -m 512 -smp 2 -name l2,debug-threads=on \
                     -kernel "$L2_GENERIC_KERNEL" -initrd "$L2_GENERIC_INITRD" -append "$C" \
                     "$@" </dev/null 2>&1 &
             fi
-            echo $! >/tmp/pids/vmm
+            echo $! >$LAB_TMP/pids/vmm
             wait $!
             rc=$?
             # On a line of its own even if the guest's last line was cut.
             echo
             echo "VMM-RC $rc"
-        } | lab_console "$t0" "$tag" | phase_watch "$tag" | tee /tmp/$tag.log
-        rm -f /tmp/pids/vmm
-        [ -f /tmp/stats-$tag.json ] && echo "LAB-VAL $tag-exit-stats $(cat /tmp/stats-$tag.json)"
-        if grep -q '^VMM-RC 0$' /tmp/$tag.log && grep -q '^L2-EXIT 0$' /tmp/$tag.log; then break; fi
+        } | lab_console "$t0" "$tag" | phase_watch "$tag" | tee $LAB_TMP/$tag.log
+        rm -f $LAB_TMP/pids/vmm
+        [ -f $LAB_TMP/stats-$tag.json ] && echo "LAB-VAL $tag-exit-stats $(cat $LAB_TMP/stats-$tag.json)"
+        if grep -q '^VMM-RC 0$' $LAB_TMP/$tag.log && grep -q '^L2-EXIT 0$' $LAB_TMP/$tag.log; then break; fi
         [ $attempt = 1 ] && echo "LAB-VAL $tag-retry the VM did not end cleanly; booting it again"
     done
-    check $tag-vmm-rc grep -q '^VMM-RC 0$' /tmp/$tag.log
-    check $tag-l2-exit grep -q '^L2-EXIT 0$' /tmp/$tag.log
+    check $tag-vmm-rc grep -q '^VMM-RC 0$' $LAB_TMP/$tag.log
+    check $tag-l2-exit grep -q '^L2-EXIT 0$' $LAB_TMP/$tag.log
     echo "BENCH-END $tag"
 }
 
@@ -308,11 +308,11 @@ while [ $r -le $RUN ]; do
     C="$L2_CMDLINE bench_net=192.0.2"
     for v in $order; do
         if [ $v = vmm ]; then
-            vm r$r-invmm-vmm vmm --disk path=/tmp/disk.img,id=disk0,poll_us=@POLL_US@ \
+            vm r$r-invmm-vmm vmm --disk path=$LAB_TMP/disk.img,id=disk0,poll_us=@POLL_US@ \
                 --net tap=bt0,mac=52:54:00:00:00:02,id=net0,poll_us=@POLL_US@
         else
             vm r$r-invmm-qemu qemu -object iothread,id=io0 \
-                -drive if=none,id=d0,file=/tmp/disk.img,format=raw,$QBLK \
+                -drive if=none,id=d0,file=$LAB_TMP/disk.img,format=raw,$QBLK \
                 -device virtio-blk-pci,drive=d0,iothread=io0 \
                 -netdev tap,id=n0,ifname=bt0,script=no,downscript=no,vhost=off \
                 -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:02,romfile=
@@ -322,13 +322,13 @@ while [ $r -le $RUN ]; do
     for v in $order; do
         vu_start
         if [ $v = vmm ]; then
-            vm r$r-vu-vmm vmm --vhost-user-blk socket=/tmp/blk.sock,queues=2,id=vublk \
-                --vhost-user-net socket=/tmp/net.sock,id=vunet,mac=52:54:00:00:00:03
+            vm r$r-vu-vmm vmm --vhost-user-blk socket=$LAB_TMP/blk.sock,queues=2,id=vublk \
+                --vhost-user-net socket=$LAB_TMP/net.sock,id=vunet,mac=52:54:00:00:00:03
         else
             vm r$r-vu-qemu qemu -object memory-backend-memfd,id=mem,size=512M,share=on \
                 -numa node,memdev=mem \
-                -chardev socket,id=c0,path=/tmp/blk.sock -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
-                -chardev socket,id=c1,path=/tmp/net.sock -netdev vhost-user,id=n0,chardev=c1 \
+                -chardev socket,id=c0,path=$LAB_TMP/blk.sock -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
+                -chardev socket,id=c1,path=$LAB_TMP/net.sock -netdev vhost-user,id=n0,chardev=c1 \
                 -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:03,romfile=,vectors=0
         fi
         vu_stop
@@ -383,11 +383,11 @@ n=0; until ping -c 1 -W 1 $NET.1 >/dev/null 2>&1 || [ $n -ge 20 ]; do n=$((n + 1
 echo "L2-VAL settle-lost $n"
 echo "LAT-PHASE net begin"
 sleep 0.5
-ping -c "$PINGS" -i 0.01 -W 2 $NET.1 >/tmp/ping.txt 2>&1
+ping -c "$PINGS" -i 0.01 -W 2 $NET.1 >$LAB_TMP/ping.txt 2>&1
 echo "LAT-PHASE net end"
-echo "L2-PING-STAT $(grep 'packets transmitted' /tmp/ping.txt)"
+echo "L2-PING-STAT $(grep 'packets transmitted' $LAB_TMP/ping.txt)"
 # The per-packet times, 25 a line.
-grep -o 'time=[0-9.]* ms' /tmp/ping.txt | awk '{ l = l " " $0 } NR % 25 == 0 { print "L2-PING" l; l = "" } END { if (l != "") print "L2-PING" l }'
+grep -o 'time=[0-9.]* ms' $LAB_TMP/ping.txt | awk '{ l = l " " $0 } NR % 25 == 0 { print "L2-PING" l; l = "" } END { if (l != "") print "L2-PING" l }'
 # Let the console drain before init powers off.
 sleep 1
 "#;

@@ -188,24 +188,6 @@ fn machine_busy_ticks() -> u64 {
     v.iter().take(8).sum::<u64>().saturating_sub(idle)
 }
 
-/// User + system ticks of process `pid` and its threads (0 when it is gone).
-pub fn process_ticks(pid: u32) -> u64 {
-    stat_ticks(&format!("/proc/{pid}/stat"))
-}
-
-/// User + system ticks from a `/proc/.../stat` file.
-pub fn stat_ticks(path: &str) -> u64 {
-    let s = fs::read_to_string(path).unwrap_or_default();
-    // Fields after the command name, which may contain spaces: ") S ppid ...".
-    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
-        return 0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the ')'.
-    let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    n(11) + n(12)
-}
-
 /// Ticks per second of /proc's CPU times.
 pub fn clock_ticks() -> f64 {
     // SAFETY: sysconf only reads a system constant.
@@ -320,19 +302,5 @@ mod tests {
             "{j}"
         );
         assert_eq!(j.matches('{').count(), j.matches('}').count());
-    }
-
-    #[test]
-    fn stat_ticks_of_this_process() {
-        // Burn a little CPU, then our own stat shows ticks (or at least parses).
-        let t0 = Instant::now();
-        let mut x = 0u64;
-        while t0.elapsed().as_millis() < 30 {
-            x = x.wrapping_mul(31).wrapping_add(7);
-        }
-        std::hint::black_box(x);
-        let t = stat_ticks("/proc/self/stat");
-        assert!(t < 1 << 40);
-        assert_eq!(stat_ticks("/proc/nonexistent/stat"), 0);
     }
 }
