@@ -419,6 +419,31 @@ pub(crate) fn rw_all(
     Ok(())
 }
 
+/// One `preadv2(RWF_NOWAIT)` of `iovs` at `offset`: reads only what the page cache holds,
+/// never waits for the disk. `Ok(n)`: `n` bytes read (fewer than asked when part of the range
+/// is not cached); `Err(EAGAIN)`: nothing cached at `offset`; `Err(EOPNOTSUPP)`: the file
+/// system does not support the flag.
+///
+/// The iovecs must describe memory writable for their length (guest memory validated by
+/// `host_iovecs`, or an owned buffer), and be at most [`MAX_IOVECS`].
+pub(crate) fn read_cached(fd: RawFd, iovs: &[libc::iovec], offset: u64) -> io::Result<usize> {
+    let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let n = i32::try_from(iovs.len().min(MAX_IOVECS))
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    loop {
+        // SAFETY: the iovecs point to memory writable for their length (see the function
+        // contract); the kernel writes only within it and keeps no reference after returning.
+        let r = unsafe { libc::preadv2(fd, iovs.as_ptr(), n, off, libc::RWF_NOWAIT) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

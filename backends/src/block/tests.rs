@@ -35,6 +35,41 @@ fn image() -> TempFile {
     f
 }
 
+/// Drops the image from the page cache, so that reads must wait for the disk.
+fn evict(f: &TempFile) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(f.as_path()).unwrap();
+    file.sync_all().unwrap();
+    // SAFETY: an advisory call on a file descriptor we own.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0);
+    // Check with mincore, which (unlike a RWF_NOWAIT read) starts no readahead.
+    let len = std::fs::metadata(f.as_path()).unwrap().len() as usize;
+    // SAFETY: a new private read-only mapping of a file we own; only passed to mincore and
+    // munmap, never dereferenced.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: `p` maps `len` bytes; `vec` has one byte per page.
+    let r = unsafe { libc::mincore(p, len, vec.as_mut_ptr()) };
+    // SAFETY: unmapping the mapping made above.
+    unsafe { libc::munmap(p, len) };
+    assert_eq!(r, 0);
+    assert!(
+        vec.iter().all(|&v| v & 1 == 0),
+        "the image is still cached after POSIX_FADV_DONTNEED"
+    );
+}
+
 fn disk(f: &TempFile, engine: EngineChoice, readonly: bool, direct: bool) -> Arc<BlockBackend> {
     Arc::new(
         BlockBackend::open(&BlockOptions {
@@ -649,6 +684,8 @@ fn io_uring_completions_through_the_eventfd() {
     let mut q: Queue = vq.create_queue().unwrap();
     vq.add_desc_chains(&three(512, true), 0).unwrap();
     let mut bq = BlockQueue::new(disk(&f, EngineChoice::IoUring, false, false), &m, QSIZE).unwrap();
+    // Not in the page cache: the read is submitted, not served inline.
+    evict(&f);
     let fd = bq.completion_fd().unwrap();
     let out = bq.process_queue(&mut q).unwrap();
     assert_eq!(out.used, 0, "submitted, not completed");
@@ -676,6 +713,72 @@ fn io_uring_completions_through_the_eventfd() {
     let b: u8 = m.read_obj(GuestAddress(DATA)).unwrap();
     assert_eq!(b, sector_byte(2));
     assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+}
+
+#[test]
+fn cached_reads_complete_inline_and_uncached_ones_through_io_uring() {
+    let m = mem();
+    let f = image();
+    // Two segments, so the inline read is a real preadv2 with several iovecs.
+    let descs = [
+        d(HDR, 16, VRING_DESC_F_NEXT, 1),
+        d(DATA, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2),
+        d(
+            DATA + 0x8000,
+            512,
+            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+            3,
+        ),
+        d(STATUS, 1, VRING_DESC_F_WRITE, 0),
+    ];
+    for cached in [true, false] {
+        m.write_slice(&[0u8; 512], GuestAddress(DATA)).unwrap();
+        m.write_slice(&[0u8; 512], GuestAddress(DATA + 0x8000))
+            .unwrap();
+        m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        hdr(&m, VIRTIO_BLK_T_IN, 5);
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        let mut q: Queue = vq.create_queue().unwrap();
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let mut bq =
+            BlockQueue::new(disk(&f, EngineChoice::IoUring, false, false), &m, QSIZE).unwrap();
+        if cached {
+            // Bring sectors 5-6 into the page cache.
+            let mut buf = vec![0u8; 1024];
+            std::os::unix::fs::FileExt::read_exact_at(
+                &std::fs::File::open(f.as_path()).unwrap(),
+                &mut buf,
+                5 * 512,
+            )
+            .unwrap();
+        } else {
+            evict(&f);
+        }
+        let out = bq.process_queue(&mut q).unwrap();
+        if cached {
+            assert_eq!(out.used, 1, "a cached read completes in process_queue");
+            assert!(out.notify);
+            assert_eq!(bq.in_flight(), 0);
+            assert_eq!(bq.stats().cached_reads, 1);
+        } else {
+            assert_eq!(out.used, 0, "an uncached read is submitted");
+            assert_eq!(bq.in_flight(), 1);
+            let out = bq.drain(&mut q).unwrap();
+            assert_eq!(out.used, 1);
+            assert_eq!(bq.stats().cached_reads, 0);
+        }
+        let used = vq.used().ring().ref_at(0).unwrap().load();
+        assert_eq!(used.len(), 1025);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+        let mut a = [0u8; 512];
+        let mut b = [0u8; 512];
+        m.read_slice(&mut a, GuestAddress(DATA)).unwrap();
+        m.read_slice(&mut b, GuestAddress(DATA + 0x8000)).unwrap();
+        assert!(a.iter().all(|&x| x == sector_byte(5)), "cached={cached}");
+        assert!(b.iter().all(|&x| x == sector_byte(6)), "cached={cached}");
+        let st = bq.stats();
+        assert_eq!((st.reads, st.bytes_read, st.errors), (1, 1024, 0));
+    }
 }
 
 #[test]

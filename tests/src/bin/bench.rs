@@ -20,7 +20,7 @@ const USAGE: &str = "usage: bench [--direct-only | --lab-only] [--runs N] [--n N
 
   --runs N         runs of every configuration, interleaved (default 3)
   --n N            measured operations per QD1 test in the direct matrix (default 20000)
-  --n-qd32 N       measured operations of the QD32 test (default 50000)
+  --n-qd32 N       measured operations of the QD32 test (default 500000)
   --poll-us N      poll_us= of our in-VMM devices, --poll-us of our daemons (default 50)
   --lab-blk-ops N  4 KiB reads per lab guest (default 2000)
   --lab-pings N    pings per lab guest (default 500)
@@ -52,7 +52,7 @@ fn parse_args() -> Result<Args, String> {
         lab: true,
         runs: 3,
         n: 20_000,
-        n_qd32: 50_000,
+        n_qd32: 500_000,
         poll_us: 50,
         lab_blk_ops: 2000,
         lab_pings: 500,
