@@ -108,6 +108,10 @@ pub struct NetQueuePair<S: GuestAddressSpace, T: AsRawFd> {
     rx_pending: Option<usize>,
     /// The host busy-polls the TX queue: leave its notifications disabled after popping.
     polling: bool,
+    /// RX notifications are (as far as we know) enabled: the driver kicks when it adds
+    /// buffers. Only needed while we are out of them, so they are turned off as soon as a
+    /// chain is popped and on again when the ring runs dry (vhost-net's RX pattern).
+    rx_notify: bool,
     iovecs: IoVecScratch,
     log: GuestErrorLog<NET_FAULT_KINDS>,
     stats: NetStats,
@@ -141,6 +145,7 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
             rx_buf: vec![0u8; MAX_FRAME_LEN],
             rx_pending: None,
             polling: false,
+            rx_notify: true,
             iovecs: IoVecScratch::default(),
             log: GuestErrorLog::new("virtio-net"),
             stats: NetStats::default(),
@@ -416,6 +421,7 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
                 Some(c) => c,
                 None => {
                     // Re-arm notifications; if the driver added buffers meanwhile, go on.
+                    self.rx_notify = true;
                     if queue.enable_notification(mem).map_err(QueueError::Ring)? {
                         continue;
                     }
@@ -444,6 +450,11 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
                 queue.add_used(mem, head, 0).map_err(QueueError::Ring)?;
                 *dropped += 1;
                 continue;
+            }
+            if self.rx_notify {
+                // Buffers are there: the driver need not ring when it adds more.
+                queue.disable_notification(mem).map_err(QueueError::Ring)?;
+                self.rx_notify = false;
             }
             return Ok(Some((head, parsed.writable)));
         }

@@ -296,6 +296,44 @@ fn rx_waits_for_guest_buffers() {
 }
 
 #[test]
+fn rx_notifications_only_while_out_of_buffers() {
+    // VRING_USED_F_NO_NOTIFY in the used ring's flags: the driver skips its RX doorbell.
+    let m = mem();
+    let no_notify = |vq: &MockSplitQueue<Mem>| {
+        u16::from_le(m.read_obj::<u16>(vq.used_addr()).unwrap()) & 1 != 0
+    };
+    let (a, b) = socketpair();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let mut q: Queue = vq.create_queue().unwrap();
+    vq.add_desc_chains(
+        &[
+            d(BUF, 2000, VRING_DESC_F_WRITE, 0),
+            d(BUF + 0x1000, 2000, VRING_DESC_F_WRITE, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    let mut np = NetQueuePair::new(a, &m, 0);
+    assert!(!no_notify(&vq));
+    send(&b, &frame(100));
+    let out = np.process_rx(&mut q).unwrap();
+    assert_eq!(out.frames, 1);
+    assert!(no_notify(&vq), "a buffer is left: no RX doorbell needed");
+    send(&b, &frame(100));
+    send(&b, &frame(100));
+    let out = np.process_rx(&mut q).unwrap();
+    assert_eq!((out.frames, out.wait), (1, RxWait::GuestBuffers));
+    assert!(!no_notify(&vq), "out of buffers: the driver must ring");
+    // The driver adds a buffer (and rings): the pending frame goes in, doorbells off again.
+    vq.add_desc_chains(&[d(BUF + 0x2000, 2000, VRING_DESC_F_WRITE, 0)], 2)
+        .unwrap();
+    let out = np.process_rx(&mut q).unwrap();
+    assert_eq!((out.frames, out.wait), (1, RxWait::TapEmpty));
+    assert!(no_notify(&vq));
+    assert_eq!(used_len(&vq, 2), 100);
+}
+
+#[test]
 fn rx_device_readable_buffer_is_dropped() {
     let m = mem();
     let (a, b) = socketpair();
