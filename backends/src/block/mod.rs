@@ -9,6 +9,11 @@
 //!    readable -> [`BlockQueue::process_completions`]. Signal the guest when the returned
 //!    outcome says `notify`; set NEEDS_RESET on `Err`.
 //! 4. Reset / memory change: [`BlockQueue::drain`] first.
+//!
+//! With io_uring on a buffered (not O_DIRECT) image, an IN request is first tried with
+//! `preadv2(RWF_NOWAIT)` on the queue thread: if the page cache holds all of it, it completes
+//! there (no io_uring entry, completion or wake-up; counted in `BlockStats::cached_reads`);
+//! otherwise it goes to io_uring as usual. File systems without `RWF_NOWAIT` turn it off.
 
 mod config;
 mod disk;

@@ -460,6 +460,16 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
         bins.display(),
         timeout.as_secs()
     ));
+    if opts.runs % 2 == 1 {
+        // Runs alternate which VMM of a pair boots first; only an even count balances that.
+        progress(&format!(
+            "lab: {} runs: our vmm boots first of its pair in {} of them, QEMU in {}; use an \
+             even --runs for a balanced order",
+            opts.runs,
+            opts.runs.div_ceil(2),
+            opts.runs / 2
+        ));
+    }
     let mut records = Vec::new();
     let mut l1_seconds = 0.0;
     for r in 1..=opts.runs {

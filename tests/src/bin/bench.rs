@@ -18,7 +18,8 @@ const USAGE: &str = "usage: bench [--direct-only | --lab-only] [--runs N] [--n N
              [--poll-us N] [--lab-blk-ops N] [--lab-pings N] [--wait-idle] [--pin]
              [--only TEXT] [--out DIR]
 
-  --runs N         runs of every configuration, interleaved (default 3)
+  --runs N         runs of every configuration, interleaved (default 4: in the lab, where
+                   runs alternate which VMM boots first, an even count balances the order)
   --n N            measured operations per QD1 test in the direct matrix (default 20000)
   --n-qd32 N       measured operations of the QD32 test (default 500000)
   --poll-us N      poll_us= of our in-VMM devices, --poll-us of our daemons (default 50)
@@ -50,7 +51,7 @@ fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         direct: true,
         lab: true,
-        runs: 3,
+        runs: 4,
         n: 20_000,
         n_qd32: 500_000,
         poll_us: 50,
