@@ -8,10 +8,11 @@
 //! | vhost-user | `--vhost-user-blk` + `--vhost-user-net` to our daemons | `vhost-user-blk-pci` + `-netdev vhost-user` to the same daemons (guest RAM in a shared memfd) |
 //! | passthrough | `--vfio` the NVMe and the e1000e | `-device vfio-pci` for both |
 //!
-//! One L1 boot per run (an L1 that dies of the lab's nested-virtualization flake costs one
-//! run and is booted once more) runs the six configurations one after the other (our vmm
-//! first in odd runs, QEMU first in even runs, so that neither always boots into the state
-//! the other left); an L2 that does not end cleanly is booted once more. Every L2 guest has the same generic kernel (it has the e1000e and
+//! One L1 boot per two runs (an L1 that dies of the lab's nested-virtualization flake costs
+//! its boot and is booted once more); each run runs the six configurations one after the
+//! other (our vmm first in odd runs, QEMU first in even runs, so that neither always boots
+//! into the state the other left, and both are measured in both orders under the same L1,
+//! whose speed moves by a third between boots); an L2 that does not end cleanly is booted once more. Every L2 guest has the same generic kernel (it has the e1000e and
 //! nvme drivers passthrough needs), initramfs, command line, 2 vCPUs and 512 MiB, and
 //! measures, inside L2:
 //! - `blk-read-qd1`: 4 KiB random reads at queue depth 1 with O_DIRECT on its disk
@@ -184,7 +185,8 @@ impl Cfg {
 
 const L1_SCRIPT: &str = r#"
 . /lab/lib.sh
-RUN=@RUN@
+RUN_FIRST=@RUN_FIRST@
+RUN_LAST=@RUN_LAST@
 mkdir -p $LAB_TMP/pids
 # cputicks.sh: user+system ticks of the processes whose PIDs are in $LAB_TMP/pids/*, without
 # vCPU threads (ours: vcpuN; QEMU with debug-threads=on: "CPU N/KVM").
@@ -302,8 +304,8 @@ vm() {
     echo "BENCH-END $tag"
 }
 
-r=$RUN
-while [ $r -le $RUN ]; do
+r=$RUN_FIRST
+while [ $r -le $RUN_LAST ]; do
     if [ $((r % 2)) = 1 ]; then order="vmm qemu"; else order="qemu vmm"; fi
     C="$L2_CMDLINE bench_net=192.0.2"
     for v in $order; do
@@ -392,10 +394,11 @@ grep -o 'time=[0-9.]* ms' $LAB_TMP/ping.txt | awk '{ l = l " " $0 } NR % 25 == 0
 sleep 1
 "#;
 
-/// The L1 script of run `run`.
-fn l1_script(run: u32, poll_us: u32) -> String {
+/// The L1 script of runs `first..=last` (one L1 boot).
+fn l1_script(first: u32, last: u32, poll_us: u32) -> String {
     L1_SCRIPT
-        .replace("@RUN@", &run.to_string())
+        .replace("@RUN_FIRST@", &first.to_string())
+        .replace("@RUN_LAST@", &last.to_string())
         .replace("@POLL_US@", &poll_us.to_string())
 }
 
@@ -449,9 +452,9 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
     // About 8 s per L2 boot (up to 30 s seen), the reads (well under 1 ms each), the pings
     // (10 ms apart), the daemons and the output; plus L1's boot and setup.
     let per_vm = 45.0 + f64::from(opts.blk_ops) * 0.002 + f64::from(opts.pings) * 0.03;
-    let timeout = Duration::from_secs_f64(200.0 + 6.0 * per_vm);
+    let timeout = Duration::from_secs_f64(200.0 + (6 * RUNS_PER_BOOT) as f64 * per_vm);
     progress(&format!(
-        "lab: {} run(s), one L1 boot each, x {} configurations ({} reads, {} pings each), \
+        "lab: {} run(s), two per L1 boot, x {} configurations ({} reads, {} pings each), \
          binaries from {}, timeout {} s per L1",
         opts.runs,
         CONFIGS.len(),
@@ -472,17 +475,27 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
     }
     let mut records = Vec::new();
     let mut l1_seconds = 0.0;
-    for r in 1..=opts.runs {
-        // One L1 boot per run: a crash of the lab's nested virtualization costs one run,
-        // and each run gets the load measured around it.
-        let scenario = Scenario::new(&format!("bench_lab_r{r}"), &l1_script(r, opts.poll_us))
-            .l2_script(&l2_script(opts))
-            .l2_bin(&lat)
-            .project_bins(&bins)
-            .with_qemu()
-            // L1: the 256 MiB disk, a 512 MiB L2, QEMU or our vmm, two daemons, the images.
-            .mem_mib(2560)
-            .timeout(timeout);
+    for (first, last) in boots(opts.runs) {
+        // Two runs per L1 boot, in both orders (our vmm first of each pair in odd runs,
+        // QEMU in even ones): both VMMs are measured under the same L1, which moves by a
+        // third between boots. A crash of the lab's nested virtualization costs one boot, and
+        // each boot gets the load measured around it.
+        let r = if first == last {
+            format!("{first}")
+        } else {
+            format!("{first}-{last}")
+        };
+        let scenario = Scenario::new(
+            &format!("bench_lab_r{r}"),
+            &l1_script(first, last, opts.poll_us),
+        )
+        .l2_script(&l2_script(opts))
+        .l2_bin(&lat)
+        .project_bins(&bins)
+        .with_qemu()
+        // L1: the 256 MiB disk, a 512 MiB L2, QEMU or our vmm, two daemons, the images.
+        .mem_mib(2560)
+        .timeout(timeout);
         let total = opts.runs;
         let mut on_line = |line: &str| {
             if let Some(tag) = line.strip_prefix("BENCH-BEGIN ") {
@@ -490,7 +503,7 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
                     progress(&msg);
                 }
             } else if line.starts_with("LAB-INIT") {
-                progress(&format!("lab: run {r}/{total}: L1 is up"));
+                progress(&format!("lab: runs {r} of {total}: L1 is up"));
             } else if let Some(f) = line.strip_prefix("LAB-FAIL ") {
                 progress(&format!("lab: FAILED {f}"));
             } else if line.starts_with("LAB-VAL") && line.contains("-retry ") {
@@ -512,7 +525,7 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
             if l1_died && attempt == 1 {
                 attempt += 1;
                 on_line(&format!(
-                    "LAB-FAIL l1-crash run {r}: {} (log {}); booting L1 again",
+                    "LAB-FAIL l1-crash runs {r}: {} (log {}); booting L1 again",
                     run.outcome,
                     run.log.display()
                 ));
@@ -522,10 +535,13 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
             break (run, load);
         };
         l1_seconds += run.duration.as_secs_f64();
-        let mut v = records_from_run(&run, opts, r, load)?;
+        let mut v = Vec::new();
+        for n in first..=last {
+            v.append(&mut records_from_run(&run, opts, n, load)?);
+        }
         if !run.success() {
             return Err(format!(
-                "lab: run {r}: {} after {:.0} s; failed checks: {:?}; log: {}",
+                "lab: runs {r}: {} after {:.0} s; failed checks: {:?}; log: {}",
                 run.outcome,
                 run.duration.as_secs_f64(),
                 run.failures(),
@@ -539,6 +555,17 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
         records.len()
     ));
     Ok(records)
+}
+
+/// Runs per L1 boot (see [`boots`]).
+const RUNS_PER_BOOT: u32 = 2;
+
+/// The L1 boots of `runs` runs: (first run, last run) of each, two runs a boot.
+fn boots(runs: u32) -> Vec<(u32, u32)> {
+    (1..=runs)
+        .step_by(RUNS_PER_BOOT as usize)
+        .map(|f| (f, (f + RUNS_PER_BOOT - 1).min(runs)))
+        .collect()
 }
 
 /// "lab: run 2/3: qemu passthrough" for a tag `r2-pt-qemu`.
@@ -993,9 +1020,13 @@ mod tests {
             pings: 50,
             poll_us: 50,
         };
-        assert!(l1_script(2, 50).contains("RUN=2\n"));
-        assert!(l1_script(2, 50).contains("id=disk0,poll_us=50"));
-        assert!(!l1_script(2, 50).contains("@POLL_US@"));
+        let l1 = l1_script(3, 4, 50);
+        assert!(l1.contains("RUN_FIRST=3\n") && l1.contains("RUN_LAST=4\n"));
+        assert!(l1.contains("id=disk0,poll_us=50"));
+        assert!(!l1.contains("@RUN_") && !l1.contains("@POLL_US@"));
+        assert_eq!(boots(4), vec![(1, 2), (3, 4)]);
+        assert_eq!(boots(3), vec![(1, 2), (3, 3)]);
+        assert_eq!(boots(1), vec![(1, 1)]);
         let l2 = l2_script(&o);
         assert!(l2.contains("OPS=200\n") && l2.contains("PINGS=50\n"));
         assert!(!l2.contains('@'));
