@@ -325,3 +325,91 @@ fn blk_probe_on_vmm_with_vhost_user_daemon_verifies_every_read() {
         "sectors no longer stamped after the run: {bad:?}"
     );
 }
+
+/// SIGTERM in the middle of a guest's I/O stops the VM cleanly and at once: exit status 0,
+/// the signal logged, the exit counters written (the teardown ran), the image intact. The
+/// vmm's signal watcher sleeps on an eventfd the handler writes (no timer), so a broken
+/// wake-up path shows here as a vmm that never stops.
+#[test]
+fn sigterm_stops_the_vmm_cleanly_during_io() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    let dir = ScratchDir::new("probe").expect("scratch dir");
+    let img = dir.join("disk.img");
+    stamp_image(&img, IMAGE_SIZE, SEED).expect("stamp image");
+    let stats = dir.join("exits.json");
+    // Far more reads than the test waits for (seconds of them): the guest is busy when the
+    // signal comes.
+    let cfg = ProbeConfig::blk(2_000_000, SEED, "read");
+    let mut cmd = probe::vmm_command(&vmm(), &elf(), &cfg);
+    cmd.args(["--disk", &probe::vmm_disk_arg(&img)])
+        .arg("--exit-stats")
+        .arg(&stats)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start vmm");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // The probe is reading once the guest found its disk (then it only reads).
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("probe: virtio-blk at")) {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => seen.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the guest did not start within 30 s: {seen:?}");
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: sends SIGTERM to the vmm this test started and has not reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let signalled = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait vmm") {
+            break s;
+        }
+        if signalled.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the vmm was still running 10 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let stop_time = signalled.elapsed();
+    let _ = reader.join();
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    eprintln!(
+        "vmm stopped {:.0} ms after SIGTERM (guest up {:.1} s)",
+        stop_time.as_secs_f64() * 1e3,
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("received signal 15"),
+        "the signal is not in the log:\n{stderr}"
+    );
+    assert!(
+        ExitStats::read(&stats).is_ok(),
+        "no exit counters: the teardown did not run\n{stderr}"
+    );
+    let bad = verify_image(&img, SEED).expect("verify image");
+    assert!(bad.is_empty(), "sectors changed: {bad:?}");
+}

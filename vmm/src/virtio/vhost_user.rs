@@ -46,6 +46,8 @@ pub enum VhostUserError {
     },
     #[error("vhost-user back-end '{path}' lacks {what}, which this frontend needs")]
     Missing { path: PathBuf, what: &'static str },
+    #[error("cannot create the eventfd of the vhost-user reconnect watcher")]
+    Wake(#[source] io::Error),
 }
 
 /// Which device the back-end implements.
@@ -102,6 +104,8 @@ pub struct VhostUserDevice {
     regions: Vec<SharedRegion>,
     inner: Arc<Mutex<Inner>>,
     stop: Arc<AtomicBool>,
+    /// Wakes the watcher: the device is going away, or the connection was dropped here.
+    wake: Arc<EventFd>,
     watcher: Option<thread::JoinHandle<()>>,
 }
 
@@ -230,6 +234,7 @@ impl VhostUserDevice {
                 setup: None,
             })),
             stop: Arc::new(AtomicBool::new(false)),
+            wake: Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VhostUserError::Wake)?),
             watcher: None,
         })
     }
@@ -240,6 +245,7 @@ impl VhostUserDevice {
         }
         let inner = self.inner.clone();
         let stop = self.stop.clone();
+        let wake = self.wake.clone();
         let path = self.path.clone();
         let name = self.name.clone();
         let memfd = self.memfd;
@@ -248,7 +254,18 @@ impl VhostUserDevice {
         let kind = self.kind;
         let t = thread::Builder::new()
             .name(format!("{}-vu", self.name))
-            .spawn(move || watch(&name, kind, &path, nq, memfd, &regions, &inner, &stop));
+            .spawn(move || {
+                watch(
+                    &name,
+                    kind,
+                    &path,
+                    nq,
+                    memfd,
+                    &regions,
+                    &inner,
+                    (&stop, &wake),
+                )
+            });
         match t {
             Ok(t) => self.watcher = Some(t),
             Err(e) => log::error!("{}: cannot start the reconnect thread: {e}", self.name),
@@ -396,15 +413,32 @@ fn fail_pending(kind: Kind, setup: &Setup) -> u32 {
     failed
 }
 
-fn hung_up(fd: RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLRDHUP,
-        revents: 0,
-    };
-    // SAFETY: polls one valid pollfd for 200 ms; the struct outlives the call.
-    let r = unsafe { libc::poll(&mut pfd, 1, 200) };
-    r > 0 && pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL) != 0
+/// Sleeps until the back-end's socket `fd` hangs up (true), `wake` is written, or
+/// `timeout_ms` passes (false; -1: no timeout). With `fd` < 0 it only waits for `wake`.
+/// No timer runs while the back-end is connected: an idle VMM does not wake up.
+fn wait_hangup(fd: RawFd, wake: &EventFd, timeout_ms: i32) -> bool {
+    let mut pfds = [
+        libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        },
+    ];
+    // SAFETY: polls two pollfds of a live local array (poll ignores a negative fd).
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) };
+    if r <= 0 {
+        return false;
+    }
+    if pfds[0].revents & libc::POLLIN != 0 {
+        // Drain it; the caller looks at why it was woken.
+        let _ = wake.read();
+    }
+    pfds[1].revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -416,7 +450,7 @@ fn watch(
     memfd: RawFd,
     regions: &[SharedRegion],
     inner: &Mutex<Inner>,
-    stop: &AtomicBool,
+    (stop, wake): (&AtomicBool, &EventFd),
 ) {
     let mut down_since: Option<std::time::Instant> = None;
     let mut failed_total = 0u64;
@@ -429,7 +463,7 @@ fn watch(
             .map(|c| c.frontend.as_raw_fd());
         match fd {
             Some(fd) => {
-                if !hung_up(fd) {
+                if !wait_hangup(fd, wake, -1) {
                     continue;
                 }
                 log::warn!(
@@ -441,7 +475,11 @@ fn watch(
                 failed_total = 0;
             }
             None => {
-                thread::sleep(Duration::from_millis(100));
+                // Try to reconnect every 100 ms while the back-end is away.
+                wait_hangup(-1, wake, 100);
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
                 if down_since.is_some_and(|t| t.elapsed() >= OUTAGE_GRACE) {
                     let g = inner.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(setup) = &g.setup {
@@ -534,6 +572,8 @@ impl VirtioDevice for VhostUserDevice {
                     self.path.display()
                 );
                 g.conn = None;
+                // The watcher may be waiting on the socket just closed.
+                let _ = self.wake.write(1);
             }
         }
         g.setup = Some(setup);
@@ -557,6 +597,7 @@ impl VirtioDevice for VhostUserDevice {
 impl Drop for VhostUserDevice {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        let _ = self.wake.write(1);
         if let Some(t) = self.watcher.take() {
             let _ = t.join();
         }
