@@ -404,12 +404,21 @@ fn add_virtio_devices(
     let mut root = root.lock().unwrap_or_else(|p| p.into_inner());
     for (id, dev) in devices {
         let bar = bars.alloc(virtio::pci::BAR_SIZE)?;
-        let pci =
-            VirtioPciDevice::new(&id, dev, bar, mem.clone(), router.clone(), ioevents.clone())
-                .map_err(|e| Error::Device(id.clone(), e))?;
+        let pio_bar = bars
+            .alloc_kind(crate::pci::BarKind::Io, virtio::pci::PIO_BAR_SIZE)
+            .map_err(|e| Error::Device(id.clone(), e))?;
+        let pci = VirtioPciDevice::new(
+            &id,
+            dev,
+            (bar, pio_bar),
+            mem.clone(),
+            router.clone(),
+            ioevents.clone(),
+        )
+        .map_err(|e| Error::Device(id.clone(), e))?;
         counters.push((id.clone(), pci.notify_exits()));
         let slot = root.add(&id, Arc::new(Mutex::new(pci)))?;
-        log::debug!("{id}: PCI 00:{slot:02x}.0, BAR0 at {bar:#x}");
+        log::debug!("{id}: PCI 00:{slot:02x}.0, BAR0 at {bar:#x}, doorbell port {pio_bar:#x}");
     }
     Ok(counters)
 }

@@ -156,16 +156,24 @@ impl Device {
             let offset = u64::from(func.read32(at + 8));
             let slot = match cfg_type {
                 CAP_COMMON => &mut common,
-                CAP_NOTIFY => {
-                    notify_mul = func.read32(at + 16);
-                    &mut notify
-                }
+                CAP_NOTIFY => &mut notify,
                 CAP_ISR => &mut isr,
                 CAP_DEVICE => &mut device_cfg,
                 _ => continue,
             };
             if slot.is_none() {
-                *slot = Some(bar_addr(bar)? + offset);
+                match bar_addr(bar) {
+                    Ok(base) => {
+                        *slot = Some(base + offset);
+                        if cfg_type == CAP_NOTIFY {
+                            notify_mul = func.read32(at + 16);
+                        }
+                    }
+                    // A doorbell in port I/O space (our vmm offers one before the memory
+                    // one): this driver rings memory doorbells only, so it takes the next.
+                    Err(_) if cfg_type == CAP_NOTIFY => continue,
+                    Err(e) => return Err(e),
+                }
             }
         }
         let _ = isr;

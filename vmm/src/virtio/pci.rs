@@ -1,5 +1,13 @@
 //! The virtio-pci modern transport (virtio 1.2, section 4.1): common, notify, ISR and
 //! device configuration in BAR 0, MSI-X, one KVM ioeventfd per queue notify address.
+//!
+//! Two notify capabilities: first a port I/O one (BAR 2, four ports, multiplier 0: every
+//! queue's doorbell is a 16-bit write of its index to the same port, told apart by KVM's
+//! datamatch), then the memory one in BAR 0. A driver takes the first it can use: Linux
+//! takes the port. On AMD hosts (and nested: the lab) a write to an MMIO doorbell is a
+//! nested page fault that KVM must decode and emulate, while an `out` exit carries its port,
+//! size and next RIP: the port doorbell is the cheaper exit. A driver that wants memory
+//! (the ring-3 probe guest) skips the port capability and uses BAR 0.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,26 +27,51 @@ use crate::interrupt::InterruptRouter;
 use crate::pci::msix::Msix;
 use crate::pci::{BarKind, BarMove, BarRange, ConfigSpace, PciDevice};
 
-/// Registers queue notify addresses with the hypervisor; faked in unit tests.
-pub trait IoEvents: Send + Sync {
-    fn register(&self, fd: &EventFd, addr: u64) -> io::Result<()>;
-    fn unregister(&self, fd: &EventFd, addr: u64) -> io::Result<()>;
+/// Where a queue's doorbell rings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Doorbell {
+    /// A write of any size to this guest physical address.
+    Mmio(u64),
+    /// A 16-bit write of `queue` to this I/O port.
+    Pio { port: u64, queue: u16 },
 }
 
-/// KVM ioeventfds on MMIO addresses (any access size).
+/// Registers queue doorbells with the hypervisor; faked in unit tests.
+pub trait IoEvents: Send + Sync {
+    fn register(&self, fd: &EventFd, at: Doorbell) -> io::Result<()>;
+    fn unregister(&self, fd: &EventFd, at: Doorbell) -> io::Result<()>;
+}
+
+/// KVM ioeventfds: MMIO addresses (any access size), or ports with a 16-bit datamatch.
 pub struct KvmIoEvents(pub Arc<VmFd>);
 
 impl IoEvents for KvmIoEvents {
-    fn register(&self, fd: &EventFd, addr: u64) -> io::Result<()> {
-        self.0
-            .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    fn register(&self, fd: &EventFd, at: Doorbell) -> io::Result<()> {
+        match at {
+            Doorbell::Mmio(addr) => {
+                self.0
+                    .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            }
+            Doorbell::Pio { port, queue } => {
+                self.0
+                    .register_ioevent(fd, &IoEventAddress::Pio(port), queue)
+            }
+        }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))
     }
 
-    fn unregister(&self, fd: &EventFd, addr: u64) -> io::Result<()> {
-        self.0
-            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    fn unregister(&self, fd: &EventFd, at: Doorbell) -> io::Result<()> {
+        match at {
+            Doorbell::Mmio(addr) => {
+                self.0
+                    .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            }
+            Doorbell::Pio { port, queue } => {
+                self.0
+                    .unregister_ioevent(fd, &IoEventAddress::Pio(port), queue)
+            }
+        }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))
     }
 }
 
@@ -54,6 +87,9 @@ const NOTIFY_MULTIPLIER: u32 = 4;
 const NOTIFY_SIZE: u64 = 0x1000;
 const MSIX_TABLE_OFFSET: u64 = 0x8000;
 const MSIX_PBA_OFFSET: u64 = 0xc000;
+/// The port I/O notify BAR: its index (BAR 0 is 64-bit and takes 0 and 1) and size.
+pub const PIO_BAR_INDEX: usize = 2;
+pub const PIO_BAR_SIZE: u64 = 4;
 
 const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
 
@@ -107,6 +143,8 @@ pub struct VirtioPciDevice {
     msix_cap: usize,
     pci_cfg_cap: usize,
     bar: u64,
+    /// The first port of the port I/O notify BAR.
+    pio_bar: u64,
     ioevents: Arc<dyn IoEvents>,
     kicks: Vec<EventFd>,
     mem: Memory,
@@ -126,11 +164,12 @@ pub struct VirtioPciDevice {
 }
 
 impl VirtioPciDevice {
-    /// Wraps `device` with BAR 0 at `bar` (64 KiB, naturally aligned).
+    /// Wraps `device` with BAR 0 at `bar` (64 KiB, naturally aligned) and the port I/O
+    /// notify BAR at port `pio_bar` ([`PIO_BAR_SIZE`] ports, naturally aligned).
     pub fn new(
         name: &str,
         device: Box<dyn VirtioDevice>,
-        bar: u64,
+        (bar, pio_bar): (u64, u64),
         mem: Memory,
         router: Arc<dyn InterruptRouter>,
         ioevents: Arc<dyn IoEvents>,
@@ -151,13 +190,20 @@ impl VirtioPciDevice {
             size: BAR_SIZE,
             prefetchable: false,
         });
-        let vcap = |cfg_type: u8, offset: u64, length: u64, extra: &[u8]| {
+        config.add_bar(BarRange {
+            index: PIO_BAR_INDEX,
+            kind: BarKind::Io,
+            addr: pio_bar,
+            size: PIO_BAR_SIZE,
+            prefetchable: false,
+        });
+        let cap = |cfg_type: u8, bar: u8, offset: u64, length: u64, extra: &[u8]| {
             let mut b = vec![
                 PCI_CAP_ID_VNDR,
                 0,
                 (16 + extra.len()) as u8,
                 cfg_type,
-                0, // BAR 0
+                bar,
                 0,
                 0,
                 0,
@@ -167,6 +213,20 @@ impl VirtioPciDevice {
             b.extend_from_slice(extra);
             b
         };
+        let vcap = |cfg_type: u8, offset: u64, length: u64, extra: &[u8]| {
+            cap(cfg_type, 0, offset, length, extra)
+        };
+        // The port doorbell first: a driver takes the first notify capability it can use.
+        config.add_capability(
+            &cap(
+                CAP_NOTIFY,
+                PIO_BAR_INDEX as u8,
+                0,
+                PIO_BAR_SIZE,
+                &0u32.to_le_bytes(),
+            ),
+            &[],
+        );
         config.add_capability(&vcap(CAP_COMMON, COMMON_OFFSET, COMMON_SIZE, &[]), &[]);
         config.add_capability(
             &vcap(
@@ -197,10 +257,9 @@ impl VirtioPciDevice {
         let mut kicks = Vec::new();
         for i in 0..nq {
             let fd = EventFd::new(libc::EFD_NONBLOCK)?;
-            ioevents.register(
-                &fd,
-                bar + NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER),
-            )?;
+            for at in doorbells(bar, pio_bar, i) {
+                ioevents.register(&fd, at)?;
+            }
             kicks.push(fd);
         }
         Ok(VirtioPciDevice {
@@ -211,6 +270,7 @@ impl VirtioPciDevice {
             msix_cap,
             pci_cfg_cap,
             bar,
+            pio_bar,
             ioevents,
             kicks,
             mem,
@@ -562,44 +622,71 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn read_bar(&mut self, index: usize, offset: u64, data: &mut [u8]) {
-        if index == 0 {
-            self.bar_read(offset, data);
-        } else {
-            data.fill(0xff);
+        match index {
+            0 => self.bar_read(offset, data),
+            PIO_BAR_INDEX => data.fill(0),
+            _ => data.fill(0xff),
         }
     }
 
     fn write_bar(&mut self, index: usize, offset: u64, data: &[u8]) {
-        if index == 0 {
-            self.bar_write(offset, data);
+        match index {
+            0 => self.bar_write(offset, data),
+            PIO_BAR_INDEX if offset == 0 && data.len() >= 2 => {
+                // A doorbell KVM's datamatch did not take (another size, or a queue that
+                // does not exist): the low 16 bits name the queue.
+                self.notify_exits.fetch_add(1, Ordering::Relaxed);
+                let q = usize::from(u16::from_le_bytes([data[0], data[1]]));
+                if let Some(k) = self.kicks.get(q) {
+                    let _ = k.write(1);
+                }
+            }
+            _ => {}
         }
     }
 
     fn bar_moved(&mut self, m: &BarMove) {
-        if m.index != 0 {
-            return;
-        }
+        let (old, new) = match m.index {
+            0 => ((m.old, self.pio_bar), (m.new, self.pio_bar)),
+            PIO_BAR_INDEX => ((self.bar, m.old), (self.bar, m.new)),
+            _ => return,
+        };
         for (i, k) in self.kicks.iter().enumerate() {
-            let off = NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER);
-            let _ = self.ioevents.unregister(k, m.old + off);
-            if let Err(e) = self.ioevents.register(k, m.new + off) {
-                log::error!(
-                    "{}: cannot move queue {i}'s notify ioeventfd to {:#x}: {e}; notifies now exit to the VMM",
-                    self.name,
-                    m.new + off
-                );
+            let moves = doorbells(old.0, old.1, i)
+                .into_iter()
+                .zip(doorbells(new.0, new.1, i));
+            for (from, to) in moves.filter(|(from, to)| from != to) {
+                let _ = self.ioevents.unregister(k, from);
+                if let Err(e) = self.ioevents.register(k, to) {
+                    log::error!(
+                        "{}: cannot move queue {i}'s doorbell ioeventfd to {to:x?}: {e}; its doorbells now exit to the VMM",
+                        self.name
+                    );
+                }
             }
         }
-        self.bar = m.new;
+        (self.bar, self.pio_bar) = new;
     }
+}
+
+/// The doorbells of queue `i` with BAR 0 at `bar` and the port BAR at `pio_bar`.
+fn doorbells(bar: u64, pio_bar: u64, i: usize) -> [Doorbell; 2] {
+    [
+        Doorbell::Mmio(bar + NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER)),
+        Doorbell::Pio {
+            port: pio_bar,
+            queue: i as u16,
+        },
+    ]
 }
 
 impl Drop for VirtioPciDevice {
     fn drop(&mut self) {
         self.device.reset();
         for (i, k) in self.kicks.iter().enumerate() {
-            let off = NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER);
-            let _ = self.ioevents.unregister(k, self.bar + off);
+            for at in doorbells(self.bar, self.pio_bar, i) {
+                let _ = self.ioevents.unregister(k, at);
+            }
         }
     }
 }

@@ -12,7 +12,7 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::pci::{IoEvents, VirtioPciDevice, BAR_SIZE};
+use super::pci::{Doorbell, IoEvents, VirtioPciDevice, BAR_SIZE, PIO_BAR_INDEX, PIO_BAR_SIZE};
 use super::{
     Activation, ActiveQueue, DeviceShared, Memory, VirtioDevice, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
     STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
@@ -24,6 +24,7 @@ use crate::pci::PciDevice;
 // BAR 0 layout and common configuration offsets, from the virtio 1.2 spec (4.1.4.3) and the
 // layout the transport documents; written out here so that the tests check it.
 const BAR: u64 = 0xd000_0000;
+const PIO: u64 = 0xc040;
 const ISR: u64 = 0x1000;
 const DEVCFG: u64 = 0x2000;
 const NOTIFY: u64 = 0x3000;
@@ -109,15 +110,15 @@ impl VirtioDevice for FakeDevice {
     }
 }
 
-/// Notify addresses registered, keyed by address, with the eventfd's raw fd.
+/// Doorbells registered, keyed by where they ring, with the eventfd's raw fd.
 #[derive(Default)]
 struct FakeIoEvents {
-    live: Mutex<BTreeMap<u64, i32>>,
-    unregistered: Mutex<Vec<u64>>,
+    live: Mutex<BTreeMap<Doorbell, i32>>,
+    unregistered: Mutex<Vec<Doorbell>>,
 }
 
 impl IoEvents for FakeIoEvents {
-    fn register(&self, fd: &EventFd, addr: u64) -> io::Result<()> {
+    fn register(&self, fd: &EventFd, addr: Doorbell) -> io::Result<()> {
         let mut live = self.live.lock().unwrap();
         if live.contains_key(&addr) {
             return Err(io::Error::from_raw_os_error(libc::EEXIST));
@@ -125,7 +126,7 @@ impl IoEvents for FakeIoEvents {
         live.insert(addr, fd.as_raw_fd());
         Ok(())
     }
-    fn unregister(&self, fd: &EventFd, addr: u64) -> io::Result<()> {
+    fn unregister(&self, fd: &EventFd, addr: Doorbell) -> io::Result<()> {
         let mut live = self.live.lock().unwrap();
         match live.get(&addr) {
             Some(&raw) if raw == fd.as_raw_fd() => {
@@ -161,7 +162,7 @@ fn new_t(fail_activate: bool) -> T {
             rec: rec.clone(),
             fail_activate,
         }),
-        BAR,
+        (BAR, PIO),
         memory(),
         router.clone(),
         io.clone(),
@@ -304,17 +305,26 @@ fn capabilities(t: &mut T) -> Vec<(usize, u8)> {
     caps
 }
 
-/// The vendor capability of `cfg_type`: (offset, bar, region offset, region length).
-fn vendor_cap(t: &mut T, cfg_type: u8) -> (usize, u8, u32, u32) {
+/// The vendor capabilities of `cfg_type` in list order: (offset, bar, region offset,
+/// region length).
+fn vendor_caps(t: &mut T, cfg_type: u8) -> Vec<(usize, u8, u32, u32)> {
     let caps = capabilities(t);
     let found: Vec<_> = caps
         .iter()
         .filter(|&&(p, id)| id == 0x09 && t.cfg_byte(p + 3) == cfg_type)
         .map(|&(p, _)| p)
         .collect();
+    found
+        .into_iter()
+        .map(|p| (p, t.cfg_byte(p + 4), t.cfg_u32(p + 8), t.cfg_u32(p + 12)))
+        .collect()
+}
+
+/// The one vendor capability of `cfg_type`.
+fn vendor_cap(t: &mut T, cfg_type: u8) -> (usize, u8, u32, u32) {
+    let found = vendor_caps(t, cfg_type);
     assert_eq!(found.len(), 1, "cfg_type {cfg_type}: {found:?}");
-    let p = found[0];
-    (p, t.cfg_byte(p + 4), t.cfg_u32(p + 8), t.cfg_u32(p + 12))
+    found[0]
 }
 
 #[test]
@@ -338,17 +348,34 @@ fn identity_and_bar() {
         .write_config(4, 0, &(BAR as u32).to_le_bytes())
         .is_none());
     assert!(t.dev.write_config(5, 0, &[0; 4]).is_none());
+    // BAR 2: the doorbell ports, I/O space, 4 ports by sizing.
+    assert_eq!(t.dev.read_config(4 + PIO_BAR_INDEX), PIO as u32 | 0x1);
+    assert!(t
+        .dev
+        .write_config(4 + PIO_BAR_INDEX, 0, &[0xff; 4])
+        .is_none());
+    let size = !(t.dev.read_config(4 + PIO_BAR_INDEX) & !0x3) + 1;
+    assert_eq!(u64::from(size), PIO_BAR_SIZE);
+    assert!(t
+        .dev
+        .write_config(4 + PIO_BAR_INDEX, 0, &(PIO as u32).to_le_bytes())
+        .is_none());
     let bars = t.dev.bars();
-    assert_eq!(bars.len(), 1);
+    assert_eq!(bars.len(), 2);
     assert_eq!(
         (bars[0].index, bars[0].addr, bars[0].size),
         (0, BAR, BAR_SIZE)
     );
+    assert_eq!(
+        (bars[1].index, bars[1].addr, bars[1].size),
+        (PIO_BAR_INDEX, PIO, PIO_BAR_SIZE)
+    );
+    assert_eq!(bars[1].kind, crate::pci::BarKind::Io);
     // Other BARs are not there.
     let mut d = [0u8; 4];
-    t.dev.read_bar(2, 0, &mut d);
+    t.dev.read_bar(4, 0, &mut d);
     assert_eq!(d, [0xff; 4]);
-    t.dev.write_bar(2, 0x14, &[0]);
+    t.dev.write_bar(4, 0x14, &[0]);
 }
 
 #[test]
@@ -356,13 +383,24 @@ fn capability_list_as_linux_walks_it() {
     let mut t = t();
     let caps = capabilities(&mut t);
     let ids: Vec<u8> = caps.iter().map(|c| c.1).collect();
-    assert_eq!(ids.iter().filter(|&&i| i == 0x09).count(), 5);
+    assert_eq!(ids.iter().filter(|&&i| i == 0x09).count(), 6);
     assert_eq!(ids.iter().filter(|&&i| i == 0x11).count(), 1);
 
     let (p, bar, off, len) = vendor_cap(&mut t, 1);
     assert_eq!((bar, off, len), (0, 0, 0x38), "common cfg");
     assert!(t.cfg_byte(p + 2) >= 16);
-    let (p, bar, off, len) = vendor_cap(&mut t, 2);
+    // Two notify capabilities; Linux takes the first whose BAR it can use: the ports.
+    let notify = vendor_caps(&mut t, 2);
+    assert_eq!(notify.len(), 2, "{notify:?}");
+    let (p, bar, off, len) = notify[0];
+    assert_eq!(
+        (usize::from(bar), off, u64::from(len)),
+        (PIO_BAR_INDEX, 0, PIO_BAR_SIZE),
+        "port notify cfg"
+    );
+    assert!(t.cfg_byte(p + 2) >= 20, "notify cap carries the multiplier");
+    assert_eq!(t.cfg_u32(p + 16), 0, "one port for every queue");
+    let (p, bar, off, len) = notify[1];
     assert_eq!((bar, off), (0, NOTIFY as u32), "notify cfg");
     assert!(t.cfg_byte(p + 2) >= 20, "notify cap carries the multiplier");
     let mult = t.cfg_u32(p + 16);
@@ -729,6 +767,37 @@ fn notify_writes_reach_the_queue_eventfd() {
     }
 }
 
+/// A port doorbell KVM's datamatch did not take (a 32-bit `out`, say) reaches the device:
+/// the low 16 bits name the queue; other widths, offsets and queues wake nobody.
+#[test]
+fn port_doorbells_that_exit_reach_the_queue_eventfd() {
+    let mut t = t();
+    t.bring_up(&[0, 2]);
+    let exits = t.dev.notify_exits();
+    for q in [0u16, 2] {
+        t.dev.write_bar(PIO_BAR_INDEX, 0, &q.to_le_bytes());
+        t.dev
+            .write_bar(PIO_BAR_INDEX, 0, &u32::from(q).to_le_bytes());
+    }
+    assert_eq!(exits.load(Ordering::Relaxed), 4);
+    {
+        let rec = t.rec.lock().unwrap();
+        for aq in &rec.activations[0].1 {
+            assert_eq!(aq.kick.read().unwrap(), 2, "queue {}", aq.index);
+        }
+    }
+    t.dev.write_bar(PIO_BAR_INDEX, 0, &1000u16.to_le_bytes());
+    t.dev.write_bar(PIO_BAR_INDEX, 0, &[0]);
+    t.dev.write_bar(PIO_BAR_INDEX, 2, &0u16.to_le_bytes());
+    let mut d = [0xaau8; 2];
+    t.dev.read_bar(PIO_BAR_INDEX, 0, &mut d);
+    assert_eq!(d, [0, 0]);
+    let rec = t.rec.lock().unwrap();
+    for aq in &rec.activations[0].1 {
+        assert!(aq.kick.read().is_err(), "queue {} woken", aq.index);
+    }
+}
+
 #[test]
 fn notify_before_driver_ok_is_harmless() {
     let mut t = t();
@@ -944,11 +1013,14 @@ fn bar_relocation_moves_the_ioeventfds() {
             .copied()
             .collect::<Vec<_>>()
     };
-    let expect = |base: u64| {
-        (0..MAX_SIZES.len() as u64)
-            .map(|i| base + NOTIFY + i * NOTIFY_MULT)
-            .collect::<Vec<_>>()
+    // BTreeMap order: the MMIO doorbells, then the port ones.
+    let expect_at = |base: u64, port: u64| {
+        let mmio =
+            (0..MAX_SIZES.len() as u64).map(|i| Doorbell::Mmio(base + NOTIFY + i * NOTIFY_MULT));
+        let pio = (0..MAX_SIZES.len() as u16).map(|queue| Doorbell::Pio { port, queue });
+        mmio.chain(pio).collect::<Vec<_>>()
     };
+    let expect = |base: u64| expect_at(base, PIO);
     let mut t = t();
     assert_eq!(addrs(&t), expect(BAR));
     let fds: Vec<i32> = t.io.live.lock().unwrap().values().copied().collect();
@@ -971,6 +1043,25 @@ fn bar_relocation_moves_the_ioeventfds() {
     // The same eventfds, in queue order.
     let now: Vec<i32> = t.io.live.lock().unwrap().values().copied().collect();
     assert_eq!(now, fds);
+    // The port BAR moves its doorbells too, and leaves the MMIO ones where they are.
+    let m = t
+        .dev
+        .write_config(4 + PIO_BAR_INDEX, 0, &0xd000u32.to_le_bytes())
+        .expect("port BAR move");
+    assert_eq!(
+        (m.index, m.old, m.new, m.size, m.kind),
+        (
+            PIO_BAR_INDEX,
+            PIO,
+            0xd000,
+            PIO_BAR_SIZE,
+            crate::pci::BarKind::Io
+        )
+    );
+    t.dev.bar_moved(&m);
+    assert_eq!(addrs(&t), expect_at(0x1_e000_0000, 0xd000));
+    let now: Vec<i32> = t.io.live.lock().unwrap().values().copied().collect();
+    assert_eq!(now, fds);
     // A running device keeps working and its kicks follow.
     t.bring_up(&[0]);
     assert_eq!(t.dev.bars()[0].addr, 0x1_e000_0000);
@@ -978,7 +1069,8 @@ fn bar_relocation_moves_the_ioeventfds() {
     let io = t.io.clone();
     drop(t);
     assert!(io.live.lock().unwrap().is_empty());
-    assert_eq!(io.unregistered.lock().unwrap().len(), 3 * MAX_SIZES.len());
+    // Two MMIO moves and one port move, then both kinds at the drop.
+    assert_eq!(io.unregistered.lock().unwrap().len(), 5 * MAX_SIZES.len());
 }
 
 /// Offsets worth trying in every region: each edge and its neighbours.
