@@ -363,7 +363,10 @@ fn sigterm_stops_the_vmm_cleanly_during_io() {
     // The probe is reading once the guest found its disk (then it only reads).
     let started = Instant::now();
     let mut seen = Vec::new();
-    while !seen.iter().any(|l: &String| l.contains("probe: virtio-blk at")) {
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("probe: virtio-blk at"))
+    {
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(l) => seen.push(l),
             Err(_) => {
