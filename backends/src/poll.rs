@@ -61,7 +61,13 @@ pub const REPROBE_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The polling window of one queue thread, shrunk while polling does not pay.
 ///
-/// Polling pays when the guest's next request comes while the thread polls. When the
+/// Polling pays when the guest's next request comes while the thread polls. When requests
+/// come further apart than two windows, time after time ([`MISSES`] in a row: a ping every
+/// 10 ms, reads from a guest whose own path takes longer than the window, as in the nested
+/// lab), every window is spent for nothing: the poller stops polling ("sparse", a window of
+/// a single round) until a wake-up comes within one window of the thread going to sleep,
+/// which a window would have caught (QEMU's adaptive `aio-poll` grows its window on the same
+/// evidence). When the
 /// window ends idle and the guest's doorbell comes soon after the thread went to sleep
 /// (within two configured windows), polling was in the guest's way: typically the vCPU
 /// shares a CPU with the polling thread (another busy process on a 2-core host), cannot run
@@ -77,6 +83,10 @@ pub struct Poller {
     /// Doorbells soon after idle windows, each within [`STRIKE_GAP`] of the previous one.
     strikes: u32,
     last_strike: Option<Instant>,
+    /// Wake-ups in a row that came more than two windows after the thread slept.
+    misses: u32,
+    /// Not polling: requests come further apart than the window.
+    sparse: bool,
 }
 
 impl Poller {
@@ -89,6 +99,8 @@ impl Poller {
             reprobe_at: Instant::now() + REPROBE_INTERVAL,
             strikes: 0,
             last_strike: None,
+            misses: 0,
+            sparse: false,
         }
     }
 
@@ -99,6 +111,9 @@ impl Poller {
 
     /// The window for the next polling run.
     pub fn window(&mut self) -> Duration {
+        if self.sparse {
+            return Duration::ZERO;
+        }
         if self.window < self.max {
             let now = Instant::now();
             if now >= self.reprobe_at {
@@ -114,14 +129,52 @@ impl Poller {
         self.idle_since = Some(Instant::now());
     }
 
+    /// Whether the poller stopped polling because work comes further apart than the window.
+    pub fn sparse(&self) -> bool {
+        self.sparse
+    }
+
+    /// Something other than a guest doorbell woke the thread (a frame from the tap): counts
+    /// for the sparse mode only.
+    pub fn woken(&mut self) {
+        if let Some(t) = self.idle_since.take() {
+            self.spacing(t.elapsed());
+        }
+    }
+
+    /// Sparse-mode bookkeeping for a wake-up `gap` after the thread went to sleep; true when
+    /// the wake-up says nothing about the guest being kept off its CPU.
+    fn spacing(&mut self, gap: Duration) -> bool {
+        if gap >= 2 * self.max {
+            // No window would have caught this one.
+            self.misses = self.misses.saturating_add(1);
+            if self.misses >= MISSES {
+                self.sparse = true;
+            }
+            return true;
+        }
+        self.misses = 0;
+        if self.sparse {
+            // Not polling, so nothing was in the guest's way; a window would have caught a
+            // wake-up this close: poll again.
+            if gap < self.max {
+                self.sparse = false;
+                self.window = self.max;
+                self.reprobe_at = Instant::now() + REPROBE_INTERVAL;
+            }
+            return true;
+        }
+        false
+    }
+
     /// A guest doorbell woke the thread.
     pub fn kicked(&mut self) {
         let Some(t) = self.idle_since.take() else {
             return;
         };
-        // Within two configured windows: polling longer would not have caught this request,
+        // Two configured windows or more: polling longer would not have caught this request,
         // and a vCPU kept off the CPU by the polling takes a while to get back to it.
-        if t.elapsed() >= 2 * self.max {
+        if self.spacing(t.elapsed()) {
             return;
         }
         // One late request is the guest's own business (it was descheduled, it computed);
@@ -156,6 +209,8 @@ impl Default for Poller {
 
 /// Doorbells soon after idle windows, in a row, that halve the window.
 const STRIKES: u32 = 4;
+/// Wake-ups in a row, each more than two windows after the thread slept, that stop polling.
+const MISSES: u32 = 8;
 /// Strikes further apart than this do not make a row.
 const STRIKE_GAP: Duration = Duration::from_millis(1);
 
@@ -256,6 +311,54 @@ mod tests {
             p.kicked();
         }
         assert_eq!(p.window(), Duration::from_micros(50));
+    }
+
+    #[test]
+    fn poller_stops_polling_while_work_comes_further_apart_than_the_window() {
+        let max = Duration::from_micros(200);
+        let mut p = Poller::new(max);
+        // Wake-ups long after each idle window: after MISSES in a row, no more polling.
+        for i in 0..MISSES {
+            assert_eq!(p.window(), max, "after {i} misses");
+            p.went_idle();
+            std::thread::sleep(Duration::from_millis(1));
+            if i % 2 == 0 {
+                p.kicked();
+            } else {
+                // A frame from the host counts the same.
+                p.woken();
+            }
+        }
+        assert!(p.sparse());
+        assert_eq!(p.window(), Duration::ZERO);
+        // The reprobe timer does not bring polling back while work stays sparse.
+        std::thread::sleep(REPROBE_INTERVAL + Duration::from_millis(5));
+        assert_eq!(p.window(), Duration::ZERO);
+        // A near miss (between one and two windows) is not enough ...
+        p.went_idle();
+        std::thread::sleep(Duration::from_micros(300));
+        p.kicked();
+        assert!(p.sparse());
+        // ... a wake-up a window would have caught is: poll again, the full window.
+        p.went_idle();
+        p.kicked();
+        assert!(!p.sparse());
+        assert_eq!(p.window(), max);
+        // A miss between hits starts the count again.
+        for _ in 0..MISSES - 1 {
+            p.went_idle();
+            std::thread::sleep(Duration::from_millis(1));
+            p.kicked();
+        }
+        p.went_idle();
+        p.woken();
+        for _ in 0..MISSES - 1 {
+            p.went_idle();
+            std::thread::sleep(Duration::from_millis(1));
+            p.kicked();
+        }
+        assert!(!p.sparse());
+        assert_eq!(p.window(), max);
     }
 
     #[test]

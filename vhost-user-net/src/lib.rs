@@ -431,6 +431,9 @@ impl NetBackend {
         }
         if tx {
             st.poller.kicked();
+        } else if !rx {
+            // The tap woke the pair (a frame for the guest, or room to send).
+            st.poller.woken();
         }
         let (do_rx, do_tx) = (rx || st.tap_in, tx || st.tap_out);
         self.pair_round(p, &mut st, vrings, do_rx, do_tx);

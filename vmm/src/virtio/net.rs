@@ -179,6 +179,7 @@ impl PairThread {
                         let set = ev.event_set();
                         if set.contains(EventSet::IN) {
                             do_rx = true;
+                            poller.woken();
                         }
                         if set.contains(EventSet::OUT) {
                             do_tx = true;
