@@ -41,8 +41,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Console silence after which L1 is taken for stuck (scenarios print at least every few
-/// seconds; the longest quiet step, a 64 MiB transfer in L2, takes about 30 s).
+/// Console silence after which L1 is taken for stuck, by default (scenarios print at least
+/// every few seconds; the longest quiet step, a 64 MiB transfer in L2, takes about 30 s).
 const STALL: Duration = Duration::from_secs(150);
 
 /// Extra time the fixture allows beyond the scenario timeout, for building the images the
@@ -144,6 +144,7 @@ pub struct Scenario {
     project_bins: PathBuf,
     qemu: bool,
     timeout: Duration,
+    stall: Duration,
     mem_mib: u32,
     smp: u32,
     append: String,
@@ -165,6 +166,7 @@ impl Scenario {
             project_bins: profile_dir(),
             qemu: false,
             timeout: Duration::from_secs(600),
+            stall: STALL,
             mem_mib: 2048,
             smp: 2,
             append: String::new(),
@@ -235,6 +237,14 @@ impl Scenario {
     /// Kill L1 after `timeout` (default 600 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Take L1 for stuck (`Outcome::L1Lockup`) after `stall` without console output
+    /// (default 150 s). A scenario whose steps all print within seconds can give up on a
+    /// stuck L1 sooner.
+    pub fn stall(mut self, stall: Duration) -> Self {
+        self.stall = stall;
         self
     }
 
@@ -390,12 +400,12 @@ impl Scenario {
         let mut last_line = Instant::now();
         loop {
             let now = Instant::now();
-            if !lockup && now.duration_since(last_line) > STALL {
+            if !lockup && now.duration_since(last_line) > self.stall {
                 // Neither L1 nor its guests said anything for minutes: an L1 vCPU is stuck
                 // in nested virtualization and took L1 with it (see `Outcome::L1Lockup`).
                 eprintln!(
                     "lab: no console output for {} s; L1 is stuck, killing it",
-                    STALL.as_secs()
+                    self.stall.as_secs()
                 );
                 lockup = true;
                 group.kill();
