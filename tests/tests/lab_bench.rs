@@ -52,6 +52,12 @@ fn lab_matrix_produces_every_record() {
                         if vmm == "vmm" {
                             assert!(r.exits_per_op.contains_key("vm_total"), "{what}: no exits");
                         }
+                        // L1's KVM counters over the phase, for both VMMs.
+                        assert!(
+                            r.exits_per_op.get("kvm_exits").is_some_and(|&x| x > 0.0),
+                            "{what}: no in-kernel exits: {:?}",
+                            r.exits_per_op
+                        );
                     }
                 }
             }

@@ -35,6 +35,13 @@
 //!   `notify` (queue doorbells that reached userspace instead of an ioeventfd) and
 //!   `vm_total` (every exit of the VM, the serial console included). They are upper bounds;
 //!   the configs of our vmm's I/O records say so (`exits/op over the whole VM`).
+//! - in-kernel exits per operation (both VMMs, the I/O phase only): at each `LAT-PHASE`
+//!   marker L1 also reads its KVM's counters (`/sys/kernel/debug/kvm/*`, summed over its VMs:
+//!   only the L2 under test runs), and the difference over the phase divided by the
+//!   operations is `kvm_exits` (every exit of L2 to L1's KVM), `kvm_io` (port I/O exits: the
+//!   port doorbells among them), `kvm_halt`, `kvm_irq_window` and `kvm_emulated` (instructions
+//!   KVM fetched, decoded and emulated: every MMIO exit, and here every exit that skips an
+//!   instruction, as L1's SVM has no next-RIP). They include the phase's idle time (0.5 s).
 //! - host CPU per operation: the L2 script prints `LAT-PHASE <phase> begin|end` around each
 //!   measurement (and sleeps 0.5 s after `begin`, so that L1 reads the counters before the
 //!   I/O starts); L1's console filter reads `/proc/<pid>/task/*/stat` of the VMM (without its
@@ -207,13 +214,25 @@ done | awk -v verbose="${1:-}" '{
     if (f[12] + f[13] > 0) { gsub(/ /, "_", name); v = v " " name "=" f[12] + f[13] }
 } END { if (verbose) print s + 0, v; else print s + 0 }'
 EOF
+# kvmstat.sh: L1's KVM exit counters (all VMs; only the L2 under test runs), one line.
+mount -t debugfs none /sys/kernel/debug 2>/dev/null
+cat >$LAB_TMP/kvmstat.sh <<'EOF'
+d=/sys/kernel/debug/kvm
+[ -r $d/exits ] || exit 0
+for f in exits io_exits halt_exits irq_window_exits insn_emulation; do
+    [ -r $d/$f ] && printf '%s=%s ' $f "$(cat $d/$f)"
+done
+echo
+EOF
 # phase_watch TAG: pass the console on; at each "LAT-PHASE <phase> <edge>" from L2 print
-# "LAB-VAL TAG-cpu-<phase>-<edge> <ticks>".
+# "LAB-VAL TAG-cpu-<phase>-<edge> <ticks>" and "LAB-VAL TAG-kvm-<phase>-<edge> <counters>".
 phase_watch() {
     awk -v tag="$1" '{ print; fflush() }
         $1 == "LAT-PHASE" {
+            cmd = "sh $LAB_TMP/kvmstat.sh"; k = ""; cmd | getline k; close(cmd)
             cmd = "sh $LAB_TMP/cputicks.sh"; t = ""; cmd | getline t; close(cmd)
             printf "LAB-VAL %s-cpu-%s-%s %s\n", tag, $2, $3, t; fflush()
+            if (k != "") { printf "LAB-VAL %s-kvm-%s-%s %s\n", tag, $2, $3, k; fflush() }
             if ($2 == "blk" && $3 == "begin") {
                 # Which threads used the CPU so far (boot): a diagnostic.
                 cmd = "sh $LAB_TMP/cputicks.sh -v"; t = ""; cmd | getline t; close(cmd)
@@ -729,6 +748,25 @@ fn config_records(
         m.insert("vm_total".to_string(), per(s.total));
         m
     };
+    // L1's KVM counters over a phase, per operation (both VMMs).
+    let kvm = |phase: &str, ops: u64| -> Result<BTreeMap<String, f64>, String> {
+        let get = |edge: &str| -> Result<Option<BTreeMap<String, u64>>, String> {
+            field(lines, &format!("LAB-VAL {tag}-kvm-{phase}-{edge}"))
+                .map(parse_kvm_counters)
+                .transpose()
+        };
+        let mut m = BTreeMap::new();
+        if let (Some(b), Some(e)) = (get("begin")?, get("end")?) {
+            for (stat, key) in KVM_COUNTERS {
+                if let (Some(x), Some(y)) = (b.get(stat), e.get(stat)) {
+                    if let Some(d) = y.checked_sub(*x) {
+                        m.insert(key.to_string(), d as f64 / ops.max(1) as f64);
+                    }
+                }
+            }
+        }
+        Ok(m)
+    };
     let [blk_cfg, net_cfg, boot_cfg] = cfg.configs(qemu_blk);
     let base = |config: String, test: &str| Record {
         matrix: Matrix::Lab,
@@ -753,17 +791,21 @@ fn config_records(
         ));
     }
     let net_n = rtts.len() as u64;
+    let mut blk_exits = exits(disk_id, blk_n);
+    blk_exits.extend(kvm("blk", blk_n)?);
+    let mut net_exits = exits(nic_id, net_n);
+    net_exits.extend(kvm("net", net_n)?);
     let blk = Record {
         n: blk_n,
         latency: Some(lat.summary),
-        exits_per_op: exits(disk_id, blk_n),
+        exits_per_op: blk_exits,
         cpu_us_per_op: cpu("blk").map(|us| us / blk_n as f64),
         ..base(blk_cfg, "blk-read-qd1")
     };
     let net = Record {
         n: net_n,
         latency: Some(summary_ns(&mut rtts.clone())),
-        exits_per_op: exits(nic_id, net_n),
+        exits_per_op: net_exits,
         cpu_us_per_op: cpu("net").map(|us| us / net_n as f64),
         ..base(net_cfg, "net-rtt")
     };
@@ -830,6 +872,36 @@ pub fn parse_lat_result(line: &str) -> Result<LatResult, String> {
             max: us(ns[5]),
         },
     })
+}
+
+/// L1's KVM counters the bench reads (`/sys/kernel/debug/kvm/<stat>`) and their keys in
+/// `exits_per_op`.
+const KVM_COUNTERS: [(&str, &str); 5] = [
+    ("exits", "kvm_exits"),
+    ("io_exits", "kvm_io"),
+    ("halt_exits", "kvm_halt"),
+    ("irq_window_exits", "kvm_irq_window"),
+    ("insn_emulation", "kvm_emulated"),
+];
+
+/// `name=value` pairs of `kvmstat.sh` (L1's KVM counters). A pair that is not a name and a
+/// whole number is an error, and so is a line without any.
+pub fn parse_kvm_counters(text: &str) -> Result<BTreeMap<String, u64>, String> {
+    let mut m = BTreeMap::new();
+    for w in text.split_ascii_whitespace() {
+        let (k, v) = w
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| format!("kvm counters: not name=value: {w:?}"))?;
+        let v = v
+            .parse::<u64>()
+            .map_err(|_| format!("kvm counters: {k}: not a count: {v:?}"))?;
+        m.insert(k.to_string(), v);
+    }
+    if m.is_empty() {
+        return Err("kvm counters: none".into());
+    }
+    Ok(m)
 }
 
 /// The round-trip times (ns) of `L2-PING-US` lines: whole µs separated by spaces. Anything
@@ -1047,6 +1119,8 @@ mod tests {
             "LAB-VAL r1-invmm-vmm-cpu-blk-begin 10",
             "LAT-RESULT {\"test\":\"blk-read-qd1\",\"n\":2,\"min_ns\":1000,\"p50_ns\":2000,\"p90_ns\":2000,\"p99_ns\":2000,\"p999_ns\":2000,\"max_ns\":2000}",
             "LAB-VAL r1-invmm-vmm-cpu-blk-end 12",
+            "LAB-VAL r1-invmm-vmm-kvm-blk-begin exits=1000 io_exits=10 insn_emulation=7 ",
+            "LAB-VAL r1-invmm-vmm-kvm-blk-end exits=1010 io_exits=12 insn_emulation=7 ",
             "L2-PING-US 500",
             "L2-PING-US 700",
             "LAB-VAL r1-invmm-vmm-exit-stats {\"total\":100,\"pio\":{},\"mmio\":{\"disk0\":4},\"notify_exits\":{\"disk0\":0}}",
@@ -1063,6 +1137,15 @@ mod tests {
         assert_eq!(v[0].n, 2);
         assert_eq!(v[0].exits_per_op["device"], 2.0);
         assert_eq!(v[0].exits_per_op["vm_total"], 50.0);
+        // L1's counters over the phase: 10 exits and 2 port exits over 2 reads.
+        assert_eq!(v[0].exits_per_op["kvm_exits"], 5.0);
+        assert_eq!(v[0].exits_per_op["kvm_io"], 1.0);
+        assert_eq!(v[0].exits_per_op["kvm_emulated"], 0.0);
+        assert!(!v[0].exits_per_op.contains_key("kvm_halt"));
+        assert!(
+            !v[1].exits_per_op.contains_key("kvm_exits"),
+            "no net counters given"
+        );
         // 2 ticks of 10 ms over 2 reads.
         assert_eq!(v[0].cpu_us_per_op, Some(10_000.0));
         assert_eq!(v[1].test, "net-rtt");
@@ -1072,12 +1155,29 @@ mod tests {
         // A missing result is an error, not a panic.
         assert!(config_records(&lines[..2], CONFIGS[0], 1, "x", &o, Load::default()).is_err());
         // QEMU has no exit stats and needs none.
-        let q: Vec<String> = lines[..7]
+        let q: Vec<String> = lines[..9]
             .iter()
             .map(|l| l.replace("r1-invmm-vmm", "r1-invmm-qemu"))
             .collect();
         let q: Vec<&str> = q.iter().map(String::as_str).collect();
         let v = config_records(&q, CONFIGS[1], 1, "x", &o, Load::default()).unwrap();
-        assert!(v[0].exits_per_op.is_empty());
+        // Only L1's counters: QEMU writes none of its own.
+        assert_eq!(
+            v[0].exits_per_op.keys().collect::<Vec<_>>(),
+            ["kvm_emulated", "kvm_exits", "kvm_io"]
+        );
+        // A garbled counter line is an error.
+        let mut bad = q.clone();
+        bad[6] = "LAB-VAL r1-invmm-qemu-kvm-blk-end exits=x";
+        assert!(config_records(&bad, CONFIGS[1], 1, "x", &o, Load::default()).is_err());
+    }
+
+    #[test]
+    fn kvm_counter_lines() {
+        let m = parse_kvm_counters("exits=12 io_exits=3 ").unwrap();
+        assert_eq!((m["exits"], m["io_exits"]), (12, 3));
+        for bad in ["", "exits", "=3", "exits=", "exits=-1", "exits=1.5"] {
+            assert!(parse_kvm_counters(bad).is_err(), "accepted {bad:?}");
+        }
     }
 }
