@@ -61,7 +61,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{Load, LoadMeter, Matrix, Model, Record};
-use crate::lab::{profile_dir, LabRun, Outcome, Scenario};
+use crate::lab::{profile_dir, LabRun, Scenario, L1_ATTEMPTS};
 use crate::probe::{parse_json, percentile, Json, Summary, PERCENTILES_PER_MILLE};
 
 /// What the lab matrix measures per configuration and run.
@@ -88,10 +88,6 @@ impl Default for LabOptions {
         }
     }
 }
-
-/// L1 boots a pair of runs may take: the lab's nested SVM locks an L1 up now and then
-/// (seen in one L1 boot in two on a slow day), which costs that boot.
-const L1_BOOTS: u32 = 3;
 
 /// Warm-up reads `lat` does before measuring.
 const WARMUP_READS: u32 = 16;
@@ -547,15 +543,13 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
                 .map_err(|e| format!("lab: {e}"))?;
             let load = meter.finish(own_ticks().saturating_sub(own0));
             // The lab's known flake: an L1 vCPU stuck in nested SVM (a soft lockup, or L1
-            // dies after its L2 stalls). Up to L1_BOOTS times per pair of runs, boot L1 again.
-            let l1_died = matches!(run.outcome, Outcome::L1Lockup | Outcome::NoExit(_))
-                && run.find("LAB-INIT").is_some();
-            if l1_died && attempt < L1_BOOTS {
+            // dies after its L2 stalls). Up to L1_ATTEMPTS times per pair of runs, boot L1 again.
+            if run.l1_died() && attempt < L1_ATTEMPTS {
                 let kept = run.log.with_extension(format!("failed-{attempt}.log"));
                 let _ = std::fs::copy(&run.log, &kept);
                 attempt += 1;
                 on_line(&format!(
-                    "LAB-FAIL l1-crash runs {r}: {} (log {}); booting L1 again ({attempt} of {L1_BOOTS})",
+                    "LAB-FAIL l1-crash runs {r}: {} (log {}); booting L1 again ({attempt} of {L1_ATTEMPTS})",
                     run.outcome,
                     kept.display()
                 ));
