@@ -401,9 +401,12 @@ impl Scenario {
         let mut killed = false;
         let mut lockup = false;
         let mut last_line = Instant::now();
+        // Silence counts only once L1 boots: waiting for another test's lab run (run.lock)
+        // or for the images is quiet and no sign of a stuck L1.
+        let mut l1_booting = false;
         loop {
             let now = Instant::now();
-            if !lockup && now.duration_since(last_line) > self.stall {
+            if l1_booting && !lockup && now.duration_since(last_line) > self.stall {
                 // Neither L1 nor its guests said anything for minutes: an L1 vCPU is stuck
                 // in nested virtualization and took L1 with it (see `Outcome::L1Lockup`).
                 eprintln!(
@@ -439,6 +442,7 @@ impl Scenario {
                         }
                         Stream::Script => {
                             eprintln!("{text}");
+                            l1_booting |= text.contains("booting L1");
                             script_lines.push(text);
                         }
                     }
