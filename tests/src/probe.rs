@@ -702,6 +702,8 @@ pub struct ExitStats {
     pub mmio: BTreeMap<String, u64>,
     /// Queue notifications that reached the vmm (no ioeventfd caught them), per device.
     pub notify_exits: BTreeMap<String, u64>,
+    /// Writes KVM buffered instead of exiting (the PCI config address register); not exits.
+    pub coalesced: u64,
 }
 
 impl ExitStats {
@@ -724,6 +726,10 @@ impl ExitStats {
             pio: map("pio")?,
             mmio: map("mmio")?,
             notify_exits: map("notify_exits")?,
+            coalesced: j
+                .get("coalesced")
+                .and_then(Json::as_u64)
+                .ok_or(ParseError::Field("coalesced"))?,
         })
     }
 
@@ -1035,9 +1041,11 @@ mod tests {
 
     #[test]
     fn exit_stats() {
-        let text = "{\"total\":16,\"pio\":{\"i8042\":0,\"serial\":10},\"pio_unclaimed\":2,\"mmio\":{\"disk0\":3},\"mmio_unclaimed\":0,\"other\":{\"irq_window\":1},\"interrupted\":0,\"notify_exits\":{\"disk0\":0}}";
+        let text = "{\"total\":16,\"pio\":{\"i8042\":0,\"serial\":10},\"pio_unclaimed\":2,\"mmio\":{\"disk0\":3},\"mmio_unclaimed\":0,\"other\":{\"irq_window\":1},\"interrupted\":0,\"notify_exits\":{\"disk0\":0},\"coalesced\":5}";
         let s = ExitStats::parse(text).unwrap();
         assert_eq!(s.total, 16);
+        assert_eq!(s.coalesced, 5);
+        assert!(ExitStats::parse(&text.replace(",\"coalesced\":5", "")).is_err());
         assert_eq!(s.pio["serial"], 10);
         assert_eq!(s.mmio["disk0"], 3);
         assert_eq!(s.notify_exits["disk0"], 0);

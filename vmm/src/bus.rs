@@ -42,6 +42,8 @@ pub struct Bus {
     entries: RwLock<BTreeMap<u64, Arc<Entry>>>,
     unhandled: AtomicU64,
     unclaimed: Mutex<BTreeMap<u64, u64>>,
+    /// Writes KVM buffered instead of exiting (see [`crate::coalesced`]).
+    buffered: AtomicU64,
 }
 
 impl Bus {
@@ -129,6 +131,25 @@ impl Bus {
                 false
             }
         }
+    }
+
+    /// Writes a value KVM buffered in its coalesced ring to the device at `addr`: the same
+    /// as [`Bus::write`], but counted as buffered, not as an exit.
+    pub fn write_buffered(&self, addr: u64, data: &[u8]) -> bool {
+        self.buffered.fetch_add(1, Ordering::Relaxed);
+        match self.find(addr, data.len()) {
+            Some(e) => {
+                let mut d = e.device.lock().unwrap_or_else(|p| p.into_inner());
+                d.write(addr - e.base, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Writes applied from KVM's coalesced ring (not exits).
+    pub fn buffered(&self) -> u64 {
+        self.buffered.load(Ordering::Relaxed)
     }
 
     fn note_unclaimed(&self, addr: u64) {

@@ -7,6 +7,7 @@
 pub mod acpi;
 pub mod arch;
 pub mod bus;
+pub mod coalesced;
 pub mod config;
 pub mod devices;
 pub mod exit;

@@ -24,6 +24,9 @@ pub struct ExitStats {
     /// Virtio queue notifications that exited to userspace, per device (part of `mmio`):
     /// zero when every doorbell is caught by an ioeventfd.
     pub notify_exits: BTreeMap<String, u64>,
+    /// Port and MMIO writes KVM buffered in its coalesced ring instead of exiting (the PCI
+    /// configuration address register): not exits, not part of `total`.
+    pub coalesced: u64,
 }
 
 impl ExitStats {
@@ -47,6 +50,7 @@ impl ExitStats {
             interrupted: vcpu.interrupted.load(Ordering::Relaxed),
             other,
             notify_exits: BTreeMap::new(),
+            coalesced: pio.buffered() + mmio.buffered(),
         }
     }
 
@@ -73,7 +77,7 @@ impl ExitStats {
                 .collect::<String>()
         };
         format!(
-            "{} exits to userspace: pio [{}] unclaimed={}{}; mmio [{}] unclaimed={}{}; other [{}]; kicks={}",
+            "{} exits to userspace: pio [{}] unclaimed={}{}; mmio [{}] unclaimed={}{}; other [{}]; kicks={}; coalesced writes {}",
             self.total(),
             list(&self.pio),
             self.pio_unclaimed,
@@ -82,7 +86,8 @@ impl ExitStats {
             self.mmio_unclaimed,
             top(&self.mmio_unclaimed_top),
             list(&self.other),
-            self.interrupted
+            self.interrupted,
+            self.coalesced
         )
     }
 
@@ -96,7 +101,7 @@ impl ExitStats {
             format!("{{{}}}", items.join(","))
         }
         format!(
-            "{{\"total\":{},\"pio\":{},\"pio_unclaimed\":{},\"mmio\":{},\"mmio_unclaimed\":{},\"other\":{},\"interrupted\":{},\"notify_exits\":{}}}",
+            "{{\"total\":{},\"pio\":{},\"pio_unclaimed\":{},\"mmio\":{},\"mmio_unclaimed\":{},\"other\":{},\"interrupted\":{},\"notify_exits\":{},\"coalesced\":{}}}",
             self.total(),
             map(&self.pio),
             self.pio_unclaimed,
@@ -104,7 +109,8 @@ impl ExitStats {
             self.mmio_unclaimed,
             map(&self.other),
             self.interrupted,
-            map(&self.notify_exits)
+            map(&self.notify_exits),
+            self.coalesced
         )
     }
 }
@@ -124,7 +130,7 @@ mod tests {
         assert_eq!(s.total(), 16);
         assert_eq!(
             s.to_json(),
-            "{\"total\":16,\"pio\":{\"i8042\":0,\"serial\":10},\"pio_unclaimed\":2,\"mmio\":{\"pci-ecam\":3},\"mmio_unclaimed\":0,\"other\":{\"irq_window\":1},\"interrupted\":0,\"notify_exits\":{}}"
+            "{\"total\":16,\"pio\":{\"i8042\":0,\"serial\":10},\"pio_unclaimed\":2,\"mmio\":{\"pci-ecam\":3},\"mmio_unclaimed\":0,\"other\":{\"irq_window\":1},\"interrupted\":0,\"notify_exits\":{},\"coalesced\":0}"
         );
         let line = s.summary();
         assert!(line.starts_with("16 exits"));

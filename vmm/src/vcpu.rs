@@ -7,6 +7,7 @@ use std::thread;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::bus::Bus;
+use crate::coalesced::CoalescedRing;
 use crate::exit::{ExitHandle, VmExit};
 
 /// Exits to userspace that did not go to a bus device.
@@ -37,6 +38,8 @@ pub struct VcpuContext {
     pub exit: ExitHandle,
     pub stop: Arc<AtomicBool>,
     pub counters: Arc<VcpuCounters>,
+    /// Writes KVM buffered instead of exiting: applied before every exit is handled.
+    pub coalesced: Option<Arc<CoalescedRing>>,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -66,7 +69,12 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
         if ctx.stop.load(Ordering::Acquire) {
             return;
         }
-        match vcpu.run() {
+        let exit = vcpu.run();
+        if let Some(ring) = &ctx.coalesced {
+            // A buffered write (the PCI config address) comes before the access that exited.
+            ring.drain(&ctx.pio, &ctx.mmio);
+        }
+        match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 ctx.pio.read(u64::from(port), data);
             }

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi;
 use crate::arch::{boot, cpuid, regs};
 use crate::bus::Bus;
+use crate::coalesced::CoalescedRing;
 use crate::config::{SerialMode, VmConfig};
 use crate::devices::cmos::Cmos;
 use crate::devices::legacy::{AcpiPm, DebugExit, I8042};
@@ -58,6 +59,8 @@ pub struct Vm {
     exit: ExitHandle,
     exit_rx: std::sync::mpsc::Receiver<VmExit>,
     vcpus: Vec<kvm_ioctls::VcpuFd>,
+    /// KVM's ring of buffered PCI config address writes (absent without KVM support).
+    coalesced: Option<Arc<CoalescedRing>>,
     counters: Arc<VcpuCounters>,
     stdin_to_guest: bool,
 }
@@ -183,6 +186,12 @@ impl Vm {
         );
 
         let vcpus = create_vcpus(&kvm, &vm, &ram, cfg.cpus, entry)?;
+        let coalesced = vcpus
+            .first()
+            .and_then(|v| {
+                CoalescedRing::for_pci_config_address(&kvm, &vm, v, layout::PCI_CONFIG_ADDRESS_PORT)
+            })
+            .map(Arc::new);
         Ok(Vm {
             vm,
             _pci: root,
@@ -195,6 +204,7 @@ impl Vm {
             exit,
             exit_rx,
             vcpus,
+            coalesced,
             counters: Arc::new(VcpuCounters::default()),
             stdin_to_guest: cfg.serial == SerialMode::Stdio,
         })
@@ -218,6 +228,7 @@ impl Vm {
                 exit: self.exit.clone(),
                 stop: stop.clone(),
                 counters: self.counters.clone(),
+                coalesced: self.coalesced.clone(),
             };
             let t = thread::Builder::new()
                 .name(format!("vcpu{id}"))
