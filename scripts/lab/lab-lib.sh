@@ -16,7 +16,7 @@ NVME_BDF=0000:00:04.0     # NVMe on a scratch file, to assign
 # L2 images: cloud kernel + virtio modules, generic kernel + virtio/e1000e/nvme.
 L2_KERNEL=/lab/l2/vmlinuz
 L2_INITRD=/lab/l2/initrd.img
-L2_GENERIC_KERNEL=/lab/l2/vmlinuz-generic
+L2_GENERIC_KERNEL=/lab/l2/vmlinux-generic # an ELF, booted through PVH (QEMU: pvh.bin)
 L2_GENERIC_INITRD=/lab/l2/initrd-generic.img
 L2_CMDLINE="console=ttyS0 panic=-1 quiet"
 

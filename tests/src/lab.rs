@@ -15,7 +15,7 @@
 //! - project binaries (`vmm`, `vhost-user-blk`, `vhost-user-net`, `passthrough` from this
 //!   build's target directory) and [`Scenario::bin`] files are in `/lab/bin` (on PATH);
 //! - L2 images: `/lab/l2/vmlinuz` + `/lab/l2/initrd.img` (cloud kernel, virtio modules),
-//!   `/lab/l2/vmlinuz-generic` + `/lab/l2/initrd-generic.img` (e1000e, nvme too); the L2
+//!   `/lab/l2/vmlinux-generic` (an ELF, booted through PVH) + `/lab/l2/initrd-generic.img` (e1000e, nvme too); the L2
 //!   script is `/lab/scenario.sh` inside them;
 //! - files: `/lab/files/` in L1 ([`Scenario::file`]) and in L2 ([`Scenario::l2_file`]).
 //!
