@@ -6,6 +6,8 @@
 #   LAB-FAIL <name> [why]       a check failed
 #   LAB-T <name> <seconds>      a measured time
 #   LAB-VAL <name> <value>      any other value
+#   LAB-FLAKE <why>             the lab's own flake, not a verdict (e.g. the reference VMM's
+#                               L2 lost mid-output): the fixture runs the scenario again
 
 # iproute2's ip (busybox's has no tuntap); always call it by this path.
 IP=/sbin/iproute2-ip

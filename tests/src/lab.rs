@@ -481,16 +481,20 @@ impl Scenario {
 
     /// [`Scenario::run`], then [`LabRun::assert_success`]. A run whose L1 came up and then
     /// locked up or died ([`LabRun::l1_died`]: an L1 vCPU stuck in nested virtualization
-    /// under TCG, seen with QEMU as the L2 VMM too; some days in one L1 boot out of a few) is
-    /// run again, up to [`L1_ATTEMPTS`] times, saying so loudly; the last attempt's outcome
-    /// decides.
+    /// under TCG, seen with QEMU as the L2 VMM too; some days in one L1 boot out of a few), or
+    /// whose script reported the lab's flake ([`LabRun::flake`]), is run again, up to
+    /// [`L1_ATTEMPTS`] times, saying so loudly; the last attempt's outcome decides.
     pub fn run_ok(&self) -> LabRun {
         for attempt in 1..=L1_ATTEMPTS {
             match self.run() {
-                Ok(run) if run.l1_died() && attempt < L1_ATTEMPTS => {
+                Ok(run) if (run.l1_died() || run.flake().is_some()) && attempt < L1_ATTEMPTS => {
+                    let why = match run.flake() {
+                        Some(f) => format!("the lab's flake: {f}"),
+                        None => run.outcome.to_string(),
+                    };
                     eprintln!(
-                        "lab: WARNING: scenario {}: {} (attempt {attempt} of {L1_ATTEMPTS}); running it again",
-                        self.name, run.outcome
+                        "lab: WARNING: scenario {}: {why} (attempt {attempt} of {L1_ATTEMPTS}); running it again",
+                        self.name
                     );
                     let _ = fs::copy(
                         &run.log,
@@ -667,6 +671,13 @@ impl LabRun {
             && self.find("LAB-INIT").is_some()
     }
 
+    /// What the scenario reported as the lab's own flake (`LAB-FLAKE <why>`), not a verdict on
+    /// the code under test: e.g. the reference VMM (QEMU) losing its L2 mid-output. Only
+    /// scenarios that can tell print it.
+    pub fn flake(&self) -> Option<&str> {
+        self.field("LAB-FLAKE")
+    }
+
     /// The network checks the L2 scripts of the device tests share: `L2-VAL ping` reports 100
     /// packets with no loss, and the sha256 of each transfer (`L2-VAL guest-up-sha` against
     /// `LAB-VAL host-up-sha`, and the same for `down`) agrees on both ends.
@@ -822,5 +833,51 @@ impl DirectGuest {
             kernel: images.join("l2-vmlinuz"),
             initrd: initrd_path,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_of(outcome: Outcome, lines: &[&str]) -> LabRun {
+        LabRun {
+            name: "t".into(),
+            outcome,
+            lines: lines
+                .iter()
+                .map(|t| Line {
+                    at: Duration::ZERO,
+                    text: t.to_string(),
+                })
+                .collect(),
+            script_lines: Vec::new(),
+            duration: Duration::ZERO,
+            log: PathBuf::new(),
+        }
+    }
+
+    #[test]
+    fn flakes_and_dead_l1s_are_told_from_verdicts() {
+        let flaky = run_of(
+            Outcome::Exited(1),
+            &[
+                "LAB-INIT 6.5",
+                "LAB-FLAKE msix: QEMU's L2 ended without L2-EXIT",
+                "LAB-FAIL msix-l2-exit",
+            ],
+        );
+        assert_eq!(flaky.flake(), Some("msix: QEMU's L2 ended without L2-EXIT"));
+        assert!(!flaky.l1_died());
+
+        let failed = run_of(Outcome::Exited(1), &["LAB-INIT 6.5", "LAB-FAIL x"]);
+        assert_eq!(failed.flake(), None);
+        assert!(!failed.l1_died());
+
+        assert!(run_of(Outcome::L1Lockup, &["LAB-INIT 6.5"]).l1_died());
+        // An L1 that never came up is a set-up failure, not the flake.
+        assert!(!run_of(Outcome::L1Lockup, &["qemu: error"]).l1_died());
+        // A word that only starts with the marker is not one.
+        assert_eq!(run_of(Outcome::Exited(0), &["LAB-FLAKES x"]).flake(), None);
     }
 }
