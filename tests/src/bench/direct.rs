@@ -624,7 +624,7 @@ mod tests {
     #[test]
     fn exit_kinds_sum_by_kind() {
         let s = ExitStats::parse(
-            r#"{"total":10,"pio":{"serial":3,"pci-config":2},"mmio":{"disk0":4},"notify_exits":{"disk0":1}}"#,
+            r#"{"total":10,"pio":{"serial":3,"pci-config":2},"mmio":{"disk0":4},"notify_exits":{"disk0":1},"coalesced":2}"#,
         )
         .unwrap();
         let k = exit_kinds(&s);

@@ -146,6 +146,99 @@ pub fn table(rows: &[Row]) -> String {
     s
 }
 
+/// Our vmm against QEMU in the lab, pair by pair: the two configurations of one model that ran
+/// back to back in the same run (the same L1 boot), so the lab's drift between L1 boots and
+/// over time cancels out of each pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pairs {
+    pub model: Model,
+    pub test: String,
+    /// (run, ours, QEMU's): the p50 in µs, or the seconds of `boot-to-init`.
+    pub pairs: Vec<(u32, f64, f64)>,
+}
+
+impl Pairs {
+    /// The geometric mean of ours / QEMU's over the pairs (below 1: ours lower).
+    pub fn ratio(&self) -> Option<f64> {
+        let logs: Vec<f64> = self
+            .pairs
+            .iter()
+            .filter(|(_, a, b)| *a > 0.0 && *b > 0.0)
+            .map(|(_, a, b)| (a / b).ln())
+            .collect();
+        (!logs.is_empty()).then(|| (logs.iter().sum::<f64>() / logs.len() as f64).exp())
+    }
+
+    /// Pairs in which ours was lower.
+    pub fn ours_lower(&self) -> usize {
+        self.pairs.iter().filter(|(_, a, b)| a < b).count()
+    }
+}
+
+/// The lab's pairs per model and test, in first-seen order.
+pub fn lab_pairs(records: &[Record]) -> Vec<Pairs> {
+    let metric = |r: &Record| r.latency.map(|l| l.p50).or(r.seconds);
+    let mut out: Vec<Pairs> = Vec::new();
+    for r in records
+        .iter()
+        .filter(|r| r.matrix == Matrix::Lab && r.vmm == "vmm")
+    {
+        let Some(ours) = metric(r) else { continue };
+        let theirs = records.iter().find(|q| {
+            q.matrix == Matrix::Lab
+                && q.vmm == "qemu"
+                && q.model == r.model
+                && q.test == r.test
+                && q.run == r.run
+        });
+        let Some(theirs) = theirs.and_then(metric) else {
+            continue;
+        };
+        let i = match out
+            .iter()
+            .position(|p| p.model == r.model && p.test == r.test)
+        {
+            Some(i) => i,
+            None => {
+                out.push(Pairs {
+                    model: r.model,
+                    test: r.test.clone(),
+                    pairs: Vec::new(),
+                });
+                out.len() - 1
+            }
+        };
+        out[i].pairs.push((r.run, ours, theirs));
+    }
+    out
+}
+
+/// The pairs as a Markdown table.
+pub fn pairs_table(pairs: &[Pairs]) -> String {
+    let mut s = String::from(
+        "| model | test | ours / QEMU's per pair (run: ours vs QEMU's) | ours lower | geometric mean of ours / QEMU's |\n|---|---|---|---|---|\n",
+    );
+    for p in pairs {
+        let list = p
+            .pairs
+            .iter()
+            .map(|(run, a, b)| format!("{run}: {a:.0} vs {b:.0}", a = a, b = b))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} of {} | {} |",
+            p.model.name(),
+            p.test,
+            list,
+            p.ours_lower(),
+            p.pairs.len(),
+            p.ratio().map_or("-".into(), |r| format!("{r:.3}"))
+        );
+    }
+    s
+}
+
 /// The JSON document: metadata, every record, the summary rows.
 pub fn json(meta: &[(&str, String)], records: &[Record], rows: &[Row]) -> String {
     let mut s = String::from("{\n");
@@ -398,6 +491,61 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("test &lt;plot&gt;"));
         assert_eq!(svg.matches("<circle").count(), 2);
+    }
+
+    fn lab(vmm: &str, model: Model, test: &str, run: u32, v: f64) -> Record {
+        let mut r = rec(vmm, run, v);
+        r.matrix = Matrix::Lab;
+        r.model = model;
+        r.test = test.into();
+        if test == "boot-to-init" {
+            r.latency = None;
+            r.seconds = Some(v);
+        }
+        r
+    }
+
+    #[test]
+    fn lab_pairs_match_runs_and_models() {
+        let recs = vec![
+            rec("vmm", 1, 3.0), // direct: not a lab pair
+            lab("vmm", Model::InVmm, "blk-read-qd1", 1, 600.0),
+            lab("qemu", Model::InVmm, "blk-read-qd1", 1, 800.0),
+            lab("qemu", Model::InVmm, "blk-read-qd1", 2, 500.0),
+            lab("vmm", Model::InVmm, "blk-read-qd1", 2, 1000.0),
+            lab("vmm", Model::Passthrough, "blk-read-qd1", 1, 700.0),
+            // QEMU's run 3 has no partner; our run 3 of passthrough has no QEMU record.
+            lab("qemu", Model::InVmm, "blk-read-qd1", 3, 1.0),
+            lab("vmm", Model::InVmm, "boot-to-init", 1, 9.0),
+            lab("qemu", Model::InVmm, "boot-to-init", 1, 16.0),
+        ];
+        let p = lab_pairs(&recs);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert_eq!(p[0].model, Model::InVmm);
+        assert_eq!(p[0].test, "blk-read-qd1");
+        assert_eq!(p[0].pairs, vec![(1, 600.0, 800.0), (2, 1000.0, 500.0)]);
+        assert_eq!(p[0].ours_lower(), 1);
+        // sqrt(0.75 * 2.0)
+        assert!((p[0].ratio().unwrap() - 1.5f64.sqrt()).abs() < 1e-9);
+        assert_eq!(p[1].test, "boot-to-init");
+        assert_eq!(p[1].pairs, vec![(1, 9.0, 16.0)]);
+        let t = pairs_table(&p);
+        assert!(
+            t.contains(
+                "| in-vmm | blk-read-qd1 | 1: 600 vs 800, 2: 1000 vs 500 | 1 of 2 | 1.225 |"
+            ),
+            "{t}"
+        );
+        assert!(pairs_table(&[]).lines().count() == 2);
+        assert_eq!(
+            Pairs {
+                model: Model::InVmm,
+                test: "x".into(),
+                pairs: vec![]
+            }
+            .ratio(),
+            None
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use tests::bench::direct::{run_direct, DirectOptions};
 use tests::bench::lab::{run_lab, LabOptions};
-use tests::bench::report::{json, summarize, svg, table};
+use tests::bench::report::{json, lab_pairs, pairs_table, summarize, svg, table};
 use tests::bench::Record;
 
 const USAGE: &str = "usage: bench [--direct-only | --lab-only] [--runs N] [--n N] [--n-qd32 N]
@@ -123,7 +123,14 @@ fn run() -> Result<(), String> {
         )?);
     }
     let rows = summarize(&records);
-    let t = table(&rows);
+    let mut t = table(&rows);
+    let pairs = lab_pairs(&records);
+    if !pairs.is_empty() {
+        t.push_str(
+            "\nLab, our vmm against QEMU pair by pair (the same run and L1 boot, back to back):\n\n",
+        );
+        t.push_str(&pairs_table(&pairs));
+    }
     println!("{t}");
     std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
     let date = std::process::Command::new("date")
