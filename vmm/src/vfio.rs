@@ -171,6 +171,7 @@ pub fn assign(
             .map_err(|e| fail(&d.id, crate::error_line(&e)))?;
         if n == 0 {
             // The first group set the IOMMU type: now guest RAM can be mapped, once for all.
+            let t0 = std::time::Instant::now();
             for region in ram.memory.iter() {
                 let host = region
                     .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -183,6 +184,13 @@ pub fn assign(
                 }
                 .map_err(|e| fail(&d.id, crate::error_line(&e)))?;
             }
+            // Mapping pins (and first touches) every page of guest RAM: with a lot of RAM
+            // this is where the VM's start-up time goes.
+            log::info!(
+                "guest RAM ({} MiB) mapped for device DMA in {} ms",
+                ram_size >> 20,
+                t0.elapsed().as_millis()
+            );
         }
         let dev: Arc<dyn Vfio> = Arc::new(dev);
         assigned.devices.push(dev.clone());
