@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -53,7 +53,45 @@ pub struct Placement<'a> {
     pub intx_gsi: u32,
     /// Show the device's expansion ROM to the guest (hidden otherwise).
     pub rom: bool,
+    /// Guest RAM's DMA mapping when it is still being made (the VM boots meanwhile): the
+    /// guest's Bus Master Enable waits for it. `None`: already mapped.
+    pub dma: Option<Arc<DmaGate>>,
 }
+
+/// Guest RAM being mapped for device DMA in the background. Mapping pins every page, which
+/// for a large guest takes seconds; no device can DMA before its driver sets Bus Master
+/// Enable, so the VM boots meanwhile and that write waits here.
+#[derive(Default)]
+pub struct DmaGate {
+    state: Mutex<Option<Result<(), String>>>,
+    done: Condvar,
+}
+
+impl DmaGate {
+    pub fn new() -> Arc<DmaGate> {
+        Arc::new(DmaGate::default())
+    }
+
+    /// The mapping ended: `Err` says why it failed.
+    pub fn finish(&self, result: Result<(), String>) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+        self.done.notify_all();
+    }
+
+    /// Waits until the mapping ended; its outcome.
+    pub fn wait(&self) -> Result<(), String> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = st.as_ref() {
+                return r.clone();
+            }
+            st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Bus Master Enable in the command register.
+const COMMAND_BUS_MASTER: u8 = 0x04;
 
 /// Index under which the expansion ROM appears among the BARs (after BARs 0-5).
 pub const ROM_BAR: usize = 6;
@@ -283,6 +321,8 @@ pub struct PassthroughPci {
     intx: Option<Intx>,
     rom: Option<Rom>,
     logged: bool,
+    /// Guest RAM's DMA mapping in progress (see [`DmaGate`]).
+    dma: Option<Arc<DmaGate>>,
 }
 
 fn io_err(e: io::Error) -> DeviceError {
@@ -354,6 +394,14 @@ impl PassthroughPci {
             Ok(()) => log::info!("{name}: device reset"),
             Err(e) => log::warn!("{name}: the kernel offers no reset for this device: {e}"),
         }
+        // No DMA until the guest's driver asks for it (a reset that did not reset, or a
+        // previous user, may have left Bus Master Enable on).
+        let mut command = [0u8; 2];
+        dev.read(CONFIG_REGION, 4, &mut command);
+        if command[0] & COMMAND_BUS_MASTER != 0 {
+            command[0] &= !COMMAND_BUS_MASTER;
+            dev.write(CONFIG_REGION, 4, &command);
+        }
         let mut raw = vec![0u8; 256];
         dev.read(CONFIG_REGION, 0, &mut raw);
         // Room to parse a capability that ends at the top of the standard space.
@@ -418,6 +466,7 @@ impl PassthroughPci {
             intx: None,
             rom: None,
             logged: false,
+            dma: place.dma.clone(),
         };
         let rom_size = d.dev.region(crate::vfio::ROM_REGION).size;
         if place.rom && rom_size > 0 {
@@ -887,6 +936,23 @@ impl PciDevice for PassthroughPci {
         if self.hidden.iter().any(|&(s, l)| start < s + l && end > s) {
             return None;
         }
+        // Bus Master Enable: the device may DMA from now on, so guest RAM must be mapped.
+        if start <= 4 && end > 4 && data[4 - start] & COMMAND_BUS_MASTER != 0 {
+            if let Some(gate) = self.dma.clone() {
+                if let Err(why) = gate.wait() {
+                    self.log_once(
+                        "Bus Master Enable refused: guest RAM is not mapped for DMA",
+                        &io::Error::other(why),
+                    );
+                    let mut v = data.to_vec();
+                    v[4 - start] &= !COMMAND_BUS_MASTER;
+                    self.dev.write(CONFIG_REGION, start as u64, &v);
+                    return None;
+                }
+                // Mapped: nothing to wait for any more.
+                self.dma = None;
+            }
+        }
         self.dev.write(CONFIG_REGION, start as u64, data);
         None
     }
@@ -1186,6 +1252,10 @@ mod tests {
     }
 
     fn rig_with(with_msix: bool, rom: bool) -> Rig {
+        rig_gated(with_msix, rom, None)
+    }
+
+    fn rig_gated(with_msix: bool, rom: bool, dma: Option<Arc<DmaGate>>) -> Rig {
         let dev = fake_dev(with_msix);
         let router = Arc::new(FakeRouter::default());
         let mapper = Arc::new(FakeMapper::default());
@@ -1210,6 +1280,7 @@ mod tests {
                 alloc: &mut alloc,
                 intx_gsi: 17,
                 rom,
+                dma: dma.clone(),
             },
         )
         .unwrap();
@@ -1428,6 +1499,72 @@ mod tests {
     }
 
     #[test]
+    fn bus_master_enable_waits_for_guest_ram_to_be_mapped_for_dma() {
+        let gate = DmaGate::new();
+        let mut r = rig_gated(true, false, Some(gate.clone()));
+        // Memory decoding alone does not wait.
+        cfg_write(&mut r.pci, 0x04, &0x0002u16.to_le_bytes());
+        assert_eq!(
+            r.dev.config_writes.lock().unwrap().as_slice(),
+            &[(4, vec![2, 0])]
+        );
+        let dev = r.dev.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut pci = r.pci;
+        let t = std::thread::spawn(move || {
+            cfg_write(&mut pci, 0x04, &0x0006u16.to_le_bytes());
+            tx.send(()).unwrap();
+            pci
+        });
+        // Still mapping: the write waits and the device has not seen it.
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err());
+        assert_eq!(dev.config_writes.lock().unwrap().len(), 1);
+        gate.finish(Ok(()));
+        rx.recv().unwrap();
+        let mut pci = t.join().unwrap();
+        assert_eq!(dev.config_writes.lock().unwrap()[1], (4, vec![6, 0]));
+        // Later writes go straight through.
+        cfg_write(&mut pci, 0x04, &0x0004u16.to_le_bytes());
+        assert_eq!(dev.config_writes.lock().unwrap()[2], (4, vec![4, 0]));
+    }
+
+    #[test]
+    fn bus_master_enable_is_refused_when_mapping_failed() {
+        let gate = DmaGate::new();
+        gate.finish(Err("no memory".into()));
+        let mut r = rig_gated(true, false, Some(gate));
+        // A dword write of command + status: only the bus master bit is dropped.
+        cfg_write(&mut r.pci, 0x04, &0x0000_0006u32.to_le_bytes());
+        assert_eq!(
+            r.dev.config_writes.lock().unwrap().as_slice(),
+            &[(4, vec![2, 0, 0, 0])]
+        );
+    }
+
+    #[test]
+    fn takeover_turns_bus_master_off() {
+        let dev = fake_dev(true);
+        dev.config.lock().unwrap()[4] = 0x07;
+        let mut a = |_: BarKind, s: u64| -> io::Result<u64> { Ok(0xc000_0000 + s) };
+        let _p = PassthroughPci::new(
+            "nic0",
+            dev.clone(),
+            Arc::new(FakeRouter::default()),
+            Arc::new(FakeMapper::default()),
+            Placement {
+                alloc: &mut a,
+                intx_gsi: 16,
+                rom: false,
+                dma: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(dev.config_writes.lock().unwrap()[0], (4, vec![0x03, 0]));
+    }
+
+    #[test]
     fn rom_is_hidden_unless_asked_for() {
         let mut r = rig(true);
         assert_eq!(cfg_read(&mut r.pci, 0x30), 0);
@@ -1477,6 +1614,7 @@ mod tests {
                 alloc: &mut a,
                 intx_gsi: 16,
                 rom: false,
+                dma: None,
             },
         )
         .unwrap();

@@ -732,7 +732,8 @@ impl LabRun {
             .collect()
     }
 
-    fn report(&self) -> String {
+    /// The outcome, failed checks and the console's last lines, for assertion messages.
+    pub fn report(&self) -> String {
         let tail: Vec<&str> = self
             .lines
             .iter()

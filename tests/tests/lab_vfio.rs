@@ -229,6 +229,16 @@ fn nvme_pattern_survives_the_vm() {
     run.assert_ok("bind");
     run.assert_ok("vmm-exit-0");
     run.assert_ok("l2-exit");
+    // Guest RAM was mapped for DMA in the background while the guest booted, and the
+    // driver's Bus Master Enable waited for it (the data checks below pass through it).
+    assert!(
+        run.lines
+            .iter()
+            .any(|l| l.text.contains("mapped for device DMA in")
+                && l.text.contains("while the guest booted")),
+        "no DMA mapping report in the vmm's log\n{}",
+        run.report()
+    );
     assert!(run.require("L2-VAL nvme-driver").starts_with("0000:"));
     assert_eq!(run.require("L2-VAL pattern-written"), "ok");
     assert_eq!(run.require("L2-VAL random-written"), "ok");

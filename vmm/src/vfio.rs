@@ -9,12 +9,13 @@ use kvm_bindings::{
     kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_userspace_memory_region,
 };
 use kvm_ioctls::VmFd;
-use passthrough::device::{GuestMapper, PassthroughPci, Placement};
+use passthrough::device::{DmaGate, GuestMapper, PassthroughPci, Placement};
 use passthrough::host::Host;
 use passthrough::vfio::{Container, Vfio};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::VfioConfig;
+use crate::exit::{ExitHandle, VmExit};
 use crate::interrupt::InterruptRouter;
 use crate::layout;
 use crate::memory::Ram;
@@ -99,20 +100,66 @@ pub struct IntxRoute {
 /// devices are then quiesced and reset, guest RAM is unmapped from the IOMMU, and only
 /// then are the device and group fds closed (the group leaves the container).
 pub struct Assigned {
-    container: Container,
+    container: Arc<Container>,
+    /// The thread mapping guest RAM for DMA while the VM boots (see [`DmaGate`]).
+    mapping: Option<std::thread::JoinHandle<()>>,
     devices: Vec<Arc<dyn Vfio>>,
     pub routes: Vec<IntxRoute>,
 }
 
 impl Drop for Assigned {
     fn drop(&mut self) {
+        // A mapping still in progress ends first: nothing may map guest RAM for DMA after
+        // it is unmapped (and guest RAM itself goes after this).
+        if let Some(t) = self.mapping.take() {
+            let _ = t.join();
+        }
         self.container.unmap_all();
         self.devices.clear();
     }
 }
 
-/// Opens the VFIO container, maps guest RAM for DMA and puts every `--vfio` device on the
-/// PCI bus.
+/// Maps guest RAM (`(guest address, size, host address)`) into the container for DMA on a
+/// thread of its own, and opens `gate` when done. A failure stops the VM: the devices cannot
+/// DMA, so the guest's drivers would time out one by one.
+fn map_guest_ram(
+    container: Arc<Container>,
+    regions: Vec<(u64, u64, usize)>,
+    gate: Arc<DmaGate>,
+    exit: ExitHandle,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    let total: u64 = regions.iter().map(|r| r.1).sum();
+    std::thread::Builder::new()
+        .name("vfio-dma-map".into())
+        .spawn(move || {
+            let t0 = std::time::Instant::now();
+            for (iova, size, host) in regions {
+                // SAFETY: `host` is guest RAM, which stays mapped until the VM is dropped,
+                // after `Assigned`, whose drop joins this thread and unmaps the range first.
+                if let Err(e) = unsafe { container.map_dma(iova, size, host as *mut u8) } {
+                    let why = format!(
+                        "cannot map guest RAM for device DMA: {}",
+                        crate::error_line(&e)
+                    );
+                    gate.finish(Err(why.clone()));
+                    exit.request(VmExit::VmmError(why));
+                    return;
+                }
+            }
+            // Pinning (and first touching) every page of guest RAM: with a lot of RAM this
+            // is where a passthrough VM's start-up time goes; the guest boots meanwhile.
+            log::info!(
+                "guest RAM ({} MiB) mapped for device DMA in {} ms, while the guest booted",
+                total >> 20,
+                t0.elapsed().as_millis()
+            );
+            gate.finish(Ok(()));
+        })
+}
+
+/// Opens the VFIO container, maps guest RAM for DMA (in the background: see [`DmaGate`])
+/// and puts every `--vfio` device on the PCI bus.
+#[allow(clippy::too_many_arguments)]
 pub fn assign(
     devices: &[VfioConfig],
     vm: &Arc<VmFd>,
@@ -121,6 +168,7 @@ pub fn assign(
     bars: &mut BarAllocator,
     router: &Arc<dyn InterruptRouter>,
     ram_size: u64,
+    exit: &ExitHandle,
 ) -> Result<Option<Assigned>, Error> {
     if devices.is_empty() {
         return Ok(None);
@@ -155,43 +203,46 @@ pub fn assign(
     })?;
     let handle = Arc::new(vfio_ioctls::VfioDeviceFd::new_from_kvm(kvm_vfio));
     let container =
-        Container::new(Some(handle)).map_err(|e| fail(&first.id, crate::error_line(&e)))?;
+        Arc::new(Container::new(Some(handle)).map_err(|e| fail(&first.id, crate::error_line(&e)))?);
     let mut assigned = Assigned {
         container,
+        mapping: None,
         devices: Vec::new(),
         routes: Vec::new(),
     };
+    let gate = DmaGate::new();
     let mapper: Arc<dyn GuestMapper> =
         Arc::new(KvmMapper::new(vm.clone(), ram.memory.num_regions() as u32));
     let mut root = root.lock().unwrap_or_else(|p| p.into_inner());
-    for (n, (d, path)) in devices.iter().zip(&sysfs).enumerate() {
+    // Every group joins the container first: the kernel holds the container's lock while
+    // it maps (pins) guest RAM, so a group joining later would wait for the whole mapping.
+    let mut opened = Vec::new();
+    for (d, path) in devices.iter().zip(&sysfs) {
         let dev = assigned
             .container
             .open(path)
             .map_err(|e| fail(&d.id, crate::error_line(&e)))?;
-        if n == 0 {
-            // The first group set the IOMMU type: now guest RAM can be mapped, once for all.
-            let t0 = std::time::Instant::now();
-            for region in ram.memory.iter() {
-                let host = region
-                    .get_host_address(vm_memory::MemoryRegionAddress(0))
-                    .map_err(|e| Error::Internal(format!("guest RAM has no host mapping: {e}")))?;
-                // SAFETY: guest RAM stays mapped until the VM is dropped, after the container.
-                unsafe {
-                    assigned
-                        .container
-                        .map_dma(region.start_addr().0, region.len(), host)
-                }
-                .map_err(|e| fail(&d.id, crate::error_line(&e)))?;
-            }
-            // Mapping pins (and first touches) every page of guest RAM: with a lot of RAM
-            // this is where the VM's start-up time goes.
-            log::info!(
-                "guest RAM ({} MiB) mapped for device DMA in {} ms",
-                ram_size >> 20,
-                t0.elapsed().as_millis()
-            );
-        }
+        opened.push(dev);
+    }
+    // Now guest RAM is mapped, once for all devices, while they are set up and the guest
+    // boots; their Bus Master Enable waits for it.
+    let mut regions = Vec::new();
+    for region in ram.memory.iter() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| Error::Internal(format!("guest RAM has no host mapping: {e}")))?;
+        regions.push((region.start_addr().0, region.len(), host as usize));
+    }
+    assigned.mapping = Some(
+        map_guest_ram(
+            assigned.container.clone(),
+            regions,
+            gate.clone(),
+            exit.clone(),
+        )
+        .map_err(Error::Thread)?,
+    );
+    for (n, ((d, dev), path)) in devices.iter().zip(opened).zip(&sysfs).enumerate() {
         let dev: Arc<dyn Vfio> = Arc::new(dev);
         assigned.devices.push(dev.clone());
         let gsi = layout::PCI_INTX_GSI_FIRST + (n as u32 % layout::PCI_INTX_GSIS);
@@ -205,6 +256,7 @@ pub fn assign(
                 alloc: &mut alloc,
                 intx_gsi: gsi,
                 rom: d.rom,
+                dma: Some(gate.clone()),
             },
         )
         .map_err(|e| fail(&d.id, crate::error_line(&e)))?;

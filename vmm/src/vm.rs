@@ -145,8 +145,9 @@ impl Vm {
         let router: Arc<dyn InterruptRouter> = Arc::new(KvmRouter::new(vm.clone()));
         let mut bars = BarAllocator::new(cfg.memory);
         let notify_exits = add_virtio_devices(cfg, &vm, &ram, &root, &mut bars, &router)?;
-        let vfio =
-            crate::vfio::assign(&cfg.vfio, &vm, &ram, &root, &mut bars, &router, cfg.memory)?;
+        let vfio = crate::vfio::assign(
+            &cfg.vfio, &vm, &ram, &root, &mut bars, &router, cfg.memory, &exit,
+        )?;
         let intx_routes = vfio.as_ref().map(|v| v.routes.clone()).unwrap_or_default();
         pio.insert(
             "pci-config",
