@@ -1292,6 +1292,24 @@ mod tests {
         }
     }
 
+    /// `dev` assigned with BARs placed at 0xc000_0000 + size, INTx on GSI 16.
+    fn take_over(dev: Arc<FakeDev>) -> PassthroughPci {
+        let mut a = |_: BarKind, s: u64| -> io::Result<u64> { Ok(0xc000_0000 + s) };
+        PassthroughPci::new(
+            "nic0",
+            dev,
+            Arc::new(FakeRouter::default()),
+            Arc::new(FakeMapper::default()),
+            Placement {
+                alloc: &mut a,
+                intx_gsi: 16,
+                rom: false,
+                dma: None,
+            },
+        )
+        .unwrap()
+    }
+
     fn cfg_write(p: &mut PassthroughPci, off: usize, v: &[u8]) -> Option<BarMove> {
         p.write_config(off / 4, (off % 4) as u64, v)
     }
@@ -1547,20 +1565,7 @@ mod tests {
     fn takeover_turns_bus_master_off() {
         let dev = fake_dev(true);
         dev.config.lock().unwrap()[4] = 0x07;
-        let mut a = |_: BarKind, s: u64| -> io::Result<u64> { Ok(0xc000_0000 + s) };
-        let _p = PassthroughPci::new(
-            "nic0",
-            dev.clone(),
-            Arc::new(FakeRouter::default()),
-            Arc::new(FakeMapper::default()),
-            Placement {
-                alloc: &mut a,
-                intx_gsi: 16,
-                rom: false,
-                dma: None,
-            },
-        )
-        .unwrap();
+        let _p = take_over(dev.clone());
         assert_eq!(dev.config_writes.lock().unwrap()[0], (4, vec![0x03, 0]));
     }
 
@@ -1603,21 +1608,7 @@ mod tests {
             let mut c = dev.config.lock().unwrap();
             c[0x41] = 0x40; // PM points at itself
         }
-        let router = Arc::new(FakeRouter::default());
-        let mut a = |_: BarKind, s: u64| -> io::Result<u64> { Ok(0xc000_0000 + s) };
-        let mut p = PassthroughPci::new(
-            "loop",
-            dev,
-            router,
-            Arc::new(FakeMapper::default()),
-            Placement {
-                alloc: &mut a,
-                intx_gsi: 16,
-                rom: false,
-                dma: None,
-            },
-        )
-        .unwrap();
+        let mut p = take_over(dev);
         assert!(walk_caps(&mut p).len() <= 48);
     }
 

@@ -55,7 +55,8 @@ pub trait Vfio: Send + Sync {
     fn reset(&self) -> io::Result<()>;
 }
 
-/// A shared mapping of a device region (or anonymous memory, for tests); unmapped on drop.
+/// A shared mapping of a region of a device fd (a VFIO BAR; KVM's coalesced I/O ring page) or
+/// of anonymous memory (tests); unmapped on drop.
 pub struct Mapping {
     addr: *mut u8,
     len: usize,

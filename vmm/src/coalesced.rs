@@ -18,25 +18,20 @@ use std::sync::Mutex;
 use kvm_bindings::{kvm_coalesced_mmio, KVM_COALESCED_MMIO_PAGE_OFFSET};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 
+use passthrough::vfio::Mapping;
+
 use crate::bus::Bus;
 
 /// The ring header: `first` (userspace's read index) and `last` (KVM's write index).
 const HEADER: usize = 8;
 const ENTRY: usize = std::mem::size_of::<kvm_coalesced_mmio>();
 
-enum Backing {
-    /// The page mapped from a vCPU fd.
-    Mapped { len: usize },
-    /// Plain memory standing in for KVM's page (tests).
-    #[cfg(test)]
-    Heap(#[allow(dead_code)] Box<[u64]>),
-}
-
 /// KVM's coalesced I/O ring.
 pub struct CoalescedRing {
+    /// The ring page (KVM's, mapped from a vCPU fd; anonymous memory in tests).
+    _page: Mapping,
     base: NonNull<u8>,
     entries: u32,
-    backing: Backing,
     /// One drainer at a time: the ring is shared by every vCPU thread.
     lock: Mutex<()>,
     /// Writes applied from the ring.
@@ -76,35 +71,27 @@ impl CoalescedRing {
     fn map(vcpu: &VcpuFd) -> std::io::Result<Self> {
         // SAFETY: sysconf has no memory side effects.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        let len = usize::try_from(page).map_err(|_| std::io::Error::last_os_error())?;
-        let offset = libc::off_t::from(KVM_COALESCED_MMIO_PAGE_OFFSET) * page as libc::off_t;
-        // SAFETY: maps one page of the vCPU fd at KVM's documented offset for the coalesced
-        // ring; the result is checked, and the mapping is owned by the returned value.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(vcpu),
-                offset,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let base = NonNull::new(addr.cast::<u8>()).ok_or_else(std::io::Error::last_os_error)?;
-        Ok(Self::new(base, len, Backing::Mapped { len }))
+        let len = u64::try_from(page).map_err(|_| std::io::Error::last_os_error())?;
+        // KVM's documented place for the ring: page KVM_COALESCED_MMIO_PAGE_OFFSET of the
+        // vCPU fd (one ring per VM, whichever vCPU maps it).
+        let offset = u64::from(KVM_COALESCED_MMIO_PAGE_OFFSET) * len;
+        Self::new(Mapping::from_fd(vcpu, offset, len)?)
     }
 
-    fn new(base: NonNull<u8>, len: usize, backing: Backing) -> Self {
-        CoalescedRing {
+    fn new(page: Mapping) -> std::io::Result<Self> {
+        let base = NonNull::new(page.addr())
+            .ok_or_else(|| std::io::Error::other("coalesced ring mapped at address 0"))?;
+        let entries = (page.len().saturating_sub(HEADER) / ENTRY) as u32;
+        if entries < 2 {
+            return Err(std::io::Error::other("coalesced ring page too small"));
+        }
+        Ok(CoalescedRing {
+            _page: page,
             base,
-            entries: ((len - HEADER) / ENTRY) as u32,
-            backing,
+            entries,
             lock: Mutex::new(()),
             applied: AtomicU64::new(0),
-        }
+        })
     }
 
     fn index(&self, offset: usize) -> &AtomicU32 {
@@ -163,19 +150,6 @@ impl CoalescedRing {
     }
 }
 
-impl Drop for CoalescedRing {
-    fn drop(&mut self) {
-        match self.backing {
-            Backing::Mapped { len } => {
-                // SAFETY: unmaps the page `map` mapped; nothing refers to it after drop.
-                unsafe { libc::munmap(self.base.as_ptr().cast(), len) };
-            }
-            #[cfg(test)]
-            Backing::Heap(_) => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,9 +171,7 @@ mod tests {
 
     /// A 4 KiB ring in plain memory, and a "KVM" that appends entries to it.
     fn ring() -> CoalescedRing {
-        let mut mem = vec![0u64; 512].into_boxed_slice();
-        let base = NonNull::new(mem.as_mut_ptr().cast::<u8>()).unwrap();
-        CoalescedRing::new(base, 4096, Backing::Heap(mem))
+        CoalescedRing::new(Mapping::anonymous(4096).unwrap()).unwrap()
     }
 
     fn push(r: &CoalescedRing, addr: u64, data: &[u8], pio: bool) {
