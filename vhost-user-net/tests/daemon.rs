@@ -243,10 +243,17 @@ fn serves_a_connected_fd_and_exits_when_it_ends() {
     let mut cmd = Command::new(BIN);
     cmd.args(["--fd", "3", "--tap", &tap, "--mac", "52:54:00:aa:bb:cc"])
         .env("RUST_LOG", "debug");
-    // SAFETY: between fork and exec only async-signal-safe calls: dup2 onto fd 3.
+    // SAFETY: between fork and exec only async-signal-safe calls: dup2 onto fd 3, or, when
+    // the listener already is fd 3 (dup2 would do nothing), clearing its close-on-exec flag,
+    // which Rust sets on every fd it opens: without that the daemon starts without the socket.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
