@@ -119,31 +119,32 @@ impl Bus {
 
     /// Writes to the device at `addr`; returns false when nothing is there.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
-        match self.find(addr, data.len()) {
-            Some(e) => {
-                e.accesses.fetch_add(1, Ordering::Relaxed);
-                let mut d = e.device.lock().unwrap_or_else(|p| p.into_inner());
-                d.write(addr - e.base, data);
-                true
-            }
-            None => {
-                self.note_unclaimed(addr);
-                false
-            }
-        }
+        self.deliver(addr, data, true)
     }
 
     /// Writes a value KVM buffered in its coalesced ring to the device at `addr`: the same
     /// as [`Bus::write`], but counted as buffered, not as an exit.
     pub fn write_buffered(&self, addr: u64, data: &[u8]) -> bool {
         self.buffered.fetch_add(1, Ordering::Relaxed);
+        self.deliver(addr, data, false)
+    }
+
+    fn deliver(&self, addr: u64, data: &[u8], exit: bool) -> bool {
         match self.find(addr, data.len()) {
             Some(e) => {
+                if exit {
+                    e.accesses.fetch_add(1, Ordering::Relaxed);
+                }
                 let mut d = e.device.lock().unwrap_or_else(|p| p.into_inner());
                 d.write(addr - e.base, data);
                 true
             }
-            None => false,
+            None => {
+                if exit {
+                    self.note_unclaimed(addr);
+                }
+                false
+            }
         }
     }
 
