@@ -115,6 +115,15 @@ fn triple_fault_is_reported_with_the_vcpu() {
         stderr.contains("vmm: guest crashed: vcpu 0: triple fault"),
         "stderr: {stderr}"
     );
+    // The state line: the guest loaded an empty IDT (base 0, limit 0) and then hit `ud2`.
+    let state = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("vmm: vcpu 0 at the crash: "))
+        .unwrap_or_else(|| panic!("no state line: {stderr}"));
+    assert!(state.starts_with("rip=0x"), "state: {state}");
+    assert!(state.contains(" idt=0x0+0x0 "), "state: {state}");
+    assert!(state.contains(" cr3=0x"), "state: {state}");
+    assert!(state.contains(" events:"), "state: {state}");
 }
 
 /// Asserts the run failed with exit code 2 and exactly one `vmm:` line mentioning `needle`.

@@ -13,7 +13,12 @@ pub enum VmExit {
     /// A value written to the debug-exit port.
     DebugExit(u32),
     /// The guest crashed: triple fault, KVM internal error, failed entry.
-    Crash { vcpu: u8, reason: String },
+    /// `state`: the vCPU's registers and events at that point, on one line.
+    Crash {
+        vcpu: u8,
+        reason: String,
+        state: String,
+    },
     /// The VMM itself failed while running.
     VmmError(String),
     /// SIGTERM or SIGINT reached the VMM.
@@ -84,7 +89,8 @@ mod tests {
         assert_eq!(
             VmExit::Crash {
                 vcpu: 0,
-                reason: String::new()
+                reason: String::new(),
+                state: String::new(),
             }
             .code(),
             4

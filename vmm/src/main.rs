@@ -15,8 +15,13 @@ fn main() {
                 vmm::VmExit::DebugExit(v) => {
                     log::info!("guest wrote {v:#x} to the debug-exit port")
                 }
-                vmm::VmExit::Crash { vcpu, reason } => {
-                    eprintln!("vmm: guest crashed: vcpu {vcpu}: {reason}")
+                vmm::VmExit::Crash {
+                    vcpu,
+                    reason,
+                    state,
+                } => {
+                    eprintln!("vmm: guest crashed: vcpu {vcpu}: {reason}");
+                    eprintln!("vmm: vcpu {vcpu} at the crash: {state}");
                 }
                 vmm::VmExit::VmmError(e) => eprintln!("vmm: {e}"),
                 vmm::VmExit::Signal(s) => log::info!("stopped by signal {s}"),

@@ -56,11 +56,89 @@ pub fn install_kick_handler() -> std::io::Result<()> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
-fn crash(ctx: &VcpuContext, reason: String) {
+fn crash(ctx: &VcpuContext, vcpu: &VcpuFd, reason: String) {
     ctx.exit.request(VmExit::Crash {
         vcpu: ctx.id,
         reason,
+        state: cpu_state(vcpu),
     });
+}
+
+/// The vCPU's registers and pending events where the guest crashed, on one line: what a
+/// kernel developer needs to tell a guest bug (RIP, the fault address in CR2, the IDT) from
+/// a VMM one (an event injected at the wrong time).
+fn cpu_state(vcpu: &VcpuFd) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    match vcpu.get_regs() {
+        Ok(r) => {
+            let _ = write!(
+                s,
+                "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} \
+                 rsi={:#x} rdi={:#x} rbp={:#x}",
+                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
+            );
+        }
+        Err(e) => {
+            let _ = write!(s, "registers unreadable ({e})");
+        }
+    }
+    match vcpu.get_sregs() {
+        Ok(r) => {
+            let _ = write!(
+                s,
+                " cs={:#x} cpl={} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} \
+                 idt={:#x}+{:#x} gdt={:#x}+{:#x} tr={:#x}@{:#x}",
+                r.cs.selector,
+                r.cs.dpl,
+                r.cr0,
+                r.cr2,
+                r.cr3,
+                r.cr4,
+                r.efer,
+                r.idt.base,
+                r.idt.limit,
+                r.gdt.base,
+                r.gdt.limit,
+                r.tr.selector,
+                r.tr.base
+            );
+        }
+        Err(e) => {
+            let _ = write!(s, " system registers unreadable ({e})");
+        }
+    }
+    match vcpu.get_vcpu_events() {
+        Ok(ev) => {
+            let _ = write!(s, " events:");
+            let (ex, irq, nmi) = (ev.exception, ev.interrupt, ev.nmi);
+            let none = ex.injected == 0 && ex.pending == 0 && irq.injected == 0 && nmi.injected == 0;
+            if ex.injected != 0 || ex.pending != 0 {
+                let _ = write!(
+                    s,
+                    " exception {} {}",
+                    ex.nr,
+                    if ex.injected != 0 { "injected" } else { "pending" }
+                );
+                if ex.has_error_code != 0 {
+                    let _ = write!(s, " error {:#x}", ex.error_code);
+                }
+            }
+            if irq.injected != 0 {
+                let _ = write!(s, " interrupt {} injected", irq.nr);
+            }
+            if nmi.injected != 0 {
+                let _ = write!(s, " nmi injected");
+            }
+            if none {
+                let _ = write!(s, " none");
+            }
+        }
+        Err(e) => {
+            let _ = write!(s, " events unreadable ({e})");
+        }
+    }
+    s
 }
 
 /// Runs the vCPU until the VM stops or the guest does something that ends it.
@@ -88,14 +166,14 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
                 ctx.mmio.write(addr, data);
             }
             Ok(VcpuExit::Shutdown) => {
-                crash(&ctx, "triple fault (KVM_EXIT_SHUTDOWN)".into());
+                crash(&ctx, &vcpu, "triple fault (KVM_EXIT_SHUTDOWN)".into());
                 return;
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ctx.exit.request(VmExit::PowerOff),
                     kvm_bindings::KVM_SYSTEM_EVENT_RESET => ctx.exit.request(VmExit::Reboot),
-                    other => crash(&ctx, format!("KVM system event {other}")),
+                    other => crash(&ctx, &vcpu, format!("KVM system event {other}")),
                 }
                 return;
             }
@@ -104,6 +182,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
                 let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
                 crash(
                     &ctx,
+                    &vcpu,
                     format!("KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {suberror})"),
                 );
                 return;
@@ -111,6 +190,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 crash(
                     &ctx,
+                    &vcpu,
                     format!("VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}, host cpu {cpu})"),
                 );
                 return;
@@ -118,7 +198,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
             Ok(VcpuExit::Hlt) => {
                 // With the in-kernel LAPIC, HLT never reaches userspace; a guest that gets
                 // here halted with interrupts the VMM cannot deliver.
-                crash(&ctx, "halted (KVM_EXIT_HLT) with no way to wake up".into());
+                crash(&ctx, &vcpu, "halted (KVM_EXIT_HLT) with no way to wake up".into());
                 return;
             }
             Ok(VcpuExit::Intr) => {
