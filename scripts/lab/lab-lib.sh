@@ -15,6 +15,8 @@ IP=/sbin/iproute2-ip
 NIC_BDF=0000:00:02.0      # e1000e to assign, on QEMU hub 0
 PEER_NIC_BDF=0000:00:03.0 # e1000e L1 keeps as the peer, same hub
 NVME_BDF=0000:00:04.0     # NVMe on a scratch file, to assign
+NVME2_BDF=0000:00:05.0    # with --pair: a second NVMe, to assign
+NIC2_BDF=0000:00:06.0     # with --pair: a second e1000e to assign, on hub 0
 # L2 images: cloud kernel + virtio modules, generic kernel + virtio/e1000e/nvme.
 L2_KERNEL=/lab/l2/vmlinuz
 L2_INITRD=/lab/l2/initrd.img

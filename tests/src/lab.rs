@@ -146,6 +146,7 @@ pub struct Scenario {
     l2_bins: Vec<PathBuf>,
     project_bins: PathBuf,
     qemu: bool,
+    pair: bool,
     timeout: Duration,
     stall: Duration,
     mem_mib: u32,
@@ -168,6 +169,7 @@ impl Scenario {
             l2_bins: Vec::new(),
             project_bins: profile_dir(),
             qemu: false,
+            pair: false,
             timeout: Duration::from_secs(600),
             stall: STALL,
             mem_mib: 2048,
@@ -234,6 +236,13 @@ impl Scenario {
     /// Makes L1's initramfs about 50 MB bigger.
     pub fn with_qemu(mut self) -> Self {
         self.qemu = true;
+        self
+    }
+
+    /// Give L1 a second NVMe and a second e1000e to assign (`--pair` of `scripts/lab/run`:
+    /// `$NVME2_BDF`, `$NIC2_BDF`), for two L2s side by side.
+    pub fn pair_devices(mut self) -> Self {
+        self.pair = true;
         self
     }
 
@@ -349,6 +358,9 @@ impl Scenario {
             .arg(self.smp.to_string());
         if self.qemu {
             cmd.arg("--qemu");
+        }
+        if self.pair {
+            cmd.arg("--pair");
         }
         if !self.append.is_empty() {
             cmd.arg("--append").arg(&self.append);

@@ -84,6 +84,15 @@ fn cpu_state(vcpu: &VcpuFd) -> String {
         }
     }
     match vcpu.get_sregs() {
+        Ok(r) if r.cs.selector == 0xf000 && r.cs.base == 0xffff_0000 && r.cr0 & 1 == 0 => {
+            // AMD's KVM INITs a vCPU at a shutdown (its VMCB is undefined after one), so the
+            // registers are the reset state and the faulting state is lost.
+            let _ = write!(
+                s,
+                " (the reset state: KVM on AMD re-initializes a vCPU that shut down, so the \
+                 faulting state is lost)"
+            );
+        }
         Ok(r) => {
             let _ = write!(
                 s,
@@ -112,13 +121,18 @@ fn cpu_state(vcpu: &VcpuFd) -> String {
         Ok(ev) => {
             let _ = write!(s, " events:");
             let (ex, irq, nmi) = (ev.exception, ev.interrupt, ev.nmi);
-            let none = ex.injected == 0 && ex.pending == 0 && irq.injected == 0 && nmi.injected == 0;
+            let none =
+                ex.injected == 0 && ex.pending == 0 && irq.injected == 0 && nmi.injected == 0;
             if ex.injected != 0 || ex.pending != 0 {
                 let _ = write!(
                     s,
                     " exception {} {}",
                     ex.nr,
-                    if ex.injected != 0 { "injected" } else { "pending" }
+                    if ex.injected != 0 {
+                        "injected"
+                    } else {
+                        "pending"
+                    }
                 );
                 if ex.has_error_code != 0 {
                     let _ = write!(s, " error {:#x}", ex.error_code);
@@ -198,7 +212,11 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
             Ok(VcpuExit::Hlt) => {
                 // With the in-kernel LAPIC, HLT never reaches userspace; a guest that gets
                 // here halted with interrupts the VMM cannot deliver.
-                crash(&ctx, &vcpu, "halted (KVM_EXIT_HLT) with no way to wake up".into());
+                crash(
+                    &ctx,
+                    &vcpu,
+                    "halted (KVM_EXIT_HLT) with no way to wake up".into(),
+                );
                 return;
             }
             Ok(VcpuExit::Intr) => {

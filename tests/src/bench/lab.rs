@@ -6,7 +6,16 @@
 //! |---|---|---|
 //! | in-VMM | `--disk` + `--net tap=` | virtio-blk-pci on an iothread (io_uring when L1's QEMU takes it) + virtio-net-pci on the same tap, `vhost=off` |
 //! | vhost-user | `--vhost-user-blk` + `--vhost-user-net` to our daemons | `vhost-user-blk-pci` + `-netdev vhost-user` to the same daemons (guest RAM in a shared memfd) |
-//! | passthrough | `--vfio` the NVMe and the e1000e | `-device vfio-pci` for both |
+//! | passthrough | `--vfio` an NVMe and an e1000e | `-device vfio-pci` for the other NVMe and e1000e |
+//!
+//! Passthrough runs side by side: L1 has two NVMe and two e1000e (`Scenario::pair_devices`),
+//! both VMMs' L2s run at once, one set each (ours the first set in odd runs, the second in even
+//! ones), and they take turns: [`SIDE_BY_SIDE_BATCHES`] batches of reads, then of pings, the
+//! first turn alternating, each L2 idle while the other measures. The host's speed moves by up
+//! to 2x within minutes (the same VM read 510 µs and then 1154 µs in one lab boot); turns a
+//! second apart see the same host, so the pair compares the VMMs and not the moments. (In one
+//! lab boot, 24 turns of 500 reads: ours lower in 14, geometric mean of ours / QEMU's 0.97,
+//! where one boot after the other in sequence had given 0 of 4 in the 13:00 run.)
 //!
 //! One L1 boot per two runs (an L1 that dies of the lab's nested-virtualization flake costs
 //! its boot and is booted once more); each run runs the six configurations one after the
@@ -179,14 +188,14 @@ impl Cfg {
                 "vhost-user-blk + vhost-user-net".into(),
             ],
             (Model::Passthrough, "vmm") => [
-                format!("nvme (vfio){exits}"),
-                format!("e1000e (vfio){exits}"),
-                "nvme + e1000e (vfio)".into(),
+                format!("nvme (vfio), side by side{exits}"),
+                format!("e1000e (vfio), side by side{exits}"),
+                "nvme + e1000e (vfio), the other L2 idle".into(),
             ],
             (Model::Passthrough, _) => [
-                "nvme (vfio-pci)".into(),
-                "e1000e (vfio-pci)".into(),
-                "nvme + e1000e (vfio-pci)".into(),
+                "nvme (vfio-pci), side by side".into(),
+                "e1000e (vfio-pci), side by side".into(),
+                "nvme + e1000e (vfio-pci), the other L2 idle".into(),
             ],
         }
     }
@@ -197,12 +206,16 @@ const L1_SCRIPT: &str = r#"
 RUN_FIRST=@RUN_FIRST@
 RUN_LAST=@RUN_LAST@
 mkdir -p $LAB_TMP/pids
-# cputicks.sh: user+system ticks of the processes whose PIDs are in $LAB_TMP/pids/*, without
-# vCPU threads (ours: vcpuN; QEMU with debug-threads=on: "CPU N/KVM").
+# cputicks.sh [-v] [PIDFILE...]: user+system ticks of the processes whose PIDs are in the
+# PIDFILEs (default $LAB_TMP/pids/*), without vCPU threads (ours: vcpuN; QEMU with
+# debug-threads=on: "CPU N/KVM").
 cat >$LAB_TMP/cputicks.sh <<'EOF'
-for f in $LAB_TMP/pids/*; do
+verbose=
+[ "${1:-}" = -v ] && verbose=1 && shift
+[ $# = 0 ] && set -- $LAB_TMP/pids/*
+for f in "$@"; do
     p=$(cat "$f" 2>/dev/null) && [ -n "$p" ] && cat /proc/$p/task/*/stat 2>/dev/null
-done | awk -v verbose="${1:-}" '{
+done | awk -v verbose="$verbose" '{
     name = $0; sub(/^[0-9]+ \(/, "", name); sub(/\) [A-Za-z] .*$/, "", name)
     rest = $0; sub(/^.*\) /, "", rest); split(rest, f, " ")
     if (name ~ /^vcpu[0-9]/ || name ~ /^CPU [0-9]+\/KVM/) next
@@ -210,28 +223,37 @@ done | awk -v verbose="${1:-}" '{
     if (f[12] + f[13] > 0) { gsub(/ /, "_", name); v = v " " name "=" f[12] + f[13] }
 } END { if (verbose) print s + 0, v; else print s + 0 }'
 EOF
-# kvmstat.sh: L1's KVM exit counters (all VMs; only the L2 under test runs), one line.
+# kvmstat.sh [PIDFILE]: L1's KVM exit counters, one line: of the VM of the process whose PID
+# is in PIDFILE (KVM's per-VM directory <pid>-<fd>), or of all VMs (only the L2 under test
+# runs).
 mount -t debugfs none /sys/kernel/debug 2>/dev/null
 cat >$LAB_TMP/kvmstat.sh <<'EOF'
 d=/sys/kernel/debug/kvm
-[ -r $d/exits ] || exit 0
+if [ -n "${1:-}" ]; then
+    p=$(cat "$1" 2>/dev/null)
+    [ -n "$p" ] || exit 0
+    d=$(ls -d $d/$p-* 2>/dev/null | head -n 1)
+fi
+[ -n "$d" ] && [ -r $d/exits ] || exit 0
 for f in exits io_exits halt_exits irq_window_exits insn_emulation; do
     [ -r $d/$f ] && printf '%s=%s ' $f "$(cat $d/$f)"
 done
 echo
 EOF
-# phase_watch TAG: pass the console on; at each "LAT-PHASE <phase> <edge>" from L2 print
-# "LAB-VAL TAG-cpu-<phase>-<edge> <ticks>" and "LAB-VAL TAG-kvm-<phase>-<edge> <counters>".
+# phase_watch TAG [PIDFILE]: pass the console on; at each "LAT-PHASE <phase> <edge>" from L2
+# print "LAB-VAL TAG-cpu-<phase>-<edge> <ticks>" and "LAB-VAL TAG-kvm-<phase>-<edge>
+# <counters>": of the VMM whose PID is in PIDFILE (two VMs side by side), else of every
+# process in $LAB_TMP/pids and every VM.
 phase_watch() {
-    awk -v tag="$1" '{ print; fflush() }
+    awk -v tag="$1" -v pidfile="${2:-}" '{ print; fflush() }
         $1 == "LAT-PHASE" {
-            cmd = "sh $LAB_TMP/kvmstat.sh"; k = ""; cmd | getline k; close(cmd)
-            cmd = "sh $LAB_TMP/cputicks.sh"; t = ""; cmd | getline t; close(cmd)
+            cmd = "sh $LAB_TMP/kvmstat.sh " pidfile; k = ""; cmd | getline k; close(cmd)
+            cmd = "sh $LAB_TMP/cputicks.sh " pidfile; t = ""; cmd | getline t; close(cmd)
             printf "LAB-VAL %s-cpu-%s-%s %s\n", tag, $2, $3, t; fflush()
             if (k != "") { printf "LAB-VAL %s-kvm-%s-%s %s\n", tag, $2, $3, k; fflush() }
             if ($2 == "blk" && $3 == "begin") {
                 # Which threads used the CPU so far (boot): a diagnostic.
-                cmd = "sh $LAB_TMP/cputicks.sh -v"; t = ""; cmd | getline t; close(cmd)
+                cmd = "sh $LAB_TMP/cputicks.sh -v " pidfile; t = ""; cmd | getline t; close(cmd)
                 printf "LAB-VAL %s-threads-at-boot %s\n", tag, t; fflush()
             }
         }'
@@ -264,6 +286,8 @@ $IP link set bt0 up
 # passthrough: the NVMe and the e1000e to vfio-pci; L1's peer e1000e on the same hub.
 check bind-nvme passthrough bind $NVME_BDF
 check bind-nic passthrough bind $NIC_BDF
+check bind-nvme2 passthrough bind $NVME2_BDF
+check bind-nic2 passthrough bind $NIC2_BDF
 peer=$(ls /sys/bus/pci/devices/$PEER_NIC_BDF/net/)
 $IP addr add 198.51.100.1/24 dev $peer
 $IP link set $peer up
@@ -325,6 +349,134 @@ vm() {
     echo "BENCH-END $tag"
 }
 
+# Passthrough side by side: both VMMs' L2s run at once, each with its own NVMe and e1000e
+# (the lab's pair; ours gets the first set in odd runs, the second in even ones), and take
+# turns: @BATCHES@ batches of reads, then of pings, alternating which goes first. The host's
+# speed changes by up to 2x within minutes here; turns a second apart see the same host.
+# side_start TAG KIND FD HOST DEVICE-ARGS...: boot an L2 in the background; its console goes
+# (through lab_console and phase_watch) to $LAB_TMP/TAG.log; its serial input is the FIFO
+# $LAB_TMP/TAG.in, opened for writing on fd FD (5 or 6).
+side_start() {
+    tag=$1 kind=$2 fd=$3 host=$4
+    shift 4
+    rm -f $LAB_TMP/$tag.in $LAB_TMP/stats-$tag.json $LAB_TMP/pids/side-$tag
+    mkfifo $LAB_TMP/$tag.in
+    t0=$(lab_uptime)
+    {
+        if [ $kind = vmm ]; then
+            vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" \
+                --cmdline "$C bench_host=$host bench_batches=@BATCHES@" \
+                --cpus 2 --memory 512M --exit-stats $LAB_TMP/stats-$tag.json "$@" <$LAB_TMP/$tag.in 2>&1 &
+        else
+            qemu-system-x86_64 -nodefaults -nographic -serial stdio -no-reboot \
+                -enable-kvm -cpu host -m 512 -smp 2 -name l2,debug-threads=on \
+                -kernel "$L2_GENERIC_KERNEL" -initrd "$L2_GENERIC_INITRD" \
+                -append "$C bench_host=$host bench_batches=@BATCHES@" "$@" <$LAB_TMP/$tag.in 2>&1 &
+        fi
+        echo $! >$LAB_TMP/pids/side-$tag
+        wait $!
+        rc=$?
+        echo
+        echo "VMM-RC $rc"
+    } | lab_console "$t0" "$tag" | phase_watch "$tag" $LAB_TMP/pids/side-$tag >$LAB_TMP/$tag.log &
+    echo $! >$LAB_TMP/$tag.pipe
+    eval "exec $fd>$LAB_TMP/$tag.in"
+}
+# side_wait TAG PATTERN COUNT SECS: until TAG's log has COUNT lines starting with PATTERN,
+# its VMM ended, or SECS passed (saying so every 20 s: the bench takes a quiet console for
+# a stuck L1).
+side_wait() {
+    n=0
+    while [ "$(grep -c "^$2" $LAB_TMP/$1.log 2>/dev/null)" -lt $3 ]; do
+        grep -q '^VMM-RC' $LAB_TMP/$1.log 2>/dev/null && return 1
+        [ $n -ge $(($4 * 10)) ] && { echo "LAB-VAL $1-timeout no '$2' after $4 s"; return 1; }
+        [ $n -gt 0 ] && [ $((n % 200)) = 0 ] && echo "LAB-VAL $1-waiting for '$2' ($((n / 10)) s)"
+        sleep 0.1
+        n=$((n + 1))
+    done
+}
+# nic_reset BDF: give the e1000e to L1's driver and back to vfio-pci. The driver's probe
+# resets it; vfio-pci's reset (D3hot -> D0) does not reach the lab's emulated e1000e, which
+# otherwise keeps its last VM's descriptor rings (seen: DMA writes to a stale guest
+# address, a DMAR fault, when the second VM of a lab boot enabled bus mastering).
+nic_reset() {
+    passthrough unbind $1 >/dev/null && passthrough bind $1 >/dev/null
+}
+# side_send FD TAG COMMAND: one command line to TAG's L2 (ignored once it is gone).
+side_send() {
+    grep -q '^VMM-RC' $LAB_TMP/$2.log 2>/dev/null || eval "echo $3 >&$1"
+}
+pt_side_by_side() {
+    r=$1 order=$2
+    if [ $((r % 2)) = 1 ]; then
+        dev_vmm="$NVME_BDF $NIC_BDF" dev_qemu="$NVME2_BDF $NIC2_BDF"
+    else
+        dev_vmm="$NVME2_BDF $NIC2_BDF" dev_qemu="$NVME_BDF $NIC_BDF"
+    fi
+    C="$L2_CMDLINE bench_net=198.51.100"
+    # A write to the FIFO of an L2 that just died must not end this script.
+    trap '' PIPE
+    for attempt in 1 2; do
+        check r$r-pt-nic-reset-$attempt nic_reset $NIC_BDF
+        check r$r-pt-nic2-reset-$attempt nic_reset $NIC2_BDF
+        echo "BENCH-SIDE r$r-pt"
+        fd=5
+        host=2
+        for v in $order; do
+            set -- $(eval echo \$dev_$v)
+            if [ $v = vmm ]; then
+                side_start r$r-pt-vmm vmm $fd $host --vfio host=$1,id=nvme0 --vfio host=$2,id=nic0
+            else
+                side_start r$r-pt-qemu qemu $fd $host -device vfio-pci,host=$1 -device vfio-pci,host=$2
+            fi
+            eval "fd_$v=$fd"
+            # The next boots while this one waits: boot-to-init of one L2 with the other idle.
+            side_wait r$r-pt-$v L2-READY 1 240 || echo "LAB-VAL r$r-pt-$v-not-ready"
+            fd=6
+            host=3
+        done
+        for phase in blk net; do
+            k=1
+            while [ $k -le @BATCHES@ ]; do
+                if [ $((k % 2)) = 1 ]; then turns="$order"; else turns="$(echo $order | awk '{ print $2, $1 }')"; fi
+                for v in $turns; do
+                    fd=$(eval echo \$fd_$v)
+                    side_send $fd r$r-pt-$v "$phase $k"
+                    side_wait r$r-pt-$v "LAB-VAL r$r-pt-$v-cpu-$phase-begin" $k 60 || true
+                    side_send $fd r$r-pt-$v go
+                    side_wait r$r-pt-$v "L2-BATCH-END $phase $k" 1 60 || true
+                done
+                echo "LAB-VAL r$r-pt-turn $phase $k"
+                k=$((k + 1))
+            done
+        done
+        for v in $order; do side_send $(eval echo \$fd_$v) r$r-pt-$v quit; done
+        for v in $order; do
+            # A VMM whose guest does not power off is ended (by its PID).
+            side_wait r$r-pt-$v VMM-RC 1 120 || kill $(cat $LAB_TMP/pids/side-r$r-pt-$v) 2>/dev/null
+            wait $(cat $LAB_TMP/r$r-pt-$v.pipe)
+        done
+        exec 5>&- 6>&-
+        ok=1
+        for v in $order; do
+            tag=r$r-pt-$v
+            echo "BENCH-BEGIN $tag"
+            cat $LAB_TMP/$tag.log
+            [ -f $LAB_TMP/stats-$tag.json ] && echo "LAB-VAL $tag-exit-stats $(cat $LAB_TMP/stats-$tag.json)"
+            echo "BENCH-END $tag"
+            grep -q '^VMM-RC 0$' $LAB_TMP/$tag.log && grep -q '^L2-EXIT 0$' $LAB_TMP/$tag.log || ok=0
+        done
+        [ $ok = 1 ] && break
+        [ $attempt = 1 ] && echo "LAB-VAL r$r-pt-retry a VM did not end cleanly; booting both again"
+    done
+    trap - PIPE
+    rm -f $LAB_TMP/pids/side-*
+    for v in $order; do
+        check r$r-pt-$v-vmm-rc grep -q '^VMM-RC 0$' $LAB_TMP/r$r-pt-$v.log
+        check r$r-pt-$v-l2-exit grep -q '^L2-EXIT 0$' $LAB_TMP/r$r-pt-$v.log
+    done
+}
+
 r=$RUN_FIRST
 while [ $r -le $RUN_LAST ]; do
     if [ $((r % 2)) = 1 ]; then order="vmm qemu"; else order="qemu vmm"; fi
@@ -356,19 +508,14 @@ while [ $r -le $RUN_LAST ]; do
         fi
         vu_stop
     done
-    C="$L2_CMDLINE bench_net=198.51.100"
-    for v in $order; do
-        if [ $v = vmm ]; then
-            vm r$r-pt-vmm vmm --vfio host=$NVME_BDF,id=nvme0 --vfio host=$NIC_BDF,id=nic0
-        else
-            vm r$r-pt-qemu qemu -device vfio-pci,host=$NVME_BDF -device vfio-pci,host=$NIC_BDF
-        fi
-    done
+    pt_side_by_side $r "$order"
     r=$((r + 1))
 done
 $IP link del bt0
 check unbind-nic passthrough unbind $NIC_BDF
 check unbind-nvme passthrough unbind $NVME_BDF
+check unbind-nic2 passthrough unbind $NIC2_BDF
+check unbind-nvme2 passthrough unbind $NVME2_BDF
 lab_finish
 "#;
 
@@ -376,8 +523,14 @@ const L2_SCRIPT: &str = r#"
 OPS=@BLK_OPS@
 PINGS=@PINGS@
 NET=192.0.2
+HOST=2
+BATCHES=0
 for x in $(cat /proc/cmdline); do
-    case $x in bench_net=*) NET=${x#bench_net=} ;; esac
+    case $x in
+    bench_net=*) NET=${x#bench_net=} ;;
+    bench_host=*) HOST=${x#bench_host=} ;;
+    bench_batches=*) BATCHES=${x#bench_batches=} ;;
+    esac
 done
 # The disk: virtio-blk, or the assigned NVMe (probed asynchronously).
 n=0
@@ -387,10 +540,6 @@ while [ -z "$dev" ] && [ $n -lt 100 ]; do
     [ -n "$dev" ] || { sleep 0.1; n=$((n + 1)); }
 done
 echo "L2-VAL disk ${dev:-none}"
-echo "LAT-PHASE blk begin"
-sleep 0.5
-lat "$dev" "$OPS" @WARMUP@
-echo "LAT-PHASE blk end"
 n=0
 ifc=
 while [ -z "$ifc" ] && [ $n -lt 100 ]; do
@@ -399,16 +548,47 @@ while [ -z "$ifc" ] && [ $n -lt 100 ]; do
 done
 echo "L2-VAL nic ${ifc:-none}"
 ip link set "$ifc" up
-ip addr add $NET.2/24 dev "$ifc"
+ip addr add $NET.$HOST/24 dev "$ifc"
 n=0; until [ "$(cat /sys/class/net/$ifc/carrier 2>/dev/null)" = 1 ] || [ $n -ge 100 ]; do sleep 0.1; n=$((n + 1)); done
 # Settle: the first packets after a passthrough bind can be lost (see lab_vfio.rs).
 n=0; until ping -c 1 -W 1 $NET.1 >/dev/null 2>&1 || [ $n -ge 20 ]; do n=$((n + 1)); done
 echo "L2-VAL settle-lost $n"
-echo "LAT-PHASE net begin"
-sleep 0.5
-ping -c "$PINGS" -i 0.01 -W 2 $NET.1 >$LAB_TMP/ping.txt 2>&1
-echo "LAT-PHASE net end"
-echo "L2-PING-STAT $(grep 'packets transmitted' $LAB_TMP/ping.txt)"
+# phase_begin PHASE: L1 reads its counters at each LAT-PHASE marker: side by side, L1 says
+# "go" once it has; alone, 0.5 s is plenty.
+phase_begin() {
+    echo "LAT-PHASE $1 begin"
+    if [ "$BATCHES" -gt 0 ]; then read -r go; else sleep 0.5; fi
+}
+# blk_batch READS SEED, net_batch PINGS: one measured batch.
+blk_batch() {
+    phase_begin blk
+    lat --samples $LAB_TMP/lat.txt "$dev" "$1" @WARMUP@ "$2" | sed 's/^LAT-RESULT/L2-BATCH blk/'
+    echo "LAT-PHASE blk end"
+}
+net_batch() {
+    phase_begin net
+    ping -c "$1" -i 0.01 -W 2 $NET.1 >>$LAB_TMP/ping.txt 2>&1
+    echo "LAT-PHASE net end"
+}
+if [ "$BATCHES" -gt 0 ]; then
+    # Side by side: L1 gives the turns on the serial port ("blk K", "net K", "quit").
+    stty -F /dev/ttyS0 -echo 2>/dev/null
+    echo "L2-READY"
+    while read -r cmd k; do
+        case $cmd in
+        blk) blk_batch $((OPS / BATCHES)) "$k" ;;
+        net) net_batch $((PINGS / BATCHES)) ;;
+        quit) break ;;
+        *) continue ;;
+        esac
+        echo "L2-BATCH-END $cmd $k"
+    done </dev/ttyS0
+else
+    blk_batch "$OPS" 1
+    net_batch "$PINGS"
+fi
+lat --summary $LAB_TMP/lat.txt
+echo "L2-PING-STAT $(grep 'packets transmitted' $LAB_TMP/ping.txt | tr '\n' ' ')"
 # The per-packet times in whole µs, 50 a line (each byte on the console is a serial exit).
 grep -o 'time=[0-9.]* ms' $LAB_TMP/ping.txt | awk '{ sub(/^time=/, "", $1); l = l " " int($1 * 1000 + 0.5) } NR % 50 == 0 { print "L2-PING-US" l; l = "" } END { if (l != "") print "L2-PING-US" l }'
 # Let the console drain before init powers off.
@@ -421,7 +601,12 @@ fn l1_script(first: u32, last: u32, poll_us: u32) -> String {
         .replace("@RUN_FIRST@", &first.to_string())
         .replace("@RUN_LAST@", &last.to_string())
         .replace("@POLL_US@", &poll_us.to_string())
+        .replace("@BATCHES@", &SIDE_BY_SIDE_BATCHES.to_string())
 }
+
+/// Turns of each phase when two L2s run side by side (passthrough): the reads and pings of a
+/// guest are split into this many batches.
+pub const SIDE_BY_SIDE_BATCHES: u32 = 10;
 
 /// The L2 script for `opts`.
 fn l2_script(opts: &LabOptions) -> String {
@@ -460,6 +645,12 @@ fn lat_binary() -> Result<(PathBuf, PathBuf), String> {
 pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Record>, String> {
     if opts.runs == 0 || opts.blk_ops == 0 || opts.pings == 0 {
         return Err(format!("lab: nothing to measure: {opts:?}"));
+    }
+    if opts.blk_ops < SIDE_BY_SIDE_BATCHES || opts.pings < SIDE_BY_SIDE_BATCHES {
+        return Err(format!(
+            "lab: passthrough runs side by side in {SIDE_BY_SIDE_BATCHES} batches: \
+             at least {SIDE_BY_SIDE_BATCHES} reads and pings are needed ({opts:?})"
+        ));
     }
     let (lat, bins) = lat_binary()?;
     for b in ["vmm", "vhost-user-blk", "vhost-user-net", "passthrough"] {
@@ -514,8 +705,10 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
         .l2_bin(&lat)
         .project_bins(&bins)
         .with_qemu()
-        // L1: the 256 MiB disk, a 512 MiB L2, QEMU or our vmm, two daemons, the images.
-        .mem_mib(2560)
+        // L1: the 256 MiB disk, two 512 MiB L2s (side by side), QEMU and our vmm, two
+        // daemons, the images.
+        .mem_mib(3072)
+        .pair_devices()
         // Every step prints within seconds (the longest quiet one, 500 pings, about 10 s);
         // a stuck L1 costs a minute, not the default 150 s.
         .stall(Duration::from_secs(60))
@@ -523,9 +716,17 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
         let total = opts.runs;
         let mut on_line = |line: &str| {
             if let Some(tag) = line.strip_prefix("BENCH-BEGIN ") {
-                if let Some(msg) = describe_tag(tag.trim(), total) {
-                    progress(&msg);
+                // Side-by-side sections are printed after the fact.
+                if !tag.contains("-pt-") {
+                    if let Some(msg) = describe_tag(tag.trim(), total) {
+                        progress(&msg);
+                    }
                 }
+            } else if let Some(run) = line.strip_prefix("BENCH-SIDE r") {
+                let run = run.trim_end_matches("-pt");
+                progress(&format!(
+                    "lab: run {run}/{total}: passthrough, our vmm and QEMU side by side"
+                ));
             } else if line.starts_with("LAB-INIT") {
                 progress(&format!("lab: runs {r} of {total}: L1 is up"));
             } else if let Some(f) = line.strip_prefix("LAB-FAIL ") {
@@ -637,6 +838,34 @@ fn section<'a>(run: &'a LabRun, tag: &str) -> Option<Vec<&'a str>> {
     Some(out)
 }
 
+/// The rest of every line of `lines` that starts with the word `key`, in order.
+fn fields<'a>(lines: &[&'a str], key: &str) -> Vec<&'a str> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            l.strip_prefix(key)
+                .filter(|r| r.is_empty() || r.starts_with(' '))
+                .map(str::trim)
+        })
+        .collect()
+}
+
+/// The sum of `delta(begin, end)` over a phase's batches: the begin and end readings pair up
+/// in order. `None` when there is none, when they do not pair up, or when any reading or
+/// difference is missing (a counter that went backwards).
+fn phase_sum<T>(
+    begins: &[Option<T>],
+    ends: &[Option<T>],
+    delta: impl Fn(&T, &T) -> Option<u64>,
+) -> Option<u64> {
+    if begins.is_empty() || begins.len() != ends.len() {
+        return None;
+    }
+    begins.iter().zip(ends).try_fold(0u64, |sum, (b, e)| {
+        sum.checked_add(delta(b.as_ref()?, e.as_ref()?)?)
+    })
+}
+
 /// The rest of the first line of `lines` that starts with the word `key`.
 fn field<'a>(lines: &[&'a str], key: &str) -> Option<&'a str> {
     lines.iter().find_map(|l| {
@@ -716,14 +945,16 @@ fn config_records(
         .ok_or("no init time (L2 did not reach init)")?
         .parse::<f64>()
         .map_err(|e| format!("init time: {e}"))?;
+    // Host CPU over a phase (summed over its batches when side by side).
     let cpu = |phase: &str| -> Option<f64> {
-        let get = |edge: &str| -> Option<u64> {
-            field(lines, &format!("LAB-VAL {tag}-cpu-{phase}-{edge}"))?
-                .parse()
-                .ok()
+        let get = |edge: &str| -> Vec<Option<u64>> {
+            fields(lines, &format!("LAB-VAL {tag}-cpu-{phase}-{edge}"))
+                .into_iter()
+                .map(|v| v.parse().ok())
+                .collect()
         };
-        let (b, e) = (get("begin")?, get("end")?);
-        Some(e.checked_sub(b)? as f64 / L1_TICKS_PER_SEC * 1e6)
+        let ticks = phase_sum(&get("begin"), &get("end"), |b, e| e.checked_sub(*b))?;
+        Some(ticks as f64 / L1_TICKS_PER_SEC * 1e6)
     };
     let stats = match field(lines, &format!("LAB-VAL {tag}-exit-stats")) {
         Some(text) if cfg.vmm == "vmm" => Some(parse_exit_stats(text)?),
@@ -744,19 +975,18 @@ fn config_records(
     };
     // L1's KVM counters over a phase, per operation (both VMMs).
     let kvm = |phase: &str, ops: u64| -> Result<BTreeMap<String, f64>, String> {
-        let get = |edge: &str| -> Result<Option<BTreeMap<String, u64>>, String> {
-            field(lines, &format!("LAB-VAL {tag}-kvm-{phase}-{edge}"))
-                .map(parse_kvm_counters)
-                .transpose()
+        let get = |edge: &str| -> Result<Vec<Option<BTreeMap<String, u64>>>, String> {
+            fields(lines, &format!("LAB-VAL {tag}-kvm-{phase}-{edge}"))
+                .into_iter()
+                .map(|v| parse_kvm_counters(v).map(Some))
+                .collect()
         };
+        let (b, e) = (get("begin")?, get("end")?);
         let mut m = BTreeMap::new();
-        if let (Some(b), Some(e)) = (get("begin")?, get("end")?) {
-            for (stat, key) in KVM_COUNTERS {
-                if let (Some(x), Some(y)) = (b.get(stat), e.get(stat)) {
-                    if let Some(d) = y.checked_sub(*x) {
-                        m.insert(key.to_string(), d as f64 / ops.max(1) as f64);
-                    }
-                }
+        for (stat, key) in KVM_COUNTERS {
+            let d = phase_sum(&b, &e, |x, y| y.get(stat)?.checked_sub(*x.get(stat)?));
+            if let Some(d) = d {
+                m.insert(key.to_string(), d as f64 / ops.max(1) as f64);
             }
         }
         Ok(m)
@@ -778,11 +1008,13 @@ fn config_records(
         load,
     };
     let blk_n = lat.n;
-    if blk_n != u64::from(opts.blk_ops) {
-        return Err(format!(
-            "lat measured {blk_n} reads, asked {}",
-            opts.blk_ops
-        ));
+    let asked = match cfg.model {
+        // Whole batches.
+        Model::Passthrough => opts.blk_ops / SIDE_BY_SIDE_BATCHES * SIDE_BY_SIDE_BATCHES,
+        _ => opts.blk_ops,
+    };
+    if blk_n != u64::from(asked) {
+        return Err(format!("lat measured {blk_n} reads, asked {asked}"));
     }
     let net_n = rtts.len() as u64;
     let mut blk_exits = exits(disk_id, blk_n);
@@ -1164,6 +1396,63 @@ mod tests {
         let mut bad = q.clone();
         bad[6] = "LAB-VAL r1-invmm-qemu-kvm-blk-end exits=x";
         assert!(config_records(&bad, CONFIGS[1], 1, "x", &o, Load::default()).is_err());
+    }
+
+    #[test]
+    fn side_by_side_batches_sum_up() {
+        // Two batches of each phase (the real run has SIDE_BY_SIDE_BATCHES): the counters
+        // and CPU ticks are summed over the batches, the per-batch lines are not results.
+        let lines = [
+            "LAB-T r2-pt-qemu-init 20.5",
+            "L2-READY",
+            "LAB-VAL r2-pt-qemu-cpu-blk-begin 10",
+            "LAB-VAL r2-pt-qemu-kvm-blk-begin exits=100 halt_exits=5 ",
+            "L2-BATCH blk {\"test\":\"blk-read-qd1\",\"n\":10,\"min_ns\":1,\"p50_ns\":1,\"p90_ns\":1,\"p99_ns\":1,\"p999_ns\":1,\"max_ns\":1}",
+            "LAB-VAL r2-pt-qemu-cpu-blk-end 11",
+            "LAB-VAL r2-pt-qemu-kvm-blk-end exits=120 halt_exits=15 ",
+            "L2-BATCH-END blk 1",
+            "LAB-VAL r2-pt-qemu-cpu-blk-begin 50",
+            "LAB-VAL r2-pt-qemu-kvm-blk-begin exits=500 halt_exits=40 ",
+            "LAB-VAL r2-pt-qemu-cpu-blk-end 53",
+            "LAB-VAL r2-pt-qemu-kvm-blk-end exits=540 halt_exits=50 ",
+            "L2-BATCH-END blk 2",
+            "LAT-RESULT {\"test\":\"blk-read-qd1\",\"n\":20,\"min_ns\":1000,\"p50_ns\":2000,\"p90_ns\":2000,\"p99_ns\":2000,\"p999_ns\":2000,\"max_ns\":2000}",
+            "L2-PING-US 500 600",
+        ];
+        let o = LabOptions {
+            runs: 2,
+            // 25 asked: whole batches of 10 are 20.
+            blk_ops: 25,
+            pings: 20,
+            poll_us: 0,
+        };
+        let v = config_records(&lines, CONFIGS[5], 2, "x", &o, Load::default()).unwrap();
+        assert_eq!(v[0].n, 20);
+        assert_eq!(v[0].latency.unwrap().p50, 2.0, "the summary, not a batch");
+        // (20 + 40) exits and (10 + 10) halts over 20 reads; (1 + 3) ticks of 10 ms.
+        assert_eq!(v[0].exits_per_op["kvm_exits"], 3.0);
+        assert_eq!(v[0].exits_per_op["kvm_halt"], 1.0);
+        assert_eq!(v[0].cpu_us_per_op, Some(2000.0));
+        assert_eq!(v[2].seconds, Some(20.5));
+        // A batch whose end is missing makes the phase's figures unknown, not wrong.
+        let cut: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| !l.ends_with("-cpu-blk-end 53"))
+            .collect();
+        let v = config_records(&cut, CONFIGS[5], 2, "x", &o, Load::default()).unwrap();
+        assert_eq!(v[0].cpu_us_per_op, None);
+        // phase_sum itself.
+        let d = |b: &u64, e: &u64| e.checked_sub(*b);
+        assert_eq!(
+            phase_sum(&[Some(1), Some(5)], &[Some(2), Some(9)], d),
+            Some(5)
+        );
+        assert_eq!(phase_sum(&[Some(3)], &[Some(2)], d), None);
+        assert_eq!(phase_sum::<u64>(&[], &[], d), None);
+        assert_eq!(phase_sum(&[Some(1)], &[None], d), None);
+        let l1 = l1_script(1, 2, 50);
+        assert!(l1.contains("bench_batches=10") && !l1.contains("@BATCHES@"));
     }
 
     #[test]

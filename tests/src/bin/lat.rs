@@ -2,7 +2,8 @@
 //! lab (the bench's lab matrix, `tests::bench::lab`).
 //!
 //! ```text
-//! lat DEVICE [READS [WARMUP [SEED]]]      defaults: 1000 reads, 16 warm-up reads, seed 1
+//! lat [--samples FILE] DEVICE [READS [WARMUP [SEED]]]   defaults: 1000 reads, 16 warm-up, seed 1
+//! lat --summary FILE
 //! ```
 //!
 //! Opens DEVICE with O_DIRECT (so every read reaches the device, not the guest's page cache),
@@ -16,9 +17,13 @@
 //!
 //! with the nearest-rank percentiles of [`tests::probe::percentile`] (the probe's rule), and
 //! exits 0; on an error, prints `LAT-ERROR <why>` and exits 1.
+//!
+//! Measured in batches (the bench's side-by-side runs, where two guests take turns): each
+//! batch `--samples FILE` appends its latencies to FILE (one ns figure a line) after its own
+//! line, and `--summary FILE` prints the `LAT-RESULT` line of every sample in FILE.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -28,14 +33,39 @@ use tests::probe::{percentile, XorShift, PERCENTILES_PER_MILLE};
 const BLOCK: usize = 4096;
 
 struct Args {
+    samples: Option<String>,
     device: String,
     reads: u32,
     warmup: u32,
     seed: u64,
 }
 
+enum Mode {
+    Measure(Args),
+    Summary(String),
+}
+
+const USAGE: &str =
+    "usage: lat [--samples FILE] DEVICE [READS [WARMUP [SEED]]] | lat --summary FILE";
+
+fn parse_mode(args: &[String]) -> Result<Mode, String> {
+    match args.first().map(String::as_str) {
+        Some("--summary") => match args {
+            [_, file] => Ok(Mode::Summary(file.clone())),
+            _ => Err(USAGE.into()),
+        },
+        Some("--samples") => {
+            let file = args.get(1).ok_or(USAGE)?.clone();
+            let mut a = parse_args(&args[2..])?;
+            a.samples = Some(file);
+            Ok(Mode::Measure(a))
+        }
+        _ => parse_args(args).map(Mode::Measure),
+    }
+}
+
 fn parse_args(args: &[String]) -> Result<Args, String> {
-    let usage = "usage: lat DEVICE [READS [WARMUP [SEED]]]";
+    let usage = USAGE;
     let device = args.first().ok_or(usage)?.clone();
     let num = |i: usize, default: u64| -> Result<u64, String> {
         match args.get(i) {
@@ -51,6 +81,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         return Err("READS must be positive".into());
     }
     Ok(Args {
+        samples: None,
         device,
         reads,
         warmup,
@@ -96,10 +127,44 @@ fn run(a: &Args) -> Result<String, String> {
             samples.push(u64::try_from(ns).unwrap_or(u64::MAX));
         }
     }
+    if let Some(file) = &a.samples {
+        let mut text = String::with_capacity(samples.len() * 8);
+        for ns in &samples {
+            text.push_str(&ns.to_string());
+            text.push('\n');
+        }
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| format!("append samples to {file}: {e}"))?;
+    }
+    Ok(result_line(samples))
+}
+
+/// The `LAT-RESULT` line of every sample in `file` (written by `--samples`).
+fn summary(file: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("read {file}: {e}"))?;
+    let samples = parse_samples(&text)?;
+    if samples.is_empty() {
+        return Err(format!("{file} holds no samples"));
+    }
+    Ok(result_line(samples))
+}
+
+fn parse_samples(text: &str) -> Result<Vec<u64>, String> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.trim().parse().map_err(|_| format!("not a sample: {l:?}")))
+        .collect()
+}
+
+fn result_line(mut samples: Vec<u64>) -> String {
     samples.sort_unstable();
     let p = |pm: u32| percentile(&samples, pm).unwrap_or(0);
     let [p50, p90, p99, p999] = PERCENTILES_PER_MILLE;
-    Ok(format!(
+    format!(
         "LAT-RESULT {{\"test\":\"blk-read-qd1\",\"n\":{},\"min_ns\":{},\"p50_ns\":{},\"p90_ns\":{},\"p99_ns\":{},\"p999_ns\":{},\"max_ns\":{}}}",
         samples.len(),
         p(0),
@@ -108,12 +173,16 @@ fn run(a: &Args) -> Result<String, String> {
         p(p99),
         p(p999),
         p(1000)
-    ))
+    )
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match parse_args(&args).and_then(|a| run(&a)) {
+    let result = parse_mode(&args).and_then(|m| match m {
+        Mode::Measure(a) => run(&a),
+        Mode::Summary(file) => summary(&file),
+    });
+    match result {
         Ok(line) => {
             println!("{line}");
             ExitCode::SUCCESS
@@ -122,5 +191,58 @@ fn main() -> ExitCode {
             println!("LAT-ERROR {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn modes() {
+        let Ok(Mode::Measure(a)) = parse_mode(&strings(&["/dev/vda", "500", "4", "7"])) else {
+            panic!("measure expected");
+        };
+        assert_eq!((a.reads, a.warmup, a.seed, a.samples), (500, 4, 7, None));
+        let Ok(Mode::Measure(a)) = parse_mode(&strings(&["--samples", "/tmp/s", "/dev/vda"]))
+        else {
+            panic!("measure expected");
+        };
+        assert_eq!(a.samples.as_deref(), Some("/tmp/s"));
+        assert_eq!(a.device, "/dev/vda");
+        assert!(
+            matches!(parse_mode(&strings(&["--summary", "/tmp/s"])), Ok(Mode::Summary(f)) if f == "/tmp/s")
+        );
+        assert!(parse_mode(&strings(&["--summary"])).is_err());
+        assert!(parse_mode(&strings(&["--samples", "/tmp/s"])).is_err());
+        assert!(parse_mode(&strings(&["/dev/vda", "0"])).is_err());
+    }
+
+    #[test]
+    fn batches_sum_up() {
+        let file = std::env::temp_dir().join(format!("lat-test-{}", std::process::id()));
+        let _ = std::fs::remove_file(&file);
+        let path = file.to_string_lossy().into_owned();
+        for batch in ["30\n10\n", "20\n40\n"] {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&file)
+                .unwrap();
+            f.write_all(batch.as_bytes()).unwrap();
+        }
+        let line = summary(&path).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        assert!(
+            line.starts_with("LAT-RESULT {\"test\":\"blk-read-qd1\",\"n\":4,\"min_ns\":10,"),
+            "{line}"
+        );
+        assert!(line.ends_with("\"max_ns\":40}"), "{line}");
+        assert!(parse_samples("1\nx\n").is_err());
+        assert_eq!(parse_samples("\n5\n\n").unwrap(), vec![5]);
     }
 }
