@@ -562,8 +562,10 @@ phase_begin() {
 # blk_batch READS SEED, net_batch PINGS: one measured batch.
 blk_batch() {
     phase_begin blk
-    lat --samples $LAB_TMP/lat.txt "$dev" "$1" @WARMUP@ "$2" | sed 's/^LAT-RESULT/L2-BATCH blk/'
+    # Printed after the phase: every byte on the console is a serial exit.
+    out=$(lat --samples $LAB_TMP/lat.txt "$dev" "$1" @WARMUP@ "$2")
     echo "LAT-PHASE blk end"
+    echo "$out" | sed 's/^LAT-RESULT/L2-BATCH blk/'
 }
 net_batch() {
     phase_begin net
