@@ -127,7 +127,7 @@ fn run() -> Result<(), String> {
     let pairs = lab_pairs(&records);
     if !pairs.is_empty() {
         t.push_str(
-            "\nLab, our vmm against QEMU pair by pair (the same run and L1 boot, back to back):\n\n",
+            "\nLab, our vmm against QEMU pair by pair (the same run and L1 boot; back to back, passthrough side by side):\n\n",
         );
         t.push_str(&pairs_table(&pairs));
     }
