@@ -13,6 +13,7 @@ fn lab_matrix_produces_every_record() {
         blk_ops: 200,
         pings: 50,
         poll_us: 50,
+        side_by_side: false,
     };
     let records = run_lab(&opts, &mut |line| eprintln!("{line}")).unwrap_or_else(|e| panic!("{e}"));
     for r in &records {

@@ -8,7 +8,8 @@
 //! | vhost-user | `--vhost-user-blk` + `--vhost-user-net` to our daemons | `vhost-user-blk-pci` + `-netdev vhost-user` to the same daemons (guest RAM in a shared memfd) |
 //! | passthrough | `--vfio` an NVMe and an e1000e | `-device vfio-pci` for the other NVMe and e1000e |
 //!
-//! Passthrough runs side by side: L1 has two NVMe and two e1000e (`Scenario::pair_devices`),
+//! With [`LabOptions::side_by_side`] (`scripts/bench --side-by-side`), passthrough runs side
+//! by side: L1 has two NVMe and two e1000e (`Scenario::pair_devices`),
 //! both VMMs' L2s run at once, one set each (ours the first set in odd runs, the second in even
 //! ones), and they take turns: [`SIDE_BY_SIDE_BATCHES`] batches of reads, then of pings, the
 //! first turn alternating, each L2 idle while the other measures. The host's speed moves by up
@@ -85,6 +86,9 @@ pub struct LabOptions {
     /// `poll_us=` of our in-VMM devices and `--poll-us` of our daemons (QEMU's iothread
     /// polls by default too).
     pub poll_us: u32,
+    /// Passthrough side by side (see the module's documentation) instead of one VM after
+    /// the other.
+    pub side_by_side: bool,
 }
 
 impl Default for LabOptions {
@@ -94,6 +98,7 @@ impl Default for LabOptions {
             blk_ops: 2000,
             pings: 500,
             poll_us: 50,
+            side_by_side: false,
         }
     }
 }
@@ -162,8 +167,13 @@ impl Cfg {
     }
 
     /// The configuration strings of the blk, net and boot records.
-    fn configs(self, qemu_blk: &str) -> [String; 3] {
+    fn configs(self, qemu_blk: &str, side_by_side: bool) -> [String; 3] {
         let exits = " [exits/op over the whole VM]";
+        let (side, idle) = if side_by_side {
+            (", side by side", ", the other L2 idle")
+        } else {
+            ("", "")
+        };
         match (self.model, self.vmm) {
             (Model::InVmm, "vmm") => [
                 format!("virtio-blk{exits}"),
@@ -188,14 +198,14 @@ impl Cfg {
                 "vhost-user-blk + vhost-user-net".into(),
             ],
             (Model::Passthrough, "vmm") => [
-                format!("nvme (vfio), side by side{exits}"),
-                format!("e1000e (vfio), side by side{exits}"),
-                "nvme + e1000e (vfio), the other L2 idle".into(),
+                format!("nvme (vfio){side}{exits}"),
+                format!("e1000e (vfio){side}{exits}"),
+                format!("nvme + e1000e (vfio){idle}"),
             ],
             (Model::Passthrough, _) => [
-                "nvme (vfio-pci), side by side".into(),
-                "e1000e (vfio-pci), side by side".into(),
-                "nvme + e1000e (vfio-pci), the other L2 idle".into(),
+                format!("nvme (vfio-pci){side}"),
+                format!("e1000e (vfio-pci){side}"),
+                format!("nvme + e1000e (vfio-pci){idle}"),
             ],
         }
     }
@@ -286,8 +296,10 @@ $IP link set bt0 up
 # passthrough: the NVMe and the e1000e to vfio-pci; L1's peer e1000e on the same hub.
 check bind-nvme passthrough bind $NVME_BDF
 check bind-nic passthrough bind $NIC_BDF
-check bind-nvme2 passthrough bind $NVME2_BDF
-check bind-nic2 passthrough bind $NIC2_BDF
+if [ @SIDE_BY_SIDE@ = 1 ]; then
+    check bind-nvme2 passthrough bind $NVME2_BDF
+    check bind-nic2 passthrough bind $NIC2_BDF
+fi
 peer=$(ls /sys/bus/pci/devices/$PEER_NIC_BDF/net/)
 $IP addr add 198.51.100.1/24 dev $peer
 $IP link set $peer up
@@ -508,14 +520,27 @@ while [ $r -le $RUN_LAST ]; do
         fi
         vu_stop
     done
-    pt_side_by_side $r "$order"
+    if [ @SIDE_BY_SIDE@ = 1 ]; then
+        pt_side_by_side $r "$order"
+    else
+        C="$L2_CMDLINE bench_net=198.51.100"
+        for v in $order; do
+            if [ $v = vmm ]; then
+                vm r$r-pt-vmm vmm --vfio host=$NVME_BDF,id=nvme0 --vfio host=$NIC_BDF,id=nic0
+            else
+                vm r$r-pt-qemu qemu -device vfio-pci,host=$NVME_BDF -device vfio-pci,host=$NIC_BDF
+            fi
+        done
+    fi
     r=$((r + 1))
 done
 $IP link del bt0
 check unbind-nic passthrough unbind $NIC_BDF
 check unbind-nvme passthrough unbind $NVME_BDF
-check unbind-nic2 passthrough unbind $NIC2_BDF
-check unbind-nvme2 passthrough unbind $NVME2_BDF
+if [ @SIDE_BY_SIDE@ = 1 ]; then
+    check unbind-nic2 passthrough unbind $NIC2_BDF
+    check unbind-nvme2 passthrough unbind $NVME2_BDF
+fi
 lab_finish
 "#;
 
@@ -598,11 +623,12 @@ sleep 1
 "#;
 
 /// The L1 script of runs `first..=last` (one L1 boot).
-fn l1_script(first: u32, last: u32, poll_us: u32) -> String {
+fn l1_script(first: u32, last: u32, poll_us: u32, side_by_side: bool) -> String {
     L1_SCRIPT
         .replace("@RUN_FIRST@", &first.to_string())
         .replace("@RUN_LAST@", &last.to_string())
         .replace("@POLL_US@", &poll_us.to_string())
+        .replace("@SIDE_BY_SIDE@", if side_by_side { "1" } else { "0" })
         .replace("@BATCHES@", &SIDE_BY_SIDE_BATCHES.to_string())
 }
 
@@ -648,7 +674,9 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
     if opts.runs == 0 || opts.blk_ops == 0 || opts.pings == 0 {
         return Err(format!("lab: nothing to measure: {opts:?}"));
     }
-    if opts.blk_ops < SIDE_BY_SIDE_BATCHES || opts.pings < SIDE_BY_SIDE_BATCHES {
+    if opts.side_by_side
+        && (opts.blk_ops < SIDE_BY_SIDE_BATCHES || opts.pings < SIDE_BY_SIDE_BATCHES)
+    {
         return Err(format!(
             "lab: passthrough runs side by side in {SIDE_BY_SIDE_BATCHES} batches: \
              at least {SIDE_BY_SIDE_BATCHES} reads and pings are needed ({opts:?})"
@@ -699,22 +727,24 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
         } else {
             format!("{first}-{last}")
         };
-        let scenario = Scenario::new(
+        let mut scenario = Scenario::new(
             &format!("bench_lab_r{r}"),
-            &l1_script(first, last, opts.poll_us),
+            &l1_script(first, last, opts.poll_us, opts.side_by_side),
         )
         .l2_script(&l2_script(opts))
         .l2_bin(&lat)
         .project_bins(&bins)
         .with_qemu()
-        // L1: the 256 MiB disk, two 512 MiB L2s (side by side), QEMU and our vmm, two
+        // L1: the 256 MiB disk, a 512 MiB L2 (two side by side), QEMU or our vmm (both), two
         // daemons, the images.
-        .mem_mib(3072)
-        .pair_devices()
+        .mem_mib(if opts.side_by_side { 3072 } else { 2560 })
         // Every step prints within seconds (the longest quiet one, 500 pings, about 10 s);
         // a stuck L1 costs a minute, not the default 150 s.
         .stall(Duration::from_secs(60))
         .timeout(timeout);
+        if opts.side_by_side {
+            scenario = scenario.pair_devices();
+        }
         let total = opts.runs;
         let mut on_line = |line: &str| {
             if let Some(tag) = line.strip_prefix("BENCH-BEGIN ") {
@@ -999,7 +1029,7 @@ fn config_records(
         }
         Ok(m)
     };
-    let [blk_cfg, net_cfg, boot_cfg] = cfg.configs(qemu_blk);
+    let [blk_cfg, net_cfg, boot_cfg] = cfg.configs(qemu_blk, opts.side_by_side);
     let base = |config: String, test: &str| Record {
         matrix: Matrix::Lab,
         model: cfg.model,
@@ -1018,7 +1048,9 @@ fn config_records(
     let blk_n = lat.n;
     let asked = match cfg.model {
         // Whole batches.
-        Model::Passthrough => opts.blk_ops / SIDE_BY_SIDE_BATCHES * SIDE_BY_SIDE_BATCHES,
+        Model::Passthrough if opts.side_by_side => {
+            opts.blk_ops / SIDE_BY_SIDE_BATCHES * SIDE_BY_SIDE_BATCHES
+        }
         _ => opts.blk_ops,
     };
     if blk_n != u64::from(asked) {
@@ -1332,8 +1364,9 @@ mod tests {
             blk_ops: 200,
             pings: 50,
             poll_us: 50,
+            side_by_side: false,
         };
-        let l1 = l1_script(3, 4, 50);
+        let l1 = l1_script(3, 4, 50, false);
         assert!(l1.contains("RUN_FIRST=3\n") && l1.contains("RUN_LAST=4\n"));
         assert!(l1.contains("id=disk0,poll_us=50"));
         assert!(!l1.contains("@RUN_") && !l1.contains("@POLL_US@"));
@@ -1364,6 +1397,7 @@ mod tests {
             blk_ops: 2,
             pings: 2,
             poll_us: 0,
+            side_by_side: false,
         };
         let v = config_records(&lines, CONFIGS[0], 1, "x", &o, Load::default()).unwrap();
         assert_eq!(v.len(), 3);
@@ -1433,6 +1467,7 @@ mod tests {
             blk_ops: 25,
             pings: 20,
             poll_us: 0,
+            side_by_side: true,
         };
         let v = config_records(&lines, CONFIGS[5], 2, "x", &o, Load::default()).unwrap();
         assert_eq!(v[0].n, 20);
@@ -1459,8 +1494,11 @@ mod tests {
         assert_eq!(phase_sum(&[Some(3)], &[Some(2)], d), None);
         assert_eq!(phase_sum::<u64>(&[], &[], d), None);
         assert_eq!(phase_sum(&[Some(1)], &[None], d), None);
-        let l1 = l1_script(1, 2, 50);
+        let l1 = l1_script(1, 2, 50, true);
         assert!(l1.contains("bench_batches=10") && !l1.contains("@BATCHES@"));
+        assert!(l1.contains("if [ 1 = 1 ]; then\n        pt_side_by_side"));
+        assert!(l1_script(1, 2, 50, false).contains("if [ 0 = 1 ]; then\n        pt_side_by_side"));
+        assert!(v[0].config.contains("side by side"));
     }
 
     #[test]

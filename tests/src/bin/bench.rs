@@ -25,6 +25,8 @@ const USAGE: &str = "usage: bench [--direct-only | --lab-only] [--runs N] [--n N
   --poll-us N      poll_us= of our in-VMM devices, --poll-us of our daemons (default 50)
   --lab-blk-ops N  4 KiB reads per lab guest (default 2000)
   --lab-pings N    pings per lab guest (default 500)
+  --side-by-side   lab passthrough: both VMMs' L2s at once on their own NVMe and e1000e,
+                   taking turns in 10 batches (default: one VM after the other)
   --wait-idle      wait (at most a minute) for an idle machine before each direct run
   --pin            direct matrix: vCPU threads on CPU 1, device threads (queue threads,
                    QEMU's iothread, the daemons' vring workers) on CPU 0
@@ -41,6 +43,7 @@ struct Args {
     poll_us: u32,
     lab_blk_ops: u32,
     lab_pings: u32,
+    side_by_side: bool,
     wait_idle: bool,
     pin: bool,
     only: Option<String>,
@@ -57,6 +60,7 @@ fn parse_args() -> Result<Args, String> {
         poll_us: 50,
         lab_blk_ops: 2000,
         lab_pings: 500,
+        side_by_side: false,
         wait_idle: false,
         pin: false,
         only: None,
@@ -78,6 +82,7 @@ fn parse_args() -> Result<Args, String> {
             "--poll-us" => a.poll_us = num("--poll-us")?,
             "--lab-blk-ops" => a.lab_blk_ops = num("--lab-blk-ops")?.max(1),
             "--lab-pings" => a.lab_pings = num("--lab-pings")?.max(1),
+            "--side-by-side" => a.side_by_side = true,
             "--wait-idle" => a.wait_idle = true,
             "--pin" => a.pin = true,
             "--only" => a.only = Some(it.next().ok_or("--only needs a text")?),
@@ -118,6 +123,7 @@ fn run() -> Result<(), String> {
                 blk_ops: a.lab_blk_ops,
                 pings: a.lab_pings,
                 poll_us: a.poll_us,
+                side_by_side: a.side_by_side,
             },
             &mut progress,
         )?);
