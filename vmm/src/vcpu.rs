@@ -68,91 +68,72 @@ fn crash(ctx: &VcpuContext, vcpu: &VcpuFd, reason: String) {
 /// kernel developer needs to tell a guest bug (RIP, the fault address in CR2, the IDT) from
 /// a VMM one (an event injected at the wrong time).
 fn cpu_state(vcpu: &VcpuFd) -> String {
-    use std::fmt::Write;
-    let mut s = String::new();
-    match vcpu.get_regs() {
-        Ok(r) => {
-            let _ = write!(
-                s,
-                "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} \
-                 rsi={:#x} rdi={:#x} rbp={:#x}",
-                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
-            );
-        }
-        Err(e) => {
-            let _ = write!(s, "registers unreadable ({e})");
-        }
-    }
-    match vcpu.get_sregs() {
+    let sregs = match vcpu.get_sregs() {
+        // AMD's KVM INITs a vCPU at a shutdown (its VMCB is undefined after one): what is
+        // left is the reset state, not the faulting one.
         Ok(r) if r.cs.selector == 0xf000 && r.cs.base == 0xffff_0000 && r.cr0 & 1 == 0 => {
-            // AMD's KVM INITs a vCPU at a shutdown (its VMCB is undefined after one), so the
-            // registers are the reset state and the faulting state is lost.
-            let _ = write!(
-                s,
-                " (the reset state: KVM on AMD re-initializes a vCPU that shut down, so the \
-                 faulting state is lost)"
-            );
+            return "the reset state (KVM on AMD re-initializes a vCPU that shut down, so the \
+                    faulting state is lost)"
+                .into();
         }
-        Ok(r) => {
-            let _ = write!(
-                s,
-                " cs={:#x} cpl={} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} \
-                 idt={:#x}+{:#x} gdt={:#x}+{:#x} tr={:#x}@{:#x}",
-                r.cs.selector,
-                r.cs.dpl,
-                r.cr0,
-                r.cr2,
-                r.cr3,
-                r.cr4,
-                r.efer,
-                r.idt.base,
-                r.idt.limit,
-                r.gdt.base,
-                r.gdt.limit,
-                r.tr.selector,
-                r.tr.base
-            );
-        }
-        Err(e) => {
-            let _ = write!(s, " system registers unreadable ({e})");
-        }
-    }
-    match vcpu.get_vcpu_events() {
+        Ok(r) => format!(
+            "cs={:#x} cpl={} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} \
+             idt={:#x}+{:#x} gdt={:#x}+{:#x} tr={:#x}@{:#x}",
+            r.cs.selector,
+            r.cs.dpl,
+            r.cr0,
+            r.cr2,
+            r.cr3,
+            r.cr4,
+            r.efer,
+            r.idt.base,
+            r.idt.limit,
+            r.gdt.base,
+            r.gdt.limit,
+            r.tr.selector,
+            r.tr.base
+        ),
+        Err(e) => format!("system registers unreadable ({e})"),
+    };
+    let regs = match vcpu.get_regs() {
+        Ok(r) => format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} \
+             rsi={:#x} rdi={:#x} rbp={:#x}",
+            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
+        ),
+        Err(e) => format!("registers unreadable ({e})"),
+    };
+    let events = match vcpu.get_vcpu_events() {
         Ok(ev) => {
-            let _ = write!(s, " events:");
-            let (ex, irq, nmi) = (ev.exception, ev.interrupt, ev.nmi);
-            let none =
-                ex.injected == 0 && ex.pending == 0 && irq.injected == 0 && nmi.injected == 0;
+            let mut v = Vec::new();
+            let ex = ev.exception;
             if ex.injected != 0 || ex.pending != 0 {
-                let _ = write!(
-                    s,
-                    " exception {} {}",
-                    ex.nr,
-                    if ex.injected != 0 {
-                        "injected"
-                    } else {
-                        "pending"
-                    }
-                );
+                let how = if ex.injected != 0 {
+                    "injected"
+                } else {
+                    "pending"
+                };
+                let mut e = format!("exception {} {how}", ex.nr);
                 if ex.has_error_code != 0 {
-                    let _ = write!(s, " error {:#x}", ex.error_code);
+                    e.push_str(&format!(" error {:#x}", ex.error_code));
                 }
+                v.push(e);
             }
-            if irq.injected != 0 {
-                let _ = write!(s, " interrupt {} injected", irq.nr);
+            if ev.interrupt.injected != 0 {
+                v.push(format!("interrupt {} injected", ev.interrupt.nr));
             }
-            if nmi.injected != 0 {
-                let _ = write!(s, " nmi injected");
+            if ev.nmi.injected != 0 {
+                v.push("nmi injected".into());
             }
-            if none {
-                let _ = write!(s, " none");
+            if v.is_empty() {
+                "none".into()
+            } else {
+                v.join(", ")
             }
         }
-        Err(e) => {
-            let _ = write!(s, " events unreadable ({e})");
-        }
-    }
-    s
+        Err(e) => format!("unreadable ({e})"),
+    };
+    format!("{regs} {sregs} events: {events}")
 }
 
 /// Runs the vCPU until the VM stops or the guest does something that ends it.

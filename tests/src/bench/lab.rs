@@ -323,6 +323,23 @@ vu_stop() {
     done
 }
 
+# l2_start vmm|qemu TAG CMDLINE INPUT DEVICE-ARGS...: start the VMM in the background ($! is
+# its PID) on the generic kernel, 2 vCPUs, 512 MiB, the kernel command line CMDLINE, the
+# serial port's input from INPUT, console and errors on stdout.
+l2_start() {
+    kind=$1 tag=$2 cmdline=$3 input=$4
+    shift 4
+    if [ $kind = vmm ]; then
+        vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" --cmdline "$cmdline" \
+            --cpus 2 --memory 512M --exit-stats $LAB_TMP/stats-$tag.json "$@" <$input 2>&1 &
+    else
+        qemu-system-x86_64 -nodefaults -nographic -serial stdio -no-reboot \
+            -enable-kvm -cpu host -m 512 -smp 2 -name l2,debug-threads=on \
+            -kernel "$L2_GENERIC_KERNEL" -initrd "$L2_GENERIC_INITRD" -append "$cmdline" \
+            "$@" <$input 2>&1 &
+    fi
+}
+
 # vm TAG vmm|qemu ARGS...: boot L2 with the command line $C and the device ARGS. A VM that
 # does not end cleanly is booted once more (the lab's nested virtualization is flaky, and
 # QEMU's serial drops output when its pipe stays full); the host reads the last attempt.
@@ -335,15 +352,7 @@ vm() {
         echo "BENCH-BEGIN $tag"
         t0=$(lab_uptime)
         {
-            if [ $kind = vmm ]; then
-                vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" --cmdline "$C" \
-                    --cpus 2 --memory 512M --exit-stats $LAB_TMP/stats-$tag.json "$@" </dev/null 2>&1 &
-            else
-                qemu-system-x86_64 -nodefaults -nographic -serial stdio -no-reboot \
-                    -enable-kvm -cpu host -m 512 -smp 2 -name l2,debug-threads=on \
-                    -kernel "$L2_GENERIC_KERNEL" -initrd "$L2_GENERIC_INITRD" -append "$C" \
-                    "$@" </dev/null 2>&1 &
-            fi
+            l2_start $kind $tag "$C" /dev/null "$@"
             echo $! >$LAB_TMP/pids/vmm
             wait $!
             rc=$?
@@ -375,16 +384,7 @@ side_start() {
     mkfifo $LAB_TMP/$tag.in
     t0=$(lab_uptime)
     {
-        if [ $kind = vmm ]; then
-            vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" \
-                --cmdline "$C bench_host=$host bench_batches=@BATCHES@" \
-                --cpus 2 --memory 512M --exit-stats $LAB_TMP/stats-$tag.json "$@" <$LAB_TMP/$tag.in 2>&1 &
-        else
-            qemu-system-x86_64 -nodefaults -nographic -serial stdio -no-reboot \
-                -enable-kvm -cpu host -m 512 -smp 2 -name l2,debug-threads=on \
-                -kernel "$L2_GENERIC_KERNEL" -initrd "$L2_GENERIC_INITRD" \
-                -append "$C bench_host=$host bench_batches=@BATCHES@" "$@" <$LAB_TMP/$tag.in 2>&1 &
-        fi
+        l2_start $kind $tag "$C bench_host=$host bench_batches=@BATCHES@" $LAB_TMP/$tag.in "$@"
         echo $! >$LAB_TMP/pids/side-$tag
         wait $!
         rc=$?

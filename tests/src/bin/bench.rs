@@ -132,9 +132,11 @@ fn run() -> Result<(), String> {
     let mut t = table(&rows);
     let pairs = lab_pairs(&records);
     if !pairs.is_empty() {
-        t.push_str(
-            "\nLab, our vmm against QEMU pair by pair (the same run and L1 boot; back to back, passthrough side by side):\n\n",
-        );
+        t.push_str(if a.side_by_side {
+            "\nLab, our vmm against QEMU pair by pair (the same run and L1 boot; back to back, passthrough side by side):\n\n"
+        } else {
+            "\nLab, our vmm against QEMU pair by pair (the same run and L1 boot, back to back):\n\n"
+        });
         t.push_str(&pairs_table(&pairs));
     }
     println!("{t}");
