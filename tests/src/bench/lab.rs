@@ -8,28 +8,32 @@
 //! | vhost-user | `--vhost-user-blk` + `--vhost-user-net` to our daemons | `vhost-user-blk-pci` + `-netdev vhost-user` to the same daemons (guest RAM in a shared memfd) |
 //! | passthrough | `--vfio` an NVMe and an e1000e | `-device vfio-pci` for the other NVMe and e1000e |
 //!
-//! With [`LabOptions::side_by_side`] (`scripts/bench --side-by-side`), passthrough runs side
-//! by side: L1 has two NVMe and two e1000e (`Scenario::pair_devices`),
-//! both VMMs' L2s run at once, one set each (ours the first set in odd runs, the second in even
-//! ones), and they take turns: [`SIDE_BY_SIDE_BATCHES`] batches of reads, then of pings, the
-//! first turn alternating, each L2 idle while the other measures. The host's speed moves by up
-//! to 2x within minutes (the same VM read 510 µs and then 1154 µs in one lab boot); turns a
-//! second apart see the same host, so the pair compares the VMMs and not the moments. (In one
-//! lab boot, 24 turns of 500 reads: ours lower in 14, geometric mean of ours / QEMU's 0.97,
-//! where one boot after the other in sequence had given 0 of 4 in the 13:00 run.)
+//! With [`LabOptions::side_by_side`] (`scripts/bench --side-by-side`), each model runs side
+//! by side: both VMMs' L2s at once, each on its own device set (set a: `disk-a.img`, the tap
+//! `bt-a` or the daemons of set a with `vut-a`, the NVMe 00:04.0 and e1000e 00:02.0; set b:
+//! `disk-b.img`, `bt-b`, the daemons of set b, the NVMe 00:05.0 and e1000e 00:06.0 of
+//! `Scenario::pair_devices`), ours on set a in odd runs and on set b in even ones, and they
+//! take turns: [`SIDE_BY_SIDE_BATCHES`] batches of reads, then of pings, the first turn
+//! alternating, each L2 idle while the other measures. The host's speed moves by up to 2x
+//! within minutes (the same VM read 510 µs and then 1154 µs in one lab boot); turns a second
+//! apart see the same host, so the pair compares the VMMs and not the moments. (In one lab
+//! boot, 24 turns of 500 passthrough reads: ours lower in 14, geometric mean of ours /
+//! QEMU's 0.97, where one boot after the other in sequence had given 0 of 4 in the 13:00
+//! run.)
 //!
 //! One L1 boot per two runs (an L1 that dies of the lab's nested-virtualization flake costs
-//! its boot and is booted once more); each run runs the six configurations one after the
-//! other (our vmm first in odd runs, QEMU first in even runs, so that neither always boots
-//! into the state the other left, and both are measured in both orders under the same L1,
-//! whose speed moves by a third between boots); an L2 that does not end cleanly is booted once more. Every L2 guest has the same generic kernel (it has the e1000e and
-//! nvme drivers passthrough needs), initramfs, command line, 2 vCPUs and 512 MiB, and
-//! measures, inside L2:
+//! its boot and is booted once more); without side by side each run runs the six
+//! configurations one after the other (our vmm first in odd runs, QEMU first in even runs,
+//! so that neither always boots into the state the other left, and both are measured in both
+//! orders under the same L1, whose speed moves by a third between boots); an L2 that does
+//! not end cleanly is booted once more (side by side: both). Every L2 guest has the same
+//! generic kernel (it has the e1000e and nvme drivers passthrough needs), initramfs, command
+//! line, 2 vCPUs and 512 MiB, and measures, inside L2:
 //! - `blk-read-qd1`: 4 KiB random reads at queue depth 1 with O_DIRECT on its disk
-//!   (`tests/src/bin/lat.rs`; warm-up excluded); the in-VMM and vhost-user disks are the same
-//!   256 MiB file in L1's RAM (page cache; L1's scratch directory is on tmpfs, which has no O_DIRECT on its
-//!   6.1 kernel, so QEMU's `cache=none` is tried and refused — the config says what ran),
-//!   passthrough's is the lab's NVMe;
+//!   (`tests/src/bin/lat.rs`; warm-up excluded); the in-VMM and vhost-user disks are 256 MiB
+//!   files of zeros in L1's RAM (page cache; L1's scratch directory is on tmpfs, which has no
+//!   O_DIRECT on its 6.1 kernel, so QEMU's `cache=none` is tried and refused — the config
+//!   says what ran), passthrough's is the lab's NVMe;
 //! - `net-rtt`: `ping -i 0.01` (busybox) to L1's end of the link (the tap, or for passthrough
 //!   the peer e1000e at 00:03.0 on the same QEMU hub), after a settle ping; L2 sends the
 //!   per-packet times as whole µs, 50 to an `L2-PING-US` line (a third of ping's own text:
@@ -47,16 +51,18 @@
 //!   the configs of our vmm's I/O records say so (`exits/op over the whole VM`).
 //! - in-kernel exits per operation (both VMMs, the I/O phase only): at each `LAT-PHASE`
 //!   marker L1 also reads its KVM's counters (`/sys/kernel/debug/kvm/*`, summed over its VMs:
-//!   only the L2 under test runs), and the difference over the phase divided by the
+//!   only the L2 under test runs; side by side, the VM's own `<pid>-<fd>` directory), and
+//!   the difference over the phase divided by the
 //!   operations is `kvm_exits` (every exit of L2 to L1's KVM), `kvm_io` (port I/O exits: the
 //!   port doorbells among them), `kvm_halt`, `kvm_irq_window` and `kvm_emulated` (instructions
 //!   KVM fetched, decoded and emulated: every MMIO exit, and here every exit that skips an
-//!   instruction, as L1's SVM has no next-RIP). They include the phase's idle time (0.5 s).
+//!   instruction, as L1's SVM has no next-RIP). They include the phase's idle time (0.5 s
+//!   alone; side by side, the moment until L1 says "go").
 //! - host CPU per operation: the L2 script prints `LAT-PHASE <phase> begin|end` around each
 //!   measurement (and sleeps 0.5 s after `begin`, so that L1 reads the counters before the
 //!   I/O starts); L1's console filter reads `/proc/<pid>/task/*/stat` of the VMM (without its
 //!   vCPU threads: `vcpu*` in ours, `CPU n/KVM` in QEMU with `debug-threads=on`) and of the
-//!   vhost-user daemons at each marker. The difference over the phase, divided by the
+//!   vhost-user daemons (side by side: of its set) at each marker. The difference over the phase, divided by the
 //!   operations, is `cpu_us_per_op`. Ticks are 10 ms, so with few operations the figure is
 //!   coarse; the phase also includes up to ~0.5 s of an idle guest.
 //! - binaries: the project binaries come from the directory `lat` is found in (see
@@ -86,8 +92,8 @@ pub struct LabOptions {
     /// `poll_us=` of our in-VMM devices and `--poll-us` of our daemons (QEMU's iothread
     /// polls by default too).
     pub poll_us: u32,
-    /// Passthrough side by side (see the module's documentation) instead of one VM after
-    /// the other.
+    /// Both VMMs' L2s of a model side by side, taking turns (see the module's
+    /// documentation), instead of one VM after the other.
     pub side_by_side: bool,
 }
 
@@ -176,26 +182,26 @@ impl Cfg {
         };
         match (self.model, self.vmm) {
             (Model::InVmm, "vmm") => [
-                format!("virtio-blk{exits}"),
-                format!("virtio-net tap{exits}"),
-                "virtio-blk + virtio-net".into(),
+                format!("virtio-blk{side}{exits}"),
+                format!("virtio-net tap{side}{exits}"),
+                format!("virtio-blk + virtio-net{idle}"),
             ],
             (Model::InVmm, _) => [
-                format!("virtio-blk iothread {qemu_blk}"),
-                "virtio-net tap vhost=off".into(),
-                "virtio-blk + virtio-net".into(),
+                format!("virtio-blk iothread {qemu_blk}{side}"),
+                format!("virtio-net tap vhost=off{side}"),
+                format!("virtio-blk + virtio-net{idle}"),
             ],
             (Model::VhostUser, "vmm") => [
-                format!("vhost-user-blk (ours){exits}"),
-                format!("vhost-user-net (ours){exits}"),
-                "vhost-user-blk + vhost-user-net".into(),
+                format!("vhost-user-blk (ours){side}{exits}"),
+                format!("vhost-user-net (ours){side}{exits}"),
+                format!("vhost-user-blk + vhost-user-net{idle}"),
             ],
             (Model::VhostUser, _) => [
-                "vhost-user-blk (ours)".into(),
+                format!("vhost-user-blk (ours){side}"),
                 // QEMU 7.2 crashes with MSI-X on -netdev vhost-user here (see
                 // tests/tests/qemu_vhost_user_interop.rs): its NIC runs on INTx.
-                "vhost-user-net (ours) vectors=0 (INTx)".into(),
-                "vhost-user-blk + vhost-user-net".into(),
+                format!("vhost-user-net (ours) vectors=0 (INTx){side}"),
+                format!("vhost-user-blk + vhost-user-net{idle}"),
             ],
             (Model::Passthrough, "vmm") => [
                 format!("nvme (vfio){side}{exits}"),
@@ -250,33 +256,48 @@ for f in exits io_exits halt_exits irq_window_exits insn_emulation; do
 done
 echo
 EOF
-# phase_watch TAG [PIDFILE]: pass the console on; at each "LAT-PHASE <phase> <edge>" from L2
-# print "LAB-VAL TAG-cpu-<phase>-<edge> <ticks>" and "LAB-VAL TAG-kvm-<phase>-<edge>
-# <counters>": of the VMM whose PID is in PIDFILE (two VMs side by side), else of every
-# process in $LAB_TMP/pids and every VM.
+# phase_watch TAG [PIDFILE [CPU-PIDFILE...]]: pass the console on; at each "LAT-PHASE
+# <phase> <edge>" from L2 print "LAB-VAL TAG-cpu-<phase>-<edge> <ticks>" and "LAB-VAL
+# TAG-kvm-<phase>-<edge> <counters>": of the VM of the VMM whose PID is in PIDFILE and of the
+# processes in the CPU-PIDFILEs (default PIDFILE) (two VMs side by side), else of every VM
+# and every process in $LAB_TMP/pids. With PW_EVENTS set, the events side by side waits for
+# also go to that file (a FIFO): L2-READY, "PHASE-READY <phase>" once the counters of a
+# phase's begin are read, L2-BATCH-END, VMM-RC.
 phase_watch() {
-    awk -v tag="$1" -v pidfile="${2:-}" '{ print; fflush() }
+    tag=$1 vmpid=${2:-}
+    shift
+    [ $# -gt 0 ] && shift
+    awk -v tag="$tag" -v vmpid="$vmpid" -v cpupids="${*:-$vmpid}" -v events="${PW_EVENTS:-}" '
+        function event(s) { if (events != "") { print s > events; fflush(events) } }
+        { print; fflush() }
+        $1 == "L2-READY" || $1 == "L2-BATCH-END" || $1 == "VMM-RC" { event($0) }
         $1 == "LAT-PHASE" {
-            cmd = "sh $LAB_TMP/kvmstat.sh " pidfile; k = ""; cmd | getline k; close(cmd)
-            cmd = "sh $LAB_TMP/cputicks.sh " pidfile; t = ""; cmd | getline t; close(cmd)
+            cmd = "sh $LAB_TMP/kvmstat.sh " vmpid; k = ""; cmd | getline k; close(cmd)
+            cmd = "sh $LAB_TMP/cputicks.sh " cpupids; t = ""; cmd | getline t; close(cmd)
             printf "LAB-VAL %s-cpu-%s-%s %s\n", tag, $2, $3, t; fflush()
             if (k != "") { printf "LAB-VAL %s-kvm-%s-%s %s\n", tag, $2, $3, k; fflush() }
             if ($2 == "blk" && $3 == "begin") {
                 # Which threads used the CPU so far (boot): a diagnostic.
-                cmd = "sh $LAB_TMP/cputicks.sh -v " pidfile; t = ""; cmd | getline t; close(cmd)
+                cmd = "sh $LAB_TMP/cputicks.sh -v " cpupids; t = ""; cmd | getline t; close(cmd)
                 printf "LAB-VAL %s-threads-at-boot %s\n", tag, t; fflush()
             }
+            if ($3 == "begin") event("PHASE-READY " $2)
         }'
 }
 
-# The disk of the in-VMM and vhost-user models, in L1's RAM.
-dd if=/dev/zero of=$LAB_TMP/disk.img bs=1M count=256 2>/dev/null
-check disk-image [ "$(stat -c %s $LAB_TMP/disk.img)" = 268435456 ]
+# The disks of the in-VMM and vhost-user models, in L1's RAM: set a, and set b for the
+# second L2 side by side.
+SETS=a
+[ @SIDE_BY_SIDE@ = 1 ] && SETS="a b"
+for s in $SETS; do
+    dd if=/dev/zero of=$LAB_TMP/disk-$s.img bs=1M count=256 2>/dev/null
+    check disk-image-$s [ "$(stat -c %s $LAB_TMP/disk-$s.img)" = 268435456 ]
+done
 # QEMU's drive options: the best L1's QEMU and its tmpfs accept.
 QBLK=
 for o in cache=none,aio=io_uring cache=writeback,aio=io_uring cache=none,aio=native cache=writeback,aio=threads; do
     echo quit | qemu-system-x86_64 -nodefaults -display none -S -monitor stdio \
-        -drive if=none,id=d0,file=$LAB_TMP/disk.img,format=raw,$o >$LAB_TMP/qprobe.txt 2>&1
+        -drive if=none,id=d0,file=$LAB_TMP/disk-a.img,format=raw,$o >$LAB_TMP/qprobe.txt 2>&1
     rc=$?
     # QEMU's own errors start with its name; the exit status alone is not trusted here.
     err=$(grep '^qemu-system-x86_64:' $LAB_TMP/qprobe.txt | head -n 2 | tr '\n' ' ')
@@ -289,11 +310,14 @@ done
 echo "LAB-VAL qemu-blk-opts ${QBLK:-none}"
 check qemu-drive [ -n "$QBLK" ]
 
-# in-VMM: one tap for both VMMs.
-$IP tuntap add dev bt0 mode tap vnet_hdr
-$IP addr add 192.0.2.1/24 dev bt0
-$IP link set bt0 up
-# passthrough: the NVMe and the e1000e to vfio-pci; L1's peer e1000e on the same hub.
+# in-VMM: a tap per set, for either VMM; set a on 192.0.2.0/25, set b on 192.0.2.128/25.
+for s in $SETS; do
+    $IP tuntap add dev bt-$s mode tap vnet_hdr
+    [ $s = a ] && $IP addr add 192.0.2.1/25 dev bt-$s || $IP addr add 192.0.2.129/25 dev bt-$s
+    $IP link set bt-$s up
+done
+# passthrough: the NVMe and the e1000e to vfio-pci (set a: $NVME_BDF $NIC_BDF, set b:
+# $NVME2_BDF $NIC2_BDF); L1's peer e1000e on the same hub (198.51.100.1/24).
 check bind-nvme passthrough bind $NVME_BDF
 check bind-nic passthrough bind $NIC_BDF
 if [ @SIDE_BY_SIDE@ = 1 ]; then
@@ -304,23 +328,66 @@ peer=$(ls /sys/bus/pci/devices/$PEER_NIC_BDF/net/)
 $IP addr add 198.51.100.1/24 dev $peer
 $IP link set $peer up
 
-# vhost-user: our daemons, started for each VM.
+# vu_start SET / vu_stop SET: our daemons of device set SET (a or b): disk-SET.img and the
+# tap vut-SET (set a on 203.0.113.0/25, set b on 203.0.113.128/25), sockets blk-SET.sock and
+# net-SET.sock, PIDs in $LAB_TMP/pids/blk-SET and net-SET.
 vu_start() {
-    rm -f $LAB_TMP/blk.sock $LAB_TMP/net.sock
-    vhost-user-blk --socket-path $LAB_TMP/blk.sock --blk-file $LAB_TMP/disk.img --queues 2 --poll-us @POLL_US@ >>$LAB_TMP/vublk.log 2>&1 &
-    echo $! >$LAB_TMP/pids/blk
-    vhost-user-net --socket-path $LAB_TMP/net.sock --tap vut0 --mac 52:54:00:00:00:03 --poll-us @POLL_US@ >>$LAB_TMP/vunet.log 2>&1 &
-    echo $! >$LAB_TMP/pids/net
+    s=$1
+    rm -f $LAB_TMP/blk-$s.sock $LAB_TMP/net-$s.sock
+    vhost-user-blk --socket-path $LAB_TMP/blk-$s.sock --blk-file $LAB_TMP/disk-$s.img --queues 2 --poll-us @POLL_US@ >>$LAB_TMP/vublk-$s.log 2>&1 &
+    echo $! >$LAB_TMP/pids/blk-$s
+    vhost-user-net --socket-path $LAB_TMP/net-$s.sock --tap vut-$s --mac 52:54:00:00:00:03 --poll-us @POLL_US@ >>$LAB_TMP/vunet-$s.log 2>&1 &
+    echo $! >$LAB_TMP/pids/net-$s
     n=0
-    while { [ ! -S $LAB_TMP/blk.sock ] || [ ! -S $LAB_TMP/net.sock ]; } && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
-    $IP addr add 203.0.113.1/24 dev vut0 2>/dev/null
-    $IP link set vut0 up
+    while { [ ! -S $LAB_TMP/blk-$s.sock ] || [ ! -S $LAB_TMP/net-$s.sock ]; } && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+    [ $s = a ] && $IP addr add 203.0.113.1/25 dev vut-$s 2>/dev/null || $IP addr add 203.0.113.129/25 dev vut-$s 2>/dev/null
+    $IP link set vut-$s up
 }
 vu_stop() {
-    for f in $LAB_TMP/pids/blk $LAB_TMP/pids/net; do
+    for f in $LAB_TMP/pids/blk-$1 $LAB_TMP/pids/net-$1; do
         p=$(cat $f 2>/dev/null) && kill $p 2>/dev/null && wait $p 2>/dev/null
         rm -f $f
     done
+}
+
+# dev_args MODEL vmm|qemu SET: the device arguments of an L2 of MODEL (invmm, vu, pt) on
+# device set SET. No argument has a space in it.
+dev_args() {
+    if [ $3 = a ]; then nvme=$NVME_BDF nic=$NIC_BDF; else nvme=$NVME2_BDF nic=$NIC2_BDF; fi
+    case $1-$2 in
+    invmm-vmm) echo "--disk path=$LAB_TMP/disk-$3.img,id=disk0,poll_us=@POLL_US@" \
+        "--net tap=bt-$3,mac=52:54:00:00:00:02,id=net0,poll_us=@POLL_US@" ;;
+    invmm-qemu) echo "-object iothread,id=io0" \
+        "-drive if=none,id=d0,file=$LAB_TMP/disk-$3.img,format=raw,$QBLK" \
+        "-device virtio-blk-pci,drive=d0,iothread=io0" \
+        "-netdev tap,id=n0,ifname=bt-$3,script=no,downscript=no,vhost=off" \
+        "-device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:02,romfile=" ;;
+    vu-vmm) echo "--vhost-user-blk socket=$LAB_TMP/blk-$3.sock,queues=2,id=vublk" \
+        "--vhost-user-net socket=$LAB_TMP/net-$3.sock,id=vunet,mac=52:54:00:00:00:03" ;;
+    vu-qemu) echo "-object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem" \
+        "-chardev socket,id=c0,path=$LAB_TMP/blk-$3.sock -device vhost-user-blk-pci,chardev=c0,num-queues=2" \
+        "-chardev socket,id=c1,path=$LAB_TMP/net-$3.sock -netdev vhost-user,id=n0,chardev=c1" \
+        "-device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:03,romfile=,vectors=0" ;;
+    pt-vmm) echo "--vfio host=$nvme,id=nvme0 --vfio host=$nic,id=nic0" ;;
+    pt-qemu) echo "-device vfio-pci,host=$nvme -device vfio-pci,host=$nic" ;;
+    esac
+}
+# net_args MODEL SET: L2's address and its peer in L1, for the kernel command line.
+net_args() {
+    case $1-$2 in
+    invmm-a) echo "bench_ip=192.0.2.2/25 bench_peer=192.0.2.1" ;;
+    invmm-b) echo "bench_ip=192.0.2.130/25 bench_peer=192.0.2.129" ;;
+    vu-a) echo "bench_ip=203.0.113.2/25 bench_peer=203.0.113.1" ;;
+    vu-b) echo "bench_ip=203.0.113.130/25 bench_peer=203.0.113.129" ;;
+    pt-a) echo "bench_ip=198.51.100.2/24 bench_peer=198.51.100.1" ;;
+    pt-b) echo "bench_ip=198.51.100.3/24 bench_peer=198.51.100.1" ;;
+    esac
+}
+# cpu_pids MODEL SET VMM-PIDFILE: the PID files whose processes' CPU time an L2 of MODEL
+# on SET costs: its VMM's, and for vhost-user the daemons of its set.
+cpu_pids() {
+    echo $3
+    [ $1 = vu ] && echo $LAB_TMP/pids/blk-$2 $LAB_TMP/pids/net-$2
 }
 
 # l2_start vmm|qemu TAG CMDLINE INPUT DEVICE-ARGS...: start the VMM in the background ($! is
@@ -340,19 +407,19 @@ l2_start() {
     fi
 }
 
-# vm TAG vmm|qemu ARGS...: boot L2 with the command line $C and the device ARGS. A VM that
-# does not end cleanly is booted once more (the lab's nested virtualization is flaky, and
+# vm R MODEL vmm|qemu: boot the L2 of run R, MODEL, on device set a, alone. A VM that does
+# not end cleanly is booted once more (the lab's nested virtualization is flaky, and
 # QEMU's serial drops output when its pipe stays full); the host reads the last attempt.
 vm() {
-    tag=$1
-    kind=$2
-    shift 2
+    tag=r$1-$2-$3
+    m=$2 kind=$3
     for attempt in 1 2; do
         rm -f $LAB_TMP/stats-$tag.json
+        [ $m = vu ] && vu_start a
         echo "BENCH-BEGIN $tag"
         t0=$(lab_uptime)
         {
-            l2_start $kind $tag "$C" /dev/null "$@"
+            l2_start $kind $tag "$L2_CMDLINE $(net_args $m a)" /dev/null $(dev_args $m $kind a)
             echo $! >$LAB_TMP/pids/vmm
             wait $!
             rc=$?
@@ -361,6 +428,7 @@ vm() {
             echo "VMM-RC $rc"
         } | lab_console "$t0" "$tag" | phase_watch "$tag" | tee $LAB_TMP/$tag.log
         rm -f $LAB_TMP/pids/vmm
+        [ $m = vu ] && vu_stop a
         [ -f $LAB_TMP/stats-$tag.json ] && echo "LAB-VAL $tag-exit-stats $(cat $LAB_TMP/stats-$tag.json)"
         if grep -q '^VMM-RC 0$' $LAB_TMP/$tag.log && grep -q '^L2-EXIT 0$' $LAB_TMP/$tag.log; then break; fi
         [ $attempt = 1 ] && echo "LAB-VAL $tag-retry the VM did not end cleanly; booting it again"
@@ -370,42 +438,66 @@ vm() {
     echo "BENCH-END $tag"
 }
 
-# Passthrough side by side: both VMMs' L2s run at once, each with its own NVMe and e1000e
-# (the lab's pair; ours gets the first set in odd runs, the second in even ones), and take
-# turns: @BATCHES@ batches of reads, then of pings, alternating which goes first. The host's
-# speed changes by up to 2x within minutes here; turns a second apart see the same host.
-# side_start TAG KIND FD HOST DEVICE-ARGS...: boot an L2 in the background; its console goes
-# (through lab_console and phase_watch) to $LAB_TMP/TAG.log; its serial input is the FIFO
-# $LAB_TMP/TAG.in, opened for writing on fd FD (5 or 6).
+# Side by side: both VMMs' L2s of a model run at once, each on its own device set (ours on
+# set a in odd runs, on set b in even ones), and take turns: @BATCHES@ batches of reads, then
+# of pings, alternating which goes first, the other L2 idle. The host's speed changes by up
+# to 2x within minutes here; turns a second apart see the same host. While a VM measures,
+# this script forks nothing: it blocks on the VM's events (a FIFO its console filter writes)
+# with `read -t`, so that L1 stays quiet (each fork in L1 is IPIs and TLB shootdowns that
+# interrupt L2, and the lab's nested-SVM flake comes with interruptions).
+# side_start V TAG CMDLINE CPU-PIDFILES DEVICE-ARGS...: boot V's (vmm or qemu) L2 in the
+# background; its console goes (through lab_console and phase_watch) to $LAB_TMP/TAG.log,
+# its events to the FIFO $LAB_TMP/TAG.ev, open for reading on fd $ev_V; its serial input is
+# the FIFO $LAB_TMP/TAG.in, open for writing on fd $in_V.
 side_start() {
-    tag=$1 kind=$2 fd=$3 host=$4
+    v=$1 tag=$2 cmdline=$3 cpu=$4
     shift 4
-    rm -f $LAB_TMP/$tag.in $LAB_TMP/stats-$tag.json $LAB_TMP/pids/side-$tag
-    mkfifo $LAB_TMP/$tag.in
+    eval "infd=\$in_$v evfd=\$ev_$v"
+    eval "gone_$v=0"
+    rm -f $LAB_TMP/$tag.in $LAB_TMP/$tag.ev $LAB_TMP/stats-$tag.json $LAB_TMP/pids/side-$tag
+    mkfifo $LAB_TMP/$tag.in $LAB_TMP/$tag.ev
+    # Read-write: the open does not wait for the writer.
+    eval "exec $evfd<>$LAB_TMP/$tag.ev"
     t0=$(lab_uptime)
     {
-        l2_start $kind $tag "$C bench_host=$host bench_batches=@BATCHES@" $LAB_TMP/$tag.in "$@"
+        l2_start $v $tag "$cmdline bench_batches=@BATCHES@" $LAB_TMP/$tag.in "$@"
         echo $! >$LAB_TMP/pids/side-$tag
         wait $!
         rc=$?
         echo
         echo "VMM-RC $rc"
-    } | lab_console "$t0" "$tag" | phase_watch "$tag" $LAB_TMP/pids/side-$tag >$LAB_TMP/$tag.log &
+    } | lab_console "$t0" "$tag" | PW_EVENTS=$LAB_TMP/$tag.ev phase_watch "$tag" \
+        $LAB_TMP/pids/side-$tag $cpu >$LAB_TMP/$tag.log &
     echo $! >$LAB_TMP/$tag.pipe
-    eval "exec $fd>$LAB_TMP/$tag.in"
+    eval "exec $infd>$LAB_TMP/$tag.in"
 }
-# side_wait TAG PATTERN COUNT SECS: until TAG's log has COUNT lines starting with PATTERN,
-# its VMM ended, or SECS passed (saying so every 20 s: the bench takes a quiet console for
-# a stuck L1).
-side_wait() {
-    n=0
-    while [ "$(grep -c "^$2" $LAB_TMP/$1.log 2>/dev/null)" -lt $3 ]; do
-        grep -q '^VMM-RC' $LAB_TMP/$1.log 2>/dev/null && return 1
-        [ $n -ge $(($4 * 10)) ] && { echo "LAB-VAL $1-timeout no '$2' after $4 s"; return 1; }
-        [ $n -gt 0 ] && [ $((n % 200)) = 0 ] && echo "LAB-VAL $1-waiting for '$2' ($((n / 10)) s)"
-        sleep 0.1
-        n=$((n + 1))
+# side_next V TAG PATTERN SECS: read V's events until one starts with PATTERN (status 0),
+# its VMM ends (1) or SECS pass (1; saying so every 20 s: the bench takes a quiet console
+# for a stuck L1).
+side_next() {
+    eval "evfd=\$ev_$1 gone=\$gone_$1"
+    [ "$gone" = 1 ] && return 1
+    waited=0
+    while :; do
+        if read -t 20 -r event <&$evfd; then
+            case $event in
+            "$3"*) return 0 ;;
+            VMM-RC*)
+                eval "gone_$1=1"
+                return 1
+                ;;
+            esac
+        else
+            waited=$((waited + 20))
+            [ $waited -ge $4 ] && { echo "LAB-VAL $2-timeout no '$3' after $4 s"; return 1; }
+            echo "LAB-VAL $2-waiting for '$3' ($waited s)"
+        fi
     done
+}
+# side_send V COMMAND: one command line to V's L2 (none once it is gone).
+side_send() {
+    eval "infd=\$in_$1 gone=\$gone_$1"
+    [ "$gone" = 1 ] || echo "$2" >&$infd
 }
 # nic_reset BDF: give the e1000e to L1's driver and back to vfio-pci. The driver's probe
 # resets it; vfio-pci's reset (D3hot -> D0) does not reach the lab's emulated e1000e, which
@@ -414,64 +506,62 @@ side_wait() {
 nic_reset() {
     passthrough unbind $1 >/dev/null && passthrough bind $1 >/dev/null
 }
-# side_send FD TAG COMMAND: one command line to TAG's L2 (ignored once it is gone).
-side_send() {
-    grep -q '^VMM-RC' $LAB_TMP/$2.log 2>/dev/null || eval "echo $3 >&$1"
-}
-pt_side_by_side() {
-    r=$1 order=$2
-    if [ $((r % 2)) = 1 ]; then
-        dev_vmm="$NVME_BDF $NIC_BDF" dev_qemu="$NVME2_BDF $NIC2_BDF"
-    else
-        dev_vmm="$NVME2_BDF $NIC2_BDF" dev_qemu="$NVME_BDF $NIC_BDF"
-    fi
-    C="$L2_CMDLINE bench_net=198.51.100"
+# side_by_side R ORDER MODEL: run R of MODEL, both VMMs at once (ORDER: which boots and
+# takes the first turn first).
+side_by_side() {
+    r=$1 order=$2 m=$3
+    set -- $order
+    reverse="$2 $1"
+    if [ $((r % 2)) = 1 ]; then set_vmm=a set_qemu=b; else set_vmm=b set_qemu=a; fi
+    in_vmm=5 ev_vmm=7 in_qemu=6 ev_qemu=8
     # A write to the FIFO of an L2 that just died must not end this script.
     trap '' PIPE
-    for attempt in 1 2; do
-        check r$r-pt-nic-reset-$attempt nic_reset $NIC_BDF
-        check r$r-pt-nic2-reset-$attempt nic_reset $NIC2_BDF
-        echo "BENCH-SIDE r$r-pt"
-        fd=5
-        host=2
+    # An attempt that loses a VM (the lab's L2s die now and then, QEMU's more often than
+    # ours) loses the pair: both boot again, up to three times.
+    for attempt in 1 2 3; do
+        if [ $m = pt ]; then
+            check r$r-pt-nic-reset-$attempt nic_reset $NIC_BDF
+            check r$r-pt-nic2-reset-$attempt nic_reset $NIC2_BDF
+        fi
+        [ $m = vu ] && vu_start a && vu_start b
+        echo "BENCH-SIDE r$r-$m"
+        started=
+        live=1
         for v in $order; do
-            set -- $(eval echo \$dev_$v)
-            if [ $v = vmm ]; then
-                side_start r$r-pt-vmm vmm $fd $host --vfio host=$1,id=nvme0 --vfio host=$2,id=nic0
-            else
-                side_start r$r-pt-qemu qemu $fd $host -device vfio-pci,host=$1 -device vfio-pci,host=$2
-            fi
-            eval "fd_$v=$fd"
+            eval "s=\$set_$v"
+            side_start $v r$r-$m-$v "$L2_CMDLINE $(net_args $m $s)" \
+                "$(cpu_pids $m $s $LAB_TMP/pids/side-r$r-$m-$v)" $(dev_args $m $v $s)
+            started="$started $v"
             # The next boots while this one waits: boot-to-init of one L2 with the other idle.
-            side_wait r$r-pt-$v L2-READY 1 240 || echo "LAB-VAL r$r-pt-$v-not-ready"
-            fd=6
-            host=3
+            side_next $v r$r-$m-$v L2-READY 240 || { echo "LAB-VAL r$r-$m-$v-not-ready"; live=0; break; }
         done
         for phase in blk net; do
             k=1
-            while [ $k -le @BATCHES@ ]; do
-                if [ $((k % 2)) = 1 ]; then turns="$order"; else turns="$(echo $order | awk '{ print $2, $1 }')"; fi
+            while [ $live = 1 ] && [ $k -le @BATCHES@ ]; do
+                if [ $((k % 2)) = 1 ]; then turns=$order; else turns=$reverse; fi
                 for v in $turns; do
-                    fd=$(eval echo \$fd_$v)
-                    side_send $fd r$r-pt-$v "$phase $k"
-                    side_wait r$r-pt-$v "LAB-VAL r$r-pt-$v-cpu-$phase-begin" $k 60 || true
-                    side_send $fd r$r-pt-$v go
-                    side_wait r$r-pt-$v "L2-BATCH-END $phase $k" 1 60 || true
+                    side_send $v "$phase $k"
+                    # L1 has read the VM's counters: it may start.
+                    side_next $v r$r-$m-$v "PHASE-READY $phase" 60 && side_send $v go
+                    # A VM lost (or stuck) ends the attempt: the pair cannot be completed.
+                    side_next $v r$r-$m-$v "L2-BATCH-END $phase $k" 60 || { live=0; break; }
                 done
-                echo "LAB-VAL r$r-pt-turn $phase $k"
+                [ $live = 1 ] && echo "LAB-VAL r$r-$m-turn $phase $k"
                 k=$((k + 1))
             done
         done
-        for v in $order; do side_send $(eval echo \$fd_$v) r$r-pt-$v quit; done
-        for v in $order; do
+        for v in $started; do side_send $v quit; done
+        for v in $started; do
             # A VMM whose guest does not power off is ended (by its PID).
-            side_wait r$r-pt-$v VMM-RC 1 120 || kill $(cat $LAB_TMP/pids/side-r$r-pt-$v) 2>/dev/null
-            wait $(cat $LAB_TMP/r$r-pt-$v.pipe)
+            side_next $v r$r-$m-$v VMM-RC 60 || eval "[ \$gone_$v = 1 ]" ||
+                kill $(cat $LAB_TMP/pids/side-r$r-$m-$v) 2>/dev/null
+            wait $(cat $LAB_TMP/r$r-$m-$v.pipe)
         done
-        exec 5>&- 6>&-
-        ok=1
-        for v in $order; do
-            tag=r$r-pt-$v
+        exec 5>&- 6>&- 7<&- 8<&-
+        [ $m = vu ] && vu_stop a && vu_stop b
+        ok=$live
+        for v in $started; do
+            tag=r$r-$m-$v
             echo "BENCH-BEGIN $tag"
             cat $LAB_TMP/$tag.log
             [ -f $LAB_TMP/stats-$tag.json ] && echo "LAB-VAL $tag-exit-stats $(cat $LAB_TMP/stats-$tag.json)"
@@ -479,62 +569,34 @@ pt_side_by_side() {
             grep -q '^VMM-RC 0$' $LAB_TMP/$tag.log && grep -q '^L2-EXIT 0$' $LAB_TMP/$tag.log || ok=0
         done
         [ $ok = 1 ] && break
-        [ $attempt = 1 ] && echo "LAB-VAL r$r-pt-retry a VM did not end cleanly; booting both again"
+        [ $attempt -lt 3 ] && echo "LAB-VAL r$r-$m-retry a VM did not end cleanly; booting both again"
     done
     trap - PIPE
     rm -f $LAB_TMP/pids/side-*
     for v in $order; do
-        check r$r-pt-$v-vmm-rc grep -q '^VMM-RC 0$' $LAB_TMP/r$r-pt-$v.log
-        check r$r-pt-$v-l2-exit grep -q '^L2-EXIT 0$' $LAB_TMP/r$r-pt-$v.log
+        check r$r-$m-$v-vmm-rc grep -qs '^VMM-RC 0$' $LAB_TMP/r$r-$m-$v.log
+        check r$r-$m-$v-l2-exit grep -qs '^L2-EXIT 0$' $LAB_TMP/r$r-$m-$v.log
     done
+    check r$r-$m-turns [ $live = 1 ]
 }
 
 r=$RUN_FIRST
 while [ $r -le $RUN_LAST ]; do
     if [ $((r % 2)) = 1 ]; then order="vmm qemu"; else order="qemu vmm"; fi
-    C="$L2_CMDLINE bench_net=192.0.2"
-    for v in $order; do
-        if [ $v = vmm ]; then
-            vm r$r-invmm-vmm vmm --disk path=$LAB_TMP/disk.img,id=disk0,poll_us=@POLL_US@ \
-                --net tap=bt0,mac=52:54:00:00:00:02,id=net0,poll_us=@POLL_US@
+    for m in invmm vu pt; do
+        if [ @SIDE_BY_SIDE@ = 1 ]; then
+            side_by_side $r "$order" $m
         else
-            vm r$r-invmm-qemu qemu -object iothread,id=io0 \
-                -drive if=none,id=d0,file=$LAB_TMP/disk.img,format=raw,$QBLK \
-                -device virtio-blk-pci,drive=d0,iothread=io0 \
-                -netdev tap,id=n0,ifname=bt0,script=no,downscript=no,vhost=off \
-                -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:02,romfile=
+            # One after the other; passthrough's e1000e gets a clean reset between VMs too.
+            for v in $order; do
+                [ $m = pt ] && check r$r-pt-$v-nic-reset nic_reset $NIC_BDF
+                vm $r $m $v
+            done
         fi
     done
-    C="$L2_CMDLINE bench_net=203.0.113"
-    for v in $order; do
-        vu_start
-        if [ $v = vmm ]; then
-            vm r$r-vu-vmm vmm --vhost-user-blk socket=$LAB_TMP/blk.sock,queues=2,id=vublk \
-                --vhost-user-net socket=$LAB_TMP/net.sock,id=vunet,mac=52:54:00:00:00:03
-        else
-            vm r$r-vu-qemu qemu -object memory-backend-memfd,id=mem,size=512M,share=on \
-                -numa node,memdev=mem \
-                -chardev socket,id=c0,path=$LAB_TMP/blk.sock -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
-                -chardev socket,id=c1,path=$LAB_TMP/net.sock -netdev vhost-user,id=n0,chardev=c1 \
-                -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:03,romfile=,vectors=0
-        fi
-        vu_stop
-    done
-    if [ @SIDE_BY_SIDE@ = 1 ]; then
-        pt_side_by_side $r "$order"
-    else
-        C="$L2_CMDLINE bench_net=198.51.100"
-        for v in $order; do
-            if [ $v = vmm ]; then
-                vm r$r-pt-vmm vmm --vfio host=$NVME_BDF,id=nvme0 --vfio host=$NIC_BDF,id=nic0
-            else
-                vm r$r-pt-qemu qemu -device vfio-pci,host=$NVME_BDF -device vfio-pci,host=$NIC_BDF
-            fi
-        done
-    fi
     r=$((r + 1))
 done
-$IP link del bt0
+for s in $SETS; do $IP link del bt-$s; done
 check unbind-nic passthrough unbind $NIC_BDF
 check unbind-nvme passthrough unbind $NVME_BDF
 if [ @SIDE_BY_SIDE@ = 1 ]; then
@@ -547,13 +609,14 @@ lab_finish
 const L2_SCRIPT: &str = r#"
 OPS=@BLK_OPS@
 PINGS=@PINGS@
-NET=192.0.2
-HOST=2
+# L2's address/prefix and its peer in L1 (the kernel command line says).
+IP=
+PEER=
 BATCHES=0
 for x in $(cat /proc/cmdline); do
     case $x in
-    bench_net=*) NET=${x#bench_net=} ;;
-    bench_host=*) HOST=${x#bench_host=} ;;
+    bench_ip=*) IP=${x#bench_ip=} ;;
+    bench_peer=*) PEER=${x#bench_peer=} ;;
     bench_batches=*) BATCHES=${x#bench_batches=} ;;
     esac
 done
@@ -573,10 +636,10 @@ while [ -z "$ifc" ] && [ $n -lt 100 ]; do
 done
 echo "L2-VAL nic ${ifc:-none}"
 ip link set "$ifc" up
-ip addr add $NET.$HOST/24 dev "$ifc"
+ip addr add "$IP" dev "$ifc"
 n=0; until [ "$(cat /sys/class/net/$ifc/carrier 2>/dev/null)" = 1 ] || [ $n -ge 100 ]; do sleep 0.1; n=$((n + 1)); done
 # Settle: the first packets after a passthrough bind can be lost (see lab_vfio.rs).
-n=0; until ping -c 1 -W 1 $NET.1 >/dev/null 2>&1 || [ $n -ge 20 ]; do n=$((n + 1)); done
+n=0; until ping -c 1 -W 1 "$PEER" >/dev/null 2>&1 || [ $n -ge 20 ]; do n=$((n + 1)); done
 echo "L2-VAL settle-lost $n"
 # phase_begin PHASE: L1 reads its counters at each LAT-PHASE marker: side by side, L1 says
 # "go" once it has; alone, 0.5 s is plenty.
@@ -587,14 +650,21 @@ phase_begin() {
 # blk_batch READS SEED, net_batch PINGS: one measured batch.
 blk_batch() {
     phase_begin blk
-    # Printed after the phase: every byte on the console is a serial exit.
-    out=$(lat --samples $LAB_TMP/lat.txt "$dev" "$1" @WARMUP@ "$2")
+    # Printed after the phase: every byte on the console is a serial exit. No process but
+    # lat: every fork and exec is a burst of page faults in L2, each a chance for the lab's
+    # nested-SVM flake.
+    lat --samples $LAB_TMP/lat.txt "$dev" "$1" @WARMUP@ "$2" >$LAB_TMP/batch.txt
     echo "LAT-PHASE blk end"
-    echo "$out" | sed 's/^LAT-RESULT/L2-BATCH blk/'
+    while read -r line; do
+        case $line in
+        LAT-RESULT*) echo "L2-BATCH blk ${line#LAT-RESULT }" ;;
+        *) echo "$line" ;;
+        esac
+    done <$LAB_TMP/batch.txt
 }
 net_batch() {
     phase_begin net
-    ping -c "$1" -i 0.01 -W 2 $NET.1 >>$LAB_TMP/ping.txt 2>&1
+    ping -c "$1" -i 0.01 -W 2 "$PEER" >>$LAB_TMP/ping.txt 2>&1
     echo "LAT-PHASE net end"
 }
 if [ "$BATCHES" -gt 0 ]; then
@@ -632,9 +702,9 @@ fn l1_script(first: u32, last: u32, poll_us: u32, side_by_side: bool) -> String 
         .replace("@BATCHES@", &SIDE_BY_SIDE_BATCHES.to_string())
 }
 
-/// Turns of each phase when two L2s run side by side (passthrough): the reads and pings of a
-/// guest are split into this many batches.
-pub const SIDE_BY_SIDE_BATCHES: u32 = 10;
+/// Turns of each phase when two L2s run side by side: the reads and pings of a guest are
+/// split into this many batches.
+pub const SIDE_BY_SIDE_BATCHES: u32 = 6;
 
 /// The L2 script for `opts`.
 fn l2_script(opts: &LabOptions) -> String {
@@ -678,7 +748,7 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
         && (opts.blk_ops < SIDE_BY_SIDE_BATCHES || opts.pings < SIDE_BY_SIDE_BATCHES)
     {
         return Err(format!(
-            "lab: passthrough runs side by side in {SIDE_BY_SIDE_BATCHES} batches: \
+            "lab: side by side, the VMs take turns in {SIDE_BY_SIDE_BATCHES} batches: \
              at least {SIDE_BY_SIDE_BATCHES} reads and pings are needed ({opts:?})"
         ));
     }
@@ -735,9 +805,9 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
         .l2_bin(&lat)
         .project_bins(&bins)
         .with_qemu()
-        // L1: the 256 MiB disk, a 512 MiB L2 (two side by side), QEMU or our vmm (both), two
+        // L1: a 256 MiB disk and a 512 MiB L2 (two of each side by side), QEMU or our vmm (both), two
         // daemons, the images.
-        .mem_mib(if opts.side_by_side { 3072 } else { 2560 })
+        .mem_mib(if opts.side_by_side { 3584 } else { 2560 })
         // Every step prints within seconds (the longest quiet one, 500 pings, about 10 s);
         // a stuck L1 costs a minute, not the default 150 s.
         .stall(Duration::from_secs(60))
@@ -746,19 +816,19 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
             scenario = scenario.pair_devices();
         }
         let total = opts.runs;
+        let side_by_side = opts.side_by_side;
         let mut on_line = |line: &str| {
             if let Some(tag) = line.strip_prefix("BENCH-BEGIN ") {
                 // Side-by-side sections are printed after the fact.
-                if !tag.contains("-pt-") {
+                if !side_by_side {
                     if let Some(msg) = describe_tag(tag.trim(), total) {
                         progress(&msg);
                     }
                 }
-            } else if let Some(run) = line.strip_prefix("BENCH-SIDE r") {
-                let run = run.trim_end_matches("-pt");
-                progress(&format!(
-                    "lab: run {run}/{total}: passthrough, our vmm and QEMU side by side"
-                ));
+            } else if let Some(tag) = line.strip_prefix("BENCH-SIDE ") {
+                if let Some(msg) = describe_side(tag.trim(), total) {
+                    progress(&msg);
+                }
             } else if line.starts_with("LAB-INIT") {
                 progress(&format!("lab: runs {r} of {total}: L1 is up"));
             } else if let Some(f) = line.strip_prefix("LAB-FAIL ") {
@@ -840,6 +910,16 @@ fn describe_tag(tag: &str, runs: u32) -> Option<String> {
         .iter()
         .find(|c| c.short() == short && c.vmm == vmm)?;
     Some(format!("lab: run {run}/{runs}: {vmm} {}", cfg.model.name()))
+}
+
+/// "lab: run 2/4: vhost-user, our vmm and QEMU side by side" for a tag `r2-vu`.
+fn describe_side(tag: &str, runs: u32) -> Option<String> {
+    let (run, short) = tag.strip_prefix('r')?.split_once('-')?;
+    let cfg = CONFIGS.iter().find(|c| c.short() == short)?;
+    Some(format!(
+        "lab: run {run}/{runs}: {}, our vmm and QEMU side by side",
+        cfg.model.name()
+    ))
 }
 
 /// User + system ticks of this process and its waited-for children (the lab script and its
@@ -1048,9 +1128,7 @@ fn config_records(
     let blk_n = lat.n;
     let asked = match cfg.model {
         // Whole batches.
-        Model::Passthrough if opts.side_by_side => {
-            opts.blk_ops / SIDE_BY_SIDE_BATCHES * SIDE_BY_SIDE_BATCHES
-        }
+        _ if opts.side_by_side => opts.blk_ops / SIDE_BY_SIDE_BATCHES * SIDE_BY_SIDE_BATCHES,
         _ => opts.blk_ops,
     };
     if blk_n != u64::from(asked) {
@@ -1444,6 +1522,11 @@ mod tests {
     fn side_by_side_batches_sum_up() {
         // Two batches of each phase (the real run has SIDE_BY_SIDE_BATCHES): the counters
         // and CPU ticks are summed over the batches, the per-batch lines are not results.
+        // The summary covers whole batches: 2 * SIDE_BY_SIDE_BATCHES of the 2 * B + 1 asked.
+        let n = 2 * SIDE_BY_SIDE_BATCHES;
+        let result = format!(
+            "LAT-RESULT {{\"test\":\"blk-read-qd1\",\"n\":{n},\"min_ns\":1000,\"p50_ns\":2000,\"p90_ns\":2000,\"p99_ns\":2000,\"p999_ns\":2000,\"max_ns\":2000}}"
+        );
         let lines = [
             "LAB-T r2-pt-qemu-init 20.5",
             "L2-READY",
@@ -1458,24 +1541,24 @@ mod tests {
             "LAB-VAL r2-pt-qemu-cpu-blk-end 53",
             "LAB-VAL r2-pt-qemu-kvm-blk-end exits=540 halt_exits=50 ",
             "L2-BATCH-END blk 2",
-            "LAT-RESULT {\"test\":\"blk-read-qd1\",\"n\":20,\"min_ns\":1000,\"p50_ns\":2000,\"p90_ns\":2000,\"p99_ns\":2000,\"p999_ns\":2000,\"max_ns\":2000}",
+            &result,
             "L2-PING-US 500 600",
         ];
         let o = LabOptions {
             runs: 2,
-            // 25 asked: whole batches of 10 are 20.
-            blk_ops: 25,
-            pings: 20,
+            blk_ops: n + 1,
+            pings: n,
             poll_us: 0,
             side_by_side: true,
         };
         let v = config_records(&lines, CONFIGS[5], 2, "x", &o, Load::default()).unwrap();
-        assert_eq!(v[0].n, 20);
+        assert_eq!(v[0].n, u64::from(n));
         assert_eq!(v[0].latency.unwrap().p50, 2.0, "the summary, not a batch");
-        // (20 + 40) exits and (10 + 10) halts over 20 reads; (1 + 3) ticks of 10 ms.
-        assert_eq!(v[0].exits_per_op["kvm_exits"], 3.0);
-        assert_eq!(v[0].exits_per_op["kvm_halt"], 1.0);
-        assert_eq!(v[0].cpu_us_per_op, Some(2000.0));
+        // (20 + 40) exits and (10 + 10) halts over n reads; (1 + 3) ticks of 10 ms.
+        let n = f64::from(n);
+        assert_eq!(v[0].exits_per_op["kvm_exits"], 60.0 / n);
+        assert_eq!(v[0].exits_per_op["kvm_halt"], 20.0 / n);
+        assert_eq!(v[0].cpu_us_per_op, Some(40_000.0 / n));
         assert_eq!(v[2].seconds, Some(20.5));
         // A batch whose end is missing makes the phase's figures unknown, not wrong.
         let cut: Vec<&str> = lines
@@ -1495,9 +1578,14 @@ mod tests {
         assert_eq!(phase_sum::<u64>(&[], &[], d), None);
         assert_eq!(phase_sum(&[Some(1)], &[None], d), None);
         let l1 = l1_script(1, 2, 50, true);
-        assert!(l1.contains("bench_batches=10") && !l1.contains("@BATCHES@"));
-        assert!(l1.contains("if [ 1 = 1 ]; then\n        pt_side_by_side"));
-        assert!(l1_script(1, 2, 50, false).contains("if [ 0 = 1 ]; then\n        pt_side_by_side"));
+        assert!(
+            l1.contains(&format!("bench_batches={SIDE_BY_SIDE_BATCHES}"))
+                && !l1.contains("@BATCHES@")
+        );
+        assert!(l1.contains("if [ 1 = 1 ]; then\n            side_by_side $r"));
+        assert!(
+            l1_script(1, 2, 50, false).contains("if [ 0 = 1 ]; then\n            side_by_side $r")
+        );
         assert!(v[0].config.contains("side by side"));
     }
 

@@ -147,9 +147,9 @@ pub fn table(rows: &[Row]) -> String {
 }
 
 /// Our vmm against QEMU in the lab, pair by pair: the two configurations of one model in the
-/// same run (the same L1 boot; back to back, or for passthrough side by side in alternating
-/// turns), so the lab's drift between L1 boots, and for passthrough over minutes, cancels out
-/// of each pair.
+/// same run (the same L1 boot; back to back, or side by side in alternating turns), so the
+/// lab's drift between L1 boots, and side by side its drift over minutes, cancels out of each
+/// pair.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pairs {
     pub model: Model,

@@ -25,8 +25,8 @@ const USAGE: &str = "usage: bench [--direct-only | --lab-only] [--runs N] [--n N
   --poll-us N      poll_us= of our in-VMM devices, --poll-us of our daemons (default 50)
   --lab-blk-ops N  4 KiB reads per lab guest (default 2000)
   --lab-pings N    pings per lab guest (default 500)
-  --side-by-side   lab passthrough: both VMMs' L2s at once on their own NVMe and e1000e,
-                   taking turns in 10 batches (default: one VM after the other)
+  --side-by-side   lab: both VMMs' L2s of a model at once, each on its own devices,
+                   taking turns in 6 batches (default: one VM after the other)
   --wait-idle      wait (at most a minute) for an idle machine before each direct run
   --pin            direct matrix: vCPU threads on CPU 1, device threads (queue threads,
                    QEMU's iothread, the daemons' vring workers) on CPU 0
@@ -133,7 +133,7 @@ fn run() -> Result<(), String> {
     let pairs = lab_pairs(&records);
     if !pairs.is_empty() {
         t.push_str(if a.side_by_side {
-            "\nLab, our vmm against QEMU pair by pair (the same run and L1 boot; back to back, passthrough side by side):\n\n"
+            "\nLab, our vmm against QEMU pair by pair (the same run and L1 boot, side by side in alternating turns):\n\n"
         } else {
             "\nLab, our vmm against QEMU pair by pair (the same run and L1 boot, back to back):\n\n"
         });
