@@ -35,10 +35,10 @@
 //!   O_DIRECT on its 6.1 kernel, so QEMU's `cache=none` is tried and refused — the config
 //!   says what ran), passthrough's is the lab's NVMe;
 //! - `net-rtt`: `ping -i 0.01` (busybox) to L1's end of the link (the tap, or for passthrough
-//!   the peer e1000e at 00:03.0 on the same QEMU hub), after a settle ping; L2 sends the
-//!   per-packet times as whole µs, 50 to an `L2-PING-US` line (a third of ping's own text:
-//!   every byte L2 prints is a serial port exit, and the lab's L1 has locked up in nested SVM
-//!   in the middle of L2's console output);
+//!   the peer e1000e at 00:03.0 on the same QEMU hub), after a settle ping; `lat --ping`
+//!   sums ping's per-packet times up in L2 into one `LAT-RESULT` line (every byte L2 prints
+//!   is a serial port exit, and the lab's L2s, QEMU's more often, have died in the middle of
+//!   long console output);
 //! - `boot-to-init`: from starting the VMM to the guest's init (`lab_console`).
 //!
 //! Beside the latencies:
@@ -78,7 +78,7 @@ use std::time::Duration;
 
 use super::{Load, LoadMeter, Matrix, Model, Record};
 use crate::lab::{profile_dir, LabRun, Scenario};
-use crate::probe::{parse_json, percentile, Json, Summary, PERCENTILES_PER_MILLE};
+use crate::probe::{parse_json, Json, Summary};
 
 /// What the lab matrix measures per configuration and run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -609,6 +609,7 @@ lab_finish
 const L2_SCRIPT: &str = r#"
 OPS=@BLK_OPS@
 PINGS=@PINGS@
+P50S=
 # L2's address/prefix and its peer in L1 (the kernel command line says).
 IP=
 PEER=
@@ -650,14 +651,17 @@ phase_begin() {
 # blk_batch READS SEED, net_batch PINGS: one measured batch.
 blk_batch() {
     phase_begin blk
-    # Printed after the phase: every byte on the console is a serial exit. No process but
-    # lat: every fork and exec is a burst of page faults in L2, each a chance for the lab's
-    # nested-SVM flake.
+    # Each batch's p50 is printed at the end, its errors after the phase: every byte on the
+    # console is a serial exit. No process but lat: every fork and exec is a burst of page
+    # faults in L2, each a chance for the lab's nested-SVM flake.
     lat --samples $LAB_TMP/lat.txt "$dev" "$1" @WARMUP@ "$2" >$LAB_TMP/batch.txt
     echo "LAT-PHASE blk end"
     while read -r line; do
         case $line in
-        LAT-RESULT*) echo "L2-BATCH blk ${line#LAT-RESULT }" ;;
+        LAT-RESULT*)
+            p=${line#*\"p50_ns\":}
+            P50S="$P50S ${p%%,*}"
+            ;;
         *) echo "$line" ;;
         esac
     done <$LAB_TMP/batch.txt
@@ -684,10 +688,12 @@ else
     blk_batch "$OPS" 1
     net_batch "$PINGS"
 fi
+# The results, short: every byte on the console is a serial exit, and the lab's L2s have
+# died in the middle of long output (QEMU's more often).
 lat --summary $LAB_TMP/lat.txt
-echo "L2-PING-STAT $(grep 'packets transmitted' $LAB_TMP/ping.txt | tr '\n' ' ')"
-# The per-packet times in whole µs, 50 a line (each byte on the console is a serial exit).
-grep -o 'time=[0-9.]* ms' $LAB_TMP/ping.txt | awk '{ sub(/^time=/, "", $1); l = l " " int($1 * 1000 + 0.5) } NR % 50 == 0 { print "L2-PING-US" l; l = "" } END { if (l != "") print "L2-PING-US" l }'
+lat --ping $LAB_TMP/ping.txt
+awk '/packets transmitted/ { s += $1; r += $4 } END { print "L2-PING-STAT", s + 0, "sent,", r + 0, "received" }' $LAB_TMP/ping.txt
+echo "L2-BATCH-P50-NS$P50S"
 # Let the console drain before init powers off.
 sleep 1
 "#;
@@ -1046,19 +1052,21 @@ fn config_records(
     if let Some(e) = field(lines, "LAT-ERROR") {
         return Err(format!("lat failed: {e}"));
     }
-    let lat_line = lines
+    // lat's summaries: of the reads and of ping's round trips.
+    let results = lines
         .iter()
-        .find(|l| l.starts_with("LAT-RESULT"))
-        .ok_or("no LAT-RESULT line")?;
-    let lat = parse_lat_result(lat_line)?;
-    let ping: Vec<&str> = lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("L2-PING-US "))
-        .collect();
-    if ping.is_empty() {
-        return Err("no L2-PING-US line".into());
-    }
-    let rtts = parse_ping_us(&ping.join(" "))?;
+        .filter(|l| l.starts_with("LAT-RESULT"))
+        .map(|l| parse_lat_result(l))
+        .collect::<Result<Vec<_>, _>>()?;
+    let result = |test: &str| {
+        results
+            .iter()
+            .find(|r| r.test == test)
+            .cloned()
+            .ok_or_else(|| format!("no LAT-RESULT line of {test}"))
+    };
+    let lat = result("blk-read-qd1")?;
+    let ping = result("net-rtt")?;
     let boot = field(lines, &format!("LAB-T {tag}-init"))
         .ok_or("no init time (L2 did not reach init)")?
         .parse::<f64>()
@@ -1134,7 +1142,7 @@ fn config_records(
     if blk_n != u64::from(asked) {
         return Err(format!("lat measured {blk_n} reads, asked {asked}"));
     }
-    let net_n = rtts.len() as u64;
+    let net_n = ping.n;
     let mut blk_exits = exits(disk_id, blk_n);
     blk_exits.extend(kvm("blk", blk_n)?);
     let mut net_exits = exits(nic_id, net_n);
@@ -1148,7 +1156,7 @@ fn config_records(
     };
     let net = Record {
         n: net_n,
-        latency: Some(summary_ns(&mut rtts.clone())),
+        latency: Some(ping.summary),
         exits_per_op: net_exits,
         cpu_us_per_op: cpu("net").map(|us| us / net_n as f64),
         ..base(net_cfg, "net-rtt")
@@ -1248,39 +1256,6 @@ pub fn parse_kvm_counters(text: &str) -> Result<BTreeMap<String, u64>, String> {
     Ok(m)
 }
 
-/// The round-trip times (ns) of `L2-PING-US` lines: whole µs separated by spaces. Anything
-/// else is an error, and so is a line without any.
-pub fn parse_ping_us(text: &str) -> Result<Vec<u64>, String> {
-    let out = text
-        .split_ascii_whitespace()
-        .map(|w| {
-            w.parse::<u64>()
-                .ok()
-                .and_then(|us| us.checked_mul(1000))
-                .ok_or_else(|| format!("ping: not a time in µs: {w:?}"))
-        })
-        .collect::<Result<Vec<u64>, String>>()?;
-    if out.is_empty() {
-        return Err("ping: no times".into());
-    }
-    Ok(out)
-}
-
-/// Nearest-rank percentiles (the probe's rule) of samples in ns, as µs; sorts `samples`.
-pub fn summary_ns(samples: &mut [u64]) -> Summary {
-    samples.sort_unstable();
-    let p = |pm: u32| percentile(samples, pm).unwrap_or(0) as f64 / 1000.0;
-    let [p50, p90, p99, p999] = PERCENTILES_PER_MILLE;
-    Summary {
-        min: p(0),
-        p50: p(p50),
-        p90: p(p90),
-        p99: p(p99),
-        p999: p(p999),
-        max: p(1000),
-    }
-}
-
 /// The parts of our vmm's `--exit-stats` JSON the lab records use.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct LabExits {
@@ -1366,52 +1341,6 @@ mod tests {
         }
     }
 
-    /// The L2 script's own lines, made by its awk from real busybox output.
-    #[test]
-    fn ping_us_lines_from_the_l2_script() {
-        let script = l2_script(&LabOptions::default());
-        let awk = script
-            .lines()
-            .find(|l| l.contains("L2-PING-US"))
-            .expect("the L2 script prints L2-PING-US");
-        let prog = awk
-            .split_once("awk '")
-            .and_then(|(_, r)| r.rsplit_once('\''))
-            .map(|(p, _)| p)
-            .expect("an awk program in single quotes");
-        let input: String = (1..=120)
-            .map(|i| format!("time={}.{:03} ms\n", i / 10, (i * 7) % 1000))
-            .collect();
-        let out = std::process::Command::new("awk")
-            .arg(prog)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin.take().expect("stdin").write_all(input.as_bytes())?;
-                c.wait_with_output()
-            })
-            .expect("run awk");
-        let text = String::from_utf8(out.stdout).expect("utf-8");
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
-        let joined: Vec<&str> = lines
-            .iter()
-            .map(|l| l.strip_prefix("L2-PING-US ").expect("prefix"))
-            .collect();
-        let got = parse_ping_us(&joined.join(" ")).unwrap();
-        let s = summary_ns(&mut got.clone());
-        assert_eq!((s.min, s.max), (7.0, 12_840.0));
-        let want: Vec<u64> = (1..=120u64)
-            .map(|i| ((i / 10) * 1000 + (i * 7) % 1000) * 1000)
-            .collect();
-        assert_eq!(got, want);
-        for bad in ["", "12 x", "1.5", "-3", "99999999999999999999"] {
-            assert!(parse_ping_us(bad).is_err(), "accepted {bad:?}");
-        }
-    }
-
     #[test]
     fn exit_stats_by_device() {
         let s = parse_exit_stats(
@@ -1466,8 +1395,7 @@ mod tests {
             "LAB-VAL r1-invmm-vmm-cpu-blk-end 12",
             "LAB-VAL r1-invmm-vmm-kvm-blk-begin exits=1000 io_exits=10 insn_emulation=7 ",
             "LAB-VAL r1-invmm-vmm-kvm-blk-end exits=1010 io_exits=12 insn_emulation=7 ",
-            "L2-PING-US 500",
-            "L2-PING-US 700",
+            "LAT-RESULT {\"test\":\"net-rtt\",\"n\":2,\"min_ns\":500000,\"p50_ns\":500000,\"p90_ns\":700000,\"p99_ns\":700000,\"p999_ns\":700000,\"max_ns\":700000}",
             "LAB-VAL r1-invmm-vmm-exit-stats {\"total\":100,\"pio\":{},\"mmio\":{\"disk0\":4},\"notify_exits\":{\"disk0\":0}}",
         ];
         let o = LabOptions {
@@ -1542,7 +1470,7 @@ mod tests {
             "LAB-VAL r2-pt-qemu-kvm-blk-end exits=540 halt_exits=50 ",
             "L2-BATCH-END blk 2",
             &result,
-            "L2-PING-US 500 600",
+            "LAT-RESULT {\"test\":\"net-rtt\",\"n\":2,\"min_ns\":500000,\"p50_ns\":500000,\"p90_ns\":600000,\"p99_ns\":600000,\"p999_ns\":600000,\"max_ns\":600000}",
         ];
         let o = LabOptions {
             runs: 2,

@@ -4,6 +4,7 @@
 //! ```text
 //! lat [--samples FILE] DEVICE [READS [WARMUP [SEED]]]   defaults: 1000 reads, 16 warm-up, seed 1
 //! lat --summary FILE
+//! lat --ping FILE
 //! ```
 //!
 //! Opens DEVICE with O_DIRECT (so every read reaches the device, not the guest's page cache),
@@ -21,6 +22,11 @@
 //! Measured in batches (the bench's side-by-side runs, where two guests take turns): each
 //! batch `--samples FILE` appends its latencies to FILE (one ns figure a line) after its own
 //! line, and `--summary FILE` prints the `LAT-RESULT` line of every sample in FILE.
+//!
+//! `--ping FILE` prints the `LAT-RESULT` line (test `net-rtt`) of the round trips in FILE,
+//! the output of busybox `ping` (every `time=<ms> ms`, to the µs it prints): one short line on
+//! the guest's serial console instead of every packet's time (each byte L2 prints is an
+//! exit, and the lab's L2s have died in the middle of long console output).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
@@ -43,15 +49,19 @@ struct Args {
 enum Mode {
     Measure(Args),
     Summary(String),
+    Ping(String),
 }
 
-const USAGE: &str =
-    "usage: lat [--samples FILE] DEVICE [READS [WARMUP [SEED]]] | lat --summary FILE";
+const USAGE: &str = "usage: lat [--samples FILE] DEVICE [READS [WARMUP [SEED]]] | lat --summary FILE | lat --ping FILE";
 
 fn parse_mode(args: &[String]) -> Result<Mode, String> {
     match args.first().map(String::as_str) {
         Some("--summary") => match args {
             [_, file] => Ok(Mode::Summary(file.clone())),
+            _ => Err(USAGE.into()),
+        },
+        Some("--ping") => match args {
+            [_, file] => Ok(Mode::Ping(file.clone())),
             _ => Err(USAGE.into()),
         },
         Some("--samples") => {
@@ -139,7 +149,7 @@ fn run(a: &Args) -> Result<String, String> {
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .map_err(|e| format!("append samples to {file}: {e}"))?;
     }
-    Ok(result_line(samples))
+    Ok(result_line("blk-read-qd1", samples))
 }
 
 /// The `LAT-RESULT` line of every sample in `file` (written by `--samples`).
@@ -149,7 +159,41 @@ fn summary(file: &str) -> Result<String, String> {
     if samples.is_empty() {
         return Err(format!("{file} holds no samples"));
     }
-    Ok(result_line(samples))
+    Ok(result_line("blk-read-qd1", samples))
+}
+
+/// The `LAT-RESULT` line (test `net-rtt`) of the round trips in `file`, busybox ping's output.
+fn ping_summary(file: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("read {file}: {e}"))?;
+    let rtts = parse_ping(&text)?;
+    if rtts.is_empty() {
+        return Err(format!("{file} holds no round trips"));
+    }
+    Ok(result_line("net-rtt", rtts))
+}
+
+/// The round trips (ns) of ping's `time=<ms> ms` fields, in order.
+fn parse_ping(text: &str) -> Result<Vec<u64>, String> {
+    text.split_ascii_whitespace()
+        .filter_map(|w| w.strip_prefix("time="))
+        .map(|ms| {
+            let (whole, frac) = ms.split_once('.').unwrap_or((ms, ""));
+            // Whole µs: ping prints at most 3 decimals of a ms.
+            let frac_us = match frac.len() {
+                0..=3 => frac
+                    .parse::<u64>()
+                    .ok()
+                    .map(|f| f * 10u64.pow(3 - frac.len() as u32)),
+                _ => None,
+            };
+            whole
+                .parse::<u64>()
+                .ok()
+                .zip(if frac.is_empty() { Some(0) } else { frac_us })
+                .and_then(|(w, f)| w.checked_mul(1_000_000)?.checked_add(f * 1000))
+                .ok_or_else(|| format!("not a ping time: \"time={ms}\""))
+        })
+        .collect()
 }
 
 fn parse_samples(text: &str) -> Result<Vec<u64>, String> {
@@ -159,12 +203,12 @@ fn parse_samples(text: &str) -> Result<Vec<u64>, String> {
         .collect()
 }
 
-fn result_line(mut samples: Vec<u64>) -> String {
+fn result_line(test: &str, mut samples: Vec<u64>) -> String {
     samples.sort_unstable();
     let p = |pm: u32| percentile(&samples, pm).unwrap_or(0);
     let [p50, p90, p99, p999] = PERCENTILES_PER_MILLE;
     format!(
-        "LAT-RESULT {{\"test\":\"blk-read-qd1\",\"n\":{},\"min_ns\":{},\"p50_ns\":{},\"p90_ns\":{},\"p99_ns\":{},\"p999_ns\":{},\"max_ns\":{}}}",
+        "LAT-RESULT {{\"test\":\"{test}\",\"n\":{},\"min_ns\":{},\"p50_ns\":{},\"p90_ns\":{},\"p99_ns\":{},\"p999_ns\":{},\"max_ns\":{}}}",
         samples.len(),
         p(0),
         p(p50),
@@ -180,6 +224,7 @@ fn main() -> ExitCode {
     let result = parse_mode(&args).and_then(|m| match m {
         Mode::Measure(a) => run(&a),
         Mode::Summary(file) => summary(&file),
+        Mode::Ping(file) => ping_summary(&file),
     });
     match result {
         Ok(line) => {
@@ -217,6 +262,10 @@ mod unit {
             matches!(parse_mode(&strings(&["--summary", "samples.txt"])), Ok(Mode::Summary(f)) if f == "samples.txt")
         );
         assert!(parse_mode(&strings(&["--summary"])).is_err());
+        assert!(
+            matches!(parse_mode(&strings(&["--ping", "ping.txt"])), Ok(Mode::Ping(f)) if f == "ping.txt")
+        );
+        assert!(parse_mode(&strings(&["--ping"])).is_err());
         assert!(parse_mode(&strings(&["--samples", "samples.txt"])).is_err());
         assert!(parse_mode(&strings(&["/dev/vda", "0"])).is_err());
     }
@@ -243,5 +292,31 @@ mod unit {
         assert!(line.ends_with("\"max_ns\":40}"), "{line}");
         assert!(parse_samples("1\nx\n").is_err());
         assert_eq!(parse_samples("\n5\n\n").unwrap(), vec![5]);
+    }
+
+    /// busybox ping's own output (times with 1 to 3 decimals), its summary lines ignored.
+    #[test]
+    fn ping_times() {
+        let text = "PING 198.51.100.1 (198.51.100.1): 56 data bytes\n\
+            64 bytes from 198.51.100.1: seq=0 ttl=64 time=2.345 ms\n\
+            64 bytes from 198.51.100.1: seq=1 ttl=64 time=10.5 ms\n\
+            64 bytes from 198.51.100.1: seq=2 ttl=64 time=0.07 ms\n\
+            \n--- 198.51.100.1 ping statistics ---\n\
+            3 packets transmitted, 3 packets received, 0% packet loss\n\
+            round-trip min/avg/max = 0.070/4.306/10.500 ms\n";
+        assert_eq!(
+            parse_ping(text).unwrap(),
+            vec![2_345_000, 10_500_000, 70_000]
+        );
+        for bad in ["time=x ms", "time=1.2345 ms", "time=-1 ms", "time=1.-5 ms"] {
+            assert!(parse_ping(bad).is_err(), "accepted {bad:?}");
+        }
+        let line = result_line("net-rtt", parse_ping(text).unwrap());
+        assert!(
+            line.starts_with(
+                "LAT-RESULT {\"test\":\"net-rtt\",\"n\":3,\"min_ns\":70000,\"p50_ns\":2345000,"
+            ),
+            "{line}"
+        );
     }
 }
