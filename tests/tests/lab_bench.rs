@@ -1,19 +1,37 @@
 //! The bench's lab matrix end to end, small: one run of every configuration (our vmm and
-//! QEMU, in-VMM virtio, vhost-user, VFIO passthrough) with 200 reads and 50 pings each. Every
+//! QEMU, in-VMM virtio, vhost-user, VFIO passthrough) with 200 reads and 50 pings each, side
+//! by side (the default: both VMMs' L2s at once, taking turns) and one after the other. Every
 //! configuration must produce its three records with sane values; a model that breaks fails
 //! the test. The numbers are printed, not judged.
 
-use tests::bench::lab::{run_lab, LabOptions};
+use tests::bench::lab::{run_lab, LabOptions, SIDE_BY_SIDE_BATCHES};
 use tests::bench::{Matrix, Model};
 
 #[test]
-fn lab_matrix_produces_every_record() {
+fn lab_matrix_side_by_side_produces_every_record() {
+    matrix_produces_every_record(true);
+}
+
+#[test]
+fn lab_matrix_one_after_the_other_produces_every_record() {
+    matrix_produces_every_record(false);
+}
+
+fn matrix_produces_every_record(side_by_side: bool) {
     let opts = LabOptions {
         runs: 1,
         blk_ops: 200,
         pings: 50,
         poll_us: 50,
-        side_by_side: false,
+        side_by_side,
+    };
+    // Side by side, the reads and pings are split into whole batches.
+    let whole = |n: u32| {
+        if side_by_side {
+            n / SIDE_BY_SIDE_BATCHES * SIDE_BY_SIDE_BATCHES
+        } else {
+            n
+        }
     };
     let records = run_lab(&opts, &mut |line| eprintln!("{line}")).unwrap_or_else(|e| panic!("{e}"));
     for r in &records {
@@ -31,17 +49,24 @@ fn lab_matrix_produces_every_record() {
                 let r = found[0];
                 assert_eq!(r.matrix, Matrix::Lab, "{what}");
                 assert_eq!(r.run, 1, "{what}");
+                // The configuration says how the pair ran.
+                assert_eq!(
+                    r.config.contains("side by side") || r.config.contains("the other L2 idle"),
+                    side_by_side,
+                    "{what}: {}",
+                    r.config
+                );
                 match test {
                     "boot-to-init" => {
                         let s = r.seconds.unwrap_or(0.0);
                         assert!(s > 0.0 && s < 120.0, "{what}: {s} s");
                     }
                     _ => {
-                        let want = if test == "net-rtt" {
+                        let want = whole(if test == "net-rtt" {
                             opts.pings
                         } else {
                             opts.blk_ops
-                        };
+                        });
                         assert_eq!(r.n, u64::from(want), "{what}: n");
                         let l = r.latency.unwrap_or_else(|| panic!("{what}: no latency"));
                         assert!(l.p50 > 0.0, "{what}: {l}");

@@ -550,8 +550,10 @@ side_by_side() {
                 k=$((k + 1))
             done
         done
-        for v in $started; do side_send $v quit; done
+        # One at a time: summing up and printing the results is the only time both L2s
+        # would be busy at once (most L2s lost side by side died there).
         for v in $started; do
+            side_send $v quit
             # A VMM whose guest does not power off is ended (by its PID).
             side_next $v r$r-$m-$v VMM-RC 60 || eval "[ \$gone_$v = 1 ]" ||
                 kill $(cat $LAB_TMP/pids/side-r$r-$m-$v) 2>/dev/null
@@ -804,7 +806,11 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
             format!("{first}-{last}")
         };
         let mut scenario = Scenario::new(
-            &format!("bench_lab_r{r}"),
+            // Its own scenario directory and log per mode (the tests run both at once).
+            &format!(
+                "bench_lab{}_r{r}",
+                if opts.side_by_side { "_side" } else { "" }
+            ),
             &l1_script(first, last, opts.poll_us, opts.side_by_side),
         )
         .l2_script(&l2_script(opts))
