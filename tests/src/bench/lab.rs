@@ -14,7 +14,7 @@
 //! `disk-b.img`, `bt-b`, the daemons of set b, the NVMe 00:05.0 and e1000e 00:06.0 of
 //! `Scenario::pair_devices`), ours on set a in odd runs and on set b in even ones, and they
 //! take turns: [`SIDE_BY_SIDE_BATCHES`] batches of reads, then of pings, the first turn
-//! alternating, each L2 idle while the other measures. The host's speed moves by up to 2x
+//! alternating, the other L2's VMM stopped (SIGSTOP) while one measures. The host's speed moves by up to 2x
 //! within minutes (the same VM read 510 µs and then 1154 µs in one lab boot); turns a second
 //! apart see the same host, so the pair compares the VMMs and not the moments. (In one lab
 //! boot, 24 turns of 500 passthrough reads: ours lower in 14, geometric mean of ours /
@@ -440,7 +440,7 @@ vm() {
 
 # Side by side: both VMMs' L2s of a model run at once, each on its own device set (ours on
 # set a in odd runs, on set b in even ones), and take turns: @BATCHES@ batches of reads, then
-# of pings, alternating which goes first, the other L2 idle. The host's speed changes by up
+# of pings, alternating which goes first, the other L2 stopped. The host's speed changes by up
 # to 2x within minutes here; turns a second apart see the same host. While a VM measures,
 # this script forks nothing: it blocks on the VM's events (a FIFO its console filter writes)
 # with `read -t`, so that L1 stays quiet (each fork in L1 is IPIs and TLB shootdowns that
@@ -453,7 +453,7 @@ side_start() {
     v=$1 tag=$2 cmdline=$3 cpu=$4
     shift 4
     eval "infd=\$in_$v evfd=\$ev_$v"
-    eval "gone_$v=0"
+    eval "gone_$v=0 pid_$v="
     rm -f $LAB_TMP/$tag.in $LAB_TMP/$tag.ev $LAB_TMP/stats-$tag.json $LAB_TMP/pids/side-$tag
     mkfifo $LAB_TMP/$tag.in $LAB_TMP/$tag.ev
     # Read-write: the open does not wait for the writer.
@@ -534,17 +534,26 @@ side_by_side() {
             started="$started $v"
             # The next boots while this one waits: boot-to-init of one L2 with the other idle.
             side_next $v r$r-$m-$v L2-READY 240 || { echo "LAB-VAL r$r-$m-$v-not-ready"; live=0; break; }
+            read -r pid_$v <$LAB_TMP/pids/side-r$r-$m-$v
         done
+        # Between its turns a VM is stopped (SIGSTOP to its VMM), so that one L2 runs at a
+        # time as in the sequential mode: the lab loses far more L2s and L1s with two L2s
+        # running. (Turns last seconds; a stop of 20 s would trip the guest's lockup
+        # watchdogs, which is why the first VM runs while the second boots.)
+        for v in $started; do eval "kill -STOP \$pid_$v" 2>/dev/null; done
         for phase in blk net; do
             k=1
             while [ $live = 1 ] && [ $k -le @BATCHES@ ]; do
                 if [ $((k % 2)) = 1 ]; then turns=$order; else turns=$reverse; fi
                 for v in $turns; do
+                    eval "p=\$pid_$v"
+                    kill -CONT $p 2>/dev/null
                     side_send $v "$phase $k"
                     # L1 has read the VM's counters: it may start.
                     side_next $v r$r-$m-$v "PHASE-READY $phase" 60 && side_send $v go
                     # A VM lost (or stuck) ends the attempt: the pair cannot be completed.
                     side_next $v r$r-$m-$v "L2-BATCH-END $phase $k" 60 || { live=0; break; }
+                    kill -STOP $p 2>/dev/null
                 done
                 [ $live = 1 ] && echo "LAB-VAL r$r-$m-turn $phase $k"
                 k=$((k + 1))
@@ -553,6 +562,7 @@ side_by_side() {
         # One at a time: summing up and printing the results is the only time both L2s
         # would be busy at once (most L2s lost side by side died there).
         for v in $started; do
+            eval "kill -CONT \$pid_$v" 2>/dev/null
             side_send $v quit
             # A VMM whose guest does not power off is ended (by its PID).
             side_next $v r$r-$m-$v VMM-RC 60 || eval "[ \$gone_$v = 1 ]" ||
