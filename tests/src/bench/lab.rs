@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | in-VMM | `--disk` + `--net tap=` | virtio-blk-pci on an iothread (io_uring when L1's QEMU takes it) + virtio-net-pci on the same tap, `vhost=off` |
 //! | vhost-user | `--vhost-user-blk` + `--vhost-user-net` to our daemons | `vhost-user-blk-pci` + `-netdev vhost-user` to the same daemons (guest RAM in a shared memfd) |
-//! | passthrough | `--vfio` an NVMe and an e1000e | `-device vfio-pci` for the other NVMe and e1000e |
+//! | passthrough | `--vfio` an NVMe and an e1000e | `-device vfio-pci` for the same NVMe and e1000e (side by side: the other pair) |
 //!
 //! With [`LabOptions::side_by_side`] (`scripts/bench --side-by-side`), each model runs side
 //! by side: both VMMs' L2s at once, each on its own device set (set a: `disk-a.img`, the tap
@@ -14,12 +14,12 @@
 //! `disk-b.img`, `bt-b`, the daemons of set b, the NVMe 00:05.0 and e1000e 00:06.0 of
 //! `Scenario::pair_devices`), ours on set a in odd runs and on set b in even ones, and they
 //! take turns: [`SIDE_BY_SIDE_BATCHES`] batches of reads, then of pings, the first turn
-//! alternating, the other L2's VMM stopped (SIGSTOP) while one measures. The host's speed moves by up to 2x
-//! within minutes (the same VM read 510 µs and then 1154 µs in one lab boot); turns a second
-//! apart see the same host, so the pair compares the VMMs and not the moments. (In one lab
-//! boot, 24 turns of 500 passthrough reads: ours lower in 14, geometric mean of ours /
-//! QEMU's 0.97, where one boot after the other in sequence had given 0 of 4 in the 13:00
-//! run.)
+//! alternating, the other L2's VMM stopped (SIGSTOP) while one measures. The host's speed
+//! moves by up to 2x within minutes (the same VM read 510 µs and then 1154 µs in one lab
+//! boot); turns a second apart see the same host, so the pair compares the VMMs and not the
+//! moments. (In one lab boot, 24 turns of 500 passthrough reads: ours lower in 14, geometric
+//! mean of ours / QEMU's 0.97, where one boot after the other in sequence had given 0 of 4
+//! in the 13:00 run.)
 //!
 //! One L1 boot per two runs (an L1 that dies of the lab's nested-virtualization flake costs
 //! its boot and is booted once more); without side by side each run runs the six
@@ -50,21 +50,22 @@
 //!   `vm_total` (every exit of the VM, the serial console included). They are upper bounds;
 //!   the configs of our vmm's I/O records say so (`exits/op over the whole VM`).
 //! - in-kernel exits per operation (both VMMs, the I/O phase only): at each `LAT-PHASE`
-//!   marker L1 also reads its KVM's counters (`/sys/kernel/debug/kvm/*`, summed over its VMs:
-//!   only the L2 under test runs; side by side, the VM's own `<pid>-<fd>` directory), and
-//!   the difference over the phase divided by the
-//!   operations is `kvm_exits` (every exit of L2 to L1's KVM), `kvm_io` (port I/O exits: the
-//!   port doorbells among them), `kvm_halt`, `kvm_irq_window` and `kvm_emulated` (instructions
-//!   KVM fetched, decoded and emulated: every MMIO exit, and here every exit that skips an
-//!   instruction, as L1's SVM has no next-RIP). They include the phase's idle time (0.5 s
-//!   alone; side by side, the moment until L1 says "go").
+//!   marker L1 also reads its KVM's counters (`/sys/kernel/debug/kvm/*`, summed over its
+//!   VMs: only the L2 under test runs; side by side, the VM's own `<pid>-<fd>` directory),
+//!   and the difference over the phase divided by the operations is `kvm_exits` (every exit
+//!   of L2 to L1's KVM), `kvm_io` (port I/O exits: the port doorbells among them),
+//!   `kvm_halt`, `kvm_irq_window` and `kvm_emulated` (instructions KVM fetched, decoded and
+//!   emulated: every MMIO exit, and here every exit that skips an instruction, as L1's SVM
+//!   has no next-RIP). They include the phase's idle time (0.5 s alone; side by side, the
+//!   moment until L1 says "go").
 //! - host CPU per operation: the L2 script prints `LAT-PHASE <phase> begin|end` around each
 //!   measurement (and sleeps 0.5 s after `begin`, so that L1 reads the counters before the
-//!   I/O starts); L1's console filter reads `/proc/<pid>/task/*/stat` of the VMM (without its
-//!   vCPU threads: `vcpu*` in ours, `CPU n/KVM` in QEMU with `debug-threads=on`) and of the
-//!   vhost-user daemons (side by side: of its set) at each marker. The difference over the phase, divided by the
-//!   operations, is `cpu_us_per_op`. Ticks are 10 ms, so with few operations the figure is
-//!   coarse; the phase also includes up to ~0.5 s of an idle guest.
+//!   I/O starts); L1's console filter reads `/proc/<pid>/task/*/stat` of the VMM (without
+//!   its vCPU threads: `vcpu*` in ours, `CPU n/KVM` in QEMU with `debug-threads=on`) and of
+//!   the vhost-user daemons (side by side: of its set) at each marker. The difference over
+//!   the phase, divided by the operations, is `cpu_us_per_op`. Ticks are 10 ms, so with few
+//!   operations the figure is coarse; the phase also includes up to ~0.5 s of an idle
+//!   guest.
 //! - binaries: the project binaries come from the directory `lat` is found in (see
 //!   `lat_binary`): a debug build measures an unoptimized vmm and daemons against Debian's
 //!   optimized QEMU, which costs our device threads several times the CPU per I/O; run the

@@ -152,48 +152,41 @@ fn run(a: &Args) -> Result<String, String> {
     Ok(result_line("blk-read-qd1", samples))
 }
 
-/// The `LAT-RESULT` line of every sample in `file` (written by `--samples`).
-fn summary(file: &str) -> Result<String, String> {
+/// The `LAT-RESULT` line of test `test` over the samples `parse` finds in `file`.
+fn file_summary(
+    file: &str,
+    test: &str,
+    parse: fn(&str) -> Result<Vec<u64>, String>,
+) -> Result<String, String> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("read {file}: {e}"))?;
-    let samples = parse_samples(&text)?;
+    let samples = parse(&text)?;
     if samples.is_empty() {
-        return Err(format!("{file} holds no samples"));
+        return Err(format!("{file} holds no {test} samples"));
     }
-    Ok(result_line("blk-read-qd1", samples))
-}
-
-/// The `LAT-RESULT` line (test `net-rtt`) of the round trips in `file`, busybox ping's output.
-fn ping_summary(file: &str) -> Result<String, String> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("read {file}: {e}"))?;
-    let rtts = parse_ping(&text)?;
-    if rtts.is_empty() {
-        return Err(format!("{file} holds no round trips"));
-    }
-    Ok(result_line("net-rtt", rtts))
+    Ok(result_line(test, samples))
 }
 
 /// The round trips (ns) of ping's `time=<ms> ms` fields, in order.
 fn parse_ping(text: &str) -> Result<Vec<u64>, String> {
     text.split_ascii_whitespace()
         .filter_map(|w| w.strip_prefix("time="))
-        .map(|ms| {
-            let (whole, frac) = ms.split_once('.').unwrap_or((ms, ""));
-            // Whole µs: ping prints at most 3 decimals of a ms.
-            let frac_us = match frac.len() {
-                0..=3 => frac
-                    .parse::<u64>()
-                    .ok()
-                    .map(|f| f * 10u64.pow(3 - frac.len() as u32)),
-                _ => None,
-            };
-            whole
-                .parse::<u64>()
-                .ok()
-                .zip(if frac.is_empty() { Some(0) } else { frac_us })
-                .and_then(|(w, f)| w.checked_mul(1_000_000)?.checked_add(f * 1000))
-                .ok_or_else(|| format!("not a ping time: \"time={ms}\""))
-        })
+        .map(|ms| ping_ns(ms).ok_or_else(|| format!("not a ping time: \"time={ms}\"")))
         .collect()
+}
+
+/// `<ms>` with up to 3 decimals (ping prints whole µs) in ns.
+fn ping_ns(ms: &str) -> Option<u64> {
+    let (whole, frac) = ms.split_once('.').unwrap_or((ms, ""));
+    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits(whole) || frac.len() > 3 || !digits(frac) {
+        return None;
+    }
+    let us: u64 = format!("{frac:0<3}").parse().ok()?;
+    whole
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(1_000_000)?
+        .checked_add(us * 1000)
 }
 
 fn parse_samples(text: &str) -> Result<Vec<u64>, String> {
@@ -223,8 +216,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = parse_mode(&args).and_then(|m| match m {
         Mode::Measure(a) => run(&a),
-        Mode::Summary(file) => summary(&file),
-        Mode::Ping(file) => ping_summary(&file),
+        Mode::Summary(file) => file_summary(&file, "blk-read-qd1", parse_samples),
+        Mode::Ping(file) => file_summary(&file, "net-rtt", parse_ping),
     });
     match result {
         Ok(line) => {
@@ -283,7 +276,7 @@ mod unit {
                 .unwrap();
             f.write_all(batch.as_bytes()).unwrap();
         }
-        let line = summary(&path).unwrap();
+        let line = file_summary(&path, "blk-read-qd1", parse_samples).unwrap();
         std::fs::remove_file(&file).unwrap();
         assert!(
             line.starts_with("LAT-RESULT {\"test\":\"blk-read-qd1\",\"n\":4,\"min_ns\":10,"),
@@ -308,7 +301,14 @@ mod unit {
             parse_ping(text).unwrap(),
             vec![2_345_000, 10_500_000, 70_000]
         );
-        for bad in ["time=x ms", "time=1.2345 ms", "time=-1 ms", "time=1.-5 ms"] {
+        for bad in [
+            "time=x ms",
+            "time=1.2345 ms",
+            "time=-1 ms",
+            "time=1.-5 ms",
+            "time=+1 ms",
+            "time=.5 ms",
+        ] {
             assert!(parse_ping(bad).is_err(), "accepted {bad:?}");
         }
         let line = result_line("net-rtt", parse_ping(text).unwrap());
