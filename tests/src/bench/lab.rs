@@ -454,7 +454,7 @@ side_start() {
     v=$1 tag=$2 cmdline=$3 cpu=$4
     shift 4
     eval "infd=\$in_$v evfd=\$ev_$v"
-    eval "gone_$v=0 pid_$v="
+    eval "gone_$v=0 stuck_$v=0 pid_$v="
     rm -f $LAB_TMP/$tag.in $LAB_TMP/$tag.ev $LAB_TMP/stats-$tag.json $LAB_TMP/pids/side-$tag
     mkfifo $LAB_TMP/$tag.in $LAB_TMP/$tag.ev
     # Read-write: the open does not wait for the writer.
@@ -473,14 +473,15 @@ side_start() {
     eval "exec $infd>$LAB_TMP/$tag.in"
 }
 # side_next V TAG PATTERN SECS: read V's events until one starts with PATTERN (status 0),
-# its VMM ends (1) or SECS pass (1; saying so every 20 s: the bench takes a quiet console
-# for a stuck L1).
+# its VMM ends (1) or SECS pass (1, and V counts as stuck; saying so every 20 s: the bench
+# takes a quiet console for a stuck L1).
 side_next() {
     eval "evfd=\$ev_$1 gone=\$gone_$1"
     [ "$gone" = 1 ] && return 1
-    waited=0
+    waited=0 step=20
+    [ $4 -lt $step ] && step=$4
     while :; do
-        if read -t 20 -r event <&$evfd; then
+        if read -t $step -r event <&$evfd; then
             case $event in
             "$3"*) return 0 ;;
             VMM-RC*)
@@ -489,8 +490,12 @@ side_next() {
                 ;;
             esac
         else
-            waited=$((waited + 20))
-            [ $waited -ge $4 ] && { echo "LAB-VAL $2-timeout no '$3' after $4 s"; return 1; }
+            waited=$((waited + step))
+            if [ $waited -ge $4 ]; then
+                echo "LAB-VAL $2-timeout no '$3' after $4 s"
+                eval "stuck_$1=1"
+                return 1
+            fi
             echo "LAB-VAL $2-waiting for '$3' ($waited s)"
         fi
     done
@@ -550,10 +555,12 @@ side_by_side() {
                     eval "p=\$pid_$v"
                     kill -CONT $p 2>/dev/null
                     side_send $v "$phase $k"
-                    # L1 has read the VM's counters: it may start.
-                    side_next $v r$r-$m-$v "PHASE-READY $phase" 60 && side_send $v go
-                    # A VM lost (or stuck) ends the attempt: the pair cannot be completed.
-                    side_next $v r$r-$m-$v "L2-BATCH-END $phase $k" 60 || { live=0; break; }
+                    # L1 has read the VM's counters: it may start. A VM lost (or stuck)
+                    # ends the attempt: the pair cannot be completed.
+                    side_next $v r$r-$m-$v "PHASE-READY $phase" @TURN_SECS@ &&
+                        side_send $v go &&
+                        side_next $v r$r-$m-$v "L2-BATCH-END $phase $k" @TURN_SECS@ ||
+                        { live=0; break; }
                     kill -STOP $p 2>/dev/null
                 done
                 [ $live = 1 ] && echo "LAB-VAL r$r-$m-turn $phase $k"
@@ -563,11 +570,20 @@ side_by_side() {
         # One at a time: summing up and printing the results is the only time both L2s
         # would be busy at once (most L2s lost side by side died there).
         for v in $started; do
-            eval "kill -CONT \$pid_$v" 2>/dev/null
-            side_send $v quit
-            # A VMM whose guest does not power off is ended (by its PID).
-            side_next $v r$r-$m-$v VMM-RC 60 || eval "[ \$gone_$v = 1 ]" ||
-                kill $(cat $LAB_TMP/pids/side-r$r-$m-$v) 2>/dev/null
+            eval "p=\$pid_$v stuck=\$stuck_$v gone=\$gone_$v"
+            [ -n "$p" ] || read -r p <$LAB_TMP/pids/side-r$r-$m-$v
+            kill -CONT $p 2>/dev/null
+            if [ "$gone" != 1 ]; then
+                if [ "$stuck" != 1 ]; then
+                    side_send $v quit
+                    side_next $v r$r-$m-$v VMM-RC 60 && gone=1
+                fi
+                # A VMM whose guest is stuck, or does not power off, is ended (by its PID).
+                if [ "$gone" != 1 ]; then
+                    kill $p 2>/dev/null
+                    side_next $v r$r-$m-$v VMM-RC 20 || kill -KILL $p 2>/dev/null
+                fi
+            fi
             wait $(cat $LAB_TMP/r$r-$m-$v.pipe)
         done
         exec 5>&- 6>&- 7<&- 8<&-
@@ -712,13 +728,23 @@ sleep 1
 "#;
 
 /// The L1 script of runs `first..=last` (one L1 boot).
-fn l1_script(first: u32, last: u32, poll_us: u32, side_by_side: bool) -> String {
+fn l1_script(first: u32, last: u32, opts: &LabOptions) -> String {
     L1_SCRIPT
         .replace("@RUN_FIRST@", &first.to_string())
         .replace("@RUN_LAST@", &last.to_string())
-        .replace("@POLL_US@", &poll_us.to_string())
-        .replace("@SIDE_BY_SIDE@", if side_by_side { "1" } else { "0" })
+        .replace("@POLL_US@", &opts.poll_us.to_string())
+        .replace("@SIDE_BY_SIDE@", if opts.side_by_side { "1" } else { "0" })
         .replace("@BATCHES@", &SIDE_BY_SIDE_BATCHES.to_string())
+        .replace("@TURN_SECS@", &turn_secs(opts).to_string())
+}
+
+/// How long a side-by-side turn may take before its L2 counts as stuck: five times what a
+/// batch takes in the lab (~2 ms a read, ~30 ms a ping at `ping -i 0.01`), plus 20 s.
+/// A stuck L2 (seen: an RCU stall on its vCPU 0) costs this once, then the pair boots again.
+fn turn_secs(opts: &LabOptions) -> u32 {
+    let batch = (f64::from(opts.blk_ops) * 0.002).max(f64::from(opts.pings) * 0.03)
+        / f64::from(SIDE_BY_SIDE_BATCHES);
+    20 + (5.0 * batch).ceil() as u32
 }
 
 /// Turns of each phase when two L2s run side by side: the reads and pings of a guest are
@@ -822,7 +848,7 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
                 "bench_lab{}_r{r}",
                 if opts.side_by_side { "_side" } else { "" }
             ),
-            &l1_script(first, last, opts.poll_us, opts.side_by_side),
+            &l1_script(first, last, opts),
         )
         .l2_script(&l2_script(opts))
         .l2_bin(&lat)
@@ -1390,7 +1416,7 @@ mod tests {
             poll_us: 50,
             side_by_side: false,
         };
-        let l1 = l1_script(3, 4, 50, false);
+        let l1 = l1_script(3, 4, &o);
         assert!(l1.contains("RUN_FIRST=3\n") && l1.contains("RUN_LAST=4\n"));
         assert!(l1.contains("id=disk0,poll_us=50"));
         assert!(!l1.contains("@RUN_") && !l1.contains("@POLL_US@"));
@@ -1522,15 +1548,27 @@ mod tests {
         assert_eq!(phase_sum(&[Some(3)], &[Some(2)], d), None);
         assert_eq!(phase_sum::<u64>(&[], &[], d), None);
         assert_eq!(phase_sum(&[Some(1)], &[None], d), None);
-        let l1 = l1_script(1, 2, 50, true);
+        let l1 = l1_script(1, 2, &o);
         assert!(
             l1.contains(&format!("bench_batches={SIDE_BY_SIDE_BATCHES}"))
                 && !l1.contains("@BATCHES@")
+                && !l1.contains("@TURN_SECS@")
         );
         assert!(l1.contains("if [ 1 = 1 ]; then\n            side_by_side $r"));
-        assert!(
-            l1_script(1, 2, 50, false).contains("if [ 0 = 1 ]; then\n            side_by_side $r")
-        );
+        let seq = LabOptions {
+            side_by_side: false,
+            ..o
+        };
+        assert!(l1_script(1, 2, &seq).contains("if [ 0 = 1 ]; then\n            side_by_side $r"));
+        // A turn may take five times a batch, and 20 s more: the default batch is 83 pings
+        // at ~30 ms.
+        assert_eq!(turn_secs(&o), 21);
+        assert_eq!(turn_secs(&LabOptions::default()), 33);
+        let long = LabOptions {
+            blk_ops: 60_000,
+            ..LabOptions::default()
+        };
+        assert_eq!(turn_secs(&long), 120);
         assert!(v[0].config.contains("side by side"));
     }
 
