@@ -8,8 +8,8 @@
 //! | vhost-user | `--vhost-user-blk` + `--vhost-user-net` to our daemons | `vhost-user-blk-pci` + `-netdev vhost-user` to the same daemons (guest RAM in a shared memfd) |
 //! | passthrough | `--vfio` an NVMe and an e1000e | `-device vfio-pci` for the same NVMe and e1000e (side by side: the other pair) |
 //!
-//! With [`LabOptions::side_by_side`] (`scripts/bench --side-by-side`), each model runs side
-//! by side: both VMMs' L2s at once, each on its own device set (set a: `disk-a.img`, the tap
+//! With [`LabOptions::side_by_side`] (the default; `scripts/bench --sequential` turns it
+//! off), each model runs side by side: both VMMs' L2s at once, each on its own device set (set a: `disk-a.img`, the tap
 //! `bt-a` or the daemons of set a with `vut-a`, the NVMe 00:04.0 and e1000e 00:02.0; set b:
 //! `disk-b.img`, `bt-b`, the daemons of set b, the NVMe 00:05.0 and e1000e 00:06.0 of
 //! `Scenario::pair_devices`), ours on set a in odd runs and on set b in even ones, and they
@@ -22,7 +22,7 @@
 //! in the 13:00 run.)
 //!
 //! One L1 boot per two runs (an L1 that dies of the lab's nested-virtualization flake costs
-//! its boot and is booted once more); without side by side each run runs the six
+//! its boot and is booted once more); sequential, each run runs the six
 //! configurations one after the other (our vmm first in odd runs, QEMU first in even runs,
 //! so that neither always boots into the state the other left, and both are measured in both
 //! orders under the same L1, whose speed moves by a third between boots); an L2 that does
@@ -94,7 +94,7 @@ pub struct LabOptions {
     /// polls by default too).
     pub poll_us: u32,
     /// Both VMMs' L2s of a model side by side, taking turns (see the module's
-    /// documentation), instead of one VM after the other.
+    /// documentation; the default), instead of one VM after the other.
     pub side_by_side: bool,
 }
 
@@ -105,7 +105,7 @@ impl Default for LabOptions {
             blk_ops: 2000,
             pings: 500,
             poll_us: 50,
-            side_by_side: false,
+            side_by_side: true,
         }
     }
 }

@@ -15,8 +15,8 @@ use tests::bench::report::{json, lab_pairs, pairs_table, summarize, svg, table};
 use tests::bench::Record;
 
 const USAGE: &str = "usage: bench [--direct-only | --lab-only] [--runs N] [--n N] [--n-qd32 N]
-             [--poll-us N] [--lab-blk-ops N] [--lab-pings N] [--wait-idle] [--pin]
-             [--only TEXT] [--out DIR]
+             [--poll-us N] [--lab-blk-ops N] [--lab-pings N] [--sequential] [--wait-idle]
+             [--pin] [--only TEXT] [--out DIR]
 
   --runs N         runs of every configuration, interleaved (default 4: in the lab, where
                    runs alternate which VMM boots first, an even count balances the order)
@@ -25,8 +25,9 @@ const USAGE: &str = "usage: bench [--direct-only | --lab-only] [--runs N] [--n N
   --poll-us N      poll_us= of our in-VMM devices, --poll-us of our daemons (default 50)
   --lab-blk-ops N  4 KiB reads per lab guest (default 2000)
   --lab-pings N    pings per lab guest (default 500)
-  --side-by-side   lab: both VMMs' L2s of a model at once, each on its own devices,
-                   taking turns in 6 batches (default: one VM after the other)
+  --sequential     lab: one VM after the other (default, --side-by-side: both VMMs' L2s
+                   of a model at once, each on its own devices, taking turns in 6 batches,
+                   the one whose turn it is not stopped)
   --wait-idle      wait (at most a minute) for an idle machine before each direct run
   --pin            direct matrix: vCPU threads on CPU 1, device threads (queue threads,
                    QEMU's iothread, the daemons' vring workers) on CPU 0
@@ -60,7 +61,7 @@ fn parse_args() -> Result<Args, String> {
         poll_us: 50,
         lab_blk_ops: 2000,
         lab_pings: 500,
-        side_by_side: false,
+        side_by_side: true,
         wait_idle: false,
         pin: false,
         only: None,
@@ -83,6 +84,7 @@ fn parse_args() -> Result<Args, String> {
             "--lab-blk-ops" => a.lab_blk_ops = num("--lab-blk-ops")?.max(1),
             "--lab-pings" => a.lab_pings = num("--lab-pings")?.max(1),
             "--side-by-side" => a.side_by_side = true,
+            "--sequential" => a.side_by_side = false,
             "--wait-idle" => a.wait_idle = true,
             "--pin" => a.pin = true,
             "--only" => a.only = Some(it.next().ok_or("--only needs a text")?),
