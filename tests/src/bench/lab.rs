@@ -8,27 +8,28 @@
 //! | vhost-user | `--vhost-user-blk` + `--vhost-user-net` to our daemons | `vhost-user-blk-pci` + `-netdev vhost-user` to the same daemons (guest RAM in a shared memfd) |
 //! | passthrough | `--vfio` an NVMe and an e1000e | `-device vfio-pci` for the same NVMe and e1000e (side by side: the other pair) |
 //!
-//! With [`LabOptions::side_by_side`] (the default; `scripts/bench --sequential` turns it
-//! off), each model runs side by side: both VMMs' L2s at once, each on its own device set (set a: `disk-a.img`, the tap
-//! `bt-a` or the daemons of set a with `vut-a`, the NVMe 00:04.0 and e1000e 00:02.0; set b:
-//! `disk-b.img`, `bt-b`, the daemons of set b, the NVMe 00:05.0 and e1000e 00:06.0 of
-//! `Scenario::pair_devices`), ours on set a in odd runs and on set b in even ones, and they
-//! take turns: [`SIDE_BY_SIDE_BATCHES`] batches of reads, then of pings, the first turn
-//! alternating, the other L2's VMM stopped (SIGSTOP) while one measures. The host's speed
-//! moves by up to 2x within minutes (the same VM read 510 µs and then 1154 µs in one lab
+//! With [`LabOptions::side_by_side`] (the default; `scripts/bench --sequential` turns it off),
+//! each model runs side by side: both VMMs' L2s at once, each on its own device set (set a:
+//! `disk-a.img`, the tap `bt-a` or the daemons of set a with `vut-a`, the NVMe 00:04.0 and
+//! e1000e 00:02.0; set b: `disk-b.img`, `bt-b`, the daemons of set b, the NVMe 00:05.0 and
+//! e1000e 00:06.0 of `Scenario::pair_devices`), ours on set a in odd runs and on set b in even
+//! ones, and they take turns: [`SIDE_BY_SIDE_BATCHES`] batches of reads, then of pings, the
+//! first turn alternating, the other L2's VMM stopped (SIGSTOP) while one measures. The host's
+//! speed moves by up to 2x within minutes (the same VM read 510 µs and then 1154 µs in one lab
 //! boot); turns a second apart see the same host, so the pair compares the VMMs and not the
 //! moments. (In one lab boot, 24 turns of 500 passthrough reads: ours lower in 14, geometric
-//! mean of ours / QEMU's 0.97, where one boot after the other in sequence had given 0 of 4
-//! in the 13:00 run.)
+//! mean of ours / QEMU's 0.97, where one boot after the other in sequence had given 0 of 4 in
+//! the 13:00 run.)
 //!
-//! One L1 boot per two runs (an L1 that dies of the lab's nested-virtualization flake costs
-//! its boot and is booted once more); sequential, each run runs the six
-//! configurations one after the other (our vmm first in odd runs, QEMU first in even runs,
-//! so that neither always boots into the state the other left, and both are measured in both
-//! orders under the same L1, whose speed moves by a third between boots); an L2 that does
-//! not end cleanly is booted once more (side by side: both). Every L2 guest has the same
-//! generic kernel (it has the e1000e and nvme drivers passthrough needs), initramfs, command
-//! line, 2 vCPUs and 512 MiB, and measures, inside L2:
+//! One L1 boot per two runs (an L1 that dies of the lab's nested-virtualization flake costs its
+//! boot and is booted once more); in the sequential mode each run runs the six configurations
+//! one after the other (our vmm first in odd runs, QEMU first in even runs, so that neither
+//! always boots into the state the other left, and both are measured in both orders under the
+//! same L1, whose speed moves by a third between boots); an L2 that does not end cleanly is
+//! booted once more (side by side: both, up to three times; an L2 stuck in a turn longer than
+//! `turn_secs` is ended). Every L2 guest has the same generic kernel (it has the e1000e and
+//! nvme drivers passthrough needs), initramfs, command line, 2 vCPUs and 512 MiB, and measures,
+//! inside L2:
 //! - `blk-read-qd1`: 4 KiB random reads at queue depth 1 with O_DIRECT on its disk
 //!   (`tests/src/bin/lat.rs`; warm-up excluded); the in-VMM and vhost-user disks are 256 MiB
 //!   files of zeros in L1's RAM (page cache; L1's scratch directory is on tmpfs, which has no
