@@ -571,8 +571,9 @@ side_by_side() {
         # One at a time: summing up and printing the results is the only time both L2s
         # would be busy at once (most L2s lost side by side died there).
         for v in $started; do
-            eval "p=\$pid_$v stuck=\$stuck_$v gone=\$gone_$v"
-            [ -n "$p" ] || read -r p <$LAB_TMP/pids/side-r$r-$m-$v
+            # Its PID from the file: a VM that never got ready has no pid_$v.
+            read -r p <$LAB_TMP/pids/side-r$r-$m-$v
+            eval "stuck=\$stuck_$v gone=\$gone_$v"
             kill -CONT $p 2>/dev/null
             if [ "$gone" != 1 ]; then
                 if [ "$stuck" != 1 ]; then
@@ -739,11 +740,17 @@ fn l1_script(first: u32, last: u32, opts: &LabOptions) -> String {
         .replace("@TURN_SECS@", &turn_secs(opts).to_string())
 }
 
+/// What a 4 KiB read costs in the lab at most, in seconds (they take well under 1 ms).
+const LAB_SECS_PER_READ: f64 = 0.002;
+/// What a ping costs in the lab, in seconds (`ping -i 0.01`, ~12 ms apart measured).
+const LAB_SECS_PER_PING: f64 = 0.03;
+
 /// How long a side-by-side turn may take before its L2 counts as stuck: five times what a
-/// batch takes in the lab (~2 ms a read, ~30 ms a ping at `ping -i 0.01`), plus 20 s.
-/// A stuck L2 (seen: an RCU stall on its vCPU 0) costs this once, then the pair boots again.
+/// batch takes in the lab, plus 20 s. A stuck L2 (seen: an RCU stall on its vCPU 0) costs
+/// this once, then the pair boots again.
 fn turn_secs(opts: &LabOptions) -> u32 {
-    let batch = (f64::from(opts.blk_ops) * 0.002).max(f64::from(opts.pings) * 0.03)
+    let batch = (f64::from(opts.blk_ops) * LAB_SECS_PER_READ)
+        .max(f64::from(opts.pings) * LAB_SECS_PER_PING)
         / f64::from(SIDE_BY_SIDE_BATCHES);
     20 + (5.0 * batch).ceil() as u32
 }
@@ -807,9 +814,11 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
             ));
         }
     }
-    // About 8 s per L2 boot (up to 30 s seen), the reads (well under 1 ms each), the pings
-    // (10 ms apart), the daemons and the output; plus L1's boot and setup.
-    let per_vm = 45.0 + f64::from(opts.blk_ops) * 0.002 + f64::from(opts.pings) * 0.03;
+    // About 8 s per L2 boot (up to 30 s seen), the reads, the pings, the daemons and the
+    // output; plus L1's boot and setup.
+    let per_vm = 45.0
+        + f64::from(opts.blk_ops) * LAB_SECS_PER_READ
+        + f64::from(opts.pings) * LAB_SECS_PER_PING;
     let timeout = Duration::from_secs_f64(200.0 + (6 * RUNS_PER_BOOT) as f64 * per_vm);
     progress(&format!(
         "lab: {} run(s), two per L1 boot, x {} configurations ({} reads, {} pings each), \
