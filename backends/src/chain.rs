@@ -3,6 +3,7 @@
 //! byte ranges ("segments"). Everything after this works on validated segments.
 
 use thiserror::Error;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
@@ -50,6 +51,11 @@ pub(crate) struct ParsedChain {
     pub readable: Vec<Segment>,
     pub writable: Vec<Segment>,
     pub fault: Option<ChainError>,
+    /// With a fault: the last byte of the chain's final descriptor, when that descriptor is
+    /// device-writable and inside guest memory (where a virtio-blk status byte goes). The
+    /// walk continues past the fault to find it, so that an error status never lands in a
+    /// data buffer the walk happened to stop in.
+    pub fault_status: Option<GuestAddress>,
 }
 
 impl ParsedChain {
@@ -68,24 +74,107 @@ pub(crate) fn parse_chain<M: GuestMemory>(
     mem: &M,
     max_descs: usize,
 ) -> ParsedChain {
+    let head = chain.head_index();
+    parse_descs(head, chain, mem, max_descs)
+}
+
+/// The descriptors of the chain starting at `head` in the descriptor table at `table` of a
+/// queue of `size` entries, as virtio-queue's `DescriptorChain` yields them (indirect tables
+/// followed, not nested; at most `size` direct or table-length indirect descriptors; the
+/// walk ends at an unreadable descriptor, a bad table or 4 GiB of buffers). For a chain that
+/// is not popped from the available ring: one a restarted back-end executes again from its
+/// inflight record. virtio-queue builds chains only from the available ring.
+pub(crate) struct HeadChain<'a, M> {
+    mem: &'a M,
+    table: GuestAddress,
+    size: u16,
+    next: u16,
+    ttl: u16,
+    indirect: bool,
+    bytes: u32,
+}
+
+impl<'a, M: GuestMemory> HeadChain<'a, M> {
+    pub(crate) fn new(mem: &'a M, table: GuestAddress, size: u16, head: u16) -> Self {
+        HeadChain {
+            mem,
+            table,
+            size,
+            next: head,
+            ttl: size,
+            indirect: false,
+            bytes: 0,
+        }
+    }
+}
+
+impl<M: GuestMemory> Iterator for HeadChain<'_, M> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        if self.ttl == 0 || self.next >= self.size {
+            return None;
+        }
+        let at = self.table.checked_add(u64::from(self.next) * 16)?;
+        let desc: Descriptor = self.mem.read_obj(at).ok()?;
+        if desc.refers_to_indirect_table() {
+            let len = desc.len();
+            if self.indirect || len % 16 != 0 || len / 16 > u32::from(u16::MAX) {
+                self.ttl = 0;
+                return None;
+            }
+            self.table = desc.addr();
+            self.size = (len / 16) as u16;
+            self.next = 0;
+            self.ttl = self.size;
+            self.indirect = true;
+            return self.next();
+        }
+        self.bytes = self.bytes.checked_add(desc.len())?;
+        if desc.has_next() {
+            self.next = desc.next();
+            self.ttl -= 1;
+        } else {
+            self.ttl = 0;
+        }
+        Some(desc)
+    }
+}
+
+/// [`parse_chain`] for any walk of a chain's descriptors.
+pub(crate) fn parse_descs<M: GuestMemory>(
+    head: u16,
+    chain: impl Iterator<Item = Descriptor>,
+    mem: &M,
+    max_descs: usize,
+) -> ParsedChain {
     let mut parsed = ParsedChain {
-        head: chain.head_index(),
+        head,
         ..Default::default()
     };
     let mut count = 0usize;
     let mut last_has_next = false;
     let mut total: u64 = 0;
+    // The final descriptor seen (address, length, writable): after a fault the walk goes on
+    // without recording segments, to find where the status byte is.
+    let mut last = None;
     for desc in chain {
         count += 1;
+        last_has_next = desc.has_next();
+        last = Some((desc.addr(), desc.len(), desc.is_write_only()));
+        if parsed.fault.is_some() {
+            // virtio-queue's iterator ends by itself: after the queue size for a direct
+            // chain, after the table's length for an indirect one.
+            continue;
+        }
         if count > max_descs {
             parsed.fault = Some(ChainError::TooLong(max_descs));
-            return parsed;
+            continue;
         }
-        last_has_next = desc.has_next();
         total += u64::from(desc.len());
         if total > u64::from(u32::MAX) {
             parsed.fault = Some(ChainError::TooBig);
-            return parsed;
+            continue;
         }
         let seg = Segment {
             addr: desc.addr(),
@@ -103,7 +192,7 @@ pub(crate) fn parse_chain<M: GuestMemory>(
                     addr: seg.addr.raw_value(),
                     len: seg.len,
                 });
-                return parsed;
+                continue;
             }
         }
         if writable {
@@ -112,7 +201,7 @@ pub(crate) fn parse_chain<M: GuestMemory>(
             }
         } else if !parsed.writable.is_empty() {
             parsed.fault = Some(ChainError::ReadableAfterWritable);
-            return parsed;
+            continue;
         } else if seg.len > 0 {
             parsed.readable.push(seg);
         }
@@ -120,7 +209,15 @@ pub(crate) fn parse_chain<M: GuestMemory>(
     if count == 0 {
         parsed.fault = Some(ChainError::Empty);
     } else if last_has_next {
-        parsed.fault = Some(ChainError::Unterminated);
+        // Cut short (a loop, a bad next index or indirect table): no final descriptor.
+        parsed.fault.get_or_insert(ChainError::Unterminated);
+        return parsed;
+    }
+    if parsed.fault.is_some() {
+        parsed.fault_status = last.and_then(|(addr, len, writable)| {
+            let at = addr.checked_add(u64::from(len).checked_sub(1)?)?;
+            (writable && mem.check_range(at, 1, Permissions::Write)).then_some(at)
+        });
     }
     parsed
 }

@@ -15,10 +15,22 @@ pub const MAX_DISCARD_SEG: u32 = 1;
 /// Length of the configuration space we expose (through `write_zeroes_may_unmap` + padding).
 pub const CONFIG_SPACE_LEN: usize = 60;
 
+/// The most data segments `seg_max` ever advertises.
+const SEG_MAX_LIMIT: u32 = 1022;
+
 /// `seg_max` for a queue size: the chain also holds the header and the status descriptors.
 pub fn seg_max(queue_size: u16) -> u32 {
-    u32::from(queue_size).saturating_sub(2).clamp(1, 1022)
+    u32::from(queue_size)
+        .saturating_sub(2)
+        .clamp(1, SEG_MAX_LIMIT)
 }
+
+/// The longest descriptor chain the engine accepts, whatever queue size the driver chose:
+/// `seg_max` is advertised before the driver picks its queue size (QEMU's vhost-user-blk
+/// frontend uses 128 entries by default, our daemon advertises `seg_max` for 256), and
+/// Linux builds chains up to `seg_max` + 2 descriptors in an indirect table. Refusing what
+/// the config space allowed would fail a well-behaved guest's large reads.
+pub const MAX_CHAIN_DESCS: usize = SEG_MAX_LIMIT as usize + 2;
 
 /// The device features offered for `disk` with `num_queues` queues.
 pub fn block_features(disk: &BlockBackend, num_queues: u16) -> u64 {

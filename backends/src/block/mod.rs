@@ -21,14 +21,14 @@ mod queue;
 mod request;
 
 pub use config::{
-    block_config_space, block_features, seg_max, CONFIG_SPACE_LEN, MAX_DISCARD_SECTORS,
-    MAX_DISCARD_SEG, SIZE_MAX,
+    block_config_space, block_features, seg_max, CONFIG_SPACE_LEN, MAX_CHAIN_DESCS,
+    MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SIZE_MAX,
 };
 pub use disk::{
     probe_io_uring, BlockBackend, BlockError, BlockOptions, EngineChoice, EngineKind, MAX_IOVECS,
     SECTOR_SIZE,
 };
-pub use queue::{BlockQueue, BlockStats};
+pub use queue::{BlockQueue, BlockStats, InflightResume};
 pub use request::{BlkFault, BLK_FAULT_KINDS, MAX_REQUEST_BYTES};
 
 #[cfg(test)]

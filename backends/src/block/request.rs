@@ -131,8 +131,11 @@ pub(crate) fn parse<M: GuestMemory>(
         detail,
     };
     if let Some(fault) = chain.fault {
+        // Not the last writable byte of the segments recorded before the fault: that may
+        // be a data buffer (a guest that reads its stale status as OK would take an
+        // unfilled buffer as data).
         return Err(reject(
-            status_split.map(|s| s.1),
+            chain.fault_status,
             S_IOERR,
             BlkFault::Chain,
             fault.to_string(),
