@@ -7,6 +7,8 @@
 //!   [`block::BlockQueue`], the virtio-blk request engine for one virtqueue.
 //! - [`net`]: [`net::Tap`] and [`net::NetQueuePair`], the virtio-net RX/TX engine for one
 //!   queue pair, plus [`net::CtrlQueue`] for the control queue.
+//! - [`inflight`]: the vhost-user inflight region (which requests a back-end took and has not
+//!   completed), so that a restarted back-end executes exactly those again.
 //! - [`poll`]: the bounded busy-polling loop both hosts run after work (`poll_us=`,
 //!   `--poll-us`).
 //!
@@ -20,6 +22,7 @@ pub mod block;
 mod chain;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod inflight;
 pub mod net;
 pub mod poll;
 pub mod ratelimit;

@@ -17,7 +17,11 @@ use super::disk::{
     AlignedBuf, BlockBackend, BlockError, EngineKind, MAX_IOVECS, SECTOR_SIZE,
 };
 use super::request::{parse, BlkFault, Rejected, ReqOp, Request, BLK_FAULT_KINDS, S_IOERR, S_OK};
-use crate::chain::{host_iovecs, parse_chain, read_segments, total_len, write_segments, Segment};
+use crate::chain::{
+    host_iovecs, parse_chain, parse_descs, read_segments, total_len, write_segments, HeadChain,
+    Segment,
+};
+use crate::inflight::QueueInflight;
 use crate::ratelimit::GuestErrorLog;
 use crate::{check_queue, finish_batch, QueueError, QueueOutcome};
 
@@ -158,6 +162,21 @@ pub struct BlockQueue<S: GuestAddressSpace> {
     cached_reads: bool,
     /// The iovecs of the request being tried from the page cache.
     scratch: IovScratch,
+    /// The vhost-user inflight record of this queue, when the frontend keeps one.
+    inflight: Option<QueueInflight>,
+}
+
+/// What [`BlockQueue::resume_inflight`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InflightResume {
+    /// Requests executed again (taken by an earlier back-end and never completed).
+    pub resubmitted: u32,
+    /// A completion the earlier back-end published just before it died (not executed again).
+    pub finished_last_batch: bool,
+    /// The region was new: the ring position the frontend set stands.
+    pub fresh: bool,
+    /// What the resubmission put in the used ring now (cached reads, refused chains).
+    pub outcome: QueueOutcome,
 }
 
 /// Scratch iovecs, filled and used within one call on the queue thread.
@@ -204,6 +223,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             stats: BlockStats::default(),
             cached_reads,
             scratch: IovScratch(Vec::with_capacity(8)),
+            inflight: None,
         })
     }
 
@@ -232,6 +252,63 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
     /// the snapshot they were submitted with.
     pub fn set_memory(&mut self, mem: S) {
         self.mem = mem;
+    }
+
+    /// Records what this queue takes and completes in `inflight` (vhost-user
+    /// INFLIGHT_SHMFD). Call [`resume_inflight`](Self::resume_inflight) before the first
+    /// [`process_queue`](Self::process_queue).
+    pub fn set_inflight(&mut self, inflight: QueueInflight) {
+        self.inflight = Some(inflight);
+    }
+
+    /// When the queue starts with an inflight record: executes again, oldest first, every
+    /// request an earlier back-end took from this ring and never completed, and continues the
+    /// ring after them (available position = used index + their number), so that no request
+    /// completes twice and none is lost, whatever order the earlier back-end completed in.
+    /// A new record is initialized and the position the frontend set stands.
+    pub fn resume_inflight(&mut self, queue: &mut Queue) -> Result<InflightResume, QueueError> {
+        let guard = self.mem.memory();
+        let mem: &S::M = &guard;
+        check_queue(queue, mem)?;
+        let Some(infl) = self.inflight.as_mut() else {
+            return Ok(InflightResume {
+                fresh: true,
+                ..Default::default()
+            });
+        };
+        let used = queue
+            .used_idx(mem, Ordering::Acquire)
+            .map_err(QueueError::Ring)?
+            .0;
+        let rec = infl.recover(used);
+        let mut out = InflightResume {
+            fresh: rec.fresh,
+            finished_last_batch: rec.finished_last_batch.is_some(),
+            ..Default::default()
+        };
+        if rec.fresh {
+            return Ok(out);
+        }
+        // Heads beyond the ring the driver set up now cannot have been taken from it.
+        let size = queue.size();
+        let heads: Vec<u16> = rec.resubmit.into_iter().filter(|&h| h < size).collect();
+        let n = u16::try_from(heads.len()).unwrap_or(u16::MAX);
+        queue.set_next_used(used);
+        queue.set_next_avail(used.wrapping_add(n));
+        let max_descs = usize::from(size).max(super::config::MAX_CHAIN_DESCS);
+        let table = GuestAddress(queue.desc_table());
+        let mut done = 0;
+        for head in heads {
+            if let Some(i) = self.inflight.as_mut() {
+                i.taken(head);
+            }
+            let parsed = parse_descs(head, HeadChain::new(mem, table, size, head), mem, max_descs);
+            done += self.handle(queue, &guard, parsed)?;
+            out.resubmitted += 1;
+        }
+        self.submit()?;
+        out.outcome = finish_batch(queue, mem, done)?;
+        Ok(out)
     }
 
     /// Counters.
@@ -287,6 +364,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                 finish_async(&self.disk, &mut self.log, &mut self.stats, &inflight, res);
             complete(
                 queue,
+                self.inflight.as_ref(),
                 &*inflight.mem,
                 inflight.head,
                 inflight.status,
@@ -383,7 +461,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
 
     fn pop_requests(&mut self, queue: &mut Queue, guard: &S::T) -> Result<u32, QueueError> {
         let mem: &S::M = guard;
-        let max_descs = usize::from(queue.size());
+        let max_descs = usize::from(queue.size()).max(super::config::MAX_CHAIN_DESCS);
         let mut used = 0;
         loop {
             queue.disable_notification(mem).map_err(QueueError::Ring)?;
@@ -396,6 +474,9 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                 let Some(chain) = queue.iter(mem).map_err(QueueError::Ring)?.next() else {
                     break;
                 };
+                if let Some(i) = self.inflight.as_mut() {
+                    i.taken(chain.head_index());
+                }
                 let parsed = parse_chain(chain, mem, max_descs);
                 used += self.handle(queue, guard, parsed)?;
             }
@@ -432,14 +513,32 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                     Ok(n) => n as u32,
                     Err(_) => 0,
                 };
-                complete(queue, mem, req.head, req.status, S_OK, n + 1, mem)?;
+                complete(
+                    queue,
+                    self.inflight.as_ref(),
+                    mem,
+                    req.head,
+                    req.status,
+                    S_OK,
+                    n + 1,
+                    mem,
+                )?;
                 Ok(1)
             }
             _ if self.uring.is_some() => self.submit_async(queue, guard, req),
             _ => {
                 let (code, len) =
                     execute_sync(&self.disk, &mut self.log, &mut self.stats, mem, &req);
-                complete(queue, mem, req.head, req.status, code, len, mem)?;
+                complete(
+                    queue,
+                    self.inflight.as_ref(),
+                    mem,
+                    req.head,
+                    req.status,
+                    code,
+                    len,
+                    mem,
+                )?;
                 Ok(1)
             }
         }
@@ -452,8 +551,17 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             format_args!("request (head {}) refused: {}", rej.head, rej.detail),
         );
         match rej.status {
-            Some(status) => complete(queue, mem, rej.head, status, rej.code, 1, mem),
-            None => queue.add_used(mem, rej.head, 0).map_err(QueueError::Ring),
+            Some(status) => complete(
+                queue,
+                self.inflight.as_ref(),
+                mem,
+                rej.head,
+                status,
+                rej.code,
+                1,
+                mem,
+            ),
+            None => add_used(queue, self.inflight.as_ref(), mem, rej.head, 0),
         }
     }
 
@@ -468,7 +576,16 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             if self.cached_reads {
                 if let Some(bytes) = self.read_from_cache(mem, &req, sector * SECTOR_SIZE) {
                     let (code, len) = ok_len(&req.op, bytes);
-                    complete(queue, mem, req.head, req.status, code, len, mem)?;
+                    complete(
+                        queue,
+                        self.inflight.as_ref(),
+                        mem,
+                        req.head,
+                        req.status,
+                        code,
+                        len,
+                        mem,
+                    )?;
                     return Ok(1);
                 }
             }
@@ -489,7 +606,16 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                             BlkFault::GuestMemory as usize,
                             format_args!("request (head {}): guest memory: {e}", req.head),
                         );
-                        complete(queue, mem, req.head, req.status, S_IOERR, 1, mem)?;
+                        complete(
+                            queue,
+                            self.inflight.as_ref(),
+                            mem,
+                            req.head,
+                            req.status,
+                            S_IOERR,
+                            1,
+                            mem,
+                        )?;
                         return Ok(1);
                     }
                 }
@@ -565,7 +691,16 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         };
         drop(inflight);
         let (code, len) = execute_sync(&self.disk, &mut self.log, &mut self.stats, mem, &retry);
-        complete(queue, mem, retry.head, retry.status, code, len, mem)?;
+        complete(
+            queue,
+            self.inflight.as_ref(),
+            mem,
+            retry.head,
+            retry.status,
+            code,
+            len,
+            mem,
+        )?;
         Ok(1)
     }
 }
@@ -623,8 +758,10 @@ fn push(ring: &mut IoUring, entry: &squeue::Entry) -> bool {
 
 /// Writes the status byte (through `status_mem`, the snapshot the request was validated
 /// against) and adds the used entry (through `mem`, the current one).
+#[allow(clippy::too_many_arguments)]
 fn complete<M: GuestMemory, N: GuestMemory>(
     queue: &mut Queue,
+    infl: Option<&QueueInflight>,
     status_mem: &N,
     head: u16,
     status: GuestAddress,
@@ -636,7 +773,26 @@ fn complete<M: GuestMemory, N: GuestMemory>(
         Ok(()) => len,
         Err(_) => 0,
     };
-    queue.add_used(mem, head, len).map_err(QueueError::Ring)
+    add_used(queue, infl, mem, head, len)
+}
+
+/// Publishes `head`'s used element, recording it in the inflight region around it (see
+/// [`crate::inflight`]: a crash in between leaves the region's used index behind the ring's).
+fn add_used<M: GuestMemory>(
+    queue: &mut Queue,
+    infl: Option<&QueueInflight>,
+    mem: &M,
+    head: u16,
+    len: u32,
+) -> Result<(), QueueError> {
+    if let Some(i) = infl {
+        i.completing(head);
+    }
+    queue.add_used(mem, head, len).map_err(QueueError::Ring)?;
+    if let Some(i) = infl {
+        i.completed(head, queue.next_used());
+    }
+    Ok(())
 }
 
 fn prepare_rw<M: GuestMemory>(
