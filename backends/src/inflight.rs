@@ -365,9 +365,67 @@ impl QueueInflight {
     }
 }
 
+/// The body of GET_INFLIGHT_FD / SET_INFLIGHT_FD (`VhostUserInflight`: u64 mmap_size,
+/// u64 mmap_offset, u16 num_queues, u16 queue_size, padded to 24 bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InflightMessage {
+    /// Bytes of the region.
+    pub mmap_size: u64,
+    /// Where the region starts in the fd.
+    pub mmap_offset: u64,
+    /// Queues it describes.
+    pub num_queues: u16,
+    /// Entries per queue.
+    pub queue_size: u16,
+}
+
+impl InflightMessage {
+    /// Bytes of the body as frontends send it (QEMU and the vhost crate: 24, with padding).
+    pub const SIZE: usize = 24;
+
+    /// Parses a body; at least the 20 meaningful bytes (the padding may be left out).
+    pub fn parse(body: &[u8]) -> Option<InflightMessage> {
+        let u64_at = |i: usize| -> Option<u64> {
+            Some(u64::from_le_bytes(body.get(i..i + 8)?.try_into().ok()?))
+        };
+        let u16_at = |i: usize| -> Option<u16> {
+            Some(u16::from_le_bytes(body.get(i..i + 2)?.try_into().ok()?))
+        };
+        Some(InflightMessage {
+            mmap_size: u64_at(0)?,
+            mmap_offset: u64_at(8)?,
+            num_queues: u16_at(16)?,
+            queue_size: u16_at(18)?,
+        })
+    }
+
+    /// The 24-byte body.
+    pub fn to_bytes(self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        b[0..8].copy_from_slice(&self.mmap_size.to_le_bytes());
+        b[8..16].copy_from_slice(&self.mmap_offset.to_le_bytes());
+        b[16..18].copy_from_slice(&self.num_queues.to_le_bytes());
+        b[18..20].copy_from_slice(&self.queue_size.to_le_bytes());
+        b
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_bodies_round_trip() {
+        let m = InflightMessage {
+            mmap_size: 4224,
+            mmap_offset: 0,
+            num_queues: 2,
+            queue_size: 128,
+        };
+        assert_eq!(InflightMessage::parse(&m.to_bytes()), Some(m));
+        assert_eq!(InflightMessage::parse(&m.to_bytes()[..20]), Some(m));
+        assert_eq!(InflightMessage::parse(&m.to_bytes()[..19]), None);
+    }
 
     #[test]
     fn sizes_follow_libvhost_user() {

@@ -25,6 +25,7 @@ use std::time::Duration;
 use backends::block::{
     block_config_space, block_features, BlockBackend, BlockOptions, BlockQueue, EngineChoice,
 };
+use backends::inflight::InflightRegion;
 use backends::poll::{busy_poll, PollEnd, Poller};
 use backends::QueueError;
 use clap::Parser;
@@ -250,6 +251,10 @@ pub struct BlkBackend {
     /// stopped, reset or torn down, and needs the queue's lock the worker holds).
     stop_poll: Vec<AtomicBool>,
     conn: Mutex<Option<ShutdownHandle>>,
+    /// The inflight region the frontend keeps (SET_INFLIGHT_FD / GET_INFLIGHT_FD), when it
+    /// negotiated INFLIGHT_SHMFD: every queue records in it what it took and completed, and
+    /// resumes from it when it starts.
+    inflight: Mutex<Option<InflightRegion>>,
 }
 
 /// Event id of the completion epoll in each worker (above the ids of the queues and the
@@ -277,7 +282,14 @@ impl BlkBackend {
             completions,
             stop_poll: (0..cfg.queues).map(|_| AtomicBool::new(false)).collect(),
             conn: Mutex::new(None),
+            inflight: Mutex::new(None),
         })
+    }
+
+    /// The frontend's inflight region for this connection (queues that start afterwards
+    /// record in it and resume from it).
+    pub fn set_inflight(&self, region: InflightRegion) {
+        *lock(&self.inflight) = Some(region);
     }
 
     fn drop_connection(&self, why: &str) {
@@ -330,6 +342,10 @@ impl BlkBackend {
         match BlockQueue::new(self.disk.clone(), mem, size) {
             Ok(mut engine) => {
                 engine.set_polling(!self.cfg.poll.is_zero());
+                if !self.resume(q, &mut engine, vring) {
+                    st.broken = true;
+                    return false;
+                }
                 if let Some(fd) = engine.completion_fd() {
                     if let Err(e) = self.completions[q].ctl(
                         ControlOperation::Add,
@@ -353,6 +369,44 @@ impl BlkBackend {
             Err(e) => {
                 st.broken = true;
                 self.drop_connection(&format!("queue {q}: {e}"));
+                false
+            }
+        }
+    }
+
+    /// With an inflight region: executes again what an earlier back-end took from queue `q`
+    /// and never completed, then signals the guest once (completions the earlier back-end
+    /// published just before it died may not have been signalled). False: the queue
+    /// cannot go on.
+    fn resume(&self, q: usize, engine: &mut BlockQueue<Mem>, vring: &Vring) -> bool {
+        let Some(part) = lock(&self.inflight)
+            .as_ref()
+            .and_then(|r| r.queue(u16::try_from(q).ok()?))
+        else {
+            return true;
+        };
+        engine.set_inflight(part);
+        let mut state = vring.get_mut();
+        match engine.resume_inflight(state.get_queue_mut()) {
+            Ok(r) if r.fresh => true,
+            Ok(r) => {
+                log::info!(
+                    "queue {q}: resumed from the inflight region: {} request(s) taken by the \
+                     previous back-end and not completed are executed again{}",
+                    r.resubmitted,
+                    if r.finished_last_batch {
+                        " (one more had completed just before it stopped)"
+                    } else {
+                        ""
+                    }
+                );
+                if let Err(e) = state.signal_used_queue() {
+                    log::warn!("queue {q}: cannot signal the call eventfd: {e}");
+                }
+                true
+            }
+            Err(e) => {
+                log::error!("queue {q}: cannot resume from the inflight region: {e}");
                 false
             }
         }
@@ -470,7 +524,9 @@ impl BlkBackend {
             let in_flight = engine.in_flight();
             let mut state = vring.get_mut();
             match engine.drain(state.get_queue_mut()) {
-                Ok(o) if o.notify && !closing => {
+                // Also when the connection is closing (SIGTERM, frontend gone): the call fd
+                // is the guest's interrupt, and what the drain completed must be seen.
+                Ok(o) if o.notify || (closing && o.used > 0) => {
                     let _ = state.signal_used_queue();
                 }
                 Ok(_) => {}
@@ -613,5 +669,6 @@ impl Served for BlkBackend {
             log::warn!("flush after disconnect: {e}");
         }
         *lock(&self.mem) = None;
+        *lock(&self.inflight) = None;
     }
 }
