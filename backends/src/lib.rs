@@ -76,12 +76,18 @@ pub struct QueueOutcome {
     /// The host must signal the guest (irqfd / call fd) for this queue. Computed with
     /// `Queue::needs_notification`, so EVENT_IDX suppression is already applied.
     pub notify: bool,
+    /// The call stopped at its budget with chains still available (a guest that keeps its
+    /// ring full, or re-arms it from the requests themselves): the host must call again soon,
+    /// after it has looked at its other events (stop, reset), and no doorbell may come for
+    /// them (notifications stay off meanwhile).
+    pub more: bool,
 }
 
 impl QueueOutcome {
     pub(crate) fn merge(&mut self, other: QueueOutcome) {
         self.used += other.used;
         self.notify |= other.notify;
+        self.more |= other.more;
     }
 }
 
@@ -111,7 +117,11 @@ pub(crate) fn finish_batch<M: vm_memory::GuestMemory>(
         return Ok(QueueOutcome::default());
     }
     let notify = queue.needs_notification(mem).map_err(QueueError::Ring)?;
-    Ok(QueueOutcome { used, notify })
+    Ok(QueueOutcome {
+        used,
+        notify,
+        more: false,
+    })
 }
 
 #[cfg(test)]

@@ -164,7 +164,14 @@ pub struct BlockQueue<S: GuestAddressSpace> {
     scratch: IovScratch,
     /// The vhost-user inflight record of this queue, when the frontend keeps one.
     inflight: Option<QueueInflight>,
+    /// The last pop stopped at [`MAX_CHAINS_PER_CALL`] with chains still available.
+    budget_spent: bool,
 }
+
+/// The most descriptor chains one call takes from the available ring. A guest can keep its
+/// ring full forever (or make each request re-arm the ring through its own data buffers):
+/// the host must get back to its event loop (stop, reset, teardown) between batches.
+pub const MAX_CHAINS_PER_CALL: u32 = 256;
 
 /// What [`BlockQueue::resume_inflight`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -224,6 +231,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             cached_reads,
             scratch: IovScratch(Vec::with_capacity(8)),
             inflight: None,
+            budget_spent: false,
         })
     }
 
@@ -329,7 +337,9 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         check_queue(queue, mem)?;
         let used = self.pop_requests(queue, &guard)?;
         self.submit()?;
-        finish_batch(queue, mem, used)
+        let mut out = finish_batch(queue, mem, used)?;
+        out.more = self.budget_spent;
+        Ok(out)
     }
 
     /// Handles the completion eventfd: reaps io_uring completions, writes status bytes, adds
@@ -374,11 +384,15 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             )?;
             used += 1;
         }
+        let mut more = false;
         if self.stalled && queue.ready() {
             used += self.pop_requests(queue, &guard)?;
             self.submit()?;
+            more = self.budget_spent;
         }
-        finish_batch(queue, mem, used)
+        let mut out = finish_batch(queue, mem, used)?;
+        out.more = more;
+        Ok(out)
     }
 
     /// Polling mode (see [`crate::poll`]): while on, the engine leaves guest notifications
@@ -463,6 +477,8 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         let mem: &S::M = guard;
         let max_descs = usize::from(queue.size()).max(super::config::MAX_CHAIN_DESCS);
         let mut used = 0;
+        let mut popped = 0;
+        self.budget_spent = false;
         loop {
             queue.disable_notification(mem).map_err(QueueError::Ring)?;
             loop {
@@ -471,9 +487,16 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                     self.stalled = true;
                     return Ok(used);
                 }
+                if popped >= MAX_CHAINS_PER_CALL {
+                    // Notifications stay off: the host calls again (`more`).
+                    self.budget_spent = true;
+                    self.stalled = false;
+                    return Ok(used);
+                }
                 let Some(chain) = queue.iter(mem).map_err(QueueError::Ring)?.next() else {
                     break;
                 };
+                popped += 1;
                 if let Some(i) = self.inflight.as_mut() {
                     i.taken(chain.head_index());
                 }

@@ -102,8 +102,18 @@ fn run_queue(
             let kick = std::mem::take(&mut pending_kick);
             let completion = std::mem::take(&mut pending_completion);
             match serve(&mut aq, &mut engine, &stop, &mut poller, kick, completion) {
-                Ok(PollEnd::Idle) => {}
-                Ok(PollEnd::Stopped) => {
+                Ok(Served {
+                    end: PollEnd::Idle,
+                    more,
+                }) => {
+                    // The engine stopped at its budget: serve again after a look at the
+                    // other events (stop, completions) without sleeping.
+                    pending_kick |= more;
+                }
+                Ok(Served {
+                    end: PollEnd::Stopped,
+                    ..
+                }) => {
                     let _ = engine.drain(&mut aq.queue);
                     return;
                 }
@@ -119,7 +129,8 @@ fn run_queue(
                 }
             }
         }
-        let n = match epoll.wait(-1, &mut events) {
+        let timeout = if pending_kick && !broken { 0 } else { -1 };
+        let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -159,22 +170,46 @@ fn serve(
     poller: &mut Poller,
     kick: bool,
     completion: bool,
-) -> Result<PollEnd, QueueError> {
+) -> Result<Served, QueueError> {
+    let mut more = false;
     if completion {
         let o = engine.process_completions(&mut aq.queue)?;
         if o.notify {
             aq.irq.trigger();
         }
+        more |= o.more;
     }
     if kick {
         let o = engine.process_queue(&mut aq.queue)?;
         if o.notify {
             aq.irq.trigger();
         }
+        more |= o.more;
     }
-    if !poller.enabled() {
-        return Ok(PollEnd::Idle);
+    if !poller.enabled() || more {
+        return Ok(Served {
+            end: PollEnd::Idle,
+            more,
+        });
     }
+    let end = serve_polling(aq, engine, stop, poller)?;
+    Ok(Served { end, more: false })
+}
+
+/// What [`serve`] did: how it ended, and whether the engine stopped at its budget with
+/// work left (the thread serves again before it sleeps).
+struct Served {
+    end: PollEnd,
+    more: bool,
+}
+
+/// The polling window of [`serve`].
+fn serve_polling(
+    aq: &mut ActiveQueue,
+    engine: &mut BlockQueue<Memory>,
+    stop: &EventFd,
+    poller: &mut Poller,
+) -> Result<PollEnd, QueueError> {
     loop {
         let end = busy_poll(
             poller.window(),
@@ -497,6 +532,104 @@ mod tests {
             for i in 0..10 {
                 d.read(i);
             }
+        }
+    }
+
+    /// A guest whose requests re-arm the ring from the disk forever (the hostile-guest
+    /// review's loop): sector `s` holds an available ring with one more entry for head 0
+    /// and, right after it in guest memory, the header of a read of sector `s + 1`; the
+    /// request's one data buffer covers both. 65536 sectors, so the index wraps with them.
+    #[test]
+    fn a_self_re_arming_ring_does_not_keep_the_device_thread_from_a_reset() {
+        for poll in [Duration::ZERO, Duration::from_millis(50)] {
+            const H: u64 = AVAIL + 64;
+            const STATUS: u64 = BUFS;
+            let p = std::env::temp_dir().join(format!("vmm-blk-{}-rearm", std::process::id()));
+            let mut img = vec![0u8; 65536 * 512];
+            for (s, sector) in img.chunks_mut(512).enumerate() {
+                sector[2..4].copy_from_slice(&((s + 2) as u16).to_le_bytes());
+                // Bytes 64..68: type VIRTIO_BLK_T_IN (0).
+                sector[72..80].copy_from_slice(&(((s + 1) % 65536) as u64).to_le_bytes());
+            }
+            std::fs::write(&p, &img).unwrap();
+            let _img = Image(p.clone());
+            let disk = BlockBackend::open(&BlockOptions {
+                path: p,
+                readonly: true,
+                direct: false,
+                engine: EngineChoice::Auto,
+                serial: None,
+            })
+            .unwrap();
+            let mem: Memory = GuestMemoryAtomic::new(
+                GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+            );
+            {
+                let m = mem.memory();
+                let desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+                    let at = DESC + 16 * i;
+                    m.write_obj(addr, GuestAddress(at)).unwrap();
+                    m.write_obj(len, GuestAddress(at + 8)).unwrap();
+                    m.write_obj(flags, GuestAddress(at + 12)).unwrap();
+                    m.write_obj(next, GuestAddress(at + 14)).unwrap();
+                };
+                desc(0, H, 16, 1, 1);
+                desc(1, AVAIL, 512, 1 | 2, 2);
+                desc(2, STATUS, 1, 2, 0);
+                m.write_obj(0u32, GuestAddress(H)).unwrap(); // VIRTIO_BLK_T_IN
+                m.write_obj(0u64, GuestAddress(H + 8)).unwrap();
+                m.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+            }
+            let mut q = Queue::new(SIZE).unwrap();
+            q.set_desc_table_address(Some(DESC as u32), Some(0));
+            q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+            q.set_used_ring_address(Some(USED as u32), Some(0));
+            q.set_ready(true);
+            let shared = Arc::new(DeviceShared::new(Irq::default()));
+            let mut dev = Block::new("rearm", disk, 1, SIZE, poll);
+            dev.activate(Activation {
+                mem: mem.clone(),
+                acked_features: VIRTIO_F_VERSION_1,
+                queues: vec![ActiveQueue {
+                    index: 0,
+                    queue: q,
+                    kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                    irq: Irq::default(),
+                }],
+                shared,
+            })
+            .unwrap();
+            let used = || -> u16 { mem.memory().read_obj(GuestAddress(USED + 2)).unwrap() };
+            std::thread::sleep(Duration::from_millis(200));
+            let (a, start) = (used(), Instant::now());
+            std::thread::sleep(Duration::from_millis(50));
+            assert_ne!(
+                a,
+                used(),
+                "poll {poll:?}: the loop runs (the guest keeps re-arming)"
+            );
+            // The reset on another thread, so that a device thread that never looks at its
+            // stop signal fails the test instead of hanging it.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let t = std::thread::spawn(move || {
+                dev.reset();
+                let _ = tx.send(());
+            });
+            let start_reset = Instant::now();
+            assert!(
+                rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+                "poll {poll:?}: the reset did not return while the ring re-arms itself"
+            );
+            eprintln!(
+                "poll {poll:?}: reset returned after {:?} ({} requests/s before)",
+                start_reset.elapsed(),
+                u64::from(used().wrapping_sub(a)) * 1000
+                    / start.elapsed().as_millis().max(1) as u64
+            );
+            t.join().unwrap();
+            let after = used();
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(after, used(), "nothing runs after the reset");
         }
     }
 
