@@ -334,6 +334,10 @@ impl AlignedBuf {
     pub fn as_slice(&self) -> &[u8] {
         &self.vec[self.off..self.off + self.len]
     }
+    /// Bytes allocated for it.
+    pub fn capacity(&self) -> usize {
+        self.vec.len()
+    }
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.vec[self.off..self.off + self.len]
     }

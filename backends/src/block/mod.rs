@@ -28,7 +28,9 @@ pub use disk::{
     probe_io_uring, BlockBackend, BlockError, BlockOptions, EngineChoice, EngineKind, MAX_IOVECS,
     SECTOR_SIZE,
 };
-pub use queue::{BlockQueue, BlockStats, InflightResume, MAX_CHAINS_PER_CALL};
+pub use queue::{
+    BlockQueue, BlockStats, InflightResume, BOUNCE_BUDGET, BOUNCE_CHUNK, MAX_CHAINS_PER_CALL,
+};
 pub use request::{BlkFault, BLK_FAULT_KINDS, MAX_REQUEST_BYTES};
 
 #[cfg(test)]

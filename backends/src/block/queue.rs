@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::{
     advance_iovecs, iovecs_aligned, is_unsupported, read_cached, rw_all, write_zeroes_mode,
-    AlignedBuf, BlockBackend, BlockError, EngineKind, MAX_IOVECS, SECTOR_SIZE,
+    AlignedBuf, BlockBackend, BlockError, EngineKind, DIRECT_MEM_ALIGN, MAX_IOVECS, SECTOR_SIZE,
 };
 use super::request::{parse, BlkFault, Rejected, ReqOp, Request, BLK_FAULT_KINDS, S_IOERR, S_OK};
 use crate::chain::{
@@ -166,12 +166,28 @@ pub struct BlockQueue<S: GuestAddressSpace> {
     inflight: Option<QueueInflight>,
     /// The last pop stopped at [`MAX_CHAINS_PER_CALL`] with chains still available.
     budget_spent: bool,
+    /// Bytes of bounce buffers held by requests in io_uring (at most [`BOUNCE_BUDGET`]).
+    bounce_in_use: u64,
+    /// The most `bounce_in_use` ever was.
+    bounce_peak: u64,
+    /// The last chain popped needs more bounce memory than is free: it went back to the
+    /// ring, and popping waits for completions.
+    bounce_wait: bool,
 }
 
 /// The most descriptor chains one call takes from the available ring. A guest can keep its
 /// ring full forever (or make each request re-arm the ring through its own data buffers):
 /// the host must get back to its event loop (stop, reset, teardown) between batches.
 pub const MAX_CHAINS_PER_CALL: u32 = 256;
+
+/// The most bytes of O_DIRECT bounce buffers one queue holds at a time. Misaligned requests
+/// (or ones with more segments than an iovec array takes) need one of their full length,
+/// up to 256 MiB each, while their descriptors may all alias one small guest buffer: past
+/// this, requests wait for in-flight ones to free theirs, and one larger than it all is
+/// executed on the queue thread through a [`BOUNCE_CHUNK`] buffer.
+pub const BOUNCE_BUDGET: u64 = 16 << 20;
+/// The buffer of a request bounced piece by piece.
+pub const BOUNCE_CHUNK: usize = 1 << 20;
 
 /// What [`BlockQueue::resume_inflight`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -232,6 +248,9 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             scratch: IovScratch(Vec::with_capacity(8)),
             inflight: None,
             budget_spent: false,
+            bounce_in_use: 0,
+            bounce_peak: 0,
+            bounce_wait: false,
         })
     }
 
@@ -319,6 +338,16 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         Ok(out)
     }
 
+    /// Bytes of O_DIRECT bounce buffers held by requests in flight now.
+    pub fn bounce_bytes(&self) -> u64 {
+        self.bounce_in_use
+    }
+
+    /// The most bytes of bounce buffers this queue ever held at once.
+    pub fn bounce_peak(&self) -> u64 {
+        self.bounce_peak
+    }
+
     /// Counters.
     pub fn stats(&self) -> BlockStats {
         self.stats
@@ -370,6 +399,9 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                 continue;
             };
             u.free.push(slot);
+            if let Some(b) = inflight.io.as_ref().and_then(|io| io.bounce.as_ref()) {
+                self.bounce_in_use = self.bounce_in_use.saturating_sub(b.capacity() as u64);
+            }
             let (code, len) =
                 finish_async(&self.disk, &mut self.log, &mut self.stats, &inflight, res);
             complete(
@@ -479,11 +511,17 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         let mut used = 0;
         let mut popped = 0;
         self.budget_spent = false;
+        self.bounce_wait = false;
         loop {
             queue.disable_notification(mem).map_err(QueueError::Ring)?;
             loop {
                 if self.uring.as_ref().is_some_and(|u| u.free.is_empty()) {
                     // Out of slots: completions will resume popping.
+                    self.stalled = true;
+                    return Ok(used);
+                }
+                if self.bounce_wait {
+                    // Completions free bounce memory and resume popping.
                     self.stalled = true;
                     return Ok(used);
                 }
@@ -616,12 +654,44 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         let io = match req.op {
             ReqOp::In { sector } | ReqOp::Out { sector } => {
                 let write = matches!(req.op, ReqOp::Out { .. });
-                match prepare_rw(&self.disk, mem, &req.data, sector * SECTOR_SIZE, write) {
-                    Ok(io) => {
-                        if io.bounce.is_some() {
+                let limit = BOUNCE_BUDGET.saturating_sub(self.bounce_in_use);
+                match prepare_rw(
+                    &self.disk,
+                    mem,
+                    &req.data,
+                    sector * SECTOR_SIZE,
+                    write,
+                    limit,
+                ) {
+                    Ok(Prepared::Io(io)) => {
+                        if let Some(b) = &io.bounce {
                             self.stats.bounced += 1;
+                            self.bounce_in_use += b.capacity() as u64;
+                            self.bounce_peak = self.bounce_peak.max(self.bounce_in_use);
                         }
                         Some(io)
+                    }
+                    Ok(Prepared::NeedsBounce) if self.bounce_in_use > 0 => {
+                        // Wait for in-flight requests to free their bounce buffers.
+                        queue.go_to_previous_position();
+                        self.bounce_wait = true;
+                        return Ok(0);
+                    }
+                    Ok(Prepared::NeedsBounce) => {
+                        // Larger than the whole budget: piece by piece, on this thread.
+                        let (code, len) =
+                            execute_sync(&self.disk, &mut self.log, &mut self.stats, mem, &req);
+                        complete(
+                            queue,
+                            self.inflight.as_ref(),
+                            mem,
+                            req.head,
+                            req.status,
+                            code,
+                            len,
+                            mem,
+                        )?;
+                        return Ok(1);
                     }
                     Err(e) => {
                         self.stats.errors += 1;
@@ -706,6 +776,9 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             return Ok(0);
         };
         u.free.push(slot);
+        if let Some(b) = inflight.io.as_ref().and_then(|io| io.bounce.as_ref()) {
+            self.bounce_in_use = self.bounce_in_use.saturating_sub(b.capacity() as u64);
+        }
         let retry = Request {
             head: inflight.head,
             status: inflight.status,
@@ -818,18 +891,30 @@ fn add_used<M: GuestMemory>(
     Ok(())
 }
 
+/// A transfer ready to go, or one that needs a bounce buffer larger than allowed.
+enum Prepared {
+    Io(PreparedIo),
+    NeedsBounce,
+}
+
+/// Prepares an IN/OUT transfer; a bounce buffer of more than `bounce_limit` bytes is not
+/// allocated (`NeedsBounce`).
 fn prepare_rw<M: GuestMemory>(
     disk: &BlockBackend,
     mem: &M,
     data: &[Segment],
     offset: u64,
     write: bool,
-) -> Result<PreparedIo, vm_memory::GuestMemoryError> {
+    bounce_limit: u64,
+) -> Result<Prepared, vm_memory::GuestMemoryError> {
     let len = total_len(data);
-    let mut iovecs = Vec::with_capacity(data.len());
+    let mut iovecs = Vec::with_capacity(data.len().min(MAX_IOVECS + 1));
     host_iovecs(mem, data, !write, &mut iovecs)?;
     let mut bounce = None;
     if iovecs.len() > MAX_IOVECS || (disk.direct() && !iovecs_aligned(&iovecs)) {
+        if len.saturating_add(DIRECT_MEM_ALIGN as u64) > bounce_limit {
+            return Ok(Prepared::NeedsBounce);
+        }
         let mut buf = AlignedBuf::new(len as usize);
         if write {
             read_segments(mem, data, buf.as_mut_slice())?;
@@ -843,14 +928,46 @@ fn prepare_rw<M: GuestMemory>(
     } else {
         Vec::new()
     };
-    Ok(PreparedIo {
+    Ok(Prepared::Io(PreparedIo {
         iovecs,
         bounce,
         guest,
         offset,
         len,
         write,
-    })
+    }))
+}
+
+/// An IN/OUT transfer through one [`BOUNCE_CHUNK`] buffer, piece by piece (a request too
+/// large to bounce at once). Returns the bytes transferred.
+fn rw_chunked<M: GuestMemory>(
+    disk: &BlockBackend,
+    mem: &M,
+    data: &[Segment],
+    offset: u64,
+    write: bool,
+) -> io::Result<u64> {
+    let len = total_len(data);
+    let mut buf = AlignedBuf::new(BOUNCE_CHUNK.min(len as usize));
+    let mut rest = data.to_vec();
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(BOUNCE_CHUNK as u64);
+        let (front, back) = crate::chain::split_at(&rest, n);
+        let mut iov = [buf.iovec(n as usize)];
+        let at = offset + done;
+        if write {
+            read_segments(mem, &front, &mut buf.as_mut_slice()[..n as usize])
+                .map_err(io::Error::other)?;
+            rw_all(disk.fd(), &mut iov, at, true)?;
+        } else {
+            rw_all(disk.fd(), &mut iov, at, false)?;
+            write_segments(mem, &front, &buf.as_slice()[..n as usize]).map_err(io::Error::other)?;
+        }
+        rest = back;
+        done += n;
+    }
+    Ok(len)
 }
 
 /// After a successful read into a bounce buffer: copy it to the guest.
@@ -915,8 +1032,21 @@ fn execute_sync<M: GuestMemory>(
     let res = match req.op {
         ReqOp::In { sector } | ReqOp::Out { sector } => {
             let write = matches!(req.op, ReqOp::Out { .. });
-            let mut io = match prepare_rw(disk, mem, &req.data, sector * SECTOR_SIZE, write) {
-                Ok(io) => io,
+            let offset = sector * SECTOR_SIZE;
+            match prepare_rw(disk, mem, &req.data, offset, write, BOUNCE_CHUNK as u64) {
+                Ok(Prepared::Io(mut io)) => {
+                    if io.bounce.is_some() {
+                        stats.bounced += 1;
+                    }
+                    let len = io.len;
+                    rw_all(fd, &mut io.iovecs, io.offset, write)
+                        .and_then(|()| finish_rw(mem, &io).map_err(io::Error::other))
+                        .map(|()| len)
+                }
+                Ok(Prepared::NeedsBounce) => {
+                    stats.bounced += 1;
+                    rw_chunked(disk, mem, &req.data, offset, write)
+                }
                 Err(e) => {
                     stats.errors += 1;
                     log.record(
@@ -925,14 +1055,7 @@ fn execute_sync<M: GuestMemory>(
                     );
                     return (S_IOERR, 1);
                 }
-            };
-            if io.bounce.is_some() {
-                stats.bounced += 1;
             }
-            let len = io.len;
-            rw_all(fd, &mut io.iovecs, io.offset, write)
-                .and_then(|()| finish_rw(mem, &io).map_err(io::Error::other))
-                .map(|()| len)
         }
         ReqOp::Flush => disk.flush().map(|()| 0),
         ReqOp::Discard { sector, sectors } => disk
