@@ -13,8 +13,6 @@
 //! sleep on its eventfds; every request found meanwhile restarts the window, and the guest's
 //! doorbells stay off meanwhile (`backends::poll`, the loop the vmm's devices run too).
 
-pub mod server;
-
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
@@ -37,8 +35,8 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use server::{lock, Handler, Served};
-pub use server::{Mem, ServeError, SocketSource, Stop, Vring};
+use backends::vhost_user::{self, lock, Handler, Served};
+pub use backends::vhost_user::{Mem, ServeError, SocketSource, Stop, Vring};
 
 /// The largest queue size virtio's split ring allows.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -149,7 +147,7 @@ pub fn run(args: Args) -> Result<(), Error> {
         return Err(Error::Usage("--blk-file IMG is required".into()));
     };
     let stop = Stop::new().map_err(ServeError::Setup)?;
-    server::handle_signals(stop.clone()).map_err(ServeError::Setup)?;
+    vhost_user::handle_signals(stop.clone()).map_err(ServeError::Setup)?;
     let disk = BlockBackend::open(&BlockOptions {
         path: path.clone(),
         readonly: args.read_only,
@@ -159,7 +157,7 @@ pub fn run(args: Args) -> Result<(), Error> {
     })
     .map_err(|e| Error::Image(image_error(&e, &path)))?;
     let disk = Arc::new(disk);
-    let mut listener = server::open_listener(&source)?;
+    let mut listener = vhost_user::open_listener(&source)?;
     log::info!(
         "serving '{}' ({} sectors{}, engine {:?}) on {}, {} queue(s) of up to {}",
         path.display(),
@@ -178,7 +176,7 @@ pub fn run(args: Args) -> Result<(), Error> {
         queue_size: args.queue_size,
         poll,
     };
-    server::serve("vhost-user-blk", &mut listener, &stop, || {
+    vhost_user::serve("vhost-user-blk", &mut listener, &stop, || {
         BlkBackend::new(disk.clone(), cfg)
     })?;
     // In-flight requests were completed by the teardown of the last connection.
@@ -518,7 +516,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        server::config_window(&self.config, offset, size)
+        vhost_user::config_window(&self.config, offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -530,7 +528,7 @@ impl VhostUserBackend for BlkBackend {
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
         // The atomic handle is the one the vrings and engines already share: engines see
         // the new table on their next call; in-flight requests keep their snapshot.
-        if let Err(e) = server::check_regions(&mem) {
+        if let Err(e) = vhost_user::check_regions(&mem) {
             // The connection is dropped when this returns; stop the queues now so that no
             // worker touches the bad mapping meanwhile.
             log::warn!("refusing the memory table: {e}");

@@ -12,9 +12,6 @@
 //! microseconds before going back to sleep, with TX doorbells off meanwhile
 //! (`backends::poll`, the loop the vmm's devices run too).
 
-#[path = "../../vhost-user-blk/src/server.rs"]
-pub mod server;
-
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -36,8 +33,8 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use server::{lock, Handler, Served};
-pub use server::{Mem, ServeError, SocketSource, Stop, Vring};
+use backends::vhost_user::{self, lock, Handler, Served};
+pub use backends::vhost_user::{Mem, ServeError, SocketSource, Stop, Vring};
 
 /// The largest queue size virtio's split ring allows.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -166,7 +163,7 @@ pub fn run(args: Args) -> Result<(), Error> {
         return Err(Error::Usage("--tap NAME is required".into()));
     };
     let stop = Stop::new().map_err(ServeError::Setup)?;
-    server::handle_signals(stop.clone()).map_err(ServeError::Setup)?;
+    vhost_user::handle_signals(stop.clone()).map_err(ServeError::Setup)?;
     let taps = Tap::open_queues(&tap_name, args.queues).map_err(|e| {
         use std::error::Error as _;
         let cause = e.source().map(|s| format!(": {s}")).unwrap_or_default();
@@ -181,7 +178,7 @@ pub fn run(args: Args) -> Result<(), Error> {
         ))
     })?;
     let taps: Vec<Arc<Tap>> = taps.into_iter().map(Arc::new).collect();
-    let mut listener = server::open_listener(&source)?;
+    let mut listener = vhost_user::open_listener(&source)?;
     log::info!(
         "serving tap '{}' on {}, {} queue pair(s) of up to {}",
         taps[0].name(),
@@ -197,7 +194,7 @@ pub fn run(args: Args) -> Result<(), Error> {
         queue_pairs: args.queues,
         mtu: None,
     };
-    server::serve("vhost-user-net", &mut listener, &stop, || {
+    vhost_user::serve("vhost-user-net", &mut listener, &stop, || {
         NetBackend::new(taps.clone(), opts.clone(), args.queue_size, poll)
     })?;
     log::info!("stopped");
@@ -564,7 +561,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        server::config_window(&self.config, offset, size)
+        vhost_user::config_window(&self.config, offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -573,7 +570,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        if let Err(e) = server::check_regions(&mem) {
+        if let Err(e) = vhost_user::check_regions(&mem) {
             log::warn!("refusing the memory table: {e}");
             for p in 0..self.num_pairs() {
                 self.stop_pair(p, true);
