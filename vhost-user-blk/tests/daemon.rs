@@ -5,6 +5,7 @@ mod common;
 
 use std::os::fd::AsRawFd;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -102,6 +103,23 @@ fn hostile_frontends_get_dropped_and_the_daemon_serves_the_next() {
             Box::new(|s| {
                 let body =
                     mem_table_body(&[(0, page, 0x7000_0000, 0), (page / 2, page, 0x8000_0000, 0)]);
+                raw_send(s, SET_MEM_TABLE, &body, &[a.as_raw_fd(), b.as_raw_fd()]);
+            }),
+        ),
+        (
+            "memory regions overlapping in the frontend's address space",
+            true,
+            Box::new(|s| {
+                let body =
+                    mem_table_body(&[(0, page, 0x7000_0000, 0), (page, page, 0x7008_0000, 0)]);
+                raw_send(s, SET_MEM_TABLE, &body, &[a.as_raw_fd(), b.as_raw_fd()]);
+            }),
+        ),
+        (
+            "memory table with more fds than regions",
+            true,
+            Box::new(|s| {
+                let body = mem_table_body(&[(0, page, 0x7000_0000, 0)]);
                 raw_send(s, SET_MEM_TABLE, &body, &[a.as_raw_fd(), b.as_raw_fd()]);
             }),
         ),
@@ -242,28 +260,54 @@ fn hostile_frontends_get_dropped_and_the_daemon_serves_the_next() {
         d.assert_serving(name);
     }
 
-    // Rings that start inside the table but run past its end: caught when the queue starts.
+    // Rings that start inside the table but run past its end: refused at SET_VRING_ADDR
+    // (the queue size is known), before the queue is set up any further.
     {
-        let (mut fe, _) = negotiate(&d.socket, 1);
+        let (fe, _) = negotiate(&d.socket, 1);
         let m = GuestMem::new(64 << 10);
         fe.set_mem_table(&[m.region_info()]).unwrap();
-        let kick = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
-        let call = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
         fe.set_vring_num(0, 256).unwrap();
         let mut cfg = vring_config(&m, 256);
         cfg.desc_table_addr = m.va((64 << 10) - 16);
-        fe.set_vring_addr(0, &cfg).unwrap();
-        fe.set_vring_base(0, 0).unwrap();
-        fe.set_vring_call(0, &call).unwrap();
-        fe.set_vring_kick(0, &kick).unwrap();
-        let _ = fe.set_vring_enable(0, true);
-        let _ = kick.write(1);
-        std::thread::sleep(Duration::from_millis(200));
+        let _ = fe.set_vring_addr(0, &cfg);
+        std::thread::sleep(Duration::from_millis(100));
         assert!(
             fe.get_features().is_err(),
-            "a ring past the end of memory must drop the connection"
+            "a ring past the end of memory must drop the connection at SET_VRING_ADDR"
         );
         d.assert_serving("ring past the end of memory");
+    }
+
+    // ADD_MEM_REG checked against the regions installed on the connection.
+    for (name, region) in [
+        (
+            "ADD_MEM_REG overlapping an installed region's guest addresses",
+            (512u64 << 10, page, 1u64 << 40, 0u64, a.as_raw_fd()),
+        ),
+        (
+            "ADD_MEM_REG overlapping an installed region's frontend addresses",
+            (4 * page, page, 0, 0, a.as_raw_fd()),
+        ),
+        (
+            "ADD_MEM_REG larger than its file",
+            (4 * page, page, 1 << 40, 0, small.as_raw_fd()),
+        ),
+    ] {
+        let (mut fe, _) = negotiate(&d.socket, 1);
+        let m = GuestMem::new(page);
+        fe.set_mem_table(&[m.region_info()]).unwrap();
+        let (gpa, size, ua, off, fd) = region;
+        let info = VhostUserMemoryRegionInfo {
+            guest_phys_addr: gpa,
+            memory_size: size,
+            // 0: the same frontend addresses as the installed region.
+            userspace_addr: if ua == 0 { m.va(0) } else { ua },
+            mmap_offset: off,
+            mmap_handle: fd,
+        };
+        let _ = fe.add_mem_region(&info);
+        assert!(fe.get_features().is_err(), "{name}: connection not dropped");
+        d.assert_serving(name);
     }
 
     // A region whose size wraps the address space.
@@ -279,6 +323,99 @@ fn hostile_frontends_get_dropped_and_the_daemon_serves_the_next() {
 
     read_sector_ok(&d, 5);
     d.assert_serving("the correct connection after the hostile ones");
+}
+
+/// Keeps queue 0 (of `size`, set up on `m`) busy with reads of sector 0 until `stop`, or
+/// until the daemon stops completing them for a second. Returns how many completed.
+fn keep_busy(
+    m: &GuestMem,
+    kick: &vmm_sys_util::eventfd::EventFd,
+    size: u16,
+    stop: &AtomicBool,
+) -> u16 {
+    const SLOTS: u16 = 4;
+    let mut avail = 0u16;
+    let mut last_progress = std::time::Instant::now();
+    let mut last_used = 0u16;
+    while !stop.load(Ordering::Relaxed) {
+        let used = used_idx(m);
+        if used != last_used {
+            last_used = used;
+            last_progress = std::time::Instant::now();
+        } else if last_progress.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        if avail.wrapping_sub(used) >= SLOTS {
+            std::thread::yield_now();
+            continue;
+        }
+        let slot = avail % SLOTS;
+        let hdr = 0x4000 + 0x100 * u64::from(slot);
+        m.mem.write_obj(0u32, GuestAddress(hdr)).unwrap();
+        m.mem.write_obj(0u64, GuestAddress(hdr + 8)).unwrap();
+        put_desc(m, 3 * slot, hdr, 16, F_NEXT, 3 * slot + 1);
+        let data = 0x10000 + 0x1000 * u64::from(slot);
+        put_desc(m, 3 * slot + 1, data, 512, F_NEXT | F_WRITE, 3 * slot + 2);
+        put_desc(m, 3 * slot + 2, hdr + 0x80, 1, F_WRITE, 0);
+        publish(m, size, avail, 3 * slot);
+        avail = avail.wrapping_add(1);
+        let _ = kick.write(1);
+    }
+    last_used
+}
+
+/// A memory table whose region runs past the end of its memfd, sent while a polling worker
+/// keeps reading the rings under load: refused before anything maps it. Installed (as
+/// vhost-user-backend does before calling the device), the worker's next look at the ring
+/// reads a page past the end of the file and the daemon dies of SIGBUS.
+#[test]
+fn a_region_past_its_file_under_polling_load_drops_the_connection_not_the_daemon() {
+    let mut d = start(&["--poll-us", "100000"]);
+    let page = 1u64 << 20;
+    for add in [false, true] {
+        let what = if add { "ADD_MEM_REG" } else { "SET_MEM_TABLE" };
+        let (mut fe, _) = negotiate(&d.socket, 1);
+        let m = GuestMem::new(page);
+        fe.set_mem_table(&[m.region_info()]).unwrap();
+        let size = 16;
+        let (kick, _call) = setup_queue(&mut fe, &m, 0, size);
+        let stop = AtomicBool::new(false);
+        let small = memfd(4096);
+        std::thread::scope(|sc| {
+            let load = sc.spawn(|| keep_busy(&m, &kick, size, &stop));
+            // Under load: requests are being completed.
+            let t = std::time::Instant::now();
+            while used_idx(&m) < 50 && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert!(used_idx(&m) >= 50, "{what}: no load on the queue");
+            if add {
+                // Beside the installed region, 1 MiB on a 4 KiB memfd.
+                let _ = fe.add_mem_region(&VhostUserMemoryRegionInfo {
+                    guest_phys_addr: page,
+                    memory_size: page,
+                    userspace_addr: m.va(0) + page,
+                    mmap_offset: 0,
+                    mmap_handle: small.as_raw_fd(),
+                });
+            } else {
+                // The same layout as the installed table, on a 4 KiB memfd: the rings at
+                // 0x1000-0x3fff are past its end.
+                let mut r = m.region_info();
+                r.mmap_handle = small.as_raw_fd();
+                let _ = fe.set_mem_table(&[r]);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            stop.store(true, Ordering::Relaxed);
+            let _ = load.join();
+        });
+        assert!(
+            fe.get_features().is_err(),
+            "{what}: the connection was not dropped"
+        );
+        d.assert_serving(&format!("{what} with a region past the end of its memfd"));
+        read_sector_ok(&d, 6);
+    }
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! Both daemons, `vhost-user-blk` and `vhost-user-net`, are built on it, so that they behave
 //! the same way.
 
+pub mod memory;
 pub mod relay;
 
 use std::io;
@@ -469,38 +470,6 @@ pub fn config_window(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
     let mut out = vec![0u8; size as usize];
     crate::read_config(config, u64::from(offset), &mut out);
     out
-}
-
-/// Checks that every region of `mem` lies inside its file. vm-memory maps past the end of a
-/// file without complaint, and touching such a page would kill the daemon with SIGBUS, so a
-/// frontend that sends a region larger than its memfd is refused here.
-pub fn check_regions(mem: &Mem) -> io::Result<()> {
-    use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
-    let guard = mem.memory();
-    for r in guard.iter() {
-        let Some(fo) = r.file_offset() else {
-            continue;
-        };
-        let meta = fo.file().metadata()?;
-        if !meta.file_type().is_file() {
-            continue;
-        }
-        let end = fo.start().checked_add(r.len());
-        if end.is_none_or(|e| e > meta.len()) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "memory region at guest {:#x} ({:#x} bytes at file offset {:#x}) runs past \
-                     the end of its file ({:#x} bytes)",
-                    r.start_addr().0,
-                    r.len(),
-                    fo.start(),
-                    meta.len()
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// A clap error as one line ("invalid value ... (see --help)").
