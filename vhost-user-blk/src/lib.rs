@@ -58,7 +58,8 @@ pub const MAX_QUEUES: u16 = 64;
                   daemon serves that one connection and exits 0 when it ends."
 )]
 pub struct Args {
-    /// Listen on this unix socket path (created; a stale socket file is replaced).
+    /// Listen on this unix socket path (created; a stale socket is replaced; refused if a
+    /// back-end listens there or the path is not a socket; removed at exit if still ours).
     #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
     pub socket_path: Option<PathBuf>,
     /// Use this inherited unix socket instead of --socket-path: a listening one (frontends
@@ -146,6 +147,16 @@ pub fn run(args: Args) -> Result<(), Error> {
     let Some(path) = args.blk_file.clone() else {
         return Err(Error::Usage("--blk-file IMG is required".into()));
     };
+    if let SocketSource::Path(sock) = &source {
+        if same_file(sock, &path) {
+            return Err(Error::Usage(format!(
+                "--socket-path '{}' is the disk image (--blk-file '{}'): give the socket a \
+                 path of its own",
+                sock.display(),
+                path.display()
+            )));
+        }
+    }
     let stop = Stop::new().map_err(ServeError::Setup)?;
     vhost_user::handle_signals(stop.clone()).map_err(ServeError::Setup)?;
     let disk = BlockBackend::open(&BlockOptions {
@@ -185,6 +196,28 @@ pub fn run(args: Args) -> Result<(), Error> {
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// Whether `a` and `b` name the same file: the same path once canonicalized (the file
+/// itself need not exist), or the same device and inode (hard links, bind mounts).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let canonical = |p: &std::path::Path| {
+        p.canonicalize().ok().or_else(|| {
+            let dir = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            Some(dir.canonicalize().ok()?.join(p.file_name()?))
+        })
+    };
+    if a == b || matches!((canonical(a), canonical(b)), (Some(x), Some(y)) if x == y) {
+        return true;
+    }
+    matches!(
+        (std::fs::metadata(a), std::fs::metadata(b)),
+        (Ok(x), Ok(y)) if x.dev() == y.dev() && x.ino() == y.ino()
+    )
 }
 
 /// One line with the cause and the fix for an image that cannot be opened.

@@ -524,11 +524,23 @@ fn print_capabilities_and_help() {
 
 /// Runs the binary, expects exit 2 and exactly one stderr line containing `want`.
 fn bad(args: &[&str], want: &str) {
-    let out = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(args)
         .env("RUST_LOG", "error")
-        .output()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // A daemon that starts instead of refusing is stopped, not waited for forever.
+    let t = std::time::Instant::now();
+    while matches!(child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        stop_child(&mut child);
+    }
+    let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
     assert_eq!(
@@ -646,4 +658,114 @@ fn serves_an_inherited_listening_fd() {
     drop(l);
     read_sector_ok(&d, 2);
     read_sector_ok(&d, 4);
+}
+
+/// An image path given as the socket path (as such, through another spelling, or through a
+/// hard link) is refused before anything touches the image.
+#[test]
+fn the_image_is_never_the_socket() {
+    let dir = tempdir("vub-same");
+    let img = dir.as_path().join("d.img");
+    let data: Vec<u8> = (0..8192u64).map(pattern).collect();
+    std::fs::write(&img, &data).unwrap();
+    let link = dir.as_path().join("link.img");
+    std::fs::hard_link(&img, &link).unwrap();
+    let img_s = img.to_str().unwrap();
+    let other_spelling = dir.as_path().join(".").join("d.img");
+    for sock in [
+        img_s,
+        other_spelling.to_str().unwrap(),
+        link.to_str().unwrap(),
+    ] {
+        bad(
+            &["--socket-path", sock, "--blk-file", img_s],
+            "is the disk image",
+        );
+        assert_eq!(std::fs::read(&img).unwrap(), data, "{sock}: image changed");
+    }
+}
+
+/// A path that exists and is not a socket is refused and left as it was; a stale socket
+/// (nobody listens) is replaced.
+#[test]
+fn only_a_stale_socket_is_replaced() {
+    let dir = tempdir("vub-notsock");
+    let img = dir.as_path().join("d.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let file = dir.as_path().join("file");
+    std::fs::write(&file, b"precious").unwrap();
+    bad(
+        &[
+            "--socket-path",
+            file.to_str().unwrap(),
+            "--blk-file",
+            img.to_str().unwrap(),
+        ],
+        "is not a socket",
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+    let sub = dir.as_path().join("subdir");
+    std::fs::create_dir(&sub).unwrap();
+    bad(
+        &[
+            "--socket-path",
+            sub.to_str().unwrap(),
+            "--blk-file",
+            img.to_str().unwrap(),
+        ],
+        "is not a socket",
+    );
+    assert!(sub.is_dir());
+
+    // A stale socket: bound, then its listener closed.
+    let d = start_at_stale_socket();
+    read_sector_ok(&d, 1);
+}
+
+fn start_at_stale_socket() -> Daemon {
+    let dir = tempdir("vub-stale");
+    drop(std::os::unix::net::UnixListener::bind(dir.as_path().join("vu.sock")).unwrap());
+    assert!(dir.as_path().join("vu.sock").exists());
+    let img = dir.as_path().join("disk.img");
+    let data: Vec<u8> = (0..IMG_SECTORS * 512).map(pattern).collect();
+    std::fs::write(&img, data).unwrap();
+    let img = img.to_str().unwrap().to_string();
+    Daemon::start(BIN, dir, &["--blk-file", &img])
+}
+
+/// A second daemon on the path of a live one exits 2 with one line; the first keeps its
+/// socket and keeps serving.
+#[test]
+fn a_live_socket_is_not_taken_over() {
+    let mut d = start(&[]);
+    let img = d.dir.as_path().join("disk.img");
+    bad(
+        &[
+            "--socket-path",
+            d.socket.to_str().unwrap(),
+            "--blk-file",
+            img.to_str().unwrap(),
+        ],
+        "another back-end is listening there",
+    );
+    d.assert_serving("a second daemon started on its socket");
+    read_sector_ok(&d, 2);
+}
+
+/// At exit the daemon removes its socket only if the path still names the socket it
+/// created: one put there since (by another back-end) stays.
+#[test]
+fn a_replaced_socket_is_not_removed_at_exit() {
+    let mut d = start(&[]);
+    std::fs::remove_file(&d.socket).unwrap();
+    let theirs = std::os::unix::net::UnixListener::bind(&d.socket).unwrap();
+    // SAFETY: kill(2) on our child's PID.
+    unsafe { libc::kill(d.pid(), libc::SIGTERM) };
+    let status = d
+        .wait_exit(Duration::from_secs(10))
+        .expect("no exit 10 s after SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    assert!(d.socket.exists(), "the other back-end's socket was removed");
+    let _c = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
+    assert!(theirs.accept().is_ok());
 }

@@ -56,7 +56,8 @@ pub const MAX_QUEUE_PAIRS: u16 = 31;
                   daemon serves that one connection and exits 0 when it ends."
 )]
 pub struct Args {
-    /// Listen on this unix socket path (created; a stale socket file is replaced).
+    /// Listen on this unix socket path (created; a stale socket is replaced; refused if a
+    /// back-end listens there or the path is not a socket; removed at exit if still ours).
     #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
     pub socket_path: Option<PathBuf>,
     /// Use this inherited unix socket instead of --socket-path: a listening one (frontends

@@ -45,7 +45,28 @@ pub enum ServeError {
         path: PathBuf,
         /// The error.
         #[source]
-        source: VhostUserError,
+        source: io::Error,
+    },
+    /// A back-end already listens on the socket path.
+    #[error("socket '{0}': another back-end is listening there (stop it, or choose another path)")]
+    InUse(PathBuf),
+    /// Something that is not a socket is at the socket path.
+    #[error(
+        "socket '{0}': the path exists and is not a socket (refusing to replace it: choose \
+         another path)"
+    )]
+    NotASocket(PathBuf),
+    /// Whether the socket at the path is live could not be told.
+    #[error(
+        "socket '{path}': cannot tell whether a back-end listens there (remove it if it is \
+         stale)"
+    )]
+    Probe {
+        /// The socket path.
+        path: PathBuf,
+        /// What connect() said.
+        #[source]
+        source: io::Error,
     },
     /// `--fd` is not an open fd.
     #[error("--fd {0}: not an open file descriptor (the manager must pass it open)")]
@@ -82,8 +103,9 @@ pub enum SocketSource {
 
 /// Where frontend connections come from.
 pub enum Frontends {
-    /// A listening socket: one frontend after another until stopped.
-    Listening(Listener),
+    /// A listening socket: one frontend after another until stopped. With the socket file
+    /// this daemon created, if it did (removed at exit if still the same socket).
+    Listening(Listener, Option<SocketFile>),
     /// One connection handed over by a manager; the daemon exits when it ends.
     Connected(Option<UnixStream>),
 }
@@ -99,12 +121,19 @@ pub fn open_listener(src: &SocketSource) -> Result<Frontends, ServeError> {
             if !dir.is_dir() {
                 return Err(ServeError::NoSocketDir(path.clone()));
             }
-            Listener::new(path, true)
-                .map(Frontends::Listening)
-                .map_err(|source| ServeError::Bind {
+            clear_stale_socket(path)?;
+            let l = UnixListener::bind(path).map_err(|source| match source.kind() {
+                io::ErrorKind::AddrInUse => ServeError::InUse(path.clone()),
+                _ => ServeError::Bind {
                     path: path.clone(),
                     source,
-                })
+                },
+            })?;
+            let file = SocketFile::record(path).map_err(|source| ServeError::Bind {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(Frontends::Listening(Listener::from(l), Some(file)))
         }
         SocketSource::Fd(fd) => {
             let fd = *fd;
@@ -127,7 +156,7 @@ pub fn open_listener(src: &SocketSource) -> Result<Frontends, ServeError> {
                 // manager handed it to this process: nothing else in the program owns it.
                 let l = unsafe { UnixListener::from_raw_fd(fd) };
                 let _ = l.set_nonblocking(false);
-                Ok(Frontends::Listening(Listener::from(l)))
+                Ok(Frontends::Listening(Listener::from(l), None))
             } else {
                 // SAFETY: `fd` is open, is a unix stream socket that does not listen (checked
                 // above), and the manager handed it to this process: nothing else owns it.
@@ -135,6 +164,77 @@ pub fn open_listener(src: &SocketSource) -> Result<Frontends, ServeError> {
                 let _ = s.set_nonblocking(false);
                 Ok(Frontends::Connected(Some(s)))
             }
+        }
+    }
+}
+
+/// Makes room for a new socket at `path`: nothing there is fine, a stale socket (connect()
+/// is refused: nobody listens) is removed; a live socket or anything that is not a socket
+/// is refused and left alone.
+fn clear_stale_socket(path: &Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ServeError::Probe {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServeError::NotASocket(path.to_path_buf()));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(ServeError::InUse(path.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            log::info!("socket '{}': replacing a stale socket", path.display());
+            std::fs::remove_file(path).map_err(|source| ServeError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Err(source) => Err(ServeError::Probe {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The socket file this daemon created: removed when dropped, but only if the path still
+/// names that socket (same device and inode as right after bind). A socket someone put
+/// there since (another daemon started on the path) is theirs, and stays.
+pub struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    fn record(path: &Path) -> io::Result<SocketFile> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path)?;
+        Ok(SocketFile {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.dev() == self.dev && m.ino() == self.ino => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            Ok(_) => log::info!(
+                "socket '{}' was replaced since this daemon created it: leaving it",
+                self.path.display()
+            ),
+            Err(_) => {}
         }
     }
 }
@@ -304,7 +404,7 @@ where
     let mut n = 0u64;
     loop {
         let frontend = match frontends {
-            Frontends::Listening(l) => {
+            Frontends::Listening(l, _) => {
                 if !wait_for_connection(l.as_raw_fd(), stop)? {
                     break;
                 }
