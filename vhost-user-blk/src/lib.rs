@@ -60,14 +60,19 @@ pub const MAX_QUEUES: u16 = 64;
 pub struct Args {
     /// Listen on this unix socket path (created; a stale socket is replaced; refused if a
     /// back-end listens there or the path is not a socket; removed at exit if still ours).
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "connect", "print_capabilities"], conflicts_with_all = ["fd", "connect"])]
     pub socket_path: Option<PathBuf>,
     /// Use this inherited unix socket instead of --socket-path: a listening one (frontends
     /// connect to it, one after another), or one already connected to a frontend (that one
     /// connection is served, and the daemon exits 0 when it ends: there is nothing to accept
     /// another from).
-    #[arg(long, value_name = "FD")]
+    #[arg(long, value_name = "FD", conflicts_with = "connect")]
     pub fd: Option<RawFd>,
+    /// Client mode, instead of --socket-path or --fd: connect to a frontend listening on
+    /// this unix socket (QEMU's and our vmm's `server=on`); when the connection ends, connect
+    /// again (every 150 ms until it listens) and serve the next one, until SIGTERM/SIGINT.
+    #[arg(long, value_name = "PATH")]
+    pub connect: Option<PathBuf>,
     /// Raw disk image (file or block device).
     #[arg(
         long,
@@ -135,12 +140,13 @@ pub fn run(args: Args) -> Result<(), Error> {
     }
     let poll = backends::poll::check_poll_us(args.poll_us)
         .map_err(|why| Error::Usage(format!("--poll-us {why}")))?;
-    let source = match (&args.socket_path, args.fd) {
-        (Some(p), None) => SocketSource::Path(p.clone()),
-        (None, Some(fd)) => SocketSource::Fd(fd),
+    let source = match (&args.socket_path, args.fd, &args.connect) {
+        (Some(p), None, None) => SocketSource::Path(p.clone()),
+        (None, Some(fd), None) => SocketSource::Fd(fd),
+        (None, None, Some(p)) => SocketSource::Connect(p.clone()),
         _ => {
             return Err(Error::Usage(
-                "give exactly one of --socket-path and --fd".into(),
+                "give exactly one of --socket-path, --fd and --connect".into(),
             ))
         }
     };
@@ -175,10 +181,7 @@ pub fn run(args: Args) -> Result<(), Error> {
         disk.capacity_sectors(),
         if disk.readonly() { ", read-only" } else { "" },
         disk.engine(),
-        match &source {
-            SocketSource::Path(p) => p.display().to_string(),
-            SocketSource::Fd(fd) => format!("fd {fd}"),
-        },
+        source,
         args.queues,
         args.queue_size
     );

@@ -36,7 +36,11 @@ fn start(extra: &[&str]) -> Daemon {
 /// A whole correct connection: negotiate, check the config, one queue, read sector
 /// `sector` and check the data against the image.
 fn read_sector_ok(d: &Daemon, sector: u64) {
-    let (mut fe, _) = negotiate(&d.socket, 1);
+    read_sector_through(negotiate(&d.socket, 1).0, sector);
+}
+
+/// [`read_sector_ok`] on a negotiated frontend.
+fn read_sector_through(mut fe: vhost::vhost_user::Frontend, sector: u64) {
     assert_eq!(fe.get_queue_num().unwrap(), 1);
     let (_, cfg) = fe
         .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
@@ -510,6 +514,7 @@ fn print_capabilities_and_help() {
     for flag in [
         "--socket-path",
         "--fd",
+        "--connect",
         "--blk-file",
         "--read-only",
         "--direct",
@@ -768,4 +773,76 @@ fn a_replaced_socket_is_not_removed_at_exit() {
     assert!(d.socket.exists(), "the other back-end's socket was removed");
     let _c = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
     assert!(theirs.accept().is_ok());
+}
+
+/// Client mode: the daemon connects to a frontend that listens, serves it, and when it
+/// is gone (its socket too, as a restarting frontend's) connects again once it listens
+/// again.
+#[test]
+fn connect_mode_serves_and_reconnects_to_a_restarted_frontend() {
+    let dir = tempdir("vub-connect");
+    let img = dir.as_path().join("disk.img");
+    let data: Vec<u8> = (0..IMG_SECTORS * 512).map(pattern).collect();
+    std::fs::write(&img, data).unwrap();
+    let sock = dir.as_path().join("frontend.sock");
+    // The daemon starts before the frontend listens: it waits.
+    let child = Command::new(BIN)
+        .arg("--connect")
+        .arg(&sock)
+        .arg("--blk-file")
+        .arg(&img)
+        .env("RUST_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut d = Daemon {
+        child: Some(child),
+        dir,
+        socket: sock.clone(),
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(d.alive(), "the daemon gave up before the frontend listened");
+    for (round, sector) in [(1, 3u64), (2, 8)] {
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let s = accept_within(&l, Duration::from_secs(5));
+        let (fe, _) = negotiate_frontend(vhost::vhost_user::Frontend::from_stream(s, 1));
+        read_sector_through(fe, sector);
+        // The frontend goes away with its socket, and is not back for a while.
+        drop(l);
+        std::fs::remove_file(&sock).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(
+            d.alive(),
+            "round {round}: the daemon exited with its frontend"
+        );
+    }
+    // SIGTERM while connected: exits 0, and the frontend's socket is the frontend's.
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let _s = accept_within(&l, Duration::from_secs(5));
+    // SAFETY: kill(2) on our child's PID.
+    unsafe { libc::kill(d.pid(), libc::SIGTERM) };
+    let status = d
+        .wait_exit(Duration::from_secs(5))
+        .expect("no exit after SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    assert!(sock.exists(), "the daemon removed the frontend's socket");
+}
+
+#[test]
+fn exactly_one_of_socket_path_fd_and_connect() {
+    let dir = tempdir("vub-one");
+    let img = dir.as_path().join("d.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let img = img.to_str().unwrap();
+    let sock = dir.as_path().join("s.sock");
+    let sock = sock.to_str().unwrap();
+    bad(
+        &["--socket-path", sock, "--connect", sock, "--blk-file", img],
+        "--connect",
+    );
+    bad(
+        &["--fd", "3", "--connect", sock, "--blk-file", img],
+        "--connect",
+    );
+    assert!(!std::path::Path::new(sock).exists());
 }

@@ -58,14 +58,19 @@ pub const MAX_QUEUE_PAIRS: u16 = 31;
 pub struct Args {
     /// Listen on this unix socket path (created; a stale socket is replaced; refused if a
     /// back-end listens there or the path is not a socket; removed at exit if still ours).
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "connect", "print_capabilities"], conflicts_with_all = ["fd", "connect"])]
     pub socket_path: Option<PathBuf>,
     /// Use this inherited unix socket instead of --socket-path: a listening one (frontends
     /// connect to it, one after another), or one already connected to a frontend (that one
     /// connection is served, and the daemon exits 0 when it ends: there is nothing to accept
     /// another from).
-    #[arg(long, value_name = "FD")]
+    #[arg(long, value_name = "FD", conflicts_with = "connect")]
     pub fd: Option<i32>,
+    /// Client mode, instead of --socket-path or --fd: connect to a frontend listening on
+    /// this unix socket (QEMU's and our vmm's `server=on`); when the connection ends, connect
+    /// again (every 150 ms until it listens) and serve the next one, until SIGTERM/SIGINT.
+    #[arg(long, value_name = "PATH")]
+    pub connect: Option<PathBuf>,
     /// Tap interface (created when missing; needs CAP_NET_ADMIN).
     #[arg(
         long,
@@ -151,12 +156,13 @@ pub fn run(args: Args) -> Result<(), Error> {
             args.mac
         )));
     };
-    let source = match (&args.socket_path, args.fd) {
-        (Some(p), None) => SocketSource::Path(p.clone()),
-        (None, Some(fd)) => SocketSource::Fd(fd),
+    let source = match (&args.socket_path, args.fd, &args.connect) {
+        (Some(p), None, None) => SocketSource::Path(p.clone()),
+        (None, Some(fd), None) => SocketSource::Fd(fd),
+        (None, None, Some(p)) => SocketSource::Connect(p.clone()),
         _ => {
             return Err(Error::Usage(
-                "give exactly one of --socket-path and --fd".into(),
+                "give exactly one of --socket-path, --fd and --connect".into(),
             ))
         }
     };
@@ -183,10 +189,7 @@ pub fn run(args: Args) -> Result<(), Error> {
     log::info!(
         "serving tap '{}' on {}, {} queue pair(s) of up to {}",
         taps[0].name(),
-        match &source {
-            SocketSource::Path(p) => p.display().to_string(),
-            SocketSource::Fd(fd) => format!("fd {fd}"),
-        },
+        source,
         args.queues,
         args.queue_size
     );

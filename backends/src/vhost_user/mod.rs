@@ -99,7 +99,23 @@ pub enum SocketSource {
     /// A unix socket inherited from a manager: listening (frontends connect to it), or
     /// already connected to the one frontend to serve.
     Fd(RawFd),
+    /// Client mode: connect to a frontend listening on this path (QEMU's and our vmm's
+    /// `server=on`), and connect again whenever the connection ends.
+    Connect(PathBuf),
 }
+
+impl std::fmt::Display for SocketSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SocketSource::Path(p) => write!(f, "{}", p.display()),
+            SocketSource::Fd(fd) => write!(f, "fd {fd}"),
+            SocketSource::Connect(p) => write!(f, "the frontend listening on {}", p.display()),
+        }
+    }
+}
+
+/// How often client mode tries to connect while the frontend does not listen.
+pub const RECONNECT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(150);
 
 /// Where frontend connections come from.
 pub enum Frontends {
@@ -108,6 +124,9 @@ pub enum Frontends {
     Listening(Listener, Option<SocketFile>),
     /// One connection handed over by a manager; the daemon exits when it ends.
     Connected(Option<UnixStream>),
+    /// Client mode: connect to the frontend listening on this path, again after each
+    /// connection, until stopped.
+    Connecting(PathBuf),
 }
 
 /// Opens the listening socket, or takes the inherited (listening or connected) one.
@@ -135,6 +154,7 @@ pub fn open_listener(src: &SocketSource) -> Result<Frontends, ServeError> {
             })?;
             Ok(Frontends::Listening(Listener::from(l), Some(file)))
         }
+        SocketSource::Connect(path) => Ok(Frontends::Connecting(path.clone())),
         SocketSource::Fd(fd) => {
             let fd = *fd;
             // SAFETY: F_GETFD only reads the flags of `fd`; an invalid fd gives EBADF.
@@ -382,8 +402,46 @@ fn wait_for_connection(fd: RawFd, stop: &Stop) -> Result<bool, ServeError> {
     }
 }
 
+/// Client mode: connects to the frontend listening on `path`, trying again every
+/// [`RECONNECT_INTERVAL`] while it does not listen (not yet, or restarting). None: stop
+/// was requested meanwhile.
+fn connect_to_frontend(path: &Path, stop: &Stop) -> Result<Option<UnixStream>, ServeError> {
+    let mut logged = false;
+    loop {
+        if stop.requested() {
+            return Ok(None);
+        }
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(Some(s)),
+            Err(e) if !logged => {
+                log::info!(
+                    "no frontend listening on '{}' ({e}); trying again every {} ms",
+                    path.display(),
+                    RECONNECT_INTERVAL.as_millis()
+                );
+                logged = true;
+            }
+            Err(e) => log::trace!("connecting to '{}': {e}", path.display()),
+        }
+        let mut p = libc::pollfd {
+            fd: stop.event.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut p, 1, RECONNECT_INTERVAL.as_millis() as i32) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(ServeError::Accept(e));
+            }
+        }
+    }
+}
+
 /// Serves frontends until `stop` is requested: from a listening socket one after another,
-/// or the one connected socket a manager handed over (then returns when it ends). Each
+/// the one connected socket a manager handed over (then returns when it ends), or in
+/// client mode one connection to the frontend's socket after another. Each
 /// connection gets a fresh back-end from `make` (fresh device state, fresh vrings and worker
 /// threads); when a connection ends, for any reason, the back-end is torn down (in-flight
 /// requests finished) before the next connection is accepted.
@@ -421,6 +479,10 @@ where
             Frontends::Connected(s) => match s.take() {
                 Some(s) if !stop.requested() => s,
                 _ => break,
+            },
+            Frontends::Connecting(path) => match connect_to_frontend(path, stop)? {
+                Some(s) => s,
+                None => break,
             },
         };
         n += 1;
