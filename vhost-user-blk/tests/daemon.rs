@@ -371,7 +371,9 @@ fn keep_busy(
 /// A memory table whose region runs past the end of its memfd, sent while a polling worker
 /// keeps reading the rings under load: refused before anything maps it. Installed (as
 /// vhost-user-backend does before calling the device), the worker's next look at the ring
-/// reads a page past the end of the file and the daemon dies of SIGBUS.
+/// reads a page past the end of the file and the daemon dies of SIGBUS. The ADD_MEM_REG
+/// round adds a region beside the rings (nothing polls it): it shows the connection
+/// dropped and the daemon serving the next frontend under load, not the SIGBUS.
 #[test]
 fn a_region_past_its_file_under_polling_load_drops_the_connection_not_the_daemon() {
     let mut d = start(&["--poll-us", "100000"]);

@@ -614,6 +614,25 @@ mod tests {
     }
 
     #[test]
+    fn add_mem_reg_is_checked_against_its_fd_and_the_installed_regions() {
+        let (fe, be, r) = relay();
+        let (mem, small) = (memfd(1 << 20), memfd(4096));
+        let region = |gpa: u64, uaddr: u64| {
+            let mut b = vec![0u8; 8];
+            for v in [gpa, 1 << 20, uaddr, 0] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            message(ADD_MEM_REG, VERSION, &b)
+        };
+        send_message(&fe, &region(0, 0x7000_0000), &[mem.as_raw_fd()]).unwrap();
+        assert_eq!(read_message(&be).unwrap().unwrap().request(), ADD_MEM_REG);
+        // Beside the first one, but 1 MiB on a 4 KiB memfd: never forwarded.
+        send_message(&fe, &region(1 << 20, 0x7010_0000), &[small.as_raw_fd()]).unwrap();
+        assert!(read_message(&be).unwrap().is_none(), "forwarded");
+        r.finish();
+    }
+
+    #[test]
     fn rings_must_fit_in_the_installed_regions() {
         let (fe, be, r) = relay();
         let mem = memfd(64 << 10);
