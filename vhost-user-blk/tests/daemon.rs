@@ -329,8 +329,9 @@ fn hostile_frontends_get_dropped_and_the_daemon_serves_the_next() {
     d.assert_serving("the correct connection after the hostile ones");
 }
 
-/// Keeps queue 0 (of `size`, set up on `m`) busy with reads of sector 0 until `stop`, or
-/// until the daemon stops completing them for a second. Returns how many completed.
+/// Keeps queue 0 (of `size`, set up on `m`) busy with reads of sector 0 until `stop`, until
+/// the daemon stops completing them for a second, or for 10 s at most. Returns the used
+/// index reached.
 fn keep_busy(
     m: &GuestMem,
     kick: &vmm_sys_util::eventfd::EventFd,
@@ -341,7 +342,9 @@ fn keep_busy(
     let mut avail = 0u16;
     let mut last_progress = std::time::Instant::now();
     let mut last_used = 0u16;
-    while !stop.load(Ordering::Relaxed) {
+    let start = std::time::Instant::now();
+    // Bounded, so that a failing test never waits on it for long.
+    while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(10) {
         let used = used_idx(m);
         if used != last_used {
             last_used = used;
