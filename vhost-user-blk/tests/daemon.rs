@@ -760,6 +760,13 @@ fn a_live_socket_is_not_taken_over() {
     );
     d.assert_serving("a second daemon started on its socket");
     read_sector_ok(&d, 2);
+    // Neither daemon left its temporary bind name (`.vu.sock.PID.binding`) behind.
+    let mut names: Vec<String> = std::fs::read_dir(d.dir.as_path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["disk.img", "vu.sock"]);
 }
 
 /// At exit the daemon removes its socket only if the path still names the socket it

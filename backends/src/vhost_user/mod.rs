@@ -141,13 +141,7 @@ pub fn open_listener(src: &SocketSource) -> Result<Frontends, ServeError> {
                 return Err(ServeError::NoSocketDir(path.clone()));
             }
             clear_stale_socket(path)?;
-            let l = UnixListener::bind(path).map_err(|source| match source.kind() {
-                io::ErrorKind::AddrInUse => ServeError::InUse(path.clone()),
-                _ => ServeError::Bind {
-                    path: path.clone(),
-                    source,
-                },
-            })?;
+            let l = bind_listening(path)?;
             let file = SocketFile::record(path).map_err(|source| ServeError::Bind {
                 path: path.clone(),
                 source,
@@ -219,6 +213,33 @@ fn clear_stale_socket(path: &Path) -> Result<(), ServeError> {
             path: path.to_path_buf(),
             source,
         }),
+    }
+}
+
+/// Binds and listens on a socket that appears at `path` only once it listens, and only if
+/// nothing is there: bound at a temporary name beside it, then hard-linked to `path`
+/// (link() never replaces), then the temporary name removed. A frontend (or a test) that
+/// sees the path can connect at once, and a daemon started at the same moment on the same
+/// path cannot be replaced by this one.
+fn bind_listening(path: &Path) -> Result<UnixListener, ServeError> {
+    let bind_err = |source| ServeError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(path.file_name().unwrap_or_default());
+    tmp_name.push(format!(".{}.binding", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp).map_err(bind_err)?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(l),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            Err(ServeError::InUse(path.to_path_buf()))
+        }
+        Err(e) => Err(bind_err(e)),
     }
 }
 
