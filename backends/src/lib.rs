@@ -11,6 +11,8 @@
 //!   completed), so that a restarted back-end executes exactly those again.
 //! - [`poll`]: the bounded busy-polling loop both hosts run after work (`poll_us=`,
 //!   `--poll-us`).
+//! - [`vhost_user`]: the serving layer of the vhost-user daemons (`vhost-user-blk`,
+//!   `vhost-user-net`): the socket, the accept loop and the message relay.
 //!
 //! Every engine is generic over the guest memory handle (`S: GuestAddressSpace`, e.g.
 //! `GuestMemoryAtomic<GuestMemoryMmap<B>>`, `Arc<GuestMemoryMmap>` or `&GuestMemoryMmap`)
@@ -26,6 +28,7 @@ pub mod inflight;
 pub mod net;
 pub mod poll;
 pub mod ratelimit;
+pub mod vhost_user;
 
 pub use chain::ChainError;
 

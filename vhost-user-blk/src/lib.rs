@@ -13,8 +13,6 @@
 //! sleep on its eventfds; every request found meanwhile restarts the window, and the guest's
 //! doorbells stay off meanwhile (`backends::poll`, the loop the vmm's devices run too).
 
-pub mod server;
-
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
@@ -38,8 +36,8 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use server::{lock, Handler, Served};
-pub use server::{Mem, ServeError, SocketSource, Stop, Vring};
+use backends::vhost_user::{self, lock, Handler, Served};
+pub use backends::vhost_user::{Mem, ServeError, SocketSource, Stop, Vring};
 
 /// The largest queue size virtio's split ring allows.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -61,15 +59,21 @@ pub const MAX_QUEUES: u16 = 64;
                   daemon serves that one connection and exits 0 when it ends."
 )]
 pub struct Args {
-    /// Listen on this unix socket path (created; a stale socket file is replaced).
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
+    /// Listen on this unix socket path (created; a stale socket is replaced; refused if a
+    /// back-end listens there or the path is not a socket; removed at exit if still ours).
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "connect", "print_capabilities"], conflicts_with_all = ["fd", "connect"])]
     pub socket_path: Option<PathBuf>,
     /// Use this inherited unix socket instead of --socket-path: a listening one (frontends
     /// connect to it, one after another), or one already connected to a frontend (that one
     /// connection is served, and the daemon exits 0 when it ends: there is nothing to accept
     /// another from).
-    #[arg(long, value_name = "FD")]
+    #[arg(long, value_name = "FD", conflicts_with = "connect")]
     pub fd: Option<RawFd>,
+    /// Client mode, instead of --socket-path or --fd: connect to a frontend listening on
+    /// this unix socket (QEMU's and our vmm's `server=on`); when the connection ends, connect
+    /// again (every 150 ms until it listens) and serve the next one, until SIGTERM/SIGINT.
+    #[arg(long, value_name = "PATH")]
+    pub connect: Option<PathBuf>,
     /// Raw disk image (file or block device).
     #[arg(
         long,
@@ -137,20 +141,31 @@ pub fn run(args: Args) -> Result<(), Error> {
     }
     let poll = backends::poll::check_poll_us(args.poll_us)
         .map_err(|why| Error::Usage(format!("--poll-us {why}")))?;
-    let source = match (&args.socket_path, args.fd) {
-        (Some(p), None) => SocketSource::Path(p.clone()),
-        (None, Some(fd)) => SocketSource::Fd(fd),
+    let source = match (&args.socket_path, args.fd, &args.connect) {
+        (Some(p), None, None) => SocketSource::Path(p.clone()),
+        (None, Some(fd), None) => SocketSource::Fd(fd),
+        (None, None, Some(p)) => SocketSource::Connect(p.clone()),
         _ => {
             return Err(Error::Usage(
-                "give exactly one of --socket-path and --fd".into(),
+                "give exactly one of --socket-path, --fd and --connect".into(),
             ))
         }
     };
     let Some(path) = args.blk_file.clone() else {
         return Err(Error::Usage("--blk-file IMG is required".into()));
     };
+    if let SocketSource::Path(sock) = &source {
+        if same_file(sock, &path) {
+            return Err(Error::Usage(format!(
+                "--socket-path '{}' is the disk image (--blk-file '{}'): give the socket a \
+                 path of its own",
+                sock.display(),
+                path.display()
+            )));
+        }
+    }
     let stop = Stop::new().map_err(ServeError::Setup)?;
-    server::handle_signals(stop.clone()).map_err(ServeError::Setup)?;
+    vhost_user::handle_signals(stop.clone()).map_err(ServeError::Setup)?;
     let disk = BlockBackend::open(&BlockOptions {
         path: path.clone(),
         readonly: args.read_only,
@@ -160,17 +175,14 @@ pub fn run(args: Args) -> Result<(), Error> {
     })
     .map_err(|e| Error::Image(image_error(&e, &path)))?;
     let disk = Arc::new(disk);
-    let mut listener = server::open_listener(&source)?;
+    let mut listener = vhost_user::open_listener(&source)?;
     log::info!(
         "serving '{}' ({} sectors{}, engine {:?}) on {}, {} queue(s) of up to {}",
         path.display(),
         disk.capacity_sectors(),
         if disk.readonly() { ", read-only" } else { "" },
         disk.engine(),
-        match &source {
-            SocketSource::Path(p) => p.display().to_string(),
-            SocketSource::Fd(fd) => format!("fd {fd}"),
-        },
+        source,
         args.queues,
         args.queue_size
     );
@@ -179,7 +191,7 @@ pub fn run(args: Args) -> Result<(), Error> {
         queue_size: args.queue_size,
         poll,
     };
-    server::serve("vhost-user-blk", &mut listener, &stop, || {
+    vhost_user::serve("vhost-user-blk", &mut listener, &stop, || {
         BlkBackend::new(disk.clone(), cfg)
     })?;
     // In-flight requests were completed by the teardown of the last connection.
@@ -188,6 +200,28 @@ pub fn run(args: Args) -> Result<(), Error> {
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// Whether `a` and `b` name the same file: the same path once canonicalized (the file
+/// itself need not exist), or the same device and inode (hard links, bind mounts).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let canonical = |p: &std::path::Path| {
+        p.canonicalize().ok().or_else(|| {
+            let dir = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            Some(dir.canonicalize().ok()?.join(p.file_name()?))
+        })
+    };
+    if a == b || matches!((canonical(a), canonical(b)), (Some(x), Some(y)) if x == y) {
+        return true;
+    }
+    matches!(
+        (std::fs::metadata(a), std::fs::metadata(b)),
+        (Ok(x), Ok(y)) if x.dev() == y.dev() && x.ino() == y.ino()
+    )
 }
 
 /// One line with the cause and the fix for an image that cannot be opened.
@@ -598,7 +632,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        server::config_window(&self.config, offset, size)
+        vhost_user::config_window(&self.config, offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -610,15 +644,8 @@ impl VhostUserBackend for BlkBackend {
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
         // The atomic handle is the one the vrings and engines already share: engines see
         // the new table on their next call; in-flight requests keep their snapshot.
-        if let Err(e) = server::check_regions(&mem) {
-            // The connection is dropped when this returns; stop the queues now so that no
-            // worker touches the bad mapping meanwhile.
-            log::warn!("refusing the memory table: {e}");
-            for q in 0..self.queues.len() {
-                self.stop_queue(q, true);
-            }
-            return Err(e);
-        }
+        // The relay checked every region against its fd before the table got here
+        // (backends::vhost_user::memory).
         *lock(&self.mem) = Some(mem);
         Ok(())
     }

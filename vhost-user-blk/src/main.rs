@@ -4,7 +4,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    vhost_user_blk::server::init_logging();
+    backends::vhost_user::init_logging();
     let args = match vhost_user_blk::Args::try_parse() {
         Ok(a) => a,
         Err(e) if !e.use_stderr() => {
@@ -13,7 +13,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("vhost-user-blk: {}", vhost_user_blk::server::one_line(&e));
+            eprintln!("vhost-user-blk: {}", backends::vhost_user::one_line(&e));
             return ExitCode::from(2);
         }
     };

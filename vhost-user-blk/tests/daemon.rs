@@ -5,6 +5,7 @@ mod common;
 
 use std::os::fd::AsRawFd;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -35,7 +36,11 @@ fn start(extra: &[&str]) -> Daemon {
 /// A whole correct connection: negotiate, check the config, one queue, read sector
 /// `sector` and check the data against the image.
 fn read_sector_ok(d: &Daemon, sector: u64) {
-    let (mut fe, _) = negotiate(&d.socket, 1);
+    read_sector_through(negotiate(&d.socket, 1).0, sector);
+}
+
+/// [`read_sector_ok`] on a negotiated frontend.
+fn read_sector_through(mut fe: vhost::vhost_user::Frontend, sector: u64) {
     assert_eq!(fe.get_queue_num().unwrap(), 1);
     let (_, cfg) = fe
         .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
@@ -102,6 +107,23 @@ fn hostile_frontends_get_dropped_and_the_daemon_serves_the_next() {
             Box::new(|s| {
                 let body =
                     mem_table_body(&[(0, page, 0x7000_0000, 0), (page / 2, page, 0x8000_0000, 0)]);
+                raw_send(s, SET_MEM_TABLE, &body, &[a.as_raw_fd(), b.as_raw_fd()]);
+            }),
+        ),
+        (
+            "memory regions overlapping in the frontend's address space",
+            true,
+            Box::new(|s| {
+                let body =
+                    mem_table_body(&[(0, page, 0x7000_0000, 0), (page, page, 0x7008_0000, 0)]);
+                raw_send(s, SET_MEM_TABLE, &body, &[a.as_raw_fd(), b.as_raw_fd()]);
+            }),
+        ),
+        (
+            "memory table with more fds than regions",
+            true,
+            Box::new(|s| {
+                let body = mem_table_body(&[(0, page, 0x7000_0000, 0)]);
                 raw_send(s, SET_MEM_TABLE, &body, &[a.as_raw_fd(), b.as_raw_fd()]);
             }),
         ),
@@ -242,28 +264,54 @@ fn hostile_frontends_get_dropped_and_the_daemon_serves_the_next() {
         d.assert_serving(name);
     }
 
-    // Rings that start inside the table but run past its end: caught when the queue starts.
+    // Rings that start inside the table but run past its end: refused at SET_VRING_ADDR
+    // (the queue size is known), before the queue is set up any further.
     {
-        let (mut fe, _) = negotiate(&d.socket, 1);
+        let (fe, _) = negotiate(&d.socket, 1);
         let m = GuestMem::new(64 << 10);
         fe.set_mem_table(&[m.region_info()]).unwrap();
-        let kick = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
-        let call = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
         fe.set_vring_num(0, 256).unwrap();
         let mut cfg = vring_config(&m, 256);
         cfg.desc_table_addr = m.va((64 << 10) - 16);
-        fe.set_vring_addr(0, &cfg).unwrap();
-        fe.set_vring_base(0, 0).unwrap();
-        fe.set_vring_call(0, &call).unwrap();
-        fe.set_vring_kick(0, &kick).unwrap();
-        let _ = fe.set_vring_enable(0, true);
-        let _ = kick.write(1);
-        std::thread::sleep(Duration::from_millis(200));
+        let _ = fe.set_vring_addr(0, &cfg);
+        std::thread::sleep(Duration::from_millis(100));
         assert!(
             fe.get_features().is_err(),
-            "a ring past the end of memory must drop the connection"
+            "a ring past the end of memory must drop the connection at SET_VRING_ADDR"
         );
         d.assert_serving("ring past the end of memory");
+    }
+
+    // ADD_MEM_REG checked against the regions installed on the connection.
+    for (name, region) in [
+        (
+            "ADD_MEM_REG overlapping an installed region's guest addresses",
+            (512u64 << 10, page, 1u64 << 40, 0u64, a.as_raw_fd()),
+        ),
+        (
+            "ADD_MEM_REG overlapping an installed region's frontend addresses",
+            (4 * page, page, 0, 0, a.as_raw_fd()),
+        ),
+        (
+            "ADD_MEM_REG larger than its file",
+            (4 * page, page, 1 << 40, 0, small.as_raw_fd()),
+        ),
+    ] {
+        let (mut fe, _) = negotiate(&d.socket, 1);
+        let m = GuestMem::new(page);
+        fe.set_mem_table(&[m.region_info()]).unwrap();
+        let (gpa, size, ua, off, fd) = region;
+        let info = VhostUserMemoryRegionInfo {
+            guest_phys_addr: gpa,
+            memory_size: size,
+            // 0: the same frontend addresses as the installed region.
+            userspace_addr: if ua == 0 { m.va(0) } else { ua },
+            mmap_offset: off,
+            mmap_handle: fd,
+        };
+        let _ = fe.add_mem_region(&info);
+        assert!(fe.get_features().is_err(), "{name}: connection not dropped");
+        d.assert_serving(name);
     }
 
     // A region whose size wraps the address space.
@@ -279,6 +327,104 @@ fn hostile_frontends_get_dropped_and_the_daemon_serves_the_next() {
 
     read_sector_ok(&d, 5);
     d.assert_serving("the correct connection after the hostile ones");
+}
+
+/// Keeps queue 0 (of `size`, set up on `m`) busy with reads of sector 0 until `stop`, until
+/// the daemon stops completing them for a second, or for 10 s at most. Returns the used
+/// index reached.
+fn keep_busy(
+    m: &GuestMem,
+    kick: &vmm_sys_util::eventfd::EventFd,
+    size: u16,
+    stop: &AtomicBool,
+) -> u16 {
+    const SLOTS: u16 = 4;
+    let mut avail = 0u16;
+    let mut last_progress = std::time::Instant::now();
+    let mut last_used = 0u16;
+    let start = std::time::Instant::now();
+    // Bounded, so that a failing test never waits on it for long.
+    while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(10) {
+        let used = used_idx(m);
+        if used != last_used {
+            last_used = used;
+            last_progress = std::time::Instant::now();
+        } else if last_progress.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        if avail.wrapping_sub(used) >= SLOTS {
+            std::thread::yield_now();
+            continue;
+        }
+        let slot = avail % SLOTS;
+        let hdr = 0x4000 + 0x100 * u64::from(slot);
+        m.mem.write_obj(0u32, GuestAddress(hdr)).unwrap();
+        m.mem.write_obj(0u64, GuestAddress(hdr + 8)).unwrap();
+        put_desc(m, 3 * slot, hdr, 16, F_NEXT, 3 * slot + 1);
+        let data = 0x10000 + 0x1000 * u64::from(slot);
+        put_desc(m, 3 * slot + 1, data, 512, F_NEXT | F_WRITE, 3 * slot + 2);
+        put_desc(m, 3 * slot + 2, hdr + 0x80, 1, F_WRITE, 0);
+        publish(m, size, avail, 3 * slot);
+        avail = avail.wrapping_add(1);
+        let _ = kick.write(1);
+    }
+    last_used
+}
+
+/// A memory table whose region runs past the end of its memfd, sent while a polling worker
+/// keeps reading the rings under load: refused before anything maps it. Installed (as
+/// vhost-user-backend does before calling the device), the worker's next look at the ring
+/// reads a page past the end of the file and the daemon dies of SIGBUS. The ADD_MEM_REG
+/// round adds a region beside the rings (nothing polls it): it shows the connection
+/// dropped and the daemon serving the next frontend under load, not the SIGBUS.
+#[test]
+fn a_region_past_its_file_under_polling_load_drops_the_connection_not_the_daemon() {
+    let mut d = start(&["--poll-us", "100000"]);
+    let page = 1u64 << 20;
+    for add in [false, true] {
+        let what = if add { "ADD_MEM_REG" } else { "SET_MEM_TABLE" };
+        let (mut fe, _) = negotiate(&d.socket, 1);
+        let m = GuestMem::new(page);
+        fe.set_mem_table(&[m.region_info()]).unwrap();
+        let size = 16;
+        let (kick, _call) = setup_queue(&mut fe, &m, 0, size);
+        let stop = AtomicBool::new(false);
+        let small = memfd(4096);
+        std::thread::scope(|sc| {
+            let load = sc.spawn(|| keep_busy(&m, &kick, size, &stop));
+            // Under load: requests are being completed.
+            let t = std::time::Instant::now();
+            while used_idx(&m) < 50 && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert!(used_idx(&m) >= 50, "{what}: no load on the queue");
+            if add {
+                // Beside the installed region, 1 MiB on a 4 KiB memfd.
+                let _ = fe.add_mem_region(&VhostUserMemoryRegionInfo {
+                    guest_phys_addr: page,
+                    memory_size: page,
+                    userspace_addr: m.va(0) + page,
+                    mmap_offset: 0,
+                    mmap_handle: small.as_raw_fd(),
+                });
+            } else {
+                // The same layout as the installed table, on a 4 KiB memfd: the rings at
+                // 0x1000-0x3fff are past its end.
+                let mut r = m.region_info();
+                r.mmap_handle = small.as_raw_fd();
+                let _ = fe.set_mem_table(&[r]);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            stop.store(true, Ordering::Relaxed);
+            let _ = load.join();
+        });
+        assert!(
+            fe.get_features().is_err(),
+            "{what}: the connection was not dropped"
+        );
+        d.assert_serving(&format!("{what} with a region past the end of its memfd"));
+        read_sector_ok(&d, 6);
+    }
 }
 
 #[test]
@@ -373,6 +519,7 @@ fn print_capabilities_and_help() {
     for flag in [
         "--socket-path",
         "--fd",
+        "--connect",
         "--blk-file",
         "--read-only",
         "--direct",
@@ -387,11 +534,23 @@ fn print_capabilities_and_help() {
 
 /// Runs the binary, expects exit 2 and exactly one stderr line containing `want`.
 fn bad(args: &[&str], want: &str) {
-    let out = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(args)
         .env("RUST_LOG", "error")
-        .output()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // A daemon that starts instead of refusing is stopped, not waited for forever.
+    let t = std::time::Instant::now();
+    while matches!(child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        stop_child(&mut child);
+    }
+    let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
     assert_eq!(
@@ -509,4 +668,193 @@ fn serves_an_inherited_listening_fd() {
     drop(l);
     read_sector_ok(&d, 2);
     read_sector_ok(&d, 4);
+}
+
+/// An image path given as the socket path (as such, through another spelling, or through a
+/// hard link) is refused before anything touches the image.
+#[test]
+fn the_image_is_never_the_socket() {
+    let dir = tempdir("vub-same");
+    let img = dir.as_path().join("d.img");
+    let data: Vec<u8> = (0..8192u64).map(pattern).collect();
+    std::fs::write(&img, &data).unwrap();
+    let link = dir.as_path().join("link.img");
+    std::fs::hard_link(&img, &link).unwrap();
+    let img_s = img.to_str().unwrap();
+    let other_spelling = dir.as_path().join(".").join("d.img");
+    for sock in [
+        img_s,
+        other_spelling.to_str().unwrap(),
+        link.to_str().unwrap(),
+    ] {
+        bad(
+            &["--socket-path", sock, "--blk-file", img_s],
+            "is the disk image",
+        );
+        assert_eq!(std::fs::read(&img).unwrap(), data, "{sock}: image changed");
+    }
+}
+
+/// A path that exists and is not a socket is refused and left as it was; a stale socket
+/// (nobody listens) is replaced.
+#[test]
+fn only_a_stale_socket_is_replaced() {
+    let dir = tempdir("vub-notsock");
+    let img = dir.as_path().join("d.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let file = dir.as_path().join("file");
+    std::fs::write(&file, b"precious").unwrap();
+    bad(
+        &[
+            "--socket-path",
+            file.to_str().unwrap(),
+            "--blk-file",
+            img.to_str().unwrap(),
+        ],
+        "is not a socket",
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+    let sub = dir.as_path().join("subdir");
+    std::fs::create_dir(&sub).unwrap();
+    bad(
+        &[
+            "--socket-path",
+            sub.to_str().unwrap(),
+            "--blk-file",
+            img.to_str().unwrap(),
+        ],
+        "is not a socket",
+    );
+    assert!(sub.is_dir());
+
+    // A stale socket: bound, then its listener closed.
+    let d = start_at_stale_socket();
+    read_sector_ok(&d, 1);
+}
+
+fn start_at_stale_socket() -> Daemon {
+    let dir = tempdir("vub-stale");
+    drop(std::os::unix::net::UnixListener::bind(dir.as_path().join("vu.sock")).unwrap());
+    assert!(dir.as_path().join("vu.sock").exists());
+    let img = dir.as_path().join("disk.img");
+    let data: Vec<u8> = (0..IMG_SECTORS * 512).map(pattern).collect();
+    std::fs::write(&img, data).unwrap();
+    let img = img.to_str().unwrap().to_string();
+    Daemon::start(BIN, dir, &["--blk-file", &img])
+}
+
+/// A second daemon on the path of a live one exits 2 with one line; the first keeps its
+/// socket and keeps serving.
+#[test]
+fn a_live_socket_is_not_taken_over() {
+    let mut d = start(&[]);
+    let img = d.dir.as_path().join("disk.img");
+    bad(
+        &[
+            "--socket-path",
+            d.socket.to_str().unwrap(),
+            "--blk-file",
+            img.to_str().unwrap(),
+        ],
+        "another back-end is listening there",
+    );
+    d.assert_serving("a second daemon started on its socket");
+    read_sector_ok(&d, 2);
+    // Neither daemon left its temporary bind name (`.vu.sock.PID.binding`) behind.
+    let mut names: Vec<String> = std::fs::read_dir(d.dir.as_path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["disk.img", "vu.sock"]);
+}
+
+/// At exit the daemon removes its socket only if the path still names the socket it
+/// created: one put there since (by another back-end) stays.
+#[test]
+fn a_replaced_socket_is_not_removed_at_exit() {
+    let mut d = start(&[]);
+    std::fs::remove_file(&d.socket).unwrap();
+    let theirs = std::os::unix::net::UnixListener::bind(&d.socket).unwrap();
+    // SAFETY: kill(2) on our child's PID.
+    unsafe { libc::kill(d.pid(), libc::SIGTERM) };
+    let status = d
+        .wait_exit(Duration::from_secs(10))
+        .expect("no exit 10 s after SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    assert!(d.socket.exists(), "the other back-end's socket was removed");
+    let _c = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
+    assert!(theirs.accept().is_ok());
+}
+
+/// Client mode: the daemon connects to a frontend that listens, serves it, and when it
+/// is gone (its socket too, as a restarting frontend's) connects again once it listens
+/// again.
+#[test]
+fn connect_mode_serves_and_reconnects_to_a_restarted_frontend() {
+    let dir = tempdir("vub-connect");
+    let img = dir.as_path().join("disk.img");
+    let data: Vec<u8> = (0..IMG_SECTORS * 512).map(pattern).collect();
+    std::fs::write(&img, data).unwrap();
+    let sock = dir.as_path().join("frontend.sock");
+    // The daemon starts before the frontend listens: it waits.
+    let child = Command::new(BIN)
+        .arg("--connect")
+        .arg(&sock)
+        .arg("--blk-file")
+        .arg(&img)
+        .env("RUST_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut d = Daemon {
+        child: Some(child),
+        dir,
+        socket: sock.clone(),
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(d.alive(), "the daemon gave up before the frontend listened");
+    for (round, sector) in [(1, 3u64), (2, 8)] {
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let s = accept_within(&l, Duration::from_secs(5));
+        let (fe, _) = negotiate_frontend(vhost::vhost_user::Frontend::from_stream(s, 1));
+        read_sector_through(fe, sector);
+        // The frontend goes away with its socket, and is not back for a while.
+        drop(l);
+        std::fs::remove_file(&sock).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(
+            d.alive(),
+            "round {round}: the daemon exited with its frontend"
+        );
+    }
+    // SIGTERM while connected: exits 0, and the frontend's socket is the frontend's.
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let _s = accept_within(&l, Duration::from_secs(5));
+    // SAFETY: kill(2) on our child's PID.
+    unsafe { libc::kill(d.pid(), libc::SIGTERM) };
+    let status = d
+        .wait_exit(Duration::from_secs(5))
+        .expect("no exit after SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    assert!(sock.exists(), "the daemon removed the frontend's socket");
+}
+
+#[test]
+fn exactly_one_of_socket_path_fd_and_connect() {
+    let dir = tempdir("vub-one");
+    let img = dir.as_path().join("d.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let img = img.to_str().unwrap();
+    let sock = dir.as_path().join("s.sock");
+    let sock = sock.to_str().unwrap();
+    bad(
+        &["--socket-path", sock, "--connect", sock, "--blk-file", img],
+        "--connect",
+    );
+    bad(
+        &["--fd", "3", "--connect", sock, "--blk-file", img],
+        "--connect",
+    );
+    assert!(!std::path::Path::new(sock).exists());
 }

@@ -12,9 +12,6 @@
 //! microseconds before going back to sleep, with TX doorbells off meanwhile
 //! (`backends::poll`, the loop the vmm's devices run too).
 
-#[path = "../../vhost-user-blk/src/server.rs"]
-pub mod server;
-
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -36,8 +33,8 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use server::{lock, Handler, Served};
-pub use server::{Mem, ServeError, SocketSource, Stop, Vring};
+use backends::vhost_user::{self, lock, Handler, Served};
+pub use backends::vhost_user::{Mem, ServeError, SocketSource, Stop, Vring};
 
 /// The largest queue size virtio's split ring allows.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -59,15 +56,21 @@ pub const MAX_QUEUE_PAIRS: u16 = 31;
                   daemon serves that one connection and exits 0 when it ends."
 )]
 pub struct Args {
-    /// Listen on this unix socket path (created; a stale socket file is replaced).
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"], conflicts_with = "fd")]
+    /// Listen on this unix socket path (created; a stale socket is replaced; refused if a
+    /// back-end listens there or the path is not a socket; removed at exit if still ours).
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "connect", "print_capabilities"], conflicts_with_all = ["fd", "connect"])]
     pub socket_path: Option<PathBuf>,
     /// Use this inherited unix socket instead of --socket-path: a listening one (frontends
     /// connect to it, one after another), or one already connected to a frontend (that one
     /// connection is served, and the daemon exits 0 when it ends: there is nothing to accept
     /// another from).
-    #[arg(long, value_name = "FD")]
+    #[arg(long, value_name = "FD", conflicts_with = "connect")]
     pub fd: Option<i32>,
+    /// Client mode, instead of --socket-path or --fd: connect to a frontend listening on
+    /// this unix socket (QEMU's and our vmm's `server=on`); when the connection ends, connect
+    /// again (every 150 ms until it listens) and serve the next one, until SIGTERM/SIGINT.
+    #[arg(long, value_name = "PATH")]
+    pub connect: Option<PathBuf>,
     /// Tap interface (created when missing; needs CAP_NET_ADMIN).
     #[arg(
         long,
@@ -153,12 +156,13 @@ pub fn run(args: Args) -> Result<(), Error> {
             args.mac
         )));
     };
-    let source = match (&args.socket_path, args.fd) {
-        (Some(p), None) => SocketSource::Path(p.clone()),
-        (None, Some(fd)) => SocketSource::Fd(fd),
+    let source = match (&args.socket_path, args.fd, &args.connect) {
+        (Some(p), None, None) => SocketSource::Path(p.clone()),
+        (None, Some(fd), None) => SocketSource::Fd(fd),
+        (None, None, Some(p)) => SocketSource::Connect(p.clone()),
         _ => {
             return Err(Error::Usage(
-                "give exactly one of --socket-path and --fd".into(),
+                "give exactly one of --socket-path, --fd and --connect".into(),
             ))
         }
     };
@@ -166,7 +170,7 @@ pub fn run(args: Args) -> Result<(), Error> {
         return Err(Error::Usage("--tap NAME is required".into()));
     };
     let stop = Stop::new().map_err(ServeError::Setup)?;
-    server::handle_signals(stop.clone()).map_err(ServeError::Setup)?;
+    vhost_user::handle_signals(stop.clone()).map_err(ServeError::Setup)?;
     let taps = Tap::open_queues(&tap_name, args.queues).map_err(|e| {
         use std::error::Error as _;
         let cause = e.source().map(|s| format!(": {s}")).unwrap_or_default();
@@ -181,14 +185,11 @@ pub fn run(args: Args) -> Result<(), Error> {
         ))
     })?;
     let taps: Vec<Arc<Tap>> = taps.into_iter().map(Arc::new).collect();
-    let mut listener = server::open_listener(&source)?;
+    let mut listener = vhost_user::open_listener(&source)?;
     log::info!(
         "serving tap '{}' on {}, {} queue pair(s) of up to {}",
         taps[0].name(),
-        match &source {
-            SocketSource::Path(p) => p.display().to_string(),
-            SocketSource::Fd(fd) => format!("fd {fd}"),
-        },
+        source,
         args.queues,
         args.queue_size
     );
@@ -197,7 +198,7 @@ pub fn run(args: Args) -> Result<(), Error> {
         queue_pairs: args.queues,
         mtu: None,
     };
-    server::serve("vhost-user-net", &mut listener, &stop, || {
+    vhost_user::serve("vhost-user-net", &mut listener, &stop, || {
         NetBackend::new(taps.clone(), opts.clone(), args.queue_size, poll)
     })?;
     log::info!("stopped");
@@ -564,7 +565,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        server::config_window(&self.config, offset, size)
+        vhost_user::config_window(&self.config, offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -573,13 +574,8 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        if let Err(e) = server::check_regions(&mem) {
-            log::warn!("refusing the memory table: {e}");
-            for p in 0..self.num_pairs() {
-                self.stop_pair(p, true);
-            }
-            return Err(e);
-        }
+        // The relay checked every region against its fd before the table got here
+        // (backends::vhost_user::memory).
         *lock(&self.mem) = Some(mem);
         Ok(())
     }

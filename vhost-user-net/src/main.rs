@@ -4,7 +4,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    vhost_user_net::server::init_logging();
+    backends::vhost_user::init_logging();
     let args = match vhost_user_net::Args::try_parse() {
         Ok(a) => a,
         Err(e) if !e.use_stderr() => {
@@ -13,7 +13,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("vhost-user-net: {}", vhost_user_net::server::one_line(&e));
+            eprintln!("vhost-user-net: {}", backends::vhost_user::one_line(&e));
             return ExitCode::from(2);
         }
     };

@@ -326,6 +326,7 @@ fn command_line() {
     for f in [
         "--socket-path",
         "--fd",
+        "--connect",
         "--tap",
         "--mac",
         "--queues",

@@ -229,7 +229,11 @@ pub fn required_protocol_features() -> VhostUserProtocolFeatures {
 
 /// Connects and negotiates features (all offered ones) and protocol features.
 pub fn negotiate(socket: &Path, queues: u64) -> (Frontend, u64) {
-    let mut fe = Frontend::connect(socket, queues).expect("connect");
+    negotiate_frontend(Frontend::connect(socket, queues).expect("connect"))
+}
+
+/// Negotiates features (all offered ones) and protocol features on a connected frontend.
+pub fn negotiate_frontend(mut fe: Frontend) -> (Frontend, u64) {
     fe.set_owner().expect("SET_OWNER");
     let features = fe.get_features().expect("GET_FEATURES");
     assert_ne!(
@@ -334,6 +338,26 @@ pub fn dropped(s: &UnixStream, t: Duration) -> bool {
         }
         if start.elapsed() > t {
             return false;
+        }
+    }
+}
+
+/// The next connection on `l` within `t`; panics (the caller's Drop guards clean up) if
+/// none comes.
+pub fn accept_within(l: &std::os::unix::net::UnixListener, t: Duration) -> UnixStream {
+    l.set_nonblocking(true).unwrap();
+    let start = Instant::now();
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(start.elapsed() < t, "no connection within {t:?}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
         }
     }
 }

@@ -2,8 +2,11 @@
 //! listening socket (`--socket-path` or `--fd`), SIGTERM/SIGINT, and the accept loop that
 //! serves one frontend after another, each with a fresh device.
 //!
-//! This file is shared by `vhost-user-blk` and `vhost-user-net` (the latter includes it with
-//! `#[path]`), so that both daemons behave the same way.
+//! Both daemons, `vhost-user-blk` and `vhost-user-net`, are built on it, so that they behave
+//! the same way.
+
+pub mod memory;
+pub mod relay;
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -42,7 +45,28 @@ pub enum ServeError {
         path: PathBuf,
         /// The error.
         #[source]
-        source: VhostUserError,
+        source: io::Error,
+    },
+    /// A back-end already listens on the socket path.
+    #[error("socket '{0}': another back-end is listening there (stop it, or choose another path)")]
+    InUse(PathBuf),
+    /// Something that is not a socket is at the socket path.
+    #[error(
+        "socket '{0}': the path exists and is not a socket (refusing to replace it: choose \
+         another path)"
+    )]
+    NotASocket(PathBuf),
+    /// Whether the socket at the path is live could not be told.
+    #[error(
+        "socket '{path}': cannot tell whether a back-end listens there (remove it if it is \
+         stale)"
+    )]
+    Probe {
+        /// The socket path.
+        path: PathBuf,
+        /// What connect() said.
+        #[source]
+        source: io::Error,
     },
     /// `--fd` is not an open fd.
     #[error("--fd {0}: not an open file descriptor (the manager must pass it open)")]
@@ -75,14 +99,34 @@ pub enum SocketSource {
     /// A unix socket inherited from a manager: listening (frontends connect to it), or
     /// already connected to the one frontend to serve.
     Fd(RawFd),
+    /// Client mode: connect to a frontend listening on this path (QEMU's and our vmm's
+    /// `server=on`), and connect again whenever the connection ends.
+    Connect(PathBuf),
 }
+
+impl std::fmt::Display for SocketSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SocketSource::Path(p) => write!(f, "{}", p.display()),
+            SocketSource::Fd(fd) => write!(f, "fd {fd}"),
+            SocketSource::Connect(p) => write!(f, "the frontend listening on {}", p.display()),
+        }
+    }
+}
+
+/// How often client mode tries to connect while the frontend does not listen.
+pub const RECONNECT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(150);
 
 /// Where frontend connections come from.
 pub enum Frontends {
-    /// A listening socket: one frontend after another until stopped.
-    Listening(Listener),
+    /// A listening socket: one frontend after another until stopped. With the socket file
+    /// this daemon created, if it did (removed at exit if still the same socket).
+    Listening(Listener, Option<SocketFile>),
     /// One connection handed over by a manager; the daemon exits when it ends.
     Connected(Option<UnixStream>),
+    /// Client mode: connect to the frontend listening on this path, again after each
+    /// connection, until stopped.
+    Connecting(PathBuf),
 }
 
 /// Opens the listening socket, or takes the inherited (listening or connected) one.
@@ -96,13 +140,15 @@ pub fn open_listener(src: &SocketSource) -> Result<Frontends, ServeError> {
             if !dir.is_dir() {
                 return Err(ServeError::NoSocketDir(path.clone()));
             }
-            Listener::new(path, true)
-                .map(Frontends::Listening)
-                .map_err(|source| ServeError::Bind {
-                    path: path.clone(),
-                    source,
-                })
+            clear_stale_socket(path)?;
+            let l = bind_listening(path)?;
+            let file = SocketFile::record(path).map_err(|source| ServeError::Bind {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(Frontends::Listening(Listener::from(l), Some(file)))
         }
+        SocketSource::Connect(path) => Ok(Frontends::Connecting(path.clone())),
         SocketSource::Fd(fd) => {
             let fd = *fd;
             // SAFETY: F_GETFD only reads the flags of `fd`; an invalid fd gives EBADF.
@@ -124,7 +170,7 @@ pub fn open_listener(src: &SocketSource) -> Result<Frontends, ServeError> {
                 // manager handed it to this process: nothing else in the program owns it.
                 let l = unsafe { UnixListener::from_raw_fd(fd) };
                 let _ = l.set_nonblocking(false);
-                Ok(Frontends::Listening(Listener::from(l)))
+                Ok(Frontends::Listening(Listener::from(l), None))
             } else {
                 // SAFETY: `fd` is open, is a unix stream socket that does not listen (checked
                 // above), and the manager handed it to this process: nothing else owns it.
@@ -132,6 +178,104 @@ pub fn open_listener(src: &SocketSource) -> Result<Frontends, ServeError> {
                 let _ = s.set_nonblocking(false);
                 Ok(Frontends::Connected(Some(s)))
             }
+        }
+    }
+}
+
+/// Makes room for a new socket at `path`: nothing there is fine, a stale socket (connect()
+/// is refused: nobody listens) is removed; a live socket or anything that is not a socket
+/// is refused and left alone.
+fn clear_stale_socket(path: &Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ServeError::Probe {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServeError::NotASocket(path.to_path_buf()));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(ServeError::InUse(path.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            log::info!("socket '{}': replacing a stale socket", path.display());
+            std::fs::remove_file(path).map_err(|source| ServeError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Err(source) => Err(ServeError::Probe {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Binds and listens on a socket that appears at `path` only once it listens, and only if
+/// nothing is there: bound at a temporary name beside it, then hard-linked to `path`
+/// (link() never replaces), then the temporary name removed. A frontend (or a test) that
+/// sees the path can connect at once, and a daemon started at the same moment on the same
+/// path cannot be replaced by this one.
+fn bind_listening(path: &Path) -> Result<UnixListener, ServeError> {
+    let bind_err = |source| ServeError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(path.file_name().unwrap_or_default());
+    tmp_name.push(format!(".{}.binding", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp).map_err(bind_err)?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(l),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            Err(ServeError::InUse(path.to_path_buf()))
+        }
+        Err(e) => Err(bind_err(e)),
+    }
+}
+
+/// The socket file this daemon created: removed when dropped, but only if the path still
+/// names that socket (same device and inode as right after bind). A socket someone put
+/// there since (another daemon started on the path) is theirs, and stays.
+pub struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    fn record(path: &Path) -> io::Result<SocketFile> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path)?;
+        Ok(SocketFile {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.dev() == self.dev && m.ino() == self.ino => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            Ok(_) => log::info!(
+                "socket '{}' was replaced since this daemon created it: leaving it",
+                self.path.display()
+            ),
+            Err(_) => {}
         }
     }
 }
@@ -279,8 +423,46 @@ fn wait_for_connection(fd: RawFd, stop: &Stop) -> Result<bool, ServeError> {
     }
 }
 
+/// Client mode: connects to the frontend listening on `path`, trying again every
+/// [`RECONNECT_INTERVAL`] while it does not listen (not yet, or restarting). None: stop
+/// was requested meanwhile.
+fn connect_to_frontend(path: &Path, stop: &Stop) -> Result<Option<UnixStream>, ServeError> {
+    let mut logged = false;
+    loop {
+        if stop.requested() {
+            return Ok(None);
+        }
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(Some(s)),
+            Err(e) if !logged => {
+                log::info!(
+                    "no frontend listening on '{}' ({e}); trying again every {} ms",
+                    path.display(),
+                    RECONNECT_INTERVAL.as_millis()
+                );
+                logged = true;
+            }
+            Err(e) => log::trace!("connecting to '{}': {e}", path.display()),
+        }
+        let mut p = libc::pollfd {
+            fd: stop.event.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut p, 1, RECONNECT_INTERVAL.as_millis() as i32) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(ServeError::Accept(e));
+            }
+        }
+    }
+}
+
 /// Serves frontends until `stop` is requested: from a listening socket one after another,
-/// or the one connected socket a manager handed over (then returns when it ends). Each
+/// the one connected socket a manager handed over (then returns when it ends), or in
+/// client mode one connection to the frontend's socket after another. Each
 /// connection gets a fresh back-end from `make` (fresh device state, fresh vrings and worker
 /// threads); when a connection ends, for any reason, the back-end is torn down (in-flight
 /// requests finished) before the next connection is accepted.
@@ -301,7 +483,7 @@ where
     let mut n = 0u64;
     loop {
         let frontend = match frontends {
-            Frontends::Listening(l) => {
+            Frontends::Listening(l, _) => {
                 if !wait_for_connection(l.as_raw_fd(), stop)? {
                     break;
                 }
@@ -318,6 +500,10 @@ where
             Frontends::Connected(s) => match s.take() {
                 Some(s) if !stop.requested() => s,
                 _ => break,
+            },
+            Frontends::Connecting(path) => match connect_to_frontend(path, stop)? {
+                Some(s) => s,
+                None => break,
             },
         };
         n += 1;
@@ -453,345 +639,6 @@ impl Drop for Internal {
     }
 }
 
-/// Copies vhost-user messages between a frontend and the vhost-user daemon, with their fds.
-///
-/// Messages from the frontend are read whole (12-byte header, then the body it announces),
-/// so that the fds stay with their message and a header announcing more than
-/// `MAX_MSG_SIZE` bytes ends the connection. One thing is changed: a frontend that sends
-/// SET_VRING_ENABLE before SET_FEATURES (QEMU's `-netdev vhost-user` does, for the queues it
-/// disables) gets a SET_FEATURES with only VHOST_USER_F_PROTOCOL_FEATURES injected first,
-/// without reply, since the vhost crate refuses SET_VRING_ENABLE until that bit is acked.
-/// The frontend's own SET_FEATURES later acks the real set.
-pub mod relay {
-    use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-    use std::os::unix::net::UnixStream;
-    use std::sync::mpsc;
-    use std::thread;
-    use std::time::Duration;
-
-    use vhost::vhost_user::message::MAX_MSG_SIZE;
-
-    /// Size of the vhost-user header: request, flags, size (u32 each).
-    pub const HEADER: usize = 12;
-    /// Most fds one message may carry.
-    pub const MAX_FDS: usize = 8;
-    /// VHOST_USER_SET_FEATURES.
-    pub const SET_FEATURES: u32 = 2;
-    /// VHOST_USER_SET_VRING_ENABLE.
-    pub const SET_VRING_ENABLE: u32 = 18;
-    /// VHOST_USER_SET_VRING_NUM.
-    pub const SET_VRING_NUM: u32 = 8;
-    /// The largest split virtqueue.
-    const MAX_QUEUE_SIZE: u32 = 32768;
-    /// VHOST_USER_F_PROTOCOL_FEATURES.
-    pub const PROTOCOL_FEATURES: u64 = 1 << 30;
-    /// Version 1 in the flags.
-    const VERSION: u32 = 0x1;
-    const VERSION_MASK: u32 = 0x3;
-
-    /// One message as read from a socket.
-    pub struct Message {
-        /// Header and body.
-        pub bytes: Vec<u8>,
-        /// The fds that came with it (closed when dropped).
-        pub fds: Vec<OwnedFd>,
-    }
-
-    impl Message {
-        /// The request code.
-        pub fn request(&self) -> u32 {
-            u32::from_le_bytes([self.bytes[0], self.bytes[1], self.bytes[2], self.bytes[3]])
-        }
-    }
-
-    /// The SET_FEATURES message injected before an early SET_VRING_ENABLE.
-    pub fn protocol_features_message() -> Vec<u8> {
-        let mut m = Vec::with_capacity(HEADER + 8);
-        m.extend_from_slice(&SET_FEATURES.to_le_bytes());
-        m.extend_from_slice(&VERSION.to_le_bytes());
-        m.extend_from_slice(&8u32.to_le_bytes());
-        m.extend_from_slice(&PROTOCOL_FEATURES.to_le_bytes());
-        m
-    }
-
-    fn bad(msg: String) -> io::Error {
-        io::Error::new(io::ErrorKind::InvalidData, msg)
-    }
-
-    /// Reads into `buf` until it is full or the peer closes; fds that arrive go to `fds`.
-    /// Returns the bytes read.
-    fn read_full(s: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-        let mut off = 0;
-        while off < buf.len() {
-            // Room for more than MAX_FDS so that a frontend sending too many is seen (the
-            // extra ones are closed with the rest); MSG_CTRUNC if even more.
-            let mut cmsg = [0u64; 10];
-            let mut iov = libc::iovec {
-                iov_base: buf[off..].as_mut_ptr().cast(),
-                iov_len: buf.len() - off,
-            };
-            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-            let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-            mh.msg_iov = &mut iov;
-            mh.msg_iovlen = 1;
-            mh.msg_control = cmsg.as_mut_ptr().cast();
-            mh.msg_controllen = std::mem::size_of_val(&cmsg) as _;
-            // SAFETY: `mh` points at `iov` (inside `buf`) and `cmsg`, both alive and of the
-            // lengths given, for the duration of the call.
-            let r = unsafe { libc::recvmsg(s.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            // SAFETY: `mh` was filled in by recvmsg; the CMSG macros walk the control
-            // buffer within `msg_controllen`, and SCM_RIGHTS data is an array of fds that
-            // this process now owns.
-            unsafe {
-                let mut c = libc::CMSG_FIRSTHDR(&mh);
-                while !c.is_null() {
-                    if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                        let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                        let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                        for i in 0..len / std::mem::size_of::<RawFd>() {
-                            let fd = std::ptr::read_unaligned(data.add(i));
-                            fds.push(OwnedFd::from_raw_fd(fd));
-                        }
-                    }
-                    c = libc::CMSG_NXTHDR(&mh, c);
-                }
-            }
-            if mh.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > MAX_FDS {
-                return Err(bad(format!("more than {MAX_FDS} fds in one message")));
-            }
-            if r == 0 {
-                break;
-            }
-            off += r as usize;
-        }
-        Ok(off)
-    }
-
-    /// Reads one whole message. None: the peer closed between two messages.
-    pub fn read_message(s: &UnixStream) -> io::Result<Option<Message>> {
-        let mut bytes = vec![0u8; HEADER];
-        let mut fds = Vec::new();
-        match read_full(s, &mut bytes, &mut fds)? {
-            0 => return Ok(None),
-            HEADER => {}
-            n => return Err(bad(format!("closed after {n} bytes of a header"))),
-        }
-        let word =
-            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-        let (request, flags, size) = (word(0), word(4), word(8) as usize);
-        if flags & VERSION_MASK != VERSION {
-            return Err(bad(format!(
-                "request {request}: bad flags {flags:#x} (not version 1)"
-            )));
-        }
-        if size > MAX_MSG_SIZE {
-            return Err(bad(format!(
-                "request {request}: {size}-byte body (at most {MAX_MSG_SIZE})"
-            )));
-        }
-        bytes.resize(HEADER + size, 0);
-        let got = read_full(s, &mut bytes[HEADER..], &mut fds)?;
-        if got < size {
-            return Err(bad(format!(
-                "request {request}: closed after {got} of {size} body bytes"
-            )));
-        }
-        Ok(Some(Message { bytes, fds }))
-    }
-
-    /// Sends `bytes` with `fds` attached to the first byte.
-    pub fn send_message(s: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
-        let mut off = 0;
-        let mut fds = fds;
-        while off < bytes.len() {
-            let mut cmsg = [0u64; 8];
-            let mut iov = libc::iovec {
-                iov_base: bytes[off..].as_ptr() as *mut libc::c_void,
-                iov_len: bytes.len() - off,
-            };
-            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-            let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-            mh.msg_iov = &mut iov;
-            mh.msg_iovlen = 1;
-            if !fds.is_empty() {
-                let n = std::mem::size_of_val(fds);
-                // SAFETY: CMSG_SPACE only computes a size.
-                let space = unsafe { libc::CMSG_SPACE(n as u32) } as usize;
-                if space > std::mem::size_of_val(&cmsg) {
-                    return Err(bad(format!("{} fds in one message", fds.len())));
-                }
-                mh.msg_control = cmsg.as_mut_ptr().cast();
-                mh.msg_controllen = space as _;
-                // SAFETY: the control buffer holds `space` bytes (checked above): one cmsg
-                // header followed by `n` bytes of fds, copied from `fds`.
-                unsafe {
-                    let c = libc::CMSG_FIRSTHDR(&mh);
-                    (*c).cmsg_level = libc::SOL_SOCKET;
-                    (*c).cmsg_type = libc::SCM_RIGHTS;
-                    (*c).cmsg_len = libc::CMSG_LEN(n as u32) as _;
-                    std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), n);
-                }
-            }
-            // SAFETY: `mh` points at `iov` (inside `bytes`) and the control buffer, both
-            // alive for the duration of the call.
-            let r = unsafe { libc::sendmsg(s.as_raw_fd(), &mh, libc::MSG_NOSIGNAL) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            off += r as usize;
-            fds = &[];
-        }
-        Ok(())
-    }
-
-    /// Copies messages from `from` to `to` until either fails or closes. `to_backend`:
-    /// the frontend -> daemon direction, where SET_FEATURES is injected when needed.
-    fn pump(n: u64, from: &UnixStream, to: &UnixStream, to_backend: bool) {
-        let (src, dst) = if to_backend {
-            ("frontend", "back-end")
-        } else {
-            ("back-end", "frontend")
-        };
-        let mut features_seen = false;
-        loop {
-            let m = match read_message(from) {
-                Ok(Some(m)) => m,
-                Ok(None) => return,
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    log::warn!("connection {n}: message from the {src}: {e}; closing");
-                    return;
-                }
-                Err(e) => {
-                    log::debug!("connection {n}: reading from the {src}: {e}");
-                    return;
-                }
-            };
-            log::trace!(
-                "connection {n}: {src} -> {dst}: request {}, {} bytes, {} fd(s)",
-                m.request(),
-                m.bytes.len(),
-                m.fds.len()
-            );
-            if to_backend {
-                match m.request() {
-                    SET_VRING_NUM => {
-                        // virtio-queue would ignore a size that is not a power of two and
-                        // keep the old one; refuse it like every other bad queue size.
-                        let word = |i: usize| {
-                            m.bytes
-                                .get(HEADER + i..HEADER + i + 4)
-                                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        };
-                        match (word(0), word(4)) {
-                            (Some(_), Some(num))
-                                if num.is_power_of_two() && num <= MAX_QUEUE_SIZE => {}
-                            (q, num) => {
-                                log::warn!(
-                                    "connection {n}: SET_VRING_NUM {num:?} for queue {q:?}: not a \
-                                     power of two from 1 to {MAX_QUEUE_SIZE}; closing"
-                                );
-                                return;
-                            }
-                        }
-                    }
-                    SET_FEATURES => features_seen = true,
-                    SET_VRING_ENABLE if !features_seen => {
-                        log::debug!(
-                            "connection {n}: SET_VRING_ENABLE before SET_FEATURES: acking \
-                             PROTOCOL_FEATURES first"
-                        );
-                        if let Err(e) = send_message(to, &protocol_features_message(), &[]) {
-                            log::debug!("connection {n}: writing to the {dst}: {e}");
-                            return;
-                        }
-                        features_seen = true;
-                    }
-                    _ => {}
-                }
-            }
-            let fds: Vec<RawFd> = m.fds.iter().map(AsRawFd::as_raw_fd).collect();
-            if let Err(e) = send_message(to, &m.bytes, &fds) {
-                log::debug!("connection {n}: writing to the {dst}: {e}");
-                return;
-            }
-        }
-    }
-
-    /// The two copying threads of one connection.
-    pub struct Relay {
-        frontend: UnixStream,
-        inner: UnixStream,
-        to_backend: thread::JoinHandle<()>,
-        to_frontend: thread::JoinHandle<()>,
-        to_frontend_done: mpsc::Receiver<()>,
-    }
-
-    fn close(a: &UnixStream, b: &UnixStream) {
-        let _ = a.shutdown(std::net::Shutdown::Both);
-        let _ = b.shutdown(std::net::Shutdown::Both);
-    }
-
-    impl Relay {
-        /// Starts copying between `frontend` and `inner` (the daemon's connection). When
-        /// either side closes or misbehaves, both are closed.
-        pub fn start(n: u64, frontend: UnixStream, inner: UnixStream) -> io::Result<Relay> {
-            let (fe, inn) = (frontend.try_clone()?, inner.try_clone()?);
-            let to_backend =
-                thread::Builder::new()
-                    .name(format!("relay-in-{n}"))
-                    .spawn(move || {
-                        pump(n, &fe, &inn, true);
-                        close(&fe, &inn);
-                    })?;
-            let (fe, inn) = (frontend.try_clone()?, inner.try_clone()?);
-            let (tx, to_frontend_done) = mpsc::channel();
-            let to_frontend =
-                match thread::Builder::new()
-                    .name(format!("relay-out-{n}"))
-                    .spawn(move || {
-                        pump(n, &inn, &fe, false);
-                        close(&fe, &inn);
-                        let _ = tx.send(());
-                    }) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        close(&frontend, &inner);
-                        let _ = to_backend.join();
-                        return Err(e);
-                    }
-                };
-            Ok(Relay {
-                frontend,
-                inner,
-                to_backend,
-                to_frontend,
-                to_frontend_done,
-            })
-        }
-
-        /// Once the daemon closed its end: lets the last replies through (up to a second,
-        /// for a frontend that does not read them), closes both sides, joins the threads.
-        pub fn finish(self) {
-            let _ = self.to_frontend_done.recv_timeout(Duration::from_secs(1));
-            close(&self.frontend, &self.inner);
-            let _ = self.to_frontend.join();
-            let _ = self.to_backend.join();
-        }
-    }
-}
-
 /// Starts logging through env_logger (`RUST_LOG`, default `info`).
 pub fn init_logging() {
     let env = env_logger::Env::default().default_filter_or("info");
@@ -804,40 +651,8 @@ pub fn init_logging() {
 /// structure (e.g. a newer layout): the rest reads as zero. vhost already bounds `size`.
 pub fn config_window(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
     let mut out = vec![0u8; size as usize];
-    backends::read_config(config, u64::from(offset), &mut out);
+    crate::read_config(config, u64::from(offset), &mut out);
     out
-}
-
-/// Checks that every region of `mem` lies inside its file. vm-memory maps past the end of a
-/// file without complaint, and touching such a page would kill the daemon with SIGBUS, so a
-/// frontend that sends a region larger than its memfd is refused here.
-pub fn check_regions(mem: &Mem) -> io::Result<()> {
-    use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
-    let guard = mem.memory();
-    for r in guard.iter() {
-        let Some(fo) = r.file_offset() else {
-            continue;
-        };
-        let meta = fo.file().metadata()?;
-        if !meta.file_type().is_file() {
-            continue;
-        }
-        let end = fo.start().checked_add(r.len());
-        if end.is_none_or(|e| e > meta.len()) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "memory region at guest {:#x} ({:#x} bytes at file offset {:#x}) runs past \
-                     the end of its file ({:#x} bytes)",
-                    r.start_addr().0,
-                    r.len(),
-                    fo.start(),
-                    meta.len()
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// A clap error as one line ("invalid value ... (see --help)").
