@@ -996,9 +996,7 @@ impl State {
         let Some(setup) = self.setup.as_ref() else {
             return;
         };
-        if self.halted
-            || !setup.taken
-            || !self.down_since.is_some_and(|t| t.elapsed() >= OUTAGE_GRACE)
+        if self.halted || !setup.taken || self.down_since.is_none_or(|t| t.elapsed() < OUTAGE_GRACE)
         {
             return;
         }
