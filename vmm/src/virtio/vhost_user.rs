@@ -418,16 +418,30 @@ fn listen(path: &Path) -> Result<(UnixListener, (u64, u64)), VhostUserError> {
     Ok((l, (m.dev(), m.ino())))
 }
 
-/// Waits up to `timeout_ms` (-1: no limit) for `fd` to be readable.
-fn poll_in(fd: RawFd, timeout_ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: polls one local pollfd.
-    let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
-    r > 0 && p.revents & libc::POLLIN != 0
+/// Waits up to `timeout` (None: no limit) for `fd` to be readable.
+fn poll_in(fd: RawFd, timeout: Option<Duration>) -> bool {
+    let end = timeout.map(|t| Instant::now() + t);
+    loop {
+        let ms = end.map_or(-1, |e| {
+            e.saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(i32::MAX as u128) as i32
+        });
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one local pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r > 0 {
+            return p.revents & libc::POLLIN != 0;
+        }
+        // A signal interrupted the wait: go on waiting, up to the same end.
+        if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
 }
 
 enum Command {
@@ -1070,9 +1084,9 @@ impl State {
                 return;
             }
         };
-        self.quiet = false;
         let Some(mut setup) = self.setup.take() else {
             log::info!("{}: reconnected to {}", ctx.name, ctx.path.display());
+            self.quiet = false;
             self.conn = Some(conn);
             self.gone = None;
             self.down_since = None;
@@ -1092,12 +1106,19 @@ impl State {
         } else {
             let resubmit = self.inflight_count(&setup);
             if let Err(e) = ctx.configure(&mut conn, &mut setup, &mut self.inflight, true) {
-                log::warn!(
-                    "{}: reconnect to {} failed: {e}",
-                    ctx.name,
-                    ctx.path.display()
-                );
+                if !self.quiet {
+                    log::warn!(
+                        "{}: reconnect to {} failed: {e}",
+                        ctx.name,
+                        ctx.path.display()
+                    );
+                    self.quiet = true;
+                }
                 ctx.wd.watch(None);
+                if conn.rings {
+                    // This back-end had the rings: its death, not the old one's, decides.
+                    self.gone = Some(conn.peer);
+                }
                 self.setup = Some(setup);
                 return;
             }
@@ -1112,6 +1133,7 @@ impl State {
         self.conn = Some(conn);
         self.gone = None;
         self.down_since = None;
+        self.quiet = false;
     }
 
     /// How many requests the inflight region marks taken and not completed.
@@ -1355,11 +1377,9 @@ impl VhostUserDevice {
                     "{name}: waiting for a vhost-user back-end to connect to {}",
                     path.display()
                 );
-                let ms = cfg
-                    .connect_timeout
-                    .map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
-                if !poll_in(l.as_raw_fd(), ms) {
-                    return Err(VhostUserError::NoBackend(path.clone(), ms as u64));
+                if !poll_in(l.as_raw_fd(), cfg.connect_timeout) {
+                    let ms = cfg.connect_timeout.map_or(0, |t| t.as_millis() as u64);
+                    return Err(VhostUserError::NoBackend(path.clone(), ms));
                 }
                 ctx.try_stream()
                     .map_err(|e| VhostUserError::Connect(path.clone(), e))?
