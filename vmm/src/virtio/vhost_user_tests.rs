@@ -427,7 +427,7 @@ fn a_backend_that_stalls_during_activation_costs_the_vcpu_nothing() {
     let t = Instant::now();
     drop(dev);
     assert!(
-        t.elapsed() < Duration::from_secs(1),
+        t.elapsed() < Duration::from_millis(1500),
         "drop took {:?}",
         t.elapsed()
     );
