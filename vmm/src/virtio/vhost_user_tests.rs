@@ -964,3 +964,48 @@ fn nothing_pending_resumes_normally_without_a_region() {
     assert!(!sh.needs_reset());
     assert!(!st.halted);
 }
+
+#[test]
+fn a_reconnect_without_a_region_and_requests_in_flight_does_not_resume_the_rings() {
+    // No INFLIGHT_SHMFD; the back-end hangs up after the setup with two requests pending.
+    let f = fake(Script {
+        hangup_after_kicks: Some(1),
+        ..Script::default()
+    });
+    let ram = memfd();
+    let mut dev = VhostUserDevice::new(&cfg(&f.path, 1000), ram.as_raw_fd(), region()).unwrap();
+    let mem = guest_mem();
+    let (_, a, u) = rings(0);
+    mem.memory().write_obj(2u16, GuestAddress(a + 2)).unwrap();
+    let (sh, cfg_irq) = shared();
+    let (act, _call) = activation(&mem, 1, sh.clone());
+    dev.activate(act).unwrap();
+    assert!(wait_until(Duration::from_secs(3), || sh.needs_reset()));
+    assert!(
+        cfg_irq.read().is_ok(),
+        "the config interrupt tells the driver"
+    );
+    // The new back-end got the handshake only: no ring, so nothing it could complete.
+    thread::sleep(Duration::from_millis(200));
+    let second = codes(&f, 1);
+    assert!(second.iter().any(|m| m.code == GET_FEATURES), "{second:?}");
+    assert!(
+        !second
+            .iter()
+            .any(|m| matches!(m.code, SET_VRING_NUM | SET_VRING_BASE | SET_VRING_KICK)),
+        "{second:?}"
+    );
+    assert_eq!(
+        mem.memory().read_obj::<u16>(GuestAddress(u + 2)).unwrap(),
+        0
+    );
+    // The driver's reset and a new activation start the rings again on that connection.
+    dev.reset();
+    assert!(wait_until(Duration::from_secs(1), || !dev.reset_pending()));
+    let (act, _call) = activation(&mem, 1, shared().0);
+    dev.activate(act).unwrap();
+    assert!(wait_until(Duration::from_secs(2), || codes(&f, 1)
+        .iter()
+        .any(|m| m.code == SET_VRING_KICK)));
+    drop(dev);
+}
