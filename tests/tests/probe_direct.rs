@@ -423,3 +423,107 @@ fn sigterm_stops_the_vmm_cleanly_during_io() {
     let bad = verify_image(&img, SEED).expect("verify image");
     assert!(bad.is_empty(), "sectors changed: {bad:?}");
 }
+
+/// A vhost-user back-end that stops answering (SIGSTOPped right after the vmm connected,
+/// before the guest's driver starts the device) freezes neither the guest's vCPU nor the
+/// vmm's exit: the activation's messages miss their deadline (`timeout_ms=1000`), and
+/// SIGTERM ends the vmm within 5 s.
+#[test]
+fn sigterm_ends_the_vmm_within_5_s_while_its_vhost_user_daemon_is_stopped() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    let daemon_bin = tests::lab::profile_dir().join("vhost-user-blk");
+    assert!(
+        daemon_bin.is_file(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        daemon_bin.display()
+    );
+    let dir = ScratchDir::new("probe").expect("scratch dir");
+    let img = dir.join("disk.img");
+    stamp_image(&img, IMAGE_SIZE, SEED).expect("stamp image");
+    let sock = dir.join("blk.sock");
+    let mut daemon = Daemon::spawn(
+        "vhost-user-blk",
+        std::process::Command::new(&daemon_bin)
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--blk-file")
+            .arg(&img),
+    )
+    .expect("start vhost-user-blk");
+    daemon
+        .wait_for_path(&sock, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let daemon_pid = libc::pid_t::try_from(daemon.pid()).expect("daemon pid");
+    let cfg = ProbeConfig::blk(2_000_000, SEED, "read");
+    let mut cmd = probe::vmm_command(&vmm(), &elf(), &cfg);
+    cmd.arg("--vhost-user-blk")
+        .arg(format!("socket={},timeout_ms=1000", sock.display()))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start vmm");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    // The vmm logs the back-end's features once it negotiated them at boot: stop the
+    // daemon then, before the guest's driver gets to DRIVER_OK.
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("vublk0: vhost-user back-end"))
+    {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => seen.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the vmm did not connect to its back-end within 30 s: {seen:?}");
+            }
+        }
+    }
+    // SAFETY: stops the daemon this test started (its process group leader, not reaped).
+    assert_eq!(unsafe { libc::kill(daemon_pid, libc::SIGSTOP) }, 0);
+    // The guest runs meanwhile: the activation's deadline passes.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        child.try_wait().expect("wait vmm").is_none(),
+        "the vmm ended on its own"
+    );
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: sends SIGTERM to the vmm this test started and has not reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let signalled = Instant::now();
+    let ended = loop {
+        if child.try_wait().expect("wait vmm").is_some() {
+            break Some(signalled.elapsed());
+        }
+        if signalled.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // SAFETY: lets the daemon this test stopped go on, so that it can be stopped.
+    unsafe { libc::kill(daemon_pid, libc::SIGCONT) };
+    let _ = reader.join();
+    seen.extend(rx.try_iter());
+    let log = seen.join("\n");
+    let ended =
+        ended.unwrap_or_else(|| panic!("the vmm was still running 15 s after SIGTERM:\n{log}"));
+    eprintln!(
+        "vmm ended {:.0} ms after SIGTERM:\n{log}",
+        ended.as_secs_f64() * 1e3
+    );
+    assert!(ended < Duration::from_secs(5), "took {ended:?}:\n{log}");
+    let _ = daemon.stop();
+}

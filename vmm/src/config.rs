@@ -5,6 +5,7 @@
 //! user's mistake is reported before any resource is created.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use thiserror::Error;
@@ -212,8 +213,8 @@ pub struct NetConfig {
     pub id: String,
 }
 
-/// `--vhost-user-blk socket=PATH[,queues=N][,queue_size=N][,id=NAME]` and
-/// `--vhost-user-net socket=PATH[,queues=N][,queue_size=N][,mac=MAC][,id=NAME]`.
+/// `--vhost-user-blk socket=PATH[,queues=N][,queue_size=N][,timeout_ms=N][,server=on|off]
+/// [,connect_timeout_ms=N][,id=NAME]` and `--vhost-user-net` likewise plus `[,mac=MAC]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VhostUserConfig {
     pub socket: PathBuf,
@@ -223,6 +224,12 @@ pub struct VhostUserConfig {
     pub queue_size: u16,
     pub mac: Option<[u8; 6]>,
     pub id: String,
+    /// How long the back-end may take to answer one message before it counts as gone.
+    pub timeout: Duration,
+    /// The VMM listens at `socket` and the back-end connects.
+    pub server: bool,
+    /// Server mode: how long boot waits for the first back-end (None: as long as it takes).
+    pub connect_timeout: Option<Duration>,
 }
 
 impl VhostUserConfig {
@@ -232,11 +239,17 @@ impl VhostUserConfig {
         } else {
             "--vhost-user-blk"
         };
-        let known: &[&str] = if net {
-            &["socket", "queues", "queue_size", "mac", "id"]
-        } else {
-            &["socket", "queues", "queue_size", "id"]
-        };
+        const COMMON: [&str; 7] = [
+            "socket",
+            "queues",
+            "queue_size",
+            "timeout_ms",
+            "server",
+            "connect_timeout_ms",
+            "id",
+        ];
+        let net_keys: Vec<&str> = COMMON.iter().copied().chain(["mac"]).collect();
+        let known: &[&str] = if net { &net_keys } else { &COMMON };
         let kv = parse_kv(o, value, known)?;
         let bad = |why: String| ConfigError::BadDevice {
             option: o,
@@ -250,12 +263,31 @@ impl VhostUserConfig {
             queue_size: 256,
             mac: None,
             id: format!("{}{index}", if net { "vunet" } else { "vublk" }),
+            timeout: crate::virtio::vhost_user::DEFAULT_TIMEOUT,
+            server: false,
+            connect_timeout: None,
+        };
+        let ms = |k: &str, v: &str| -> Result<Duration, ConfigError> {
+            let n: u64 = parse_num(o, value, k, v)?;
+            if !(1..=3_600_000).contains(&n) {
+                return Err(bad(format!("{k}={v}: expected 1 to 3600000 (ms)")));
+            }
+            Ok(Duration::from_millis(n))
         };
         for (k, v) in &kv {
             match k.as_str() {
                 "socket" => c.socket = PathBuf::from(v),
                 "queues" => c.queues = parse_num(o, value, k, v)?,
                 "queue_size" => c.queue_size = parse_num(o, value, k, v)?,
+                "timeout_ms" => c.timeout = ms(k, v)?,
+                "connect_timeout_ms" => c.connect_timeout = Some(ms(k, v)?),
+                "server" => {
+                    c.server = match v.as_str() {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad(format!("server={v}: expected on or off"))),
+                    }
+                }
                 "mac" => {
                     c.mac = Some(
                         parse_mac(v)
@@ -268,6 +300,11 @@ impl VhostUserConfig {
         if c.socket.as_os_str().is_empty() {
             return Err(bad(
                 "socket= is required (the back-end's unix socket)".into()
+            ));
+        }
+        if c.connect_timeout.is_some() && !c.server {
+            return Err(bad(
+                "connect_timeout_ms= needs server=on (it bounds the wait for the back-end to connect)".into(),
             ));
         }
         check_queues(o, value, c.queues, c.queue_size)?;
@@ -425,11 +462,14 @@ pub struct Cli {
     #[arg(long, value_name = "tap=NAME,...")]
     pub net: Vec<String>,
     /// A virtio-blk disk served by a vhost-user back-end (repeatable):
-    /// socket=PATH[,queues=N][,queue_size=N][,id=NAME]
+    /// socket=PATH[,queues=N][,queue_size=N][,timeout_ms=N][,server=on][,connect_timeout_ms=N][,id=NAME].
+    /// timeout_ms: how long the back-end may take to answer a message (default 3000);
+    /// server=on: the VMM listens at PATH and the back-end connects (boot waits for it, at
+    /// most connect_timeout_ms)
     #[arg(long, value_name = "socket=PATH,...")]
     pub vhost_user_blk: Vec<String>,
     /// A virtio-net NIC served by a vhost-user back-end (repeatable):
-    /// socket=PATH[,queues=N][,queue_size=N][,mac=MAC][,id=NAME]
+    /// socket=PATH[,queues=N][,queue_size=N][,mac=MAC][,timeout_ms=N][,server=on][,connect_timeout_ms=N][,id=NAME]
     #[arg(long, value_name = "socket=PATH,...")]
     pub vhost_user_net: Vec<String>,
     /// A host PCI device assigned to the guest through VFIO (repeatable; bind it to
@@ -773,6 +813,25 @@ mod tests {
         assert!(e("queues=1", false).contains("socket= is required"));
         assert!(e("socket=/s,mac=02:00:00:00:00:09", false).contains("unknown key 'mac'"));
         assert!(e("socket=/s,queue_size=3", true).contains("power of two"));
+        assert_eq!(b.timeout, crate::virtio::vhost_user::DEFAULT_TIMEOUT);
+        assert!(!b.server);
+        let s = VhostUserConfig::parse(
+            "socket=/s,server=on,timeout_ms=250,connect_timeout_ms=9000",
+            true,
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            (s.server, s.timeout, s.connect_timeout),
+            (
+                true,
+                Duration::from_millis(250),
+                Some(Duration::from_millis(9000))
+            )
+        );
+        assert!(e("socket=/s,server=yes", false).contains("expected on or off"));
+        assert!(e("socket=/s,timeout_ms=0", false).contains("expected 1 to 3600000"));
+        assert!(e("socket=/s,connect_timeout_ms=5", false).contains("needs server=on"));
     }
 
     #[test]

@@ -105,8 +105,16 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Starts the device threads.
     fn activate(&mut self, a: Activation) -> io::Result<()>;
-    /// Stops the device threads and forgets the queues (status 0).
+    /// Stops the device threads and forgets the queues (status 0). A device whose reset
+    /// needs another process (vhost-user) only starts it here and must not wait for it:
+    /// this runs on a vCPU thread.
     fn reset(&mut self);
+    /// A reset started by [`VirtioDevice::reset`] is not done yet: the transport keeps
+    /// reporting the old status, so a driver that writes 0 and polls sees 0 only once the
+    /// device is really reset.
+    fn reset_pending(&self) -> bool {
+        false
+    }
 }
 
 /// A device thread's stop signal and handle.

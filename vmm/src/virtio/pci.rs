@@ -158,6 +158,8 @@ pub struct VirtioPciDevice {
     queue_select: u16,
     queues: Vec<QueueRegs>,
     shared: Option<Arc<DeviceShared>>,
+    /// The status before a reset the device has not finished (0: none pending).
+    resetting: u8,
     /// Queue notifications that reached userspace (no ioeventfd caught them).
     notify_exits: Arc<AtomicU64>,
     faults: backends::ratelimit::GuestErrorLog<3>,
@@ -283,6 +285,7 @@ impl VirtioPciDevice {
             queue_select: 0,
             queues: max_sizes.into_iter().map(QueueRegs::new).collect(),
             shared: None,
+            resetting: 0,
             notify_exits: Arc::new(AtomicU64::new(0)),
             faults: backends::ratelimit::GuestErrorLog::new(name),
         })
@@ -292,7 +295,13 @@ impl VirtioPciDevice {
         self.notify_exits.clone()
     }
 
-    fn status(&self) -> u8 {
+    fn status(&mut self) -> u8 {
+        if self.resetting != 0 {
+            if self.device.reset_pending() {
+                return self.resetting;
+            }
+            self.resetting = 0;
+        }
         let reset = self.shared.as_ref().is_some_and(|s| s.needs_reset());
         self.status | if reset { STATUS_NEEDS_RESET } else { 0 }
     }
@@ -308,7 +317,11 @@ impl VirtioPciDevice {
     }
 
     fn reset(&mut self) {
+        let old = self.status();
         self.device.reset();
+        if self.device.reset_pending() {
+            self.resetting = old;
+        }
         self.shared = None;
         self.status = 0;
         self.driver_features = 0;
@@ -405,6 +418,8 @@ impl VirtioPciDevice {
             self.reset();
             return;
         }
+        // A driver that goes on without waiting for the reset sees its own writes.
+        self.resetting = 0;
         let mut v = v;
         if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
             let offered = self.device.features();

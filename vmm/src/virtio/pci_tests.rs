@@ -60,6 +60,8 @@ const DEVICE_TYPE: u16 = 2;
 struct Record {
     activations: Vec<(u64, Vec<ActiveQueue>, Arc<DeviceShared>)>,
     resets: usize,
+    /// What the device answers to `reset_pending`.
+    reset_pending: bool,
     config_writes: Vec<(u64, Vec<u8>)>,
 }
 
@@ -107,6 +109,9 @@ impl VirtioDevice for FakeDevice {
     }
     fn reset(&mut self) {
         self.rec().resets += 1;
+    }
+    fn reset_pending(&self) -> bool {
+        self.rec().reset_pending
     }
 }
 
@@ -813,6 +818,34 @@ fn notify_before_driver_ok_is_harmless() {
     t.bring_up(&[0]);
     let rec = t.rec.lock().unwrap();
     assert!(rec.activations[0].1[0].kick.read().is_err());
+}
+
+#[test]
+fn a_reset_the_device_has_not_finished_reads_as_the_old_status() {
+    let mut t = t();
+    t.negotiate(VIRTIO_F_VERSION_1);
+    t.setup_queue(0, 256, rings(0));
+    t.driver_ok();
+    let running = t.status();
+    assert_ne!(running & STATUS_DRIVER_OK, 0);
+    // The device hands the reset to its own thread: the write returns at once and a
+    // driver polling the status (Linux's vp_reset) reads the old status meanwhile.
+    t.rec.lock().unwrap().reset_pending = true;
+    t.w8(DEVICE_STATUS, 0);
+    assert_eq!(t.status(), running);
+    assert_eq!(t.status(), running);
+    t.rec.lock().unwrap().reset_pending = false;
+    assert_eq!(t.status(), 0);
+    // Once seen done it stays done.
+    t.rec.lock().unwrap().reset_pending = true;
+    assert_eq!(t.status(), 0);
+    t.rec.lock().unwrap().reset_pending = false;
+    // A driver that goes on without waiting sees its own writes.
+    t.negotiate(VIRTIO_F_VERSION_1);
+    t.rec.lock().unwrap().reset_pending = true;
+    t.w8(DEVICE_STATUS, 0);
+    t.w8(DEVICE_STATUS, STATUS_ACKNOWLEDGE);
+    assert_eq!(t.status(), STATUS_ACKNOWLEDGE);
 }
 
 #[test]

@@ -2,41 +2,95 @@
 //! features, shares guest memory (the memfd) and hands the back-end each queue's ioeventfd
 //! (kick) and MSI-X irqfd (call), so it stays off the data path.
 //!
-//! When the back-end goes away the VMM stays up: a watcher thread sees the socket hang up,
-//! reconnects as soon as the back-end listens again, replays the setup and resumes every
-//! queue from the used index in guest memory (requests that were in flight are executed
-//! again by the new back-end). For [`OUTAGE_GRACE`] the guest's requests wait in the rings,
-//! so a quick restart costs the guest nothing; after that the VMM completes them itself with
-//! an error (block: VIRTIO_BLK_S_IOERR; net: transmitted frames are dropped) until the
-//! back-end is back, so a guest is told instead of left waiting.
+//! `--vhost-user-blk socket=PATH[,queues=N][,queue_size=N][,timeout_ms=N][,server=on]
+//! [,connect_timeout_ms=N][,id=NAME]` (net likewise, plus `mac=`): with `server=on` the VMM
+//! listens at PATH and the back-end connects (QEMU's `server=on,wait=on`: boot waits for
+//! the first back-end, at most `connect_timeout_ms` when given).
+//!
+//! **Nothing here blocks a vCPU or the VMM's exit.** Every message to the back-end runs on
+//! the device's control thread, under a deadline (`timeout_ms`, default
+//! [`DEFAULT_TIMEOUT`]): a watchdog shuts the socket down when a reply is late, which
+//! makes the vhost crate's blocking call return (a plain `SO_RCVTIMEO` does not: its EAGAIN
+//! surfaces as `Error::SocketRetry`, which the crate's receive loop retries forever). A
+//! back-end that misses a deadline is treated as gone. The transport's status writes only
+//! queue a command: DRIVER_OK (activate) returns at once; a reset (status 0) reads as the
+//! old status until the back-end acknowledged it (GET_VRING_BASE) or missed the deadline.
+//!
+//! **When the back-end goes away** the control thread reconnects (client: a non-blocking
+//! connect every 100 ms; server: the next connection on the same listener) and replays the
+//! setup. Requests are never completed twice nor lost:
+//! - With `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` the VMM keeps the inflight region the
+//!   back-end handed out (GET_INFLIGHT_FD at activation) and sends it back
+//!   (SET_INFLIGHT_FD) before the rings on every (re)configuration: a restarted back-end
+//!   resubmits what its predecessor took and did not complete, the rings resume at the
+//!   used index.
+//! - Without it, if requests were in flight, their state is unknown (a back-end may
+//!   complete out of order): the device sets DEVICE_NEEDS_RESET instead of resuming, and
+//!   the driver resets it.
+//! - After [`OUTAGE_GRACE`], and only once the old back-end process is dead (its pidfd,
+//!   so a stopped one never counts), the VMM fails the requests itself (block:
+//!   VIRTIO_BLK_S_IOERR; net: transmitted frames dropped): exactly those marked inflight in
+//!   the region plus those never taken, updating the region so that a new back-end does not
+//!   resubmit them; without a region only with VIRTIO_F_IN_ORDER.
+//! - After every resume each queue's call eventfd is signalled once: completions posted
+//!   just before a crash are seen.
+//!
+//! The back-end sees every queue's call eventfd, also for a queue the driver polls (no
+//! MSI-X vector): DPDK's vhost starts a queue only once it got SET_VRING_CALL. Such a queue
+//! gets an eventfd nobody reads, as the vhost crate cannot send the invalid-fd flag.
 
+use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+use virtio_queue::QueueT;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion,
+    VolatileSlice,
+};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, VirtioDevice};
+use super::{Activation, DeviceShared, VirtioDevice};
 
 /// The vhost-user bit in the feature word; never offered to the guest.
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
+/// virtio-blk config: `num_queues` (u16); virtio-net config: `max_virtqueue_pairs` (u16).
+const BLK_CFG_NUM_QUEUES: usize = 34;
+const NET_CFG_MAX_PAIRS: usize = 8;
+
+/// How long a back-end may take to answer one message, unless `timeout_ms=` says.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long guest requests wait for a back-end that went away before they fail.
+pub const OUTAGE_GRACE: Duration = Duration::from_secs(8);
+/// How long dropping the device waits for its control thread to finish what it was doing
+/// before it cuts the back-end's socket.
+const DROP_GRACE: Duration = Duration::from_millis(700);
+/// How often a missing back-end is looked for.
+const RECONNECT_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
     #[error(
         "cannot connect to vhost-user back-end '{0}': is its daemon running and listening there?"
     )]
-    Connect(PathBuf, #[source] vhost::Error),
+    Connect(PathBuf, #[source] io::Error),
     #[error("vhost-user back-end '{path}' refused {what}")]
     Protocol {
         path: PathBuf,
@@ -44,10 +98,20 @@ pub enum VhostUserError {
         #[source]
         source: vhost::Error,
     },
+    #[error("vhost-user back-end '{path}' did not answer {what} within {ms} ms: is it stopped or stuck? (raise timeout_ms= if it is only slow)")]
+    Timeout {
+        path: PathBuf,
+        what: &'static str,
+        ms: u128,
+    },
     #[error("vhost-user back-end '{path}' lacks {what}, which this frontend needs")]
     Missing { path: PathBuf, what: &'static str },
-    #[error("cannot create the eventfd of the vhost-user reconnect watcher")]
-    Wake(#[source] io::Error),
+    #[error("cannot listen for a vhost-user back-end at '{0}': {1}")]
+    Listen(PathBuf, String),
+    #[error("no vhost-user back-end connected to '{0}' within {1} ms: start it with that socket path (or raise connect_timeout_ms=)")]
+    NoBackend(PathBuf, u64),
+    #[error("cannot start the vhost-user control thread: {0}")]
+    Thread(#[source] io::Error),
 }
 
 /// Which device the back-end implements.
@@ -71,6 +135,9 @@ struct Setup {
     acked: u64,
     queues: Vec<QueueSetup>,
     mem: super::Memory,
+    shared: Arc<DeviceShared>,
+    /// The rings were handed to a back-end: requests may have been taken.
+    taken: bool,
 }
 
 struct QueueSetup {
@@ -80,237 +147,500 @@ struct QueueSetup {
     avail: u64,
     used: u64,
     kick: EventFd,
-    call: Option<EventFd>,
+    /// The MSI-X irqfd, or for a polled queue an eventfd nobody reads.
+    call: EventFd,
+}
+
+/// The back-end process, to tell a dead one from a stopped one.
+struct Peer {
+    pid: i32,
+    pidfd: Option<OwnedFd>,
+}
+
+const SO_PEERPIDFD: libc::c_int = 77;
+
+impl Peer {
+    /// The process at the other end of the unix socket `fd`.
+    fn of(fd: RawFd) -> Peer {
+        let mut pidfd: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into the local int.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                SO_PEERPIDFD,
+                (&mut pidfd as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        // SAFETY: the kernel returned a new pidfd this process owns.
+        let from_socket = (r == 0 && pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) });
+        // SAFETY: a zeroed ucred is valid; getsockopt writes at most `len` bytes into it.
+        let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: as above, into the local ucred.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        let pid = if r == 0 { cred.pid } else { 0 };
+        match from_socket {
+            Some(pidfd) => Peer {
+                pid,
+                pidfd: Some(pidfd),
+            },
+            None => Peer::from_pid(pid),
+        }
+    }
+
+    fn from_pid(pid: i32) -> Peer {
+        let pidfd = (pid > 0)
+            .then(|| {
+                // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+                let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+                // SAFETY: a new pidfd this process owns.
+                (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+            })
+            .flatten();
+        Peer { pid, pidfd }
+    }
+
+    /// The process has exited: it can no longer write into guest memory. A stopped or
+    /// merely silent process, or one this VMM cannot see (pid 0), is not dead.
+    fn dead(&self) -> bool {
+        if let Some(fd) = &self.pidfd {
+            let mut p = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polls one local pollfd without waiting.
+            let r = unsafe { libc::poll(&mut p, 1, 0) };
+            return r > 0 && p.revents & libc::POLLIN != 0;
+        }
+        if self.pid <= 0 {
+            return false;
+        }
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
+            Err(_) => true,
+            Ok(s) => s.rsplit_once(')').is_some_and(|(_, rest)| {
+                matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))
+            }),
+        }
+    }
 }
 
 struct Conn {
     frontend: Frontend,
     protocol: VhostUserProtocolFeatures,
+    peer: Peer,
+    /// The rings of the current setup were sent on this connection.
+    rings: bool,
 }
 
-struct Inner {
-    conn: Option<Conn>,
-    setup: Option<Setup>,
+/// Cuts the back-end's socket when a reply is late, so that the control thread's blocking
+/// call returns; and at once when the device goes away.
+#[derive(Default)]
+struct Watchdog {
+    st: Mutex<WatchState>,
+    cv: Condvar,
 }
 
-pub struct VhostUserDevice {
+#[derive(Default)]
+struct WatchState {
+    /// A duplicate of the connection's socket: shutting it down ends the connection.
+    sock: Option<OwnedFd>,
+    deadline: Option<Instant>,
+    fired: bool,
+    killed: bool,
+    quit: bool,
+}
+
+fn shutdown(sock: &Option<OwnedFd>) {
+    if let Some(s) = sock {
+        // SAFETY: shuts down a socket this struct owns; wakes every thread blocked on it.
+        unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+impl Watchdog {
+    fn lock(&self) -> MutexGuard<'_, WatchState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Watches the socket `fd` from now on (None: no connection).
+    fn watch(&self, fd: Option<RawFd>) {
+        // SAFETY: dup of a live fd the caller owns; the result is a new fd.
+        let dup = fd.map(|fd| unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) });
+        // SAFETY: a new fd this struct owns.
+        let sock = dup
+            .filter(|&d| d >= 0)
+            .map(|d| unsafe { OwnedFd::from_raw_fd(d) });
+        let mut g = self.lock();
+        g.sock = sock;
+        if g.killed {
+            shutdown(&g.sock);
+        }
+    }
+
+    fn arm(&self, t: Duration) {
+        let mut g = self.lock();
+        g.deadline = Some(Instant::now() + t);
+        g.fired = false;
+        self.cv.notify_all();
+    }
+
+    /// Ends the deadline; true when it expired (and the socket was cut).
+    fn disarm(&self) -> bool {
+        let mut g = self.lock();
+        g.deadline = None;
+        std::mem::take(&mut g.fired)
+    }
+
+    /// Cuts the socket now and any later one: the device is going away.
+    fn kill(&self) {
+        let mut g = self.lock();
+        g.killed = true;
+        shutdown(&g.sock);
+        self.cv.notify_all();
+    }
+
+    fn quit(&self) {
+        self.lock().quit = true;
+        self.cv.notify_all();
+    }
+
+    fn run(&self) {
+        let mut g = self.lock();
+        while !g.quit {
+            match g.deadline {
+                None => g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        shutdown(&g.sock);
+                        g.fired = true;
+                        g.deadline = None;
+                    } else {
+                        g = self
+                            .cv
+                            .wait_timeout(g, d - now)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where back-ends come from.
+enum Endpoint {
+    /// The VMM connects to the back-end's socket.
+    Client,
+    /// The VMM listens.
+    Server(UnixListener),
+}
+
+/// A non-blocking connect: a back-end that does not accept (its backlog full) is "not
+/// there yet" instead of a blocked thread. The stream returned blocks.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    // SAFETY: creates a socket; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd this function owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a zeroed sockaddr_un is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the socket path is too long",
+        ));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: connects the socket to a local, initialised address of the size given.
+    let r = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let stream = UnixStream::from(sock);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Listens at `path`: replaces a stale socket nobody listens on; refuses a live one and
+/// anything that is not a socket.
+fn listen(path: &Path) -> Result<(UnixListener, (u64, u64)), VhostUserError> {
+    let err = |why: String| VhostUserError::Listen(path.to_path_buf(), why);
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !m.file_type().is_socket() {
+            return Err(err(
+                "it exists and is not a socket; pick another path".into()
+            ));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(err(
+                "another process listens there; pick another path".into()
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
+    }
+    let l = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    l.set_nonblocking(true).map_err(|e| err(e.to_string()))?;
+    let m = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    Ok((l, (m.dev(), m.ino())))
+}
+
+/// Waits up to `timeout` (None: no limit) for `fd` to be readable.
+fn poll_in(fd: RawFd, timeout: Option<Duration>) -> bool {
+    let end = timeout.map(|t| Instant::now() + t);
+    loop {
+        let ms = end.map_or(-1, |e| {
+            e.saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(i32::MAX as u128) as i32
+        });
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one local pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r > 0 {
+            return p.revents & libc::POLLIN != 0;
+        }
+        // A signal interrupted the wait: go on waiting, up to the same end.
+        if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+}
+
+enum Command {
+    Activate(Box<Setup>),
+    Reset,
+}
+
+/// What the device and its control thread share.
+struct CtlShared {
+    cmds: Mutex<VecDeque<Command>>,
+    wake: EventFd,
+    stop: AtomicBool,
+    /// Resets queued and not done.
+    resets: AtomicUsize,
+}
+
+impl CtlShared {
+    fn push(&self, c: Command) {
+        self.cmds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(c);
+        // An eventfd write fails only on counter overflow: then it is readable anyway.
+        let _ = self.wake.write(1);
+    }
+
+    fn pop(&self) -> Option<Command> {
+        self.cmds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
+}
+
+/// What the control thread owns: how to reach and drive the back-end.
+struct Ctx {
     name: String,
     path: PathBuf,
     kind: Kind,
-    features: u64,
-    queue_sizes: Vec<u16>,
-    config: Vec<u8>,
+    timeout: Duration,
     memfd: RawFd,
     regions: Vec<SharedRegion>,
-    inner: Arc<Mutex<Inner>>,
-    stop: Arc<AtomicBool>,
-    /// Wakes the watcher: the device is going away, or the connection was dropped here.
-    wake: Arc<EventFd>,
-    watcher: Option<thread::JoinHandle<()>>,
+    /// Queues the device exposes and their maximum size (the inflight region's shape).
+    num_queues: usize,
+    queue_size: u16,
+    endpoint: Endpoint,
+    wd: Arc<Watchdog>,
+    ctl: Arc<CtlShared>,
 }
 
-fn protocol_err<'a>(
-    path: &'a Path,
-    what: &'static str,
-) -> impl FnOnce(vhost::Error) -> VhostUserError + 'a {
-    move |source| VhostUserError::Protocol {
-        path: path.to_path_buf(),
-        what,
-        source,
-    }
-}
-
-/// Connects and negotiates the protocol; returns the connection and the back-end's virtio
-/// features.
-fn connect(path: &Path, max_queues: u64) -> Result<(Conn, u64), VhostUserError> {
-    let mut fe = Frontend::connect(path, max_queues)
-        .map_err(|e| VhostUserError::Connect(path.to_path_buf(), e))?;
-    fe.set_owner().map_err(protocol_err(path, "SET_OWNER"))?;
-    let features = fe
-        .get_features()
-        .map_err(protocol_err(path, "GET_FEATURES"))?;
-    let mut protocol = VhostUserProtocolFeatures::empty();
-    if features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
-        let offered = fe
-            .get_protocol_features()
-            .map_err(protocol_err(path, "GET_PROTOCOL_FEATURES"))?;
-        protocol = offered
-            & (VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::REPLY_ACK);
-        fe.set_protocol_features(protocol)
-            .map_err(protocol_err(path, "SET_PROTOCOL_FEATURES"))?;
-        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
-        }
-    }
-    Ok((
-        Conn {
-            frontend: fe,
-            protocol,
-        },
-        features,
-    ))
-}
-
-impl VhostUserDevice {
-    /// Connects to the back-end at `path` and reads what the guest will see.
-    pub fn new(
-        cfg: &crate::config::VhostUserConfig,
-        memfd: RawFd,
-        regions: Vec<SharedRegion>,
-    ) -> Result<Self, VhostUserError> {
-        let (name, path, queues, queue_size, mac) = (
-            cfg.id.as_str(),
-            cfg.socket.as_path(),
-            cfg.queues,
-            cfg.queue_size,
-            cfg.mac,
-        );
-        let kind = if cfg.net { Kind::Net } else { Kind::Block };
-        let (mut conn, features) = connect(path, 64)?;
-        let fe = &mut conn.frontend;
-        let mut nq = match kind {
-            Kind::Block => usize::from(queues),
-            Kind::Net => {
-                usize::from(queues) * 2 + usize::from(features & VIRTIO_NET_F_CTRL_VQ != 0)
+impl Ctx {
+    /// Runs one request under the deadline.
+    fn rq<T>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce() -> vhost::Result<T>,
+    ) -> Result<T, VhostUserError> {
+        self.wd.arm(self.timeout);
+        let r = f();
+        let late = self.wd.disarm();
+        r.map_err(|source| {
+            if late {
+                VhostUserError::Timeout {
+                    path: self.path.clone(),
+                    what,
+                    ms: self.timeout.as_millis(),
+                }
+            } else {
+                VhostUserError::Protocol {
+                    path: self.path.clone(),
+                    what,
+                    source,
+                }
             }
-        };
-        if conn.protocol.contains(VhostUserProtocolFeatures::MQ) {
-            let max = fe
-                .get_queue_num()
-                .map_err(protocol_err(path, "GET_QUEUE_NUM"))?;
-            nq = nq.min(max as usize);
-        } else {
-            nq = nq.min(match kind {
-                Kind::Block => 1,
-                Kind::Net => 2 + usize::from(features & VIRTIO_NET_F_CTRL_VQ != 0),
-            });
+        })
+    }
+
+    /// A new connection, if a back-end is there now (never waits).
+    fn try_stream(&self) -> io::Result<UnixStream> {
+        match &self.endpoint {
+            Endpoint::Client => connect_nonblocking(&self.path),
+            Endpoint::Server(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                Ok(s)
+            }
         }
-        let config_len = match kind {
-            Kind::Block => 60,
-            Kind::Net => 12,
-        };
-        let mut config = vec![0u8; config_len];
-        if conn.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
-            let (_, payload) = fe
-                .get_config(
-                    0,
-                    config_len as u32,
-                    VhostUserConfigFlags::WRITABLE,
-                    &config,
-                )
-                .map_err(protocol_err(path, "GET_CONFIG"))?;
-            let n = payload.len().min(config_len);
-            config[..n].copy_from_slice(&payload[..n]);
-        } else if kind == Kind::Block {
-            return Err(VhostUserError::Missing {
-                path: path.to_path_buf(),
-                what: "the CONFIG protocol feature (the disk's capacity comes from it)",
-            });
+    }
+
+    /// Negotiates the protocol on a new connection; returns it and the back-end's virtio
+    /// features.
+    fn handshake(&self, stream: UnixStream) -> Result<(Conn, u64), VhostUserError> {
+        let peer = Peer::of(stream.as_raw_fd());
+        self.wd.watch(Some(stream.as_raw_fd()));
+        let r = self.handshake_on(stream, peer);
+        if r.is_err() {
+            self.wd.watch(None);
         }
-        let mut features = features & !VHOST_USER_F_PROTOCOL_FEATURES;
-        if let (Kind::Net, Some(mac)) = (kind, mac) {
-            config[..6].copy_from_slice(&mac);
-            features |= 1 << 5; // VIRTIO_NET_F_MAC
+        r
+    }
+
+    fn handshake_on(&self, stream: UnixStream, peer: Peer) -> Result<(Conn, u64), VhostUserError> {
+        let mut fe = Frontend::from_stream(stream, 64);
+        self.rq("SET_OWNER", || fe.set_owner())?;
+        let features = self.rq("GET_FEATURES", || fe.get_features())?;
+        let mut protocol = VhostUserProtocolFeatures::empty();
+        if features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+            let offered = self.rq("GET_PROTOCOL_FEATURES", || fe.get_protocol_features())?;
+            protocol = offered
+                & (VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+            self.rq("SET_PROTOCOL_FEATURES", || {
+                fe.set_protocol_features(protocol)
+            })?;
+            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+            }
         }
-        log::info!(
-            "{name}: vhost-user back-end {} ({:?}), {nq} queues, features {features:#x}, protocol {:?}",
-            path.display(),
-            kind,
-            conn.protocol
-        );
-        Ok(VhostUserDevice {
-            name: name.to_string(),
-            path: path.to_path_buf(),
-            kind,
+        Ok((
+            Conn {
+                frontend: fe,
+                protocol,
+                peer,
+                rings: false,
+            },
             features,
-            queue_sizes: vec![queue_size; nq],
-            config,
-            memfd,
-            regions,
-            inner: Arc::new(Mutex::new(Inner {
-                conn: Some(conn),
-                setup: None,
-            })),
-            stop: Arc::new(AtomicBool::new(false)),
-            wake: Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VhostUserError::Wake)?),
-            watcher: None,
-        })
+        ))
     }
 
-    fn start_watcher(&mut self) {
-        if self.watcher.is_some() {
-            return;
+    /// Sends the memory table, the inflight region and every queue to the back-end. With
+    /// `resume`, the rings continue at the used index in guest memory (a back-end with an
+    /// inflight region recomputes from it what to resubmit), each queue is kicked (requests
+    /// queued meanwhile) and its call eventfd signalled (completions posted before a
+    /// crash).
+    fn configure(
+        &self,
+        conn: &mut Conn,
+        setup: &mut Setup,
+        inflight: &mut Option<Inflight>,
+        resume: bool,
+    ) -> Result<(), VhostUserError> {
+        let fe = &mut conn.frontend;
+        let acked = setup.acked
+            | if conn.protocol.is_empty() {
+                0
+            } else {
+                VHOST_USER_F_PROTOCOL_FEATURES
+            };
+        self.rq("SET_FEATURES", || fe.set_features(acked))?;
+        let table: Vec<VhostUserMemoryRegionInfo> = self
+            .regions
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.guest_addr,
+                memory_size: r.size,
+                userspace_addr: r.host_addr,
+                mmap_offset: r.file_offset,
+                mmap_handle: self.memfd,
+            })
+            .collect();
+        self.rq("SET_MEM_TABLE", || fe.set_mem_table(&table))?;
+        if conn
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            if inflight.is_none() {
+                let ask = VhostUserInflight::new(0, 0, self.num_queues as u16, self.queue_size);
+                let (info, file) = self.rq("GET_INFLIGHT_FD", || fe.get_inflight_fd(&ask))?;
+                match Inflight::map(file, info) {
+                    Ok(r) => *inflight = Some(r),
+                    Err(why) => log::warn!(
+                        "{}: vhost-user back-end {}: inflight region unusable ({why}); going on without inflight tracking",
+                        self.name,
+                        self.path.display()
+                    ),
+                }
+            }
+            if let Some(r) = inflight.as_ref() {
+                let fd = r.file.as_raw_fd();
+                self.rq("SET_INFLIGHT_FD", || fe.set_inflight_fd(&r.info, fd))?;
+            }
         }
-        let inner = self.inner.clone();
-        let stop = self.stop.clone();
-        let wake = self.wake.clone();
-        let path = self.path.clone();
-        let name = self.name.clone();
-        let memfd = self.memfd;
-        let regions = self.regions.clone();
-        let nq = self.queue_sizes.len() as u64;
-        let kind = self.kind;
-        let t = thread::Builder::new()
-            .name(format!("{}-vu", self.name))
-            .spawn(move || {
-                watch(
-                    &name,
-                    kind,
-                    &path,
-                    nq,
-                    memfd,
-                    &regions,
-                    &inner,
-                    (&stop, &wake),
-                )
-            });
-        match t {
-            Ok(t) => self.watcher = Some(t),
-            Err(e) => log::error!("{}: cannot start the reconnect thread: {e}", self.name),
-        }
-    }
-}
-
-/// Sends the memory table and every queue to the back-end.
-fn configure(
-    conn: &mut Conn,
-    setup: &Setup,
-    memfd: RawFd,
-    regions: &[SharedRegion],
-    resume: bool,
-) -> Result<(), vhost::Error> {
-    let fe = &mut conn.frontend;
-    let acked = setup.acked
-        | if conn.protocol.is_empty() {
-            0
-        } else {
-            VHOST_USER_F_PROTOCOL_FEATURES
+        let mem = setup.mem.memory();
+        let host = |ga: u64| -> Result<u64, VhostUserError> {
+            mem.get_host_address(GuestAddress(ga))
+                .map(|p| p as u64)
+                .map_err(|_| VhostUserError::Protocol {
+                    path: self.path.clone(),
+                    what: "a ring address",
+                    source: vhost::Error::InvalidGuestMemory,
+                })
         };
-    fe.set_features(acked)?;
-    let table: Vec<VhostUserMemoryRegionInfo> = regions
-        .iter()
-        .map(|r| VhostUserMemoryRegionInfo {
-            guest_phys_addr: r.guest_addr,
-            memory_size: r.size,
-            userspace_addr: r.host_addr,
-            mmap_offset: r.file_offset,
-            mmap_handle: memfd,
-        })
-        .collect();
-    fe.set_mem_table(&table)?;
-    let mem = setup.mem.memory();
-    let host = |ga: u64| -> Result<u64, vhost::Error> {
-        mem.get_host_address(GuestAddress(ga))
-            .map(|p| p as u64)
-            .map_err(|_| vhost::Error::InvalidGuestMemory)
-    };
-    for q in &setup.queues {
-        fe.set_vring_num(q.index, q.size)?;
-        fe.set_vring_addr(
-            q.index,
-            &VringConfigData {
+        setup.taken = true;
+        conn.rings = true;
+        for q in &setup.queues {
+            self.rq("SET_VRING_NUM", || fe.set_vring_num(q.index, q.size))?;
+            let addr = VringConfigData {
                 queue_max_size: q.size,
                 queue_size: q.size,
                 flags: 0,
@@ -318,105 +648,525 @@ fn configure(
                 used_ring_addr: host(q.used)?,
                 avail_ring_addr: host(q.avail)?,
                 log_addr: None,
-            },
-        )?;
-        // A fresh queue starts at 0; after a reconnect, at the used index in guest memory,
-        // so requests the old back-end took but never completed run again.
-        let base = if resume {
-            mem.read_obj::<u16>(GuestAddress(q.used + 2)).unwrap_or(0)
-        } else {
-            0
-        };
-        fe.set_vring_base(q.index, base)?;
-        if let Some(call) = &q.call {
-            fe.set_vring_call(q.index, call)?;
-        }
-        fe.set_vring_kick(q.index, &q.kick)?;
-        if !conn.protocol.is_empty() {
-            fe.set_vring_enable(q.index, true)?;
+            };
+            self.rq("SET_VRING_ADDR", || fe.set_vring_addr(q.index, &addr))?;
+            let base = if resume {
+                mem.load::<u16>(GuestAddress(q.used + 2), Ordering::Acquire)
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            self.rq("SET_VRING_BASE", || fe.set_vring_base(q.index, base))?;
+            self.rq("SET_VRING_CALL", || fe.set_vring_call(q.index, &q.call))?;
+            self.rq("SET_VRING_KICK", || fe.set_vring_kick(q.index, &q.kick))?;
+            if !conn.protocol.is_empty() {
+                self.rq("SET_VRING_ENABLE", || fe.set_vring_enable(q.index, true))?;
+            }
         }
         if resume {
-            // Wake the new back-end for requests queued while it was away.
-            let _ = q.kick.write(1);
+            for q in &setup.queues {
+                let _ = q.kick.write(1);
+                let _ = q.call.write(1);
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
-/// How long guest requests wait for a back-end that went away before they fail.
-pub const OUTAGE_GRACE: Duration = Duration::from_secs(8);
-const VIRTIO_BLK_S_IOERR: u8 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
+/// The inflight region the back-end handed out (GET_INFLIGHT_FD), mapped here too.
+struct Inflight {
+    file: std::fs::File,
+    info: VhostUserInflight,
+    ptr: *mut u8,
+    len: usize,
+}
 
-/// Completes every request the guest queued on `setup`'s queues with an error, as the
-/// device would while its back-end is gone. Starts at the used index in guest memory, so
-/// requests the dead back-end took but never finished are failed too; a later reconnect
-/// resumes at the new used index. Returns how many requests failed.
-fn fail_pending(kind: Kind, setup: &Setup) -> u32 {
+// SAFETY: the mapping is owned by this struct and only touched through volatile accesses.
+unsafe impl Send for Inflight {}
+
+/// One queue's share of the region (libvhost-user's `vu_inflight_queue_size`).
+fn inflight_queue_bytes(queue_size: u16) -> usize {
+    (16 * usize::from(queue_size) + 2).div_ceil(64) * 64
+}
+
+impl Inflight {
+    fn map(file: std::fs::File, info: VhostUserInflight) -> Result<Self, String> {
+        let len = usize::try_from(info.mmap_size).map_err(|_| "size too large".to_string())?;
+        let need = usize::from(info.num_queues) * inflight_queue_bytes(info.queue_size);
+        if len < need {
+            return Err(format!(
+                "{len} bytes for {} queues of {}: {need} needed",
+                info.num_queues, info.queue_size
+            ));
+        }
+        let off = libc::off_t::try_from(info.mmap_offset).map_err(|_| "bad offset".to_string())?;
+        // SAFETY: maps `len` bytes of a file this struct keeps open; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(format!("mmap: {}", io::Error::last_os_error()));
+        }
+        Ok(Inflight {
+            file,
+            info,
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// Queue `i`'s part of the region.
+    fn queue(&self, i: usize) -> Option<VolatileSlice<'_>> {
+        let qb = inflight_queue_bytes(self.info.queue_size);
+        let at = i.checked_mul(qb)?;
+        if i >= usize::from(self.info.num_queues) || at + qb > self.len {
+            return None;
+        }
+        // SAFETY: [at, at + qb) lies within the live mapping this struct owns.
+        Some(unsafe { VolatileSlice::new(self.ptr.add(at), qb) })
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping this struct made.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+// The split-ring inflight format (vhost-user spec, "Inflight I/O tracking").
+const IF_USED_IDX: usize = 14;
+const IF_LAST_BATCH_HEAD: usize = 12;
+const IF_DESC: usize = 16;
+const IF_DESC_SIZE: usize = 16;
+
+fn if_flag(r: &VolatileSlice, head: u16) -> Option<usize> {
+    let at = IF_DESC + usize::from(head) * IF_DESC_SIZE;
+    (at + IF_DESC_SIZE <= r.len()).then_some(at)
+}
+
+/// The heads marked inflight, in the order the back-end took them, after applying the
+/// last-batch rule (a head whose completion was published but not yet cleared).
+fn inflight_heads(r: &VolatileSlice, ring_size: u16, used_idx: u16) -> Vec<u16> {
+    let region_used: u16 = r.read_obj(IF_USED_IDX).unwrap_or(used_idx);
+    if region_used != used_idx {
+        let batch: u16 = r.read_obj(IF_LAST_BATCH_HEAD).unwrap_or(u16::MAX);
+        if let Some(at) = if_flag(r, batch) {
+            let _ = r.write_obj(0u8, at);
+        }
+        let _ = r.write_obj(used_idx, IF_USED_IDX);
+    }
+    let mut heads: Vec<(u64, u16)> = (0..ring_size)
+        .filter_map(|h| {
+            let at = if_flag(r, h)?;
+            let flag: u8 = r.read_obj(at).ok()?;
+            let counter: u64 = r.read_obj(at + 8).ok()?;
+            (flag == 1).then_some((counter, h))
+        })
+        .collect();
+    heads.sort_unstable();
+    heads.into_iter().map(|(_, h)| h).collect()
+}
+
+const VIRTIO_BLK_S_IOERR: u8 = 1;
+const VRING_DESC_F_NEXT: u16 = 1;
+const VRING_DESC_F_WRITE: u16 = 2;
+const VRING_DESC_F_INDIRECT: u16 = 4;
+
+/// The guest address of a block request's status byte: the last byte of the chain's last
+/// descriptor, if device-writable.
+fn status_byte<M: GuestMemoryBackend>(mem: &M, q: &QueueSetup, head: u16) -> Option<GuestAddress> {
+    let (mut table, mut n) = (q.desc, u32::from(q.size));
+    let (mut i, mut budget, mut indirect) = (u32::from(head), u32::from(q.size), false);
+    loop {
+        if i >= n || budget == 0 {
+            return None;
+        }
+        budget -= 1;
+        let at = GuestAddress(table.checked_add(u64::from(i) * 16)?);
+        let addr: u64 = mem.read_obj(at).ok()?;
+        let len: u32 = mem.read_obj(at.checked_add(8)?).ok()?;
+        let flags: u16 = mem.read_obj(at.checked_add(12)?).ok()?;
+        let next: u16 = mem.read_obj(at.checked_add(14)?).ok()?;
+        if flags & VRING_DESC_F_INDIRECT != 0 {
+            if indirect {
+                return None;
+            }
+            (table, n, i, budget, indirect) = (addr, len / 16, 0, len / 16, true);
+            continue;
+        }
+        if flags & VRING_DESC_F_NEXT == 0 {
+            return (flags & VRING_DESC_F_WRITE != 0 && len > 0)
+                .then(|| GuestAddress(addr.wrapping_add(u64::from(len) - 1)));
+        }
+        i = u32::from(next);
+    }
+}
+
+/// Completes `heads` on queue `q` with an error (block: IOERR in the status byte; net: a
+/// dropped frame), publishes them and signals the queue. Returns the new used index.
+fn complete_with_error<M: GuestMemoryBackend>(
+    kind: Kind,
+    mem: &M,
+    q: &QueueSetup,
+    used_idx: u16,
+    heads: &[u16],
+) -> u16 {
+    let mut idx = used_idx;
+    for &head in heads {
+        let mut len = 0u32;
+        if kind == Kind::Block {
+            if let Some(at) = status_byte(mem, q, head) {
+                if mem.write_obj(VIRTIO_BLK_S_IOERR, at).is_ok() {
+                    len = 1;
+                }
+            }
+        }
+        let elem = q.used + 4 + 8 * u64::from(idx % q.size);
+        if mem.write_obj(u32::from(head), GuestAddress(elem)).is_err()
+            || mem.write_obj(len, GuestAddress(elem + 4)).is_err()
+        {
+            break;
+        }
+        idx = idx.wrapping_add(1);
+    }
+    if idx != used_idx {
+        std::sync::atomic::fence(Ordering::Release);
+        let _ = mem.store(idx, GuestAddress(q.used + 2), Ordering::Release);
+        let _ = q.call.write(1);
+    }
+    idx
+}
+
+/// The (avail idx, used idx) of a queue in guest memory.
+fn ring_indexes<M: GuestMemoryBackend>(mem: &M, q: &QueueSetup) -> Option<(u16, u16)> {
+    let avail = mem
+        .load::<u16>(GuestAddress(q.avail + 2), Ordering::Acquire)
+        .ok()?;
+    let used = mem
+        .load::<u16>(GuestAddress(q.used + 2), Ordering::Acquire)
+        .ok()?;
+    Some((avail, used))
+}
+
+/// The heads at avail positions `from..to`.
+fn avail_heads<M: GuestMemoryBackend>(mem: &M, q: &QueueSetup, from: u16, to: u16) -> Vec<u16> {
+    let n = to.wrapping_sub(from).min(q.size);
+    (0..n)
+        .filter_map(|k| {
+            let pos = from.wrapping_add(k) % q.size;
+            mem.read_obj::<u16>(GuestAddress(q.avail + 4 + 2 * u64::from(pos)))
+                .ok()
+        })
+        .filter(|&h| h < q.size)
+        .collect()
+}
+
+/// Whether queue `q` carries requests a dead back-end may have left (net RX buffers wait
+/// for the next back-end whatever happened).
+fn carries_requests(kind: Kind, q: &QueueSetup) -> bool {
+    kind == Kind::Block || q.index % 2 == 1
+}
+
+/// The old back-end is dead and kept an inflight region: fails exactly the requests it
+/// took and did not complete (in the order it took them) and those it never took, and
+/// records that in the region, so that a new back-end resubmits none of them. Returns how
+/// many failed.
+fn fail_inflight<M: GuestMemoryBackend>(
+    kind: Kind,
+    mem: &M,
+    q: &QueueSetup,
+    region: &VolatileSlice,
+) -> u32 {
+    let Some((avail, used)) = ring_indexes(mem, q) else {
+        return 0;
+    };
+    let mut heads = inflight_heads(region, q.size, used);
+    let untaken_from = used.wrapping_add(heads.len() as u16);
+    heads.extend(avail_heads(mem, q, untaken_from, avail));
+    let new_used = complete_with_error(kind, mem, q, used, &heads);
+    let done = new_used.wrapping_sub(used);
+    for &h in heads.iter().take(usize::from(done)) {
+        if let Some(at) = if_flag(region, h) {
+            let _ = region.write_obj(0u8, at);
+        }
+    }
+    let _ = region.write_obj(new_used, IF_USED_IDX);
+    u32::from(done)
+}
+
+/// The back-end completes in order (VIRTIO_F_IN_ORDER): everything from the used index on
+/// is not completed. Returns how many failed.
+fn fail_in_order<M: GuestMemoryBackend>(kind: Kind, mem: &M, q: &QueueSetup) -> u32 {
+    let Some((avail, used)) = ring_indexes(mem, q) else {
+        return 0;
+    };
+    let heads = avail_heads(mem, q, used, avail);
+    u32::from(complete_with_error(kind, mem, q, used, &heads).wrapping_sub(used))
+}
+
+/// Requests the driver made available and the device has not completed.
+fn pending(kind: Kind, setup: &Setup) -> u32 {
     let mem = setup.mem.memory();
-    let mut failed = 0;
-    for q in &setup.queues {
-        // Net: only transmit queues (odd indexes) carry requests to fail; RX buffers wait.
-        let net_tx = q.index % 2 == 1;
-        if kind == Kind::Net && !net_tx {
-            continue;
+    setup
+        .queues
+        .iter()
+        .filter(|q| carries_requests(kind, q))
+        .filter_map(|q| ring_indexes(&*mem, q))
+        .map(|(a, u)| u32::from(a.wrapping_sub(u)))
+        .sum()
+}
+
+/// The control thread's state.
+struct State {
+    conn: Option<Conn>,
+    setup: Option<Box<Setup>>,
+    inflight: Option<Inflight>,
+    /// The last back-end's process, while it is away.
+    gone: Option<Peer>,
+    down_since: Option<Instant>,
+    failed: u64,
+    /// Logged that the old back-end is alive, so requests wait.
+    said_alive: bool,
+    /// NEEDS_RESET was set: the rings stay stopped until the driver resets the device.
+    halted: bool,
+    /// Reconnect attempts failed in a row (logged once).
+    quiet: bool,
+}
+
+impl State {
+    fn lost(&mut self, ctx: &Ctx, why: &dyn std::fmt::Display) {
+        if let Some(c) = self.conn.take() {
+            log::warn!(
+                "{}: vhost-user back-end {} is gone ({why}); reconnecting when it is back",
+                ctx.name,
+                ctx.path.display()
+            );
+            self.gone = Some(c.peer);
         }
-        let Ok(mut queue) = virtio_queue::Queue::new(q.size) else {
-            continue;
-        };
-        queue.set_size(q.size);
-        queue.set_desc_table_address(Some(q.desc as u32), Some((q.desc >> 32) as u32));
-        queue.set_avail_ring_address(Some(q.avail as u32), Some((q.avail >> 32) as u32));
-        queue.set_used_ring_address(Some(q.used as u32), Some((q.used >> 32) as u32));
-        queue.set_event_idx(setup.acked & super::VIRTIO_RING_F_EVENT_IDX != 0);
-        queue.set_ready(true);
-        if !queue.is_valid(&*mem) {
-            continue;
+        ctx.wd.watch(None);
+        self.down_since.get_or_insert_with(Instant::now);
+        self.said_alive = false;
+        self.failed = 0;
+    }
+
+    /// Stops the rings: the driver must reset the device.
+    fn halt(&mut self, ctx: &Ctx, setup: &Setup, n: u32, how: &str) {
+        if !self.halted {
+            log::error!(
+                "{}: vhost-user back-end {} {how} with {n} requests in flight; without inflight tracking their state is unknown, so the device needs a reset (give the back-end VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)",
+                ctx.name,
+                ctx.path.display()
+            );
+            setup.shared.set_needs_reset();
+            self.halted = true;
         }
-        let Ok(used) = mem.read_obj::<u16>(GuestAddress(q.used + 2)) else {
-            continue;
-        };
-        queue.set_next_avail(used);
-        queue.set_next_used(used);
-        let mut done = 0;
-        loop {
-            let chain = match queue.iter(&*mem) {
-                Ok(mut it) => it.next(),
-                Err(_) => None,
-            };
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let mut len = 0;
-            if kind == Kind::Block {
-                // The status byte is the last byte of the last device-writable descriptor.
-                if let Some(d) = chain.clone().last() {
-                    if d.flags() & VRING_DESC_F_WRITE != 0 && d.len() > 0 {
-                        let at = GuestAddress(d.addr().0.wrapping_add(u64::from(d.len()) - 1));
-                        if mem.write_obj(VIRTIO_BLK_S_IOERR, at).is_ok() {
-                            len = 1;
-                        }
+    }
+
+    fn activate(&mut self, ctx: &Ctx, mut setup: Box<Setup>) {
+        self.halted = false;
+        if let Some(conn) = self.conn.as_mut() {
+            if let Err(e) = ctx.configure(conn, &mut setup, &mut self.inflight, false) {
+                self.setup = Some(setup);
+                self.lost(ctx, &e);
+                return;
+            }
+        }
+        self.setup = Some(setup);
+    }
+
+    fn reset(&mut self, ctx: &Ctx) {
+        let setup = self.setup.take();
+        if let (Some(conn), Some(setup)) = (self.conn.as_mut(), setup) {
+            if conn.rings {
+                conn.rings = false;
+                // GET_VRING_BASE stops each ring in the back-end.
+                for q in &setup.queues {
+                    let fe = &mut conn.frontend;
+                    if let Err(e) = ctx.rq("GET_VRING_BASE", || fe.get_vring_base(q.index)) {
+                        self.lost(ctx, &e);
+                        break;
                     }
                 }
             }
-            if queue.add_used(&*mem, head, len).is_err() {
-                break;
-            }
-            done += 1;
         }
-        if done > 0 {
-            failed += done;
-            if let Some(call) = &q.call {
-                let _ = call.write(1);
-            }
-        }
+        // The next activation starts from fresh rings: a region describing the old ones
+        // would make a back-end resubmit stale heads (QEMU frees it at reset too).
+        self.inflight = None;
+        self.halted = false;
+        self.failed = 0;
     }
-    failed
+
+    /// While the back-end is away: after the grace period, fail what is known not to be
+    /// completed, once the old back-end cannot write into the rings any more.
+    fn outage(&mut self, ctx: &Ctx) {
+        let Some(setup) = self.setup.as_ref() else {
+            return;
+        };
+        if self.halted || !setup.taken || self.down_since.is_none_or(|t| t.elapsed() < OUTAGE_GRACE)
+        {
+            return;
+        }
+        if !self.gone.as_ref().is_some_and(|p| p.dead()) {
+            if !self.said_alive {
+                log::warn!(
+                    "{}: vhost-user back-end {} still away after {} s but its process ({}) is not known to be dead: guest requests wait for it",
+                    ctx.name,
+                    ctx.path.display(),
+                    OUTAGE_GRACE.as_secs(),
+                    self.gone.as_ref().map_or(0, |p| p.pid)
+                );
+                self.said_alive = true;
+            }
+            return;
+        }
+        let mem = setup.mem.memory();
+        let mut n = 0;
+        if let Some(region) = &self.inflight {
+            for q in setup
+                .queues
+                .iter()
+                .filter(|q| carries_requests(ctx.kind, q))
+            {
+                if let Some(r) = region.queue(q.index) {
+                    n += fail_inflight(ctx.kind, &*mem, q, &r);
+                }
+            }
+        } else if setup.acked & VIRTIO_F_IN_ORDER != 0 {
+            for q in setup
+                .queues
+                .iter()
+                .filter(|q| carries_requests(ctx.kind, q))
+            {
+                n += fail_in_order(ctx.kind, &*mem, q);
+            }
+        } else {
+            let p = pending(ctx.kind, setup);
+            if p > 0 {
+                let setup = self.setup.take();
+                if let Some(s) = &setup {
+                    self.halt(ctx, s, p, "died");
+                }
+                self.setup = setup;
+            }
+            return;
+        }
+        if n > 0 && self.failed == 0 {
+            log::warn!(
+                "{}: vhost-user back-end {} died and is still away after {} s: failing guest requests until it is back",
+                ctx.name,
+                ctx.path.display(),
+                OUTAGE_GRACE.as_secs()
+            );
+        }
+        self.failed += u64::from(n);
+    }
+
+    fn reconnect(&mut self, ctx: &Ctx) {
+        let stream = match ctx.try_stream() {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let (mut conn, _) = match ctx.handshake(stream) {
+            Ok(c) => c,
+            Err(e) => {
+                if !self.quiet {
+                    log::warn!("{}: reconnect failed: {e}", ctx.name);
+                    self.quiet = true;
+                }
+                return;
+            }
+        };
+        let Some(mut setup) = self.setup.take() else {
+            log::info!("{}: reconnected to {}", ctx.name, ctx.path.display());
+            self.quiet = false;
+            self.conn = Some(conn);
+            self.gone = None;
+            self.down_since = None;
+            return;
+        };
+        let unknown = self.inflight.is_none() && setup.acked & VIRTIO_F_IN_ORDER == 0;
+        let p = pending(ctx.kind, &setup);
+        if !self.halted && setup.taken && unknown && p > 0 {
+            self.halt(ctx, &setup, p, "went away");
+        }
+        if self.halted {
+            log::info!(
+                "{}: reconnected to {}; the rings stay stopped until the driver resets the device",
+                ctx.name,
+                ctx.path.display()
+            );
+        } else {
+            let resubmit = self.inflight_count(&setup);
+            if let Err(e) = ctx.configure(&mut conn, &mut setup, &mut self.inflight, true) {
+                if !self.quiet {
+                    log::warn!(
+                        "{}: reconnect to {} failed: {e}",
+                        ctx.name,
+                        ctx.path.display()
+                    );
+                    self.quiet = true;
+                }
+                ctx.wd.watch(None);
+                if conn.rings {
+                    // This back-end had the rings: its death, not the old one's, decides.
+                    self.gone = Some(conn.peer);
+                }
+                self.setup = Some(setup);
+                return;
+            }
+            log::info!(
+                "{}: reconnected to {}, queues resumed ({resubmit} inflight requests handed back, {} failed meanwhile)",
+                ctx.name,
+                ctx.path.display(),
+                self.failed
+            );
+        }
+        self.setup = Some(setup);
+        self.conn = Some(conn);
+        self.gone = None;
+        self.down_since = None;
+        self.quiet = false;
+    }
+
+    /// How many requests the inflight region marks taken and not completed.
+    fn inflight_count(&self, setup: &Setup) -> usize {
+        let Some(region) = &self.inflight else {
+            return 0;
+        };
+        let mem = setup.mem.memory();
+        setup
+            .queues
+            .iter()
+            .filter_map(|q| {
+                let r = region.queue(q.index)?;
+                let (_, used) = ring_indexes(&*mem, q)?;
+                let region_used: u16 = r.read_obj(IF_USED_IDX).ok()?;
+                let batch: u16 = r.read_obj(IF_LAST_BATCH_HEAD).ok()?;
+                Some(
+                    (0..q.size)
+                        .filter(|&h| !(region_used != used && h == batch))
+                        .filter(|&h| {
+                            if_flag(&r, h).and_then(|at| r.read_obj::<u8>(at).ok()) == Some(1)
+                        })
+                        .count(),
+                )
+            })
+            .sum()
+    }
 }
 
-/// Sleeps until the back-end's socket `fd` hangs up (true), `wake` is written, or
-/// `timeout_ms` passes (false; -1: no timeout). With `fd` < 0 it only waits for `wake`.
-/// No timer runs while the back-end is connected: an idle VMM does not wake up.
-fn wait_hangup(fd: RawFd, wake: &EventFd, timeout_ms: i32) -> bool {
+/// Sleeps until the back-end's socket `fd` hangs up (true), `wake` is written, `listen`
+/// is readable, or `timeout_ms` passes (-1: no timeout). No timer runs while the back-end
+/// is connected: an idle VMM does not wake up.
+fn wait_events(fd: RawFd, listen: RawFd, wake: &EventFd, timeout_ms: i32) -> bool {
     let mut pfds = [
         libc::pollfd {
             fd: wake.as_raw_fd(),
@@ -428,9 +1178,14 @@ fn wait_hangup(fd: RawFd, wake: &EventFd, timeout_ms: i32) -> bool {
             events: libc::POLLRDHUP,
             revents: 0,
         },
+        libc::pollfd {
+            fd: listen,
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
-    // SAFETY: polls two pollfds of a live local array (poll ignores a negative fd).
-    let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) };
+    // SAFETY: polls three pollfds of a live local array (poll ignores a negative fd).
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), 3, timeout_ms) };
     if r <= 0 {
         return false;
     }
@@ -441,80 +1196,266 @@ fn wait_hangup(fd: RawFd, wake: &EventFd, timeout_ms: i32) -> bool {
     pfds[1].revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
-#[allow(clippy::too_many_arguments)]
-fn watch(
-    name: &str,
-    kind: Kind,
-    path: &Path,
-    nq: u64,
-    memfd: RawFd,
-    regions: &[SharedRegion],
-    inner: &Mutex<Inner>,
-    (stop, wake): (&AtomicBool, &EventFd),
-) {
-    let mut down_since: Option<std::time::Instant> = None;
-    let mut failed_total = 0u64;
-    while !stop.load(Ordering::Acquire) {
-        let fd = inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .conn
-            .as_ref()
-            .map(|c| c.frontend.as_raw_fd());
-        match fd {
-            Some(fd) => {
-                if !wait_hangup(fd, wake, -1) {
-                    continue;
-                }
-                log::warn!(
-                    "{name}: vhost-user back-end {} went away; reconnecting when it is back",
-                    path.display()
-                );
-                inner.lock().unwrap_or_else(|p| p.into_inner()).conn = None;
-                down_since = Some(std::time::Instant::now());
-                failed_total = 0;
-            }
-            None => {
-                // Try to reconnect every 100 ms while the back-end is away.
-                wait_hangup(-1, wake, 100);
-                if stop.load(Ordering::Acquire) {
-                    break;
-                }
-                if down_since.is_some_and(|t| t.elapsed() >= OUTAGE_GRACE) {
-                    let g = inner.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(setup) = &g.setup {
-                        let n = fail_pending(kind, setup);
-                        if n > 0 && failed_total == 0 {
-                            log::warn!(
-                                "{name}: back-end {} still away after {} s: failing guest requests until it is back",
-                                path.display(),
-                                OUTAGE_GRACE.as_secs()
-                            );
-                        }
-                        failed_total += u64::from(n);
-                    }
-                }
-                let Ok((mut conn, _)) = connect(path, nq) else {
-                    continue;
-                };
-                let mut g = inner.lock().unwrap_or_else(|p| p.into_inner());
-                let result = match &g.setup {
-                    Some(setup) => configure(&mut conn, setup, memfd, regions, true),
-                    None => Ok(()),
-                };
-                match result {
-                    Ok(()) => {
-                        log::info!(
-                            "{name}: reconnected to {}, queues resumed ({failed_total} requests failed meanwhile)",
-                            path.display()
-                        );
-                        g.conn = Some(conn);
-                        down_since = None;
-                    }
-                    Err(e) => log::warn!("{name}: reconnect to {} failed: {e}", path.display()),
+fn control(ctx: &Ctx, mut st: State) {
+    loop {
+        while let Some(cmd) = ctx.ctl.pop() {
+            match cmd {
+                Command::Activate(setup) => st.activate(ctx, setup),
+                Command::Reset => {
+                    st.reset(ctx);
+                    ctx.ctl.resets.fetch_sub(1, Ordering::AcqRel);
                 }
             }
         }
+        if ctx.ctl.stop.load(Ordering::Acquire) {
+            break;
+        }
+        match st.conn.as_ref().map(|c| c.frontend.as_raw_fd()) {
+            Some(fd) => {
+                if wait_events(fd, -1, &ctx.ctl.wake, -1) {
+                    st.lost(ctx, &"its socket hung up");
+                }
+            }
+            None => {
+                let listen = match &ctx.endpoint {
+                    Endpoint::Server(l) => l.as_raw_fd(),
+                    Endpoint::Client => -1,
+                };
+                wait_events(
+                    -1,
+                    listen,
+                    &ctx.ctl.wake,
+                    RECONNECT_EVERY.as_millis() as i32,
+                );
+                if ctx.ctl.stop.load(Ordering::Acquire) || ctx.ctl.cmds_pending() {
+                    continue;
+                }
+                st.outage(ctx);
+                st.reconnect(ctx);
+            }
+        }
+    }
+}
+
+impl CtlShared {
+    fn cmds_pending(&self) -> bool {
+        !self
+            .cmds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+}
+
+/// The queues the VMM drives and what the guest is told: the back-end's MQ feature and
+/// queue count (virtio-blk `num_queues`, virtio-net `max_virtqueue_pairs`) clamped to
+/// them. `asked`: queues (blk) or pairs (net) configured; `backend_max`: GET_QUEUE_NUM,
+/// when the back-end has the MQ protocol feature. Returns (queues, features, warning).
+fn present(
+    kind: Kind,
+    asked: u16,
+    features: u64,
+    backend_max: Option<u64>,
+    config: &mut [u8],
+) -> (usize, u64, Option<String>) {
+    let cfg_u16 = |c: &[u8], at: usize| c.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let (mq_bit, at) = match kind {
+        Kind::Block => (VIRTIO_BLK_F_MQ, BLK_CFG_NUM_QUEUES),
+        Kind::Net => (VIRTIO_NET_F_MQ, NET_CFG_MAX_PAIRS),
+    };
+    let ctrl = usize::from(kind == Kind::Net && features & VIRTIO_NET_F_CTRL_VQ != 0);
+    let per = if kind == Kind::Net { 2 } else { 1 };
+    let mut cap = match backend_max {
+        Some(m) => (usize::try_from(m)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(ctrl)
+            / per)
+            .max(1),
+        None => 1,
+    };
+    if features & mq_bit == 0 {
+        cap = 1;
+    } else if let Some(n) = cfg_u16(config, at).filter(|&n| n > 0) {
+        cap = cap.min(usize::from(n));
+    }
+    let n = usize::from(asked).min(cap).max(1);
+    let mut features = features;
+    if features & mq_bit != 0 {
+        if let Some(b) = config.get_mut(at..at + 2) {
+            b.copy_from_slice(&(n as u16).to_le_bytes());
+        }
+    }
+    if n == 1 {
+        features &= !mq_bit;
+    }
+    let what = if kind == Kind::Net {
+        "queue pairs"
+    } else {
+        "queues"
+    };
+    let warning = (n < usize::from(asked))
+        .then(|| format!("the back-end offers {cap} {what}, {asked} asked: using {n}"));
+    (n * per + ctrl, features, warning)
+}
+
+pub struct VhostUserDevice {
+    name: String,
+    kind: Kind,
+    features: u64,
+    queue_sizes: Vec<u16>,
+    config: Vec<u8>,
+    ctl: Arc<CtlShared>,
+    wd: Arc<Watchdog>,
+    thread: Option<(thread::JoinHandle<()>, mpsc::Receiver<()>)>,
+    watchdog: Option<thread::JoinHandle<()>>,
+    /// Server mode: the socket this VMM created, removed at exit if still the same.
+    created: Option<(PathBuf, (u64, u64))>,
+}
+
+impl VhostUserDevice {
+    /// Connects to the back-end at `path` (or waits for it to connect, with `server=on`)
+    /// and reads what the guest will see.
+    pub fn new(
+        cfg: &crate::config::VhostUserConfig,
+        memfd: RawFd,
+        regions: Vec<SharedRegion>,
+    ) -> Result<Self, VhostUserError> {
+        let name = cfg.id.clone();
+        let path = cfg.socket.clone();
+        let kind = if cfg.net { Kind::Net } else { Kind::Block };
+        let (endpoint, created) = if cfg.server {
+            let (l, ino) = listen(&path)?;
+            (Endpoint::Server(l), Some((path.clone(), ino)))
+        } else {
+            (Endpoint::Client, None)
+        };
+        let wd = Arc::new(Watchdog::default());
+        let wdt = {
+            let wd = wd.clone();
+            thread::Builder::new()
+                .name(format!("{name}-vuwd"))
+                .spawn(move || wd.run())
+                .map_err(VhostUserError::Thread)?
+        };
+        let ctl = Arc::new(CtlShared {
+            cmds: Mutex::new(VecDeque::new()),
+            wake: EventFd::new(libc::EFD_NONBLOCK).map_err(VhostUserError::Thread)?,
+            stop: AtomicBool::new(false),
+            resets: AtomicUsize::new(0),
+        });
+        let mut ctx = Ctx {
+            name: name.clone(),
+            path: path.clone(),
+            kind,
+            timeout: cfg.timeout,
+            memfd,
+            regions,
+            num_queues: 0,
+            queue_size: cfg.queue_size,
+            endpoint,
+            wd: wd.clone(),
+            ctl: ctl.clone(),
+        };
+        let mut dev = VhostUserDevice {
+            name: name.clone(),
+            kind,
+            features: 0,
+            queue_sizes: Vec::new(),
+            config: Vec::new(),
+            ctl,
+            wd,
+            thread: None,
+            watchdog: Some(wdt),
+            created,
+        };
+        let stream = match &ctx.endpoint {
+            Endpoint::Client => {
+                connect_nonblocking(&path).map_err(|e| VhostUserError::Connect(path.clone(), e))?
+            }
+            Endpoint::Server(l) => {
+                log::info!(
+                    "{name}: waiting for a vhost-user back-end to connect to {}",
+                    path.display()
+                );
+                if !poll_in(l.as_raw_fd(), cfg.connect_timeout) {
+                    let ms = cfg.connect_timeout.map_or(0, |t| t.as_millis() as u64);
+                    return Err(VhostUserError::NoBackend(path.clone(), ms));
+                }
+                ctx.try_stream()
+                    .map_err(|e| VhostUserError::Connect(path.clone(), e))?
+            }
+        };
+        let (mut conn, features) = ctx.handshake(stream)?;
+        let backend_max = if conn.protocol.contains(VhostUserProtocolFeatures::MQ) {
+            let fe = &mut conn.frontend;
+            Some(ctx.rq("GET_QUEUE_NUM", || fe.get_queue_num())?)
+        } else {
+            None
+        };
+        let config_len = match kind {
+            Kind::Block => 60,
+            Kind::Net => 12,
+        };
+        let mut config = vec![0u8; config_len];
+        if conn.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            let fe = &mut conn.frontend;
+            let (_, payload) = ctx.rq("GET_CONFIG", || {
+                fe.get_config(
+                    0,
+                    config_len as u32,
+                    VhostUserConfigFlags::WRITABLE,
+                    &config,
+                )
+            })?;
+            let n = payload.len().min(config_len);
+            config[..n].copy_from_slice(&payload[..n]);
+        } else if kind == Kind::Block {
+            return Err(VhostUserError::Missing {
+                path,
+                what: "the CONFIG protocol feature (the disk's capacity comes from it)",
+            });
+        }
+        let (nq, mut features, warning) =
+            present(kind, cfg.queues, features, backend_max, &mut config);
+        if let Some(w) = warning {
+            log::warn!("{name}: vhost-user back-end {}: {w}", path.display());
+        }
+        features &= !VHOST_USER_F_PROTOCOL_FEATURES;
+        if let (Kind::Net, Some(mac)) = (kind, cfg.mac) {
+            config[..6].copy_from_slice(&mac);
+            features |= 1 << 5; // VIRTIO_NET_F_MAC
+        }
+        log::info!(
+            "{name}: vhost-user back-end {} ({:?}), {nq} queues, features {features:#x}, protocol {:?}",
+            path.display(),
+            kind,
+            conn.protocol
+        );
+        ctx.num_queues = nq;
+        dev.features = features;
+        dev.queue_sizes = vec![cfg.queue_size; nq];
+        dev.config = config;
+        let st = State {
+            conn: Some(conn),
+            setup: None,
+            inflight: None,
+            gone: None,
+            down_since: None,
+            failed: 0,
+            said_alive: false,
+            halted: false,
+            quiet: false,
+        };
+        let (done_tx, done_rx) = mpsc::channel();
+        let t = thread::Builder::new()
+            .name(format!("{name}-vu"))
+            .spawn(move || {
+                control(&ctx, st);
+                let _ = done_tx.send(());
+            })
+            .map_err(VhostUserError::Thread)?;
+        dev.thread = Some((t, done_rx));
+        Ok(dev)
     }
 }
 
@@ -545,9 +1486,15 @@ impl VirtioDevice for VhostUserDevice {
         backends::read_config(&self.config, offset, data);
     }
 
+    /// Hands the queues to the control thread, which configures the back-end: returns at
+    /// once.
     fn activate(&mut self, a: Activation) -> io::Result<()> {
         let mut queues = Vec::new();
         for q in a.queues {
+            let call = match q.irq.fd() {
+                Some(f) => f.try_clone()?,
+                None => EventFd::new(libc::EFD_NONBLOCK)?,
+            };
             queues.push(QueueSetup {
                 index: usize::from(q.index),
                 size: q.queue.size(),
@@ -555,51 +1502,62 @@ impl VirtioDevice for VhostUserDevice {
                 avail: q.queue.avail_ring(),
                 used: q.queue.used_ring(),
                 kick: q.kick,
-                call: q.irq.fd().map(|f| f.try_clone()).transpose()?,
+                call,
             });
         }
-        let setup = Setup {
+        self.ctl.push(Command::Activate(Box::new(Setup {
             acked: a.acked_features & self.features,
             queues,
             mem: a.mem,
-        };
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(conn) = g.conn.as_mut() {
-            if let Err(e) = configure(conn, &setup, self.memfd, &self.regions, false) {
-                log::warn!(
-                    "{}: vhost-user back-end {} failed during setup: {e}; waiting for it to come back",
-                    self.name,
-                    self.path.display()
-                );
-                g.conn = None;
-                // The watcher may be waiting on the socket just closed.
-                let _ = self.wake.write(1);
-            }
-        }
-        g.setup = Some(setup);
-        drop(g);
-        self.start_watcher();
+            shared: a.shared,
+            taken: false,
+        })));
         Ok(())
     }
 
+    /// Hands the reset to the control thread: returns at once; [`Self::reset_pending`]
+    /// tells when the back-end acknowledged it or missed its deadline.
     fn reset(&mut self) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let setup = g.setup.take();
-        if let (Some(conn), Some(setup)) = (g.conn.as_mut(), setup) {
-            // GET_VRING_BASE stops each ring in the back-end.
-            for q in &setup.queues {
-                let _ = conn.frontend.get_vring_base(q.index);
-            }
-        }
+        self.ctl.resets.fetch_add(1, Ordering::AcqRel);
+        self.ctl.push(Command::Reset);
+    }
+
+    fn reset_pending(&self) -> bool {
+        self.ctl.resets.load(Ordering::Acquire) > 0
     }
 }
 
 impl Drop for VhostUserDevice {
+    /// Bounded: the control thread gets [`DROP_GRACE`] to finish (a reset the transport
+    /// queued stops the back-end's rings), then the back-end's socket is cut; a thread
+    /// still not done is left behind.
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        let _ = self.wake.write(1);
-        if let Some(t) = self.watcher.take() {
+        self.ctl.stop.store(true, Ordering::Release);
+        let _ = self.ctl.wake.write(1);
+        if let Some((t, done)) = self.thread.take() {
+            let mut finished = done.recv_timeout(DROP_GRACE).is_ok();
+            if !finished {
+                self.wd.kill();
+                finished = done.recv_timeout(Duration::from_millis(300)).is_ok();
+            }
+            if finished {
+                let _ = t.join();
+            } else {
+                log::warn!(
+                    "{}: the vhost-user control thread did not stop; leaving it behind",
+                    self.name
+                );
+            }
+        }
+        self.wd.kill();
+        self.wd.quit();
+        if let Some(t) = self.watchdog.take() {
             let _ = t.join();
+        }
+        if let Some((path, ino)) = self.created.take() {
+            if std::fs::metadata(&path).is_ok_and(|m| (m.dev(), m.ino()) == ino) {
+                let _ = std::fs::remove_file(&path);
+            }
         }
     }
 }
@@ -620,3 +1578,7 @@ pub fn shared_regions(ram: &crate::memory::Ram) -> Vec<SharedRegion> {
         })
         .collect()
 }
+
+#[cfg(test)]
+#[path = "vhost_user_tests.rs"]
+mod tests;

@@ -1,0 +1,1011 @@
+//! Unit tests of the vhost-user frontend against fake back-ends written here (a listener
+//! thread speaking the protocol on a temporary socket, scripted to answer, stall or hang
+//! up), and of the ring and inflight-region bookkeeping on hand-built rings. No KVM.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, VolatileSlice};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+use crate::config::VhostUserConfig;
+use crate::virtio::{ActiveQueue, Irq, Memory};
+
+// Request codes (vhost-user spec).
+const GET_FEATURES: u32 = 1;
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const GET_QUEUE_NUM: u32 = 17;
+const GET_CONFIG: u32 = 24;
+const GET_VRING_BASE: u32 = 11;
+const SET_VRING_NUM: u32 = 8;
+const SET_VRING_BASE: u32 = 10;
+const SET_VRING_KICK: u32 = 12;
+const SET_VRING_CALL: u32 = 13;
+const GET_INFLIGHT_FD: u32 = 31;
+const SET_INFLIGHT_FD: u32 = 32;
+const NEED_REPLY: u32 = 0x8;
+
+const P_MQ: u64 = 1;
+const P_REPLY_ACK: u64 = 1 << 3;
+const P_CONFIG: u64 = 1 << 9;
+const P_INFLIGHT: u64 = 1 << 12;
+
+/// One message as the fake back-end saw it.
+#[derive(Clone, Debug)]
+struct Msg {
+    code: u32,
+    /// The first u64 of the body (a queue index or value), 0 when shorter.
+    arg: u64,
+    fds: usize,
+    /// Which connection (0: the first).
+    conn: usize,
+}
+
+/// When each connection was closed by the frontend: (connection, time).
+type Hangups = Mutex<Vec<(usize, Instant)>>;
+
+/// How the fake back-end behaves.
+#[derive(Clone)]
+struct Script {
+    protocol: u64,
+    /// Answers this many messages on each connection, then stops reading (stalls); None:
+    /// all.
+    answer: Option<usize>,
+    /// Never answers GET_VRING_BASE (stalls there).
+    stall_vring_base: bool,
+    /// Hangs up connection 0 after it saw this many SET_VRING_KICK.
+    hangup_after_kicks: Option<usize>,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Script {
+            protocol: P_CONFIG | P_MQ,
+            answer: None,
+            stall_vring_base: false,
+            hangup_after_kicks: None,
+        }
+    }
+}
+
+struct Fake {
+    dir: PathBuf,
+    path: PathBuf,
+    msgs: Arc<Mutex<Vec<Msg>>>,
+    /// When a connection was closed by the frontend, per connection.
+    hangups: Arc<Hangups>,
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "vmm-vu-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Receives one message: header, body and attached fds. None at EOF.
+fn recv_msg(s: &mut UnixStream) -> Option<(u32, u32, Vec<u8>, Vec<OwnedFd>)> {
+    let mut hdr = [0u8; 12];
+    let mut cbuf = [0u64; 16];
+    let mut iov = libc::iovec {
+        iov_base: hdr.as_mut_ptr().cast(),
+        iov_len: hdr.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the call.
+    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+    mh.msg_iov = &mut iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = cbuf.as_mut_ptr().cast();
+    mh.msg_controllen = std::mem::size_of_val(&cbuf);
+    // SAFETY: receives into the local buffers described by `mh`.
+    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
+    if n <= 0 {
+        return None;
+    }
+    let mut fds = Vec::new();
+    // SAFETY: walks the control messages the kernel wrote into `cbuf`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&mh);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(*data.add(i)));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&mh, c);
+        }
+    }
+    s.read_exact(&mut hdr[n as usize..]).ok()?;
+    let code = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+    let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
+    let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; size];
+    s.read_exact(&mut body).ok()?;
+    Some((code, flags, body, fds))
+}
+
+fn reply(s: &mut UnixStream, code: u32, body: &[u8], fd: Option<RawFd>) {
+    let mut m = Vec::new();
+    m.extend_from_slice(&code.to_le_bytes());
+    m.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+    m.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    m.extend_from_slice(body);
+    match fd {
+        None => {
+            let _ = s.write_all(&m);
+        }
+        Some(fd) => {
+            let mut cbuf = [0u64; 4];
+            let mut iov = libc::iovec {
+                iov_base: m.as_mut_ptr().cast(),
+                iov_len: m.len(),
+            };
+            // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the call.
+            let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+            mh.msg_iov = &mut iov;
+            mh.msg_iovlen = 1;
+            mh.msg_control = cbuf.as_mut_ptr().cast();
+            // SAFETY: CMSG_SPACE is a pure computation.
+            mh.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
+            // SAFETY: fills one SCM_RIGHTS control message inside `cbuf` and sends.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&mh);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+                *libc::CMSG_DATA(c).cast::<RawFd>() = fd;
+                libc::sendmsg(s.as_raw_fd(), &mh, 0);
+            }
+        }
+    }
+}
+
+/// Serves one connection by the script; returns when the frontend hangs up (or the script
+/// hangs up).
+fn serve(mut s: UnixStream, conn: usize, script: &Script, fake: (&Mutex<Vec<Msg>>, &Hangups)) {
+    let (msgs, hangups) = fake;
+    let features: u64 = (1 << 30) | (1 << 32) | VIRTIO_BLK_F_MQ;
+    let mut seen = 0usize;
+    let mut kicks = 0usize;
+    let mut stalled = false;
+    loop {
+        if stalled || script.answer.is_some_and(|n| seen >= n) {
+            // Stop reading; only notice the frontend closing the connection.
+            let mut p = libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            };
+            // SAFETY: polls one local pollfd.
+            unsafe { libc::poll(&mut p, 1, 20_000) };
+            hangups.lock().unwrap().push((conn, Instant::now()));
+            return;
+        }
+        let Some((code, flags, body, fds)) = recv_msg(&mut s) else {
+            hangups.lock().unwrap().push((conn, Instant::now()));
+            return;
+        };
+        seen += 1;
+        let arg = body
+            .get(..8)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()));
+        msgs.lock().unwrap().push(Msg {
+            code,
+            arg,
+            fds: fds.len(),
+            conn,
+        });
+        match code {
+            GET_FEATURES => reply(&mut s, code, &features.to_le_bytes(), None),
+            GET_PROTOCOL_FEATURES => reply(&mut s, code, &script.protocol.to_le_bytes(), None),
+            GET_QUEUE_NUM => reply(&mut s, code, &4u64.to_le_bytes(), None),
+            GET_CONFIG => {
+                let mut b = body.clone();
+                // capacity 8 sectors, num_queues 4
+                b[12..20].copy_from_slice(&8u64.to_le_bytes());
+                b[12 + 34..12 + 36].copy_from_slice(&4u16.to_le_bytes());
+                reply(&mut s, code, &b, None)
+            }
+            GET_VRING_BASE if script.stall_vring_base => stalled = true,
+            GET_VRING_BASE => {
+                let mut b = body.clone();
+                b.resize(8, 0);
+                reply(&mut s, code, &b, None)
+            }
+            GET_INFLIGHT_FD => {
+                let nq = u16::from_le_bytes(body[16..18].try_into().unwrap());
+                let qs = u16::from_le_bytes(body[18..20].try_into().unwrap());
+                let size = usize::from(nq) * inflight_queue_bytes(qs);
+                // SAFETY: creates a memfd; the result is checked.
+                let fd = unsafe { libc::memfd_create(c"inflight".as_ptr(), libc::MFD_CLOEXEC) };
+                assert!(fd >= 0);
+                // SAFETY: a new fd this test owns.
+                let f = unsafe { std::fs::File::from_raw_fd(fd) };
+                f.set_len(size as u64).unwrap();
+                let mut b = Vec::new();
+                b.extend_from_slice(&(size as u64).to_le_bytes());
+                b.extend_from_slice(&0u64.to_le_bytes());
+                b.extend_from_slice(&nq.to_le_bytes());
+                b.extend_from_slice(&qs.to_le_bytes());
+                b.resize(body.len(), 0);
+                reply(&mut s, code, &b, Some(f.as_raw_fd()));
+            }
+            _ if flags & NEED_REPLY != 0 => reply(&mut s, code, &0u64.to_le_bytes(), None),
+            _ => {}
+        }
+        if code == SET_VRING_KICK {
+            kicks += 1;
+            if conn == 0 && script.hangup_after_kicks == Some(kicks) {
+                hangups.lock().unwrap().push((conn, Instant::now()));
+                return;
+            }
+        }
+    }
+}
+
+/// A fake back-end listening on a fresh socket, serving each connection in turn.
+fn fake(script: Script) -> Fake {
+    let dir = tmpdir("fake");
+    let path = dir.join("be.sock");
+    let l = UnixListener::bind(&path).unwrap();
+    let msgs = Arc::new(Mutex::new(Vec::new()));
+    let hangups = Arc::new(Mutex::new(Vec::new()));
+    let (m, h) = (msgs.clone(), hangups.clone());
+    thread::spawn(move || {
+        for (conn, s) in l.incoming().enumerate() {
+            let Ok(s) = s else { return };
+            serve(s, conn, &script, (&m, &h));
+        }
+    });
+    Fake {
+        dir,
+        path,
+        msgs,
+        hangups,
+    }
+}
+
+fn cfg(path: &std::path::Path, timeout_ms: u64) -> VhostUserConfig {
+    let mut c = VhostUserConfig::parse(
+        &format!("socket={},timeout_ms={timeout_ms}", path.display()),
+        false,
+        0,
+    )
+    .unwrap();
+    c.queue_size = 8;
+    c
+}
+
+/// A memfd to stand for guest RAM in SET_MEM_TABLE.
+fn memfd() -> OwnedFd {
+    // SAFETY: creates a memfd; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"ram".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a new fd this test owns.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// The one region of "guest RAM" the back-end is told to map.
+fn region() -> Vec<SharedRegion> {
+    vec![SharedRegion {
+        guest_addr: 0,
+        size: 0x10000,
+        host_addr: 0x7f00_0000_0000,
+        file_offset: 0,
+    }]
+}
+
+const QSIZE: u16 = 8;
+/// Queue `i`'s rings.
+fn rings(i: u64) -> (u64, u64, u64) {
+    let b = 0x1000 + i * 0x1000;
+    (b, b + 0x400, b + 0x800)
+}
+
+fn guest_mem() -> Memory {
+    GuestMemoryAtomic::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap())
+}
+
+/// An activation of `n` queues; queue 0 has an irqfd (returned), the others none.
+fn activation(mem: &Memory, n: u16, shared: Arc<DeviceShared>) -> (Activation, EventFd) {
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let queues = (0..n)
+        .map(|i| {
+            let (d, a, u) = rings(u64::from(i));
+            let mut q = Queue::new(QSIZE).unwrap();
+            q.set_desc_table_address(Some(d as u32), Some(0));
+            q.set_avail_ring_address(Some(a as u32), Some(0));
+            q.set_used_ring_address(Some(u as u32), Some(0));
+            q.set_ready(true);
+            ActiveQueue {
+                index: i,
+                queue: q,
+                kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                irq: Irq::new((i == 0).then(|| call.try_clone().unwrap())),
+            }
+        })
+        .collect();
+    (
+        Activation {
+            mem: mem.clone(),
+            acked_features: 1 << 32,
+            queues,
+            shared,
+        },
+        call,
+    )
+}
+
+fn shared() -> (Arc<DeviceShared>, EventFd) {
+    let cfg_irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    (
+        Arc::new(DeviceShared::new(Irq::new(Some(
+            cfg_irq.try_clone().unwrap(),
+        )))),
+        cfg_irq,
+    )
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    f()
+}
+
+fn codes(f: &Fake, conn: usize) -> Vec<Msg> {
+    f.msgs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| m.conn == conn)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn a_backend_that_stalls_during_activation_costs_the_vcpu_nothing() {
+    // Answers the handshake (SET_OWNER, GET_FEATURES, GET_PROTOCOL_FEATURES,
+    // SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_CONFIG), then never again: with REPLY_ACK
+    // every setup message waits for an answer.
+    let f = fake(Script {
+        protocol: P_CONFIG | P_MQ | P_REPLY_ACK,
+        answer: Some(6),
+        ..Script::default()
+    });
+    let ram = memfd();
+    let mut dev = VhostUserDevice::new(&cfg(&f.path, 300), ram.as_raw_fd(), region()).unwrap();
+    let mem = guest_mem();
+    let (sh, _cfg_irq) = shared();
+    let (a, _call) = activation(&mem, 1, sh);
+    let t = Instant::now();
+    dev.activate(a).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(50),
+        "activate waited {:?}",
+        t.elapsed()
+    );
+    // The reset is queued behind the stalled activation: it reads as pending, and is done
+    // once the deadline cut the back-end off.
+    dev.reset();
+    assert!(dev.reset_pending());
+    assert!(wait_until(Duration::from_secs(3), || !f
+        .hangups
+        .lock()
+        .unwrap()
+        .is_empty()));
+    let cut = f.hangups.lock().unwrap()[0].1 - t;
+    assert!(
+        cut >= Duration::from_millis(250) && cut < Duration::from_millis(1500),
+        "the connection was cut after {cut:?}, the deadline is 300 ms"
+    );
+    assert!(wait_until(Duration::from_secs(1), || !dev.reset_pending()));
+    let t = Instant::now();
+    drop(dev);
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "drop took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_reset_waits_for_the_backend_at_most_the_deadline() {
+    let f = fake(Script {
+        stall_vring_base: true,
+        ..Script::default()
+    });
+    let ram = memfd();
+    let mut dev = VhostUserDevice::new(&cfg(&f.path, 400), ram.as_raw_fd(), region()).unwrap();
+    let mem = guest_mem();
+    let (sh, _c) = shared();
+    let (a, _call) = activation(&mem, 1, sh);
+    dev.activate(a).unwrap();
+    let t = Instant::now();
+    dev.reset();
+    assert!(t.elapsed() < Duration::from_millis(50));
+    assert!(dev.reset_pending());
+    thread::sleep(Duration::from_millis(200));
+    assert!(dev.reset_pending(), "done before the back-end answered");
+    assert!(wait_until(Duration::from_secs(2), || !dev.reset_pending()));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(350),
+        "reset done after {took:?}"
+    );
+    // The silent back-end was dropped.
+    assert!(wait_until(Duration::from_secs(1), || !f
+        .hangups
+        .lock()
+        .unwrap()
+        .is_empty()));
+}
+
+#[test]
+fn drop_is_bounded_whatever_the_deadline() {
+    // A deadline far beyond the exit bound: dropping the device cuts the socket instead.
+    let f = fake(Script {
+        stall_vring_base: true,
+        ..Script::default()
+    });
+    let ram = memfd();
+    let mut dev = VhostUserDevice::new(&cfg(&f.path, 60_000), ram.as_raw_fd(), region()).unwrap();
+    let mem = guest_mem();
+    let (sh, _c) = shared();
+    let (a, _call) = activation(&mem, 1, sh);
+    dev.activate(a).unwrap();
+    dev.reset();
+    assert!(wait_until(Duration::from_secs(2), || codes(&f, 0)
+        .iter()
+        .any(|m| m.code == GET_VRING_BASE)));
+    let t = Instant::now();
+    drop(dev);
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "drop took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_backend_that_accepts_and_never_answers_fails_boot_after_the_deadline() {
+    let f = fake(Script {
+        answer: Some(0),
+        ..Script::default()
+    });
+    let ram = memfd();
+    let t = Instant::now();
+    let e = VhostUserDevice::new(&cfg(&f.path, 200), ram.as_raw_fd(), region())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        e.contains("did not answer GET_FEATURES within 200 ms"),
+        "{e}"
+    );
+}
+
+#[test]
+fn every_queue_gets_a_call_fd_also_a_polled_one() {
+    let f = fake(Script::default());
+    let ram = memfd();
+    let mut c = cfg(&f.path, 1000);
+    c.queues = 2;
+    let mut dev = VhostUserDevice::new(&c, ram.as_raw_fd(), region()).unwrap();
+    let mem = guest_mem();
+    let (sh, _c) = shared();
+    // Queue 1 has no MSI-X vector: the driver polls it.
+    let (a, _call) = activation(&mem, 2, sh);
+    dev.activate(a).unwrap();
+    assert!(wait_until(Duration::from_secs(2), || codes(&f, 0)
+        .iter()
+        .filter(|m| m.code == SET_VRING_KICK)
+        .count()
+        == 2));
+    let calls: Vec<(u64, usize)> = codes(&f, 0)
+        .iter()
+        .filter(|m| m.code == SET_VRING_CALL)
+        .map(|m| (m.arg, m.fds))
+        .collect();
+    assert_eq!(calls, vec![(0, 1), (1, 1)]);
+}
+
+#[test]
+fn a_reconnect_hands_back_the_inflight_region_and_signals_every_queue() {
+    let f = fake(Script {
+        protocol: P_CONFIG | P_MQ | P_INFLIGHT,
+        hangup_after_kicks: Some(1),
+        ..Script::default()
+    });
+    let ram = memfd();
+    let mut dev = VhostUserDevice::new(&cfg(&f.path, 1000), ram.as_raw_fd(), region()).unwrap();
+    let mem = guest_mem();
+    let (_, a, u) = rings(0);
+    // Three requests made available, one completed: the ring resumes at used index 1.
+    let m = mem.memory();
+    m.write_obj(3u16, GuestAddress(a + 2)).unwrap();
+    m.write_obj(1u16, GuestAddress(u + 2)).unwrap();
+    let (sh, _c) = shared();
+    let (act, call) = activation(&mem, 1, sh);
+    dev.activate(act).unwrap();
+    // The back-end hangs up after the setup; the frontend reconnects and resumes.
+    assert!(wait_until(Duration::from_secs(3), || codes(&f, 1)
+        .iter()
+        .any(|m| m.code == SET_VRING_KICK)));
+    let first = codes(&f, 0);
+    let pos = |ms: &[Msg], code| ms.iter().position(|m| m.code == code);
+    assert_eq!(
+        first.iter().filter(|m| m.code == GET_INFLIGHT_FD).count(),
+        1
+    );
+    assert!(pos(&first, SET_INFLIGHT_FD) < pos(&first, SET_VRING_NUM));
+    let second = codes(&f, 1);
+    assert_eq!(pos(&second, GET_INFLIGHT_FD), None, "the region is kept");
+    let set = pos(&second, SET_INFLIGHT_FD).expect("SET_INFLIGHT_FD on reconnect");
+    assert_eq!(second[set].fds, 1);
+    assert!(Some(set) < pos(&second, SET_VRING_NUM));
+    let base = second.iter().find(|m| m.code == SET_VRING_BASE).unwrap();
+    assert_eq!(base.arg, 1 << 32, "queue 0 resumes at the used index, 1");
+    // Completions posted just before the crash are signalled.
+    assert!(wait_until(Duration::from_secs(1), || call.read().is_ok()));
+    drop(dev);
+}
+
+#[test]
+fn server_mode_waits_for_the_backend_and_takes_the_next_one_after_a_crash() {
+    let dir = tmpdir("server");
+    let path = dir.join("vmm.sock");
+    let ram = memfd();
+    let mut c = cfg(&path, 1000);
+    c.server = true;
+    c.connect_timeout = Some(Duration::from_secs(5));
+    let msgs = Arc::new(Mutex::new(Vec::new()));
+    let hangups = Arc::new(Mutex::new(Vec::new()));
+    let (m, h, p) = (msgs.clone(), hangups.clone(), path.clone());
+    let backend = thread::spawn(move || {
+        let script = Script {
+            hangup_after_kicks: Some(1),
+            ..Script::default()
+        };
+        for conn in 0..2 {
+            let s = loop {
+                match UnixStream::connect(&p) {
+                    Ok(s) => break s,
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            };
+            serve(s, conn, &script, (&m, &h));
+        }
+    });
+    let mut dev = VhostUserDevice::new(&c, ram.as_raw_fd(), region()).unwrap();
+    let mem = guest_mem();
+    let (sh, _c) = shared();
+    let (act, _call) = activation(&mem, 1, sh);
+    dev.activate(act).unwrap();
+    assert!(wait_until(Duration::from_secs(3), || msgs
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|m: &Msg| m.conn == 1 && m.code == SET_VRING_KICK)));
+    drop(dev);
+    assert!(!path.exists(), "the socket the VMM created is removed");
+    backend.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn server_mode_refuses_what_is_not_a_stale_socket() {
+    let dir = tmpdir("refuse");
+    let ram = memfd();
+    let file = dir.join("disk.img");
+    std::fs::write(&file, b"data").unwrap();
+    let mut c = cfg(&file, 1000);
+    c.server = true;
+    let e = VhostUserDevice::new(&c, ram.as_raw_fd(), region())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("not a socket"), "{e}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"data");
+    let live = dir.join("live.sock");
+    let _l = UnixListener::bind(&live).unwrap();
+    c.socket = live;
+    let e = VhostUserDevice::new(&c, ram.as_raw_fd(), region())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("another process listens there"), "{e}");
+    // No back-end within connect_timeout_ms: one line saying so.
+    c.socket = dir.join("none.sock");
+    c.connect_timeout = Some(Duration::from_millis(50));
+    let e = VhostUserDevice::new(&c, ram.as_raw_fd(), region())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("no vhost-user back-end connected"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_guest_sees_only_the_queues_the_vmm_drives() {
+    let net = VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ;
+    let mut c = vec![0u8; 12];
+    c[8..10].copy_from_slice(&2u16.to_le_bytes());
+    // vhost-user-net --queues 2 (5 queues) behind queues=1: one pair and the control queue.
+    let (nq, f, w) = present(Kind::Net, 1, net, Some(5), &mut c);
+    assert_eq!((nq, f & VIRTIO_NET_F_MQ, w), (3, 0, None));
+    assert_eq!(u16::from_le_bytes([c[8], c[9]]), 1);
+    c[8..10].copy_from_slice(&2u16.to_le_bytes());
+    let (nq, f, _) = present(Kind::Net, 2, net, Some(5), &mut c);
+    assert_eq!((nq, f & VIRTIO_NET_F_MQ), (5, VIRTIO_NET_F_MQ));
+    assert_eq!(u16::from_le_bytes([c[8], c[9]]), 2);
+    // Fewer than asked: a warning, and what it offers.
+    let (nq, _, w) = present(Kind::Net, 4, net, Some(5), &mut c);
+    assert_eq!(nq, 5);
+    assert!(w
+        .unwrap()
+        .contains("offers 2 queue pairs, 4 asked: using 2"));
+
+    let mut c = vec![0u8; 60];
+    c[34..36].copy_from_slice(&4u16.to_le_bytes());
+    let (nq, f, _) = present(Kind::Block, 1, VIRTIO_BLK_F_MQ, Some(4), &mut c);
+    assert_eq!((nq, f), (1, 0));
+    assert_eq!(u16::from_le_bytes([c[34], c[35]]), 1);
+    c[34..36].copy_from_slice(&2u16.to_le_bytes());
+    let (nq, f, w) = present(Kind::Block, 3, VIRTIO_BLK_F_MQ, Some(4), &mut c);
+    assert_eq!(
+        (nq, f),
+        (2, VIRTIO_BLK_F_MQ),
+        "num_queues in config bounds it"
+    );
+    assert!(w.is_some());
+    // No MQ protocol feature: one queue whatever was asked.
+    let (nq, f, _) = present(Kind::Block, 2, VIRTIO_BLK_F_MQ, None, &mut c);
+    assert_eq!((nq, f), (1, 0));
+}
+
+#[test]
+fn a_stopped_backend_is_not_dead_an_exited_one_is() {
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let peer = Peer::from_pid(pid);
+    assert!(!peer.dead());
+    // SAFETY: signals the child this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    thread::sleep(Duration::from_millis(50));
+    assert!(
+        !peer.dead(),
+        "a stopped process can still write into the rings"
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    child.wait().unwrap();
+    assert!(peer.dead());
+    // The fallback without a pidfd: /proc.
+    let no_fd = Peer { pid, pidfd: None };
+    assert!(no_fd.dead());
+    assert!(
+        !Peer {
+            pid: 0,
+            pidfd: None
+        }
+        .dead(),
+        "a process we cannot see is not known dead"
+    );
+}
+
+// --- Rings and the inflight region, built by hand. ---
+
+const DATA: u64 = 0x8000;
+
+/// A block request per head: one device-writable status byte at DATA + 16 * head.
+fn ring_with_requests(mem: &GuestMemoryMmap, heads: &[u16]) -> QueueSetup {
+    let (d, a, u) = rings(0);
+    for h in 0..QSIZE {
+        let at = d + 16 * u64::from(h);
+        mem.write_obj(DATA + 16 * u64::from(h), GuestAddress(at))
+            .unwrap();
+        mem.write_obj(1u32, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(VRING_DESC_F_WRITE, GuestAddress(at + 12))
+            .unwrap();
+        mem.write_obj(0xffu8, GuestAddress(DATA + 16 * u64::from(h)))
+            .unwrap();
+    }
+    for (i, &h) in heads.iter().enumerate() {
+        mem.write_obj(h, GuestAddress(a + 4 + 2 * i as u64))
+            .unwrap();
+    }
+    mem.write_obj(heads.len() as u16, GuestAddress(a + 2))
+        .unwrap();
+    QueueSetup {
+        index: 0,
+        size: QSIZE,
+        desc: d,
+        avail: a,
+        used: u,
+        kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    }
+}
+
+fn complete(mem: &GuestMemoryMmap, q: &QueueSetup, head: u16) {
+    let idx: u16 = mem.read_obj(GuestAddress(q.used + 2)).unwrap();
+    let e = q.used + 4 + 8 * u64::from(idx % q.size);
+    mem.write_obj(u32::from(head), GuestAddress(e)).unwrap();
+    mem.write_obj(1u32, GuestAddress(e + 4)).unwrap();
+    mem.write_obj(0u8, GuestAddress(DATA + 16 * u64::from(head)))
+        .unwrap();
+    mem.write_obj(idx + 1, GuestAddress(q.used + 2)).unwrap();
+}
+
+fn used_ids(mem: &GuestMemoryMmap, q: &QueueSetup) -> Vec<u32> {
+    let idx: u16 = mem.read_obj(GuestAddress(q.used + 2)).unwrap();
+    (0..idx)
+        .map(|i| {
+            mem.read_obj(GuestAddress(q.used + 4 + 8 * u64::from(i)))
+                .unwrap()
+        })
+        .collect()
+}
+
+fn status(mem: &GuestMemoryMmap, head: u16) -> u8 {
+    mem.read_obj(GuestAddress(DATA + 16 * u64::from(head)))
+        .unwrap()
+}
+
+/// Marks `head` taken in the region, with `counter`.
+fn take(r: &VolatileSlice, head: u16, counter: u64) {
+    let at = IF_DESC + IF_DESC_SIZE * usize::from(head);
+    r.write_obj(1u8, at).unwrap();
+    r.write_obj(counter, at + 8).unwrap();
+}
+
+#[test]
+fn failing_from_the_region_completes_every_head_exactly_once() {
+    let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    // The guest queued [0: FLUSH, 1: WRITE, 2: cached READ, 3: READ, 4]; the back-end took
+    // 0..=3 (1 before 0), completed 2 at once, published 3's completion and died before it
+    // cleared 3's inflight flag; it never took 4.
+    let q = ring_with_requests(&gm, &[0, 1, 2, 3, 4]);
+    let mut buf = vec![0u8; inflight_queue_bytes(QSIZE)];
+    let r = VolatileSlice::from(&mut buf[..]);
+    r.write_obj(1u16, 8).unwrap(); // version
+    r.write_obj(QSIZE, 10).unwrap(); // desc_num
+    take(&r, 1, 1);
+    take(&r, 0, 2);
+    take(&r, 2, 3);
+    take(&r, 3, 4);
+    complete(&gm, &q, 2);
+    r.write_obj(0u8, IF_DESC + IF_DESC_SIZE * 2).unwrap();
+    r.write_obj(1u16, IF_USED_IDX).unwrap();
+    r.write_obj(3u16, IF_LAST_BATCH_HEAD).unwrap();
+    complete(&gm, &q, 3);
+
+    let n = fail_inflight(Kind::Block, &gm, &q, &r);
+    assert_eq!(n, 3);
+    assert_eq!(used_ids(&gm, &q), vec![2, 3, 1, 0, 4]);
+    // Completed ones keep their status; the failed ones carry IOERR.
+    assert_eq!(
+        [0, 1, 2, 3, 4].map(|h| status(&gm, h)),
+        [
+            VIRTIO_BLK_S_IOERR,
+            VIRTIO_BLK_S_IOERR,
+            0,
+            0,
+            VIRTIO_BLK_S_IOERR
+        ]
+    );
+    assert!(q.call.read().is_ok(), "the guest is told");
+    // The region says nothing is in flight and where the ring is: a restarted back-end
+    // resubmits none of them.
+    for h in 0..QSIZE {
+        assert_eq!(
+            r.read_obj::<u8>(IF_DESC + IF_DESC_SIZE * usize::from(h))
+                .unwrap(),
+            0
+        );
+    }
+    assert_eq!(r.read_obj::<u16>(IF_USED_IDX).unwrap(), 5);
+    // Run again (the next outage tick): nothing new, nothing twice.
+    assert_eq!(fail_inflight(Kind::Block, &gm, &q, &r), 0);
+    assert_eq!(used_ids(&gm, &q).len(), 5);
+}
+
+/// A Ctx for the control-thread state machine alone (no back-end).
+fn bare_ctx(kind: Kind) -> Ctx {
+    Ctx {
+        name: "t".into(),
+        path: PathBuf::from("/nonexistent/vu.sock"),
+        kind,
+        timeout: Duration::from_millis(100),
+        memfd: -1,
+        regions: vec![],
+        num_queues: 1,
+        queue_size: QSIZE,
+        endpoint: Endpoint::Client,
+        wd: Arc::new(Watchdog::default()),
+        ctl: Arc::new(CtlShared {
+            cmds: Mutex::new(Default::default()),
+            wake: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            stop: Default::default(),
+            resets: Default::default(),
+        }),
+    }
+}
+
+fn outage_state(gone: Peer, setup: Setup) -> State {
+    State {
+        conn: None,
+        setup: Some(Box::new(setup)),
+        inflight: None,
+        gone: Some(gone),
+        down_since: Some(Instant::now() - OUTAGE_GRACE - Duration::from_secs(1)),
+        failed: 0,
+        said_alive: false,
+        halted: false,
+        quiet: false,
+    }
+}
+
+fn dead_peer() -> Peer {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let peer = Peer::from_pid(child.id() as i32);
+    child.wait().unwrap();
+    assert!(peer.dead());
+    peer
+}
+
+#[test]
+fn without_a_region_an_unknown_backend_state_means_needs_reset_not_invented_completions() {
+    let mem = guest_mem();
+    let gm = mem.memory();
+    let q = ring_with_requests(&gm, &[0, 1, 2]);
+    complete(&gm, &q, 2);
+    let before = used_ids(&gm, &q);
+    let (sh, cfg_irq) = shared();
+    let setup = Setup {
+        acked: 1 << 32,
+        queues: vec![q],
+        mem: mem.clone(),
+        shared: sh.clone(),
+        taken: true,
+    };
+    let ctx = bare_ctx(Kind::Block);
+    let mut st = outage_state(dead_peer(), setup);
+    st.outage(&ctx);
+    assert!(sh.needs_reset());
+    assert!(
+        cfg_irq.read().is_ok(),
+        "the config interrupt tells the driver"
+    );
+    let q = &st.setup.as_ref().unwrap().queues[0];
+    assert_eq!(used_ids(&gm, q), before, "no used entry written");
+    assert_eq!([0, 1].map(|h| status(&gm, h)), [0xff, 0xff]);
+    assert!(st.halted);
+}
+
+#[test]
+fn a_backend_not_known_dead_gets_its_requests_left_alone() {
+    let mem = guest_mem();
+    let gm = mem.memory();
+    let q = ring_with_requests(&gm, &[0, 1]);
+    let (sh, _cfg_irq) = shared();
+    let setup = Setup {
+        acked: (1 << 32) | VIRTIO_F_IN_ORDER,
+        queues: vec![q],
+        mem: mem.clone(),
+        shared: sh.clone(),
+        taken: true,
+    };
+    let ctx = bare_ctx(Kind::Block);
+    // Our own process: alive (a hangup alone proves nothing).
+    let mut st = outage_state(Peer::from_pid(std::process::id() as i32), setup);
+    st.outage(&ctx);
+    let q = &st.setup.as_ref().unwrap().queues[0];
+    assert!(used_ids(&gm, q).is_empty());
+    assert!(!sh.needs_reset());
+    // Dead, with VIRTIO_F_IN_ORDER: failing from the used index is right.
+    st.gone = Some(dead_peer());
+    st.outage(&ctx);
+    let q = &st.setup.as_ref().unwrap().queues[0];
+    assert_eq!(used_ids(&gm, q), vec![0, 1]);
+    assert_eq!(st.failed, 2);
+}
+
+#[test]
+fn nothing_pending_resumes_normally_without_a_region() {
+    let mem = guest_mem();
+    let gm = mem.memory();
+    let q = ring_with_requests(&gm, &[0]);
+    complete(&gm, &q, 0);
+    let (sh, _c) = shared();
+    let setup = Setup {
+        acked: 1 << 32,
+        queues: vec![q],
+        mem: mem.clone(),
+        shared: sh.clone(),
+        taken: true,
+    };
+    let ctx = bare_ctx(Kind::Block);
+    let mut st = outage_state(dead_peer(), setup);
+    st.outage(&ctx);
+    assert!(!sh.needs_reset());
+    assert!(!st.halted);
+}
+
+#[test]
+fn a_reconnect_without_a_region_and_requests_in_flight_does_not_resume_the_rings() {
+    // No INFLIGHT_SHMFD; the back-end hangs up after the setup with two requests pending.
+    let f = fake(Script {
+        hangup_after_kicks: Some(1),
+        ..Script::default()
+    });
+    let ram = memfd();
+    let mut dev = VhostUserDevice::new(&cfg(&f.path, 1000), ram.as_raw_fd(), region()).unwrap();
+    let mem = guest_mem();
+    let (_, a, u) = rings(0);
+    mem.memory().write_obj(2u16, GuestAddress(a + 2)).unwrap();
+    let (sh, cfg_irq) = shared();
+    let (act, _call) = activation(&mem, 1, sh.clone());
+    dev.activate(act).unwrap();
+    assert!(wait_until(Duration::from_secs(3), || sh.needs_reset()));
+    assert!(
+        cfg_irq.read().is_ok(),
+        "the config interrupt tells the driver"
+    );
+    // The new back-end got the handshake only: no ring, so nothing it could complete.
+    thread::sleep(Duration::from_millis(200));
+    let second = codes(&f, 1);
+    assert!(second.iter().any(|m| m.code == GET_FEATURES), "{second:?}");
+    assert!(
+        !second
+            .iter()
+            .any(|m| matches!(m.code, SET_VRING_NUM | SET_VRING_BASE | SET_VRING_KICK)),
+        "{second:?}"
+    );
+    assert_eq!(
+        mem.memory().read_obj::<u16>(GuestAddress(u + 2)).unwrap(),
+        0
+    );
+    // The driver's reset and a new activation start the rings again on that connection.
+    dev.reset();
+    assert!(wait_until(Duration::from_secs(1), || !dev.reset_pending()));
+    let (act, _call) = activation(&mem, 1, shared().0);
+    dev.activate(act).unwrap();
+    assert!(wait_until(Duration::from_secs(2), || codes(&f, 1)
+        .iter()
+        .any(|m| m.code == SET_VRING_KICK)));
+    drop(dev);
+}
