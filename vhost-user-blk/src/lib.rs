@@ -712,6 +712,14 @@ impl Served for BlkBackend {
         *lock(&self.conn) = Some(conn);
     }
 
+    fn keeps_inflight(&self) -> bool {
+        true
+    }
+
+    fn set_inflight(&self, region: InflightRegion) {
+        BlkBackend::set_inflight(self, region);
+    }
+
     fn teardown(&self) {
         for q in 0..self.queues.len() {
             self.stop_queue(q, true);

@@ -858,3 +858,167 @@ fn exactly_one_of_socket_path_fd_and_connect() {
     );
     assert!(!std::path::Path::new(sock).exists());
 }
+
+/// The frontend side of INFLIGHT_SHMFD: negotiates it with everything `negotiate` does.
+fn negotiate_inflight(d: &Daemon) -> vhost::vhost_user::Frontend {
+    use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
+    let mut fe = vhost::vhost_user::Frontend::connect(&d.socket, 1).expect("connect");
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    fe.set_features(features).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    assert!(
+        pf.contains(P::INFLIGHT_SHMFD),
+        "INFLIGHT_SHMFD not offered: {pf:?}"
+    );
+    fe.set_protocol_features(required_protocol_features() | P::INFLIGHT_SHMFD)
+        .unwrap();
+    fe
+}
+
+/// The ring a back-end that completes out of order leaves when it dies: head 0 a FLUSH it
+/// took and never completed, head 2 a READ of sector 5 it took after and completed (used
+/// entry 0). Returns the guest memory.
+fn crashed_ring(size: u16) -> GuestMem {
+    let m = GuestMem::new(1 << 20);
+    // head 0: FLUSH (type 4), status at 0x6000.
+    m.mem.write_obj(4u32, GuestAddress(0x4000)).unwrap();
+    m.mem.write_obj(0u64, GuestAddress(0x4008)).unwrap();
+    m.mem.write_obj(0xffu8, GuestAddress(0x6000)).unwrap();
+    put_desc(&m, 0, 0x4000, 16, F_NEXT, 1);
+    put_desc(&m, 1, 0x6000, 1, F_WRITE, 0);
+    // head 2: IN sector 5 into 0x5000, status at 0x6001.
+    m.mem.write_obj(0u32, GuestAddress(0x4100)).unwrap();
+    m.mem.write_obj(5u64, GuestAddress(0x4108)).unwrap();
+    m.mem.write_obj(0xffu8, GuestAddress(0x6001)).unwrap();
+    put_desc(&m, 2, 0x4100, 16, F_NEXT, 3);
+    put_desc(&m, 3, 0x5000, 512, F_NEXT | F_WRITE, 4);
+    put_desc(&m, 4, 0x6001, 1, F_WRITE, 0);
+    publish(&m, size, 0, 0);
+    publish(&m, size, 1, 2);
+    // EVENT_IDX: the driver wants a notification for the next used entry.
+    m.mem
+        .write_obj(1u16, GuestAddress(AVAIL + 4 + 2 * u64::from(size)))
+        .unwrap();
+    // The dead back-end's completion of head 2: used entry 0, used index 1.
+    m.mem
+        .write_obj(2u32, GuestAddress(USED + 4))
+        .and_then(|_| m.mem.write_obj(513u32, GuestAddress(USED + 8)))
+        .and_then(|_| m.mem.write_obj(1u16, GuestAddress(USED + 2)))
+        .unwrap();
+    m
+}
+
+/// Starts queue 0 on `fe` at the used index, as a frontend does after a back-end crash.
+fn resume_queue(
+    fe: &mut vhost::vhost_user::Frontend,
+    m: &GuestMem,
+    size: u16,
+) -> (
+    vmm_sys_util::eventfd::EventFd,
+    vmm_sys_util::eventfd::EventFd,
+) {
+    let kick = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let call = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    fe.set_mem_table(&[m.region_info()]).unwrap();
+    fe.set_vring_num(0, size).unwrap();
+    fe.set_vring_addr(0, &vring_config(m, size)).unwrap();
+    fe.set_vring_base(0, used_idx(m)).unwrap();
+    fe.set_vring_call(0, &call).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+    kick.write(1).unwrap();
+    (kick, call)
+}
+
+fn used_ids(m: &GuestMem, size: u16) -> Vec<u32> {
+    (0..used_idx(m)).map(|n| used_elem(m, n, size).0).collect()
+}
+
+#[test]
+fn after_a_crash_the_daemon_executes_exactly_what_the_inflight_region_says_was_taken() {
+    use std::os::fd::AsRawFd as _;
+    let size = 16u16;
+    let mut d = start(&[]);
+
+    // Without the region (what every restart did before): resuming at the used index serves
+    // head 2's ring slot again, and the flush never.
+    let m = crashed_ring(size);
+    let (mut fe, _) = negotiate(&d.socket, 1);
+    let (_kick, call) = resume_queue(&mut fe, &m, size);
+    assert!(wait_readable(call.as_raw_fd(), Duration::from_secs(5)));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        used_ids(&m, size),
+        vec![2, 2],
+        "the old resume doubles head 2"
+    );
+    drop(fe);
+    d.assert_serving("a connection without inflight tracking");
+
+    // With the region: the frontend got it from an earlier connection and kept it; the
+    // earlier back-end recorded head 0 as taken (counter 7) and head 2 as completed.
+    let m = crashed_ring(size);
+    let mut fe = negotiate_inflight(&d);
+    let want = vhost::vhost_user::message::VhostUserInflight::new(0, 0, 1, size);
+    let (info, file) = fe.get_inflight_fd(&want).expect("GET_INFLIGHT_FD");
+    assert_eq!((info.num_queues, info.queue_size), (1, size));
+    assert!(info.mmap_size >= 16 + 16 * u64::from(size));
+    drop(fe);
+    {
+        use std::os::unix::fs::FileExt;
+        // Header: version 1, desc_num, last_batch_head 2, used_idx 1.
+        let mut hdr = [0u8; 16];
+        hdr[8..10].copy_from_slice(&1u16.to_le_bytes());
+        hdr[10..12].copy_from_slice(&size.to_le_bytes());
+        hdr[12..14].copy_from_slice(&2u16.to_le_bytes());
+        hdr[14..16].copy_from_slice(&1u16.to_le_bytes());
+        file.write_all_at(&hdr, 0).unwrap();
+        let mut desc0 = [0u8; 16];
+        desc0[0] = 1;
+        desc0[8..16].copy_from_slice(&7u64.to_le_bytes());
+        file.write_all_at(&desc0, 16).unwrap();
+    }
+    let mut fe = negotiate_inflight(&d);
+    fe.set_inflight_fd(&info, file.as_raw_fd())
+        .expect("SET_INFLIGHT_FD");
+    let (_kick, call) = resume_queue(&mut fe, &m, size);
+    assert!(
+        wait_readable(call.as_raw_fd(), Duration::from_secs(5)),
+        "the resumed queue signals the guest"
+    );
+    let t = std::time::Instant::now();
+    while used_idx(&m) < 2 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(used_ids(&m, size), vec![2, 0], "every head exactly once");
+    let st: u8 = m.mem.read_obj(GuestAddress(0x6000)).unwrap();
+    assert_eq!(st, 0, "the flush was executed");
+    // The region now records nothing in flight.
+    {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, 16).unwrap();
+        assert_eq!(b[0], 0, "head 0 completed in the region");
+    }
+    drop(fe);
+    d.assert_serving("a resumed connection");
+}
+
+#[test]
+fn an_inflight_region_past_its_file_drops_the_connection_not_the_daemon() {
+    use std::os::fd::AsRawFd as _;
+    let mut d = start(&[]);
+    let mut fe = negotiate_inflight(&d);
+    let small = memfd(4096);
+    let lie = vhost::vhost_user::message::VhostUserInflight::new(1 << 20, 0, 4, 1024);
+    let _ = fe.set_inflight_fd(&lie, small.as_raw_fd());
+    assert!(
+        fe.get_features().is_err(),
+        "a region larger than its file ends the connection"
+    );
+    drop(fe);
+    d.assert_serving("a bad inflight region");
+    read_sector_ok(&d, 9);
+}

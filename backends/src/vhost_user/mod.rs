@@ -385,6 +385,14 @@ pub trait Served: VhostUserBackend<Bitmap = (), Vring = Vring> + Sized + 'static
     /// The connection is gone and the workers were told to exit: finish in-flight requests,
     /// flush, release guest memory.
     fn teardown(&self);
+    /// Whether the back-end records what its queues take and complete in an inflight region
+    /// (the serving layer then offers VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD for it).
+    fn keeps_inflight(&self) -> bool {
+        false
+    }
+    /// The frontend's inflight region for this connection (only with
+    /// [`keeps_inflight`](Self::keeps_inflight)).
+    fn set_inflight(&self, _region: crate::inflight::InflightRegion) {}
 }
 
 /// Waits until `fd` or the stop event is readable. Returns false on stop.
@@ -553,7 +561,12 @@ where
     match started {
         Ok(()) => {
             log::info!("connection {n}: frontend connected");
-            let relay = match relay::Relay::start(n, frontend, inner) {
+            let hook = backend.keeps_inflight().then(|| {
+                let b = backend.clone();
+                let hook: relay::InflightHook = Arc::new(move |r| b.set_inflight(r));
+                hook
+            });
+            let relay = match relay::Relay::start(n, frontend, inner, hook) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     log::warn!("connection {n}: cannot start the relay: {e}");

@@ -15,6 +15,13 @@
 //!   refuses SET_VRING_ENABLE until that bit is acked. The frontend's own SET_FEATURES later
 //!   acks the real set.
 //!
+//! - Inflight I/O tracking (INFLIGHT_SHMFD), for a back-end that records what it takes
+//!   ([`InflightHook`]): the relay offers the protocol feature in the back-end's
+//!   GET_PROTOCOL_FEATURES reply (and keeps it out of the SET_PROTOCOL_FEATURES the
+//!   back-end sees: vhost-user-backend refuses the messages that go with it), answers
+//!   GET_INFLIGHT_FD itself with a new region, and maps the one SET_INFLIGHT_FD brings back
+//!   (checked against its file first) for the back-end's queues.
+//!
 //! A refused message is logged (one line: which request, which region, why), answered with
 //! a failure status when the frontend asked for one (NEED_REPLY with REPLY_ACK acked), and
 //! ends the connection: the back-end never sees it.
@@ -30,6 +37,11 @@ use std::time::Duration;
 use vhost::vhost_user::message::MAX_MSG_SIZE;
 
 use super::memory::Installed;
+use crate::inflight::{InflightMessage, InflightRegion};
+
+/// Hands a connection's inflight region to the back-end (its queues record what they take
+/// and complete in it, and resume from it when they start).
+pub type InflightHook = Arc<dyn Fn(InflightRegion) + Send + Sync>;
 
 /// Size of the vhost-user header: request, flags, size (u32 each).
 pub const HEADER: usize = 12;
@@ -51,8 +63,16 @@ pub const SET_VRING_ENABLE: u32 = 18;
 pub const ADD_MEM_REG: u32 = 37;
 /// VHOST_USER_REM_MEM_REG.
 pub const REM_MEM_REG: u32 = 38;
+/// VHOST_USER_GET_PROTOCOL_FEATURES.
+pub const GET_PROTOCOL_FEATURES: u32 = 15;
+/// VHOST_USER_GET_INFLIGHT_FD.
+pub const GET_INFLIGHT_FD: u32 = 31;
+/// VHOST_USER_SET_INFLIGHT_FD.
+pub const SET_INFLIGHT_FD: u32 = 32;
 /// VHOST_USER_PROTOCOL_F_REPLY_ACK.
 pub const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
+/// VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD.
+pub const PROTOCOL_F_INFLIGHT_SHMFD: u64 = 1 << 12;
 /// The largest split virtqueue.
 const MAX_QUEUE_SIZE: u32 = 32768;
 /// VHOST_USER_F_PROTOCOL_FEATURES.
@@ -289,6 +309,8 @@ struct Conn {
     queue_sizes: HashMap<u32, u32>,
     /// The memory regions installed on this connection.
     mem: Installed,
+    /// The back-end keeps inflight records: the relay offers INFLIGHT_SHMFD for it.
+    inflight: Option<InflightHook>,
 }
 
 /// What to do with a message from the frontend.
@@ -297,10 +319,14 @@ enum Verdict {
     Forward,
     /// Refuse it: log why, answer a failure if the frontend asked for one, close both sides.
     Refuse(String),
+    /// Forward these bytes instead (the same fds).
+    Replace(Vec<u8>),
+    /// The relay handled it (and answered it if an answer was due): nothing to forward.
+    Handled,
 }
 
 impl Conn {
-    fn new(n: u64, frontend: Arc<Writer>) -> Conn {
+    fn new(n: u64, frontend: Arc<Writer>, inflight: Option<InflightHook>) -> Conn {
         Conn {
             n,
             frontend,
@@ -308,6 +334,7 @@ impl Conn {
             protocol_features: 0,
             queue_sizes: HashMap::new(),
             mem: Installed::default(),
+            inflight,
         }
     }
 
@@ -320,7 +347,9 @@ impl Conn {
                 self.features_seen = true;
                 Verdict::Forward
             }
-            SET_PROTOCOL_FEATURES => self.set_protocol_features(body),
+            SET_PROTOCOL_FEATURES => self.set_protocol_features(m),
+            GET_INFLIGHT_FD if self.inflight.is_some() => self.get_inflight_fd(m),
+            SET_INFLIGHT_FD if self.inflight.is_some() => self.set_inflight_fd(m),
             SET_VRING_NUM => self.set_vring_num(body),
             SET_VRING_ADDR => self.set_vring_addr(body),
             SET_VRING_ENABLE if !self.features_seen => self.ack_protocol_features_first(to),
@@ -334,12 +363,114 @@ impl Conn {
         }
     }
 
-    fn set_protocol_features(&mut self, body: &[u8]) -> Verdict {
+    fn set_protocol_features(&mut self, m: &Message) -> Verdict {
+        let body = m.body();
         // A bad body is the back-end's to refuse; only a well-formed one counts as acked.
-        if let Some(v) = u64_at(body, 0).filter(|_| body.len() == 8) {
-            self.protocol_features = v;
+        let Some(v) = u64_at(body, 0).filter(|_| body.len() == 8) else {
+            return Verdict::Forward;
+        };
+        self.protocol_features = v;
+        if self.inflight.is_some() && v & PROTOCOL_F_INFLIGHT_SHMFD != 0 {
+            // The relay implements it; the back-end's vhost handler does not know of it.
+            let mut bytes = m.bytes.clone();
+            let stripped = v & !PROTOCOL_F_INFLIGHT_SHMFD;
+            bytes[HEADER..HEADER + 8].copy_from_slice(&stripped.to_le_bytes());
+            return Verdict::Replace(bytes);
         }
         Verdict::Forward
+    }
+
+    /// GET_INFLIGHT_FD: a new zeroed region for the geometry the frontend asks for, which
+    /// the back-end's queues record in from now on; the frontend keeps its fd and sends it
+    /// back (SET_INFLIGHT_FD) to this and every later back-end.
+    fn get_inflight_fd(&mut self, m: &Message) -> Verdict {
+        let Some(want) = InflightMessage::parse(m.body()) else {
+            return Verdict::Refuse(format!(
+                "GET_INFLIGHT_FD with a {}-byte body",
+                m.body().len()
+            ));
+        };
+        let region = match InflightRegion::create(want.num_queues, want.queue_size) {
+            Ok(r) => r,
+            Err(e) => return Verdict::Refuse(format!("GET_INFLIGHT_FD: {e}")),
+        };
+        let body = InflightMessage {
+            mmap_size: region.mmap_size(),
+            mmap_offset: 0,
+            num_queues: region.num_queues(),
+            queue_size: region.queue_size(),
+        }
+        .to_bytes();
+        let mut reply = Vec::with_capacity(HEADER + body.len());
+        reply.extend_from_slice(&GET_INFLIGHT_FD.to_le_bytes());
+        reply.extend_from_slice(&(VERSION | REPLY).to_le_bytes());
+        reply.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        reply.extend_from_slice(&body);
+        if let Err(e) = self.frontend.send(&reply, &[region.fd().as_raw_fd()]) {
+            return Verdict::Refuse(format!("answering GET_INFLIGHT_FD: {e}"));
+        }
+        log::info!(
+            "connection {}: inflight region for {} queue(s) of {} entries ({} bytes) handed to \
+             the frontend",
+            self.n,
+            want.num_queues,
+            want.queue_size,
+            region.mmap_size()
+        );
+        if let Some(hook) = &self.inflight {
+            hook(region);
+        }
+        Verdict::Handled
+    }
+
+    /// SET_INFLIGHT_FD: the region a frontend kept, checked against its file before it is
+    /// mapped (a region past the end of its file would be SIGBUS at the first record), then
+    /// handed to the back-end; queues that start afterwards resume from it.
+    fn set_inflight_fd(&mut self, m: &Message) -> Verdict {
+        let Some(msg) = InflightMessage::parse(m.body()) else {
+            return Verdict::Refuse(format!(
+                "SET_INFLIGHT_FD with a {}-byte body",
+                m.body().len()
+            ));
+        };
+        let fd = match m.fds.as_slice() {
+            [fd] => fd.try_clone(),
+            fds => {
+                return Verdict::Refuse(format!(
+                    "SET_INFLIGHT_FD with {} fds (expected 1)",
+                    fds.len()
+                ))
+            }
+        };
+        let region = match fd
+            .map_err(crate::inflight::InflightError::Map)
+            .and_then(|fd| {
+                InflightRegion::open(
+                    fd,
+                    msg.mmap_size,
+                    msg.mmap_offset,
+                    msg.num_queues,
+                    msg.queue_size,
+                )
+            }) {
+            Ok(r) => r,
+            Err(e) => return Verdict::Refuse(format!("SET_INFLIGHT_FD refused: {e}")),
+        };
+        log::debug!(
+            "connection {}: inflight region of the frontend: {} queue(s) of {} entries",
+            self.n,
+            msg.num_queues,
+            msg.queue_size
+        );
+        if let Some(hook) = &self.inflight {
+            hook(region);
+        }
+        if self.protocol_features & PROTOCOL_F_REPLY_ACK != 0 && m.flags() & NEED_REPLY != 0 {
+            if let Err(e) = self.frontend.send(&reply_u64(SET_INFLIGHT_FD, 0), &[]) {
+                return Verdict::Refuse(format!("answering SET_INFLIGHT_FD: {e}"));
+            }
+        }
+        Verdict::Handled
     }
 
     fn set_vring_num(&mut self, body: &[u8]) -> Verdict {
@@ -441,13 +572,19 @@ fn pump_to_backend(conn: &mut Conn, from: &UnixStream, to: &UnixStream) {
             m.bytes.len(),
             m.fds.len()
         );
-        if let Verdict::Refuse(why) = conn.inspect(&m, to) {
-            log::warn!("connection {n}: {why}; closing");
-            conn.nack(&m);
-            return;
-        }
+        let replaced = match conn.inspect(&m, to) {
+            Verdict::Refuse(why) => {
+                log::warn!("connection {n}: {why}; closing");
+                conn.nack(&m);
+                return;
+            }
+            Verdict::Handled => continue,
+            Verdict::Replace(bytes) => Some(bytes),
+            Verdict::Forward => None,
+        };
+        let bytes = replaced.as_deref().unwrap_or(&m.bytes);
         let fds: Vec<RawFd> = m.fds.iter().map(AsRawFd::as_raw_fd).collect();
-        if let Err(e) = send_message(to, &m.bytes, &fds) {
+        if let Err(e) = send_message(to, bytes, &fds) {
             log::debug!("connection {n}: writing to the back-end: {e}");
             return;
         }
@@ -456,8 +593,18 @@ fn pump_to_backend(conn: &mut Conn, from: &UnixStream, to: &UnixStream) {
 
 /// Copies messages (the replies) from the back-end to the frontend until either fails or
 /// closes.
-fn pump_to_frontend(n: u64, from: &UnixStream, to: &Writer) {
-    while let Some(m) = read_or_log(n, from, "back-end") {
+fn pump_to_frontend(n: u64, from: &UnixStream, to: &Writer, offer_inflight: bool) {
+    while let Some(mut m) = read_or_log(n, from, "back-end") {
+        if offer_inflight
+            && m.request() == GET_PROTOCOL_FEATURES
+            && m.flags() & REPLY != 0
+            && m.body().len() == 8
+        {
+            if let Some(v) = u64_at(m.body(), 0) {
+                let v = v | PROTOCOL_F_INFLIGHT_SHMFD;
+                m.bytes[HEADER..HEADER + 8].copy_from_slice(&v.to_le_bytes());
+            }
+        }
         let fds: Vec<RawFd> = m.fds.iter().map(AsRawFd::as_raw_fd).collect();
         if let Err(e) = to.send(&m.bytes, &fds) {
             log::debug!("connection {n}: writing to the frontend: {e}");
@@ -498,12 +645,19 @@ fn close(a: &UnixStream, b: &UnixStream) {
 impl Relay {
     /// Starts copying between `frontend` and `inner` (the daemon's connection). When
     /// either side closes or misbehaves, both are closed.
-    pub fn start(n: u64, frontend: UnixStream, inner: UnixStream) -> io::Result<Relay> {
+    /// `inflight`: the back-end keeps inflight records (the relay offers INFLIGHT_SHMFD).
+    pub fn start(
+        n: u64,
+        frontend: UnixStream,
+        inner: UnixStream,
+        inflight: Option<InflightHook>,
+    ) -> io::Result<Relay> {
         let writer = Arc::new(Writer {
             s: frontend.try_clone()?,
             lock: Mutex::new(()),
         });
-        let mut conn = Conn::new(n, writer.clone());
+        let offer_inflight = inflight.is_some();
+        let mut conn = Conn::new(n, writer.clone(), inflight);
         let (fe, inn) = (frontend.try_clone()?, inner.try_clone()?);
         let to_backend = thread::Builder::new()
             .name(format!("relay-in-{n}"))
@@ -517,7 +671,7 @@ impl Relay {
             match thread::Builder::new()
                 .name(format!("relay-out-{n}"))
                 .spawn(move || {
-                    pump_to_frontend(n, &inn, &writer);
+                    pump_to_frontend(n, &inn, &writer, offer_inflight);
                     close(&writer.s, &inn);
                     let _ = tx.send(());
                 }) {
@@ -575,7 +729,7 @@ mod tests {
     fn relay() -> (UnixStream, UnixStream, Relay) {
         let (fe, relay_fe) = UnixStream::pair().unwrap();
         let (relay_be, be) = UnixStream::pair().unwrap();
-        let r = Relay::start(1, relay_fe, relay_be).unwrap();
+        let r = Relay::start(1, relay_fe, relay_be, None).unwrap();
         for s in [&fe, &be] {
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         }
