@@ -72,7 +72,7 @@ check l2-exit grep -q '^L2-EXIT 0$' /tmp/l2.log
 check vmm-reconnected grep -q 'vublk: reconnected' /tmp/l2.log
 check guest-pattern-on-image [ "$(dd if=/tmp/a.img bs=512 skip=200 count=1 2>/dev/null | head -c 22)" = "GUEST-PATTERN-VU-fedcb" ]
 check after-outage-on-image [ "$(dd if=/tmp/a.img bs=512 skip=400 count=1 2>/dev/null | head -c 12)" = "AFTER-OUTAGE" ]
-check vmm-failed-requests grep -q 'vublk: back-end /tmp/blk.sock still away' /tmp/l2.log
+check vmm-failed-requests grep -q 'vublk: vhost-user back-end /tmp/blk.sock died and is still away' /tmp/l2.log
 check after-restart-on-image [ "$(dd if=/tmp/a.img bs=512 skip=300 count=1 2>/dev/null | head -c 13)" = "AFTER-RESTART" ]
 check blk-daemon-alive kill -0 "$(cat /tmp/blk.pid)"
 check net-daemon-alive kill -0 "$net_pid"
