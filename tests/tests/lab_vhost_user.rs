@@ -58,6 +58,8 @@ httpd -p 192.0.2.1:8080 -h /tmp/www
     touch /tmp/www/down-long
     n=0; until grep -q 'L2-VAL outage-write' /tmp/l2.log || [ $n -ge 600 ]; do sleep 0.2; n=$((n + 1)); done
     start_blk
+    # The guest's next write must find the vmm reconnected, not still failing requests.
+    n=0; until [ "$(grep -c 'vublk: reconnected' /tmp/l2.log)" -ge 2 ] || [ $n -ge 300 ]; do sleep 0.1; n=$((n + 1)); done
     touch /tmp/www/back
 ) &
 watcher=$!
