@@ -5,6 +5,7 @@
 //! ```text
 //! blkstress run DEVICE [--blocks N] [--threads T] [--seconds S] [--seed X] [--state FILE] [--buffered]
 //! blkstress verify-image IMAGE STATE
+//! blkstress result STATE
 //! blkstress mute-listener PATH
 //! ```
 //!
@@ -31,6 +32,8 @@
 //! `verify-image IMAGE STATE`: L1's check of the image file against the state the guest
 //! wrote: every block of the state holds an allowed generation, every never-written block is
 //! unstamped. Prints `BLKSTRESS-IMAGE {json}`.
+//!
+//! `result STATE`: the result line (`BLKSTRESS {json}`) the run kept in its state.
 //!
 //! `mute-listener PATH`: listens on the unix socket PATH, accepts every connection and never
 //! reads or answers (a back-end that hangs), until killed.
@@ -62,7 +65,7 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 const USAGE: &str =
     "usage: blkstress run DEVICE [--blocks N] [--threads T] [--seconds S] [--seed X] \
-                     [--state FILE] [--buffered] | blkstress verify-image IMAGE STATE | \
+                     [--state FILE] [--buffered] | blkstress verify-image IMAGE STATE | blkstress result STATE | \
                      blkstress mute-listener PATH";
 
 // ---------------------------------------------------------------------------------------------
@@ -208,7 +211,9 @@ fn kind(found: Found, st: &BlockState) -> &'static str {
 // ---------------------------------------------------------------------------------------------
 // State files
 
-fn format_state(seed: u64, states: &[BlockState]) -> String {
+/// The state text; `result` (the JSON of the result line) goes on a `RESULT` line, so that
+/// L1 has it even when the guest's console garbled it.
+fn format_state(seed: u64, states: &[BlockState], result: Option<&str>) -> String {
     let mut s = format!("BLKSTRESS-STATE 1 seed={seed} blocks={}\n", states.len());
     for (b, st) in states.iter().enumerate() {
         if st.committed == 0 && st.failed.is_empty() {
@@ -220,8 +225,20 @@ fn format_state(seed: u64, states: &[BlockState]) -> String {
         }
         s.push('\n');
     }
+    if let Some(r) = result {
+        let _ = writeln!(s, "RESULT {r}");
+    }
     s.push_str("END\n");
     s
+}
+
+/// The `RESULT` line's JSON of a state, if it has one.
+fn state_result(text: &[u8]) -> Option<String> {
+    let end = text.windows(5).position(|w| w == b"\nEND\n")?;
+    let text = std::str::from_utf8(&text[..end]).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .map(str::to_string)
 }
 
 /// Parses a state (anything after its `END` line, e.g. the rest of a disk, is ignored).
@@ -247,7 +264,7 @@ fn parse_state(text: &[u8]) -> Result<(u64, Vec<BlockState>), String> {
         return Err(format!("not a blkstress state: {head:?}"));
     };
     let mut states = vec![BlockState::default(); blocks];
-    for line in lines {
+    for line in lines.filter(|l| !l.starts_with("RESULT ")) {
         let nums: Result<Vec<u64>, _> = line.split_whitespace().map(str::parse::<u64>).collect();
         match nums.ok().as_deref() {
             Some([b, committed, failed @ ..]) if (*b as usize) < blocks => {
@@ -720,9 +737,6 @@ fn run(a: &RunArgs) -> Result<(String, u8), String> {
         }
         // The state as it stands (a hung write may or may not have landed), for L1's check
         // of the image; the device itself is not read again (it would hang).
-        if let Some(path) = &a.state {
-            write_state(path, a.seed, &snapshot(&own))?;
-        }
         let line = format!(
             "BLKSTRESS {{\"seed\":{},\"hung\":{},\"first_hung\":\"{}\",\"max_inflight\":{},\"done\":{},\
              \"errors\":{},\"first_error\":{},\"run_mismatches\":{}}}",
@@ -737,6 +751,14 @@ fn run(a: &RunArgs) -> Result<(String, u8), String> {
                 .map_or("null".to_string(), |e| format!("\"{e}\"")),
             sh.run_mismatches.load(Ordering::Relaxed)
         );
+        if let Some(path) = &a.state {
+            write_state(
+                path,
+                a.seed,
+                &snapshot(&own),
+                line.strip_prefix("BLKSTRESS "),
+            )?;
+        }
         return Ok((line, 3));
     }
     for (id, h) in handles.into_iter().enumerate() {
@@ -746,7 +768,7 @@ fn run(a: &RunArgs) -> Result<(String, u8), String> {
     let secs = start.elapsed().as_secs_f64();
     progress(secs);
     if let Some(path) = &a.state {
-        write_state(path, a.seed, &states)?;
+        write_state(path, a.seed, &states, None)?;
     }
 
     // The verify pass, with a watchdog: a read that never returns is reported, not waited on.
@@ -804,11 +826,19 @@ fn run(a: &RunArgs) -> Result<(String, u8), String> {
     } else {
         0
     };
+    if let Some(path) = &a.state {
+        write_state(path, a.seed, &states, line.strip_prefix("BLKSTRESS "))?;
+    }
     Ok((line, status))
 }
 
-fn write_state(path: &str, seed: u64, states: &[BlockState]) -> Result<(), String> {
-    let text = format_state(seed, states);
+fn write_state(
+    path: &str,
+    seed: u64,
+    states: &[BlockState],
+    result: Option<&str>,
+) -> Result<(), String> {
+    let text = format_state(seed, states, result);
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -866,6 +896,13 @@ fn main() -> ExitCode {
         Some("run") => parse_run(&args[1..]).and_then(|a| run(&a)),
         Some("verify-image") => match &args[1..] {
             [image, state] => verify_image(image, state).map(|(l, ok)| (l, u8::from(!ok))),
+            _ => Err(USAGE.into()),
+        },
+        Some("result") => match &args[1..] {
+            [state] => std::fs::read(state)
+                .map_err(|e| format!("read state {state}: {e}"))
+                .and_then(|t| state_result(&t).ok_or(format!("{state}: no RESULT line")))
+                .map(|r| (format!("BLKSTRESS {r}"), 0)),
             _ => Err(USAGE.into()),
         },
         Some("mute-listener") => match &args[1..] {
@@ -996,10 +1033,15 @@ mod tests {
                 failed: vec![10],
             },
         ];
-        let mut text = format_state(5, &states).into_bytes();
+        let mut text = format_state(5, &states, Some("{\"x\":1}")).into_bytes();
         text.extend_from_slice(b"\0\0\0 anything after END\n");
         assert_eq!(parse_state(&text).unwrap(), (5, states.clone()));
-        let cut = format_state(5, &states);
+        assert_eq!(state_result(&text).as_deref(), Some("{\"x\":1}"));
+        assert_eq!(
+            state_result(format_state(5, &states, None).as_bytes()),
+            None
+        );
+        let cut = format_state(5, &states, None);
         assert!(parse_state(&cut.as_bytes()[..cut.len() - 4])
             .unwrap_err()
             .contains("no END"));
@@ -1029,6 +1071,9 @@ mod tests {
         let (line, ok) = verify_image(&img, &state).unwrap();
         assert!(ok, "{line}");
         assert_eq!(field(&line, "checked"), 64);
+        let kept = state_result(&std::fs::read(&state).unwrap()).unwrap();
+        assert_eq!(field(&kept, "mismatches"), 0, "{kept}");
+        assert!(field(&kept, "write") > 0, "{kept}");
 
         let (seed, states) = parse_state(&std::fs::read(&state).unwrap()).unwrap();
         let written: Vec<usize> = (0..64).filter(|b| states[*b].committed > 1).collect();
