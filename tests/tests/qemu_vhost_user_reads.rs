@@ -147,6 +147,8 @@ for d in /sys/block/vd*; do
     esac
 done
 if [ -z "$in" ] || [ -z "$out" ]; then echo "RD-ERR no disks: $(ls /sys/block)"; exit 1; fi
+q=/sys/block/${{in#/dev/}}/queue
+echo "RD-QUEUE max_segments=$(cat $q/max_segments) max_sectors_kb=$(cat $q/max_sectors_kb)"
 exec 3<"$in"
 rd() {{
     dd if="$in" of="$out" bs=$2 skip=$3 count=$4 seek=$5 conv=notrunc $6 2>/tmp/dd.err
@@ -353,6 +355,8 @@ struct Boot {
     secs: f64,
     /// The daemon's refusals ("request ... refused") in its log.
     refusals: Vec<String>,
+    /// The guest's view of the disk's queue (`max_segments` is the daemon's `seg_max`).
+    queue: String,
 }
 
 fn bin(n: &str) -> PathBuf {
@@ -373,6 +377,7 @@ fn boot_once(qemu: &Qemu, fw: Firmware, guest: &DirectGuest, rng: &mut Rng) -> B
         wrong: Vec::new(),
         secs: 0.0,
         refusals: Vec::new(),
+        queue: String::new(),
     };
 
     // The image, random where the guest reads, written before the daemon starts.
@@ -454,6 +459,11 @@ fn boot_once(qemu: &Qemu, fw: Firmware, guest: &DirectGuest, rng: &mut Rng) -> B
 
     let lines: Vec<&str> = console.lines().map(|l| l.trim_end_matches('\r')).collect();
     let tail = || lines[lines.len().saturating_sub(30)..].join("\n");
+    boot.queue = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("RD-QUEUE "))
+        .unwrap_or("?")
+        .to_string();
     if timed_out {
         boot.problems.push(format!(
             "QEMU did not finish in {BOOT_TIMEOUT:?}; console tail:\n{}",
@@ -529,11 +539,12 @@ fn run_boots(qemu: Qemu) {
         };
         let b = boot_once(&qemu, fw, &guest, &mut rng);
         let line = format!(
-            "{} boot {}/{n} ({}, {:.1} s): {}{}",
+            "{} boot {}/{n} ({}, {:.1} s, {}): {}{}",
             qemu.label,
             i + 1,
             fw.name(),
             b.secs,
+            b.queue,
             if b.problems.is_empty() {
                 "all reads right".to_string()
             } else if b.wrong.is_empty() {
