@@ -816,12 +816,29 @@ pub struct DirectGuest {
 impl DirectGuest {
     /// Builds the initramfs under `dir` (the images are built or reused first).
     pub fn new(dir: &Path, script: &str) -> Result<DirectGuest, String> {
+        Self::with_files(dir, script, &[])
+    }
+
+    /// As [`DirectGuest::new`], with extra files in the initramfs: `(path, contents)`,
+    /// paths relative to its root (`frag/1`), directories created as needed.
+    pub fn with_files(
+        dir: &Path,
+        script: &str,
+        files: &[(String, Vec<u8>)],
+    ) -> Result<DirectGuest, String> {
         build_images()?;
         let images = lab_dir().join("images");
         let stage = dir.join("l2-stage");
         let lab = stage.join("lab");
         fs::create_dir_all(&lab).map_err(|e| format!("{}: {e}", lab.display()))?;
         fs::write(lab.join("scenario.sh"), script).map_err(|e| format!("scenario: {e}"))?;
+        for (path, contents) in files {
+            let dst = stage.join(path.trim_start_matches('/'));
+            if let Some(parent) = dst.parent() {
+                fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+            }
+            fs::write(&dst, contents).map_err(|e| format!("{}: {e}", dst.display()))?;
+        }
         let extra = dir.join("l2-extra.cpio");
         // `find . | busybox cpio -o -H newc`, as scripts/lab does.
         let out = Command::new("sh")

@@ -333,6 +333,62 @@ fn blk_probe_on_vmm_with_vhost_user_daemon_verifies_every_read() {
     );
 }
 
+/// The roles of the socket swapped: the vmm listens (`server=on`), our daemon connects
+/// (`--connect`) and keeps retrying until the vmm is there; the probe verifies every read
+/// and write through it; at exit the vmm removes the socket it created (its devices are
+/// torn down: the PCI root and the buses refer to each other, and once nothing dropped
+/// them), and the daemon is still up, waiting for the next frontend.
+#[test]
+fn blk_probe_on_vmm_listening_for_a_connecting_daemon() {
+    let daemon_bin = tests::lab::profile_dir().join("vhost-user-blk");
+    assert!(
+        daemon_bin.is_file(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        daemon_bin.display()
+    );
+    let dir = ScratchDir::new("probe").expect("scratch dir");
+    let img = dir.join("disk.img");
+    stamp_image(&img, IMAGE_SIZE, SEED).expect("stamp image");
+    let sock = dir.join("blk.sock");
+    // The daemon first: it connects as soon as the vmm listens.
+    let mut daemon = Daemon::spawn(
+        "vhost-user-blk",
+        std::process::Command::new(&daemon_bin)
+            .arg("--connect")
+            .arg(&sock)
+            .arg("--blk-file")
+            .arg(&img),
+    )
+    .expect("start vhost-user-blk");
+    let cfg = ProbeConfig::blk(N, SEED, "read,write,qd32");
+    let mut cmd = probe::vmm_command(&vmm(), &elf(), &cfg);
+    cmd.arg("--vhost-user-blk").arg(format!(
+        "socket={},server=on,connect_timeout_ms=20000",
+        sock.display()
+    ));
+    let out = run_probe(&mut cmd, TIMEOUT).expect("vmm probe run");
+    let results = results_of(&out, "vmm listening, vhost-user-blk --connect");
+    assert_all_verified(
+        &results,
+        &["blk-read-qd1", "blk-write-qd1", "blk-read-qd32"],
+        u64::from(N),
+    );
+    assert!(
+        !sock.exists(),
+        "the vmm left its listening socket {} behind",
+        sock.display()
+    );
+    assert!(
+        daemon.is_running(),
+        "the daemon exited with its frontend:\n{}",
+        daemon.log()
+    );
+    let status = daemon.stop().expect("stop the daemon");
+    assert!(status.success(), "daemon: {status}\n{}", daemon.log());
+    let bad = verify_image(&img, SEED).expect("verify image");
+    assert!(bad.is_empty(), "sectors no longer stamped: {bad:?}");
+}
+
 /// SIGTERM in the middle of a guest's I/O stops the VM cleanly and at once: exit status 0,
 /// the signal logged, the exit counters written (the teardown ran), the image intact. The
 /// vmm's signal watcher sleeps on an eventfd the handler writes (no timer), so a broken

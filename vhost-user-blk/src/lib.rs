@@ -485,7 +485,7 @@ impl BlkBackend {
             // The engine stopped at its budget with chains left: come back through the
             // worker's event loop (which also sees the exit event and vring changes)
             // instead of serving on here.
-            rekick(&state);
+            backends::vhost_user::rekick(&state);
             return;
         }
         if !st.poller.enabled() {
@@ -576,23 +576,6 @@ impl BlkBackend {
             if in_flight > 0 {
                 log::debug!("queue {q}: drained {in_flight} in-flight requests");
             }
-        }
-    }
-}
-
-/// Makes the queue's kick eventfd readable again, so that the worker serves the queue once
-/// more after it has handled its other events.
-fn rekick(state: &vhost_user_backend::VringState<Mem>) {
-    if let Some(kick) = state.get_kick() {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live local buffer to the kick eventfd, which the
-        // vring state keeps open while it is borrowed; an eventfd accepts an 8-byte add.
-        let r = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-        if r != 8 {
-            log::warn!(
-                "cannot re-arm the queue's kick eventfd: {}",
-                io::Error::last_os_error()
-            );
         }
     }
 }

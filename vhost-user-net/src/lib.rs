@@ -356,6 +356,11 @@ impl NetBackend {
                     if o.queue.notify {
                         let _ = q.signal_used_queue();
                     }
+                    if o.queue.more {
+                        // The TX budget ran out with chains left: come back through the
+                        // worker's event loop.
+                        backends::vhost_user::rekick(&q);
+                    }
                 }
                 Err(QueueError::NotReady) => st.tap_out = false,
                 Err(e) => {
@@ -498,6 +503,9 @@ impl NetBackend {
                 Ok(o) => {
                     if o.queue.notify {
                         let _ = q.signal_used_queue();
+                    }
+                    if o.queue.more {
+                        backends::vhost_user::rekick(&q);
                     }
                     if let Some(n) = o.vq_pairs {
                         log::debug!("driver uses {n} queue pairs");

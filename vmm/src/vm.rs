@@ -256,10 +256,17 @@ impl Vm {
         }
         // Device threads stop (and drain in-flight I/O) before guest memory goes away, and
         // the VM fd only after every vCPU thread has returned.
-        self._pci
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .log_config_trace();
+        let devices = {
+            let mut root = self._pci.lock().unwrap_or_else(|p| p.into_inner());
+            root.log_config_trace();
+            root.take_devices()
+        };
+        for (name, dev) in devices {
+            if Arc::strong_count(&dev) > 1 {
+                log::debug!("{name}: still referenced at teardown");
+            }
+            drop(dev);
+        }
         drop(self._pci);
         drop(self._vfio);
         drop(self.vm);

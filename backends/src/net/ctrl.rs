@@ -26,6 +26,8 @@ pub struct CtrlQueue<S: GuestAddressSpace> {
     log: GuestErrorLog<2>,
 }
 
+/// The most control commands one [`CtrlQueue::process`] call handles.
+pub const CTRL_BUDGET: u32 = 64;
 const OK: u8 = VIRTIO_NET_OK as u8;
 const ERR: u8 = VIRTIO_NET_ERR as u8;
 
@@ -57,10 +59,24 @@ impl<S: GuestAddressSpace> CtrlQueue<S> {
         let max_descs = usize::from(queue.size());
         let mut out = CtrlOutcome::default();
         let mut used = 0;
-        while let Some(chain) = queue.iter(mem).map_err(QueueError::Ring)?.next() {
+        let mut more = false;
+        loop {
+            if used >= CTRL_BUDGET {
+                more = true;
+                break;
+            }
+            let Some(chain) = queue.iter(mem).map_err(QueueError::Ring)?.next() else {
+                break;
+            };
             let parsed = parse_chain(chain, mem, max_descs);
             let head = parsed.head;
-            let ack = split_last_byte(&parsed.writable).map(|(_, a)| a);
+            // A faulted chain's ack byte is its own last byte, not the last writable byte
+            // the walk saw before the fault.
+            let ack = if parsed.fault.is_some() {
+                parsed.fault_status
+            } else {
+                split_last_byte(&parsed.writable).map(|(_, a)| a)
+            };
             let (code, pairs) = match (parsed.fault, ack) {
                 (Some(f), _) => {
                     self.log.record(0, format_args!("chain {head}: {f}"));
@@ -84,6 +100,7 @@ impl<S: GuestAddressSpace> CtrlQueue<S> {
             used += 1;
         }
         out.queue = finish_batch(queue, mem, used)?;
+        out.queue.more = more;
         Ok(out)
     }
 

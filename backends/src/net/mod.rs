@@ -16,8 +16,11 @@ mod queue;
 mod tap;
 
 pub use config::{net_config_space, net_features, NetOptions, NET_CONFIG_SPACE_LEN};
-pub use ctrl::{CtrlOutcome, CtrlQueue};
-pub use queue::{NetFault, NetQueuePair, NetStats, RxOutcome, RxWait, TxOutcome, NET_FAULT_KINDS};
+pub use ctrl::{CtrlOutcome, CtrlQueue, CTRL_BUDGET};
+pub use queue::{
+    NetFault, NetQueuePair, NetStats, RxOutcome, RxWait, TxOutcome, NET_FAULT_KINDS, RX_BUDGET,
+    TX_BUDGET,
+};
 pub use tap::{tap_offload_flags, Tap, TapError};
 
 /// Size of the virtio-net header with VERSION_1 (`struct virtio_net_hdr_v1`), which is also

@@ -16,6 +16,9 @@ use crate::{check_queue, finish_batch, QueueError, QueueOutcome};
 
 /// Frames handled per `process_rx` call before yielding to the host's event loop.
 pub const RX_BUDGET: u32 = 256;
+/// The most TX chains one [`NetQueuePair::process_tx`] call sends: a guest can keep its TX
+/// ring full for ever, and the host must get back to its other events (RX, stop, reset).
+pub const TX_BUDGET: u32 = 256;
 
 /// Kinds of dropped chains and frames (indexes into the rate-limited log).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,9 +216,18 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
         let max_descs = usize::from(queue.size());
         let mut used = 0;
         let mut tap_full = false;
+        let mut more = false;
         'outer: loop {
             queue.disable_notification(mem).map_err(QueueError::Ring)?;
-            while let Some(chain) = queue.iter(mem).map_err(QueueError::Ring)?.next() {
+            loop {
+                if used >= TX_BUDGET {
+                    // Notifications stay off: the host calls again (`more`).
+                    more = true;
+                    break 'outer;
+                }
+                let Some(chain) = queue.iter(mem).map_err(QueueError::Ring)?.next() else {
+                    break;
+                };
                 let parsed = parse_chain(chain, mem, max_descs);
                 let head = parsed.head;
                 match self.tx_one(mem, &parsed) {
@@ -239,8 +251,10 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
                 break;
             }
         }
+        let mut out = finish_batch(queue, mem, used)?;
+        out.more = more;
         Ok(TxOutcome {
-            queue: finish_batch(queue, mem, used)?,
+            queue: out,
             tap_full,
         })
     }
@@ -332,8 +346,11 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
         check_queue(queue, mem)?;
         let mut used = 0;
         let mut frames = 0;
+        // Every frame read counts, delivered or dropped: a flood of frames the guest cannot
+        // take must not keep this call going either.
+        let mut read = 0;
         let wait = loop {
-            if frames >= RX_BUDGET {
+            if read >= RX_BUDGET {
                 break RxWait::Budget;
             }
             let len = match self.rx_pending {
@@ -343,6 +360,7 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
                     None => break RxWait::TapEmpty,
                 },
             };
+            read += 1;
             if len < VNET_HDR_LEN {
                 self.stats.rx_dropped += 1;
                 self.log.record(

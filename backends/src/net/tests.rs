@@ -534,3 +534,96 @@ fn real_tap_open_offloads_multiqueue_and_tx() {
     assert_eq!(np.stats().tx_frames, 1, "{:?}", np.stats());
     assert_eq!(np.stats().tx_bytes, 72);
 }
+
+/// A queue of `size` entries at fixed addresses (MockSplitQueue's rings overlap past 8
+/// entries): descriptors at 0, avail at 0x4000, used at 0x8000.
+fn big_queue(size: u16) -> Queue {
+    let mut q = Queue::new(size).unwrap();
+    q.set_size(size);
+    q.set_desc_table_address(Some(0), Some(0));
+    q.set_avail_ring_address(Some(0x4000), Some(0));
+    q.set_used_ring_address(Some(0x8000), Some(0));
+    q.set_ready(true);
+    q
+}
+
+#[test]
+fn tx_serves_at_most_its_budget_per_call_and_says_so() {
+    let m = mem();
+    let (a, b) = socketpair();
+    let size = 512u16;
+    let mut q = big_queue(size);
+    let n = TX_BUDGET as u16 + 100;
+    // `n` one-descriptor frames (a runt each: dropped, so the socket never fills).
+    for i in 0..n {
+        m.write_obj(d(BUF, 8, 0, 0), GuestAddress(16 * u64::from(i)))
+            .unwrap();
+        m.write_obj(i, GuestAddress(0x4004 + 2 * u64::from(i)))
+            .unwrap();
+    }
+    m.write_obj(n, GuestAddress(0x4002)).unwrap();
+    let mut np = NetQueuePair::new(a, &m, 0);
+    let out = np.process_tx(&mut q).unwrap();
+    assert_eq!(out.queue.used, TX_BUDGET);
+    assert!(out.queue.more, "chains are left");
+    let out = np.process_tx(&mut q).unwrap();
+    assert_eq!(out.queue.used, 100);
+    assert!(!out.queue.more);
+    drop(b);
+}
+
+#[test]
+fn rx_counts_dropped_frames_against_its_budget() {
+    let m = mem();
+    let (a, b) = socketpair();
+    // As many runts as the socket takes (more than the budget): each is read and dropped.
+    let mut sent = 0u32;
+    loop {
+        // SAFETY: writes from a valid 1-byte buffer.
+        let r = unsafe { libc::write(b.as_raw_fd(), [0u8].as_ptr().cast(), 1) };
+        if r != 1 {
+            break;
+        }
+        sent += 1;
+    }
+    assert!(sent > RX_BUDGET, "only {sent} frames fit the socket");
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut np = NetQueuePair::new(a, &m, 0);
+    let out = np.process_rx(&mut q).unwrap();
+    assert_eq!(out.wait, RxWait::Budget, "the call ends at its budget");
+    assert_eq!(np.stats().rx_dropped, u64::from(RX_BUDGET));
+    let out = np.process_rx(&mut q).unwrap();
+    assert_eq!(out.wait, RxWait::TapEmpty);
+    assert_eq!(np.stats().rx_dropped, u64::from(sent));
+}
+
+#[test]
+fn ctrl_serves_at_most_its_budget_per_call() {
+    let m = mem();
+    let size = 256u16;
+    let mut q = big_queue(size);
+    let n = CTRL_BUDGET as u16 + 10;
+    // Each command: VIRTIO_NET_CTRL_MQ / VQ_PAIRS_SET 1, and an ack byte.
+    m.write_slice(&[4, 0, 1, 0], GuestAddress(BUF)).unwrap();
+    for i in 0..n {
+        let at = 16 * u64::from(2 * i);
+        m.write_obj(d(BUF, 4, VRING_DESC_F_NEXT, 2 * i + 1), GuestAddress(at))
+            .unwrap();
+        m.write_obj(
+            d(BUF + 0x100 + u64::from(i), 1, VRING_DESC_F_WRITE, 0),
+            GuestAddress(at + 16),
+        )
+        .unwrap();
+        m.write_obj(2 * i, GuestAddress(0x4004 + 2 * u64::from(i)))
+            .unwrap();
+    }
+    m.write_obj(n, GuestAddress(0x4002)).unwrap();
+    let mut c = CtrlQueue::new(&m, 4);
+    let out = c.process(&mut q).unwrap();
+    assert_eq!(out.queue.used, CTRL_BUDGET);
+    assert!(out.queue.more);
+    let out = c.process(&mut q).unwrap();
+    assert_eq!(out.queue.used, 10);
+    assert!(!out.queue.more);
+}

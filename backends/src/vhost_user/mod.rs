@@ -680,3 +680,21 @@ pub fn one_line(e: &clap::Error) -> String {
     let msg = parts.join(" ");
     format!("{} (see --help)", msg.trim_start_matches("error: "))
 }
+
+/// Makes the queue's kick eventfd readable again, so that the worker serves the queue once
+/// more after it has handled its other events (an engine stopped at its budget with work
+/// left: the worker must see its exit event and vring changes between rounds).
+pub fn rekick(state: &vhost_user_backend::VringState<Mem>) {
+    if let Some(kick) = state.get_kick() {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local buffer to the kick eventfd, which the
+        // vring state keeps open while it is borrowed; an eventfd accepts an 8-byte add.
+        let r = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if r != 8 {
+            log::warn!(
+                "cannot re-arm the queue's kick eventfd: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}

@@ -210,6 +210,20 @@ impl PciRoot {
 }
 
 impl PciRoot {
+    /// Takes every device but the host bridge off the root, for the VM's teardown. The root
+    /// and the buses refer to each other (the buses hold the configuration mechanisms,
+    /// which hold the root), so dropping the VM's handle to the root frees nothing: the
+    /// caller drops what this returns, and each device's Drop stops its threads, drains its
+    /// I/O and releases what it holds (a vhost-user socket the vmm created, a VFIO group).
+    pub fn take_devices(&mut self) -> Vec<(String, Arc<Mutex<dyn PciDevice>>)> {
+        let slots: Vec<u8> = self.devices.keys().copied().filter(|&s| s != 0).collect();
+        slots
+            .into_iter()
+            .filter_map(|s| self.devices.remove(&s))
+            .map(|slot| (slot.name, slot.dev))
+            .collect()
+    }
+
     /// With debug logging: the most accessed configuration registers.
     pub fn log_config_trace(&self) {
         let Some(t) = &self.trace else {

@@ -116,8 +116,8 @@ impl PairThread {
         let (mut do_rx, mut do_tx, mut do_ctrl) = (true, true, true);
         loop {
             if do_tx {
-                do_tx = false;
-                self.tx_round(&mut tap)?;
+                // The TX budget ran out with chains left: serve them again after the events.
+                do_tx = self.tx_round(&mut tap)?.1;
             }
             if do_rx {
                 do_rx = self.rx_round(&mut tap)?.1;
@@ -129,15 +129,16 @@ impl PairThread {
                     if o.queue.notify {
                         q.irq.trigger();
                     }
+                    do_ctrl = o.queue.more;
                     if let Some(pairs) = o.vq_pairs {
                         log::debug!("{}: driver uses {pairs} queue pairs", self.name);
                     }
                 }
             }
-            if do_rx {
-                continue;
-            }
-            if poller.enabled() {
+            // Work left over (a budget ran out): look at the events without sleeping, so
+            // that stop and the other queues are seen between rounds.
+            let pending = do_rx || do_tx || do_ctrl;
+            if poller.enabled() && !pending {
                 match self.poll_pair(&mut tap, &stop, poller.window())? {
                     PollEnd::Stopped => return Ok(()),
                     PollEnd::Idle => {
@@ -152,7 +153,7 @@ impl PairThread {
                     }
                 }
             }
-            let n = match epoll.wait(-1, &mut events) {
+            let n = match epoll.wait(if pending { 0 } else { -1 }, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -192,14 +193,15 @@ impl PairThread {
         }
     }
 
-    /// Sends the TX queue's frames; returns whether any chain was used.
-    fn tx_round(&mut self, tap: &mut TapWatch) -> io::Result<bool> {
+    /// Sends the TX queue's frames; returns (whether any chain was used, the TX budget ran
+    /// out with chains left).
+    fn tx_round(&mut self, tap: &mut TapWatch) -> io::Result<(bool, bool)> {
         let o = self.engine.process_tx(&mut self.tx.queue).map_err(err)?;
         if o.queue.notify {
             self.tx.irq.trigger();
         }
         tap.set(tap.tap_in, o.tap_full)?;
-        Ok(o.queue.used > 0)
+        Ok((o.queue.used > 0, o.queue.more))
     }
 
     /// Delivers tap frames to the RX queue; returns (work done, the RX budget ran out).
@@ -240,7 +242,7 @@ impl PairThread {
             || {
                 let mut work = false;
                 if self.engine.tx_pending(&self.tx.queue).map_err(err)? {
-                    work |= self.tx_round(tap)?;
+                    work |= self.tx_round(tap)?.0;
                 }
                 if tap.tap_in {
                     work |= self.rx_round(tap)?.0;
