@@ -236,13 +236,22 @@ judge_daemon() {
     if echo "$_r" | grep -qE '(^| )[1-9][0-9]*'; then echo "LAB-OK $1-daemon-resubmitted"; else
         fail "$1-daemon-resubmitted" "no 'resumed from the inflight region: N request(s)' with N > 0 in the daemon's log (N: ${_r:-no such line}); restarts logged: $(grep -c 'frontend connected' "$2")"; fi
 }
-# judge_reconnects NAME ID: the vmm logged one reconnect per kill.
+# judge_reconnects NAME ID: the vmm logged every outage and every reconnect: as many
+# 'reconnected' lines as 'is gone' ones, and the last of its connection lines a reconnect. (A
+# kill that lands while the vmm is still handshaking with the restarted daemon shows as a
+# failed reconnect attempt, not as one more outage; one before the vmm connected, as nothing.)
 judge_reconnects() {
+    _g=$(grep -c "$2: vhost-user back-end .* is gone" /tmp/$1.err)
     _c=$(grep -c "$2: reconnected" /tmp/$1.err)
-    echo "LAB-VAL $1-vmm-reconnects $_c"
-    grep -E "$2: (reconnect|vhost-user back-end)|NEEDS_RESET|needs a reset" /tmp/$1.err | head -n 12 | sed "s/^/LAB-VAL $1-vmm-log /"
-    if [ "$_c" = 5 ]; then echo "LAB-OK $1-vmm-reconnects"; else
-        fail "$1-vmm-reconnects" "$_c 'reconnected' lines from the vmm for 5 kills"; fi
+    _f=$(grep -c "$2: reconnect.* failed" /tmp/$1.err)
+    _last=$(grep -E "$2: (reconnect|vhost-user back-end .* is gone)" /tmp/$1.err | tail -n 1)
+    echo "LAB-VAL $1-vmm-reconnects $_c (outages $_g, failed attempts $_f)"
+    grep -E "$2: (reconnect|vhost-user back-end)|NEEDS_RESET|needs a reset" /tmp/$1.err | head -n 14 | sed "s/^/LAB-VAL $1-vmm-log /"
+    if [ "$_g" -ge 1 ] && [ "$_c" = "$_g" ] && echo "$_last" | grep -q "$2: reconnected"; then
+        echo "LAB-OK $1-vmm-reconnects"
+    else
+        fail "$1-vmm-reconnects" "$_g outages, $_c 'reconnected' lines, $_f failed attempts for 5 kills; last: $_last"
+    fi
 }
 "#;
 

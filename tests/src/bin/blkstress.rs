@@ -1145,6 +1145,38 @@ mod tests {
     }
 
     #[test]
+    fn the_mute_listener_accepts_and_never_answers() {
+        use std::io::Read as _;
+        let dir = std::env::temp_dir().join(format!("blkstress-{}-mute", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock").to_string_lossy().into_owned();
+        let p = path.clone();
+        thread::spawn(move || mute_listener(&p));
+        let give_up = Instant::now() + Duration::from_secs(5);
+        let mut c = loop {
+            match std::os::unix::net::UnixStream::connect(&path) {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > give_up => panic!("connect {path}: {e}"),
+                Err(_) => thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        // A vhost-user GET_FEATURES header: no answer comes, and the connection stays open.
+        c.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        let e = c.read(&mut b).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn arguments() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let a = parse_run(&s(&[
