@@ -86,11 +86,14 @@ start_qsd() {
     echo $! >"$3"
     wait_sock "$2" || echo "LAB-VAL daemon-not-listening $2"
 }
-# kill_loop LOG PIDFILE TAG RESTART...: once the guest's blkstress runs (LOG), 5 times: sleep
-# 0.5 to 1.5 s (random), SIGKILL the process in PIDFILE, restart it with RESTART...
+# kill_loop LOG PIDFILE TAG DLOG RESTART...: once the guest's blkstress runs (LOG), 5 times:
+# sleep 0.5 to 1.5 s (random), SIGKILL the process in PIDFILE, restart it with RESTART...
+# With DLOG (our daemon's log; - for none), each restarted daemon first waits for its
+# frontend to connect again (at most 15 s), so that every kill lands mid-I/O, not in the
+# frontend's handshake (QEMU retries its connection only once a second).
 kill_loop() {
-    _log=$1 _pidf=$2 _tag=$3
-    shift 3
+    _log=$1 _pidf=$2 _tag=$3 _dl=$4
+    shift 4
     if ! wait_for "$_log" '^BLKSTRESS-START' 300; then
         echo "LAB-VAL $_tag-kills 0 (the guest's blkstress never started)"
         return
@@ -101,8 +104,19 @@ kill_loop() {
         _r=$(od -An -N1 -tu1 /dev/urandom | tr -d ' ')
         sleep "$(awk -v r="$_r" 'BEGIN { printf "%.2f", 0.5 + r / 255 }')"
         kill -9 "$(cat "$_pidf")"
-        echo "LAB-VAL $_tag-kill-$_i $(lab_uptime)"
+        _at=$(lab_uptime)
+        _before=0
+        [ "$_dl" != - ] && _before=$(grep -c 'frontend connected' "$_dl")
         "$@"
+        _how=""
+        if [ "$_dl" != - ]; then
+            _w=0
+            while [ "$(grep -c 'frontend connected' "$_dl")" -le "$_before" ] && [ $_w -lt 150 ]; do
+                sleep 0.1; _w=$((_w + 1))
+            done
+            _how=" (restarted, frontend back after $(lab_elapsed "$_at") s)"
+        fi
+        echo "LAB-VAL $_tag-kill-$_i $_at$_how"
         _i=$((_i + 1))
     done
     echo "LAB-VAL $_tag-kills 5"
@@ -232,7 +246,7 @@ judge_outcome() {
 judge_daemon() {
     _r=$(grep -o 'resumed from the inflight region: [0-9]* request' "$2" | awk '{ print $6 }' | tr '\n' ' ')
     echo "LAB-VAL $1-daemon-resubmitted ${_r:-none}"
-    grep -E 'WARN|ERROR|resumed' "$2" | tail -n 12 | sed "s/^/LAB-VAL $1-daemon-log /"
+    grep -E 'WARN|ERROR|resumed|connected' "$2" | tail -n 20 | sed "s/^/LAB-VAL $1-daemon-log /"
     if echo "$_r" | grep -qE '(^| )[1-9][0-9]*'; then echo "LAB-OK $1-daemon-resubmitted"; else
         fail "$1-daemon-resubmitted" "no 'resumed from the inflight region: N request(s)' with N > 0 in the daemon's log (N: ${_r:-no such line}); restarts logged: $(grep -c 'frontend connected' "$2")"; fi
 }
@@ -391,7 +405,7 @@ fn l1_must2() -> String {
 img=$(nvme_disk)
 dd if=/dev/zero of=/tmp/st.img bs=1M count=4 2>/dev/null
 start_blk $img /tmp/blk.sock /tmp/blk.pid /tmp/blk.log --direct
-kill_loop /tmp/m2.log /tmp/blk.pid m2 start_blk $img /tmp/blk.sock /tmp/blk.pid /tmp/blk.log --direct &
+kill_loop /tmp/m2.log /tmp/blk.pid m2 /tmp/blk.log start_blk $img /tmp/blk.sock /tmp/blk.pid /tmp/blk.log --direct &
 kl=$!
 run_vm m2 300 {VMM} --cmdline "$L2_CMDLINE tag=m2 mode=stress secs={STRESS_SECS}" \
     --disk path=/tmp/st.img,id=state --vhost-user-blk socket=/tmp/blk.sock,id=vublk
@@ -412,7 +426,7 @@ fn l1_must3() -> String {
 img=$(nvme_disk)
 dd if=/dev/zero of=/tmp/st.img bs=1M count=4 2>/dev/null
 start_blk $img /tmp/blk.sock /tmp/blk.pid /tmp/blk.log --direct
-kill_loop /tmp/m3q.log /tmp/blk.pid m3q start_blk $img /tmp/blk.sock /tmp/blk.pid /tmp/blk.log --direct &
+kill_loop /tmp/m3q.log /tmp/blk.pid m3q /tmp/blk.log start_blk $img /tmp/blk.sock /tmp/blk.pid /tmp/blk.log --direct &
 kl=$!
 run_vm m3q 300 {QEMU} -append "$L2_CMDLINE tag=m3q mode=stress secs={STRESS_SECS}" \
     -chardev socket,id=c0,path=/tmp/blk.sock,reconnect=1 -device vhost-user-blk-pci,chardev=c0,num-queues=1 \
@@ -427,7 +441,7 @@ kill "$(cat /tmp/blk.pid)"
 dd if=/dev/zero of=/tmp/q.img bs=1M count=16 2>/dev/null
 dd if=/dev/zero of=/tmp/st2.img bs=1M count=4 2>/dev/null
 start_qsd /tmp/q.img /tmp/qsd.sock /tmp/qsd.pid /tmp/qsd.log
-kill_loop /tmp/m3s.log /tmp/qsd.pid m3s start_qsd /tmp/q.img /tmp/qsd.sock /tmp/qsd.pid /tmp/qsd.log &
+kill_loop /tmp/m3s.log /tmp/qsd.pid m3s - start_qsd /tmp/q.img /tmp/qsd.sock /tmp/qsd.pid /tmp/qsd.log &
 kl=$!
 run_vm m3s 300 {VMM} --cmdline "$L2_CMDLINE tag=m3s mode=stress secs={STRESS_SECS}" \
     --disk path=/tmp/st2.img,id=state --vhost-user-blk socket=/tmp/qsd.sock,id=qsd
@@ -441,7 +455,7 @@ kill "$(cat /tmp/qsd.pid)"
 dd if=/dev/zero of=/tmp/q.img bs=1M count=16 2>/dev/null
 dd if=/dev/zero of=/tmp/st3.img bs=1M count=4 2>/dev/null
 start_qsd /tmp/q.img /tmp/qsd.sock /tmp/qsd.pid /tmp/qsd.log
-kill_loop /tmp/m3qq.log /tmp/qsd.pid m3qq start_qsd /tmp/q.img /tmp/qsd.sock /tmp/qsd.pid /tmp/qsd.log &
+kill_loop /tmp/m3qq.log /tmp/qsd.pid m3qq - start_qsd /tmp/q.img /tmp/qsd.sock /tmp/qsd.pid /tmp/qsd.log &
 kl=$!
 run_vm m3qq 300 {QEMU} -append "$L2_CMDLINE tag=m3qq mode=stress secs={STRESS_SECS}" \
     -chardev socket,id=c0,path=/tmp/qsd.sock,reconnect=1 -device vhost-user-blk-pci,chardev=c0,num-queues=1 \
