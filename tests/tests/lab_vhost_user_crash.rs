@@ -257,7 +257,7 @@ judge_daemon() {
 judge_reconnects() {
     _g=$(grep -c "$2: vhost-user back-end .* is gone" /tmp/$1.err)
     _c=$(grep -c "$2: reconnected" /tmp/$1.err)
-    _f=$(grep -c "$2: reconnect.* failed" /tmp/$1.err)
+    _f=$(grep -cE "$2: reconnect( to [^ ]*)? failed:" /tmp/$1.err)
     _last=$(grep -E "$2: (reconnect|vhost-user back-end .* is gone)" /tmp/$1.err | tail -n 1)
     echo "LAB-VAL $1-vmm-reconnects $_c (outages $_g, failed attempts $_f)"
     grep -E "$2: (reconnect|vhost-user back-end)|NEEDS_RESET|needs a reset" /tmp/$1.err | head -n 14 | sed "s/^/LAB-VAL $1-vmm-log /"
