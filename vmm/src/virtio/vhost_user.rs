@@ -91,6 +91,15 @@ pub enum VhostUserError {
         "cannot connect to vhost-user back-end '{0}': is its daemon running and listening there?"
     )]
     Connect(PathBuf, #[source] io::Error),
+    #[error(
+        "vhost-user back-end '{path}' hung up during {what} (it died or closed the connection)"
+    )]
+    Gone {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: vhost::Error,
+    },
     #[error("vhost-user back-end '{path}' refused {what}")]
     Protocol {
         path: PathBuf,
@@ -492,6 +501,18 @@ struct Ctx {
     ctl: Arc<CtlShared>,
 }
 
+/// Whether a request failed because the connection went away, not because the back-end
+/// answered with a refusal.
+fn hung_up(e: &vhost::Error) -> bool {
+    use vhost::vhost_user::Error as E;
+    matches!(
+        e,
+        vhost::Error::VhostUserProtocol(
+            E::Disconnected | E::PartialMessage | E::SocketBroken(_) | E::SocketError(_)
+        )
+    )
+}
+
 impl Ctx {
     /// Runs one request under the deadline.
     fn rq<T>(
@@ -508,6 +529,12 @@ impl Ctx {
                     path: self.path.clone(),
                     what,
                     ms: self.timeout.as_millis(),
+                }
+            } else if hung_up(&source) {
+                VhostUserError::Gone {
+                    path: self.path.clone(),
+                    what,
+                    source,
                 }
             } else {
                 VhostUserError::Protocol {

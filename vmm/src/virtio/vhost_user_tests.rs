@@ -63,6 +63,8 @@ struct Script {
     stall_vring_base: bool,
     /// Hangs up connection 0 after it saw this many SET_VRING_KICK.
     hangup_after_kicks: Option<usize>,
+    /// Closes each connection when this many messages came, without answering the last.
+    close_after: Option<usize>,
 }
 
 impl Default for Script {
@@ -72,6 +74,7 @@ impl Default for Script {
             answer: None,
             stall_vring_base: false,
             hangup_after_kicks: None,
+            close_after: None,
         }
     }
 }
@@ -215,6 +218,10 @@ fn serve(mut s: UnixStream, conn: usize, script: &Script, fake: (&Mutex<Vec<Msg>
             fds: fds.len(),
             conn,
         });
+        if script.close_after == Some(seen) {
+            hangups.lock().unwrap().push((conn, Instant::now()));
+            return;
+        }
         match code {
             GET_FEATURES => reply(&mut s, code, &features.to_le_bytes(), None),
             GET_PROTOCOL_FEATURES => reply(&mut s, code, &script.protocol.to_le_bytes(), None),
@@ -512,6 +519,22 @@ fn a_backend_that_accepts_and_never_answers_fails_boot_after_the_deadline() {
         e.contains("did not answer GET_FEATURES within 200 ms"),
         "{e}"
     );
+}
+
+#[test]
+fn a_backend_that_dies_mid_request_is_said_to_have_hung_up_not_refused() {
+    // SET_OWNER, then GET_FEATURES: the back-end closes instead of answering.
+    let f = fake(Script {
+        close_after: Some(2),
+        ..Script::default()
+    });
+    let ram = memfd();
+    let e = VhostUserDevice::new(&cfg(&f.path, 2000), ram.as_raw_fd(), region())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("hung up during GET_FEATURES"), "{e}");
+    assert!(!e.contains("refused"), "{e}");
 }
 
 #[test]
