@@ -15,6 +15,10 @@
 //!    SIGKILLed and started again while the probe is idle between two phases (`phases=2
 //!    gap_ms=`): the vmm takes the new connection, and the second phase's echoes all come
 //!    back through the new testpmd, whose counters show them.
+//! 3. The same restart with no gap to speak of: the probe's second phase sends its first
+//!    frame while no testpmd is there; it waits in the ring and goes out through the new
+//!    testpmd (the vmm saw the old one die with nothing pending, so resuming at the used
+//!    index neither loses nor doubles a request).
 //!
 //! Installs nothing: without `dpdk-testpmd` the tests fail and say how to get it
 //! (`apt-get install -y dpdk-dev`; `scripts/test` does that).
@@ -295,5 +299,57 @@ fn testpmd_client_reconnects_to_vmm_server_after_sigkill() {
     wait_counts(&mut second, want, "phase 2 in testpmd's counters");
     let (rx2, tx2) = assert_counts(&second, want, "phase 2 (restarted testpmd)");
     eprintln!("testpmd counters: first RX {rx1} TX {tx1}; restarted RX {rx2} TX {tx2}");
+    let _ = second.stop();
+}
+
+/// testpmd is SIGKILLed as soon as the probe's first phase ends and the probe's second
+/// phase starts (its first ARP request) before the new testpmd is there: that frame waits
+/// in the ring, the vmm resumes the rings when testpmd is back (nothing was pending when
+/// the old one died, so nothing it took can be lost or doubled; DPDK has no inflight
+/// tracking) and the second phase gets every reply.
+#[test]
+fn a_frame_sent_while_testpmd_restarts_goes_out_through_the_new_one() {
+    let dir = ScratchDir::new("dpdk").expect("scratch dir");
+    let sock = dir.join("vhost.sock");
+    let cfg = ProbeConfig::net(N, "192.0.2.2", "192.0.2.1");
+    let mut vmm = vmm_probe(
+        &format!("socket={},server=on,id=dpdk0", sock.display()),
+        &cfg,
+        "phases=2 gap_ms=500",
+    );
+    vmm.wait_for_path(&sock, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut first = testpmd(&sock, true);
+    let vmm_log = vmm.log_path().to_path_buf();
+    vmm.wait_for("the probe's first phase", TIMEOUT, || {
+        std::fs::read_to_string(&vmm_log).is_ok_and(|l| l.contains("probe-result "))
+    })
+    .unwrap_or_else(|e| panic!("{e}\ntestpmd:\n{}", first.log()));
+    let pid = libc::pid_t::try_from(first.pid()).expect("testpmd pid");
+    // SAFETY: SIGKILL to the testpmd this test started (our child, not yet reaped).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let killed = Instant::now();
+    let _ = first.wait();
+    // The second phase's ARP request goes into the ring while no back-end is there.
+    vmm.wait_for("the probe's second phase", Duration::from_secs(10), || {
+        std::fs::read_to_string(&vmm_log).is_ok_and(|l| l.contains("probe: net: phase 2"))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut second = testpmd(&sock, true);
+    let out = finish(&mut vmm, TIMEOUT, "frame sent during the restart");
+    eprintln!(
+        "frame sent during the restart: the probe ended {:.1} s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
+    all_replies(&out, 2, "frame sent during the restart", &second.log());
+    assert!(
+        out.stdout.contains("queues resumed"),
+        "the vmm did not resume the queues:\n{}",
+        out.stdout
+    );
+    let want = u64::from(N + cfg.warmup);
+    wait_counts(&mut second, want, "phase 2 in testpmd's counters");
+    assert_counts(&second, want, "phase 2 (restarted testpmd)");
     let _ = second.stop();
 }

@@ -26,7 +26,10 @@
 //!   used index.
 //! - Without it, if requests were in flight, their state is unknown (a back-end may
 //!   complete out of order): the device sets DEVICE_NEEDS_RESET instead of resuming, and
-//!   the driver resets it.
+//!   the driver resets it. Unless the rings had nothing pending once the old back-end was
+//!   seen dead: then whatever the driver made available since was never taken (a NIC
+//!   that transmits during a back-end restart, DPDK's vhost having no inflight tracking),
+//!   and the rings resume at the used index.
 //! - After [`OUTAGE_GRACE`], and only once the old back-end process is dead (its pidfd,
 //!   so a stopped one never counts), the VMM fails the requests itself (block:
 //!   VIRTIO_BLK_S_IOERR; net: transmitted frames dropped): exactly those marked inflight in
@@ -902,8 +905,8 @@ fn fail_inflight<M: GuestMemoryBackend>(
     u32::from(done)
 }
 
-/// The back-end completes in order (VIRTIO_F_IN_ORDER): everything from the used index on
-/// is not completed. Returns how many failed.
+/// The back-end completes in order (VIRTIO_F_IN_ORDER), or had nothing pending when it
+/// died: everything from the used index on is not completed. Returns how many failed.
 fn fail_in_order<M: GuestMemoryBackend>(kind: Kind, mem: &M, q: &QueueSetup) -> u32 {
     let Some((avail, used)) = ring_indexes(mem, q) else {
         return 0;
@@ -939,6 +942,9 @@ struct State {
     halted: bool,
     /// Reconnect attempts failed in a row (logged once).
     quiet: bool,
+    /// Once `gone` is known dead: whether its rings had no request pending then (see
+    /// [`State::note_death`]).
+    idle_at_death: Option<bool>,
 }
 
 impl State {
@@ -950,6 +956,7 @@ impl State {
                 ctx.path.display()
             );
             self.gone = Some(c.peer);
+            self.idle_at_death = None;
         }
         ctx.wd.watch(None);
         self.down_since.get_or_insert_with(Instant::now);
@@ -1004,6 +1011,22 @@ impl State {
         self.failed = 0;
     }
 
+    /// The first time the old back-end is seen dead: whether nothing was pending on its
+    /// rings then. If so, every request pending later was made available after it died, so
+    /// no back-end ever took one: without inflight tracking too, the rings can resume at
+    /// the used index and the outage may fail what is pending (as with IN_ORDER). A request
+    /// made available before this look counts as pending: that stays unknown.
+    fn note_death(&mut self, ctx: &Ctx) {
+        if self.idle_at_death.is_some() {
+            return;
+        }
+        if let (Some(gone), Some(setup)) = (&self.gone, &self.setup) {
+            if gone.dead() {
+                self.idle_at_death = Some(pending(ctx.kind, setup) == 0);
+            }
+        }
+    }
+
     /// While the back-end is away: after the grace period, fail what is known not to be
     /// completed, once the old back-end cannot write into the rings any more.
     fn outage(&mut self, ctx: &Ctx) {
@@ -1039,7 +1062,7 @@ impl State {
                     n += fail_inflight(ctx.kind, &*mem, q, &r);
                 }
             }
-        } else if setup.acked & VIRTIO_F_IN_ORDER != 0 {
+        } else if setup.acked & VIRTIO_F_IN_ORDER != 0 || self.idle_at_death == Some(true) {
             for q in setup
                 .queues
                 .iter()
@@ -1089,10 +1112,13 @@ impl State {
             self.quiet = false;
             self.conn = Some(conn);
             self.gone = None;
+            self.idle_at_death = None;
             self.down_since = None;
             return;
         };
-        let unknown = self.inflight.is_none() && setup.acked & VIRTIO_F_IN_ORDER == 0;
+        let unknown = self.inflight.is_none()
+            && setup.acked & VIRTIO_F_IN_ORDER == 0
+            && self.idle_at_death != Some(true);
         let p = pending(ctx.kind, &setup);
         if !self.halted && setup.taken && unknown && p > 0 {
             self.halt(ctx, &setup, p, "went away");
@@ -1118,6 +1144,7 @@ impl State {
                 if conn.rings {
                     // This back-end had the rings: its death, not the old one's, decides.
                     self.gone = Some(conn.peer);
+                    self.idle_at_death = None;
                 }
                 self.setup = Some(setup);
                 return;
@@ -1132,6 +1159,7 @@ impl State {
         self.setup = Some(setup);
         self.conn = Some(conn);
         self.gone = None;
+        self.idle_at_death = None;
         self.down_since = None;
         self.quiet = false;
     }
@@ -1230,6 +1258,7 @@ fn control(ctx: &Ctx, mut st: State) {
                 if ctx.ctl.stop.load(Ordering::Acquire) || ctx.ctl.cmds_pending() {
                     continue;
                 }
+                st.note_death(ctx);
                 st.outage(ctx);
                 st.reconnect(ctx);
             }
@@ -1445,6 +1474,7 @@ impl VhostUserDevice {
             said_alive: false,
             halted: false,
             quiet: false,
+            idle_at_death: None,
         };
         let (done_tx, done_rx) = mpsc::channel();
         let t = thread::Builder::new()
