@@ -68,19 +68,58 @@ fn elf() -> PathBuf {
     p
 }
 
+/// A testpmd: its process (stopped on drop: SIGTERM, then SIGKILL) and its EAL runtime
+/// directory (removed on drop).
+struct Testpmd {
+    daemon: Daemon,
+    runtime_dir: PathBuf,
+}
+
+impl std::ops::Deref for Testpmd {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.daemon
+    }
+}
+
+impl std::ops::DerefMut for Testpmd {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.daemon
+    }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        if self.daemon.pid() != 0 {
+            let _ = self.daemon.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.runtime_dir);
+    }
+}
+
 /// testpmd as the vhost-user-net back-end at `sock`: listening, or connecting with
-/// `client`. Stopped (SIGTERM, then SIGKILL) on drop; its log is kept under
-/// `target/test-logs`.
-fn testpmd(sock: &Path, client: bool) -> Daemon {
+/// `client`. Its log is kept under `target/test-logs`.
+fn testpmd(sock: &Path, client: bool) -> Testpmd {
     let vdev = format!(
         "net_vhost0,iface={},queues=1{}",
         sock.display(),
         if client { ",client=1" } else { "" }
     );
+    // Its own EAL runtime directory: other testpmds on this machine do not collide.
+    let prefix = unique_name("tpmd");
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let root = unsafe { libc::geteuid() } == 0;
+    // EAL's choice: /var/run for root, else $XDG_RUNTIME_DIR (or /tmp).
+    let runtime_dir = match std::env::var_os("XDG_RUNTIME_DIR") {
+        _ if root => PathBuf::from("/var/run"),
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from("/tmp"),
+    }
+    .join("dpdk")
+    .join(&prefix);
     let mut cmd = Command::new(testpmd_bin());
     cmd.args(["--no-huge", "-m", "256", "--no-pci"])
-        // Its own runtime directory: other testpmds on this machine do not collide.
-        .arg(format!("--file-prefix={}", unique_name("tpmd")))
+        .arg(format!("--file-prefix={prefix}"))
         .args(["--vdev", &vdev])
         .args(["--log-level=lib.vhost.config:debug"])
         .args([
@@ -89,9 +128,12 @@ fn testpmd(sock: &Path, client: bool) -> Daemon {
             "--total-num-mbufs=8192",
             "--stats-period=1",
         ]);
-    let mut d = Daemon::spawn("dpdk-testpmd", &mut cmd).expect("start dpdk-testpmd");
-    d.set_grace(Duration::from_secs(10));
-    d
+    let mut daemon = Daemon::spawn("dpdk-testpmd", &mut cmd).expect("start dpdk-testpmd");
+    daemon.set_grace(Duration::from_secs(10));
+    Testpmd {
+        daemon,
+        runtime_dir,
+    }
 }
 
 /// The last RX and TX packet counts testpmd printed (its periodic port statistics, or the
@@ -197,7 +239,7 @@ fn all_replies(
 }
 
 /// testpmd's counters: every echo (and ARP) the probe sent was received and answered.
-fn assert_counts(d: &Daemon, at_least: u64, what: &str) -> (u64, u64) {
+fn assert_counts(d: &Testpmd, at_least: u64, what: &str) -> (u64, u64) {
     let log = d.log();
     let (rx, tx) = testpmd_counts(&log)
         .unwrap_or_else(|| panic!("{what}: no packet counts in testpmd's output:\n{log}"));
@@ -315,7 +357,7 @@ fn a_frame_sent_while_testpmd_restarts_goes_out_through_the_new_one() {
     let mut vmm = vmm_probe(
         &format!("socket={},server=on,id=dpdk0", sock.display()),
         &cfg,
-        "phases=2 gap_ms=500",
+        "phases=2 gap_ms=3000",
     );
     vmm.wait_for_path(&sock, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -335,6 +377,15 @@ fn a_frame_sent_while_testpmd_restarts_goes_out_through_the_new_one() {
         std::fs::read_to_string(&vmm_log).is_ok_and(|l| l.contains("probe: net: phase 2"))
     })
     .unwrap_or_else(|e| panic!("{e}"));
+    let log = vmm.log();
+    let (gone, phase2) = (
+        log.find("is gone (its socket hung up)"),
+        log.find("probe: net: phase 2"),
+    );
+    assert!(
+        gone.is_some_and(|g| phase2.is_some_and(|p| g < p)),
+        "the vmm did not see testpmd go before the probe's second phase (a machine too busy for the 3 s gap?):\n{log}"
+    );
     std::thread::sleep(Duration::from_millis(300));
     let mut second = testpmd(&sock, true);
     let out = finish(&mut vmm, TIMEOUT, "frame sent during the restart");

@@ -72,6 +72,21 @@ use super::{Activation, DeviceShared, VirtioDevice};
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
 const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+/// virtio-net features that need the control queue (virtio 1.2, 5.1.3.1: CTRL_GUEST_OFFLOADS,
+/// CTRL_RX, CTRL_VLAN, CTRL_RX_EXTRA, GUEST_ANNOUNCE, MQ, CTRL_MAC_ADDR, VQ_NOTF_COAL,
+/// NOTF_COAL, HASH_REPORT, RSS) and the control queue itself.
+const VIRTIO_NET_CTRL_FEATURES: u64 = VIRTIO_NET_F_CTRL_VQ
+    | 1 << 2
+    | 1 << 18
+    | 1 << 19
+    | 1 << 20
+    | 1 << 21
+    | VIRTIO_NET_F_MQ
+    | 1 << 23
+    | 1 << 52
+    | 1 << 53
+    | 1 << 57
+    | 1 << 60;
 const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
 /// virtio-blk config: `num_queues` (u16); virtio-net config: `max_virtqueue_pairs` (u16).
@@ -1292,7 +1307,7 @@ fn present(
         Kind::Block => (VIRTIO_BLK_F_MQ, BLK_CFG_NUM_QUEUES),
         Kind::Net => (VIRTIO_NET_F_MQ, NET_CFG_MAX_PAIRS),
     };
-    let ctrl = usize::from(kind == Kind::Net && features & VIRTIO_NET_F_CTRL_VQ != 0);
+    let mut ctrl = usize::from(kind == Kind::Net && features & VIRTIO_NET_F_CTRL_VQ != 0);
     let per = if kind == Kind::Net { 2 } else { 1 };
     let mut cap = match backend_max {
         Some(m) => (usize::try_from(m)
@@ -1316,6 +1331,14 @@ fn present(
     }
     if n == 1 {
         features &= !mq_bit;
+        // One pair needs no control queue, and not every back-end serves one: QEMU keeps
+        // it in the VMM, so DPDK's vhost never polls it, and a Linux guest then spins in
+        // the kernel on its first command (`ip link set up`). Not offered, with what
+        // depends on it.
+        if ctrl == 1 {
+            features &= !VIRTIO_NET_CTRL_FEATURES;
+            ctrl = 0;
+        }
     }
     let what = if kind == Kind::Net {
         "queue pairs"
