@@ -72,6 +72,11 @@ use super::{Activation, DeviceShared, VirtioDevice};
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
 const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+/// Transport features the VMM does not implement, never offered to the guest whatever the
+/// back-end offers: RING_PACKED (34; the rings are set up, resumed at the used index and
+/// failed as split rings, and a packed ring's base would need its wrap counter),
+/// NOTIFICATION_DATA (38) and RING_RESET (40; the PCI transport has neither).
+const UNSUPPORTED_TRANSPORT_FEATURES: u64 = 1 << 34 | 1 << 38 | 1 << 40;
 /// virtio-net features that need the control queue (virtio 1.2, 5.1.3.1: CTRL_GUEST_OFFLOADS,
 /// CTRL_RX, CTRL_VLAN, CTRL_RX_EXTRA, GUEST_ANNOUNCE, MQ, CTRL_MAC_ADDR, VQ_NOTF_COAL,
 /// NOTF_COAL, HASH_REPORT, RSS) and the control queue itself.
@@ -1323,7 +1328,7 @@ fn present(
         cap = cap.min(usize::from(n));
     }
     let n = usize::from(asked).min(cap).max(1);
-    let mut features = features;
+    let mut features = features & !UNSUPPORTED_TRANSPORT_FEATURES;
     if features & mq_bit != 0 {
         if let Some(b) = config.get_mut(at..at + 2) {
             b.copy_from_slice(&(n as u16).to_le_bytes());
