@@ -20,6 +20,9 @@
 //!   Default: all.
 //! - `ip=A.B.C.D`, `peer=A.B.C.D`: the net probe's address and the echo target (defaults
 //!   192.0.2.2 and 192.0.2.1); `size=N`: ICMP payload bytes (default 56).
+//! - `phases=N`: the net probe runs N times (ARP, then `n` echoes; one `probe-result` line
+//!   each, default 1), idle for `gap_ms=M` milliseconds between phases (default 0, no frame
+//!   sent meanwhile): a host test can restart the back-end in the gap.
 
 /// What the command line asks for.
 #[derive(Debug)]
@@ -37,6 +40,8 @@ pub struct Args<'a> {
     pub ip: [u8; 4],
     pub peer: [u8; 4],
     pub size: u32,
+    pub phases: u32,
+    pub gap_ms: u32,
 }
 
 impl Default for Args<'_> {
@@ -54,6 +59,8 @@ impl Default for Args<'_> {
             ip: [192, 0, 2, 2],
             peer: [192, 0, 2, 1],
             size: 56,
+            phases: 1,
+            gap_ms: 0,
         }
     }
 }
@@ -231,6 +238,18 @@ pub fn parse(cmdline: &[u8]) -> Result<Args<'_>, Error<'_>> {
             b"qd" => args.qd = parse_u32(value).ok_or(Error::BadNumber { key: "qd", value })?,
             b"size" => {
                 args.size = parse_u32(value).ok_or(Error::BadNumber { key: "size", value })?
+            }
+            b"phases" => {
+                args.phases = parse_u32(value).ok_or(Error::BadNumber {
+                    key: "phases",
+                    value,
+                })?;
+            }
+            b"gap_ms" => {
+                args.gap_ms = parse_u32(value).ok_or(Error::BadNumber {
+                    key: "gap_ms",
+                    value,
+                })?;
             }
             b"ip" => args.ip = parse_ipv4(value).ok_or(Error::BadAddress { key: "ip", value })?,
             b"peer" => {

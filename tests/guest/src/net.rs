@@ -320,6 +320,22 @@ pub fn run(args: &Args<'_>) -> bool {
         dev.func.dev, dev.func.func, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
     );
 
+    let mut failed = false;
+    for phase in 0..args.phases.max(1) {
+        if phase > 0 {
+            // Idle: no frame goes out; received ones are taken (and the buffers reposted).
+            let gap = u64::from(args.gap_ms) * (REPLY_CYCLES / 1000);
+            let _ = net.receive(None, rdtsc() + gap, size, args.seed);
+            net.peer_mac = None;
+            println!("probe: net: phase {}", phase + 1);
+        }
+        failed |= phase_run(&mut net, args, size);
+    }
+    failed
+}
+
+/// One phase: ARP for the peer, then the echoes; returns whether it failed.
+fn phase_run(net: &mut Net, args: &Args<'_>, size: usize) -> bool {
     // ARP for the peer: a request every ~100 ms, for up to ~5 s.
     for _ in 0..50 {
         net.send_arp(1, [0xff; 6], [0; 6], args.peer);

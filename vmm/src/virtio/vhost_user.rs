@@ -26,7 +26,10 @@
 //!   used index.
 //! - Without it, if requests were in flight, their state is unknown (a back-end may
 //!   complete out of order): the device sets DEVICE_NEEDS_RESET instead of resuming, and
-//!   the driver resets it.
+//!   the driver resets it. Unless the rings had nothing pending once the old back-end was
+//!   seen dead: then whatever the driver made available since was never taken (a NIC
+//!   that transmits during a back-end restart, DPDK's vhost having no inflight tracking),
+//!   and the rings resume at the used index.
 //! - After [`OUTAGE_GRACE`], and only once the old back-end process is dead (its pidfd,
 //!   so a stopped one never counts), the VMM fails the requests itself (block:
 //!   VIRTIO_BLK_S_IOERR; net: transmitted frames dropped): exactly those marked inflight in
@@ -69,6 +72,26 @@ use super::{Activation, DeviceShared, VirtioDevice};
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
 const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+/// Transport features the VMM does not implement, never offered to the guest whatever the
+/// back-end offers: RING_PACKED (34; the rings are set up, resumed at the used index and
+/// failed as split rings, and a packed ring's base would need its wrap counter),
+/// NOTIFICATION_DATA (38) and RING_RESET (40; the PCI transport has neither).
+const UNSUPPORTED_TRANSPORT_FEATURES: u64 = 1 << 34 | 1 << 38 | 1 << 40;
+/// virtio-net features that need the control queue (virtio 1.2, 5.1.3.1: CTRL_GUEST_OFFLOADS,
+/// CTRL_RX, CTRL_VLAN, CTRL_RX_EXTRA, GUEST_ANNOUNCE, MQ, CTRL_MAC_ADDR, VQ_NOTF_COAL,
+/// NOTF_COAL, HASH_REPORT, RSS) and the control queue itself.
+const VIRTIO_NET_CTRL_FEATURES: u64 = VIRTIO_NET_F_CTRL_VQ
+    | 1 << 2
+    | 1 << 18
+    | 1 << 19
+    | 1 << 20
+    | 1 << 21
+    | VIRTIO_NET_F_MQ
+    | 1 << 23
+    | 1 << 52
+    | 1 << 53
+    | 1 << 57
+    | 1 << 60;
 const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
 /// virtio-blk config: `num_queues` (u16); virtio-net config: `max_virtqueue_pairs` (u16).
@@ -929,8 +952,8 @@ fn fail_inflight<M: GuestMemoryBackend>(
     u32::from(done)
 }
 
-/// The back-end completes in order (VIRTIO_F_IN_ORDER): everything from the used index on
-/// is not completed. Returns how many failed.
+/// The back-end completes in order (VIRTIO_F_IN_ORDER), or had nothing pending when it
+/// died: everything from the used index on is not completed. Returns how many failed.
 fn fail_in_order<M: GuestMemoryBackend>(kind: Kind, mem: &M, q: &QueueSetup) -> u32 {
     let Some((avail, used)) = ring_indexes(mem, q) else {
         return 0;
@@ -966,6 +989,9 @@ struct State {
     halted: bool,
     /// Reconnect attempts failed in a row (logged once).
     quiet: bool,
+    /// Once `gone` is known dead: whether its rings had no request pending then (see
+    /// [`State::note_death`]).
+    idle_at_death: Option<bool>,
 }
 
 impl State {
@@ -977,6 +1003,7 @@ impl State {
                 ctx.path.display()
             );
             self.gone = Some(c.peer);
+            self.idle_at_death = None;
         }
         ctx.wd.watch(None);
         self.down_since.get_or_insert_with(Instant::now);
@@ -1031,6 +1058,22 @@ impl State {
         self.failed = 0;
     }
 
+    /// The first time the old back-end is seen dead: whether nothing was pending on its
+    /// rings then. If so, every request pending later was made available after it died, so
+    /// no back-end ever took one: without inflight tracking too, the rings can resume at
+    /// the used index and the outage may fail what is pending (as with IN_ORDER). A request
+    /// made available before this look counts as pending: that stays unknown.
+    fn note_death(&mut self, ctx: &Ctx) {
+        if self.idle_at_death.is_some() {
+            return;
+        }
+        if let (Some(gone), Some(setup)) = (&self.gone, &self.setup) {
+            if gone.dead() {
+                self.idle_at_death = Some(pending(ctx.kind, setup) == 0);
+            }
+        }
+    }
+
     /// While the back-end is away: after the grace period, fail what is known not to be
     /// completed, once the old back-end cannot write into the rings any more.
     fn outage(&mut self, ctx: &Ctx) {
@@ -1066,7 +1109,7 @@ impl State {
                     n += fail_inflight(ctx.kind, &*mem, q, &r);
                 }
             }
-        } else if setup.acked & VIRTIO_F_IN_ORDER != 0 {
+        } else if setup.acked & VIRTIO_F_IN_ORDER != 0 || self.idle_at_death == Some(true) {
             for q in setup
                 .queues
                 .iter()
@@ -1116,10 +1159,13 @@ impl State {
             self.quiet = false;
             self.conn = Some(conn);
             self.gone = None;
+            self.idle_at_death = None;
             self.down_since = None;
             return;
         };
-        let unknown = self.inflight.is_none() && setup.acked & VIRTIO_F_IN_ORDER == 0;
+        let unknown = self.inflight.is_none()
+            && setup.acked & VIRTIO_F_IN_ORDER == 0
+            && self.idle_at_death != Some(true);
         let p = pending(ctx.kind, &setup);
         if !self.halted && setup.taken && unknown && p > 0 {
             self.halt(ctx, &setup, p, "went away");
@@ -1145,6 +1191,7 @@ impl State {
                 if conn.rings {
                     // This back-end had the rings: its death, not the old one's, decides.
                     self.gone = Some(conn.peer);
+                    self.idle_at_death = None;
                 }
                 self.setup = Some(setup);
                 return;
@@ -1159,6 +1206,7 @@ impl State {
         self.setup = Some(setup);
         self.conn = Some(conn);
         self.gone = None;
+        self.idle_at_death = None;
         self.down_since = None;
         self.quiet = false;
     }
@@ -1257,6 +1305,7 @@ fn control(ctx: &Ctx, mut st: State) {
                 if ctx.ctl.stop.load(Ordering::Acquire) || ctx.ctl.cmds_pending() {
                     continue;
                 }
+                st.note_death(ctx);
                 st.outage(ctx);
                 st.reconnect(ctx);
             }
@@ -1290,7 +1339,7 @@ fn present(
         Kind::Block => (VIRTIO_BLK_F_MQ, BLK_CFG_NUM_QUEUES),
         Kind::Net => (VIRTIO_NET_F_MQ, NET_CFG_MAX_PAIRS),
     };
-    let ctrl = usize::from(kind == Kind::Net && features & VIRTIO_NET_F_CTRL_VQ != 0);
+    let mut ctrl = usize::from(kind == Kind::Net && features & VIRTIO_NET_F_CTRL_VQ != 0);
     let per = if kind == Kind::Net { 2 } else { 1 };
     let mut cap = match backend_max {
         Some(m) => (usize::try_from(m)
@@ -1306,7 +1355,7 @@ fn present(
         cap = cap.min(usize::from(n));
     }
     let n = usize::from(asked).min(cap).max(1);
-    let mut features = features;
+    let mut features = features & !UNSUPPORTED_TRANSPORT_FEATURES;
     if features & mq_bit != 0 {
         if let Some(b) = config.get_mut(at..at + 2) {
             b.copy_from_slice(&(n as u16).to_le_bytes());
@@ -1314,6 +1363,14 @@ fn present(
     }
     if n == 1 {
         features &= !mq_bit;
+        // One pair needs no control queue, and not every back-end serves one: QEMU keeps
+        // it in the VMM, so DPDK's vhost never polls it, and a Linux guest then spins in
+        // the kernel on its first command (`ip link set up`). Not offered, with what
+        // depends on it.
+        if ctrl == 1 {
+            features &= !VIRTIO_NET_CTRL_FEATURES;
+            ctrl = 0;
+        }
     }
     let what = if kind == Kind::Net {
         "queue pairs"
@@ -1472,6 +1529,7 @@ impl VhostUserDevice {
             said_alive: false,
             halted: false,
             quiet: false,
+            idle_at_death: None,
         };
         let (done_tx, done_rx) = mpsc::channel();
         let t = thread::Builder::new()
