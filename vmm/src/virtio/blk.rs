@@ -602,9 +602,12 @@ mod tests {
             })
             .unwrap();
             let used = || -> u16 { mem.memory().read_obj(GuestAddress(USED + 2)).unwrap() };
-            std::thread::sleep(Duration::from_millis(200));
+            // The loop runs (the guest keeps re-arming): the used index keeps moving. Up to
+            // 5 s to see it move, as another process may have the CPUs.
             let (a, start) = (used(), Instant::now());
-            std::thread::sleep(Duration::from_millis(50));
+            while used() == a && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             assert_ne!(
                 a,
                 used(),
