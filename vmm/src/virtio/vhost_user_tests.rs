@@ -1009,3 +1009,28 @@ fn a_reconnect_without_a_region_and_requests_in_flight_does_not_resume_the_rings
         .any(|m| m.code == SET_VRING_KICK)));
     drop(dev);
 }
+
+#[test]
+fn an_inflight_region_larger_than_its_file_is_refused() {
+    // A back-end answering GET_INFLIGHT_FD with a file smaller than the region it
+    // announces: mapping it would turn the first read (at a reconnect or an outage) into
+    // SIGBUS in the VMM.
+    let need = inflight_queue_bytes(QSIZE) as u64;
+    let file = |len: u64| {
+        let f = std::fs::File::from(memfd());
+        f.set_len(len).unwrap();
+        f
+    };
+    let info = |size: u64, offset: u64| VhostUserInflight::new(size, offset, 1, QSIZE);
+    let e = Inflight::map(file(need / 2), info(need, 0)).err().unwrap();
+    assert!(e.contains("past the end"), "{e}");
+    let e = Inflight::map(file(need), info(need, 4096)).err().unwrap();
+    assert!(e.contains("past the end"), "{e}");
+    let (sock, _peer) = UnixStream::pair().unwrap();
+    let e = Inflight::map(std::fs::File::from(OwnedFd::from(sock)), info(need, 0))
+        .err()
+        .unwrap();
+    assert!(e.contains("not a memory file"), "{e}");
+    let r = Inflight::map(file(need), info(need, 0)).unwrap();
+    assert!(r.queue(0).is_some());
+}
