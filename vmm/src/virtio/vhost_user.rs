@@ -905,9 +905,15 @@ fn fail_inflight<M: GuestMemoryBackend>(
     let Some((avail, used)) = ring_indexes(mem, q) else {
         return 0;
     };
+    // Never more completions than requests outstanding: a region marking more heads in
+    // flight than that (a broken back-end, or a driver that moved its index back) must not
+    // make the used index run past the available one, nor the untaken ones be looked for
+    // before the used index.
+    let outstanding = avail.wrapping_sub(used).min(q.size);
     let mut heads = inflight_heads(region, q.size, used);
-    let untaken_from = used.wrapping_add(heads.len() as u16);
-    heads.extend(avail_heads(mem, q, untaken_from, avail));
+    heads.truncate(usize::from(outstanding));
+    let untaken = outstanding - heads.len() as u16;
+    heads.extend(avail_heads(mem, q, avail.wrapping_sub(untaken), avail));
     let new_used = complete_with_error(kind, mem, q, used, &heads);
     let done = new_used.wrapping_sub(used);
     for &h in heads.iter().take(usize::from(done)) {
