@@ -184,6 +184,11 @@ fe_write("session_no_protocol_features", session(script=bytes([0, 0, 1])))
 fe_write("session_no_config", session(script=bytes([0, 0, 0, 0, 0x04])))
 # An inflight region whose file is half the size it announces (a back-end's lie).
 fe_write("session_inflight_short_file", session(script=bytes(14) + bytes([0, 1])))
+# Long scripts (zeros: right answers) with a few faults late in the setup, so that the
+# fuzzer starts from inputs long enough to script a whole session.
+for k in (40, 60, 90):
+    fe_write(f"session_long_{k}", session(queues=4, script=bytes(k) + bytes([0x85, 0x9f]) + bytes(200)))
+fe_write("session_net_long", session(net=True, queues=3, qs_log2=6, script=bytes(256)))
 
 
 def outage(steps, size_log2=3, region=True, block=True, lie=b"", start=0, shapes=0):
