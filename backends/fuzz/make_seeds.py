@@ -175,3 +175,142 @@ write("net_ctrl", "mac_addr_set", ctrl(1, 1, mac))
 write("net_ctrl", "announce_ack", ctrl(3, 0))
 write("net_ctrl", "mq_vq_pairs_set", ctrl(4, 0, struct.pack("<H", 2)))
 write("net_ctrl", "guest_offloads_set", ctrl(5, 0, struct.pack("<Q", 0x7)))
+
+
+# --- vhost_user_relay: a frontend's messages with fds ----------------------------------
+# The format is the generator in backends/src/fuzzing/vhost_user.rs (`Gen::message`): byte 0
+# holds flags (bit 1: back-end replies first; bits 6 and 7: a real vhost-user-blk daemon
+# behind the relay, whose memfds are then filled from the input), then per message an
+# opcode, a flags byte (bit 0: NEED_REPLY) and its arguments.
+class Relay:
+    def __init__(self, flags=0):
+        self.b = bytearray([flags])
+        self.serve = flags & 0xC0 == 0xC0
+
+    def op(self, op, need_reply=False, *args):
+        self.b += bytes([op, 1 if need_reply else 0]) + bytes(args)
+        return self
+
+    def memfd(self, pages=16, fill=b""):
+        # kind 2: a memfd of `pages` 4 KiB pages (size code < 64)
+        self.b += bytes([2, pages])
+        if self.serve:
+            self.b += struct.pack("<H", len(fill)) + fill
+
+    def region(self, m=0, *extra):
+        # m = 0: the whole file, fd offset 0, guest address and frontend address from the
+        # slot (16 MiB apart).
+        self.b += bytes([m]) + bytes(extra)
+
+    def mem_table(self, sizes, need_reply=False, region_modes=None, fills=None):
+        self.op(1, need_reply, 0x30 | (len(sizes) - 1))
+        for k, pages in enumerate(sizes):
+            self.memfd(pages, (fills or {}).get(k, b""))
+            self.region(*(region_modes or {}).get(k, (0,)))
+        return self
+
+    def add_region(self, slot, pages, mode=(0,)):
+        self.op(2, False, 0x60 | slot)
+        self.memfd(pages)
+        self.region(*mode)
+        return self
+
+    def rem_region(self, index):
+        return self.op(4, False, index)
+
+    def vring_num(self, q, log2):
+        return self.op(5, False, q, log2)
+
+    def vring_addr(self, q, desc, used, avail, region=0):
+        self.op(6, False, q)
+        for off in (desc, used, avail):
+            self.b += bytes([region]) + struct.pack("<H", off // 16)
+        return self
+
+    def protocol_features(self, reply_ack=True, inflight=True, mq=True, config=True):
+        return self.op(7, False, reply_ack | inflight << 1 | mq << 2 | config << 3)
+
+    def get_inflight(self, nq, qs_log2):
+        return self.op(8, False, nq - 1, qs_log2, 1)
+
+    def set_inflight(self, nq, qs_log2, c=0x80, *extra):
+        return self.op(9, True, nq - 1, qs_log2, c, *extra)
+
+    def vring_fd(self, which, q, invalid=False):
+        # which: 0 kick, 1 call, 2 err
+        return self.op(10, False, which, q | (0x80 if invalid else 0))
+
+    def features(self):
+        return self.op(11, False, 0)
+
+    def enable(self, q):
+        return self.op(11, False, 133, q)
+
+    def vring_base(self, q, base):
+        self.op(11, False, 2, q)
+        return self.raw(struct.pack("<H", base))
+
+    def owner(self):
+        return self.op(11, False, 3)
+
+    def get(self, which):
+        # GET_FEATURES, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM
+        return self.op(11, False, [4, 10, 16][which])
+
+    def raw(self, b):
+        self.b += b
+        return self
+
+    def setup_queue(self, q, log2=8, ring_region=0):
+        self.vring_num(q, log2).vring_addr(q, 0, 0x200, 0x100, ring_region)
+        self.vring_base(q, 0).vring_fd(1, q).vring_fd(0, q).enable(q)
+        return self
+
+
+def relay_seed(name, r):
+    write("vhost_user_relay", name, bytes(r.b))
+
+
+r = Relay().owner().get(0).get(1).protocol_features().features()
+r.mem_table([16, 32]).get_inflight(2, 7).set_inflight(2, 7)
+relay_seed("qemu_like_setup", r.setup_queue(0).setup_queue(1, ring_region=1))
+
+r = Relay().protocol_features(inflight=False).features()
+# Region 0 runs 8 KiB past the end of its memfd (size mode 2, 1 + 1 extra pages).
+relay_seed("region_past_end", r.mem_table([4], True, region_modes={0: (2, 1)}).setup_queue(0))
+
+r = Relay().protocol_features().features()
+r.add_region(0, 16).add_region(1, 16).add_region(2, 4)
+# Overlapping the first one (guest address mode 1: 0 MiB), then removed and added again.
+r.add_region(3, 16, (0x10, 0)).rem_region(1).add_region(1, 16)
+relay_seed("add_remove_regions", r.setup_queue(0, log2=4, ring_region=2))
+
+r = Relay().protocol_features().features().mem_table([16])
+# A region file one byte short, at an unaligned offset, then an eventfd as the region.
+r.set_inflight(1, 7, 0x80 | 0x04, 0).set_inflight(1, 7, 0x82, 0x10, 0x00).set_inflight(1, 7, 0x00)
+relay_seed("inflight_bad_files", r)
+
+r = Relay().owner().enable(0).enable(1).features().mem_table([16]).setup_queue(0)
+relay_seed("early_vring_enable", r)
+
+# The back-end answers GET_PROTOCOL_FEATURES (twice) and GET_QUEUE_NUM first.
+r = Relay(2).raw(bytes([3, 0]) + struct.pack("<Q", 0x8B) + bytes([0]) + struct.pack("<Q", 1))
+r.raw(bytes([5, 4]) + b"\x01\x02\x03\x04")
+relay_seed("backend_replies", r.get(1).protocol_features().get(2))
+
+r = Relay().protocol_features().features().mem_table([16, 16, 16], True)
+r.vring_num(0, 16).vring_num(1, 0x80).raw(struct.pack("<H", 3))
+r.vring_addr(0, 0xFFF0 * 16, 0, 0x100).raw(bytes([0, 1, 0x20, 10, 0]) + bytes(20))
+relay_seed("bad_queue_sizes_and_rings", r)
+
+# A real vhost-user-blk daemon behind the relay: one queue of 16 with a READ of sector 0
+# (descriptor table at 0, available ring at 0x100, used ring at 0x200 of region 0).
+ram = bytearray(0x700)
+for i, (addr, length, flags, nxt) in enumerate([(0x300, 16, NEXT, 1), (0x400, 512, NEXT | WRITE, 2),
+                                               (0x600, 1, WRITE, 0)]):
+    ram[16 * i:16 * i + 16] = struct.pack("<QIHH", addr, length, flags, nxt)
+ram[0x100:0x106] = struct.pack("<HHH", 0, 1, 0)
+ram[0x300:0x310] = struct.pack("<IIQ", 0, 0, 0)
+r = Relay(0xC0).owner().get(0).get(1).protocol_features().features()
+r.mem_table([16], fills={0: bytes(ram)}).get_inflight(2, 4)
+relay_seed("serve_blk_read", r.setup_queue(0, log2=4))

@@ -150,3 +150,69 @@ s.queue(1, 64, 0x20000, 0x21001, 0x22002)
 s.status(0x0f)
 s.common_r(0x14, 1)
 write("misaligned_rings", s)
+
+
+# --- vhost_user_frontend ------------------------------------------------------------------
+# Format: fuzz_targets/vhost_user_frontend.rs. Byte 0 bit 0: 0 a session against a fake
+# back-end, 1 the outage path.
+FE = "vhost_user_frontend"
+
+
+def fe_write(name, b):
+    d = os.path.join(HERE, "corpus", FE)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(bytes(b))
+
+
+def session(net=False, queues=2, qs_log2=4, driver=0, script=b""):
+    c = int(net) | (queues - 1) << 1 | qs_log2 << 3
+    return bytes([0, c, driver]) + script
+
+
+# Every request answered right (the fake's defaults): negotiate, activate, reset, activate.
+fe_write("session_blk", session())
+fe_write("session_net", session(net=True, queues=2, qs_log2=5))
+fe_write("session_blk_no_reset", session(queues=4, qs_log2=7, driver=2))
+# Per message the fake reads `how` (>= 0x80: a fault) and, for a request it answers, the
+# values of its answer. Faults at a few points of the handshake and the setup.
+for k, how in [(1, 0x80), (2, 0x90), (3, 0xA0), (4, 0xB0), (5, 0xC2), (6, 0xD0), (8, 0xE0),
+               (12, 0xF0), (20, 0x90), (30, 0xE0)]:
+    fe_write(f"session_fault_{k}_{how:02x}", session(script=bytes(k) + bytes([how])))
+# GET_FEATURES without the protocol features bit; protocol features without CONFIG.
+fe_write("session_no_protocol_features", session(script=bytes([0, 0, 1])))
+fe_write("session_no_config", session(script=bytes([0, 0, 0, 0, 0x04])))
+# An inflight region whose file is half the size it announces (a back-end's lie).
+fe_write("session_inflight_short_file", session(script=bytes(14) + bytes([0, 1])))
+# Long scripts (zeros: right answers) with a few faults late in the setup, so that the
+# fuzzer starts from inputs long enough to script a whole session.
+for k in (40, 60, 90):
+    fe_write(f"session_long_{k}", session(queues=4, script=bytes(k) + bytes([0x85, 0x9f]) + bytes(200)))
+fe_write("session_net_long", session(net=True, queues=3, qs_log2=6, script=bytes(256)))
+
+
+def outage(steps, size_log2=3, region=True, block=True, lie=b"", start=0, shapes=0):
+    c = (size_log2 - 1) | (0 if region else 0x40) | (0 if block else 0x80)
+    b = bytes([1 | (2 if lie else 0), c, shapes]) + struct.pack("<HQ", start, 0)
+    return b + bytes([len(steps)]) + bytes(steps) + lie
+
+
+AV, TAKE = 0, 2
+
+
+def done(k, crash=0):
+    # Complete the k-th taken request; crash 2: die after publishing it, 3: before.
+    return 3 | k << 2 | crash << 6
+
+
+fe_write("outage_out_of_order", outage([AV] * 5 + [TAKE] * 4 + [done(2), done(2, 2)]))
+fe_write("outage_crash_before_publish", outage([AV] * 4 + [TAKE] * 3 + [done(1), done(0, 3)]))
+fe_write("outage_wraps", outage([AV, TAKE, done(0)] * 6 + [AV] * 3 + [TAKE], start=0xFFFC,
+                                 shapes=0x55))
+fe_write("outage_in_order", outage([AV] * 6 + [TAKE] * 4 + [done(0), done(0)], region=False))
+fe_write("outage_net", outage([AV] * 3 + [TAKE] * 2 + [done(1)], block=False))
+fe_write("outage_full_ring", outage([AV] * 8 + [TAKE] * 8 + [done(5), done(3, 2)], shapes=0xFF))
+# A back-end region marking more in flight than the ring holds, and a rewound avail index.
+fe_write("outage_lying_region", outage([AV] * 3 + [TAKE] * 2, lie=bytes([0, 16 + 16 * 5, 0, 1,
+                                                                           0, 16 + 16 * 6, 0, 1])))
+fe_write("outage_rewound_avail", outage([AV] * 4 + [TAKE] * 3, lie=bytes([1, 2, 0, 0])))

@@ -16,10 +16,19 @@
 //! - 4: write configuration register `(b & 3):a` at byte `op >> 3 & 3`, `1 + (op >> 5 & 3)`
 //!   bytes (clipped to the register); a BAR move is followed as the PCI root does
 //! - 5: read configuration register `(b & 3):a`
-//! - 6: 16-bit notify of queue `a % 8` through BAR 0
+//! - 6: a doorbell for queue `a % 8`: with `op >> 3 & 1` clear a 16-bit write to its BAR 0
+//!   notify address; set, a write of `b:a` (2 bytes; 4 or 1 with `op >> 4 & 3` = 1 or 2) to the
+//!   port doorbell, taken by a registered ioeventfd when KVM's datamatch would take it,
+//!   else handed to the transport (an exit)
 //! - 7: write `a` to device_status
+//!
+//! The fake ioeventfd registry checks, after every operation, that exactly the doorbells of
+//! the BARs' current addresses are registered (each queue: its MMIO notify address and the
+//! port with its index as datamatch), none twice; and a doorbell for an existing queue
+//! kicks that queue's eventfd, whichever way it went.
 #![no_main]
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -27,8 +36,8 @@ use libfuzzer_sys::fuzz_target;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm::interrupt::fake::FakeRouter;
-use vmm::pci::PciDevice;
-use vmm::virtio::pci::{IoEvents, VirtioPciDevice};
+use vmm::pci::{BarKind, PciDevice};
+use vmm::virtio::pci::{Doorbell, IoEvents, VirtioPciDevice, PIO_BAR_INDEX};
 use vmm::virtio::{Activation, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -88,15 +97,75 @@ impl VirtioDevice for Device {
     fn reset(&mut self) {}
 }
 
-struct NoIoEvents;
+/// The ioeventfds registered, as KVM keeps them: one fd per doorbell, a second
+/// registration of the same doorbell refused (EEXIST), an unknown one not removable.
+#[derive(Default)]
+struct IoEventRegistry(Mutex<BTreeMap<Doorbell, EventFd>>);
 
-impl IoEvents for NoIoEvents {
-    fn register(&self, _fd: &EventFd, _addr: u64) -> io::Result<()> {
+impl IoEvents for IoEventRegistry {
+    fn register(&self, fd: &EventFd, at: Doorbell) -> io::Result<()> {
+        let mut m = self.0.lock().unwrap();
+        if m.contains_key(&at) {
+            return Err(io::Error::from_raw_os_error(libc::EEXIST));
+        }
+        m.insert(at, fd.try_clone()?);
         Ok(())
     }
-    fn unregister(&self, _fd: &EventFd, _addr: u64) -> io::Result<()> {
-        Ok(())
+    fn unregister(&self, _fd: &EventFd, at: Doorbell) -> io::Result<()> {
+        match self.0.lock().unwrap().remove(&at) {
+            Some(_) => Ok(()),
+            None => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+        }
     }
+}
+
+impl IoEventRegistry {
+    /// The fd KVM would signal for a port write of `value` (`len` bytes) at `port`.
+    fn port_hit(&self, port: u64, len: usize, value: u64) -> Option<EventFd> {
+        if len != 2 {
+            return None;
+        }
+        let at = Doorbell::Pio {
+            port,
+            queue: value as u16,
+        };
+        self.0
+            .lock()
+            .unwrap()
+            .get(&at)
+            .and_then(|f| f.try_clone().ok())
+    }
+}
+
+/// The doorbells that must be registered with BAR 0 at `bar` and the port BAR at `port`.
+fn expected(bar: u64, port: u64) -> Vec<Doorbell> {
+    let mut v: Vec<Doorbell> = (0..MAX_SIZES.len() as u16)
+        .flat_map(|i| {
+            [
+                Doorbell::Mmio(bar + 0x3000 + 4 * u64::from(i)),
+                Doorbell::Pio { port, queue: i },
+            ]
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Where BAR 0 and the port BAR are now.
+fn bar_addrs(dev: &VirtioPciDevice) -> (u64, u64) {
+    let bars = dev.bars();
+    let at = |i: usize| bars.iter().find(|b| b.index == i).map(|b| b.addr);
+    let mem = at(0).expect("BAR 0");
+    let io = at(PIO_BAR_INDEX).expect("the port BAR");
+    assert!(bars
+        .iter()
+        .any(|b| b.index == PIO_BAR_INDEX && b.kind == BarKind::Io));
+    (mem, io)
+}
+
+/// Drains the kick eventfds: which queues were kicked.
+fn kicked(kicks: &[EventFd]) -> Vec<bool> {
+    kicks.iter().map(|k| k.read().is_ok()).collect()
 }
 
 fn read(dev: &mut VirtioPciDevice, off: u64, len: usize) -> u64 {
@@ -128,24 +197,46 @@ fn check_registers(dev: &mut VirtioPciDevice, got: &[Got]) {
     dev.write_bar(0, 0x16, &select.to_le_bytes());
 }
 
+/// After a doorbell for queue `q`: exactly that queue was kicked (none if no such queue).
+fn check_kicks(kicks: &[EventFd], q: Option<usize>) {
+    let got = kicked(kicks);
+    for (i, k) in got.iter().enumerate() {
+        assert_eq!(*k, q == Some(i), "doorbell for queue {q:?}: kicks {got:?}");
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
     else {
         return;
     };
     let activated = Arc::new(Mutex::new(Vec::new()));
+    let ioevents = Arc::new(IoEventRegistry::default());
     let Ok(mut dev) = VirtioPciDevice::new(
         "fuzz",
         Box::new(Device {
             mem: mem.clone(),
             activated: activated.clone(),
         }),
-        0xd000_0000,
+        (0xd000_0000, 0xc000),
         GuestMemoryAtomic::new(mem),
         Arc::new(FakeRouter::default()),
-        Arc::new(NoIoEvents),
+        ioevents.clone(),
     ) else {
         return;
+    };
+    // The kick eventfd of each queue, as registered for its MMIO doorbell.
+    let kicks: Vec<EventFd> = {
+        let (bar, _) = bar_addrs(&dev);
+        let m = ioevents.0.lock().unwrap();
+        (0..MAX_SIZES.len() as u64)
+            .map(|i| {
+                m.get(&Doorbell::Mmio(bar + 0x3000 + 4 * i))
+                    .expect("every queue's doorbell registered")
+                    .try_clone()
+                    .unwrap()
+            })
+            .collect()
     };
     let mut i = 0;
     while i + 3 <= data.len() {
@@ -181,9 +272,40 @@ fuzz_target!(|data: &[u8]| {
             5 => {
                 let _ = dev.read_config(reg);
             }
-            6 => dev.write_bar(0, 0x3000 + u64::from(a % 8) * 4, &[a, 0]),
+            6 if op >> 3 & 1 == 0 => {
+                // As an exit would (no ioeventfd took it): the transport kicks the queue.
+                let q = usize::from(a % 8);
+                kicked(&kicks);
+                dev.write_bar(0, 0x3000 + q as u64 * 4, &[a % 8, 0]);
+                check_kicks(&kicks, Some(q));
+            }
+            6 => {
+                let n = [2, 4, 1, 2][usize::from(op >> 4 & 3)];
+                let value = u64::from(u16::from_le_bytes([a, b]));
+                let (_, port) = bar_addrs(&dev);
+                kicked(&kicks);
+                match ioevents.port_hit(port, n, value) {
+                    // KVM's datamatch takes it: no exit.
+                    Some(fd) => {
+                        let _ = fd.write(1);
+                    }
+                    None => {
+                        let bytes = value.to_le_bytes();
+                        dev.write_bar(PIO_BAR_INDEX, 0, &bytes[..n]);
+                    }
+                }
+                // A 1-byte write names no queue.
+                check_kicks(&kicks, (n >= 2).then_some(usize::from(value as u16)));
+            }
             _ => dev.write_bar(0, 0x14, &[a]),
         }
+        let (bar, port) = bar_addrs(&dev);
+        let registered: Vec<Doorbell> = ioevents.0.lock().unwrap().keys().copied().collect();
+        assert_eq!(
+            registered,
+            expected(bar, port),
+            "registered doorbells differ from the BARs' (BAR 0 {bar:#x}, port {port:#x})"
+        );
         let got = std::mem::take(&mut *activated.lock().unwrap());
         if !got.is_empty() {
             check_registers(&mut dev, &got);

@@ -750,6 +750,23 @@ impl Inflight {
             ));
         }
         let off = libc::off_t::try_from(info.mmap_offset).map_err(|_| "bad offset".to_string())?;
+        // The back-end's fd must hold what is mapped: a page past the end of the file would
+        // kill the VMM with SIGBUS the first time it is read (at a reconnect or an outage).
+        let meta = file.metadata().map_err(|e| format!("fstat: {e}"))?;
+        if !meta.file_type().is_file() {
+            return Err("the fd is not a memory file".to_string());
+        }
+        if info
+            .mmap_offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > meta.len())
+        {
+            return Err(format!(
+                "{len} bytes at offset {:#x} run past the end of its {}-byte file",
+                info.mmap_offset,
+                meta.len()
+            ));
+        }
         // SAFETY: maps `len` bytes of a file this struct keeps open; the result is checked.
         let ptr = unsafe {
             libc::mmap(
@@ -938,9 +955,15 @@ fn fail_inflight<M: GuestMemoryBackend>(
     let Some((avail, used)) = ring_indexes(mem, q) else {
         return 0;
     };
+    // Never more completions than requests outstanding: a region marking more heads in
+    // flight than that (a broken back-end, or a driver that moved its index back) must not
+    // make the used index run past the available one, nor the untaken ones be looked for
+    // before the used index.
+    let outstanding = avail.wrapping_sub(used).min(q.size);
     let mut heads = inflight_heads(region, q.size, used);
-    let untaken_from = used.wrapping_add(heads.len() as u16);
-    heads.extend(avail_heads(mem, q, untaken_from, avail));
+    heads.truncate(usize::from(outstanding));
+    let untaken = outstanding - heads.len() as u16;
+    heads.extend(avail_heads(mem, q, avail.wrapping_sub(untaken), avail));
     let new_used = complete_with_error(kind, mem, q, used, &heads);
     let done = new_used.wrapping_sub(used);
     for &h in heads.iter().take(usize::from(done)) {
@@ -1404,6 +1427,28 @@ impl VhostUserDevice {
         memfd: RawFd,
         regions: Vec<SharedRegion>,
     ) -> Result<Self, VhostUserError> {
+        Self::open(cfg, memfd, regions, None)
+    }
+
+    /// As [`Self::new`], on a stream already connected to the back-end (a reconnect goes to
+    /// `cfg.socket` as usual): for the fuzz targets, whose fake back-ends sit on a
+    /// socketpair.
+    #[cfg(feature = "fuzzing")]
+    pub fn with_stream(
+        cfg: &crate::config::VhostUserConfig,
+        stream: UnixStream,
+        memfd: RawFd,
+        regions: Vec<SharedRegion>,
+    ) -> Result<Self, VhostUserError> {
+        Self::open(cfg, memfd, regions, Some(stream))
+    }
+
+    fn open(
+        cfg: &crate::config::VhostUserConfig,
+        memfd: RawFd,
+        regions: Vec<SharedRegion>,
+        connected: Option<UnixStream>,
+    ) -> Result<Self, VhostUserError> {
         let name = cfg.id.clone();
         let path = cfg.socket.clone();
         let kind = if cfg.net { Kind::Net } else { Kind::Block };
@@ -1452,11 +1497,12 @@ impl VhostUserDevice {
             watchdog: Some(wdt),
             created,
         };
-        let stream = match &ctx.endpoint {
-            Endpoint::Client => {
+        let stream = match (connected, &ctx.endpoint) {
+            (Some(s), _) => s,
+            (None, Endpoint::Client) => {
                 connect_nonblocking(&path).map_err(|e| VhostUserError::Connect(path.clone(), e))?
             }
-            Endpoint::Server(l) => {
+            (None, Endpoint::Server(l)) => {
                 log::info!(
                     "{name}: waiting for a vhost-user back-end to connect to {}",
                     path.display()
@@ -1662,6 +1708,63 @@ pub fn shared_regions(ram: &crate::memory::Ram) -> Vec<SharedRegion> {
             })
         })
         .collect()
+}
+
+/// Entry points for the `cargo fuzz` targets (feature `fuzzing`).
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use vm_memory::{GuestMemoryMmap, VolatileSlice};
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::{fail_in_order, fail_inflight, Kind, QueueSetup};
+
+    /// One queue's rings in guest memory.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Ring {
+        pub index: usize,
+        pub size: u16,
+        pub desc: u64,
+        pub avail: u64,
+        pub used: u64,
+    }
+
+    /// Bytes of one queue's part of an inflight region.
+    pub fn inflight_queue_bytes(queue_size: u16) -> usize {
+        super::inflight_queue_bytes(queue_size)
+    }
+
+    /// What the outage path does to one queue of a dead back-end: with `region` (the
+    /// queue's part of the inflight region) it fails what the region marks taken and what
+    /// was never taken, else (VIRTIO_F_IN_ORDER) everything from the used index on.
+    /// Returns how many requests failed and whether the queue's call eventfd was signalled.
+    pub fn fail_pending(
+        block: bool,
+        mem: &GuestMemoryMmap<()>,
+        ring: Ring,
+        region: Option<&mut [u8]>,
+    ) -> (u32, bool) {
+        let kind = if block { Kind::Block } else { Kind::Net };
+        let (Ok(kick), Ok(call)) = (
+            EventFd::new(libc::EFD_NONBLOCK),
+            EventFd::new(libc::EFD_NONBLOCK),
+        ) else {
+            return (0, false);
+        };
+        let q = QueueSetup {
+            index: ring.index,
+            size: ring.size,
+            desc: ring.desc,
+            avail: ring.avail,
+            used: ring.used,
+            kick,
+            call,
+        };
+        let n = match region {
+            Some(r) => fail_inflight(kind, mem, &q, &VolatileSlice::from(r)),
+            None => fail_in_order(kind, mem, &q),
+        };
+        (n, q.call.read().is_ok())
+    }
 }
 
 #[cfg(test)]

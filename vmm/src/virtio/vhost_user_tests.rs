@@ -1184,3 +1184,51 @@ fn a_backend_that_died_idle_is_replaced_without_a_reset() {
         }
     }
 }
+
+#[test]
+fn an_inflight_region_larger_than_its_file_is_refused() {
+    // A back-end answering GET_INFLIGHT_FD with a file smaller than the region it
+    // announces: mapping it would turn the first read (at a reconnect or an outage) into
+    // SIGBUS in the VMM.
+    let need = inflight_queue_bytes(QSIZE) as u64;
+    let file = |len: u64| {
+        let f = std::fs::File::from(memfd());
+        f.set_len(len).unwrap();
+        f
+    };
+    let info = |size: u64, offset: u64| VhostUserInflight::new(size, offset, 1, QSIZE);
+    let e = Inflight::map(file(need / 2), info(need, 0)).err().unwrap();
+    assert!(e.contains("past the end"), "{e}");
+    let e = Inflight::map(file(need), info(need, 4096)).err().unwrap();
+    assert!(e.contains("past the end"), "{e}");
+    let (sock, _peer) = UnixStream::pair().unwrap();
+    let e = Inflight::map(std::fs::File::from(OwnedFd::from(sock)), info(need, 0))
+        .err()
+        .unwrap();
+    assert!(e.contains("not a memory file"), "{e}");
+    let r = Inflight::map(file(need), info(need, 0)).unwrap();
+    assert!(r.queue(0).is_some());
+}
+
+#[test]
+fn a_region_marking_more_in_flight_than_outstanding_completes_no_more_than_outstanding() {
+    let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    // Three requests available, two taken; the region also marks heads 5 and 6 (never made
+    // available): four "in flight" for three outstanding.
+    let q = ring_with_requests(&gm, &[0, 1, 2]);
+    let mut buf = vec![0u8; inflight_queue_bytes(QSIZE)];
+    let r = VolatileSlice::from(&mut buf[..]);
+    r.write_obj(1u16, 8).unwrap();
+    r.write_obj(QSIZE, 10).unwrap();
+    for (c, h) in [0, 1, 5, 6].into_iter().enumerate() {
+        take(&r, h, c as u64);
+    }
+    let n = fail_inflight(Kind::Block, &gm, &q, &r);
+    assert!(n <= 3, "{n} completions for 3 outstanding requests");
+    let ids = used_ids(&gm, &q);
+    assert_eq!(ids.len(), n as usize);
+    assert!(
+        ids.len() <= 3,
+        "used index ran past the available one: {ids:?}"
+    );
+}
