@@ -31,7 +31,7 @@ fn serving_connections_leaks_no_fd() {
         .unwrap(),
     );
     let stop = Stop::new().unwrap();
-    let mut serve_one = || {
+    let serve_one = || {
         // A frontend that connects and goes away at once.
         let (frontend, theirs) = UnixStream::pair().unwrap();
         drop(frontend);
