@@ -177,4 +177,20 @@ mod tests {
         fuzz_vhost_user_relay(&[]);
         fuzz_vhost_user_relay(&[0xff; 9]);
     }
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+    }
+
+    #[test]
+    fn the_relay_harness_leaks_no_fd() {
+        let before = open_fds();
+        for seed in 0..1000u64 {
+            let mut d = bytes(seed, 64 + (seed as usize % 7) * 64);
+            d[0] &= 0x3e;
+            fuzz_vhost_user_relay(&d);
+        }
+        let after = open_fds();
+        assert!(after <= before + 4, "{before} fds before, {after} after");
+    }
 }

@@ -32,9 +32,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringT};
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use backends::vhost_user::{self, lock, Handler, Served};
 pub use backends::vhost_user::{Mem, ServeError, SocketSource, Stop, Vring};
@@ -289,6 +287,8 @@ pub struct BlkBackend {
     /// negotiated INFLIGHT_SHMFD: every queue records in it what it took and completed, and
     /// resumes from it when it starts.
     inflight: Mutex<Option<InflightRegion>>,
+    /// The worker threads' exit events (closed with the back-end).
+    exit_events: vhost_user::ExitEvents,
 }
 
 /// Event id of the completion epoll in each worker (above the ids of the queues and the
@@ -317,6 +317,7 @@ impl BlkBackend {
             stop_poll: (0..cfg.queues).map(|_| AtomicBool::new(false)).collect(),
             conn: Mutex::new(None),
             inflight: Mutex::new(None),
+            exit_events: Default::default(),
         })
     }
 
@@ -638,13 +639,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                log::error!("cannot create a worker exit event: {e}");
-                None
-            }
-        }
+        self.exit_events.create()
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

@@ -29,9 +29,7 @@ use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use backends::vhost_user::{self, lock, Handler, Served};
 pub use backends::vhost_user::{Mem, ServeError, SocketSource, Stop, Vring};
@@ -234,6 +232,8 @@ pub struct NetBackend {
     stop_poll: Vec<AtomicBool>,
     ctrl: Mutex<Option<CtrlQueue<Mem>>>,
     conn: Mutex<Option<ShutdownHandle>>,
+    /// The worker threads' exit events (closed with the back-end).
+    exit_events: vhost_user::ExitEvents,
 }
 
 impl NetBackend {
@@ -284,6 +284,7 @@ impl NetBackend {
             tap_epolls,
             ctrl: Mutex::new(None),
             conn: Mutex::new(None),
+            exit_events: Default::default(),
         })
     }
 
@@ -602,13 +603,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                log::error!("cannot create a worker exit event: {e}");
-                None
-            }
-        }
+        self.exit_events.create()
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

@@ -3,7 +3,8 @@
 //! invariants). When bits 6 and 7 of the first byte are both set, the messages go through
 //! the relay into a real vhost-user-backend daemon with the virtio-blk back-end of
 //! `vhost-user-blk` on a 1 MiB temporary image (slower: a daemon per input); otherwise
-//! into a fake back-end that checks everything the relay forwards.
+//! into a fake back-end that checks everything the relay forwards. The serving mode also
+//! asserts that a connection leaves no fd open once served.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -36,10 +37,17 @@ fn disk() -> Option<&'static Disk> {
     .as_ref()
 }
 
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if data.first().is_some_and(|b| b & 0xc0 == 0xc0) {
         let Some(d) = disk() else { return };
         let disk = d.disk.clone();
+        // Every thread of the connection is joined when serve returns: what it opened is
+        // closed (a daemon serves frontend after frontend for as long as it runs).
+        let before = open_fds();
         backends::fuzzing::fuzz_vhost_user_serve(data, move || {
             BlkBackend::new(
                 disk.clone(),
@@ -50,6 +58,12 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
                 },
             )
         });
+        let after = open_fds();
+        assert!(
+            after <= before,
+            "a served connection left {} fds open",
+            after - before
+        );
     } else {
         backends::fuzzing::fuzz_vhost_user_relay(data);
     }

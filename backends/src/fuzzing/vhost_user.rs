@@ -425,7 +425,10 @@ impl Gen<'_> {
                     1 => need
                         .saturating_add(offset)
                         .saturating_sub(1 + u64::from(self.r.u8())),
-                    2 => (need.saturating_add(offset)).next_multiple_of(4096),
+                    2 => need
+                        .saturating_add(offset)
+                        .checked_next_multiple_of(4096)
+                        .unwrap_or(u64::MAX),
                     _ => self.file_size(),
                 };
                 let mmap_size = match c >> 4 & 3 {

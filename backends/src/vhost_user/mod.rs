@@ -9,7 +9,7 @@ pub mod memory;
 pub mod relay;
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +22,9 @@ use vhost_user_backend::{
     ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringEpollHandler, VringRwLock,
 };
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Guest memory as the daemons see it: the frontend's regions, replaced atomically on
@@ -393,6 +396,48 @@ pub trait Served: VhostUserBackend<Bitmap = (), Vring = Vring> + Sized + 'static
     /// The frontend's inflight region for this connection (only with
     /// [`keeps_inflight`](Self::keeps_inflight)).
     fn set_inflight(&self, _region: crate::inflight::InflightRegion) {}
+}
+
+/// The exit events of a back-end's worker threads (`VhostUserBackend::exit_event`).
+///
+/// vhost-user-backend 0.24 registers the consumer half with the worker's epoll through
+/// `into_raw_fd` and never closes it: one eventfd per worker thread per connection, which a
+/// daemon serving frontend after frontend (reconnects, restarts of the VMM) accumulates
+/// until accept() and every socket fail with EMFILE. The fds handed out are recorded here
+/// and closed when this is dropped, with the back-end that owns it: every worker handler
+/// holds the back-end, so that is after the last epoll that polled them is gone.
+#[derive(Default)]
+pub struct ExitEvents {
+    handed_out: Mutex<Vec<RawFd>>,
+}
+
+impl ExitEvents {
+    /// A new exit event for a worker thread.
+    pub fn create(&self) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok((consumer, notifier)) => {
+                lock(&self.handed_out).push(consumer.as_raw_fd());
+                Some((consumer, notifier))
+            }
+            Err(e) => {
+                log::error!("cannot create a worker exit event: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for ExitEvents {
+    fn drop(&mut self) {
+        let fds = std::mem::take(self.handed_out.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for fd in fds {
+            // SAFETY: vhost-user-backend took this fd over with `into_raw_fd` (its only use
+            // of `exit_event`, in `VringEpollHandler::new`) and never closes it; the handlers
+            // that polled it are gone (they hold the back-end that owns `self`), so nothing
+            // refers to this fd any more and closing it frees no one else's.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
 }
 
 /// Waits until `fd` or the stop event is readable. Returns false on stop.
