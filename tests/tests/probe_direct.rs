@@ -281,16 +281,22 @@ fn probe_without_device_or_with_bad_arguments_fails_with_a_message() {
     }
 }
 
+/// Our `vhost-user-blk` binary, built with the workspace.
+fn blk_daemon_bin() -> std::path::PathBuf {
+    let bin = tests::lab::profile_dir().join("vhost-user-blk");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        bin.display()
+    );
+    bin
+}
+
 /// The probe through our vmm's vhost-user-blk frontend and our vhost-user-blk daemon: the
 /// third device model gets the same verified run.
 #[test]
 fn blk_probe_on_vmm_with_vhost_user_daemon_verifies_every_read() {
-    let daemon_bin = tests::lab::profile_dir().join("vhost-user-blk");
-    assert!(
-        daemon_bin.is_file(),
-        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
-        daemon_bin.display()
-    );
+    let daemon_bin = blk_daemon_bin();
     let dir = ScratchDir::new("probe").expect("scratch dir");
     let img = dir.join("disk.img");
     stamp_image(&img, IMAGE_SIZE, SEED).expect("stamp image");
@@ -340,12 +346,7 @@ fn blk_probe_on_vmm_with_vhost_user_daemon_verifies_every_read() {
 /// them), and the daemon is still up, waiting for the next frontend.
 #[test]
 fn blk_probe_on_vmm_listening_for_a_connecting_daemon() {
-    let daemon_bin = tests::lab::profile_dir().join("vhost-user-blk");
-    assert!(
-        daemon_bin.is_file(),
-        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
-        daemon_bin.display()
-    );
+    let daemon_bin = blk_daemon_bin();
     let dir = ScratchDir::new("probe").expect("scratch dir");
     let img = dir.join("disk.img");
     stamp_image(&img, IMAGE_SIZE, SEED).expect("stamp image");
@@ -491,12 +492,7 @@ fn sigterm_ends_the_vmm_within_5_s_while_its_vhost_user_daemon_is_stopped() {
     use std::sync::mpsc;
     use std::time::Instant;
 
-    let daemon_bin = tests::lab::profile_dir().join("vhost-user-blk");
-    assert!(
-        daemon_bin.is_file(),
-        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
-        daemon_bin.display()
-    );
+    let daemon_bin = blk_daemon_bin();
     let dir = ScratchDir::new("probe").expect("scratch dir");
     let img = dir.join("disk.img");
     stamp_image(&img, IMAGE_SIZE, SEED).expect("stamp image");
