@@ -806,7 +806,12 @@ fn cached_reads_complete_inline_and_uncached_ones_through_io_uring() {
         ),
         d(STATUS, 1, VRING_DESC_F_WRITE, 0),
     ];
-    for cached in [true, false] {
+    // The uncached case is tried up to 5 times: a RWF_NOWAIT read of an evicted page starts
+    // its readahead, which on a fast disk can finish before the call returns, and the read
+    // then completes from the page cache after all (about 1 run in 10 here).
+    let mut uncached_tries = 0;
+    let mut cases = std::collections::VecDeque::from([true, false]);
+    while let Some(cached) = cases.pop_front() {
         m.write_slice(&[0u8; 512], GuestAddress(DATA)).unwrap();
         m.write_slice(&[0u8; 512], GuestAddress(DATA + 0x8000))
             .unwrap();
@@ -830,6 +835,11 @@ fn cached_reads_complete_inline_and_uncached_ones_through_io_uring() {
             evict(&f);
         }
         let out = bq.process_queue(&mut q).unwrap();
+        if !cached && out.used == 1 && uncached_tries < 4 {
+            uncached_tries += 1;
+            cases.push_front(false);
+            continue;
+        }
         if cached {
             assert_eq!(out.used, 1, "a cached read completes in process_queue");
             assert!(out.notify);
