@@ -348,6 +348,28 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         self.bounce_peak
     }
 
+    /// Completes a request validated against `mem`, the snapshot of this call.
+    fn complete_now<M: GuestMemory>(
+        &self,
+        queue: &mut Queue,
+        mem: &M,
+        head: u16,
+        status: GuestAddress,
+        code: u8,
+        len: u32,
+    ) -> Result<(), QueueError> {
+        complete(
+            queue,
+            self.inflight.as_ref(),
+            mem,
+            head,
+            status,
+            code,
+            len,
+            mem,
+        )
+    }
+
     /// Counters.
     pub fn stats(&self) -> BlockStats {
         self.stats
@@ -574,32 +596,14 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                     Ok(n) => n as u32,
                     Err(_) => 0,
                 };
-                complete(
-                    queue,
-                    self.inflight.as_ref(),
-                    mem,
-                    req.head,
-                    req.status,
-                    S_OK,
-                    n + 1,
-                    mem,
-                )?;
+                self.complete_now(queue, mem, req.head, req.status, S_OK, n + 1)?;
                 Ok(1)
             }
             _ if self.uring.is_some() => self.submit_async(queue, guard, req),
             _ => {
                 let (code, len) =
                     execute_sync(&self.disk, &mut self.log, &mut self.stats, mem, &req);
-                complete(
-                    queue,
-                    self.inflight.as_ref(),
-                    mem,
-                    req.head,
-                    req.status,
-                    code,
-                    len,
-                    mem,
-                )?;
+                self.complete_now(queue, mem, req.head, req.status, code, len)?;
                 Ok(1)
             }
         }
@@ -612,16 +616,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             format_args!("request (head {}) refused: {}", rej.head, rej.detail),
         );
         match rej.status {
-            Some(status) => complete(
-                queue,
-                self.inflight.as_ref(),
-                mem,
-                rej.head,
-                status,
-                rej.code,
-                1,
-                mem,
-            ),
+            Some(status) => self.complete_now(queue, mem, rej.head, status, rej.code, 1),
             None => add_used(queue, self.inflight.as_ref(), mem, rej.head, 0),
         }
     }
@@ -637,16 +632,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             if self.cached_reads {
                 if let Some(bytes) = self.read_from_cache(mem, &req, sector * SECTOR_SIZE) {
                     let (code, len) = ok_len(&req.op, bytes);
-                    complete(
-                        queue,
-                        self.inflight.as_ref(),
-                        mem,
-                        req.head,
-                        req.status,
-                        code,
-                        len,
-                        mem,
-                    )?;
+                    self.complete_now(queue, mem, req.head, req.status, code, len)?;
                     return Ok(1);
                 }
             }
@@ -681,16 +667,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                         // Larger than the whole budget: piece by piece, on this thread.
                         let (code, len) =
                             execute_sync(&self.disk, &mut self.log, &mut self.stats, mem, &req);
-                        complete(
-                            queue,
-                            self.inflight.as_ref(),
-                            mem,
-                            req.head,
-                            req.status,
-                            code,
-                            len,
-                            mem,
-                        )?;
+                        self.complete_now(queue, mem, req.head, req.status, code, len)?;
                         return Ok(1);
                     }
                     Err(e) => {
@@ -699,16 +676,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                             BlkFault::GuestMemory as usize,
                             format_args!("request (head {}): guest memory: {e}", req.head),
                         );
-                        complete(
-                            queue,
-                            self.inflight.as_ref(),
-                            mem,
-                            req.head,
-                            req.status,
-                            S_IOERR,
-                            1,
-                            mem,
-                        )?;
+                        self.complete_now(queue, mem, req.head, req.status, S_IOERR, 1)?;
                         return Ok(1);
                     }
                 }
@@ -787,16 +755,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         };
         drop(inflight);
         let (code, len) = execute_sync(&self.disk, &mut self.log, &mut self.stats, mem, &retry);
-        complete(
-            queue,
-            self.inflight.as_ref(),
-            mem,
-            retry.head,
-            retry.status,
-            code,
-            len,
-            mem,
-        )?;
+        self.complete_now(queue, mem, retry.head, retry.status, code, len)?;
         Ok(1)
     }
 }
