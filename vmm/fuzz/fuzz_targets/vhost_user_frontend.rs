@@ -39,10 +39,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use backends::inflight::{queue_region_size, region_size};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes as _, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm::config::VhostUserConfig;
-use vmm::virtio::vhost_user::fuzzing::{fail_pending, inflight_queue_bytes, Ring};
+use vmm::virtio::vhost_user::fuzzing::{fail_pending, Ring};
 use vmm::virtio::vhost_user::{SharedRegion, VhostUserDevice};
 use vmm::virtio::{Activation, ActiveQueue, DeviceShared, Irq, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
@@ -239,7 +240,7 @@ fn answer(r: &mut Bytes, net: bool, code: u32, body: &[u8]) -> (Vec<u8>, Option<
                     .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
             };
             let (nq, qs) = (u16_at(16), u16_at(18));
-            let need = usize::from(nq) * inflight_queue_bytes(qs);
+            let need = region_size(nq, qs);
             let need = need as u64;
             let file = match c & 3 {
                 0 => need,
@@ -519,7 +520,7 @@ fn outage(mut r: Bytes, lie: bool) {
     let start = r.u16();
     let _ = mem.write_obj(start, GuestAddress(AVAIL + 2));
     let _ = mem.write_obj(start, GuestAddress(USED + 2));
-    let mut region = Region(vec![0u8; inflight_queue_bytes(size)]);
+    let mut region = Region(vec![0u8; queue_region_size(size)]);
     region.set_u16(8, 1);
     region.set_u16(10, size);
     region.set_u16(14, start);
