@@ -120,24 +120,29 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
         .map(|s| u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]))
 }
 
+/// A whole message: the header (`request`, `flags`, the body's size) and `body`.
+pub fn encode(request: u32, flags: u32, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HEADER + body.len());
+    m.extend_from_slice(&request.to_le_bytes());
+    m.extend_from_slice(&flags.to_le_bytes());
+    m.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// A reply to `request` carrying `body`.
+pub fn reply(request: u32, body: &[u8]) -> Vec<u8> {
+    encode(request, VERSION | REPLY, body)
+}
+
 /// A reply to `request` carrying one u64 (REPLY_ACK status: 0 success, else failure).
 pub fn reply_u64(request: u32, value: u64) -> Vec<u8> {
-    let mut m = Vec::with_capacity(HEADER + 8);
-    m.extend_from_slice(&request.to_le_bytes());
-    m.extend_from_slice(&(VERSION | REPLY).to_le_bytes());
-    m.extend_from_slice(&8u32.to_le_bytes());
-    m.extend_from_slice(&value.to_le_bytes());
-    m
+    reply(request, &value.to_le_bytes())
 }
 
 /// The SET_FEATURES message injected before an early SET_VRING_ENABLE.
 pub fn protocol_features_message() -> Vec<u8> {
-    let mut m = Vec::with_capacity(HEADER + 8);
-    m.extend_from_slice(&SET_FEATURES.to_le_bytes());
-    m.extend_from_slice(&VERSION.to_le_bytes());
-    m.extend_from_slice(&8u32.to_le_bytes());
-    m.extend_from_slice(&PROTOCOL_FEATURES.to_le_bytes());
-    m
+    encode(SET_FEATURES, VERSION, &PROTOCOL_FEATURES.to_le_bytes())
 }
 
 fn bad(msg: String) -> io::Error {
@@ -707,14 +712,6 @@ mod tests {
     use std::fs::File;
     use std::io::Read;
 
-    fn message(request: u32, flags: u32, body: &[u8]) -> Vec<u8> {
-        let mut m = request.to_le_bytes().to_vec();
-        m.extend_from_slice(&flags.to_le_bytes());
-        m.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        m.extend_from_slice(body);
-        m
-    }
-
     fn memfd(size: u64) -> File {
         // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
         let fd = unsafe { libc::memfd_create(c"relay-test".as_ptr(), libc::MFD_CLOEXEC) };
@@ -740,7 +737,7 @@ mod tests {
     fn a_refused_table_is_nacked_and_never_reaches_the_back_end() {
         let (fe, be, r) = relay();
         let ack = (PROTOCOL_F_REPLY_ACK).to_le_bytes();
-        send_message(&fe, &message(SET_PROTOCOL_FEATURES, VERSION, &ack), &[]).unwrap();
+        send_message(&fe, &encode(SET_PROTOCOL_FEATURES, VERSION, &ack), &[]).unwrap();
         let got = read_message(&be).unwrap().unwrap();
         assert_eq!(got.request(), SET_PROTOCOL_FEATURES);
         // One region of 1 MiB on a 4 KiB memfd, asking for a reply.
@@ -750,7 +747,7 @@ mod tests {
         for v in [0u64, 1 << 20, 0x7000_0000, 0] {
             body.extend_from_slice(&v.to_le_bytes());
         }
-        let m = message(SET_MEM_TABLE, VERSION | NEED_REPLY, &body);
+        let m = encode(SET_MEM_TABLE, VERSION | NEED_REPLY, &body);
         send_message(&fe, &m, &[small.as_raw_fd()]).unwrap();
         let reply = read_message(&fe).unwrap().expect("a reply");
         assert_eq!(reply.request(), SET_MEM_TABLE);
@@ -776,7 +773,7 @@ mod tests {
             for v in [gpa, 1 << 20, uaddr, 0] {
                 b.extend_from_slice(&v.to_le_bytes());
             }
-            message(ADD_MEM_REG, VERSION, &b)
+            encode(ADD_MEM_REG, VERSION, &b)
         };
         send_message(&fe, &region(0, 0x7000_0000), &[mem.as_raw_fd()]).unwrap();
         assert_eq!(read_message(&be).unwrap().unwrap().request(), ADD_MEM_REG);
@@ -797,14 +794,14 @@ mod tests {
         }
         send_message(
             &fe,
-            &message(SET_MEM_TABLE, VERSION, &table),
+            &encode(SET_MEM_TABLE, VERSION, &table),
             &[mem.as_raw_fd()],
         )
         .unwrap();
         assert_eq!(read_message(&be).unwrap().unwrap().request(), SET_MEM_TABLE);
         let mut num = 0u32.to_le_bytes().to_vec();
         num.extend_from_slice(&256u32.to_le_bytes());
-        send_message(&fe, &message(SET_VRING_NUM, VERSION, &num), &[]).unwrap();
+        send_message(&fe, &encode(SET_VRING_NUM, VERSION, &num), &[]).unwrap();
         assert_eq!(read_message(&be).unwrap().unwrap().request(), SET_VRING_NUM);
         let addr = |desc: u64| {
             let mut b = 0u32.to_le_bytes().to_vec();
@@ -812,7 +809,7 @@ mod tests {
             for v in [desc, 0x7000_2000u64, 0x7000_1000, 0] {
                 b.extend_from_slice(&v.to_le_bytes());
             }
-            message(SET_VRING_ADDR, VERSION, &b)
+            encode(SET_VRING_ADDR, VERSION, &b)
         };
         // 256 descriptors (4 KiB) from 0x7000_3000 fit; from 16 bytes before the end not.
         send_message(&fe, &addr(0x7000_3000), &[]).unwrap();

@@ -2,7 +2,6 @@
 //! thread speaking the protocol on a temporary socket, scripted to answer, stall or hang
 //! up), and of the ring and inflight-region bookkeeping on hand-built rings. No KVM.
 
-use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -12,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use backends::inflight::{region_size, InflightRegion};
+use backends::vhost_user::relay::{self, read_message, send_message};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -107,81 +107,12 @@ fn tmpdir(tag: &str) -> PathBuf {
 
 /// Receives one message: header, body and attached fds. None at EOF.
 fn recv_msg(s: &mut UnixStream) -> Option<(u32, u32, Vec<u8>, Vec<OwnedFd>)> {
-    let mut hdr = [0u8; 12];
-    let mut cbuf = [0u64; 16];
-    let mut iov = libc::iovec {
-        iov_base: hdr.as_mut_ptr().cast(),
-        iov_len: hdr.len(),
-    };
-    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the call.
-    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_iov = &mut iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = cbuf.as_mut_ptr().cast();
-    mh.msg_controllen = std::mem::size_of_val(&cbuf);
-    // SAFETY: receives into the local buffers described by `mh`.
-    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
-    if n <= 0 {
-        return None;
-    }
-    let mut fds = Vec::new();
-    // SAFETY: walks the control messages the kernel wrote into `cbuf`.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&mh);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
-                for i in 0..count {
-                    fds.push(OwnedFd::from_raw_fd(*data.add(i)));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&mh, c);
-        }
-    }
-    s.read_exact(&mut hdr[n as usize..]).ok()?;
-    let code = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
-    let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
-    let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
-    let mut body = vec![0u8; size];
-    s.read_exact(&mut body).ok()?;
-    Some((code, flags, body, fds))
+    let m = read_message(s).ok()??;
+    Some((m.request(), m.flags(), m.body().to_vec(), m.fds))
 }
 
 fn reply(s: &mut UnixStream, code: u32, body: &[u8], fd: Option<RawFd>) {
-    let mut m = Vec::new();
-    m.extend_from_slice(&code.to_le_bytes());
-    m.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
-    m.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    m.extend_from_slice(body);
-    match fd {
-        None => {
-            let _ = s.write_all(&m);
-        }
-        Some(fd) => {
-            let mut cbuf = [0u64; 4];
-            let mut iov = libc::iovec {
-                iov_base: m.as_mut_ptr().cast(),
-                iov_len: m.len(),
-            };
-            // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the call.
-            let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-            mh.msg_iov = &mut iov;
-            mh.msg_iovlen = 1;
-            mh.msg_control = cbuf.as_mut_ptr().cast();
-            // SAFETY: CMSG_SPACE is a pure computation.
-            mh.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
-            // SAFETY: fills one SCM_RIGHTS control message inside `cbuf` and sends.
-            unsafe {
-                let c = libc::CMSG_FIRSTHDR(&mh);
-                (*c).cmsg_level = libc::SOL_SOCKET;
-                (*c).cmsg_type = libc::SCM_RIGHTS;
-                (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
-                *libc::CMSG_DATA(c).cast::<RawFd>() = fd;
-                libc::sendmsg(s.as_raw_fd(), &mh, 0);
-            }
-        }
-    }
+    let _ = send_message(s, &relay::reply(code, body), fd.as_slice());
 }
 
 /// Serves one connection by the script; returns when the frontend hangs up (or the script
