@@ -21,6 +21,7 @@ pub mod vcpu;
 pub mod vfio;
 pub mod virtio;
 pub mod vm;
+pub mod watchdog;
 
 use std::io;
 use std::path::PathBuf;

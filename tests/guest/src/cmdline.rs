@@ -8,7 +8,9 @@
 //! - `fault=KIND`: fail on purpose after printing, to test the failure paths: `panic`, `ud`
 //!   (invalid opcode), `pf` (page fault), `bp` (`int3`), `gp` (`hlt` in ring 3), `triple`
 //!   (an exception whose handler faults with no usable IDT: a triple fault, which ends the VM
-//!   with no exit code of the guest's choosing).
+//!   with no exit code of the guest's choosing); or stop making progress without ending:
+//!   `spin` (a ring-3 loop that never exits to the VMM) and `halt` (`cli; hlt` in ring 0, a
+//!   vCPU that only an NMI could wake), for the VMM's watchdog.
 //!
 //! Probe keys (see [`crate::probe`]); without `probe=` the guest only does the above:
 //! - `probe=blk|net`: run the virtio-blk or the virtio-net probe.
@@ -85,6 +87,8 @@ pub enum Failure {
     Breakpoint,
     GeneralProtection,
     TripleFault,
+    Spin,
+    HaltInterruptsOff,
 }
 
 /// A command line word the guest cannot use.
@@ -108,7 +112,7 @@ impl core::fmt::Display for Error<'_> {
             Error::UnknownFault(value) => {
                 write!(f, "fault=")?;
                 write_escaped(f, value)?;
-                write!(f, ": expected panic, ud, pf, bp, gp or triple")
+                write!(f, ": expected panic, ud, pf, bp, gp, triple, spin or halt")
             }
             Error::UnknownProbe(value) => {
                 write!(f, "probe=")?;
@@ -274,6 +278,8 @@ pub fn parse(cmdline: &[u8]) -> Result<Args<'_>, Error<'_>> {
                     b"bp" => Failure::Breakpoint,
                     b"gp" => Failure::GeneralProtection,
                     b"triple" => Failure::TripleFault,
+                    b"spin" => Failure::Spin,
+                    b"halt" => Failure::HaltInterruptsOff,
                     _ => return Err(Error::UnknownFault(value)),
                 });
             }

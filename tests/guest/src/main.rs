@@ -103,6 +103,14 @@ fn cause(fault: cmdline::Failure) {
             // SAFETY: as above; the handler then triple-faults on purpose.
             unsafe { asm!("ud2", options(nomem, nostack)) }
         }
+        Failure::Spin => loop {
+            core::hint::spin_loop();
+        },
+        Failure::HaltInterruptsOff => {
+            trap::HALT.store(true, core::sync::atomic::Ordering::SeqCst);
+            // SAFETY: as above; the handler then halts with interrupts off, for good.
+            unsafe { asm!("int3", options(nomem, nostack)) }
+        }
     }
 }
 
