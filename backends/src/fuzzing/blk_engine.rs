@@ -413,7 +413,7 @@ impl Harness {
         let mut descs: Vec<(u64, u32, u16)> = Vec::new();
         if split {
             descs.push((hdr, 8, 0));
-            descs.push((hdr + 8, 8, 0));
+            descs.push((hdr.wrapping_add(8), 8, 0));
         } else {
             descs.push((hdr, 16, 0));
         }
@@ -1503,5 +1503,25 @@ mod tests {
         }
         fuzz_blk_engine(&[]);
         fuzz_blk_engine(&[0xff; 64]);
+    }
+
+    /// The fuzzer's first find was in the harness: a split header at a raw address near
+    /// the top of the address space overflowed `hdr + 8`.
+    #[test]
+    fn a_split_header_at_the_top_of_the_address_space() {
+        let mut s = Script::new(flags::AUTO_RINGS, 2, 0, &[(0, 1)], [At::Raw(0); 3]);
+        let r = Req {
+            kind: 0x20,
+            sector: 0,
+            hdr: At::Raw(u64::MAX - 3),
+            ndata: 1,
+            data: At::In(0, 0x800),
+            len: Len::Sectors(1),
+            stride: 0,
+            status: At::In(0, 0x900),
+        };
+        s.request(0, None, r).publish(1, 0, 0).op(op::PROCESS);
+        let out = fuzz_blk_engine(&s.bytes());
+        assert_eq!(out.used, 1, "{out:?}");
     }
 }
