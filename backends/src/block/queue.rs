@@ -173,6 +173,9 @@ pub struct BlockQueue<S: GuestAddressSpace> {
     /// The last chain popped needs more bounce memory than is free: it went back to the
     /// ring, and popping waits for completions.
     bounce_wait: bool,
+    /// [`BlockQueue::resume_inflight`] is executing requests again: they come from the
+    /// inflight record, not from the ring position, so none may go back to the ring.
+    resuming: bool,
 }
 
 /// The most descriptor chains one call takes from the available ring. A guest can keep its
@@ -251,6 +254,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             bounce_in_use: 0,
             bounce_peak: 0,
             bounce_wait: false,
+            resuming: false,
         })
     }
 
@@ -325,14 +329,22 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         let max_descs = usize::from(size).max(super::config::MAX_CHAIN_DESCS);
         let table = GuestAddress(queue.desc_table());
         let mut done = 0;
+        self.resuming = true;
         for head in heads {
             if let Some(i) = self.inflight.as_mut() {
                 i.taken(head);
             }
             let parsed = parse_descs(head, HeadChain::new(mem, table, size, head), mem, max_descs);
-            done += self.handle(queue, &guard, parsed)?;
+            match self.handle(queue, &guard, parsed) {
+                Ok(n) => done += n,
+                Err(e) => {
+                    self.resuming = false;
+                    return Err(e);
+                }
+            }
             out.resubmitted += 1;
         }
+        self.resuming = false;
         self.submit()?;
         out.outcome = finish_batch(queue, mem, done)?;
         Ok(out)
@@ -657,14 +669,18 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                         }
                         Some(io)
                     }
-                    Ok(Prepared::NeedsBounce) if self.bounce_in_use > 0 => {
-                        // Wait for in-flight requests to free their bounce buffers.
+                    Ok(Prepared::NeedsBounce) if self.bounce_in_use > 0 && !self.resuming => {
+                        // Wait for in-flight requests to free their bounce buffers. (Not a
+                        // request executed again after a restart: it is not at the ring
+                        // position, which would then be taken again; the guest may have
+                        // made it larger since, so it goes piece by piece below.)
                         queue.go_to_previous_position();
                         self.bounce_wait = true;
                         return Ok(0);
                     }
                     Ok(Prepared::NeedsBounce) => {
-                        // Larger than the whole budget: piece by piece, on this thread.
+                        // Larger than the whole budget (or resubmitted after a restart and
+                        // larger than what is left): piece by piece, on this thread.
                         let (code, len) =
                             execute_sync(&self.disk, &mut self.log, &mut self.stats, mem, &req);
                         self.complete_now(queue, mem, req.head, req.status, code, len)?;

@@ -1370,3 +1370,95 @@ fn o_direct_bounce_buffers_stay_within_the_queue_budget() {
         assert!(b >= 1, "{engine:?}: data reached the guest ({b})");
     }
 }
+
+#[test]
+fn a_resubmitted_request_that_finds_the_bounce_budget_spent_is_not_pushed_back_to_the_ring() {
+    // Positions 0..3 of the ring: A and X (4 MiB reads through misaligned buffers), B (GET_ID,
+    // done at once), C (a small misaligned read). A, X and C are in flight when the back-end
+    // dies. The guest then makes A 15 MiB: the resumed A leaves too little of the bounce
+    // budget for X. Resubmitted requests are not in the ring at the position the engine is
+    // at, so X must not be "pushed back" there: that made the next pass take position 3 (C)
+    // again, C completed twice and X never.
+    const MIB: u64 = 1 << 20;
+    const BUF: u64 = 0x10_0001;
+    const SMALL: u64 = 0x30_0001;
+    let m: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    let f = TempFile::new().unwrap();
+    std::fs::File::create(f.as_path())
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    let dk = disk(&f, EngineChoice::IoUring, false, true);
+    let region = crate::inflight::InflightRegion::create(1, QSIZE).unwrap();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let table_at = |i: u64| 0x4_0000 + 0x1000 * i;
+    let read = |i: u64, sector: u64, mibs: u64| {
+        let h = HDR + 0x20 * i;
+        hdr_at(&m, h, VIRTIO_BLK_T_IN, sector);
+        let mut table = vec![d(h, 16, VRING_DESC_F_NEXT, 1)];
+        for j in 0..mibs {
+            table.push(d(
+                BUF,
+                MIB as u32,
+                VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+                j as u16 + 2,
+            ));
+        }
+        table.push(d(STATUS + i, 1, VRING_DESC_F_WRITE, 0));
+        indirect(&m, table_at(i), &table)
+    };
+    let a = read(0, 0, 4);
+    let x = read(1, 8192, 4);
+    hdr_at(&m, HDR + 0x40, VIRTIO_BLK_T_GET_ID, 0);
+    let b = indirect(
+        &m,
+        table_at(2),
+        &[
+            d(HDR + 0x40, 16, VRING_DESC_F_NEXT, 1),
+            d(DATA, 20, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2),
+            d(STATUS + 2, 1, VRING_DESC_F_WRITE, 0),
+        ],
+    );
+    hdr_at(&m, HDR + 0x60, VIRTIO_BLK_T_IN, 100);
+    let c = indirect(
+        &m,
+        table_at(3),
+        &[
+            d(HDR + 0x60, 16, VRING_DESC_F_NEXT, 1),
+            d(SMALL, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2),
+            d(STATUS + 3, 1, VRING_DESC_F_WRITE, 0),
+        ],
+    );
+    for (i, head) in [a, x, b, c].into_iter().enumerate() {
+        vq.add_desc_chains(&[head], i as u16).unwrap();
+    }
+    let mut bq = BlockQueue::new(dk.clone(), &m, QSIZE).unwrap();
+    bq.set_inflight(region.queue(0).unwrap());
+    bq.resume_inflight(&mut q).unwrap();
+    bq.process_queue(&mut q).unwrap();
+    assert_eq!(bq.in_flight(), 3, "A, X and C are in flight");
+    drop(bq); // the crash
+    assert_eq!(used_ids(&vq), vec![2]);
+
+    // A grows to 15 MiB (its indirect table, and the head descriptor that gives its length).
+    let a = read(0, 0, 15);
+    m.write_obj(a, vq.desc_table_addr()).unwrap();
+    let mut q = restarted_queue(&vq);
+    let mut bq = BlockQueue::new(dk, &m, QSIZE).unwrap();
+    bq.set_inflight(region.queue(0).unwrap());
+    let r = bq.resume_inflight(&mut q).unwrap();
+    assert_eq!(r.resubmitted, 3);
+    bq.drain(&mut q).unwrap();
+    bq.process_queue(&mut q).unwrap();
+    bq.drain(&mut q).unwrap();
+    let mut ids = used_ids(&vq);
+    ids.sort_unstable();
+    assert_eq!(ids, vec![0, 1, 2, 3], "every head exactly once");
+    for i in 0..4 {
+        let st: u8 = m.read_obj(GuestAddress(STATUS + i)).unwrap();
+        assert_eq!(st, 0, "request {i}");
+    }
+    assert!(bq.bounce_peak() <= BOUNCE_BUDGET);
+    assert_eq!(region.queue(0).unwrap().pending(), 0);
+}
