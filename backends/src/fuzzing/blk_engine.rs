@@ -561,6 +561,7 @@ impl Harness {
         let taken = u32::from(self.queue.next_avail().wrapping_sub(avail0));
         let used = u32::from(self.queue.next_used().wrapping_sub(used0));
         let in_flight = self.engine.in_flight();
+        // BLK_ENGINE_TRACE=1 (when reproducing a crash by hand): every call and its effect.
         if std::env::var_os("BLK_ENGINE_TRACE").is_some() {
             eprintln!(
                 "{call:?}: taken {taken} used {used} in flight {in_flight0} -> {in_flight}, \
