@@ -416,22 +416,32 @@ boot() {
     [ $TRACE = 1 ] && echo >$T/trace
     echo "SOAK-BEGIN $tag"
     cmdline="$L2_CMDLINE $(net_args $m)"
+    rm -f $LAB_TMP/pids/vm
     t0=$(lab_uptime)
-    if [ $v = vmm ]; then
-        vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" --cmdline "$cmdline" \
-            --cpus 2 --memory 512M --watchdog 10 $(dev_args $m vmm) </dev/null >$LAB_TMP/out 2>&1 &
-    else
-        qemu-system-x86_64 -nodefaults -nographic -serial stdio -no-reboot \
-            -enable-kvm -cpu host -m 512 -smp 2 -name l2,debug-threads=on \
-            -kernel "$L2_GENERIC_KERNEL" -initrd "$L2_GENERIC_INITRD" -append "$cmdline" \
-            $(dev_args $m qemu) </dev/null >$LAB_TMP/out 2>&1 &
-    fi
-    pid=$!
-    # The console, as it comes (lab_console adds the boot-to-init time).
-    tail -f $LAB_TMP/out | lab_console "$t0" "$tag" &
-    tailer=$!
+    # The console as it comes (lab_console adds the boot-to-init time), also kept in
+    # $LAB_TMP/out; the VMM's exit status on a line of its own at the end.
+    {
+        if [ $v = vmm ]; then
+            vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" --cmdline "$cmdline" \
+                --cpus 2 --memory 512M --watchdog 10 $(dev_args $m vmm) </dev/null 2>&1 &
+        else
+            qemu-system-x86_64 -nodefaults -nographic -serial stdio -no-reboot \
+                -enable-kvm -cpu host -m 512 -smp 2 -name l2,debug-threads=on \
+                -kernel "$L2_GENERIC_KERNEL" -initrd "$L2_GENERIC_INITRD" -append "$cmdline" \
+                $(dev_args $m qemu) </dev/null 2>&1 &
+        fi
+        echo $! >$LAB_TMP/pids/vm
+        wait $!
+        rc=$?
+        echo
+        echo "VMM-RC $rc"
+    } | lab_console "$t0" "$tag" | tee $LAB_TMP/out &
+    job=$!
+    n=0
+    while [ ! -s $LAB_TMP/pids/vm ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+    pid=$(cat $LAB_TMP/pids/vm 2>/dev/null)
     waited=0 timeout=0
-    while kill -0 $pid 2>/dev/null; do
+    while [ -n "$pid" ] && kill -0 $pid 2>/dev/null; do
         sleep 1
         waited=$((waited + 1))
         if [ $waited -ge $DEADLINE ]; then
@@ -450,13 +460,7 @@ boot() {
         while kill -0 $pid 2>/dev/null && [ $n -lt 10 ]; do sleep 1; n=$((n + 1)); done
         kill -KILL $pid 2>/dev/null
     fi
-    wait $pid
-    rc=$?
-    sleep 1
-    kill $tailer 2>/dev/null
-    wait $tailer 2>/dev/null
-    echo
-    echo "VMM-RC $rc"
+    wait $job
     if [ $timeout = 1 ] || ! grep -q '^L2-EXIT 0' $LAB_TMP/out; then
         if [ $TRACE = 1 ]; then
             echo 0 >$T/tracing_on
