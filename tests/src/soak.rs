@@ -44,6 +44,9 @@ pub struct SoakOptions {
     pub deadline: Duration,
     /// Where the project binaries and `lat` are (a release build for long soaks).
     pub bins: PathBuf,
+    /// Boots (by number, from 0) whose guest panics on purpose once its workload began
+    /// (sysrq `c`): the failure path, end to end, for the soak's own test.
+    pub panic_boots: Vec<u32>,
 }
 
 impl Default for SoakOptions {
@@ -54,6 +57,7 @@ impl Default for SoakOptions {
             models: vec![Model::Virtio, Model::Passthrough],
             deadline: Duration::from_secs(150),
             bins: profile_dir(),
+            panic_boots: Vec::new(),
         }
     }
 }
@@ -334,7 +338,7 @@ pub fn failures(boots: &[Boot]) -> String {
     s
 }
 
-/// The boot plan of one L1: (tag, model, vmm) in order.
+/// The boot plan of one L1: (tag, model, vmm) in order; a boot number is the tag's.
 fn plan(first: u32, count: u32, models: &[Model]) -> Vec<(String, Model, &'static str)> {
     (first..first + count)
         .map(|i| {
@@ -406,16 +410,16 @@ kvm_counters() {
     done
     echo "L1-KVM$out"
 }
-# boot TAG MODEL VMM: one L2 boot, its console and what L1 knows of it between SOAK-BEGIN
-# and SOAK-END.
+# boot TAG MODEL VMM PANIC: one L2 boot, its console and what L1 knows of it between
+# SOAK-BEGIN and SOAK-END; PANIC=1: the guest panics on purpose once its workload began.
 boot() {
-    tag=$1 m=$2 v=$3
+    tag=$1 m=$2 v=$3 panic=$4
     # The lab's e1000e keeps its last VM's rings through vfio-pci's reset: L1's driver
     # resets it (see the bench).
     [ $m = pt ] && { passthrough unbind $NIC_BDF >/dev/null; passthrough bind $NIC_BDF >/dev/null; }
     [ $TRACE = 1 ] && echo >$T/trace
     echo "SOAK-BEGIN $tag"
-    cmdline="$L2_CMDLINE $(net_args $m)"
+    cmdline="$L2_CMDLINE $(net_args $m) soak_panic=$panic"
     rm -f $LAB_TMP/pids/vm
     t0=$(lab_uptime)
     # The console as it comes (lab_console adds the boot-to-init time), also kept in
@@ -478,10 +482,12 @@ lab_finish
 const L2_SCRIPT: &str = r#"
 IP=
 PEER=
+PANIC=0
 for x in $(cat /proc/cmdline); do
     case $x in
     soak_ip=*) IP=${x#soak_ip=} ;;
     soak_peer=*) PEER=${x#soak_peer=} ;;
+    soak_panic=*) PANIC=${x#soak_panic=} ;;
     esac
 done
 n=0
@@ -497,6 +503,7 @@ while [ -z "$ifc" ] && [ $n -lt 100 ]; do
     [ -n "$ifc" ] || { sleep 0.1; n=$((n + 1)); }
 done
 echo "SOAK-WORK-BEGIN disk=${dev:-none} nic=${ifc:-none}"
+[ "$PANIC" = 1 ] && echo c >/proc/sysrq-trigger
 if [ -z "$dev" ] || [ -z "$ifc" ]; then
     echo "SOAK-WORK-FAIL no disk or no NIC (disk=${dev:-none} nic=${ifc:-none})"
     exit 1
@@ -512,10 +519,14 @@ got=$(ping -c 20 -i 0.05 -W 2 "$PEER" 2>&1 | awk '/packets transmitted/ { print 
 echo "SOAK-WORK-OK"
 "#;
 
-fn l1_script(boots: &[(String, Model, &'static str)], opts: &SoakOptions) -> String {
+fn l1_script(boots: &[(String, Model, &'static str)], first: u32, opts: &SoakOptions) -> String {
     let calls: String = boots
         .iter()
-        .map(|(tag, m, v)| format!("boot {tag} {} {v}\n", m.short()))
+        .zip(first..)
+        .map(|((tag, m, v), i)| {
+            let panic = u8::from(opts.panic_boots.contains(&i));
+            format!("boot {tag} {} {v} {panic}\n", m.short())
+        })
         .collect();
     L1_SCRIPT
         .replace("@DEADLINE@", &opts.deadline.as_secs().to_string())
@@ -571,7 +582,7 @@ pub fn run_soak(opts: &SoakOptions, progress: &mut dyn FnMut(&str)) -> Result<Ve
         l1 += 1;
         // Per boot: the deadline, the trace, the teardown; plus L1's boot and setup.
         let timeout = Duration::from_secs(300 + u64::from(count) * (opts.deadline.as_secs() + 40));
-        let scenario = Scenario::new(&format!("soak-{l1}"), &l1_script(&plan, opts))
+        let scenario = Scenario::new(&format!("soak-{l1}"), &l1_script(&plan, next, opts))
             .l2_script(L2_SCRIPT)
             .l2_bin(&lat)
             .project_bins(&opts.bins)
