@@ -1231,3 +1231,106 @@ fn random_register_storm() {
     assert_eq!(t.activations(), before + 1);
     assert_eq!(t.status() & STATUS_NEEDS_RESET, 0);
 }
+
+/// Two transports on a PCI root, driven through 0xCF8/0xCFC as a guest does: the doorbell
+/// ioeventfds registered are exactly those of the BARs the root routes, whatever the guest
+/// writes to the BARs and the command register.
+#[test]
+fn doorbells_follow_the_root_through_refused_moves_and_decode() {
+    use crate::bus::{Bus, BusDevice};
+    use crate::pci::{PciConfigIo, PciRoot, PciWindows};
+    let mmio = Arc::new(Bus::new());
+    let pio = Arc::new(Bus::new());
+    let root = Arc::new(Mutex::new(PciRoot::new(
+        mmio.clone(),
+        pio.clone(),
+        PciWindows::for_guest(512 << 20),
+    )));
+    let io = Arc::new(FakeIoEvents::default());
+    let transport = |bars: (u64, u64)| {
+        let rec = Arc::new(Mutex::new(Record::default()));
+        let dev = VirtioPciDevice::new(
+            "t",
+            Box::new(FakeDevice {
+                rec,
+                fail_activate: false,
+            }),
+            bars,
+            memory(),
+            Arc::new(FakeRouter::default()),
+            io.clone(),
+        )
+        .unwrap();
+        Arc::new(Mutex::new(dev))
+    };
+    let a = root
+        .lock()
+        .unwrap()
+        .add("a", transport((BAR, PIO)))
+        .unwrap();
+    let b = root
+        .lock()
+        .unwrap()
+        .add("b", transport((BAR + BAR_SIZE, PIO + PIO_BAR_SIZE)))
+        .unwrap();
+    let mut cfg = PciConfigIo::new(root.clone());
+    let mut w = |dev: u8, reg: u8, v: u32, len: usize| {
+        let addr = 0x8000_0000u32 | (u32::from(dev) << 11) | u32::from(reg);
+        cfg.write(0, &addr.to_le_bytes());
+        cfg.write(4, &v.to_le_bytes()[..len]);
+    };
+    let live = |io: &FakeIoEvents| io.live.lock().unwrap().keys().copied().collect::<Vec<_>>();
+    let of = |base: Option<u64>, port: Option<u64>| {
+        let mut v: Vec<Doorbell> = (0..MAX_SIZES.len() as u64)
+            .flat_map(|i| {
+                let m = base.map(|b| Doorbell::Mmio(b + NOTIFY + i * NOTIFY_MULT));
+                let p = port.map(|port| Doorbell::Pio {
+                    port,
+                    queue: i as u16,
+                });
+                m.into_iter().chain(p)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let both = |a: (Option<u64>, Option<u64>), b: (Option<u64>, Option<u64>)| {
+        let mut v = of(a.0, a.1);
+        v.extend(of(b.0, b.1));
+        v.sort();
+        v
+    };
+    assert_eq!((a, b), (1, 2));
+    let b_at = (Some(BAR + BAR_SIZE), Some(PIO + PIO_BAR_SIZE));
+    assert_eq!(live(&io), both((Some(BAR), Some(PIO)), b_at));
+    // A's port BAR onto 0xCF8, then onto B's port: refused, no port doorbell of A left.
+    w(a, 0x18, 0xcf8, 4);
+    assert_eq!(live(&io), both((Some(BAR), None), b_at));
+    w(a, 0x18, (PIO + PIO_BAR_SIZE) as u32, 4);
+    assert_eq!(live(&io), both((Some(BAR), None), b_at));
+    // A's BAR 0 onto guest RAM: no MMIO doorbell of A anywhere.
+    w(a, 0x10, 0x10_0000 | 0x4, 4);
+    assert_eq!(live(&io), both((None, None), b_at));
+    // Back where they were: registered again, B untouched throughout.
+    w(a, 0x10, BAR as u32 | 0x4, 4);
+    w(a, 0x18, PIO as u32 | 1, 4);
+    assert_eq!(live(&io), both((Some(BAR), Some(PIO)), b_at));
+    // Decode off (Memory only): the MMIO doorbells go, the port ones stay.
+    w(a, 0x04, 0x1, 2);
+    assert_eq!(live(&io), both((None, Some(PIO)), b_at));
+    w(a, 0x04, 0x3, 2);
+    assert_eq!(live(&io), both((Some(BAR), Some(PIO)), b_at));
+    // The buses agree: A's notify area reaches A, 0xCF8 is not A's.
+    let mut d = [0u8; 2];
+    assert!(mmio.read(BAR + QUEUE_SELECT, &mut d));
+    let fixed: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));
+    pio.insert("pci-config", fixed.clone(), 0xcf8, 8).unwrap();
+    w(a, 0x18, 0xcf8, 4);
+    w(a, 0x18, PIO as u32 | 1, 4);
+    assert!(pio.owned_by(0xcf8, &fixed));
+    // Tearing the root down leaves no doorbell registered.
+    let devices = root.lock().unwrap().take_devices();
+    drop(devices);
+    assert!(live(&io).is_empty());
+    assert!(mmio.ranges().is_empty());
+}
