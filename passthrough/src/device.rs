@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::{InterruptRouter, MsiMessage};
 use crate::msix::{Msix, MSIX_ENABLE, MSIX_FUNCTION_MASK};
-use crate::pci::{BarKind, BarMove, BarRange, ConfigSpace, PciDevice};
+use crate::pci::{BarKind, BarMapError, BarRange, ConfigSpace, PciDevice};
 use crate::vfio::{Vfio, CONFIG_REGION, INTX_IRQ, MSIX_IRQ, MSI_IRQ};
 
 /// Page granularity of KVM memory slots and of the MSI-X trap.
@@ -101,8 +101,6 @@ struct Rom {
     size: u64,
     /// The address as the guest last wrote it (the size mask while it sizes the BAR).
     addr: u64,
-    /// Where the trapped range is on the bus.
-    bus_addr: u64,
     enabled: bool,
 }
 
@@ -138,6 +136,8 @@ struct Area {
 
 struct Bar {
     areas: Vec<Area>,
+    /// Where the root routes the BAR now (`None`: nowhere, nothing mapped).
+    at: Option<u64>,
 }
 
 /// The MSI capability, emulated.
@@ -481,7 +481,6 @@ impl PassthroughPci {
             d.rom = Some(Rom {
                 size,
                 addr,
-                bus_addr: addr,
                 enabled: false,
             });
         }
@@ -579,7 +578,8 @@ impl PassthroughPci {
         Ok(())
     }
 
-    /// mmaps every mappable area of the memory BARs and maps it into the guest.
+    /// mmaps every mappable area of the memory BARs; they are mapped into the guest when
+    /// the PCI root routes the BAR ([`PciDevice::bar_mapping`]).
     fn map_bars(&mut self) -> Result<(), DeviceError> {
         for b in self.shadow.bars() {
             if b.kind == BarKind::Io {
@@ -594,7 +594,10 @@ impl PassthroughPci {
                 .as_ref()
                 .map(|m| m.trapped(b.index))
                 .unwrap_or_default();
-            let mut bar = Bar { areas: Vec::new() };
+            let mut bar = Bar {
+                areas: Vec::new(),
+                at: None,
+            };
             for (offset, size) in mappable_areas(info.size, &info.areas, &holes) {
                 let map = self
                     .dev
@@ -612,44 +615,66 @@ impl PassthroughPci {
                 });
             }
             self.bars.insert(b.index, bar);
-            self.attach_bar(b.index, b.addr);
         }
         Ok(())
     }
 
-    /// Maps BAR `index`'s areas at guest address `addr`; what fails stays trapped.
-    fn attach_bar(&mut self, index: usize, addr: u64) {
+    /// Maps BAR `index`'s areas at guest address `addr`; what fails stays trapped (and the
+    /// first failure is returned, for the caller's rate-limited log).
+    fn attach_bar(&mut self, index: usize, addr: u64) -> Result<(), BarMapError> {
         let Some(bar) = self.bars.get_mut(&index) else {
-            return;
+            return Ok(());
         };
+        bar.at = Some(addr);
+        let mut first = Ok(());
         for a in &mut bar.areas {
-            let gpa = addr + a.offset;
-            if gpa % PAGE_SIZE != 0 {
+            let Some(gpa) = addr.checked_add(a.offset).filter(|g| g % PAGE_SIZE == 0) else {
                 continue;
-            }
+            };
             match self.mapper.map(gpa, a.map.len() as u64, a.map.addr()) {
                 Ok(h) => a.handle = Some(h),
-                Err(e) => log::warn!(
-                    "{}: BAR {index} [{:#x}, +{:#x}) at {gpa:#x} stays trapped: {e}",
-                    self.name,
-                    a.offset,
-                    a.map.len()
-                ),
+                Err(source) if first.is_ok() => {
+                    first = Err(BarMapError {
+                        what: format!(
+                            "cannot map [{:#x}, +{:#x}) of BAR {index} as guest memory",
+                            a.offset,
+                            a.map.len()
+                        ),
+                        at: gpa,
+                        source,
+                    })
+                }
+                Err(_) => {}
             }
         }
+        first
     }
 
-    fn detach_bar(&mut self, index: usize) {
+    /// Unmaps BAR `index`'s areas from the guest (its accesses are trapped from now on).
+    fn detach_bar(&mut self, index: usize) -> Result<(), BarMapError> {
         let Some(bar) = self.bars.get_mut(&index) else {
-            return;
+            return Ok(());
         };
+        let was = bar.at.take().unwrap_or(0);
+        let mut first = Ok(());
         for a in &mut bar.areas {
             if let Some(h) = a.handle.take() {
-                if let Err(e) = self.mapper.unmap(h) {
-                    log::warn!("{}: cannot unmap BAR {index}: {e}", self.name);
+                if let Err(source) = self.mapper.unmap(h) {
+                    if first.is_ok() {
+                        first = Err(BarMapError {
+                            what: format!(
+                                "cannot unmap [{:#x}, +{:#x}) of BAR {index}",
+                                a.offset,
+                                a.map.len()
+                            ),
+                            at: was.wrapping_add(a.offset),
+                            source,
+                        });
+                    }
                 }
             }
         }
+        first
     }
 
     /// The INTx pin the guest sees (1 = INTA), if the device uses one.
@@ -660,10 +685,10 @@ impl PassthroughPci {
     /// Guest-physical ranges mapped directly (not trapped), for tests and logs.
     pub fn mapped_ranges(&self) -> Vec<(u64, u64)> {
         let mut v = Vec::new();
-        for b in self.shadow.bars() {
-            if let Some(bar) = self.bars.get(&b.index) {
+        for bar in self.bars.values() {
+            if let Some(at) = bar.at {
                 for a in bar.areas.iter().filter(|a| a.handle.is_some()) {
-                    v.push((b.addr + a.offset, a.map.len() as u64));
+                    v.push((at + a.offset, a.map.len() as u64));
                 }
             }
         }
@@ -791,9 +816,11 @@ impl PassthroughPci {
     }
 
     /// A guest write to the expansion ROM BAR (address and enable bit; sizing reads back the
-    /// size mask). Returns the move of the ROM's trapped range, if any.
-    fn rom_write(&mut self, offset: u64, data: &[u8]) -> Option<BarMove> {
-        let r = self.rom.as_mut()?;
+    /// size mask). The root maps the ROM's trapped range while it is enabled.
+    fn rom_write(&mut self, offset: u64, data: &[u8]) {
+        let Some(r) = self.rom.as_mut() else {
+            return;
+        };
         let mut bytes = ((r.addr as u32) | u32::from(r.enabled)).to_le_bytes();
         for (k, b) in data.iter().enumerate() {
             if let Some(x) = bytes.get_mut(offset as usize + k) {
@@ -804,19 +831,6 @@ impl PassthroughPci {
         let mask = !(r.size as u32 - 1);
         r.enabled = v & 1 != 0;
         r.addr = u64::from(v & mask);
-        // Sizing (all ones) and 0 are not addresses.
-        if r.addr == r.bus_addr || r.addr == u64::from(mask) || r.addr == 0 {
-            return None;
-        }
-        let old = r.bus_addr;
-        r.bus_addr = r.addr;
-        Some(BarMove {
-            index: ROM_BAR,
-            kind: BarKind::Mem32,
-            old,
-            new: r.addr,
-            size: r.size,
-        })
     }
 
     /// Applies a guest write of `data` at config byte `start` to the emulated MSI capability.
@@ -895,17 +909,13 @@ impl PciDevice for PassthroughPci {
         u32::from_le_bytes(bytes)
     }
 
-    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarMove> {
+    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) {
         if reg >= 64 || offset as usize + data.len() > 4 {
-            return None;
+            return;
         }
         match reg {
-            4..=9 => return self.shadow.write_tracking_bars(reg, offset, data),
+            4..=9 | 15 => return self.shadow.write(reg, offset, data),
             12 => return self.rom_write(offset, data),
-            15 => {
-                self.shadow.write(15, offset, data);
-                return None;
-            }
             _ => {}
         }
         let start = reg * 4 + offset as usize;
@@ -914,7 +924,7 @@ impl PciDevice for PassthroughPci {
             let (s, e) = (m.cap.offset, m.cap.offset + m.cap.bytes.len());
             if start < e && end > s {
                 self.msi_write(start, data);
-                return None;
+                return;
             }
         }
         if let Some(x) = &self.msix {
@@ -930,11 +940,11 @@ impl PciDevice for PassthroughPci {
                 if let Err(e) = self.msix_control(control) {
                     self.log_once("cannot program MSI-X", &e);
                 }
-                return None;
+                return;
             }
         }
         if self.hidden.iter().any(|&(s, l)| start < s + l && end > s) {
-            return None;
+            return;
         }
         // Bus Master Enable: the device may DMA from now on, so guest RAM must be mapped.
         if start <= 4 && end > 4 && data[4 - start] & COMMAND_BUS_MASTER != 0 {
@@ -947,23 +957,23 @@ impl PciDevice for PassthroughPci {
                     let mut v = data.to_vec();
                     v[4 - start] &= !COMMAND_BUS_MASTER;
                     self.dev.write(CONFIG_REGION, start as u64, &v);
-                    return None;
+                    return;
                 }
                 // Mapped: nothing to wait for any more.
                 self.dma = None;
             }
         }
         self.dev.write(CONFIG_REGION, start as u64, data);
-        None
     }
 
     fn bars(&self) -> Vec<BarRange> {
         let mut v = self.shadow.bars();
-        if let Some(r) = &self.rom {
+        // The ROM decodes only with its enable bit set (and Memory Space on).
+        if let Some(r) = self.rom.as_ref().filter(|r| r.enabled) {
             v.push(BarRange {
                 index: ROM_BAR,
                 kind: BarKind::Mem32,
-                addr: r.bus_addr,
+                addr: r.addr,
                 size: r.size,
                 prefetchable: false,
             });
@@ -1008,9 +1018,16 @@ impl PciDevice for PassthroughPci {
         self.dev.write(index as u32, offset, data);
     }
 
-    fn bar_moved(&mut self, m: &BarMove) {
-        self.detach_bar(m.index);
-        self.attach_bar(m.index, m.new);
+    fn bar_mapping(&mut self, index: usize, at: Option<u64>) -> Result<(), BarMapError> {
+        if self.bars.get(&index).map(|b| b.at) == Some(at) {
+            return Ok(());
+        }
+        let detached = self.detach_bar(index);
+        let attached = match at {
+            Some(addr) => self.attach_bar(index, addr),
+            None => Ok(()),
+        };
+        detached.and(attached)
     }
 }
 
@@ -1033,7 +1050,9 @@ impl Drop for PassthroughPci {
         let _ = self.intx_disable();
         let indices: Vec<usize> = self.bars.keys().copied().collect();
         for i in indices {
-            self.detach_bar(i);
+            if let Err(e) = self.detach_bar(i) {
+                log::warn!("{}: {e}: {}", self.name, e.source);
+            }
         }
         if let Err(e) = self.dev.reset() {
             log::debug!("{}: no reset at teardown: {e}", self.name);
@@ -1310,8 +1329,15 @@ mod tests {
         .unwrap()
     }
 
-    fn cfg_write(p: &mut PassthroughPci, off: usize, v: &[u8]) -> Option<BarMove> {
+    fn cfg_write(p: &mut PassthroughPci, off: usize, v: &[u8]) {
         p.write_config(off / 4, (off % 4) as u64, v)
+    }
+
+    /// Routes every BAR where it is programmed, as the PCI root does when decoding is on.
+    fn route_all(p: &mut PassthroughPci) {
+        for b in p.bars() {
+            p.bar_mapping(b.index, Some(b.addr)).unwrap();
+        }
     }
 
     fn cfg_read(p: &mut PassthroughPci, off: usize) -> u32 {
@@ -1340,9 +1366,9 @@ mod tests {
         assert_eq!((bars[2].kind, bars[2].size), (BarKind::Mem64, MB));
         assert!(bars[2].prefetchable);
         // Guest sizing: all ones, read back the size mask with the flags.
-        assert!(cfg_write(&mut r.pci, 0x10, &[0xff; 4]).is_none());
+        cfg_write(&mut r.pci, 0x10, &[0xff; 4]);
         assert_eq!(cfg_read(&mut r.pci, 0x10), !((128u32 << 10) - 1));
-        assert!(cfg_write(&mut r.pci, 0x18, &[0xff; 4]).is_none());
+        cfg_write(&mut r.pci, 0x18, &[0xff; 4]);
         assert_eq!(cfg_read(&mut r.pci, 0x18), !31u32 | 1);
         // 64-bit: both halves, type and prefetch bits kept.
         cfg_write(&mut r.pci, 0x20, &[0xff; 4]);
@@ -1360,6 +1386,10 @@ mod tests {
     #[test]
     fn bar_relocation_moves_the_guest_mappings() {
         let mut r = rig(true);
+        // Nothing is mapped until the root routes the BARs.
+        assert!(r.pci.mapped_ranges().is_empty());
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
+        route_all(&mut r.pci);
         let before = r.pci.mapped_ranges();
         // BAR0 minus the MSI-X table and PBA pages; the 64-bit BAR whole.
         assert_eq!(
@@ -1373,9 +1403,9 @@ mod tests {
         );
         // Move BAR0 to 0xd000_0000 the way Linux does (sizing, then the new address).
         cfg_write(&mut r.pci, 0x10, &[0xff; 4]);
-        let m = cfg_write(&mut r.pci, 0x10, &0xd000_0000u32.to_le_bytes()).unwrap();
-        assert_eq!((m.index, m.old, m.new), (0, 0xc000_0000, 0xd000_0000));
-        r.pci.bar_moved(&m);
+        cfg_write(&mut r.pci, 0x10, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(r.pci.bars()[0].addr, 0xd000_0000);
+        r.pci.bar_mapping(0, Some(0xd000_0000)).unwrap();
         let after = r.pci.mapped_ranges();
         assert!(after.contains(&(0xd000_0000, 0x10000)), "{after:x?}");
         assert!(after.contains(&(0xd001_1000, 0x7000)));
@@ -1386,10 +1416,24 @@ mod tests {
         assert_eq!(live.len(), 4);
         // A 64-bit move above 4 GiB: low half, then high half.
         cfg_write(&mut r.pci, 0x20, &0u32.to_le_bytes());
-        let m = cfg_write(&mut r.pci, 0x24, &1u32.to_le_bytes()).unwrap();
-        assert_eq!(m.new, 0x1_0000_0000);
-        r.pci.bar_moved(&m);
+        cfg_write(&mut r.pci, 0x24, &1u32.to_le_bytes());
+        assert_eq!(r.pci.bars()[2].addr, 0x1_0000_0000);
+        r.pci.bar_mapping(4, Some(0x1_0000_0000)).unwrap();
         assert!(r.pci.mapped_ranges().contains(&(0x1_0000_0000, MB)));
+        // Unrouted (decoding off): no KVM slot of the BAR is left anywhere.
+        r.pci.bar_mapping(4, None).unwrap();
+        assert!(!r.pci.mapped_ranges().iter().any(|&(_, l)| l == MB));
+        r.pci.bar_mapping(0, None).unwrap();
+        assert!(r.pci.mapped_ranges().is_empty());
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
+        // Routing it twice at one address maps it once.
+        r.pci.bar_mapping(0, Some(0xd000_0000)).unwrap();
+        r.pci.bar_mapping(0, Some(0xd000_0000)).unwrap();
+        assert_eq!(r.mapper.maps.lock().unwrap().len(), 3);
+        // Dropping the device unmaps what is left.
+        let mapper = r.mapper.clone();
+        drop(r);
+        assert!(mapper.maps.lock().unwrap().is_empty());
     }
 
     #[test]
@@ -1397,8 +1441,10 @@ mod tests {
         let mut r = rig(true);
         *r.mapper.refuse_below.lock().unwrap() = u64::MAX;
         cfg_write(&mut r.pci, 0x10, &[0xff; 4]);
-        let m = cfg_write(&mut r.pci, 0x10, &0xd000_0000u32.to_le_bytes()).unwrap();
-        r.pci.bar_moved(&m);
+        cfg_write(&mut r.pci, 0x10, &0xd000_0000u32.to_le_bytes());
+        // The failure is reported (the root logs it, rate-limited), not logged here.
+        let e = r.pci.bar_mapping(0, Some(0xd000_0000)).unwrap_err();
+        assert_eq!(e.at, 0xd000_0000);
         assert!(!r
             .pci
             .mapped_ranges()
@@ -1500,7 +1546,7 @@ mod tests {
         // Single function, whatever the host says; extended space empty.
         assert_eq!((cfg_read(&mut r.pci, 0x0c) >> 16) & 0x80, 0);
         assert_eq!(cfg_read(&mut r.pci, 0x100), 0);
-        assert!(cfg_write(&mut r.pci, 0x100, &[0xff; 4]).is_none());
+        cfg_write(&mut r.pci, 0x100, &[0xff; 4]);
         // Interrupt pin from the device, line = the GSI, writable line.
         assert_eq!(cfg_read(&mut r.pci, 0x3c) & 0xffff, 0x0111);
         cfg_write(&mut r.pci, 0x3c, &[0x0b]);
@@ -1512,7 +1558,7 @@ mod tests {
             &[(4, vec![6, 0])]
         );
         // Oversized accesses are ignored.
-        assert!(r.pci.write_config(1, 2, &[0; 4]).is_none());
+        r.pci.write_config(1, 2, &[0; 4]);
         assert_eq!(r.dev.config_writes.lock().unwrap().len(), 1);
     }
 
@@ -1575,29 +1621,31 @@ mod tests {
         assert_eq!(cfg_read(&mut r.pci, 0x30), 0);
         assert!(!r.pci.bars().iter().any(|b| b.index == ROM_BAR));
         let mut r = rig_with(true, true);
-        let rom = *r.pci.bars().iter().find(|b| b.index == ROM_BAR).unwrap();
-        // 24 KiB of ROM: a 32 KiB BAR, disabled at first.
-        assert_eq!(rom.size, 0x8000);
-        assert_eq!(cfg_read(&mut r.pci, 0x30), rom.addr as u32);
-        // Sizing reads the size mask; restoring does not move anything.
-        assert!(cfg_write(&mut r.pci, 0x30, &[0xfe, 0xff, 0xff, 0xff]).is_none());
+        // 24 KiB of ROM: a 32 KiB BAR, disabled at first (so not among the BARs that decode).
+        assert!(!r.pci.bars().iter().any(|b| b.index == ROM_BAR));
+        let rom_addr = cfg_read(&mut r.pci, 0x30);
+        assert_ne!(rom_addr, 0);
+        assert_eq!(rom_addr & 1, 0);
+        // Sizing reads the size mask; restored, the ROM is still disabled.
+        cfg_write(&mut r.pci, 0x30, &[0xfe, 0xff, 0xff, 0xff]);
         assert_eq!(cfg_read(&mut r.pci, 0x30), !0x7fffu32);
-        assert!(cfg_write(&mut r.pci, 0x30, &(rom.addr as u32).to_le_bytes()).is_none());
+        cfg_write(&mut r.pci, 0x30, &rom_addr.to_le_bytes());
+        assert!(!r.pci.bars().iter().any(|b| b.index == ROM_BAR));
         // Disabled: reads float; enabled: the device's ROM; writes are dropped.
         let mut d = [0u8; 4];
         r.pci.read_bar(ROM_BAR, 0x10, &mut d);
         assert_eq!(d, [0xff; 4]);
-        cfg_write(&mut r.pci, 0x30, &(rom.addr as u32 | 1).to_le_bytes());
+        cfg_write(&mut r.pci, 0x30, &(rom_addr | 1).to_le_bytes());
+        let on = *r.pci.bars().iter().find(|b| b.index == ROM_BAR).unwrap();
+        assert_eq!((on.addr, on.size), (u64::from(rom_addr), 0x8000));
         r.pci.read_bar(ROM_BAR, 0x10, &mut d);
         assert_eq!(d, [0x10, 0x11, 0x12, 0x13]);
         r.pci.write_bar(ROM_BAR, 0, &[0; 4]);
         assert!(r.dev.bar_writes.lock().unwrap().is_empty());
-        // The guest moves it.
-        let m = cfg_write(&mut r.pci, 0x30, &0xd800_0001u32.to_le_bytes()).unwrap();
-        assert_eq!(
-            (m.index, m.old, m.new, m.size),
-            (ROM_BAR, rom.addr, 0xd800_0000, 0x8000)
-        );
+        // The guest moves it: the BAR the root maps follows.
+        cfg_write(&mut r.pci, 0x30, &0xd800_0001u32.to_le_bytes());
+        let moved = *r.pci.bars().iter().find(|b| b.index == ROM_BAR).unwrap();
+        assert_eq!((moved.addr, moved.size), (0xd800_0000, 0x8000));
         assert_eq!(cfg_read(&mut r.pci, 0x30), 0xd800_0001);
     }
 
@@ -1656,7 +1704,8 @@ mod tests {
 
     #[test]
     fn teardown_releases_everything_and_resets() {
-        let r = rig(true);
+        let mut r = rig(true);
+        route_all(&mut r.pci);
         let Rig {
             dev, mapper, pci, ..
         } = r;

@@ -261,9 +261,16 @@ pub fn assign(
         )
         .map_err(|e| fail(&d.id, crate::error_line(&e)))?;
         let pin = pci.intx_pin();
-        let mapped: u64 = pci.mapped_ranges().iter().map(|r| r.1).sum();
         let bar_list = pci.bars();
-        let slot = root.add(&d.id, Arc::new(Mutex::new(pci)))?;
+        let pci = Arc::new(Mutex::new(pci));
+        let slot = root.add(&d.id, pci.clone())?;
+        let mapped: u64 = pci
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .mapped_ranges()
+            .iter()
+            .map(|r| r.1)
+            .sum();
         if let Some(pin) = pin {
             assigned.routes.push(IntxRoute {
                 slot,

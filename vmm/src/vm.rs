@@ -26,7 +26,7 @@ use crate::exit::{ExitHandle, VmExit};
 use crate::interrupt::{InterruptRouter, KvmRouter};
 use crate::layout;
 use crate::memory::{self, Ram};
-use crate::pci::{PciConfigIo, PciConfigMmio, PciRoot};
+use crate::pci::{PciConfigIo, PciConfigMmio, PciRoot, PciWindows};
 use crate::stats::ExitStats;
 use crate::vcpu::{self, VcpuContext, VcpuCounters};
 use crate::virtio::blk::Block;
@@ -144,7 +144,11 @@ impl Vm {
             layout::ACPI_SLEEP_CONTROL_PORT.into(),
             2,
         )?;
-        let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone(), pio.clone())));
+        let root = Arc::new(Mutex::new(PciRoot::new(
+            mmio.clone(),
+            pio.clone(),
+            PciWindows::for_guest(cfg.memory),
+        )));
         let router: Arc<dyn InterruptRouter> = Arc::new(KvmRouter::new(vm.clone()));
         let mut bars = BarAllocator::new(cfg.memory);
         let notify_exits = add_virtio_devices(cfg, &vm, &ram, &root, &mut bars, &router)?;
