@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use tests::bench::direct::{run_direct, DirectOptions};
 use tests::bench::lab::{run_lab, LabOptions};
-use tests::bench::report::{json, lab_pairs, pairs_table, summarize, svg, table};
+use tests::bench::report::{lab_pairs, pairs_table, summarize, svg, table, Meta, Results};
 use tests::bench::Record;
 
 const USAGE: &str = "usage: bench [--direct-only | --lab-only] [--runs N] [--n N] [--n-qd32 N]
@@ -157,19 +157,22 @@ fn run() -> Result<(), String> {
         .unwrap_or("")
         .trim()
         .to_string();
-    let meta = [
-        ("date", date.clone()),
-        ("cpu", cpu),
-        ("runs", a.runs.to_string()),
-        ("poll_us", a.poll_us.to_string()),
-        ("pinned", a.pin.to_string()),
-        ("seconds", format!("{:.0}", t0.elapsed().as_secs_f64())),
-    ];
+    let meta = Meta {
+        date: date.clone(),
+        cpu,
+        runs: a.runs.to_string(),
+        poll_us: a.poll_us.to_string(),
+        pinned: a.pin.to_string(),
+        seconds: format!("{:.0}", t0.elapsed().as_secs_f64()),
+    };
     let write = |name: &str, body: &str| -> Result<(), String> {
         let p = a.out.join(name);
         std::fs::write(&p, body).map_err(|e| format!("{}: {e}", p.display()))
     };
-    write("results.json", &json(&meta, &records, &rows))?;
+    let results = Results::new(meta, &records, &rows)
+        .to_json()
+        .map_err(|e| format!("results.json: {e}"))?;
+    write("results.json", &results)?;
     write(
         "results.md",
         &format!(
