@@ -7,7 +7,8 @@
 //! - [`lab`]: Linux guests inside the lab (L2 under KVM in L1), our vmm next to QEMU, for the
 //!   three models (in-VMM virtio, vhost-user, VFIO passthrough).
 //!
-//! [`report`] turns the records into the table, the JSON and the SVG plot.
+//! [`report`] turns the records into the table, the JSON and the SVG plot; [`compare`] reads
+//! the JSON of two builds' runs back and tells whether one is slower.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::probe::Summary;
 
+pub mod compare;
 pub mod direct;
 pub mod lab;
 pub mod report;
