@@ -13,11 +13,6 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
-
-use serde::{Deserialize, Serialize};
-use thiserror::Error;
-
-use crate::bench::round;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -25,6 +20,11 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::bench::round;
 
 #[path = "../guest/src/probe_shared.rs"]
 mod shared;

@@ -406,6 +406,14 @@ pub fn run_compare(opts: &CompareOptions) -> Result<Comparison, String> {
     let base = read_rounds(&opts.dir.join("base"))?;
     let head = read_rounds(&opts.dir.join("head"))?;
     let lines = compare(&base, &head, opts.threshold);
+    if !lines.iter().any(|l| l.base.is_some() && l.head.is_some()) {
+        return Err(format!(
+            "{}: no configuration and test has samples on both sides ({} records of BASE, {} of HEAD)",
+            opts.dir.display(),
+            base.len(),
+            head.len()
+        ));
+    }
     let mut md = markdown(&lines, &opts.base_name, &opts.head_name, opts.threshold);
     md.push_str(&load_line(&base, &head));
     let out = opts.dir.join("compare.md");
@@ -624,6 +632,14 @@ mod tests {
         fs::write(bad.join("results.json"), "{\"records\":[").unwrap();
         let e = run_compare(&opts).unwrap_err();
         assert!(e.contains("results.json"), "{e}");
+        // Rounds without records (a filter that matched nothing) compare nothing: an error.
+        fs::write(
+            bad.join("results.json"),
+            Results::new(Meta::default(), &[], &[]).to_json().unwrap(),
+        )
+        .unwrap();
+        let e = run_compare(&opts).unwrap_err();
+        assert!(e.contains("no configuration and test"), "{e}");
     }
 
     #[test]
