@@ -27,6 +27,7 @@ use backends::inflight::InflightRegion;
 use backends::poll::{busy_poll, PollEnd, Poller};
 use backends::QueueError;
 use clap::Parser;
+use serde::Serialize;
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringT};
@@ -100,8 +101,19 @@ pub struct Args {
 }
 
 /// The JSON printed by `--print-capabilities` (docs/interop/vhost-user.json).
-pub const CAPABILITIES: &str =
-    "{\n  \"type\": \"block\",\n  \"features\": [\n    \"read-only\",\n    \"blk-file\"\n  ]\n}";
+pub const CAPABILITIES: Capabilities = Capabilities {
+    kind: "block",
+    features: &["read-only", "blk-file"],
+};
+
+/// A back-end's capabilities: its device type and the optional features it implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub features: &'static [&'static str],
+}
 
 /// Errors of the daemon, printed as one line by `main`.
 #[derive(Debug, Error)]
@@ -115,13 +127,17 @@ pub enum Error {
     /// The socket or the daemon could not be set up.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// `--print-capabilities` could not write its JSON.
+    #[error("cannot print the capabilities: {0}")]
+    Capabilities(serde_json::Error),
 }
 
 /// Runs the daemon: parses nothing (see [`Args`]), sets up signals, opens the image and the
 /// socket, serves frontends until SIGTERM/SIGINT.
 pub fn run(args: Args) -> Result<(), Error> {
     if args.print_capabilities {
-        println!("{CAPABILITIES}");
+        let json = serde_json::to_string_pretty(&CAPABILITIES).map_err(Error::Capabilities)?;
+        println!("{json}");
         return Ok(());
     }
     if args.queues == 0 || args.queues > MAX_QUEUES {
