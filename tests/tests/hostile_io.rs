@@ -155,9 +155,16 @@ fn rss_guard(pids: &[(&str, u32)]) -> Option<String> {
     None
 }
 
-/// Waits for a guest line containing `needle` in `vmm`'s output, guarding RSS meanwhile.
-fn wait_line(vmm: &mut Daemon, needle: &str, timeout: Duration, guard: &[(&str, u32)]) -> String {
-    let log = vmm.log_path().to_path_buf();
+/// Waits for a guest line containing `needle` in `serial` (the output of `vmm`'s guest),
+/// guarding RSS meanwhile.
+fn wait_line(
+    vmm: &mut Daemon,
+    serial: &Path,
+    needle: &str,
+    timeout: Duration,
+    guard: &[(&str, u32)],
+) -> String {
+    let log = serial.to_path_buf();
     let mut killed = None;
     let r = vmm.wait_for(needle, timeout, || {
         if killed.is_none() {
@@ -165,10 +172,11 @@ fn wait_line(vmm: &mut Daemon, needle: &str, timeout: Duration, guard: &[(&str, 
         }
         killed.is_some() || find_line(&log, needle).is_some()
     });
+    let guest = std::fs::read_to_string(serial).unwrap_or_default();
     if let Some(k) = killed {
-        panic!("{k}\n{}", vmm.log());
+        panic!("{k}\n{}\nguest:\n{guest}", vmm.log());
     }
-    r.unwrap_or_else(|e| panic!("{e}"));
+    r.unwrap_or_else(|e| panic!("{e}\nguest:\n{guest}"));
     find_line(&log, needle).unwrap_or_default()
 }
 
@@ -269,7 +277,9 @@ enum Host {
     Daemon,
 }
 
-fn vmm_command(attack: &str, disks: &[String]) -> Command {
+/// The vmm running the guest in mode `attack` with `disks`; the guest's serial output goes
+/// to `serial` (apart from the vmm's log lines, which could split its lines).
+fn vmm_command(attack: &str, disks: &[String], serial: &Path) -> Command {
     let mut cmd = Command::new(bin("vmm"));
     let tsc_mhz = (tsc_hz() / 1e6).round() as u64;
     cmd.arg("--kernel")
@@ -280,6 +290,8 @@ fn vmm_command(attack: &str, disks: &[String]) -> Command {
         ))
         .args(["--memory", &format!("{PROBE_MEMORY_MIB}M")])
         .args(disks)
+        .arg("--serial")
+        .arg(format!("file={}", serial.display()))
         .env("RUST_LOG", "info");
     cmd
 }
@@ -335,7 +347,9 @@ fn hostile(attack: Attack, host: Host) {
         Attack::Loop => "loop",
         Attack::Bounce => "bounce",
     };
-    let mut vmm = Daemon::spawn("hostile-vmm", &mut vmm_command(mode, &disks)).expect("start vmm");
+    let serial = dir.join("serial.log");
+    let mut vmm =
+        Daemon::spawn("hostile-vmm", &mut vmm_command(mode, &disks, &serial)).expect("start vmm");
     vmm.set_grace(Duration::from_secs(1));
     let vmm_pid = vmm.pid();
     let daemon_pid = daemon.as_ref().map(Daemon::pid);
@@ -344,7 +358,7 @@ fn hostile(attack: Attack, host: Host) {
         guard.push(("vhost-user-blk", pid));
     }
 
-    wait_line(&mut vmm, "armed", Duration::from_secs(60), &guard);
+    wait_line(&mut vmm, &serial, "armed", Duration::from_secs(60), &guard);
     std::thread::sleep(Duration::from_millis(200));
     let (vmm_cpu, vmm_top) = cpu_use(vmm_pid, Duration::from_secs(1), &guard);
     eprintln!("{what}: while attacked, vmm {vmm_cpu:.0}% CPU ({vmm_top})");
@@ -356,6 +370,7 @@ fn hostile(attack: Attack, host: Host) {
 
     let attacked = wait_line(
         &mut vmm,
+        &serial,
         "hostile-result phase=attack",
         Duration::from_millis(HOLD_MS) + Duration::from_secs(20),
         &guard,
@@ -369,10 +384,11 @@ fn hostile(attack: Attack, host: Host) {
     assert!(
         served > 0,
         "{what}: the attack never got a request served:\n{}",
-        vmm.log()
+        std::fs::read_to_string(&serial).unwrap_or_default()
     );
     let reset = wait_line(
         &mut vmm,
+        &serial,
         "hostile-result phase=reset ",
         Duration::from_secs(20),
         &guard,
@@ -402,18 +418,21 @@ fn hostile(attack: Attack, host: Host) {
     assert!(done < reset_bound, "{what}: the reset took {done:?}");
     wait_line(
         &mut vmm,
+        &serial,
         "hostile-result phase=reset-device-read status=0",
         Duration::from_secs(20),
         &guard,
     );
     wait_line(
         &mut vmm,
+        &serial,
         "hostile-result phase=sane",
         Duration::from_secs(20),
         &guard,
     );
     wait_line(
         &mut vmm,
+        &serial,
         "hostile: attacking until stopped",
         Duration::from_secs(20),
         &guard,
@@ -462,8 +481,12 @@ fn hostile(attack: Attack, host: Host) {
             idle_cpu < 5.0,
             "{what}: the daemon still works for a frontend that left: {idle_cpu:.0}% CPU"
         );
-        let mut next = Daemon::spawn("hostile-vmm-next", &mut vmm_command("sane", &target_arg))
-            .expect("start the next vmm");
+        let next_serial = dir.join("serial-next.log");
+        let mut next = Daemon::spawn(
+            "hostile-vmm-next",
+            &mut vmm_command("sane", &target_arg, &next_serial),
+        )
+        .expect("start the next vmm");
         let pid = d.pid();
         let deadline = Instant::now() + Duration::from_secs(60);
         while next.is_running() && Instant::now() < deadline {
@@ -476,11 +499,13 @@ fn hostile(attack: Attack, host: Host) {
         assert_eq!(
             status.code(),
             Some(1),
-            "{what}: the next frontend was not served (guest exit 0 is status 1):\n{}\ndaemon:\n{}",
+            "{what}: the next frontend was not served (guest exit 0 is status 1):\n{}\n{}\ndaemon:\n{}",
+            std::fs::read_to_string(&next_serial).unwrap_or_default(),
             next.log(),
             d.log()
         );
-        assert!(next.log().contains("hostile: done"), "{}", next.log());
+        let guest = std::fs::read_to_string(&next_serial).unwrap_or_default();
+        assert!(guest.contains("hostile: done"), "{guest}\n{}", next.log());
         let hwm = status_kib(pid, "VmHWM").expect("daemon VmHWM");
         let (took, status) = sigterm(&mut d);
         let log = d.log();
