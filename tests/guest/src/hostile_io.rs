@@ -20,6 +20,13 @@
 //!   O_DIRECT disk every one of them needs a bounce buffer of its full length. Completed
 //!   heads are made available again at once.
 //! - `sane`: only the sane check, on every virtio-blk device.
+//! - `netflood`: on the first virtio-net device, 256 RX buffers posted once and not refilled
+//!   while the host floods the tap; meanwhile the guest sends frame after frame on TX and a
+//!   control command every 64 frames, each of which must complete. Then for as long again
+//!   every RX buffer goes back at once (RX always has frames and buffers) while TX and
+//!   control commands go on; then the reset. The re-initialised device must deliver a flood
+//!   frame and send one; then the guest stops refilling RX again and keeps sending until
+//!   stopped.
 //!
 //! After `hold_ms` of the attack the guest writes status 0 to the hostile device and prints
 //! how many cycles the write took and how many until the status read back 0; then a read on
@@ -64,6 +71,7 @@ enum Mode {
     Loop,
     Bounce,
     Sane,
+    NetFlood,
 }
 
 struct Params {
@@ -96,7 +104,8 @@ fn params(cmdline: &[u8]) -> Params {
                     b"loop" => Mode::Loop,
                     b"bounce" => Mode::Bounce,
                     b"sane" => Mode::Sane,
-                    _ => fail("hostile=: expected loop, bounce or sane"),
+                    b"netflood" => Mode::NetFlood,
+                    _ => fail("hostile=: expected loop, bounce, sane or netflood"),
                 }
             }
             b"hold_ms" => {
@@ -313,6 +322,9 @@ fn timed_reset(d: &Device, p: &Params) {
 /// Runs the hostile mode the command line names; returns the exit code.
 pub fn run(cmdline: &[u8]) -> u32 {
     let p = params(cmdline);
+    if p.mode == Mode::NetFlood {
+        net_flood(&p);
+    }
     let disks = disks();
     let mut dma = Dma::new();
     let io = Io::new(&mut dma);
@@ -521,5 +533,211 @@ fn attack(h: usize, dma: &mut Dma, p: &Params, timed: bool) -> Device {
                 core::hint::spin_loop();
             }
         }
+    }
+}
+
+const F_NET_MAC: u64 = 1 << 5;
+const F_NET_CTRL_VQ: u64 = 1 << 17;
+const NET_HDR: u64 = 12;
+const RX_BUFS: u16 = 256;
+const RX_BUF: u64 = 2048;
+/// The TX frame: the virtio-net header, then a 60-byte broadcast Ethernet frame of the local
+/// experimental EtherType.
+const TX_LEN: u64 = NET_HDR + 60;
+
+/// A virtio-net device set up for the flood: RX buffers posted once, TX, control queue.
+struct NetDev {
+    dev: Device,
+    rx: Virtq,
+    tx: Virtq,
+    ctrl: Virtq,
+    tx_buf: u64,
+    ctrl_buf: u64,
+}
+
+fn net_open(dma: &mut Dma) -> NetDev {
+    let dev = Device::find(virtio::TYPE_NET).unwrap_or_else(|e| fail(e));
+    let features = dev
+        .negotiate(F_NET_MAC | F_NET_CTRL_VQ)
+        .unwrap_or_else(|e| fail(e));
+    if features & F_NET_CTRL_VQ == 0 {
+        fail("the net device offers no control queue");
+    }
+    let mut rx = dev.setup_queue(0, 256, dma).unwrap_or_else(|e| fail(e));
+    let tx = dev.setup_queue(1, 256, dma).unwrap_or_else(|e| fail(e));
+    let ctrl = dev.setup_queue(2, 16, dma).unwrap_or_else(|e| fail(e));
+    dev.driver_ok().unwrap_or_else(|e| fail(e));
+    let bufs = dma.alloc(RX_BUF * u64::from(RX_BUFS), 4096);
+    for i in 0..RX_BUFS.min(rx.size) {
+        rx.set_desc(
+            i,
+            bufs + RX_BUF * u64::from(i),
+            RX_BUF as u32,
+            DESC_F_WRITE,
+            0,
+        );
+        rx.push(i);
+    }
+    rx.publish_and_notify();
+    let tx_buf = dma.alloc(TX_LEN, 64);
+    let mac = [0u64, 1, 2, 3, 4, 5].map(|i| dev.config_read8(i));
+    // SAFETY: the TX buffer just allocated in the guest's DMA memory, TX_LEN bytes.
+    let frame = unsafe { core::slice::from_raw_parts_mut(tx_buf as *mut u8, TX_LEN as usize) };
+    frame.fill(0);
+    let eth = &mut frame[NET_HDR as usize..];
+    eth[..6].fill(0xff);
+    eth[6..12].copy_from_slice(&mac);
+    eth[12..14].copy_from_slice(&[0x88, 0xb5]);
+    NetDev {
+        dev,
+        rx,
+        tx,
+        ctrl,
+        tx_buf,
+        ctrl_buf: dma.alloc(4, 16),
+    }
+}
+
+/// Waits up to 10 s for one completion on `q`.
+fn completes(q: &mut Virtq, p: &Params) -> Option<(u16, u32)> {
+    let t0 = rdtsc();
+    loop {
+        if let Some(e) = q.poll_used() {
+            return Some(e);
+        }
+        if rdtsc().wrapping_sub(t0) > 10_000 * 1000 * p.tsc_mhz {
+            return None;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+impl NetDev {
+    /// Sends the frame; fails the run if TX does not complete it.
+    fn send(&mut self, p: &Params) {
+        self.tx.set_desc(0, self.tx_buf, TX_LEN as u32, 0, 0);
+        self.tx.push(0);
+        self.tx.publish_and_notify();
+        if completes(&mut self.tx, p).is_none() {
+            fail("a TX frame was not sent within 10 s");
+        }
+    }
+
+    /// VIRTIO_NET_CTRL_RX_PROMISC on or off; fails the run unless it is acked OK.
+    fn promisc(&mut self, on: bool, p: &Params) {
+        let b = self.ctrl_buf;
+        write16(b, 0); // class VIRTIO_NET_CTRL_RX, command PROMISC
+                       // SAFETY: bytes 2 and 3 of the control buffer (4 bytes allocated).
+        unsafe {
+            core::ptr::write_volatile((b + 2) as *mut u8, u8::from(on));
+            core::ptr::write_volatile((b + 3) as *mut u8, 0xff);
+        }
+        self.ctrl.set_desc(0, b, 2, DESC_F_NEXT, 1);
+        self.ctrl.set_desc(1, b + 2, 1, DESC_F_NEXT, 2);
+        self.ctrl.set_desc(2, b + 3, 1, DESC_F_WRITE, 0);
+        self.ctrl.push(0);
+        self.ctrl.publish_and_notify();
+        if completes(&mut self.ctrl, p).is_none() || read8(b + 3) != 0 {
+            fail("a control command was not acked within 10 s");
+        }
+    }
+}
+
+/// The `netflood` mode (see the module doc); never returns.
+fn net_flood(p: &Params) -> ! {
+    let mut dma = Dma::new();
+    let mut n = net_open(&mut dma);
+    println!("hostile: net flood armed ({RX_BUFS} RX buffers, never refilled)");
+    // The host floods: every buffer fills, then RX has none.
+    let mut rx_used = 0;
+    while rx_used < RX_BUFS {
+        if completes(&mut n.rx, p).is_none() {
+            fail("the RX buffers were not filled within 10 s of flooding");
+        }
+        rx_used += 1;
+    }
+    println!("hostile-result phase=rx-full frames={rx_used}");
+    // Half the time with RX stalled (no buffers), half with every RX buffer handed back at
+    // once, so that RX always has frames and buffers: TX and the control queue are served
+    // all along.
+    let hold = p.hold_ms * 1000 * p.tsc_mhz / 2;
+    let (mut sent, mut cmds) = (0u64, 0u64);
+    let t0 = rdtsc();
+    while rdtsc().wrapping_sub(t0) < hold {
+        n.send(p);
+        sent += 1;
+        if sent % 64 == 0 {
+            n.promisc(cmds % 2 == 0, p);
+            cmds += 1;
+        }
+    }
+    println!(
+        "hostile-result phase=stalled requests={sent} ctrl={cmds} cycles={}",
+        rdtsc() - t0
+    );
+    for i in 0..RX_BUFS.min(n.rx.size) {
+        n.rx.push(i);
+    }
+    n.rx.publish_and_notify();
+    // RX is refilled without waiting for anything else; a TX frame is in flight all the
+    // time, and its wait is measured.
+    let (mut sent, mut cmds, mut frames, mut tx_max) = (0u64, 0u64, 0u64, 0u64);
+    let mut tx_since: Option<u64> = None;
+    let t0 = rdtsc();
+    loop {
+        let now = rdtsc();
+        if now.wrapping_sub(t0) >= hold && tx_since.is_none() {
+            break;
+        }
+        let mut refilled = false;
+        while let Some((id, _)) = n.rx.poll_used() {
+            frames += 1;
+            n.rx.push(id);
+            refilled = true;
+        }
+        if refilled {
+            n.rx.publish_and_notify();
+        }
+        match tx_since {
+            None => {
+                n.tx.set_desc(0, n.tx_buf, TX_LEN as u32, 0, 0);
+                n.tx.push(0);
+                n.tx.publish_and_notify();
+                tx_since = Some(now);
+            }
+            Some(t) => {
+                if n.tx.poll_used().is_some() {
+                    tx_max = tx_max.max(rdtsc().wrapping_sub(t));
+                    tx_since = None;
+                    sent += 1;
+                    if sent % 16 == 0 {
+                        n.promisc(cmds % 2 == 0, p);
+                        cmds += 1;
+                    }
+                } else if now.wrapping_sub(t) > 10_000 * 1000 * p.tsc_mhz {
+                    fail("a TX frame was not sent within 10 s while RX was flooded");
+                }
+            }
+        }
+    }
+    // One more control command with RX still flooded and full of buffers.
+    n.promisc(false, p);
+    cmds += 1;
+    println!(
+        "hostile-result phase=attack mode=netflood requests={sent} ctrl={cmds} rx={frames} tx_max_cycles={tx_max} cycles={}",
+        rdtsc() - t0
+    );
+    timed_reset(&n.dev, p);
+    // The reset device delivers the flood again and sends.
+    let mut n = net_open(&mut dma);
+    if completes(&mut n.rx, p).is_none() {
+        fail("no frame delivered after the reset");
+    }
+    n.send(p);
+    println!("hostile-result phase=reset-device-read status=0");
+    let mut n = net_open(&mut dma);
+    println!("hostile: attacking until stopped");
+    loop {
+        n.send(p);
     }
 }
