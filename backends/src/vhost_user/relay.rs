@@ -780,10 +780,17 @@ mod tests {
         let s = seen.clone();
         let hook: StopHook = Arc::new(move |i| s.lock().unwrap().push(i));
         let r = Relay::start_with_stop(1, relay_fe, relay_be, None, Some(hook)).unwrap();
+        let msg = |request: u32, body: &[u8]| {
+            let mut m = request.to_le_bytes().to_vec();
+            m.extend_from_slice(&VERSION.to_le_bytes());
+            m.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            m.extend_from_slice(body);
+            m
+        };
         be.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut body = 3u32.to_le_bytes().to_vec();
         body.extend_from_slice(&0u32.to_le_bytes());
-        send_message(&fe, &message(GET_VRING_BASE, VERSION, &body), &[]).unwrap();
+        send_message(&fe, &msg(GET_VRING_BASE, &body), &[]).unwrap();
         let got = read_message(&be).unwrap().unwrap();
         assert_eq!(got.request(), GET_VRING_BASE);
         assert_eq!(
@@ -793,8 +800,8 @@ mod tests {
         );
         // Other messages and a GET_VRING_BASE without a body do not call it.
         // GET_FEATURES (1), carrying what would be a vring index.
-        send_message(&fe, &message(1, VERSION, &body), &[]).unwrap();
-        send_message(&fe, &message(GET_VRING_BASE, VERSION, &[]), &[]).unwrap();
+        send_message(&fe, &msg(1, &body), &[]).unwrap();
+        send_message(&fe, &msg(GET_VRING_BASE, &[]), &[]).unwrap();
         assert_eq!(read_message(&be).unwrap().unwrap().request(), 1);
         assert_eq!(
             read_message(&be).unwrap().unwrap().request(),
