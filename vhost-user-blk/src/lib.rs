@@ -465,6 +465,17 @@ impl BlkBackend {
 
     /// Kick or completion on queue `q`, then the optional polling window.
     fn work(&self, q: usize, vring: &Vring, kick: bool) {
+        if self
+            .stop_poll
+            .get(q)
+            .is_some_and(|s| s.load(Ordering::Acquire))
+        {
+            // The queue is being stopped (`stop_queue`, or GET_VRING_BASE on its way):
+            // leave its locks to that. A guest that keeps the queue busy (the engine says
+            // 'more', the queue is kicked again) would otherwise win them back each time on
+            // a busy host, and the frontend's reset would miss its deadline.
+            return;
+        }
         let mut st = lock(&self.queues[q]);
         let st = &mut *st;
         if kick && !self.ensure_engine(q, st, vring) {
@@ -712,6 +723,14 @@ impl Served for BlkBackend {
 
     fn set_inflight(&self, region: InflightRegion) {
         BlkBackend::set_inflight(self, region);
+    }
+
+    fn stopping_vring(&self, index: u32) {
+        // Cleared by `stop_queue` once it holds the queue (vhost-user-backend calls
+        // `stop_vring` for the GET_VRING_BASE), or when the connection ends.
+        if let Some(s) = self.stop_poll.get(index as usize) {
+            s.store(true, Ordering::Release);
+        }
     }
 
     fn teardown(&self) {

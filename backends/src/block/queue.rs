@@ -164,8 +164,11 @@ pub struct BlockQueue<S: GuestAddressSpace> {
     scratch: IovScratch,
     /// The vhost-user inflight record of this queue, when the frontend keeps one.
     inflight: Option<QueueInflight>,
-    /// The last pop stopped at [`MAX_CHAINS_PER_CALL`] with chains still available.
+    /// The last pop stopped at [`MAX_CHAINS_PER_CALL`] or [`MAX_SYNC_BYTES_PER_CALL`] with
+    /// chains still available.
     budget_spent: bool,
+    /// Data bytes of the requests this pop executed on the queue thread.
+    sync_bytes: u64,
     /// Bytes of bounce buffers held by requests in io_uring (at most [`BOUNCE_BUDGET`]).
     bounce_in_use: u64,
     /// The most `bounce_in_use` ever was.
@@ -182,6 +185,12 @@ pub struct BlockQueue<S: GuestAddressSpace> {
 /// ring full forever (or make each request re-arm the ring through its own data buffers):
 /// the host must get back to its event loop (stop, reset, teardown) between batches.
 pub const MAX_CHAINS_PER_CALL: u32 = 256;
+
+/// The most data bytes one call moves on the queue thread (the sync engine, reads from the
+/// page cache, requests bounced piece by piece): a chain can ask for 256 MiB, so 256 of them
+/// would keep the thread away from its event loop for many seconds. A call stops after the
+/// request that reaches this, so the wait for the event loop is one request at most.
+pub const MAX_SYNC_BYTES_PER_CALL: u64 = 32 << 20;
 
 /// The most bytes of O_DIRECT bounce buffers one queue holds at a time. Misaligned requests
 /// (or ones with more segments than an iovec array takes) need one of their full length,
@@ -251,6 +260,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             scratch: IovScratch(Vec::with_capacity(8)),
             inflight: None,
             budget_spent: false,
+            sync_bytes: 0,
             bounce_in_use: 0,
             bounce_peak: 0,
             bounce_wait: false,
@@ -545,6 +555,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         let mut used = 0;
         let mut popped = 0;
         self.budget_spent = false;
+        self.sync_bytes = 0;
         self.bounce_wait = false;
         loop {
             queue.disable_notification(mem).map_err(QueueError::Ring)?;
@@ -559,7 +570,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                     self.stalled = true;
                     return Ok(used);
                 }
-                if popped >= MAX_CHAINS_PER_CALL {
+                if popped >= MAX_CHAINS_PER_CALL || self.sync_bytes >= MAX_SYNC_BYTES_PER_CALL {
                     // Notifications stay off: the host calls again (`more`).
                     self.budget_spent = true;
                     self.stalled = false;
@@ -611,8 +622,19 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                 self.complete_now(queue, mem, req.head, req.status, S_OK, n + 1)?;
                 Ok(1)
             }
-            _ if self.uring.is_some() => self.submit_async(queue, guard, req),
+            _ if self.uring.is_some() => {
+                let bytes = crate::chain::total_len(&req.data);
+                let done = self.submit_async(queue, guard, req)?;
+                // Completed at once: executed on this thread (or refused, counted alike).
+                if done > 0 {
+                    self.sync_bytes = self.sync_bytes.saturating_add(bytes);
+                }
+                Ok(done)
+            }
             _ => {
+                self.sync_bytes = self
+                    .sync_bytes
+                    .saturating_add(crate::chain::total_len(&req.data));
                 let (code, len) =
                     execute_sync(&self.disk, &mut self.log, &mut self.stats, mem, &req);
                 self.complete_now(queue, mem, req.head, req.status, code, len)?;

@@ -43,6 +43,11 @@ use crate::inflight::{InflightMessage, InflightRegion};
 /// and complete in it, and resume from it when they start).
 pub type InflightHook = Arc<dyn Fn(InflightRegion) + Send + Sync>;
 
+/// Tells the back-end that the frontend stops a vring (GET_VRING_BASE, with its index)
+/// before the back-end's handler sees the message: the handler then waits for the vring's
+/// lock, which a worker kept busy by the guest would otherwise take back each time.
+pub type StopHook = Arc<dyn Fn(u32) + Send + Sync>;
+
 /// Size of the vhost-user header: request, flags, size (u32 each).
 pub const HEADER: usize = 12;
 /// Most fds one message may carry.
@@ -59,6 +64,8 @@ pub const SET_VRING_ADDR: u32 = 9;
 pub const SET_PROTOCOL_FEATURES: u32 = 16;
 /// VHOST_USER_SET_VRING_ENABLE.
 pub const SET_VRING_ENABLE: u32 = 18;
+/// VHOST_USER_GET_VRING_BASE.
+pub const GET_VRING_BASE: u32 = 11;
 /// VHOST_USER_ADD_MEM_REG.
 pub const ADD_MEM_REG: u32 = 37;
 /// VHOST_USER_REM_MEM_REG.
@@ -316,6 +323,8 @@ struct Conn {
     mem: Installed,
     /// The back-end keeps inflight records: the relay offers INFLIGHT_SHMFD for it.
     inflight: Option<InflightHook>,
+    /// Called with the index of every GET_VRING_BASE before it is forwarded.
+    stopping: Option<StopHook>,
 }
 
 /// What to do with a message from the frontend.
@@ -331,7 +340,12 @@ enum Verdict {
 }
 
 impl Conn {
-    fn new(n: u64, frontend: Arc<Writer>, inflight: Option<InflightHook>) -> Conn {
+    fn new(
+        n: u64,
+        frontend: Arc<Writer>,
+        inflight: Option<InflightHook>,
+        stopping: Option<StopHook>,
+    ) -> Conn {
         Conn {
             n,
             frontend,
@@ -340,6 +354,7 @@ impl Conn {
             queue_sizes: HashMap::new(),
             mem: Installed::default(),
             inflight,
+            stopping,
         }
     }
 
@@ -362,6 +377,13 @@ impl Conn {
             ADD_MEM_REG => self.add_mem_reg(m),
             REM_MEM_REG => {
                 self.mem.remove(body);
+                Verdict::Forward
+            }
+            GET_VRING_BASE => {
+                // A bad body is the back-end's to refuse.
+                if let (Some(hook), Some(index)) = (&self.stopping, u32_at(body, 0)) {
+                    hook(index);
+                }
                 Verdict::Forward
             }
             _ => Verdict::Forward,
@@ -657,12 +679,24 @@ impl Relay {
         inner: UnixStream,
         inflight: Option<InflightHook>,
     ) -> io::Result<Relay> {
+        Relay::start_with_stop(n, frontend, inner, inflight, None)
+    }
+
+    /// [`Relay::start`], calling `stopping` with the index of every GET_VRING_BASE before
+    /// the back-end's handler gets it.
+    pub fn start_with_stop(
+        n: u64,
+        frontend: UnixStream,
+        inner: UnixStream,
+        inflight: Option<InflightHook>,
+        stopping: Option<StopHook>,
+    ) -> io::Result<Relay> {
         let writer = Arc::new(Writer {
             s: frontend.try_clone()?,
             lock: Mutex::new(()),
         });
         let offer_inflight = inflight.is_some();
-        let mut conn = Conn::new(n, writer.clone(), inflight);
+        let mut conn = Conn::new(n, writer.clone(), inflight, stopping);
         let (fe, inn) = (frontend.try_clone()?, inner.try_clone()?);
         let to_backend = thread::Builder::new()
             .name(format!("relay-in-{n}"))
@@ -731,6 +765,49 @@ mod tests {
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         }
         (fe, be, r)
+    }
+
+    /// The back-end learns that a vring is being stopped before its handler gets the
+    /// GET_VRING_BASE (which then waits for the vring's lock a busy worker holds).
+    #[test]
+    fn get_vring_base_calls_the_stop_hook_before_it_is_forwarded() {
+        let (fe, relay_fe) = UnixStream::pair().unwrap();
+        let (relay_be, be) = UnixStream::pair().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let hook: StopHook = Arc::new(move |i| s.lock().unwrap().push(i));
+        let r = Relay::start_with_stop(1, relay_fe, relay_be, None, Some(hook)).unwrap();
+        let msg = |request: u32, body: &[u8]| {
+            let mut m = request.to_le_bytes().to_vec();
+            m.extend_from_slice(&VERSION.to_le_bytes());
+            m.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            m.extend_from_slice(body);
+            m
+        };
+        be.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut body = 3u32.to_le_bytes().to_vec();
+        body.extend_from_slice(&0u32.to_le_bytes());
+        send_message(&fe, &msg(GET_VRING_BASE, &body), &[]).unwrap();
+        let got = read_message(&be).unwrap().unwrap();
+        assert_eq!(got.request(), GET_VRING_BASE);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![3],
+            "the hook ran before the forward"
+        );
+        // Other messages and a GET_VRING_BASE without a body do not call it.
+        // GET_FEATURES (1), carrying what would be a vring index.
+        send_message(&fe, &msg(1, &body), &[]).unwrap();
+        send_message(&fe, &msg(GET_VRING_BASE, &[]), &[]).unwrap();
+        assert_eq!(read_message(&be).unwrap().unwrap().request(), 1);
+        assert_eq!(
+            read_message(&be).unwrap().unwrap().request(),
+            GET_VRING_BASE
+        );
+        assert_eq!(*seen.lock().unwrap(), vec![3]);
+        drop(fe);
+        drop(be);
+        r.finish();
     }
 
     #[test]

@@ -177,7 +177,7 @@ fn unquote(value: &[u8]) -> &[u8] {
     value.strip_suffix(b"\"").unwrap_or(value)
 }
 
-fn parse_u64(value: &[u8]) -> Option<u64> {
+pub fn parse_u64(value: &[u8]) -> Option<u64> {
     let (digits, radix) = match value {
         [b'0', b'x' | b'X', hex @ ..] => (hex, 16),
         _ => (value, 10),

@@ -9,6 +9,7 @@
 //!
 //! With `probe=blk` or `probe=net` it then runs the latency probe of [`probe`] (a polling
 //! ring-3 virtio-pci driver, see [`virtio`]) and exits with 0x72 if a probe test failed.
+//! With `hostile=loop|bounce|sane` it attacks a virtio-blk device instead (see [`hostile_io`]).
 //!
 //! Built for the host target as a freestanding static ELF by the `tests` package's build
 //! script (see `tests/build.rs`), linked by `link.ld`.
@@ -19,6 +20,7 @@
 mod boot;
 mod cmdline;
 mod exit;
+mod hostile_io;
 mod mem;
 mod net;
 mod pci;
@@ -68,6 +70,9 @@ pub extern "C" fn ring3_main(start_info: u64) -> ! {
     println!("start_info v{}, exit={}", info.version(), args.exit);
     if let Some(fault) = args.fault {
         cause(fault);
+    }
+    if hostile_io::wanted(cmdline) {
+        exit::exit(hostile_io::run(cmdline));
     }
     if args.probe.is_some() && info.ram_covers(virtio::DMA_BASE, virtio::SAMPLES_END) == Some(false)
     {
