@@ -13,7 +13,8 @@
 //! - `reloc64`: A's 64-bit BAR moved as Linux does (Memory Space off, low dword, high dword,
 //!   on), passing through B's base on the way; and back the same way.
 //! - `storm:N`: N refused moves in a row (onto B, RAM, ECAM, 0xCF8, B's port), B checked
-//!   every 500; the time per move is reported.
+//!   every 500; the time per move is reported, and that of a move the VMM maps.
+//! - `churn`: not a mode of its own: after `done`, A's BAR keeps moving (see [`linger`]).
 //!
 //! A "check" of a disk re-reads its BARs, resets it, sets up a queue and does three requests:
 //! a read of a stamped sector (the image's seed is `seed=` for A, `seed=`+1 for B), a write
@@ -28,7 +29,7 @@
 //! test-guest: hostile-pci: done checks_a=N checks_b=M
 //! ```
 //! After `done` the guest keeps doing requests on B (so that the host's SIGTERM finds I/O in
-//! flight) and exits with [`EXIT_GAVE_UP`] if nobody stopped it within [`LINGER_CYCLES`].
+//! flight; with `churn`, BAR moves too) and exits with [`EXIT_GAVE_UP`] if nobody stopped it within [`LINGER_CYCLES`].
 
 use core::ptr::{read_volatile, write_volatile};
 
@@ -162,6 +163,9 @@ struct Session {
 
 impl Session {
     fn open(disk: &Disk, dma: &mut Dma) -> Result<Session, Failed> {
+        if disk.func.vendor_device().0 != virtio::VENDOR_VIRTIO {
+            return Err(fail("open", "its configuration space is gone"));
+        }
         // Where BAR 0 is programmed must decode (the common configuration is at its start):
         // else the driver's reset would poll all ones a million times.
         let bar0 =
@@ -550,11 +554,16 @@ pub fn run(list: &[u8], seed: u64) -> ! {
         );
         exit::exit(EXIT_SETUP)
     }
+    let mut churn = false;
     for mode in list.split(|&b| b == b',').filter(|m| !m.is_empty()) {
         let (name, arg) = match mode.iter().position(|&b| b == b':') {
             Some(i) => (&mode[..i], Some(&mode[i + 1..])),
             None => (mode, None),
         };
+        if name == b"churn" {
+            churn = true;
+            continue;
+        }
         let (a0, b0) = (run.a.checks, run.b.checks);
         let outcome = match name {
             b"cf8" => run.cf8(),
@@ -592,12 +601,16 @@ pub fn run(list: &[u8], seed: u64) -> ! {
         "hostile-pci: done checks_a={} checks_b={}",
         run.a.checks, run.b.checks
     );
-    linger(&mut run)
+    linger(&mut run, churn)
 }
 
-/// Requests on B until the host stops the VM.
-fn linger(run: &mut Run) -> ! {
+/// Requests on B until the host stops the VM; with `churn`, A's BAR 0 also keeps moving
+/// between two valid places, decode off around each move as Linux does (each move has the
+/// VMM move A's doorbell ioeventfd), so that the SIGTERM finds a vCPU in the middle of it.
+fn linger(run: &mut Run, churn: bool) -> ! {
     let t0 = rdtsc();
+    let cmd = run.a.command();
+    let mut moves = 0u64;
     let mut s = match Session::open(&run.b, &mut run.dma) {
         Ok(s) => s,
         Err(f) => {
@@ -606,6 +619,19 @@ fn linger(run: &mut Run) -> ! {
         }
     };
     while rdtsc().wrapping_sub(t0) < LINGER_CYCLES {
+        if churn {
+            run.a.set_command(cmd & !CMD_MEMORY);
+            run.a.set_bar0(if moves.is_multiple_of(2) {
+                ELSEWHERE
+            } else {
+                run.a.bar0
+            });
+            run.a.set_command(cmd | CMD_MEMORY);
+            moves += 1;
+            if moves.is_multiple_of(16) {
+                println!("hostile-pci: churn moves={moves}");
+            }
+        }
         if let Err(f) = s.check(Bell::Mmio) {
             println!("hostile-pci: linger: B: {}: {}", f.step, f.why);
             exit::exit(EXIT_GAVE_UP)
