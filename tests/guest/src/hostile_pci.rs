@@ -12,7 +12,8 @@
 //! - `ram`: A's memory BAR onto guest RAM: the RAM there is unchanged and still RAM.
 //! - `reloc64`: A's 64-bit BAR moved as Linux does (Memory Space off, low dword, high dword,
 //!   on), passing through B's base on the way; and back the same way.
-//! - `storm:N`: N refused moves in a row (onto B, RAM, ECAM, 0xCF8, B's port), B checked
+//! - `storm:N`: N refused moves in a row (onto B, RAM, ECAM, 0xCF8, B's port, far above
+//!   the 64-bit window), B checked
 //!   every 500; the time per move is reported, and that of a move the VMM maps.
 //! - `churn`: not a mode of its own: after `done`, A's BAR keeps moving (see [`linger`]).
 //!
@@ -478,12 +479,15 @@ impl Run {
         let t0 = rdtsc();
         let mut check_cycles = 0;
         for i in 0..moves {
-            match i % 5 {
+            match i % 6 {
                 0 => self.a.set_bar0(b0),
                 1 => self.a.set_bar0(RAM_TARGET),
                 2 => self.a.set_bar0(ECAM),
                 3 => self.a.set_port(CONFIG_PORT),
-                _ => self.a.set_port(bp),
+                4 => self.a.set_port(bp),
+                // Far above the 64-bit window (a high dword of all ones would read as
+                // sizing, which decodes nothing without a word).
+                _ => self.a.set_bar0(0x8000_0000_0000_0000),
             }
             if i % 500 == 499 {
                 let c0 = rdtsc();
