@@ -25,6 +25,9 @@
 //! - `phases=N`: the net probe runs N times (ARP, then `n` echoes; one `probe-result` line
 //!   each, default 1), idle for `gap_ms=M` milliseconds between phases (default 0, no frame
 //!   sent meanwhile): a host test can restart the back-end in the gap.
+//!
+//! `hostile_pci=LIST`: hostile BAR moves against the VMM's PCI root with two virtio-blk
+//! disks (see [`crate::hostile_pci`]); `seed=` is the first disk's image seed.
 
 /// What the command line asks for.
 #[derive(Debug)]
@@ -44,6 +47,8 @@ pub struct Args<'a> {
     pub size: u32,
     pub phases: u32,
     pub gap_ms: u32,
+    /// `hostile_pci=LIST`: the modes of [`crate::hostile_pci`].
+    pub hostile_pci: Option<&'a [u8]>,
 }
 
 impl Default for Args<'_> {
@@ -63,6 +68,7 @@ impl Default for Args<'_> {
             size: 56,
             phases: 1,
             gap_ms: 0,
+            hostile_pci: None,
         }
     }
 }
@@ -222,6 +228,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Args<'_>, Error<'_>> {
                 args.exit = parse_u32(value).ok_or(Error::BadNumber { key: "exit", value })?;
             }
             b"msg" => args.msg = Some(value),
+            b"hostile_pci" => args.hostile_pci = Some(value),
             b"probe" => {
                 args.probe = Some(match value {
                     b"blk" => Probe::Blk,

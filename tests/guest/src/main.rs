@@ -21,6 +21,7 @@ mod boot;
 mod cmdline;
 mod exit;
 mod hostile_io;
+mod hostile_pci;
 mod mem;
 mod net;
 mod pci;
@@ -74,7 +75,8 @@ pub extern "C" fn ring3_main(start_info: u64) -> ! {
     if hostile_io::wanted(cmdline) {
         exit::exit(hostile_io::run(cmdline));
     }
-    if args.probe.is_some() && info.ram_covers(virtio::DMA_BASE, virtio::SAMPLES_END) == Some(false)
+    if (args.probe.is_some() || args.hostile_pci.is_some())
+        && info.ram_covers(virtio::DMA_BASE, virtio::SAMPLES_END) == Some(false)
     {
         println!(
             "probe: guest RAM must cover {:#x}..{:#x} (give the guest at least 64 MiB)",
@@ -82,6 +84,9 @@ pub extern "C" fn ring3_main(start_info: u64) -> ! {
             virtio::SAMPLES_END
         );
         exit::exit(probe::EXIT_PROBE_FAILED);
+    }
+    if let Some(list) = args.hostile_pci {
+        hostile_pci::run(list, args.seed);
     }
     exit::exit(probe::run(&args))
 }

@@ -143,7 +143,12 @@ impl Device {
                 seen += 1;
             }
         });
-        let func = found.ok_or("no virtio device of this type on PCI bus 0")?;
+        Device::open(found.ok_or("no virtio device of this type on PCI bus 0")?)
+    }
+
+    /// The virtio device at `func`, with the addresses its BARs hold now (a BAR left
+    /// unassigned gets one).
+    pub fn open(func: Function) -> Result<Device, Error> {
         let mut bars: [Option<u64>; 6] = [None; 6];
         let mut bar_addr = |index: u8| -> Result<u64, Error> {
             let slot = bars
@@ -367,6 +372,14 @@ impl Virtq {
     /// Makes pushed chains visible to the device and rings its doorbell unless it said it
     /// needs none.
     pub fn publish_and_notify(&mut self) {
+        if self.publish() {
+            mmio_write16(self.notify, self.index);
+        }
+    }
+
+    /// Makes pushed chains visible to the device; returns whether it needs a doorbell
+    /// (counted in `notifies`), which the caller rings where it chooses.
+    pub fn publish(&mut self) -> bool {
         // Descriptors and ring entries before the index (x86 keeps stores in order; this
         // stops the compiler from reordering).
         compiler_fence(Ordering::Release);
@@ -375,9 +388,10 @@ impl Virtq {
         fence(Ordering::SeqCst);
         if self.read_used16(0) & USED_F_NO_NOTIFY == 0 {
             self.notifies += 1;
-            mmio_write16(self.notify, self.index);
+            true
         } else {
             self.suppressed += 1;
+            false
         }
     }
 
