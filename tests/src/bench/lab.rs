@@ -99,6 +99,8 @@ pub struct LabOptions {
     /// Both VMMs' L2s of a model side by side, taking turns (see the module's
     /// documentation; the default), instead of one VM after the other.
     pub side_by_side: bool,
+    /// Only this device model (default: all three).
+    pub only_model: Option<Model>,
 }
 
 impl Default for LabOptions {
@@ -109,6 +111,7 @@ impl Default for LabOptions {
             pings: 500,
             poll_us: 50,
             side_by_side: true,
+            only_model: None,
         }
     }
 }
@@ -616,7 +619,7 @@ side_by_side() {
 r=$RUN_FIRST
 while [ $r -le $RUN_LAST ]; do
     if [ $((r % 2)) = 1 ]; then order="vmm qemu"; else order="qemu vmm"; fi
-    for m in invmm vu pt; do
+    for m in @MODELS@; do
         if [ @SIDE_BY_SIDE@ = 1 ]; then
             side_by_side $r "$order" $m
         else
@@ -740,6 +743,21 @@ fn l1_script(first: u32, last: u32, opts: &LabOptions) -> String {
         .replace("@SIDE_BY_SIDE@", if opts.side_by_side { "1" } else { "0" })
         .replace("@BATCHES@", &SIDE_BY_SIDE_BATCHES.to_string())
         .replace("@TURN_SECS@", &turn_secs(opts).to_string())
+        .replace("@MODELS@", &models(opts).join(" "))
+}
+
+/// The configurations the options ask for.
+fn configs(opts: &LabOptions) -> impl Iterator<Item = Cfg> + '_ {
+    CONFIGS
+        .into_iter()
+        .filter(|c| opts.only_model.is_none_or(|m| c.model == m))
+}
+
+/// The models' short names, in the order they run.
+fn models(opts: &LabOptions) -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = configs(opts).map(Cfg::short).collect();
+    v.dedup();
+    v
 }
 
 /// What a 4 KiB read costs in the lab at most, in seconds (they take well under 1 ms).
@@ -826,7 +844,7 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
         "lab: {} run(s), two per L1 boot, x {} configurations ({} reads, {} pings each), \
          binaries from {}, timeout {} s per L1",
         opts.runs,
-        CONFIGS.len(),
+        configs(opts).count(),
         opts.blk_ops,
         opts.pings,
         bins.display(),
@@ -1065,7 +1083,7 @@ fn records_from_run(
     let qemu_blk = run.value("qemu-blk-opts").unwrap_or("?").to_string();
     let mut records = Vec::new();
     let mut errors = Vec::new();
-    for cfg in CONFIGS {
+    for cfg in configs(opts) {
         let tag = cfg.tag(r);
         let Some(lines) = section(run, &tag) else {
             errors.push(format!("{tag}: never started"));
@@ -1419,11 +1437,19 @@ mod tests {
             pings: 50,
             poll_us: 50,
             side_by_side: false,
+            only_model: None,
         };
         let l1 = l1_script(3, 4, &o);
         assert!(l1.contains("RUN_FIRST=3\n") && l1.contains("RUN_LAST=4\n"));
         assert!(l1.contains("id=disk0,poll_us=50"));
-        assert!(!l1.contains("@RUN_") && !l1.contains("@POLL_US@"));
+        assert!(!l1.contains("@RUN_") && !l1.contains("@POLL_US@") && !l1.contains("@MODELS@"));
+        assert!(l1.contains("for m in invmm vu pt; do"));
+        let one = LabOptions {
+            only_model: Some(Model::Passthrough),
+            ..o
+        };
+        assert!(l1_script(1, 1, &one).contains("for m in pt; do"));
+        assert_eq!(configs(&one).count(), 2);
         assert_eq!(boots(4), vec![(1, 2), (3, 4)]);
         assert_eq!(boots(3), vec![(1, 2), (3, 3)]);
         assert_eq!(boots(1), vec![(1, 1)]);
@@ -1451,6 +1477,7 @@ mod tests {
             pings: 2,
             poll_us: 0,
             side_by_side: false,
+            only_model: None,
         };
         let v = config_records(&lines, CONFIGS[0], 1, "x", &o, Load::default()).unwrap();
         assert_eq!(v.len(), 3);
@@ -1525,6 +1552,7 @@ mod tests {
             pings: n,
             poll_us: 0,
             side_by_side: true,
+            only_model: None,
         };
         let v = config_records(&lines, CONFIGS[5], 2, "x", &o, Load::default()).unwrap();
         assert_eq!(v[0].n, u64::from(n));

@@ -185,6 +185,7 @@ fn run() -> Result<(), String> {
                 pings: a.lab_pings,
                 poll_us: a.poll_us,
                 side_by_side: a.side_by_side,
+                only_model: None,
             },
             &mut progress,
         )?);
