@@ -17,6 +17,7 @@ use crate::net::{CtrlQueue, NetQueuePair};
 
 pub mod blk_engine;
 pub mod heap;
+pub mod input;
 mod vhost_user;
 pub use blk_engine::{fuzz_blk_engine, Summary as BlkEngineSummary};
 pub use vhost_user::{fuzz_vhost_user_relay, fuzz_vhost_user_serve};

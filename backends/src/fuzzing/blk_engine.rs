@@ -169,30 +169,16 @@ pub struct Summary {
     pub errors: u32,
 }
 
-/// Reads an input; exhausted input reads as zeros.
-struct Input<'a> {
-    d: &'a [u8],
-    p: usize,
+use super::input;
+
+type Input<'a> = input::Input<&'a [u8]>;
+
+/// A request length from one byte: one of [`LENS`], a multiple of 512, or any.
+trait Lengths {
+    fn len(&mut self) -> u32;
 }
 
-impl Input<'_> {
-    fn done(&self) -> bool {
-        self.p >= self.d.len()
-    }
-    fn u8(&mut self) -> u8 {
-        let b = self.d.get(self.p).copied().unwrap_or(0);
-        self.p += 1;
-        b
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from(self.u16()) | u32::from(self.u16()) << 16
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from(self.u32()) | u64::from(self.u32()) << 32
-    }
+impl Lengths for Input<'_> {
     fn len(&mut self) -> u32 {
         let b = self.u8();
         match b >> 6 {
@@ -846,7 +832,7 @@ pub fn fuzz_blk_engine(data: &[u8]) -> Summary {
 }
 
 fn run(data: &[u8]) -> Option<Summary> {
-    let mut inp = Input { d: data, p: 0 };
+    let mut inp = Input::new(data);
     let fl = inp.u8();
     let qsize = 1u16 << (inp.u8() % 16);
     let disk_size = DISK_SIZES[usize::from(inp.u8() % 4)];

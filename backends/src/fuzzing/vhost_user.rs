@@ -53,37 +53,9 @@ const MIB: u64 = 1 << 20;
 /// Where the frontend's regions are mapped, in its address space (uaddr).
 const UADDR: u64 = 0x7f00_0000_0000;
 
-/// Reads the input; bytes past its end read as zero.
-struct Bytes<'a> {
-    d: &'a [u8],
-    i: usize,
-}
+use super::input::Input;
 
-impl Bytes<'_> {
-    fn done(&self) -> bool {
-        self.i >= self.d.len()
-    }
-    fn u8(&mut self) -> u8 {
-        let b = self.d.get(self.i).copied().unwrap_or(0);
-        self.i += 1;
-        b
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from(self.u16()) | u32::from(self.u16()) << 16
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from(self.u32()) | u64::from(self.u32()) << 32
-    }
-    fn take(&mut self, n: usize) -> &[u8] {
-        let from = self.i.min(self.d.len());
-        let to = (from + n).min(self.d.len());
-        self.i = from + n;
-        &self.d[from..to]
-    }
-}
+type Bytes<'a> = Input<&'a [u8]>;
 
 fn memfd(size: u64, fill: &[u8]) -> Option<OwnedFd> {
     // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
@@ -484,7 +456,7 @@ impl Gen<'_> {
                     _ => {
                         let n = usize::from(self.r.u8());
                         let b = self.r.take(n).to_vec();
-                        self.r.i = self.r.d.len();
+                        self.r.finish();
                         return Some((b, Vec::new(), false));
                     }
                 }
@@ -738,7 +710,7 @@ fn same(f: &Message, s: &Sent, inflight: bool) -> bool {
 
 /// One pass of the relay with a fake back-end; see the module documentation.
 pub fn fuzz_vhost_user_relay(data: &[u8]) {
-    let mut r = Bytes { d: data, i: 0 };
+    let mut r = Input::new(data);
     let flags = r.u8();
     let inflight = flags & 1 == 0;
     let replies = if flags & 2 != 0 {
@@ -889,7 +861,7 @@ where
     B: Served,
     F: FnMut() -> std::io::Result<B> + Send + 'static,
 {
-    let mut r = Bytes { d: data, i: 0 };
+    let mut r = Input::new(data);
     let _flags = r.u8();
     let Ok((fe, theirs)) = UnixStream::pair() else {
         return;

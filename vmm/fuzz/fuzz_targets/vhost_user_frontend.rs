@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use backends::fuzzing::input::Input;
 use backends::inflight::{queue_region_size, region_size};
 use backends::vhost_user::relay::{encode, read_message, send_message};
 use virtio_queue::{Queue, QueueT};
@@ -48,31 +49,8 @@ use vmm::virtio::vhost_user::{SharedRegion, VhostUserDevice};
 use vmm::virtio::{Activation, ActiveQueue, DeviceShared, Irq, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
-/// Reads the input; bytes past its end read as zero.
-struct Bytes {
-    d: Vec<u8>,
-    i: usize,
-}
-
-impl Bytes {
-    fn done(&self) -> bool {
-        self.i >= self.d.len()
-    }
-    fn u8(&mut self) -> u8 {
-        let b = self.d.get(self.i).copied().unwrap_or(0);
-        self.i += 1;
-        b
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from(self.u16()) | u32::from(self.u16()) << 16
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from(self.u32()) | u64::from(self.u32()) << 32
-    }
-}
+/// The input, owned: part of it goes to the fake back-end's thread.
+type Bytes = Input<Vec<u8>>;
 
 // ---------------------------------------------------------------------------------------
 // Part 0: a session against a fake back-end.
@@ -272,10 +250,7 @@ fn session(mut r: Bytes) {
         let _ = mem.write_obj(3u16, GuestAddress(0x1000 * (i + 1) + 0x800 + 2));
     }
     let before = snapshot(&mem);
-    let rest = Bytes {
-        d: r.d[r.i.min(r.d.len())..].to_vec(),
-        i: 0,
-    };
+    let rest = r.rest();
     let fake = thread::spawn(move || backend(theirs, rest, net));
     if let Ok(mut dev) = VhostUserDevice::with_stream(&cfg, ours, ram.as_raw_fd(), regions) {
         check_presented(&dev, net, cfg.queues);
@@ -637,10 +612,7 @@ fn outage(mut r: Bytes, lie: bool) {
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let mut r = Bytes {
-        d: data.to_vec(),
-        i: 0,
-    };
+    let mut r = Input::new(data.to_vec());
     let mode = r.u8();
     if mode & 1 == 0 {
         session(r);
