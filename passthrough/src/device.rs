@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex};
 
+use backends::ratelimit::GuestErrorLog;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::{InterruptRouter, MsiMessage};
@@ -90,8 +91,43 @@ impl DmaGate {
     }
 }
 
-/// Bus Master Enable in the command register.
+/// Command register bits.
+const COMMAND_IO: u16 = 0x0001;
+const COMMAND_MEMORY: u16 = 0x0002;
 const COMMAND_BUS_MASTER: u8 = 0x04;
+const COMMAND_INTX_DISABLE: u16 = 0x0400;
+/// PMCSR power state D3hot: the function decodes nothing but its config space.
+const PM_D3HOT: u16 = 3;
+
+/// Kinds of guest-caused problems, each counted and logged at a limited rate
+/// ([`GuestErrorLog`]): a guest repeating one must neither flood the host's log nor go
+/// unnoticed.
+pub mod guest_error {
+    /// A BAR access while the device decodes nothing there (Memory or I/O Space Enable
+    /// off, or in D3hot): reads are all ones, writes dropped, as a master abort.
+    pub const NO_DECODE: usize = 0;
+    /// A BAR access beyond what the device has (the BAR is larger than the region).
+    pub const OUT_OF_RANGE: usize = 1;
+    /// MSI and MSI-X enabled at once: the second enable is refused.
+    pub const IRQ_CONFLICT: usize = 2;
+    /// VFIO or KVM refused an interrupt mode or route the guest asked for.
+    pub const IRQ_REFUSED: usize = 3;
+    /// Bus Master Enable while guest RAM is not mapped for DMA.
+    pub const DMA_REFUSED: usize = 4;
+    /// A direct (KVM slot) access to a BAR faulted: the BARs are trapped from then on.
+    pub const MAPPING_FAULT: usize = 5;
+    pub const KINDS: usize = 6;
+}
+
+/// The interrupt kind VFIO has enabled: at most one at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqMode {
+    Off,
+    Intx,
+    /// MSI with this many vectors.
+    Msi(u32),
+    Msix,
+}
 
 /// Index under which the expansion ROM appears among the BARs (after BARs 0-5).
 pub const ROM_BAR: usize = 6;
@@ -247,8 +283,6 @@ struct MsiVector {
 struct MsiState {
     cap: MsiCap,
     vectors: Vec<MsiVector>,
-    /// Vectors enabled in VFIO (0: MSI off).
-    active: u32,
     /// Vectors VFIO offers.
     max: u32,
 }
@@ -263,7 +297,6 @@ struct MsixState {
     pba_offset: u64,
     pba_len: u64,
     table: Msix,
-    active: bool,
 }
 
 impl MsixState {
@@ -299,7 +332,6 @@ struct Intx {
     pin: u8,
     trigger: EventFd,
     resample: EventFd,
-    enabled: bool,
 }
 
 /// An assigned device on the guest's PCI bus.
@@ -320,7 +352,21 @@ pub struct PassthroughPci {
     msix: Option<MsixState>,
     intx: Option<Intx>,
     rom: Option<Rom>,
-    logged: bool,
+    /// What VFIO has enabled; recorded only once VFIO accepted it.
+    irq: IrqMode,
+    /// The command register as the guest last wrote it (forwarded to the device).
+    command: u16,
+    /// The PM capability's offset and its control/status register as last written.
+    pm: Option<usize>,
+    pmcsr: u16,
+    /// Region sizes (BARs 0-5, ROM): accesses beyond them are not forwarded.
+    region_size: [u64; 7],
+    /// The kind of each BAR (0-5, ROM), `None` where there is none.
+    bar_kind: [Option<BarKind>; 7],
+    /// Direct (KVM slot) mappings allowed: cleared when one faulted, until the guest
+    /// turns memory decoding off and on again.
+    direct: bool,
+    errors: GuestErrorLog<{ guest_error::KINDS }>,
     /// Guest RAM's DMA mapping in progress (see [`DmaGate`]).
     dma: Option<Arc<DmaGate>>,
 }
@@ -465,9 +511,22 @@ impl PassthroughPci {
             msix: None,
             intx: None,
             rom: None,
-            logged: false,
+            irq: IrqMode::Off,
+            command: u16::from_le_bytes(command) & !u16::from(COMMAND_BUS_MASTER),
+            pm: None,
+            pmcsr: 0,
+            region_size: [0; 7],
+            bar_kind: [None; 7],
+            direct: true,
+            errors: GuestErrorLog::new(name),
             dma: place.dma.clone(),
         };
+        for (i, size) in d.region_size.iter_mut().enumerate() {
+            *size = d.dev.region(i as u32).size;
+        }
+        for b in d.shadow.bars() {
+            d.bar_kind[b.index] = Some(b.kind);
+        }
         let rom_size = d.dev.region(crate::vfio::ROM_REGION).size;
         if place.rom && rom_size > 0 {
             let size = rom_size.next_power_of_two().max(2048);
@@ -484,6 +543,7 @@ impl PassthroughPci {
                 bus_addr: addr,
                 enabled: false,
             });
+            d.bar_kind[ROM_BAR] = Some(BarKind::Mem32);
         }
         d.parse_capabilities(&raw)?;
 
@@ -495,11 +555,13 @@ impl PassthroughPci {
                 pin,
                 trigger: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?,
                 resample: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?,
-                enabled: false,
             });
             // Interrupt line register: the GSI (what legacy code reads).
             d.shadow.set(15, place.intx_gsi & 0xff, 0xff);
-            d.intx_enable().map_err(io_err)?;
+            if d.command & COMMAND_INTX_DISABLE == 0 {
+                d.vfio_enable(IrqMode::Intx).map_err(io_err)?;
+                d.irq = IrqMode::Intx;
+            }
         }
 
         d.map_bars()?;
@@ -539,13 +601,16 @@ impl PassthroughPci {
 
         for &(off, id) in &visible {
             match id {
+                CAP_PM if off + 6 <= raw.len() => {
+                    self.pm = Some(off);
+                    self.pmcsr = u16::from_le_bytes([raw[off + 4], raw[off + 5]]);
+                }
                 CAP_MSI if off + 24 <= raw.len() => {
                     let max = self.dev.irq_count(MSI_IRQ);
                     if max > 0 {
                         self.msi = Some(MsiState {
                             cap: MsiCap::new(off, &raw[off..]),
                             vectors: Vec::new(),
-                            active: 0,
                             max,
                         });
                     }
@@ -570,7 +635,6 @@ impl PassthroughPci {
                         pba_offset: u64::from(pba & !7),
                         pba_len: msix.pba_size(),
                         table: msix,
-                        active: false,
                     });
                 }
                 _ => {}
@@ -619,6 +683,10 @@ impl PassthroughPci {
 
     /// Maps BAR `index`'s areas at guest address `addr`; what fails stays trapped.
     fn attach_bar(&mut self, index: usize, addr: u64) {
+        // Not while the device decodes no memory: vfio-pci has revoked the mmaps.
+        if !self.mem_decode() || !self.direct {
+            return;
+        }
         let Some(bar) = self.bars.get_mut(&index) else {
             return;
         };
@@ -676,118 +744,402 @@ impl PassthroughPci {
         u32::from_le_bytes(b)
     }
 
-    fn log_once(&mut self, what: &str, e: &io::Error) {
-        if !self.logged {
-            log::error!("{}: {what}: {e}", self.name);
-            self.logged = true;
-        }
-    }
-
-    fn intx_enable(&mut self) -> io::Result<()> {
-        let Some(i) = self.intx.as_mut() else {
-            return Ok(());
-        };
-        if i.enabled {
-            return Ok(());
-        }
-        self.router
-            .register_resample_irqfd(&i.trigger, &i.resample, i.gsi)?;
-        self.dev.enable_irqs(INTX_IRQ, &[&i.trigger])?;
-        self.dev.set_intx_unmask_fd(&i.resample)?;
-        i.enabled = true;
-        Ok(())
-    }
-
-    fn intx_disable(&mut self) -> io::Result<()> {
-        let Some(i) = self.intx.as_mut() else {
-            return Ok(());
-        };
-        if !i.enabled {
-            return Ok(());
-        }
-        i.enabled = false;
-        self.dev.disable_irqs(INTX_IRQ)?;
-        self.router.unregister_irqfd(&i.trigger, i.gsi)
-    }
-
-    /// Brings VFIO and the routes in line with the MSI capability.
-    fn msi_update(&mut self) -> io::Result<()> {
-        let Some(m) = self.msi.as_mut() else {
-            return Ok(());
-        };
-        let want = if m.cap.enabled() {
-            m.cap.vectors().min(m.max.max(1))
-        } else {
-            0
-        };
-        while (m.vectors.len() as u32) < want {
-            m.vectors.push(MsiVector {
-                gsi: self.router.allocate_gsi()?,
-                irqfd: EventFd::new(libc::EFD_NONBLOCK)?,
-                attached: false,
-            });
-        }
-        for (i, v) in m.vectors.iter_mut().enumerate() {
-            let i = i as u32;
-            let live = i < want && !m.cap.masked(i);
-            if i < want {
-                self.router.set_msi_route(v.gsi, m.cap.message(i))?;
-            }
-            if live && !v.attached {
-                self.router.register_irqfd(&v.irqfd, v.gsi)?;
-                v.attached = true;
-            } else if !live && v.attached {
-                self.router.unregister_irqfd(&v.irqfd, v.gsi)?;
-                v.attached = false;
-            }
-        }
-        if want != m.active {
-            let was = m.active;
-            m.active = want;
-            if was > 0 {
-                self.dev.disable_irqs(MSI_IRQ)?;
-            }
-            if want > 0 {
-                if was == 0 {
-                    self.intx_disable()?;
-                }
-                let Some(m) = self.msi.as_ref() else {
-                    return Ok(());
+    /// Enables `mode` in VFIO (nothing else may be enabled) and attaches what KVM needs
+    /// for it; on failure undoes its own steps and leaves everything off.
+    fn vfio_enable(&mut self, mode: IrqMode) -> io::Result<()> {
+        match mode {
+            IrqMode::Off => Ok(()),
+            IrqMode::Intx => {
+                let Some(i) = self.intx.as_ref() else {
+                    return Err(io::Error::from_raw_os_error(libc::ENODEV));
                 };
-                let fds: Vec<&EventFd> = m.vectors[..want as usize]
+                self.router
+                    .register_resample_irqfd(&i.trigger, &i.resample, i.gsi)?;
+                let r = self
+                    .dev
+                    .enable_irqs(INTX_IRQ, &[&i.trigger])
+                    .and_then(|()| self.dev.set_intx_unmask_fd(&i.resample));
+                if r.is_err() {
+                    let _ = self.dev.disable_irqs(INTX_IRQ);
+                    let _ = self.router.unregister_irqfd(&i.trigger, i.gsi);
+                }
+                r
+            }
+            IrqMode::Msi(n) => {
+                let Some(m) = self.msi.as_mut() else {
+                    return Err(io::Error::from_raw_os_error(libc::ENODEV));
+                };
+                while (m.vectors.len() as u32) < n {
+                    m.vectors.push(MsiVector {
+                        gsi: self.router.allocate_gsi()?,
+                        irqfd: EventFd::new(libc::EFD_NONBLOCK)?,
+                        attached: false,
+                    });
+                }
+                let fds: Vec<&EventFd> = m
+                    .vectors
                     .iter()
+                    .take(n as usize)
                     .map(|v| &v.irqfd)
                     .collect();
-                self.dev.enable_irqs(MSI_IRQ, &fds)?;
-            } else {
-                self.intx_enable()?;
+                self.dev.enable_irqs(MSI_IRQ, &fds)
+            }
+            IrqMode::Msix => {
+                let Some(x) = self.msix.as_ref() else {
+                    return Err(io::Error::from_raw_os_error(libc::ENODEV));
+                };
+                let fds = (0..x.table.count())
+                    .filter_map(|v| x.table.irqfd(v))
+                    .collect::<io::Result<Vec<EventFd>>>()?;
+                let refs: Vec<&EventFd> = fds.iter().collect();
+                self.dev.enable_irqs(MSIX_IRQ, &refs)
             }
         }
+    }
+
+    /// Disables what VFIO has enabled; `self.irq` is `Off` only if VFIO agreed.
+    fn vfio_disable(&mut self) -> io::Result<()> {
+        match self.irq {
+            IrqMode::Off => {}
+            IrqMode::Intx => {
+                self.dev.disable_irqs(INTX_IRQ)?;
+                if let Some(i) = self.intx.as_ref() {
+                    self.router.unregister_irqfd(&i.trigger, i.gsi)?;
+                }
+            }
+            IrqMode::Msi(_) => self.dev.disable_irqs(MSI_IRQ)?,
+            IrqMode::Msix => self.dev.disable_irqs(MSIX_IRQ)?,
+        }
+        self.irq = IrqMode::Off;
         Ok(())
     }
 
-    fn msix_control(&mut self, control: u16) -> io::Result<()> {
-        let Some(x) = self.msix.as_mut() else {
-            return Ok(());
+    /// INTx may be on: the device has a pin and the guest has not set INTx Disable.
+    fn intx_allowed(&self) -> bool {
+        self.intx.is_some() && self.command & COMMAND_INTX_DISABLE == 0
+    }
+
+    /// Brings VFIO in line with what the guest asks (MSI-X, else MSI, else INTx unless
+    /// disabled in the command register), one kind at a time. `wrote`: the capability the
+    /// guest just enabled, refused if the other one is enabled. Whatever VFIO refuses
+    /// shows as disabled to the guest, so the capability, VFIO and `self.irq` agree.
+    fn irq_update(&mut self, wrote: Option<IrqMode>) {
+        let msix_on = self.msix.as_ref().is_some_and(|x| x.table.enabled());
+        let msi_on = self.msi.as_ref().is_some_and(|m| m.cap.enabled());
+        if msix_on && msi_on {
+            let refused = if wrote == Some(IrqMode::Msix) {
+                "MSI-X"
+            } else {
+                "MSI"
+            };
+            self.errors.record(
+                guest_error::IRQ_CONFLICT,
+                format_args!("MSI and MSI-X enabled at once: the {refused} enable is refused"),
+            );
+            if wrote == Some(IrqMode::Msix) {
+                self.set_msix_enable(false);
+            } else {
+                self.set_msi_enable(false);
+            }
+        }
+        let want = if self.msix.as_ref().is_some_and(|x| x.table.enabled()) {
+            IrqMode::Msix
+        } else if let Some(m) = self.msi.as_ref().filter(|m| m.cap.enabled()) {
+            IrqMode::Msi(m.cap.vectors().min(m.max.max(1)))
+        } else if self.intx_allowed() {
+            IrqMode::Intx
+        } else {
+            IrqMode::Off
         };
+        if want != self.irq {
+            self.irq_switch(want);
+        }
+        // The guest sees enabled what VFIO has enabled, nothing else.
+        let irq = self.irq;
+        if self.msi.as_ref().is_some_and(|m| m.cap.enabled()) && !matches!(irq, IrqMode::Msi(_)) {
+            self.set_msi_enable(false);
+        }
+        if self.msix.as_ref().is_some_and(|x| x.table.enabled()) && irq != IrqMode::Msix {
+            self.set_msix_enable(false);
+        }
+        self.msi_routes();
+    }
+
+    /// Switches VFIO from `self.irq` to `want`; on refusal falls back to INTx if allowed.
+    fn irq_switch(&mut self, want: IrqMode) {
+        if let Err(e) = self.vfio_disable() {
+            self.errors.record(
+                guest_error::IRQ_REFUSED,
+                format_args!(
+                    "VFIO cannot disable {:?} to switch to {want:?}: {e}",
+                    self.irq
+                ),
+            );
+            return;
+        }
+        match self.vfio_enable(want) {
+            Ok(()) => self.irq = want,
+            Err(e) => {
+                self.errors.record(
+                    guest_error::IRQ_REFUSED,
+                    format_args!("VFIO refused {want:?}: {e}; the guest sees it disabled"),
+                );
+                if want != IrqMode::Intx && self.intx_allowed() {
+                    match self.vfio_enable(IrqMode::Intx) {
+                        Ok(()) => self.irq = IrqMode::Intx,
+                        Err(e) => {
+                            self.errors.record(
+                                guest_error::IRQ_REFUSED,
+                                format_args!("VFIO refused INTx as well: {e}; no interrupts"),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_msi_enable(&mut self, on: bool) {
+        if let Some(m) = self.msi.as_mut() {
+            m.cap.bytes[2] = (m.cap.bytes[2] & !1) | u8::from(on);
+        }
+    }
+
+    fn set_msix_enable(&mut self, on: bool) {
+        if let Some(x) = self.msix.as_mut() {
+            let c = x.table.control_bits() & !MSIX_ENABLE;
+            x.table.set_control(c | if on { MSIX_ENABLE } else { 0 });
+        }
+    }
+
+    /// MSI vectors: routed while MSI is on in VFIO, attached (deliverable) while unmasked.
+    fn msi_routes(&mut self) {
+        let Some(m) = self.msi.as_mut() else {
+            return;
+        };
+        let n = match self.irq {
+            IrqMode::Msi(n) => n,
+            _ => 0,
+        };
+        let mut failed = None;
+        for (i, v) in m.vectors.iter_mut().enumerate() {
+            let i = i as u32;
+            let live = i < n && !m.cap.masked(i);
+            let r = if live {
+                let r = self.router.set_msi_route(v.gsi, m.cap.message(i));
+                if r.is_ok() && !v.attached {
+                    self.router
+                        .register_irqfd(&v.irqfd, v.gsi)
+                        .map(|()| v.attached = true)
+                } else {
+                    r
+                }
+            } else if v.attached {
+                v.attached = false;
+                self.router.unregister_irqfd(&v.irqfd, v.gsi)
+            } else {
+                Ok(())
+            };
+            if let Err(e) = r {
+                failed = Some((i, v.gsi, e));
+            }
+        }
+        if let Some((i, gsi, e)) = failed {
+            self.errors.record(
+                guest_error::IRQ_REFUSED,
+                format_args!("cannot route MSI vector {i} (gsi {gsi}): {e}"),
+            );
+        }
+    }
+
+    /// Forwards a guest write to the device's config space, following what it changes in
+    /// the command register and the power state: the direct BAR mappings go before the
+    /// device stops decoding memory (vfio-pci then revokes its mmaps, and a guest access
+    /// through a KVM slot would fault in KVM_RUN) and come back once it decodes again, so
+    /// that meanwhile the guest's accesses are trapped; INTx follows INTx Disable.
+    fn config_forward(&mut self, start: usize, data: &[u8]) {
+        let overlay = |cur: u16, at: usize| -> u16 {
+            let mut b = cur.to_le_bytes();
+            for (k, x) in data.iter().enumerate() {
+                if let Some(i) = (start + k).checked_sub(at).filter(|&i| i < 2) {
+                    b[i] = *x;
+                }
+            }
+            u16::from_le_bytes(b)
+        };
+        let command = overlay(self.command, 4);
+        let pmcsr = self.pm.map_or(self.pmcsr, |pm| overlay(self.pmcsr, pm + 4));
+        let was = self.mem_decode();
+        let will = command & COMMAND_MEMORY != 0 && pmcsr & 3 != PM_D3HOT;
+        if was && !will {
+            self.set_decode(false);
+        }
+        self.dev.write(CONFIG_REGION, start as u64, data);
+        let intx_changed = (command ^ self.command) & COMMAND_INTX_DISABLE != 0;
+        self.command = command;
+        self.pmcsr = pmcsr;
+        if !was && will {
+            self.direct = true;
+            self.set_decode(true);
+        }
+        if intx_changed {
+            self.irq_update(None);
+        }
+    }
+
+    /// The device decodes its memory BARs: Memory Space Enable and not in D3hot.
+    fn mem_decode(&self) -> bool {
+        self.command & COMMAND_MEMORY != 0 && self.pmcsr & 3 != PM_D3HOT
+    }
+
+    fn io_decode(&self) -> bool {
+        self.command & COMMAND_IO != 0 && self.pmcsr & 3 != PM_D3HOT
+    }
+
+    /// Maps (`true`) or unmaps the direct areas of every memory BAR at its address: the
+    /// device started or stopped decoding memory.
+    fn set_decode(&mut self, on: bool) {
+        let bars: Vec<(usize, u64)> = self
+            .shadow
+            .bars()
+            .iter()
+            .filter(|b| b.kind != BarKind::Io)
+            .map(|b| (b.index, b.addr))
+            .collect();
+        for (index, addr) in bars {
+            if on {
+                self.attach_bar(index, addr);
+            } else {
+                self.detach_bar(index);
+            }
+        }
+    }
+
+    /// Whether a trapped access of `len` bytes at `offset` of BAR `index` may reach the
+    /// device: it decodes that BAR now and the access lies inside what the device has (a
+    /// BAR can be larger than its region). vfio-pci fails the others, and vfio-ioctls logs
+    /// each failure: they are answered here (reads all ones, writes dropped) and counted.
+    fn bar_access_ok(&mut self, index: usize, offset: u64, len: usize) -> bool {
+        let decode = match self.bar_kind.get(index).copied().flatten() {
+            None => false,
+            Some(BarKind::Io) => self.io_decode(),
+            Some(_) if index == ROM_BAR => {
+                self.mem_decode() && self.rom.as_ref().is_some_and(|r| r.enabled)
+            }
+            Some(_) => self.mem_decode(),
+        };
+        if !decode {
+            self.errors.record(
+                guest_error::NO_DECODE,
+                format_args!(
+                    "BAR {index} access at {offset:#x} while the device does not decode it \
+                     (command {:#06x}, power state D{}): reads all ones, writes dropped",
+                    self.command,
+                    self.pmcsr & 3
+                ),
+            );
+            return false;
+        }
+        if let Some(x) = &self.msix {
+            // Emulated: never forwarded.
+            if x.in_table(index, offset) || x.in_pba(index, offset) {
+                return true;
+            }
+        }
+        let size = self.region_size.get(index).copied().unwrap_or(0);
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            self.errors.record(
+                guest_error::OUT_OF_RANGE,
+                format_args!(
+                    "BAR {index} access at {offset:#x}+{len} beyond the device's {size:#x} \
+                     bytes: reads all ones, writes dropped"
+                ),
+            );
+            return false;
+        }
+        true
+    }
+
+    /// A guest access through a direct mapping faulted in KVM_RUN (EFAULT), at guest
+    /// physical `gpa` when KVM says where: vfio-pci revoked the BAR mmaps because the device
+    /// stopped decoding memory in a way the vmm did not follow (a reset, a power state
+    /// change). If that is this device (the address is in its mapped areas, or without an
+    /// address, the device itself has memory decoding off), its direct mappings go, so
+    /// that the access, retried, is trapped; the command register and power state are
+    /// re-read from the device; the mappings come back when the guest turns memory
+    /// decoding off and on again. Returns whether it was this device.
+    pub fn mapping_fault(&mut self, gpa: Option<u64>) -> bool {
+        let mapped = self.mapped_ranges();
+        if mapped.is_empty() {
+            return false;
+        }
+        let command = self.dev_u32(4) as u16;
+        let pmcsr = self.pm.map_or(self.pmcsr, |pm| self.dev_u32(pm + 4) as u16);
+        let ours = match gpa {
+            Some(g) => mapped.iter().any(|&(s, l)| g >= s && g - s < l),
+            None => command & COMMAND_MEMORY == 0 || pmcsr & 3 == PM_D3HOT,
+        };
+        if !ours {
+            return false;
+        }
+        self.set_decode(false);
+        self.direct = false;
+        let decode = COMMAND_MEMORY | COMMAND_IO;
+        self.command = (self.command & !decode) | (command & decode);
+        self.pmcsr = pmcsr;
+        self.errors.record(
+            guest_error::MAPPING_FAULT,
+            format_args!(
+                "a guest access to a mapped BAR faulted{}: the device does not decode it \
+                 (command {command:#06x}, power state D{}); its BARs are trapped until the \
+                 guest turns memory decoding off and on again",
+                gpa.map_or(String::new(), |g| format!(" at {g:#x}")),
+                pmcsr & 3
+            ),
+        );
+        true
+    }
+
+    /// The interrupt kind VFIO has enabled.
+    pub fn irq_mode(&self) -> IrqMode {
+        self.irq
+    }
+
+    /// GSIs whose irqfd should be attached now: the unmasked vectors of the enabled kind
+    /// (INTx's line included). For consistency checks.
+    pub fn live_gsis(&self) -> Vec<u32> {
+        match self.irq {
+            IrqMode::Off => Vec::new(),
+            IrqMode::Intx => self.intx.iter().map(|i| i.gsi).collect(),
+            IrqMode::Msi(n) => self.msi.as_ref().map_or(Vec::new(), |m| {
+                m.vectors
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, _)| (i as u32) < n && !m.cap.masked(i as u32))
+                    .map(|(_, v)| v.gsi)
+                    .collect()
+            }),
+            IrqMode::Msix => self
+                .msix
+                .as_ref()
+                .map_or(Vec::new(), |x| x.table.live_gsis()),
+        }
+    }
+
+    /// How many times a guest error of `kind` ([`guest_error`]) happened.
+    pub fn guest_errors(&self, kind: usize) -> u64 {
+        self.errors.count(kind)
+    }
+
+    fn msix_control(&mut self, control: u16) {
+        let Some(x) = self.msix.as_mut() else {
+            return;
+        };
+        let was = x.table.enabled();
         x.table
             .set_control(control & (MSIX_ENABLE | MSIX_FUNCTION_MASK));
-        let on = x.table.enabled();
-        if on == x.active {
-            return Ok(());
-        }
-        x.active = on;
-        if on {
-            let fds = (0..x.table.count())
-                .filter_map(|v| x.table.irqfd(v))
-                .collect::<io::Result<Vec<EventFd>>>()?;
-            self.intx_disable()?;
-            let refs: Vec<&EventFd> = fds.iter().collect();
-            self.dev.enable_irqs(MSIX_IRQ, &refs)
-        } else {
-            self.dev.disable_irqs(MSIX_IRQ)?;
-            self.intx_enable()
-        }
+        let wrote = (!was && x.table.enabled()).then_some(IrqMode::Msix);
+        self.irq_update(wrote);
     }
 
     /// A guest write to the expansion ROM BAR (address and enable bit; sizing reads back the
@@ -824,6 +1176,7 @@ impl PassthroughPci {
         let Some(m) = self.msi.as_mut() else {
             return;
         };
+        let was = m.cap.enabled();
         for (k, b) in data.iter().enumerate() {
             let Some(rel) = (start + k).checked_sub(m.cap.offset) else {
                 continue;
@@ -833,9 +1186,8 @@ impl PassthroughPci {
                 m.cap.bytes[rel] = (m.cap.bytes[rel] & !w) | (b & w);
             }
         }
-        if let Err(e) = self.msi_update() {
-            self.log_once("cannot program MSI", &e);
-        }
+        let wrote = (!was && m.cap.enabled()).then_some(IrqMode::Msi(0));
+        self.irq_update(wrote);
     }
 }
 
@@ -927,33 +1279,33 @@ impl PciDevice for PassthroughPci {
                         control = u16::from(*b) << 8;
                     }
                 }
-                if let Err(e) = self.msix_control(control) {
-                    self.log_once("cannot program MSI-X", &e);
-                }
+                self.msix_control(control);
                 return None;
             }
         }
         if self.hidden.iter().any(|&(s, l)| start < s + l && end > s) {
             return None;
         }
+        let mut data = data.to_vec();
         // Bus Master Enable: the device may DMA from now on, so guest RAM must be mapped.
         if start <= 4 && end > 4 && data[4 - start] & COMMAND_BUS_MASTER != 0 {
             if let Some(gate) = self.dma.clone() {
-                if let Err(why) = gate.wait() {
-                    self.log_once(
-                        "Bus Master Enable refused: guest RAM is not mapped for DMA",
-                        &io::Error::other(why),
-                    );
-                    let mut v = data.to_vec();
-                    v[4 - start] &= !COMMAND_BUS_MASTER;
-                    self.dev.write(CONFIG_REGION, start as u64, &v);
-                    return None;
+                match gate.wait() {
+                    Err(why) => {
+                        self.errors.record(
+                            guest_error::DMA_REFUSED,
+                            format_args!(
+                                "Bus Master Enable refused: guest RAM is not mapped for DMA: {why}"
+                            ),
+                        );
+                        data[4 - start] &= !COMMAND_BUS_MASTER;
+                    }
+                    // Mapped: nothing to wait for any more.
+                    Ok(()) => self.dma = None,
                 }
-                // Mapped: nothing to wait for any more.
-                self.dma = None;
             }
         }
-        self.dev.write(CONFIG_REGION, start as u64, data);
+        self.config_forward(start, &data);
         None
     }
 
@@ -972,11 +1324,12 @@ impl PciDevice for PassthroughPci {
     }
 
     fn read_bar(&mut self, index: usize, offset: u64, data: &mut [u8]) {
+        if !self.bar_access_ok(index, offset, data.len()) {
+            data.fill(0xff);
+            return;
+        }
         if index == ROM_BAR {
-            match &self.rom {
-                Some(r) if r.enabled => self.dev.read(crate::vfio::ROM_REGION, offset, data),
-                _ => data.fill(0xff),
-            }
+            self.dev.read(crate::vfio::ROM_REGION, offset, data);
             return;
         }
         if let Some(x) = self.msix.as_mut() {
@@ -993,7 +1346,8 @@ impl PciDevice for PassthroughPci {
     }
 
     fn write_bar(&mut self, index: usize, offset: u64, data: &[u8]) {
-        if index == ROM_BAR {
+        // The ROM is read-only: writes to it are dropped like those the device ignores.
+        if !self.bar_access_ok(index, offset, data.len()) || index == ROM_BAR {
             return;
         }
         if let Some(x) = self.msix.as_mut() {
@@ -1016,13 +1370,14 @@ impl PciDevice for PassthroughPci {
 
 impl Drop for PassthroughPci {
     fn drop(&mut self) {
-        if self.msix.as_ref().is_some_and(|x| x.active) {
-            let _ = self.dev.disable_irqs(MSIX_IRQ);
+        if let Err(e) = self.vfio_disable() {
+            log::debug!(
+                "{}: cannot disable {:?} at teardown: {e}",
+                self.name,
+                self.irq
+            );
         }
         if let Some(m) = self.msi.as_mut() {
-            if m.active > 0 {
-                let _ = self.dev.disable_irqs(MSI_IRQ);
-            }
             for v in &m.vectors {
                 if v.attached {
                     let _ = self.router.unregister_irqfd(&v.irqfd, v.gsi);
@@ -1030,7 +1385,6 @@ impl Drop for PassthroughPci {
                 let _ = self.router.remove_route(v.gsi);
             }
         }
-        let _ = self.intx_disable();
         let indices: Vec<usize> = self.bars.keys().copied().collect();
         for i in indices {
             self.detach_bar(i);
@@ -1044,252 +1398,19 @@ impl Drop for PassthroughPci {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzzing::{fake_dev, FakeDev, FakeMapper, Rig, MB, PM_CAP};
     use crate::interrupt::fake::FakeRouter;
-    use crate::vfio::{Mapping, RegionInfo};
-    use std::sync::Mutex;
-
-    /// A VFIO device made of a config space and region sizes, recording what it is asked.
-    struct FakeDev {
-        config: Mutex<Vec<u8>>,
-        regions: BTreeMap<u32, RegionInfo>,
-        irqs: [u32; 3],
-        enabled: Mutex<BTreeMap<u32, usize>>,
-        unmask_fd: Mutex<bool>,
-        config_writes: Mutex<Vec<(u64, Vec<u8>)>>,
-        bar_writes: Mutex<Vec<(u32, u64, Vec<u8>)>>,
-        resets: Mutex<u32>,
-    }
-
-    impl Vfio for FakeDev {
-        fn region(&self, index: u32) -> RegionInfo {
-            self.regions.get(&index).cloned().unwrap_or_default()
-        }
-        fn read(&self, index: u32, offset: u64, data: &mut [u8]) {
-            if index == CONFIG_REGION {
-                let c = self.config.lock().unwrap();
-                for (i, b) in data.iter_mut().enumerate() {
-                    *b = c.get(offset as usize + i).copied().unwrap_or(0);
-                }
-            } else {
-                // BAR contents: the low byte of the offset, to see forwarding.
-                for (i, b) in data.iter_mut().enumerate() {
-                    *b = (offset as u8).wrapping_add(i as u8);
-                }
-            }
-        }
-        fn write(&self, index: u32, offset: u64, data: &[u8]) {
-            if index == CONFIG_REGION {
-                self.config_writes
-                    .lock()
-                    .unwrap()
-                    .push((offset, data.to_vec()));
-            } else {
-                self.bar_writes
-                    .lock()
-                    .unwrap()
-                    .push((index, offset, data.to_vec()));
-            }
-        }
-        fn mmap(&self, _index: u32, _offset: u64, size: u64) -> io::Result<Mapping> {
-            Mapping::anonymous(size as usize)
-        }
-        fn irq_count(&self, index: u32) -> u32 {
-            self.irqs.get(index as usize).copied().unwrap_or(0)
-        }
-        fn enable_irqs(&self, index: u32, fds: &[&EventFd]) -> io::Result<()> {
-            let mut e = self.enabled.lock().unwrap();
-            // Like vfio-pci: one interrupt kind at a time.
-            if e.keys().any(|&k| k != index) {
-                return Err(io::Error::from_raw_os_error(libc::EINVAL));
-            }
-            e.insert(index, fds.len());
-            Ok(())
-        }
-        fn disable_irqs(&self, index: u32) -> io::Result<()> {
-            self.enabled.lock().unwrap().remove(&index);
-            Ok(())
-        }
-        fn set_intx_unmask_fd(&self, _fd: &EventFd) -> io::Result<()> {
-            *self.unmask_fd.lock().unwrap() = true;
-            Ok(())
-        }
-        fn reset(&self) -> io::Result<()> {
-            *self.resets.lock().unwrap() += 1;
-            Ok(())
-        }
-    }
-
-    #[derive(Default)]
-    struct FakeMapper {
-        next: Mutex<u32>,
-        maps: Mutex<BTreeMap<u32, (u64, u64)>>,
-        refuse_below: Mutex<u64>,
-    }
-
-    impl GuestMapper for FakeMapper {
-        fn map(&self, gpa: u64, size: u64, _host: *mut u8) -> io::Result<u32> {
-            if gpa < *self.refuse_below.lock().unwrap() {
-                return Err(io::Error::from_raw_os_error(libc::EEXIST));
-            }
-            let mut n = self.next.lock().unwrap();
-            *n += 1;
-            self.maps.lock().unwrap().insert(*n, (gpa, size));
-            Ok(*n)
-        }
-        fn unmap(&self, handle: u32) -> io::Result<()> {
-            self.maps
-                .lock()
-                .unwrap()
-                .remove(&handle)
-                .map(|_| ())
-                .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
-        }
-    }
-
-    fn put(c: &mut [u8], off: usize, v: &[u8]) {
-        c[off..off + v.len()].copy_from_slice(v);
-    }
-
-    const MB: u64 = 1 << 20;
-
-    /// An e1000e-like function: BAR0 128 KiB with the MSI-X table at 0x10000 and the PBA
-    /// at 0x18000 (an NVMe-like layout: the table shares a BAR with registers), BAR2 I/O,
-    /// BAR4/5 a 64-bit prefetchable 1 MiB BAR; capabilities PM, VPD (hidden), MSI (64-bit,
-    /// per-vector masks, 4 vectors), MSI-X (5 vectors), PCIe; INTx pin A; multifunction.
-    fn config(with_msix: bool) -> Vec<u8> {
-        let mut c = vec![0u8; 256];
-        put(&mut c, 0, &0x8086u16.to_le_bytes());
-        put(&mut c, 2, &0x10d3u16.to_le_bytes());
-        put(&mut c, 6, &0x0010u16.to_le_bytes());
-        put(&mut c, 8, &0x0200_0000u32.to_le_bytes());
-        c[0x0e] = 0x80;
-        put(&mut c, 0x10, &0u32.to_le_bytes());
-        put(&mut c, 0x18, &1u32.to_le_bytes());
-        put(&mut c, 0x20, &0xcu32.to_le_bytes());
-        put(&mut c, 0x30, &0xfff0_0001u32.to_le_bytes());
-        c[0x34] = 0x40;
-        c[0x3d] = 1;
-        // PM
-        put(&mut c, 0x40, &[CAP_PM, 0x50, 0x03, 0x00]);
-        // VPD: must be hidden.
-        put(&mut c, 0x50, &[CAP_VPD, 0x60, 0, 0]);
-        // MSI: 64-bit, per-vector masking, 4 vectors capable.
-        let msi_ctrl: u16 = (1 << 8) | (1 << 7) | (2 << 1);
-        put(
-            &mut c,
-            0x60,
-            &[CAP_MSI, if with_msix { 0x78 } else { 0xa0 }],
-        );
-        put(&mut c, 0x62, &msi_ctrl.to_le_bytes());
-        if with_msix {
-            put(&mut c, 0x78, &[CAP_MSIX, 0xa0]);
-            put(&mut c, 0x7a, &4u16.to_le_bytes());
-            put(&mut c, 0x7c, &0x10000u32.to_le_bytes());
-            put(&mut c, 0x80, &0x18000u32.to_le_bytes());
-        }
-        put(&mut c, 0xa0, &[CAP_PCIE, 0x00, 0x02, 0x00]);
-        c
-    }
-
-    fn fake_dev(with_msix: bool) -> Arc<FakeDev> {
-        let mem = |size: u64| RegionInfo {
-            size,
-            readable: true,
-            writable: true,
-            mmappable: true,
-            areas: Vec::new(),
-        };
-        let mut regions = BTreeMap::new();
-        regions.insert(0, mem(128 << 10));
-        regions.insert(
-            2,
-            RegionInfo {
-                size: 32,
-                readable: true,
-                writable: true,
-                ..Default::default()
-            },
-        );
-        regions.insert(4, mem(MB));
-        regions.insert(
-            crate::vfio::ROM_REGION,
-            RegionInfo {
-                size: 0x6000,
-                readable: true,
-                ..Default::default()
-            },
-        );
-        regions.insert(
-            CONFIG_REGION,
-            RegionInfo {
-                size: 4096,
-                readable: true,
-                writable: true,
-                ..Default::default()
-            },
-        );
-        Arc::new(FakeDev {
-            config: Mutex::new(config(with_msix)),
-            regions,
-            irqs: [1, 4, if with_msix { 5 } else { 0 }],
-            enabled: Mutex::new(BTreeMap::new()),
-            unmask_fd: Mutex::new(false),
-            config_writes: Mutex::new(Vec::new()),
-            bar_writes: Mutex::new(Vec::new()),
-            resets: Mutex::new(0),
-        })
-    }
-
-    struct Rig {
-        dev: Arc<FakeDev>,
-        router: Arc<FakeRouter>,
-        mapper: Arc<FakeMapper>,
-        pci: PassthroughPci,
-    }
 
     fn rig(with_msix: bool) -> Rig {
-        rig_with(with_msix, false)
+        crate::fuzzing::rig(with_msix, false, None)
     }
 
     fn rig_with(with_msix: bool, rom: bool) -> Rig {
-        rig_gated(with_msix, rom, None)
+        crate::fuzzing::rig(with_msix, rom, None)
     }
 
     fn rig_gated(with_msix: bool, rom: bool, dma: Option<Arc<DmaGate>>) -> Rig {
-        let dev = fake_dev(with_msix);
-        let router = Arc::new(FakeRouter::default());
-        let mapper = Arc::new(FakeMapper::default());
-        let mut next_mem = 0xc000_0000u64;
-        let mut next_io = 0xc000u64;
-        let mut alloc = |kind: BarKind, size: u64| -> io::Result<u64> {
-            let next = if kind == BarKind::Io {
-                &mut next_io
-            } else {
-                &mut next_mem
-            };
-            let a = next.next_multiple_of(size);
-            *next = a + size;
-            Ok(a)
-        };
-        let pci = PassthroughPci::new(
-            "nic0",
-            dev.clone(),
-            router.clone(),
-            mapper.clone(),
-            Placement {
-                alloc: &mut alloc,
-                intx_gsi: 17,
-                rom,
-                dma: dma.clone(),
-            },
-        )
-        .unwrap();
-        Rig {
-            dev,
-            router,
-            mapper,
-            pci,
-        }
+        crate::fuzzing::rig(with_msix, rom, dma)
     }
 
     /// `dev` assigned with BARs placed at 0xc000_0000 + size, INTx on GSI 16.
@@ -1308,6 +1429,11 @@ mod tests {
             },
         )
         .unwrap()
+    }
+
+    /// The guest sets the command register's decode bits (`COMMAND_MEMORY`, `COMMAND_IO`).
+    fn decode(r: &mut Rig, bits: u16) {
+        cfg_write(&mut r.pci, 0x04, &bits.to_le_bytes());
     }
 
     fn cfg_write(p: &mut PassthroughPci, off: usize, v: &[u8]) -> Option<BarMove> {
@@ -1360,6 +1486,11 @@ mod tests {
     #[test]
     fn bar_relocation_moves_the_guest_mappings() {
         let mut r = rig(true);
+        assert!(
+            r.pci.mapped_ranges().is_empty(),
+            "nothing mapped before decoding"
+        );
+        decode(&mut r, COMMAND_MEMORY | COMMAND_IO);
         let before = r.pci.mapped_ranges();
         // BAR0 minus the MSI-X table and PBA pages; the 64-bit BAR whole.
         assert_eq!(
@@ -1395,6 +1526,7 @@ mod tests {
     #[test]
     fn unmappable_placement_stays_trapped_and_forwards() {
         let mut r = rig(true);
+        decode(&mut r, COMMAND_MEMORY | COMMAND_IO);
         *r.mapper.refuse_below.lock().unwrap() = u64::MAX;
         cfg_write(&mut r.pci, 0x10, &[0xff; 4]);
         let m = cfg_write(&mut r.pci, 0x10, &0xd000_0000u32.to_le_bytes()).unwrap();
@@ -1423,6 +1555,7 @@ mod tests {
         assert_eq!(r.dev.enabled.lock().unwrap().get(&INTX_IRQ), Some(&1));
         assert!(*r.dev.unmask_fd.lock().unwrap());
         assert!(r.router.resample.lock().unwrap().contains(&17));
+        decode(&mut r, COMMAND_MEMORY);
         // Program entry 2 through BAR0 (the table at 0x10000): not forwarded.
         let e = 0x10000 + 2 * 16;
         r.pci.write_bar(0, e, &0xfee0_1000u32.to_le_bytes());
@@ -1584,6 +1717,7 @@ mod tests {
         assert_eq!(cfg_read(&mut r.pci, 0x30), !0x7fffu32);
         assert!(cfg_write(&mut r.pci, 0x30, &(rom.addr as u32).to_le_bytes()).is_none());
         // Disabled: reads float; enabled: the device's ROM; writes are dropped.
+        decode(&mut r, COMMAND_MEMORY);
         let mut d = [0u8; 4];
         r.pci.read_bar(ROM_BAR, 0x10, &mut d);
         assert_eq!(d, [0xff; 4]);
@@ -1635,16 +1769,27 @@ mod tests {
             assert_eq!(en.get(&MSI_IRQ), Some(&4));
             assert!(!en.contains_key(&INTX_IRQ));
         }
+        // Vector 1 masked: neither routed nor attached.
         let routes = r.router.routes.lock().unwrap().clone();
         let datas: Vec<u32> = routes.values().map(|m| m.data).collect();
-        assert_eq!(datas, vec![0x60, 0x61, 0x62, 0x63]);
+        assert_eq!(datas, vec![0x60, 0x62, 0x63]);
         let gsis: Vec<u32> = routes.keys().copied().collect();
         let irqfds = r.router.irqfds.lock().unwrap().clone();
         assert_eq!(irqfds.get(&gsis[0]), Some(&true));
-        assert_eq!(irqfds.get(&gsis[1]), None, "vector 1 masked: not attached");
+        assert_eq!(
+            irqfds.get(&(gsis[0] + 1)),
+            None,
+            "vector 1 masked: not attached"
+        );
         // Unmask vector 1.
         cfg_write(&mut r.pci, 0x70, &0u32.to_le_bytes());
-        assert_eq!(r.router.irqfds.lock().unwrap().get(&gsis[1]), Some(&true));
+        let routes = r.router.routes.lock().unwrap().clone();
+        let datas: Vec<u32> = routes.values().map(|m| m.data).collect();
+        assert_eq!(datas, vec![0x60, 0x61, 0x62, 0x63]);
+        assert_eq!(
+            r.router.irqfds.lock().unwrap().get(&(gsis[0] + 1)),
+            Some(&true)
+        );
         // Nothing of the emulated capability reached the device.
         assert!(r.dev.config_writes.lock().unwrap().is_empty());
         // Disable: MSI off in VFIO, INTx back on.
@@ -1656,7 +1801,8 @@ mod tests {
 
     #[test]
     fn teardown_releases_everything_and_resets() {
-        let r = rig(true);
+        let mut r = rig(true);
+        decode(&mut r, COMMAND_MEMORY);
         let Rig {
             dev, mapper, pci, ..
         } = r;
@@ -1665,6 +1811,290 @@ mod tests {
         assert!(mapper.maps.lock().unwrap().is_empty());
         assert!(dev.enabled.lock().unwrap().is_empty());
         assert_eq!(*dev.resets.lock().unwrap(), 2);
+    }
+
+    /// What VFIO has enabled, as the fake records it.
+    fn vfio_irqs(r: &Rig) -> Vec<u32> {
+        r.dev.enabled.lock().unwrap().keys().copied().collect()
+    }
+
+    /// GSIs whose irqfd is attached in the fake router.
+    fn attached(r: &Rig) -> Vec<u32> {
+        let v = r.router.irqfds.lock().unwrap();
+        v.iter().filter(|(_, &on)| on).map(|(&g, _)| g).collect()
+    }
+
+    /// MSI (4 vectors, all unmasked) programmed and enabled by the guest.
+    fn enable_msi(r: &mut Rig) {
+        cfg_write(&mut r.pci, 0x64, &0xfee0_0000u32.to_le_bytes());
+        cfg_write(&mut r.pci, 0x6c, &0x60u32.to_le_bytes());
+        let ctrl = (1u16 << 8) | (1 << 7) | (2 << 1) | (2 << 4) | 1;
+        cfg_write(&mut r.pci, 0x62, &ctrl.to_le_bytes());
+    }
+
+    fn disable_msi(r: &mut Rig) {
+        cfg_write(&mut r.pci, 0x62, &0u16.to_le_bytes());
+    }
+
+    /// MSI-X enabled with entry 0 programmed and unmasked.
+    fn enable_msix(r: &mut Rig) {
+        decode(r, COMMAND_MEMORY);
+        r.pci.write_bar(0, 0x10000, &0xfee0_0000u32.to_le_bytes());
+        r.pci.write_bar(0, 0x10008, &0x70u32.to_le_bytes());
+        r.pci.write_bar(0, 0x1000c, &0u32.to_le_bytes());
+        cfg_write(&mut r.pci, 0x7a, &0x8004u16.to_le_bytes());
+    }
+
+    fn msix_enabled_bit(r: &mut Rig) -> bool {
+        cfg_read(&mut r.pci, 0x78) & (1 << 31) != 0
+    }
+
+    fn msi_enabled_bit(r: &mut Rig) -> bool {
+        cfg_read(&mut r.pci, 0x60) & (1 << 16) != 0
+    }
+
+    #[test]
+    fn msix_enable_while_msi_is_on_is_refused_and_msi_off_brings_intx_back() {
+        let mut r = rig(true);
+        enable_msi(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![MSI_IRQ]);
+        let msi_gsis = attached(&r);
+        assert_eq!(msi_gsis.len(), 4);
+        // The guest enables MSI-X on top: refused, the capability says so, nothing of
+        // MSI-X is routed, MSI keeps working.
+        enable_msix(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![MSI_IRQ]);
+        assert!(
+            !msix_enabled_bit(&mut r),
+            "a refused MSI-X enable reads back disabled"
+        );
+        assert!(msi_enabled_bit(&mut r));
+        assert_eq!(attached(&r), msi_gsis, "no MSI-X vector attached");
+        assert_eq!(r.pci.guest_errors(guest_error::IRQ_CONFLICT), 1);
+        // MSI off: INTx back (not disabled in the command register), MSI vectors detached.
+        disable_msi(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![INTX_IRQ]);
+        assert_eq!(attached(&r), vec![17]);
+        // Now MSI-X can be enabled.
+        cfg_write(&mut r.pci, 0x7a, &0x0004u16.to_le_bytes());
+        cfg_write(&mut r.pci, 0x7a, &0x8004u16.to_le_bytes());
+        assert_eq!(vfio_irqs(&r), vec![MSIX_IRQ]);
+        assert!(msix_enabled_bit(&mut r));
+        assert_eq!(attached(&r).len(), 1, "MSI-X entry 0 only");
+    }
+
+    #[test]
+    fn msi_enable_while_msix_is_on_is_refused_and_msi_off_leaves_msix_alone() {
+        let mut r = rig(true);
+        enable_msix(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![MSIX_IRQ]);
+        let msix_gsis = attached(&r);
+        assert_eq!(msix_gsis.len(), 1);
+        enable_msi(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![MSIX_IRQ]);
+        assert!(
+            !msi_enabled_bit(&mut r),
+            "a refused MSI enable reads back disabled"
+        );
+        assert_eq!(attached(&r), msix_gsis, "no MSI vector attached");
+        // Disabling MSI must not bring INTx back while MSI-X is on.
+        disable_msi(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![MSIX_IRQ]);
+        assert_eq!(attached(&r), msix_gsis);
+        assert!(msix_enabled_bit(&mut r));
+        assert_eq!(r.pci.irq_mode(), IrqMode::Msix);
+    }
+
+    #[test]
+    fn an_enable_vfio_refuses_reads_back_disabled_and_intx_stays() {
+        let mut r = rig(true);
+        r.dev.refuse.lock().unwrap().insert(MSIX_IRQ);
+        enable_msix(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![INTX_IRQ], "INTx kept");
+        assert!(!msix_enabled_bit(&mut r));
+        assert_eq!(attached(&r), vec![17], "no MSI-X vector attached");
+        assert_eq!(r.pci.irq_mode(), IrqMode::Intx);
+        assert_eq!(r.pci.guest_errors(guest_error::IRQ_REFUSED), 1);
+        // MSI refused too, from INTx: INTx again.
+        r.dev.refuse.lock().unwrap().insert(MSI_IRQ);
+        enable_msi(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![INTX_IRQ]);
+        assert!(!msi_enabled_bit(&mut r));
+        assert_eq!(attached(&r), vec![17]);
+        // Accepted later: MSI on, INTx off.
+        r.dev.refuse.lock().unwrap().clear();
+        enable_msi(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![MSI_IRQ]);
+        assert_eq!(attached(&r).len(), 4);
+    }
+
+    #[test]
+    fn intx_comes_back_only_when_not_disabled_in_the_command_register() {
+        let mut r = rig(false);
+        assert_eq!(vfio_irqs(&r), vec![INTX_IRQ]);
+        // Linux: INTx Disable set, then MSI enabled; at shutdown MSI off first.
+        cfg_write(&mut r.pci, 0x04, &COMMAND_INTX_DISABLE.to_le_bytes());
+        assert!(vfio_irqs(&r).is_empty(), "INTx off once disabled");
+        assert!(attached(&r).is_empty());
+        enable_msi(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![MSI_IRQ]);
+        disable_msi(&mut r);
+        assert!(vfio_irqs(&r).is_empty(), "INTx Disable still set: no INTx");
+        assert!(attached(&r).is_empty());
+        cfg_write(&mut r.pci, 0x04, &0u16.to_le_bytes());
+        assert_eq!(vfio_irqs(&r), vec![INTX_IRQ]);
+        assert_eq!(attached(&r), vec![17]);
+    }
+
+    #[test]
+    fn bar_accesses_the_device_would_fail_are_answered_here() {
+        let mut r = rig_with(true, true);
+        let mut d = [0u8; 4];
+        // Memory decoding off (after reset): BAR0 registers, the MSI-X table, BAR4, I/O.
+        r.pci.read_bar(0, 0x100, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        r.pci.write_bar(0, 0x100, &[1; 4]);
+        r.pci.read_bar(4, 0, &mut d);
+        r.pci.read_bar(2, 0, &mut d);
+        r.pci.write_bar(2, 0, &[1; 4]);
+        r.pci.read_bar(0, 0x10000, &mut d);
+        assert_eq!(d, [0xff; 4], "the MSI-X table does not decode either");
+        assert!(
+            r.dev.bad_accesses.lock().unwrap().is_empty(),
+            "{:?}",
+            r.dev.bad_accesses
+        );
+        assert!(r.dev.bar_writes.lock().unwrap().is_empty());
+        assert_eq!(r.pci.guest_errors(guest_error::NO_DECODE), 6);
+        // Memory on, I/O still off.
+        decode(&mut r, COMMAND_MEMORY);
+        r.pci.read_bar(2, 0, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        r.pci.read_bar(0, 0x100, &mut d);
+        assert_eq!(d, [0, 1, 2, 3]);
+        // The ROM: 24 KiB in a 32 KiB BAR; beyond the region and wrapping offsets.
+        let rom = r
+            .pci
+            .bars()
+            .iter()
+            .find(|b| b.index == ROM_BAR)
+            .unwrap()
+            .addr;
+        cfg_write(&mut r.pci, 0x30, &(rom as u32 | 1).to_le_bytes());
+        r.pci.read_bar(ROM_BAR, 0x5ffc, &mut d);
+        assert_eq!(d, [0xfc, 0xfd, 0xfe, 0xff]);
+        r.pci.read_bar(ROM_BAR, 0x5ffe, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        r.pci.read_bar(ROM_BAR, u64::MAX - 1, &mut d);
+        r.pci.read_bar(0, u64::MAX - 1, &mut d);
+        // A BAR index the device does not have.
+        r.pci.read_bar(1, 0, &mut d);
+        r.pci.write_bar(5, 0, &[0; 4]);
+        assert!(
+            r.dev.bad_accesses.lock().unwrap().is_empty(),
+            "{:?}",
+            r.dev.bad_accesses
+        );
+        assert_eq!(r.pci.guest_errors(guest_error::OUT_OF_RANGE), 3);
+        // D3hot: nothing decodes.
+        cfg_write(&mut r.pci, PM_CAP + 4, &3u16.to_le_bytes());
+        r.pci.read_bar(0, 0x100, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        assert!(
+            r.dev.bad_accesses.lock().unwrap().is_empty(),
+            "{:?}",
+            r.dev.bad_accesses
+        );
+    }
+
+    #[test]
+    fn a_flood_of_undecoded_accesses_logs_a_few_lines() {
+        let mut r = rig(true);
+        let mut d = [0u8; 4];
+        for _ in 0..100_000 {
+            r.pci.read_bar(0, 0x100, &mut d);
+        }
+        // All counted in the rate-limited log; none reached vfio-ioctls, which would log
+        // each one.
+        assert_eq!(r.pci.guest_errors(guest_error::NO_DECODE), 100_000);
+        assert!(r.dev.bad_accesses.lock().unwrap().is_empty());
+    }
+
+    fn maps(r: &Rig) -> Vec<(u64, u64)> {
+        r.mapper.maps.lock().unwrap().values().copied().collect()
+    }
+
+    #[test]
+    fn bars_are_mapped_only_while_the_device_decodes_memory() {
+        let mut r = rig(true);
+        assert!(maps(&r).is_empty());
+        decode(&mut r, COMMAND_MEMORY);
+        let on = maps(&r);
+        assert_eq!(on.len(), 4);
+        // Memory Space Enable cleared: the KVM slots go, accesses are trapped and answered.
+        decode(&mut r, COMMAND_IO);
+        assert!(maps(&r).is_empty());
+        let mut d = [0u8; 4];
+        r.pci.read_bar(0, 0x2000, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        assert!(r.dev.bad_accesses.lock().unwrap().is_empty());
+        decode(&mut r, COMMAND_MEMORY);
+        assert_eq!(maps(&r), on);
+        // D3hot and back.
+        cfg_write(&mut r.pci, PM_CAP + 4, &3u16.to_le_bytes());
+        assert!(maps(&r).is_empty());
+        cfg_write(&mut r.pci, PM_CAP + 4, &0u16.to_le_bytes());
+        assert_eq!(maps(&r), on);
+        // A BAR moved while decoding is off is mapped at its new place once it is on.
+        decode(&mut r, 0);
+        cfg_write(&mut r.pci, 0x10, &[0xff; 4]);
+        let m = cfg_write(&mut r.pci, 0x10, &0xd000_0000u32.to_le_bytes()).unwrap();
+        r.pci.bar_moved(&m);
+        assert!(maps(&r).is_empty(), "nothing mapped while decoding is off");
+        decode(&mut r, COMMAND_MEMORY);
+        assert!(
+            maps(&r).contains(&(0xd000_0000, 0x10000)),
+            "{:x?}",
+            maps(&r)
+        );
+        assert_eq!(maps(&r).len(), 4);
+    }
+
+    #[test]
+    fn a_faulting_mapping_is_dropped_and_the_bars_trapped() {
+        let mut r = rig(true);
+        decode(&mut r, COMMAND_MEMORY);
+        let on = maps(&r);
+        // Not this device's address: not its fault.
+        assert!(!r.pci.mapping_fault(Some(0x1000)));
+        // Decoding as far as the device knows and no address: not its fault either.
+        assert!(!r.pci.mapping_fault(None));
+        assert_eq!(maps(&r), on);
+        // The device stopped decoding behind the vmm's back (a reset it did not see).
+        r.dev.config.lock().unwrap()[4] = 0;
+        assert!(r.pci.mapping_fault(None));
+        assert!(maps(&r).is_empty());
+        assert_eq!(r.pci.guest_errors(guest_error::MAPPING_FAULT), 1);
+        // The retried access is trapped and not forwarded to a device that would fail it.
+        let mut d = [0u8; 4];
+        r.pci.read_bar(4, 0x10, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        assert!(r.dev.bad_accesses.lock().unwrap().is_empty());
+        // Nothing left to drop: a second fault is not this device's.
+        assert!(!r.pci.mapping_fault(None));
+        // The guest turns decoding on again: mapped again.
+        decode(&mut r, COMMAND_MEMORY);
+        assert_eq!(maps(&r), on);
+        // With KVM's address of the fault.
+        assert!(r.pci.mapping_fault(Some(on[0].0 + 8)));
+        assert!(maps(&r).is_empty());
+        // Decoding on as far as the device knows: trapped but forwarded until the guest
+        // turns decoding off and on.
+        r.pci.read_bar(0, 0x100, &mut d);
+        assert_eq!(d, [0, 1, 2, 3]);
+        decode(&mut r, 0);
+        decode(&mut r, COMMAND_MEMORY);
+        assert_eq!(maps(&r), on);
     }
 
     #[test]
