@@ -3,7 +3,7 @@
 //! device on the PCI bus (its PCI logic lives in the `passthrough` crate).
 
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use kvm_bindings::{
     kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_userspace_memory_region,
@@ -104,7 +104,28 @@ pub struct Assigned {
     /// The thread mapping guest RAM for DMA while the VM boots (see [`DmaGate`]).
     mapping: Option<std::thread::JoinHandle<()>>,
     devices: Vec<Arc<dyn Vfio>>,
+    /// The devices on the PCI bus (owned by it), for [`Assigned::fault_handler`].
+    pci: Vec<Weak<Mutex<PassthroughPci>>>,
     pub routes: Vec<IntxRoute>,
+}
+
+impl Assigned {
+    /// What a vCPU calls when KVM_RUN fails with EFAULT (at guest physical `gpa` when KVM
+    /// says where): an assigned device stopped decoding memory in a way the vmm did not
+    /// follow, so vfio-pci revoked the BAR mmap behind a KVM slot. The device that owns
+    /// the fault drops its slots (and logs it, rate-limited) and `true` is returned: the
+    /// vCPU retries, and the access is trapped. `false`: no assigned device explains it.
+    pub fn fault_handler(&self) -> crate::vcpu::MappingFault {
+        let pci = self.pci.clone();
+        Arc::new(move |gpa| {
+            let mut handled = false;
+            for dev in pci.iter().filter_map(Weak::upgrade) {
+                let mut dev = dev.lock().unwrap_or_else(|p| p.into_inner());
+                handled |= dev.mapping_fault(gpa);
+            }
+            handled
+        })
+    }
 }
 
 impl Drop for Assigned {
@@ -208,6 +229,7 @@ pub fn assign(
         container,
         mapping: None,
         devices: Vec::new(),
+        pci: Vec::new(),
         routes: Vec::new(),
     };
     let gate = DmaGate::new();
@@ -263,7 +285,9 @@ pub fn assign(
         let pin = pci.intx_pin();
         let mapped: u64 = pci.mapped_ranges().iter().map(|r| r.1).sum();
         let bar_list = pci.bars();
-        let slot = root.add(&d.id, Arc::new(Mutex::new(pci)))?;
+        let pci = Arc::new(Mutex::new(pci));
+        assigned.pci.push(Arc::downgrade(&pci));
+        let slot = root.add(&d.id, pci)?;
         if let Some(pin) = pin {
             assigned.routes.push(IntxRoute {
                 slot,
