@@ -94,6 +94,11 @@ impl Msix {
         self.enabled
     }
 
+    /// The GSI of vector `v`.
+    pub fn gsi(&self, v: u16) -> Option<u32> {
+        self.vectors.get(usize::from(v)).map(|x| x.gsi)
+    }
+
     /// A duplicate of vector `v`'s irqfd, for the code that raises it.
     pub fn irqfd(&self, v: u16) -> Option<io::Result<EventFd>> {
         self.vectors
