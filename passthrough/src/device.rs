@@ -116,7 +116,9 @@ pub mod guest_error {
     pub const DMA_REFUSED: usize = 4;
     /// A direct (KVM slot) access to a BAR faulted: the BARs are trapped from then on.
     pub const MAPPING_FAULT: usize = 5;
-    pub const KINDS: usize = 6;
+    /// KVM refused a slot for a BAR where the guest put it: that part stays trapped.
+    pub const MAP_REFUSED: usize = 6;
+    pub const KINDS: usize = 7;
 }
 
 /// The interrupt kind VFIO has enabled: at most one at a time.
@@ -692,17 +694,24 @@ impl PassthroughPci {
         };
         for a in &mut bar.areas {
             let gpa = addr + a.offset;
-            if gpa % PAGE_SIZE != 0 {
+            // Already mapped (a slot must not leak), or not mappable there.
+            if a.handle.is_some() || gpa % PAGE_SIZE != 0 {
                 continue;
             }
             match self.mapper.map(gpa, a.map.len() as u64, a.map.addr()) {
                 Ok(h) => a.handle = Some(h),
-                Err(e) => log::warn!(
-                    "{}: BAR {index} [{:#x}, +{:#x}) at {gpa:#x} stays trapped: {e}",
-                    self.name,
-                    a.offset,
-                    a.map.len()
-                ),
+                // The guest can place a BAR where KVM refuses a slot, and toggle decoding
+                // to retry as often as it likes: rate-limited.
+                Err(e) => {
+                    self.errors.record(
+                        guest_error::MAP_REFUSED,
+                        format_args!(
+                            "BAR {index} [{:#x}, +{:#x}) at {gpa:#x} stays trapped: {e}",
+                            a.offset,
+                            a.map.len()
+                        ),
+                    );
+                }
             }
         }
     }
@@ -714,7 +723,10 @@ impl PassthroughPci {
         for a in &mut bar.areas {
             if let Some(h) = a.handle.take() {
                 if let Err(e) = self.mapper.unmap(h) {
-                    log::warn!("{}: cannot unmap BAR {index}: {e}", self.name);
+                    self.errors.record(
+                        guest_error::MAP_REFUSED,
+                        format_args!("cannot unmap BAR {index}: {e}"),
+                    );
                 }
             }
         }
@@ -1545,6 +1557,15 @@ mod tests {
         let mut d = [0u8; 4];
         r.pci.read_bar(2, 4, &mut d);
         assert_eq!(d, [4, 5, 6, 7]);
+        // The guest retries by toggling decoding: every refusal counted, rate-limited.
+        let before = r.pci.guest_errors(guest_error::MAP_REFUSED);
+        assert_eq!(before, 3, "BAR0's three areas");
+        for _ in 0..100 {
+            decode(&mut r, 0);
+            decode(&mut r, COMMAND_MEMORY | COMMAND_IO);
+        }
+        assert_eq!(r.pci.guest_errors(guest_error::MAP_REFUSED), before + 100 * 4);
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
     }
 
     #[test]
