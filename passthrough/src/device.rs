@@ -1564,7 +1564,10 @@ mod tests {
             decode(&mut r, 0);
             decode(&mut r, COMMAND_MEMORY | COMMAND_IO);
         }
-        assert_eq!(r.pci.guest_errors(guest_error::MAP_REFUSED), before + 100 * 4);
+        assert_eq!(
+            r.pci.guest_errors(guest_error::MAP_REFUSED),
+            before + 100 * 4
+        );
         assert!(r.mapper.maps.lock().unwrap().is_empty());
     }
 
@@ -2061,6 +2064,12 @@ mod tests {
         assert!(r.dev.bad_accesses.lock().unwrap().is_empty());
         decode(&mut r, COMMAND_MEMORY);
         assert_eq!(maps(&r), on);
+        // Slots went before the device stopped decoding and came after it started again.
+        assert!(
+            r.mapper.late.lock().unwrap().is_empty(),
+            "{:?}",
+            r.mapper.late
+        );
         // D3hot and back.
         cfg_write(&mut r.pci, PM_CAP + 4, &3u16.to_le_bytes());
         assert!(maps(&r).is_empty());
@@ -2079,6 +2088,11 @@ mod tests {
             maps(&r)
         );
         assert_eq!(maps(&r).len(), 4);
+        assert!(
+            r.mapper.late.lock().unwrap().is_empty(),
+            "{:?}",
+            r.mapper.late
+        );
     }
 
     #[test]

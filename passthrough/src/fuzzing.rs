@@ -189,6 +189,23 @@ pub struct FakeMapper {
     pub maps: Mutex<BTreeMap<u32, (u64, u64)>>,
     /// Mapping below this guest address fails (as KVM does over an existing slot).
     pub refuse_below: Mutex<u64>,
+    /// The device whose BARs are mapped: a slot mapped, or still there, while it decodes
+    /// no memory is a window in which a guest access faults in KVM_RUN (`late`).
+    pub device: Mutex<Option<Arc<FakeDev>>>,
+    /// Slots mapped or unmapped while the device did not decode memory.
+    pub late: Mutex<Vec<String>>,
+}
+
+impl FakeMapper {
+    fn watch(&self, what: &str, gpa: u64) {
+        if let Some(d) = self.device.lock().unwrap().as_ref() {
+            if d.command() & 2 == 0 || d.d3() {
+                self.late.lock().unwrap().push(format!(
+                    "{what} {gpa:#x} while the device decodes no memory"
+                ));
+            }
+        }
+    }
 }
 
 impl GuestMapper for FakeMapper {
@@ -196,18 +213,21 @@ impl GuestMapper for FakeMapper {
         if gpa < *self.refuse_below.lock().unwrap() {
             return Err(io::Error::from_raw_os_error(libc::EEXIST));
         }
+        self.watch("mapped", gpa);
         let mut n = self.next.lock().unwrap();
         *n += 1;
         self.maps.lock().unwrap().insert(*n, (gpa, size));
         Ok(*n)
     }
     fn unmap(&self, handle: u32) -> io::Result<()> {
-        self.maps
+        let (gpa, _) = self
+            .maps
             .lock()
             .unwrap()
             .remove(&handle)
-            .map(|_| ())
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        self.watch("unmapped", gpa);
+        Ok(())
     }
 }
 
@@ -342,6 +362,7 @@ pub fn rig(with_msix: bool, rom: bool, dma: Option<Arc<DmaGate>>) -> Rig {
         },
     )
     .expect("the fake device is assigned");
+    *mapper.device.lock().unwrap() = Some(dev.clone());
     Rig {
         dev,
         router,

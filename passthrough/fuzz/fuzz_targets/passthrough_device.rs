@@ -25,7 +25,9 @@
 //! vectors of that kind that are unmasked have their irqfd attached (INTx's line for
 //! INTx); no region access reached the fake that vfio-pci would fail (no decode, out of
 //! bounds, read-only); BARs are mapped (KVM slots) only while the device decodes memory,
-//! and the slots are exactly the ranges the device reports.
+//! and the slots are exactly the ranges the device reports; no slot is mapped before the
+//! device decodes memory or unmapped after it stopped (a window in which a guest access
+//! would fault in KVM_RUN).
 #![no_main]
 
 use std::collections::BTreeSet;
@@ -115,6 +117,12 @@ fn check(r: &mut Rig) {
     let mut ranges = r.pci.mapped_ranges();
     ranges.sort_unstable();
     assert_eq!(maps, ranges, "KVM slots vs the device's mapped ranges");
+    let late = r.mapper.late.lock().unwrap();
+    assert!(
+        late.is_empty(),
+        "a slot outlived or preceded decoding: {late:?}"
+    );
+    drop(late);
     let decoding = r.dev.command() & 2 != 0 && !r.dev.d3();
     assert!(
         maps.is_empty() || decoding,
@@ -187,6 +195,8 @@ fuzz_target!(|input: &[u8]| {
                         // A reset behind the vmm's back; the next direct access faults.
                         r.dev.config.lock().unwrap()[4] &= !2;
                         assert!(r.pci.mapping_fault(None), "a revoked mapping not claimed");
+                        // Those slots went late by construction.
+                        r.mapper.late.lock().unwrap().clear();
                     }
                 } else {
                     let gpa = match mapped.get(usize::from(b) % (mapped.len() + 1)) {
