@@ -15,7 +15,10 @@ use vmm_sys_util::tempfile::TempFile;
 use crate::block::{BlockBackend, BlockOptions, BlockQueue, EngineChoice};
 use crate::net::{CtrlQueue, NetQueuePair};
 
+pub mod blk_engine;
+pub mod heap;
 mod vhost_user;
+pub use blk_engine::{fuzz_blk_engine, Summary as BlkEngineSummary};
 pub use vhost_user::{fuzz_vhost_user_relay, fuzz_vhost_user_serve};
 
 const MEM_SIZE: usize = 0x1_0000;

@@ -337,6 +337,21 @@ impl QueueInflight {
             .count()
     }
 
+    /// How many heads [`QueueInflight::recover`] would hand back with the ring's used index
+    /// at `used_idx`, without changing the region (a frontend's count before it hands the
+    /// region to a new back-end).
+    pub fn resubmits_at(&self, used_idx: u16) -> usize {
+        if self.version().load(Ordering::Acquire) == 0 {
+            return 0;
+        }
+        let finished = (self.used_idx().load(Ordering::Acquire) != used_idx)
+            .then(|| self.last_batch_head().load(Ordering::Relaxed));
+        (0..self.desc_num)
+            .filter(|&h| Some(h) != finished)
+            .filter(|&h| self.flag(h).is_some_and(|f| f.load(Ordering::Acquire) == 1))
+            .count()
+    }
+
     /// `head` was popped from the available ring (or is executed again after a restart).
     pub fn taken(&mut self, head: u16) {
         let counter = self.counter;
@@ -481,6 +496,10 @@ mod tests {
         // The used element of 4 is published (used index 1) and the back-end dies before
         // `completed`.
         let mut q2 = r.queue(0).unwrap();
+        // A frontend counting before it hands the region on sees what recovery will do.
+        assert_eq!(q2.pending(), 2);
+        assert_eq!(q2.resubmits_at(1), 1);
+        assert_eq!(q2.resubmits_at(0), 2);
         let rec = q2.recover(1);
         assert_eq!(rec.finished_last_batch, Some(4));
         assert_eq!(rec.resubmit, vec![2]);

@@ -21,7 +21,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::{InterruptRouter, MsiMessage};
 use crate::msix::{Msix, MSIX_ENABLE, MSIX_FUNCTION_MASK};
-use crate::pci::{BarKind, BarMove, BarRange, ConfigSpace, PciDevice};
+use crate::pci::{
+    BarKind, BarMapError, BarRange, ConfigSpace, PciDevice, COMMAND_IO, COMMAND_MEMORY,
+};
 use crate::vfio::{Vfio, CONFIG_REGION, INTX_IRQ, MSIX_IRQ, MSI_IRQ};
 
 /// Page granularity of KVM memory slots and of the MSI-X trap.
@@ -92,8 +94,6 @@ impl DmaGate {
 }
 
 /// Command register bits.
-const COMMAND_IO: u16 = 0x0001;
-const COMMAND_MEMORY: u16 = 0x0002;
 const COMMAND_BUS_MASTER: u8 = 0x04;
 const COMMAND_INTX_DISABLE: u16 = 0x0400;
 /// PMCSR power state D3hot: the function decodes nothing but its config space.
@@ -139,8 +139,6 @@ struct Rom {
     size: u64,
     /// The address as the guest last wrote it (the size mask while it sizes the BAR).
     addr: u64,
-    /// Where the trapped range is on the bus.
-    bus_addr: u64,
     enabled: bool,
 }
 
@@ -176,6 +174,8 @@ struct Area {
 
 struct Bar {
     areas: Vec<Area>,
+    /// Where the root routes the BAR now (`None`: nowhere, nothing mapped).
+    at: Option<u64>,
 }
 
 /// The MSI capability, emulated.
@@ -542,7 +542,6 @@ impl PassthroughPci {
             d.rom = Some(Rom {
                 size,
                 addr,
-                bus_addr: addr,
                 enabled: false,
             });
             d.bar_kind[ROM_BAR] = Some(BarKind::Mem32);
@@ -645,7 +644,8 @@ impl PassthroughPci {
         Ok(())
     }
 
-    /// mmaps every mappable area of the memory BARs and maps it into the guest.
+    /// mmaps every mappable area of the memory BARs; they are mapped into the guest when
+    /// the PCI root routes the BAR ([`PciDevice::bar_mapping`]).
     fn map_bars(&mut self) -> Result<(), DeviceError> {
         for b in self.shadow.bars() {
             if b.kind == BarKind::Io {
@@ -660,7 +660,10 @@ impl PassthroughPci {
                 .as_ref()
                 .map(|m| m.trapped(b.index))
                 .unwrap_or_default();
-            let mut bar = Bar { areas: Vec::new() };
+            let mut bar = Bar {
+                areas: Vec::new(),
+                at: None,
+            };
             for (offset, size) in mappable_areas(info.size, &info.areas, &holes) {
                 let map = self
                     .dev
@@ -678,58 +681,79 @@ impl PassthroughPci {
                 });
             }
             self.bars.insert(b.index, bar);
-            self.attach_bar(b.index, b.addr);
         }
         Ok(())
     }
 
-    /// Maps BAR `index`'s areas at guest address `addr`; what fails stays trapped.
-    fn attach_bar(&mut self, index: usize, addr: u64) {
-        // Not while the device decodes no memory: vfio-pci has revoked the mmaps.
+    /// Maps BAR `index`'s areas where the root routes it (`bar.at`), if the device decodes
+    /// memory and direct mappings are allowed: vfio-pci revokes the mmaps while it does not,
+    /// and a KVM slot over a revoked mmap faults in KVM_RUN. Areas already mapped stay (a
+    /// slot must not leak); what fails stays trapped, and the first failure is returned for
+    /// the caller's rate-limited log.
+    fn attach_bar(&mut self, index: usize) -> Result<(), BarMapError> {
         if !self.mem_decode() || !self.direct {
-            return;
+            return Ok(());
         }
         let Some(bar) = self.bars.get_mut(&index) else {
-            return;
+            return Ok(());
         };
+        let Some(addr) = bar.at else {
+            return Ok(());
+        };
+        let mut first = Ok(());
         for a in &mut bar.areas {
-            let gpa = addr + a.offset;
-            // Already mapped (a slot must not leak), or not mappable there.
-            if a.handle.is_some() || gpa % PAGE_SIZE != 0 {
+            if a.handle.is_some() {
                 continue;
             }
+            let Some(gpa) = addr.checked_add(a.offset).filter(|g| g % PAGE_SIZE == 0) else {
+                continue;
+            };
             match self.mapper.map(gpa, a.map.len() as u64, a.map.addr()) {
                 Ok(h) => a.handle = Some(h),
-                // The guest can place a BAR where KVM refuses a slot, and toggle decoding
-                // to retry as often as it likes: rate-limited.
-                Err(e) => {
-                    self.errors.record(
-                        guest_error::MAP_REFUSED,
-                        format_args!(
-                            "BAR {index} [{:#x}, +{:#x}) at {gpa:#x} stays trapped: {e}",
+                Err(source) if first.is_ok() => {
+                    first = Err(BarMapError {
+                        what: format!(
+                            "cannot map [{:#x}, +{:#x}) of BAR {index} as guest memory",
                             a.offset,
                             a.map.len()
                         ),
-                    );
+                        at: gpa,
+                        source,
+                    })
                 }
+                Err(_) => {}
             }
         }
+        first
     }
 
-    fn detach_bar(&mut self, index: usize) {
+    /// Unmaps BAR `index`'s areas from the guest (its accesses are trapped from now on).
+    /// Where the root routes the BAR is kept: [`PassthroughPci::attach_bar`] maps there again
+    /// when the device decodes memory again.
+    fn detach_bar(&mut self, index: usize) -> Result<(), BarMapError> {
         let Some(bar) = self.bars.get_mut(&index) else {
-            return;
+            return Ok(());
         };
+        let was = bar.at.unwrap_or(0);
+        let mut first = Ok(());
         for a in &mut bar.areas {
             if let Some(h) = a.handle.take() {
-                if let Err(e) = self.mapper.unmap(h) {
-                    self.errors.record(
-                        guest_error::MAP_REFUSED,
-                        format_args!("cannot unmap BAR {index}: {e}"),
-                    );
+                if let Err(source) = self.mapper.unmap(h) {
+                    if first.is_ok() {
+                        first = Err(BarMapError {
+                            what: format!(
+                                "cannot unmap [{:#x}, +{:#x}) of BAR {index}",
+                                a.offset,
+                                a.map.len()
+                            ),
+                            at: was.wrapping_add(a.offset),
+                            source,
+                        });
+                    }
                 }
             }
         }
+        first
     }
 
     /// The INTx pin the guest sees (1 = INTA), if the device uses one.
@@ -740,10 +764,10 @@ impl PassthroughPci {
     /// Guest-physical ranges mapped directly (not trapped), for tests and logs.
     pub fn mapped_ranges(&self) -> Vec<(u64, u64)> {
         let mut v = Vec::new();
-        for b in self.shadow.bars() {
-            if let Some(bar) = self.bars.get(&b.index) {
+        for bar in self.bars.values() {
+            if let Some(at) = bar.at {
                 for a in bar.areas.iter().filter(|a| a.handle.is_some()) {
-                    v.push((b.addr + a.offset, a.map.len() as u64));
+                    v.push((at + a.offset, a.map.len() as u64));
                 }
             }
         }
@@ -968,7 +992,9 @@ impl PassthroughPci {
     /// the command register and the power state: the direct BAR mappings go before the
     /// device stops decoding memory (vfio-pci then revokes its mmaps, and a guest access
     /// through a KVM slot would fault in KVM_RUN) and come back once it decodes again, so
-    /// that meanwhile the guest's accesses are trapped; INTx follows INTx Disable.
+    /// that meanwhile the guest's accesses are trapped; INTx follows INTx Disable. Where
+    /// they go is the root's to say: it routes the BARs after Memory Space Enable comes on
+    /// (and unroutes them after it goes off); leaving D3hot maps them where they are routed.
     fn config_forward(&mut self, start: usize, data: &[u8]) {
         let overlay = |cur: u16, at: usize| -> u16 {
             let mut b = cur.to_le_bytes();
@@ -1008,21 +1034,23 @@ impl PassthroughPci {
         self.command & COMMAND_IO != 0 && self.pmcsr & 3 != PM_D3HOT
     }
 
-    /// Maps (`true`) or unmaps the direct areas of every memory BAR at its address: the
-    /// device started or stopped decoding memory.
+    /// Maps (`true`) or unmaps the direct areas of every memory BAR where the root routes
+    /// it: the device started or stopped decoding memory. The routed addresses stay; the root
+    /// changes them ([`PciDevice::bar_mapping`]).
     fn set_decode(&mut self, on: bool) {
-        let bars: Vec<(usize, u64)> = self
-            .shadow
-            .bars()
-            .iter()
-            .filter(|b| b.kind != BarKind::Io)
-            .map(|b| (b.index, b.addr))
-            .collect();
-        for (index, addr) in bars {
-            if on {
-                self.attach_bar(index, addr);
+        let indices: Vec<usize> = self.bars.keys().copied().collect();
+        for index in indices {
+            let r = if on {
+                self.attach_bar(index)
             } else {
-                self.detach_bar(index);
+                self.detach_bar(index)
+            };
+            // The guest can place a BAR where KVM refuses a slot and toggle decoding to
+            // retry as often as it likes: rate-limited. (What the root asks for through
+            // `bar_mapping` is logged by the root instead.)
+            if let Err(e) = r {
+                self.errors
+                    .record(guest_error::MAP_REFUSED, format_args!("{e}: {}", e.source));
             }
         }
     }
@@ -1155,9 +1183,11 @@ impl PassthroughPci {
     }
 
     /// A guest write to the expansion ROM BAR (address and enable bit; sizing reads back the
-    /// size mask). Returns the move of the ROM's trapped range, if any.
-    fn rom_write(&mut self, offset: u64, data: &[u8]) -> Option<BarMove> {
-        let r = self.rom.as_mut()?;
+    /// size mask). The root maps the ROM's trapped range while it is enabled.
+    fn rom_write(&mut self, offset: u64, data: &[u8]) {
+        let Some(r) = self.rom.as_mut() else {
+            return;
+        };
         let mut bytes = ((r.addr as u32) | u32::from(r.enabled)).to_le_bytes();
         for (k, b) in data.iter().enumerate() {
             if let Some(x) = bytes.get_mut(offset as usize + k) {
@@ -1168,19 +1198,6 @@ impl PassthroughPci {
         let mask = !(r.size as u32 - 1);
         r.enabled = v & 1 != 0;
         r.addr = u64::from(v & mask);
-        // Sizing (all ones) and 0 are not addresses.
-        if r.addr == r.bus_addr || r.addr == u64::from(mask) || r.addr == 0 {
-            return None;
-        }
-        let old = r.bus_addr;
-        r.bus_addr = r.addr;
-        Some(BarMove {
-            index: ROM_BAR,
-            kind: BarKind::Mem32,
-            old,
-            new: r.addr,
-            size: r.size,
-        })
     }
 
     /// Applies a guest write of `data` at config byte `start` to the emulated MSI capability.
@@ -1259,17 +1276,13 @@ impl PciDevice for PassthroughPci {
         u32::from_le_bytes(bytes)
     }
 
-    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarMove> {
+    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) {
         if reg >= 64 || offset as usize + data.len() > 4 {
-            return None;
+            return;
         }
         match reg {
-            4..=9 => return self.shadow.write_tracking_bars(reg, offset, data),
+            4..=9 | 15 => return self.shadow.write(reg, offset, data),
             12 => return self.rom_write(offset, data),
-            15 => {
-                self.shadow.write(15, offset, data);
-                return None;
-            }
             _ => {}
         }
         let start = reg * 4 + offset as usize;
@@ -1278,7 +1291,7 @@ impl PciDevice for PassthroughPci {
             let (s, e) = (m.cap.offset, m.cap.offset + m.cap.bytes.len());
             if start < e && end > s {
                 self.msi_write(start, data);
-                return None;
+                return;
             }
         }
         if let Some(x) = &self.msix {
@@ -1292,11 +1305,11 @@ impl PciDevice for PassthroughPci {
                     }
                 }
                 self.msix_control(control);
-                return None;
+                return;
             }
         }
         if self.hidden.iter().any(|&(s, l)| start < s + l && end > s) {
-            return None;
+            return;
         }
         let mut data = data.to_vec();
         // Bus Master Enable: the device may DMA from now on, so guest RAM must be mapped.
@@ -1318,16 +1331,16 @@ impl PciDevice for PassthroughPci {
             }
         }
         self.config_forward(start, &data);
-        None
     }
 
     fn bars(&self) -> Vec<BarRange> {
         let mut v = self.shadow.bars();
-        if let Some(r) = &self.rom {
+        // The ROM decodes only with its enable bit set (and Memory Space on).
+        if let Some(r) = self.rom.as_ref().filter(|r| r.enabled) {
             v.push(BarRange {
                 index: ROM_BAR,
                 kind: BarKind::Mem32,
-                addr: r.bus_addr,
+                addr: r.addr,
                 size: r.size,
                 prefetchable: false,
             });
@@ -1374,9 +1387,18 @@ impl PciDevice for PassthroughPci {
         self.dev.write(index as u32, offset, data);
     }
 
-    fn bar_moved(&mut self, m: &BarMove) {
-        self.detach_bar(m.index);
-        self.attach_bar(m.index, m.new);
+    fn bar_mapping(&mut self, index: usize, at: Option<u64>) -> Result<(), BarMapError> {
+        if self.bars.get(&index).map(|b| b.at) == Some(at) {
+            return Ok(());
+        }
+        let detached = self.detach_bar(index);
+        if let Some(bar) = self.bars.get_mut(&index) {
+            bar.at = at;
+        }
+        // Mapped now only while the device decodes memory; otherwise when it does again
+        // (`config_forward`). The root logs what fails, rate-limited.
+        let attached = self.attach_bar(index);
+        detached.and(attached)
     }
 }
 
@@ -1399,7 +1421,9 @@ impl Drop for PassthroughPci {
         }
         let indices: Vec<usize> = self.bars.keys().copied().collect();
         for i in indices {
-            self.detach_bar(i);
+            if let Err(e) = self.detach_bar(i) {
+                log::warn!("{}: {e}: {}", self.name, e.source);
+            }
         }
         if let Err(e) = self.dev.reset() {
             log::debug!("{}: no reset at teardown: {e}", self.name);
@@ -1443,12 +1467,14 @@ mod tests {
         .unwrap()
     }
 
-    /// The guest sets the command register's decode bits (`COMMAND_MEMORY`, `COMMAND_IO`).
+    /// The guest sets the command register's decode bits (`COMMAND_MEMORY`, `COMMAND_IO`),
+    /// through the root (which routes or unroutes the BARs after the write).
     fn decode(r: &mut Rig, bits: u16) {
-        cfg_write(&mut r.pci, 0x04, &bits.to_le_bytes());
+        r.cfg_write(0x04, &bits.to_le_bytes());
     }
 
-    fn cfg_write(p: &mut PassthroughPci, off: usize, v: &[u8]) -> Option<BarMove> {
+    /// A config write straight to a device with no root around it.
+    fn cfg_write(p: &mut PassthroughPci, off: usize, v: &[u8]) {
         p.write_config(off / 4, (off % 4) as u64, v)
     }
 
@@ -1478,19 +1504,19 @@ mod tests {
         assert_eq!((bars[2].kind, bars[2].size), (BarKind::Mem64, MB));
         assert!(bars[2].prefetchable);
         // Guest sizing: all ones, read back the size mask with the flags.
-        assert!(cfg_write(&mut r.pci, 0x10, &[0xff; 4]).is_none());
+        r.cfg_write(0x10, &[0xff; 4]);
         assert_eq!(cfg_read(&mut r.pci, 0x10), !((128u32 << 10) - 1));
-        assert!(cfg_write(&mut r.pci, 0x18, &[0xff; 4]).is_none());
+        r.cfg_write(0x18, &[0xff; 4]);
         assert_eq!(cfg_read(&mut r.pci, 0x18), !31u32 | 1);
         // 64-bit: both halves, type and prefetch bits kept.
-        cfg_write(&mut r.pci, 0x20, &[0xff; 4]);
-        cfg_write(&mut r.pci, 0x24, &[0xff; 4]);
+        r.cfg_write(0x20, &[0xff; 4]);
+        r.cfg_write(0x24, &[0xff; 4]);
         assert_eq!(cfg_read(&mut r.pci, 0x20), !(MB as u32 - 1) | 0xc);
         assert_eq!(cfg_read(&mut r.pci, 0x24), 0xffff_ffff);
         // Unused BAR registers read 0, the ROM BAR is hidden.
         assert_eq!(cfg_read(&mut r.pci, 0x14), 0);
         assert_eq!(cfg_read(&mut r.pci, 0x30), 0);
-        cfg_write(&mut r.pci, 0x30, &[0xff; 4]);
+        r.cfg_write(0x30, &[0xff; 4]);
         assert_eq!(cfg_read(&mut r.pci, 0x30), 0);
         assert!(r.dev.config_writes.lock().unwrap().is_empty());
     }
@@ -1498,10 +1524,12 @@ mod tests {
     #[test]
     fn bar_relocation_moves_the_guest_mappings() {
         let mut r = rig(true);
+        // Nothing is mapped until decoding is on and the root routes the BARs.
         assert!(
             r.pci.mapped_ranges().is_empty(),
             "nothing mapped before decoding"
         );
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
         decode(&mut r, COMMAND_MEMORY | COMMAND_IO);
         let before = r.pci.mapped_ranges();
         // BAR0 minus the MSI-X table and PBA pages; the 64-bit BAR whole.
@@ -1514,11 +1542,14 @@ mod tests {
                 (0xc010_0000, MB)
             ]
         );
-        // Move BAR0 to 0xd000_0000 the way Linux does (sizing, then the new address).
-        cfg_write(&mut r.pci, 0x10, &[0xff; 4]);
-        let m = cfg_write(&mut r.pci, 0x10, &0xd000_0000u32.to_le_bytes()).unwrap();
-        assert_eq!((m.index, m.old, m.new), (0, 0xc000_0000, 0xd000_0000));
-        r.pci.bar_moved(&m);
+        // Move BAR0 to 0xd000_0000 the way Linux does (sizing, then the new address). While
+        // its register reads the size mask the root routes it nowhere: no slot of it left.
+        r.cfg_write(0x10, &[0xff; 4]);
+        assert!(!r.routed.contains_key(&0));
+        assert_eq!(r.pci.mapped_ranges(), vec![(0xc010_0000, MB)]);
+        r.cfg_write(0x10, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(r.pci.bars()[0].addr, 0xd000_0000);
+        assert_eq!(r.routed.get(&0), Some(&0xd000_0000));
         let after = r.pci.mapped_ranges();
         assert!(after.contains(&(0xd000_0000, 0x10000)), "{after:x?}");
         assert!(after.contains(&(0xd001_1000, 0x7000)));
@@ -1527,12 +1558,93 @@ mod tests {
             .iter()
             .any(|&(g, _)| (0xc000_0000..0xc002_0000).contains(&g)));
         assert_eq!(live.len(), 4);
-        // A 64-bit move above 4 GiB: low half, then high half.
-        cfg_write(&mut r.pci, 0x20, &0u32.to_le_bytes());
-        let m = cfg_write(&mut r.pci, 0x24, &1u32.to_le_bytes()).unwrap();
-        assert_eq!(m.new, 0x1_0000_0000);
-        r.pci.bar_moved(&m);
+        // A 64-bit move above 4 GiB: low half, then high half (the half-written address is
+        // routed and mapped in between, as the root sees it).
+        r.cfg_write(0x20, &0u32.to_le_bytes());
+        r.cfg_write(0x24, &1u32.to_le_bytes());
+        assert_eq!(r.pci.bars()[2].addr, 0x1_0000_0000);
         assert!(r.pci.mapped_ranges().contains(&(0x1_0000_0000, MB)));
+        assert_eq!(r.mapper.maps.lock().unwrap().len(), 4);
+        // Unrouted (decoding off): no KVM slot of any BAR is left anywhere.
+        decode(&mut r, COMMAND_IO);
+        assert!(r.pci.mapped_ranges().is_empty());
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
+        decode(&mut r, COMMAND_MEMORY | COMMAND_IO);
+        assert_eq!(r.mapper.maps.lock().unwrap().len(), 4);
+        // Routing a BAR again at the same address maps it once.
+        r.pci.bar_mapping(0, Some(0xd000_0000)).unwrap();
+        r.pci.bar_mapping(0, Some(0xd000_0000)).unwrap();
+        assert_eq!(r.mapper.maps.lock().unwrap().len(), 4);
+        assert!(r.map_errors.is_empty(), "{:?}", r.map_errors);
+        assert!(
+            r.mapper.late.lock().unwrap().is_empty(),
+            "{:?}",
+            r.mapper.late
+        );
+        // Dropping the device unmaps what is left.
+        let mapper = r.mapper.clone();
+        drop(r);
+        assert!(mapper.maps.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_bar_routed_while_memory_decoding_is_off_is_mapped_when_it_comes_on() {
+        let mut r = rig(true);
+        let bar0 = |base: u64| {
+            vec![
+                (base, 0x10000),
+                (base + 0x11000, 0x7000),
+                (base + 0x19000, 0x7000),
+            ]
+        };
+        // The guest puts the function in D3hot, then sets Memory Space Enable: the root
+        // routes the memory BARs (it knows no power states), but vfio-pci revoked the
+        // mmaps: no slot yet.
+        r.cfg_write(PM_CAP + 4, &3u16.to_le_bytes());
+        decode(&mut r, COMMAND_MEMORY);
+        assert_eq!(r.routed.keys().copied().collect::<Vec<_>>(), vec![0, 4]);
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
+        // Back in D0: mapped where the root routes them, with no word from the root.
+        r.cfg_write(PM_CAP + 4, &0u16.to_le_bytes());
+        let mut want = bar0(0xc000_0000);
+        want.push((0xc010_0000, MB));
+        assert_eq!(r.pci.mapped_ranges(), want);
+        // Moved in D3hot: the new address is remembered and mapped at D0.
+        r.cfg_write(PM_CAP + 4, &3u16.to_le_bytes());
+        r.cfg_write(0x10, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(r.routed.get(&0), Some(&0xd000_0000));
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
+        r.cfg_write(PM_CAP + 4, &0u16.to_le_bytes());
+        let mut want = bar0(0xd000_0000);
+        want.push((0xc010_0000, MB));
+        assert_eq!(r.pci.mapped_ranges(), want);
+        assert!(
+            r.mapper.late.lock().unwrap().is_empty(),
+            "{:?}",
+            r.mapper.late
+        );
+        assert!(r.map_errors.is_empty(), "{:?}", r.map_errors);
+        // The device's own contract, with no root: routed while Memory Space Enable is off,
+        // mapped when it comes on; off again unmaps but keeps the address; unrouted while
+        // off, nothing comes back.
+        let mut r = rig(true);
+        r.pci.bar_mapping(0, Some(0xd000_0000)).unwrap();
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
+        cfg_write(&mut r.pci, 0x04, &COMMAND_MEMORY.to_le_bytes());
+        assert_eq!(r.pci.mapped_ranges(), bar0(0xd000_0000));
+        cfg_write(&mut r.pci, 0x04, &0u16.to_le_bytes());
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
+        cfg_write(&mut r.pci, 0x04, &COMMAND_MEMORY.to_le_bytes());
+        assert_eq!(r.pci.mapped_ranges(), bar0(0xd000_0000));
+        cfg_write(&mut r.pci, 0x04, &0u16.to_le_bytes());
+        r.pci.bar_mapping(0, None).unwrap();
+        cfg_write(&mut r.pci, 0x04, &COMMAND_MEMORY.to_le_bytes());
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
+        assert!(
+            r.mapper.late.lock().unwrap().is_empty(),
+            "{:?}",
+            r.mapper.late
+        );
     }
 
     #[test]
@@ -1540,9 +1652,13 @@ mod tests {
         let mut r = rig(true);
         decode(&mut r, COMMAND_MEMORY | COMMAND_IO);
         *r.mapper.refuse_below.lock().unwrap() = u64::MAX;
-        cfg_write(&mut r.pci, 0x10, &[0xff; 4]);
-        let m = cfg_write(&mut r.pci, 0x10, &0xd000_0000u32.to_le_bytes()).unwrap();
-        r.pci.bar_moved(&m);
+        r.cfg_write(0x10, &[0xff; 4]);
+        r.cfg_write(0x10, &0xd000_0000u32.to_le_bytes());
+        // The failure is reported to the root (which logs it, rate-limited), not logged by
+        // the device as well.
+        assert_eq!(r.map_errors.len(), 1, "{:?}", r.map_errors);
+        assert_eq!(r.map_errors[0].at, 0xd000_0000);
+        assert_eq!(r.pci.guest_errors(guest_error::MAP_REFUSED), 0);
         assert!(!r
             .pci
             .mapped_ranges()
@@ -1557,17 +1673,21 @@ mod tests {
         let mut d = [0u8; 4];
         r.pci.read_bar(2, 4, &mut d);
         assert_eq!(d, [4, 5, 6, 7]);
-        // The guest retries by toggling decoding: every refusal counted, rate-limited.
-        let before = r.pci.guest_errors(guest_error::MAP_REFUSED);
-        assert_eq!(before, 3, "BAR0's three areas");
+        // The guest retries by toggling decoding: the root routes both memory BARs again
+        // each time and hears each refusal once (one report per BAR).
         for _ in 0..100 {
             decode(&mut r, 0);
             decode(&mut r, COMMAND_MEMORY | COMMAND_IO);
         }
-        assert_eq!(
-            r.pci.guest_errors(guest_error::MAP_REFUSED),
-            before + 100 * 4
-        );
+        assert_eq!(r.map_errors.len(), 1 + 100 * 2);
+        assert_eq!(r.pci.guest_errors(guest_error::MAP_REFUSED), 0);
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
+        // Leaving D3hot maps the routed BARs without the root: the device's own
+        // rate-limited log counts those refusals (one per BAR).
+        r.cfg_write(PM_CAP + 4, &3u16.to_le_bytes());
+        r.cfg_write(PM_CAP + 4, &0u16.to_le_bytes());
+        assert_eq!(r.pci.guest_errors(guest_error::MAP_REFUSED), 2);
+        assert_eq!(r.map_errors.len(), 1 + 100 * 2);
         assert!(r.mapper.maps.lock().unwrap().is_empty());
     }
 
@@ -1591,7 +1711,7 @@ mod tests {
         r.pci.read_bar(0, e + 8, &mut d);
         assert_eq!(u32::from_le_bytes(d), 0x45);
         // Enable MSI-X with the function masked, as Linux does.
-        cfg_write(&mut r.pci, 0x7a, &(0xc004u16).to_le_bytes());
+        r.cfg_write(0x7a, &(0xc004u16).to_le_bytes());
         assert_eq!(cfg_read(&mut r.pci, 0x78) >> 16, 0xc004);
         {
             let en = r.dev.enabled.lock().unwrap();
@@ -1609,7 +1729,7 @@ mod tests {
         };
         assert_eq!(gsi(&r, 0x45), None, "function masked: nothing routed yet");
         // Unmask the function: entry 2 gets its route and irqfd.
-        cfg_write(&mut r.pci, 0x7a, &(0x8004u16).to_le_bytes());
+        r.cfg_write(0x7a, &(0x8004u16).to_le_bytes());
         let g = gsi(&r, 0x45).expect("route for vector 2");
         assert_eq!(r.router.irqfds.lock().unwrap().get(&g), Some(&true));
         // Masking the entry detaches its irqfd.
@@ -1622,7 +1742,7 @@ mod tests {
         r.pci.write_bar(0, 0x100, &1u32.to_le_bytes());
         assert_eq!(r.dev.bar_writes.lock().unwrap().len(), 1);
         // Disable: VFIO MSI-X off, INTx back.
-        cfg_write(&mut r.pci, 0x7a, &(0x0004u16).to_le_bytes());
+        r.cfg_write(0x7a, &(0x0004u16).to_le_bytes());
         let en = r.dev.enabled.lock().unwrap();
         assert!(!en.contains_key(&MSIX_IRQ));
         assert_eq!(en.get(&INTX_IRQ), Some(&1));
@@ -1652,24 +1772,24 @@ mod tests {
             ]
         );
         // Writes into the hidden VPD capability never reach the device.
-        cfg_write(&mut r.pci, 0x52, &[1, 2]);
+        r.cfg_write(0x52, &[1, 2]);
         assert!(r.dev.config_writes.lock().unwrap().is_empty());
         // Single function, whatever the host says; extended space empty.
         assert_eq!((cfg_read(&mut r.pci, 0x0c) >> 16) & 0x80, 0);
         assert_eq!(cfg_read(&mut r.pci, 0x100), 0);
-        assert!(cfg_write(&mut r.pci, 0x100, &[0xff; 4]).is_none());
+        r.cfg_write(0x100, &[0xff; 4]);
         // Interrupt pin from the device, line = the GSI, writable line.
         assert_eq!(cfg_read(&mut r.pci, 0x3c) & 0xffff, 0x0111);
-        cfg_write(&mut r.pci, 0x3c, &[0x0b]);
+        r.cfg_write(0x3c, &[0x0b]);
         assert_eq!(cfg_read(&mut r.pci, 0x3c) & 0xffff, 0x010b);
         // The command register is forwarded (memory, bus master).
-        cfg_write(&mut r.pci, 0x04, &0x0006u16.to_le_bytes());
+        r.cfg_write(0x04, &0x0006u16.to_le_bytes());
         assert_eq!(
             r.dev.config_writes.lock().unwrap().as_slice(),
             &[(4, vec![6, 0])]
         );
         // Oversized accesses are ignored.
-        assert!(r.pci.write_config(1, 2, &[0; 4]).is_none());
+        r.pci.write_config(1, 2, &[0; 4]);
         assert_eq!(r.dev.config_writes.lock().unwrap().len(), 1);
     }
 
@@ -1678,7 +1798,7 @@ mod tests {
         let gate = DmaGate::new();
         let mut r = rig_gated(true, false, Some(gate.clone()));
         // Memory decoding alone does not wait.
-        cfg_write(&mut r.pci, 0x04, &0x0002u16.to_le_bytes());
+        r.cfg_write(0x04, &0x0002u16.to_le_bytes());
         assert_eq!(
             r.dev.config_writes.lock().unwrap().as_slice(),
             &[(4, vec![2, 0])]
@@ -1711,7 +1831,7 @@ mod tests {
         gate.finish(Err("no memory".into()));
         let mut r = rig_gated(true, false, Some(gate));
         // A dword write of command + status: only the bus master bit is dropped.
-        cfg_write(&mut r.pci, 0x04, &0x0000_0006u32.to_le_bytes());
+        r.cfg_write(0x04, &0x0000_0006u32.to_le_bytes());
         assert_eq!(
             r.dev.config_writes.lock().unwrap().as_slice(),
             &[(4, vec![2, 0, 0, 0])]
@@ -1732,30 +1852,32 @@ mod tests {
         assert_eq!(cfg_read(&mut r.pci, 0x30), 0);
         assert!(!r.pci.bars().iter().any(|b| b.index == ROM_BAR));
         let mut r = rig_with(true, true);
-        let rom = *r.pci.bars().iter().find(|b| b.index == ROM_BAR).unwrap();
-        // 24 KiB of ROM: a 32 KiB BAR, disabled at first.
-        assert_eq!(rom.size, 0x8000);
-        assert_eq!(cfg_read(&mut r.pci, 0x30), rom.addr as u32);
-        // Sizing reads the size mask; restoring does not move anything.
-        assert!(cfg_write(&mut r.pci, 0x30, &[0xfe, 0xff, 0xff, 0xff]).is_none());
+        // 24 KiB of ROM: a 32 KiB BAR, disabled at first (so not among the BARs that decode).
+        assert!(!r.pci.bars().iter().any(|b| b.index == ROM_BAR));
+        let rom_addr = cfg_read(&mut r.pci, 0x30);
+        assert_ne!(rom_addr, 0);
+        assert_eq!(rom_addr & 1, 0);
+        // Sizing reads the size mask; restored, the ROM is still disabled.
+        r.cfg_write(0x30, &[0xfe, 0xff, 0xff, 0xff]);
         assert_eq!(cfg_read(&mut r.pci, 0x30), !0x7fffu32);
-        assert!(cfg_write(&mut r.pci, 0x30, &(rom.addr as u32).to_le_bytes()).is_none());
+        r.cfg_write(0x30, &rom_addr.to_le_bytes());
+        assert!(!r.pci.bars().iter().any(|b| b.index == ROM_BAR));
         // Disabled: reads float; enabled: the device's ROM; writes are dropped.
         decode(&mut r, COMMAND_MEMORY);
         let mut d = [0u8; 4];
         r.pci.read_bar(ROM_BAR, 0x10, &mut d);
         assert_eq!(d, [0xff; 4]);
-        cfg_write(&mut r.pci, 0x30, &(rom.addr as u32 | 1).to_le_bytes());
+        r.cfg_write(0x30, &(rom_addr | 1).to_le_bytes());
+        let on = *r.pci.bars().iter().find(|b| b.index == ROM_BAR).unwrap();
+        assert_eq!((on.addr, on.size), (u64::from(rom_addr), 0x8000));
         r.pci.read_bar(ROM_BAR, 0x10, &mut d);
         assert_eq!(d, [0x10, 0x11, 0x12, 0x13]);
         r.pci.write_bar(ROM_BAR, 0, &[0; 4]);
         assert!(r.dev.bar_writes.lock().unwrap().is_empty());
-        // The guest moves it.
-        let m = cfg_write(&mut r.pci, 0x30, &0xd800_0001u32.to_le_bytes()).unwrap();
-        assert_eq!(
-            (m.index, m.old, m.new, m.size),
-            (ROM_BAR, rom.addr, 0xd800_0000, 0x8000)
-        );
+        // The guest moves it: the BAR the root maps follows.
+        r.cfg_write(0x30, &0xd800_0001u32.to_le_bytes());
+        let moved = *r.pci.bars().iter().find(|b| b.index == ROM_BAR).unwrap();
+        assert_eq!((moved.addr, moved.size), (0xd800_0000, 0x8000));
         assert_eq!(cfg_read(&mut r.pci, 0x30), 0xd800_0001);
     }
 
@@ -1779,13 +1901,13 @@ mod tests {
             vec![(0x40, CAP_PM), (0x60, CAP_MSI), (0xa0, CAP_PCIE)]
         );
         // Program address/data, then enable 4 vectors (MME=2).
-        cfg_write(&mut r.pci, 0x64, &0xfee0_0000u32.to_le_bytes());
-        cfg_write(&mut r.pci, 0x68, &0u32.to_le_bytes());
-        cfg_write(&mut r.pci, 0x6c, &0x60u32.to_le_bytes());
+        r.cfg_write(0x64, &0xfee0_0000u32.to_le_bytes());
+        r.cfg_write(0x68, &0u32.to_le_bytes());
+        r.cfg_write(0x6c, &0x60u32.to_le_bytes());
         // Mask vector 1 (per-vector masking).
-        cfg_write(&mut r.pci, 0x70, &2u32.to_le_bytes());
+        r.cfg_write(0x70, &2u32.to_le_bytes());
         let ctrl = (1u16 << 8) | (1 << 7) | (2 << 1) | (2 << 4) | 1;
-        cfg_write(&mut r.pci, 0x62, &ctrl.to_le_bytes());
+        r.cfg_write(0x62, &ctrl.to_le_bytes());
         assert_eq!(cfg_read(&mut r.pci, 0x60) >> 16, u32::from(ctrl));
         assert_eq!(cfg_read(&mut r.pci, 0x6c), 0x60);
         {
@@ -1806,7 +1928,7 @@ mod tests {
             "vector 1 masked: not attached"
         );
         // Unmask vector 1.
-        cfg_write(&mut r.pci, 0x70, &0u32.to_le_bytes());
+        r.cfg_write(0x70, &0u32.to_le_bytes());
         let routes = r.router.routes.lock().unwrap().clone();
         let datas: Vec<u32> = routes.values().map(|m| m.data).collect();
         assert_eq!(datas, vec![0x60, 0x61, 0x62, 0x63]);
@@ -1817,7 +1939,7 @@ mod tests {
         // Nothing of the emulated capability reached the device.
         assert!(r.dev.config_writes.lock().unwrap().is_empty());
         // Disable: MSI off in VFIO, INTx back on.
-        cfg_write(&mut r.pci, 0x62, &0u16.to_le_bytes());
+        r.cfg_write(0x62, &0u16.to_le_bytes());
         let en = r.dev.enabled.lock().unwrap();
         assert!(!en.contains_key(&MSI_IRQ));
         assert_eq!(en.get(&INTX_IRQ), Some(&1));
@@ -1850,14 +1972,14 @@ mod tests {
 
     /// MSI (4 vectors, all unmasked) programmed and enabled by the guest.
     fn enable_msi(r: &mut Rig) {
-        cfg_write(&mut r.pci, 0x64, &0xfee0_0000u32.to_le_bytes());
-        cfg_write(&mut r.pci, 0x6c, &0x60u32.to_le_bytes());
+        r.cfg_write(0x64, &0xfee0_0000u32.to_le_bytes());
+        r.cfg_write(0x6c, &0x60u32.to_le_bytes());
         let ctrl = (1u16 << 8) | (1 << 7) | (2 << 1) | (2 << 4) | 1;
-        cfg_write(&mut r.pci, 0x62, &ctrl.to_le_bytes());
+        r.cfg_write(0x62, &ctrl.to_le_bytes());
     }
 
     fn disable_msi(r: &mut Rig) {
-        cfg_write(&mut r.pci, 0x62, &0u16.to_le_bytes());
+        r.cfg_write(0x62, &0u16.to_le_bytes());
     }
 
     /// MSI-X enabled with entry 0 programmed and unmasked.
@@ -1866,7 +1988,7 @@ mod tests {
         r.pci.write_bar(0, 0x10000, &0xfee0_0000u32.to_le_bytes());
         r.pci.write_bar(0, 0x10008, &0x70u32.to_le_bytes());
         r.pci.write_bar(0, 0x1000c, &0u32.to_le_bytes());
-        cfg_write(&mut r.pci, 0x7a, &0x8004u16.to_le_bytes());
+        r.cfg_write(0x7a, &0x8004u16.to_le_bytes());
     }
 
     fn msix_enabled_bit(r: &mut Rig) -> bool {
@@ -1900,8 +2022,8 @@ mod tests {
         assert_eq!(vfio_irqs(&r), vec![INTX_IRQ]);
         assert_eq!(attached(&r), vec![17]);
         // Now MSI-X can be enabled.
-        cfg_write(&mut r.pci, 0x7a, &0x0004u16.to_le_bytes());
-        cfg_write(&mut r.pci, 0x7a, &0x8004u16.to_le_bytes());
+        r.cfg_write(0x7a, &0x0004u16.to_le_bytes());
+        r.cfg_write(0x7a, &0x8004u16.to_le_bytes());
         assert_eq!(vfio_irqs(&r), vec![MSIX_IRQ]);
         assert!(msix_enabled_bit(&mut r));
         assert_eq!(attached(&r).len(), 1, "MSI-X entry 0 only");
@@ -1957,7 +2079,7 @@ mod tests {
         let mut r = rig(false);
         assert_eq!(vfio_irqs(&r), vec![INTX_IRQ]);
         // Linux: INTx Disable set, then MSI enabled; at shutdown MSI off first.
-        cfg_write(&mut r.pci, 0x04, &COMMAND_INTX_DISABLE.to_le_bytes());
+        r.cfg_write(0x04, &COMMAND_INTX_DISABLE.to_le_bytes());
         assert!(vfio_irqs(&r).is_empty(), "INTx off once disabled");
         assert!(attached(&r).is_empty());
         enable_msi(&mut r);
@@ -1965,7 +2087,7 @@ mod tests {
         disable_msi(&mut r);
         assert!(vfio_irqs(&r).is_empty(), "INTx Disable still set: no INTx");
         assert!(attached(&r).is_empty());
-        cfg_write(&mut r.pci, 0x04, &0u16.to_le_bytes());
+        r.cfg_write(0x04, &0u16.to_le_bytes());
         assert_eq!(vfio_irqs(&r), vec![INTX_IRQ]);
         assert_eq!(attached(&r), vec![17]);
     }
@@ -1997,14 +2119,9 @@ mod tests {
         r.pci.read_bar(0, 0x100, &mut d);
         assert_eq!(d, [0, 1, 2, 3]);
         // The ROM: 24 KiB in a 32 KiB BAR; beyond the region and wrapping offsets.
-        let rom = r
-            .pci
-            .bars()
-            .iter()
-            .find(|b| b.index == ROM_BAR)
-            .unwrap()
-            .addr;
-        cfg_write(&mut r.pci, 0x30, &(rom as u32 | 1).to_le_bytes());
+        let rom = cfg_read(&mut r.pci, 0x30);
+        r.cfg_write(0x30, &(rom | 1).to_le_bytes());
+        assert_eq!(r.routed.get(&ROM_BAR), Some(&u64::from(rom)));
         r.pci.read_bar(ROM_BAR, 0x5ffc, &mut d);
         assert_eq!(d, [0xfc, 0xfd, 0xfe, 0xff]);
         r.pci.read_bar(ROM_BAR, 0x5ffe, &mut d);
@@ -2021,7 +2138,7 @@ mod tests {
         );
         assert_eq!(r.pci.guest_errors(guest_error::OUT_OF_RANGE), 3);
         // D3hot: nothing decodes.
-        cfg_write(&mut r.pci, PM_CAP + 4, &3u16.to_le_bytes());
+        r.cfg_write(PM_CAP + 4, &3u16.to_le_bytes());
         r.pci.read_bar(0, 0x100, &mut d);
         assert_eq!(d, [0xff; 4]);
         assert!(
@@ -2071,16 +2188,16 @@ mod tests {
             r.mapper.late
         );
         // D3hot and back.
-        cfg_write(&mut r.pci, PM_CAP + 4, &3u16.to_le_bytes());
+        r.cfg_write(PM_CAP + 4, &3u16.to_le_bytes());
         assert!(maps(&r).is_empty());
-        cfg_write(&mut r.pci, PM_CAP + 4, &0u16.to_le_bytes());
+        r.cfg_write(PM_CAP + 4, &0u16.to_le_bytes());
         assert_eq!(maps(&r), on);
         // A BAR moved while decoding is off is mapped at its new place once it is on.
         decode(&mut r, 0);
-        cfg_write(&mut r.pci, 0x10, &[0xff; 4]);
-        let m = cfg_write(&mut r.pci, 0x10, &0xd000_0000u32.to_le_bytes()).unwrap();
-        r.pci.bar_moved(&m);
+        r.cfg_write(0x10, &[0xff; 4]);
+        r.cfg_write(0x10, &0xd000_0000u32.to_le_bytes());
         assert!(maps(&r).is_empty(), "nothing mapped while decoding is off");
+        assert!(!r.routed.contains_key(&0), "nor routed");
         decode(&mut r, COMMAND_MEMORY);
         assert!(
             maps(&r).contains(&(0xd000_0000, 0x10000)),

@@ -8,6 +8,12 @@
 //! (a BAR access while the device decodes nothing fails, as it does in vfio-pci, which is
 //! where vfio-ioctls would log: [`FakeDev::bad_accesses`] counts such calls), and region
 //! bounds.
+//!
+//! [`Rig::write_config`] writes as the vmm's PCI root does: the write, then the root's
+//! reconciliation, which routes a BAR ([`PciDevice::bar_mapping`]) at the address its
+//! register holds while the command register's bit for its kind is on, and unroutes it
+//! otherwise. The model leaves out what only the root cares about (the PCI windows, ranges
+//! taken by other devices): the device maps exactly where and when it is routed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -17,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{DmaGate, GuestMapper, PassthroughPci, Placement};
 use crate::interrupt::fake::FakeRouter;
-use crate::pci::BarKind;
+use crate::pci::{BarKind, BarMapError, PciDevice, COMMAND_IO, COMMAND_MEMORY};
 use crate::vfio::{Mapping, RegionInfo, Vfio, CONFIG_REGION, ROM_REGION};
 
 pub const MB: u64 = 1 << 20;
@@ -329,6 +335,62 @@ pub struct Rig {
     pub router: Arc<FakeRouter>,
     pub mapper: Arc<FakeMapper>,
     pub pci: PassthroughPci,
+    /// Where the root routes each BAR now (BAR index -> address).
+    pub routed: BTreeMap<usize, u64>,
+    /// What the device reported from `bar_mapping` (the root logs these, rate-limited).
+    pub map_errors: Vec<BarMapError>,
+}
+
+impl Rig {
+    /// A guest configuration write through the root: the device's write, then the root's
+    /// reconciliation.
+    pub fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        self.pci.write_config(reg, offset, data);
+        self.reconcile();
+    }
+
+    /// [`Rig::write_config`] at config byte `off`.
+    pub fn cfg_write(&mut self, off: usize, data: &[u8]) {
+        self.write_config(off / 4, (off % 4) as u64, data);
+    }
+
+    /// The root's reconciliation: unroutes what moved or stopped decoding, then routes what
+    /// decodes (as `vmm::pci`'s `reconcile`, without its windows and occupancy checks).
+    pub fn reconcile(&mut self) {
+        let command = self.pci.read_config(1) as u16;
+        let want: BTreeMap<usize, u64> = self
+            .pci
+            .bars()
+            .into_iter()
+            .filter(|b| {
+                let bit = match b.kind {
+                    BarKind::Io => COMMAND_IO,
+                    _ => COMMAND_MEMORY,
+                };
+                command & bit != 0 && b.addr != 0 && b.size != 0 && !b.is_sizing()
+            })
+            .map(|b| (b.index, b.addr))
+            .collect();
+        let stale: Vec<usize> = self
+            .routed
+            .iter()
+            .filter(|&(i, a)| want.get(i) != Some(a))
+            .map(|(&i, _)| i)
+            .collect();
+        for index in stale {
+            self.routed.remove(&index);
+            if let Err(e) = self.pci.bar_mapping(index, None) {
+                self.map_errors.push(e);
+            }
+        }
+        for (index, addr) in want {
+            if self.routed.insert(index, addr).is_none() {
+                if let Err(e) = self.pci.bar_mapping(index, Some(addr)) {
+                    self.map_errors.push(e);
+                }
+            }
+        }
+    }
 }
 
 /// Assigns [`fake_dev`]`(with_msix)`: memory BARs from 0xc000_0000, I/O from 0xc000, INTx
@@ -368,5 +430,7 @@ pub fn rig(with_msix: bool, rom: bool, dma: Option<Arc<DmaGate>>) -> Rig {
         router,
         mapper,
         pci,
+        routed: BTreeMap::new(),
+        map_errors: Vec::new(),
     }
 }

@@ -20,24 +20,59 @@ pub struct BarRange {
     pub prefetchable: bool,
 }
 
-/// A BAR the guest moved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BarMove {
-    pub index: usize,
-    pub kind: BarKind,
-    pub old: u64,
-    pub new: u64,
-    pub size: u64,
+impl BarRange {
+    /// Whether the register holds the all-ones value of BAR sizing (in either dword of a
+    /// 64-bit BAR) rather than an address: a BAR being sized decodes nothing.
+    pub fn is_sizing(&self) -> bool {
+        if self.size == 0 || !self.size.is_power_of_two() {
+            return false;
+        }
+        let mask = !(self.size - 1);
+        let low_flags = if self.kind == BarKind::Io { 0x3 } else { 0xf };
+        // A BAR of 4 GiB or more has no writable bit in its low dword.
+        let low_ones =
+            mask as u32 != 0 && (self.addr as u32) | low_flags == (mask as u32) | low_flags;
+        match self.kind {
+            BarKind::Mem64 => low_ones || (self.addr >> 32) as u32 == (mask >> 32) as u32,
+            _ => low_ones,
+        }
+    }
+
+    /// One past the last address, `None` if the range wraps around.
+    pub fn end(&self) -> Option<u64> {
+        self.addr.checked_add(self.size)
+    }
+}
+
+/// Command register bits that switch decoding on.
+pub const COMMAND_IO: u16 = 0x1;
+pub const COMMAND_MEMORY: u16 = 0x2;
+
+/// Why a device could not set up all it registers for a BAR at a new address. The BAR still
+/// works: what is not registered (an ioeventfd, a KVM memory slot) is trapped instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} at {at:#x}; accesses there are trapped instead")]
+pub struct BarMapError {
+    pub what: String,
+    pub at: u64,
+    #[source]
+    pub source: std::io::Error,
 }
 
 /// A function on the root bus, as its configuration space and BARs see it.
+///
+/// The root decides what a BAR decodes: after every configuration write it compares the
+/// BARs as programmed ([`PciDevice::bars`]) and the command register's I/O and Memory Space
+/// bits with the ranges it mapped for the device, unmaps what changed or lost decode, maps
+/// what is valid and free, and tells the device ([`PciDevice::bar_mapping`]).
 pub trait PciDevice: Send {
     /// Reads the 32-bit configuration register `reg` (dword index, 0..1024).
     fn read_config(&mut self, reg: usize) -> u32;
-    /// Writes `data` (1, 2 or 4 bytes) at byte `offset` (0..4) of register `reg`. Returns the
-    /// BAR the write moved, if any: the root then moves its bus range.
-    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarMove>;
-    /// The BARs as currently programmed.
+    /// Writes `data` (1, 2 or 4 bytes) at byte `offset` (0..4) of register `reg`.
+    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]);
+    /// The BARs as programmed now: their addresses are what the registers read (the guest's
+    /// last write, sizing values included), whether or not they decode. A BAR that cannot
+    /// decode at all (an expansion ROM with its enable bit clear) is left out.
     fn bars(&self) -> Vec<BarRange> {
         Vec::new()
     }
@@ -46,9 +81,12 @@ pub trait PciDevice: Send {
         data.fill(0xff);
     }
     fn write_bar(&mut self, _index: usize, _offset: u64, _data: &[u8]) {}
-    /// Called after the root moved BAR `m.index` on its bus, for what the device itself
-    /// registered at the old address (ioeventfds, KVM memory slots).
-    fn bar_moved(&mut self, _m: &BarMove) {}
+    /// The root now routes BAR `index` at `at` (`None`: nowhere). The device moves or drops
+    /// what it registered for the BAR (ioeventfds, KVM memory slots): nothing of it may stay
+    /// at an address the root no longer routes to the device.
+    fn bar_mapping(&mut self, _index: usize, _at: Option<u64>) -> Result<(), BarMapError> {
+        Ok(())
+    }
 }
 
 /// A configuration space with per-bit write masks (read-only bits keep their value).
@@ -110,11 +148,19 @@ impl ConfigSpace {
         self.bars[i] = Some(bar);
     }
 
+    /// The BARs with the addresses their registers hold now.
     pub fn bars(&self) -> Vec<BarRange> {
-        self.bars.iter().flatten().copied().collect()
+        self.bars
+            .iter()
+            .flatten()
+            .map(|b| BarRange {
+                addr: self.bar_addr(b),
+                ..*b
+            })
+            .collect()
     }
 
-    /// The address BAR `i` decodes now.
+    /// The address BAR `b`'s registers hold.
     fn bar_addr(&self, b: &BarRange) -> u64 {
         let i = b.index;
         match b.kind {
@@ -157,41 +203,6 @@ impl ConfigSpace {
         self.regs[1] & 0xffff
     }
 
-    /// Writes as the guest does and reports a BAR the write moved. The transient all-ones
-    /// value of BAR sizing and writes while decoding is off do not move anything.
-    pub fn write_tracking_bars(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarMove> {
-        self.write(reg, offset, data);
-        let bar = (4..10)
-            .contains(&reg)
-            .then(|| {
-                self.bars.iter().flatten().copied().find(|b| {
-                    reg == 4 + b.index || (b.kind == BarKind::Mem64 && reg == 5 + b.index)
-                })
-            })
-            .flatten()?;
-        let new = self.bar_addr(&bar);
-        // BAR sizing writes all ones; Linux restores the BAR afterwards. Neither the
-        // all-ones value nor the half-restored 64-bit value is a new address.
-        let all_ones =
-            |r: usize| self.wmask[r] != 0 && self.regs[r] & self.wmask[r] == self.wmask[r];
-        let sizing =
-            all_ones(4 + bar.index) || (bar.kind == BarKind::Mem64 && all_ones(5 + bar.index));
-        if new == bar.addr || sizing || new == 0 {
-            return None;
-        }
-        let m = BarMove {
-            index: bar.index,
-            kind: bar.kind,
-            old: bar.addr,
-            new,
-            size: bar.size,
-        };
-        if let Some(b) = self.bars[bar.index].as_mut() {
-            b.addr = new;
-        }
-        Some(m)
-    }
-
     pub fn read(&self, reg: usize) -> u32 {
         self.regs.get(reg).copied().unwrap_or(0xffff_ffff)
     }
@@ -220,5 +231,58 @@ impl ConfigSpace {
             self.regs[reg] = value;
             self.wmask[reg] = wmask;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bar(kind: BarKind, addr: u64, size: u64) -> BarRange {
+        BarRange {
+            index: 0,
+            kind,
+            addr,
+            size,
+            prefetchable: false,
+        }
+    }
+
+    #[test]
+    fn sizing_values_are_not_addresses() {
+        let mut c = ConfigSpace::new(0x1af4, 0x1042, 0, 0);
+        c.add_bar(bar(BarKind::Mem64, 0xc000_0000, 0x4000));
+        c.add_bar(BarRange {
+            index: 2,
+            ..bar(BarKind::Io, 0xc000, 0x20)
+        });
+        c.add_bar(BarRange {
+            index: 3,
+            ..bar(BarKind::Mem32, 0xd000_0000, 0x1000)
+        });
+        let at = |c: &ConfigSpace, i: usize| *c.bars().iter().find(|b| b.index == i).unwrap();
+        assert!(c.bars().iter().all(|b| !b.is_sizing()));
+        // Each BAR register sized on its own reads as sizing; restored, it is an address.
+        for (reg, index) in [(4, 0), (5, 0), (6, 2), (7, 3)] {
+            let before = c.read(reg);
+            c.write(reg, 0, &[0xff; 4]);
+            assert!(at(&c, index).is_sizing(), "register {reg}");
+            c.write(reg, 0, &before.to_le_bytes());
+            assert!(!at(&c, index).is_sizing(), "register {reg}");
+        }
+        // The registers hold what the guest wrote, moved or not.
+        c.write(4, 0, &0xc001_0000u32.to_le_bytes());
+        assert_eq!(at(&c, 0).addr, 0xc001_0000);
+        c.write(5, 0, &1u32.to_le_bytes());
+        assert_eq!(at(&c, 0).addr, 0x1_c001_0000);
+        // A BAR of 4 GiB or more has a read-only low dword: only its high dword sizes.
+        let big = bar(BarKind::Mem64, 0x10_0000_0000, 8 << 30);
+        assert!(!big.is_sizing());
+        assert!(BarRange {
+            addr: 0xffff_fffe_0000_0000,
+            ..big
+        }
+        .is_sizing());
+        assert_eq!(bar(BarKind::Mem32, u64::MAX, 16).end(), None);
     }
 }

@@ -6,7 +6,9 @@
 //! (QEMU's `isa-debug-exit` then exits with status `(N << 1) | 1`).
 //!
 //! With `probe=blk|net` (and `n=`, `warmup=`, `seed=`, `tests=read,write,qd32`, `qd=`,
-//! `ip=`, `peer=`, `size=`) it runs the latency probe instead; see [`crate::probe`].
+//! `ip=`, `peer=`, `size=`) it runs the latency probe instead; see [`crate::probe`]. With
+//! `hostile=loop|bounce|sane` (and `hold_ms=`, `tsc_mhz=`) it attacks a virtio-blk device
+//! the way a hostile guest can (`tests/guest/src/hostile_io.rs`, `tests/tests/hostile_io.rs`).
 
 use std::path::PathBuf;
 

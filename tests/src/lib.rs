@@ -7,3 +7,4 @@ pub mod guest;
 pub mod host;
 pub mod lab;
 pub mod probe;
+pub mod soak;

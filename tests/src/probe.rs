@@ -21,6 +21,11 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::bench::round;
+
 #[path = "../guest/src/probe_shared.rs"]
 mod shared;
 
@@ -118,250 +123,28 @@ pub fn verify_image(path: &Path, seed: u64) -> io::Result<Vec<u64>> {
     Ok(bad)
 }
 
-// ---------------------------------------------------------------------------------------------
-// A small JSON reader (objects, arrays, strings, unsigned integers, booleans, null): enough
-// for the probe's result lines and the vmm's exit statistics.
-
-/// A JSON value.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Json {
-    Null,
-    Bool(bool),
-    Num(u64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
-}
-
-impl Json {
-    /// The member `key` of an object.
-    pub fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Obj(m) => m.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
-    pub fn as_u64(&self) -> Option<u64> {
-        match self {
-            Json::Num(n) => Some(*n),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Json::Str(s) => Some(s),
-            _ => None,
-        }
-    }
-}
-
 /// Why a result line or a JSON text was rejected.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Error)]
 pub enum ParseError {
     /// The line does not start with `probe-result `.
+    #[error("not a '{}' line", RESULT_PREFIX.trim_end())]
     NotAResult,
-    /// Malformed JSON, at byte `at`.
-    Syntax { at: usize, what: &'static str },
-    /// A required field is missing or has the wrong type.
-    Field(&'static str),
+    /// Malformed JSON, or a field missing or of the wrong type.
+    #[error("bad JSON: {0}")]
+    Json(serde_json::Error),
+    /// A required field is empty.
+    #[error("field '{0}' is empty")]
+    Empty(&'static str),
     /// The percentiles are not in ascending order, or `n` is 0 with non-zero cycles.
+    #[error("inconsistent result: {0}")]
     Inconsistent(&'static str),
-}
-
-impl fmt::Display for ParseError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ParseError::NotAResult => write!(f, "not a '{}' line", RESULT_PREFIX.trim_end()),
-            ParseError::Syntax { at, what } => write!(f, "bad JSON at byte {at}: {what}"),
-            ParseError::Field(name) => write!(f, "field '{name}' missing or not of its type"),
-            ParseError::Inconsistent(what) => write!(f, "inconsistent result: {what}"),
-        }
-    }
-}
-
-impl std::error::Error for ParseError {}
-
-struct Reader<'a> {
-    s: &'a [u8],
-    at: usize,
-    depth: u32,
-}
-
-impl Reader<'_> {
-    fn err(&self, what: &'static str) -> ParseError {
-        ParseError::Syntax { at: self.at, what }
-    }
-
-    fn ws(&mut self) {
-        while self.s.get(self.at).is_some_and(|b| b.is_ascii_whitespace()) {
-            self.at += 1;
-        }
-    }
-
-    fn eat(&mut self, b: u8, what: &'static str) -> Result<(), ParseError> {
-        self.ws();
-        if self.s.get(self.at) == Some(&b) {
-            self.at += 1;
-            Ok(())
-        } else {
-            Err(self.err(what))
-        }
-    }
-
-    fn literal(&mut self, word: &str, v: Json) -> Result<Json, ParseError> {
-        if self.s[self.at..].starts_with(word.as_bytes()) {
-            self.at += word.len();
-            Ok(v)
-        } else {
-            Err(self.err("unknown literal"))
-        }
-    }
-
-    fn string(&mut self) -> Result<String, ParseError> {
-        self.eat(b'"', "expected a string")?;
-        let mut out = String::new();
-        loop {
-            let Some(&b) = self.s.get(self.at) else {
-                return Err(self.err("unterminated string"));
-            };
-            self.at += 1;
-            match b {
-                b'"' => return Ok(out),
-                b'\\' => {
-                    let Some(&e) = self.s.get(self.at) else {
-                        return Err(self.err("unterminated escape"));
-                    };
-                    self.at += 1;
-                    out.push(match e {
-                        b'"' => '"',
-                        b'\\' => '\\',
-                        b'/' => '/',
-                        b'n' => '\n',
-                        b't' => '\t',
-                        b'r' => '\r',
-                        _ => return Err(self.err("unsupported escape")),
-                    });
-                }
-                b if b < 0x20 => return Err(self.err("control character in string")),
-                _ => {
-                    // Copy one UTF-8 sequence (the input is a &str, so it is valid).
-                    let start = self.at - 1;
-                    let mut end = self.at;
-                    while self.s.get(end).is_some_and(|c| c & 0xc0 == 0x80) {
-                        end += 1;
-                    }
-                    out.push_str(std::str::from_utf8(&self.s[start..end]).unwrap_or("\u{fffd}"));
-                    self.at = end;
-                }
-            }
-        }
-    }
-
-    fn value(&mut self) -> Result<Json, ParseError> {
-        self.ws();
-        self.depth += 1;
-        if self.depth > 32 {
-            return Err(self.err("nested too deeply"));
-        }
-        let v = match self.s.get(self.at) {
-            None => Err(self.err("unexpected end")),
-            Some(b'{') => {
-                self.at += 1;
-                let mut members = Vec::new();
-                self.ws();
-                if self.s.get(self.at) == Some(&b'}') {
-                    self.at += 1;
-                } else {
-                    loop {
-                        let k = self.string()?;
-                        self.eat(b':', "expected ':'")?;
-                        let v = self.value()?;
-                        members.push((k, v));
-                        self.ws();
-                        match self.s.get(self.at) {
-                            Some(b',') => self.at += 1,
-                            Some(b'}') => {
-                                self.at += 1;
-                                break;
-                            }
-                            _ => return Err(self.err("expected ',' or '}'")),
-                        }
-                    }
-                }
-                Ok(Json::Obj(members))
-            }
-            Some(b'[') => {
-                self.at += 1;
-                let mut items = Vec::new();
-                self.ws();
-                if self.s.get(self.at) == Some(&b']') {
-                    self.at += 1;
-                } else {
-                    loop {
-                        items.push(self.value()?);
-                        self.ws();
-                        match self.s.get(self.at) {
-                            Some(b',') => self.at += 1,
-                            Some(b']') => {
-                                self.at += 1;
-                                break;
-                            }
-                            _ => return Err(self.err("expected ',' or ']'")),
-                        }
-                    }
-                }
-                Ok(Json::Arr(items))
-            }
-            Some(b'"') => self.string().map(Json::Str),
-            Some(b't') => self.literal("true", Json::Bool(true)),
-            Some(b'f') => self.literal("false", Json::Bool(false)),
-            Some(b'n') => self.literal("null", Json::Null),
-            Some(b'0'..=b'9') => {
-                let start = self.at;
-                while self.s.get(self.at).is_some_and(u8::is_ascii_digit) {
-                    self.at += 1;
-                }
-                if matches!(self.s.get(self.at), Some(b'.' | b'e' | b'E')) {
-                    return Err(self.err("only unsigned integers are supported"));
-                }
-                std::str::from_utf8(&self.s[start..self.at])
-                    .ok()
-                    .and_then(|d| d.parse().ok())
-                    .map(Json::Num)
-                    .ok_or(ParseError::Syntax {
-                        at: start,
-                        what: "integer out of range",
-                    })
-            }
-            Some(_) => Err(self.err("unexpected character")),
-        };
-        self.depth -= 1;
-        v
-    }
-}
-
-/// Parses a whole JSON text (trailing whitespace allowed, nothing else).
-pub fn parse_json(text: &str) -> Result<Json, ParseError> {
-    let mut r = Reader {
-        s: text.as_bytes(),
-        at: 0,
-        depth: 0,
-    };
-    let v = r.value()?;
-    r.ws();
-    if r.at != r.s.len() {
-        return Err(r.err("trailing characters"));
-    }
-    Ok(v)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Results
 
 /// Latency percentiles of one test in TSC cycles, as the guest computed them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Cycles {
     pub min: u64,
     pub p50: u64,
@@ -393,8 +176,9 @@ impl Cycles {
     }
 }
 
-/// One `probe-result` line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One `probe-result` line: `probe-result ` and this as JSON (the guest writes it by hand:
+/// it has no allocator, see `tests/guest/src/probe.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeResult {
     /// `blk-read-qd1`, `blk-write-qd1`, `blk-read-qd32`, `net-icmp-rr`.
     pub test: String,
@@ -438,42 +222,10 @@ pub fn parse_result_line(line: &str) -> Result<ProbeResult, ParseError> {
         .trim()
         .strip_prefix(RESULT_PREFIX)
         .ok_or(ParseError::NotAResult)?;
-    let j = parse_json(body)?;
-    let num = |key: &'static str| {
-        j.get(key)
-            .and_then(Json::as_u64)
-            .ok_or(ParseError::Field(key))
-    };
-    let c = j.get("cycles").ok_or(ParseError::Field("cycles"))?;
-    let cyc = |key: &'static str| {
-        c.get(key)
-            .and_then(Json::as_u64)
-            .ok_or(ParseError::Field(key))
-    };
-    let r = ProbeResult {
-        test: j
-            .get("test")
-            .and_then(Json::as_str)
-            .filter(|t| !t.is_empty())
-            .ok_or(ParseError::Field("test"))?
-            .to_string(),
-        n: num("n")?,
-        qd: num("qd")?,
-        warmup: num("warmup")?,
-        verify_failures: num("verify_failures")?,
-        errors: num("errors")?,
-        notifies: num("notifies")?,
-        notifies_suppressed: num("notifies_suppressed")?,
-        elapsed_cycles: num("elapsed_cycles")?,
-        cycles: Cycles {
-            min: cyc("min")?,
-            p50: cyc("p50")?,
-            p90: cyc("p90")?,
-            p99: cyc("p99")?,
-            p999: cyc("p999")?,
-            max: cyc("max")?,
-        },
-    };
+    let r: ProbeResult = serde_json::from_str(body).map_err(ParseError::Json)?;
+    if r.test.is_empty() {
+        return Err(ParseError::Empty("test"));
+    }
     if !r.cycles.ascending() {
         return Err(ParseError::Inconsistent("percentiles are not ascending"));
     }
@@ -493,14 +245,21 @@ pub fn parse_results(output: &str) -> Result<Vec<ProbeResult>, ParseError> {
         .collect()
 }
 
-/// Latency percentiles in µs.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+/// Latency percentiles in µs; in JSON `{"min":1.234,"p50":...,"p99.9":...,"max":...}`
+/// (written with 3 decimals).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct Summary {
+    #[serde(serialize_with = "round::f3")]
     pub min: f64,
+    #[serde(serialize_with = "round::f3")]
     pub p50: f64,
+    #[serde(serialize_with = "round::f3")]
     pub p90: f64,
+    #[serde(serialize_with = "round::f3")]
     pub p99: f64,
+    #[serde(rename = "p99.9", serialize_with = "round::f3")]
     pub p999: f64,
+    #[serde(serialize_with = "round::f3")]
     pub max: f64,
 }
 
@@ -515,14 +274,6 @@ impl Summary {
             p999: us(c.p999),
             max: us(c.max),
         }
-    }
-
-    /// `{"min":1.234,"p50":...,"p99.9":...,"max":...}` (µs, 3 decimals).
-    pub fn to_json(&self) -> String {
-        format!(
-            "{{\"min\":{:.3},\"p50\":{:.3},\"p90\":{:.3},\"p99\":{:.3},\"p99.9\":{:.3},\"max\":{:.3}}}",
-            self.min, self.p50, self.p90, self.p99, self.p999, self.max
-        )
     }
 }
 
@@ -694,8 +445,9 @@ pub fn qemu_net_args(tap: &str) -> Vec<String> {
     ]
 }
 
-/// The vmm's `--exit-stats` JSON: exits to userspace, in total and per device.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The vmm's `--exit-stats` JSON (`vmm::stats::ExitStatsFile`, the fields tests read):
+/// exits to userspace, in total and per device.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct ExitStats {
     pub total: u64,
     pub pio: BTreeMap<String, u64>,
@@ -708,29 +460,7 @@ pub struct ExitStats {
 
 impl ExitStats {
     pub fn parse(text: &str) -> Result<ExitStats, ParseError> {
-        let j = parse_json(text)?;
-        let map = |key: &'static str| -> Result<BTreeMap<String, u64>, ParseError> {
-            match j.get(key) {
-                Some(Json::Obj(m)) => m
-                    .iter()
-                    .map(|(k, v)| Ok((k.clone(), v.as_u64().ok_or(ParseError::Field(key))?)))
-                    .collect(),
-                _ => Err(ParseError::Field(key)),
-            }
-        };
-        Ok(ExitStats {
-            total: j
-                .get("total")
-                .and_then(Json::as_u64)
-                .ok_or(ParseError::Field("total"))?,
-            pio: map("pio")?,
-            mmio: map("mmio")?,
-            notify_exits: map("notify_exits")?,
-            coalesced: j
-                .get("coalesced")
-                .and_then(Json::as_u64)
-                .ok_or(ParseError::Field("coalesced"))?,
-        })
+        serde_json::from_str(text).map_err(ParseError::Json)
     }
 
     /// Reads and parses the file the vmm wrote.
@@ -942,29 +672,29 @@ mod tests {
         }
         let out = format!("{LINE}\nprobe-result {{\"test\"\n");
         assert!(parse_results(&out).is_err());
-        assert_eq!(parse_result_line("hello"), Err(ParseError::NotAResult));
+        assert!(matches!(
+            parse_result_line("hello"),
+            Err(ParseError::NotAResult)
+        ));
         assert!(parse_result_line(cut)
             .unwrap_err()
             .to_string()
             .contains("bad JSON"));
+        let missing = parse_result_line(&LINE.replace(",\"errors\":0", "")).unwrap_err();
+        assert!(missing.to_string().contains("errors"), "{missing}");
     }
 
     #[test]
-    fn json_reader() {
-        let j = parse_json(r#" {"a":{"b":[1,2,{}]},"s":"x\"y","t":true,"n":null} "#).unwrap();
-        assert_eq!(
-            j.get("a").and_then(|a| a.get("b")),
-            Some(&Json::Arr(vec![
-                Json::Num(1),
-                Json::Num(2),
-                Json::Obj(vec![])
-            ]))
+    fn result_line_round_trip() {
+        let r = parse_result_line(LINE).unwrap();
+        let line = format!("{RESULT_PREFIX}{}", serde_json::to_string(&r).unwrap());
+        assert_eq!(line, LINE, "the guest's field order and names");
+        // Escaped test names and unknown fields (a newer guest) are read.
+        let other = LINE.replace(
+            "\"test\":\"blk-read-qd1\"",
+            "\"test\":\"blk\\u002dread\",\"new\":[1,{}]",
         );
-        assert_eq!(j.get("s").and_then(Json::as_str), Some("x\"y"));
-        assert_eq!(j.get("t"), Some(&Json::Bool(true)));
-        assert!(parse_json("{\"a\":1,}").is_err());
-        assert!(parse_json("{\"a\" 1}").is_err());
-        assert!(parse_json("\"é\"").is_ok());
+        assert_eq!(parse_result_line(&other).unwrap().test, "blk-read");
     }
 
     #[test]
@@ -978,14 +708,18 @@ mod tests {
             max: 2_600_000,
         };
         let s = Summary::from_cycles(&c, 2.6e9);
+        let text = serde_json::to_string(&s).unwrap();
         assert_eq!(
-            s.to_json(),
-            "{\"min\":1.000,\"p50\":2.000,\"p90\":3.000,\"p99\":10.000,\"p99.9\":100.000,\"max\":1000.000}"
+            text,
+            "{\"min\":1.0,\"p50\":2.0,\"p90\":3.0,\"p99\":10.0,\"p99.9\":100.0,\"max\":1000.0}"
         );
-        assert!(
-            parse_json(&s.to_json()).is_err(),
-            "floats are not read back"
-        );
+        assert_eq!(serde_json::from_str::<Summary>(&text).unwrap(), s);
+        // Three decimals are written; they read back as the rounded value.
+        let third = Summary::from_cycles(&c, 7.8e9);
+        let text = serde_json::to_string(&third).unwrap();
+        assert!(text.starts_with("{\"min\":0.333,\"p50\":0.667,"), "{text}");
+        let back: Summary = serde_json::from_str(&text).unwrap();
+        assert!((back.p50 - third.p50).abs() < 5e-4 && back.p50 != third.p50);
         assert_eq!(cycles_to_us(1, 0.0), 0.0);
     }
 

@@ -35,7 +35,10 @@ fn matrix_produces_every_record(side_by_side: bool) {
     };
     let records = run_lab(&opts, &mut |line| eprintln!("{line}")).unwrap_or_else(|e| panic!("{e}"));
     for r in &records {
-        eprintln!("{}", r.to_json());
+        eprintln!(
+            "{}",
+            serde_json::to_string(r).unwrap_or_else(|e| e.to_string())
+        );
     }
     for model in [Model::InVmm, Model::VhostUser, Model::Passthrough] {
         for vmm in ["vmm", "qemu"] {

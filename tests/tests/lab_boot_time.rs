@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use serde::Serialize;
 use tests::lab::Scenario;
 
 const RUNS: usize = 5;
@@ -38,6 +39,18 @@ while [ $i -lt 5 ]; do
 done
 lab_finish
 "#;
+
+/// `boot-time.json`.
+#[derive(Serialize)]
+struct BootTimes<'a> {
+    runs: usize,
+    vmm_s: &'a [f64],
+    qemu_s: &'a [f64],
+    vmm_median_s: f64,
+    qemu_median_s: f64,
+    vmm_guest_uptime_s: &'a [f64],
+    qemu_guest_uptime_s: &'a [f64],
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -71,12 +84,19 @@ fn boot_time_vmm_vs_qemu() {
             .collect()
     };
     let (vmm_up, qemu_up) = (uptime("vmm"), uptime("qemu"));
-    let json = format!(
-        "{{\"runs\":{RUNS},\"vmm_s\":{:?},\"qemu_s\":{:?},\"vmm_median_s\":{vmm:.2},\"qemu_median_s\":{qemu:.2},\"vmm_guest_uptime_s\":{:?},\"qemu_guest_uptime_s\":{:?}}}\n",
-        times["vmm"], times["qemu"], vmm_up, qemu_up
-    );
+    let hundredths = |v: f64| (v * 100.0).round() / 100.0;
+    let json = serde_json::to_string(&BootTimes {
+        runs: RUNS,
+        vmm_s: &times["vmm"],
+        qemu_s: &times["qemu"],
+        vmm_median_s: hundredths(vmm),
+        qemu_median_s: hundredths(qemu),
+        vmm_guest_uptime_s: &vmm_up,
+        qemu_guest_uptime_s: &qemu_up,
+    })
+    .expect("boot times as JSON");
     let out = tests::lab::lab_dir().join("boot-time.json");
-    std::fs::write(&out, &json).expect("write boot-time.json");
+    std::fs::write(&out, format!("{json}\n")).expect("write boot-time.json");
     eprintln!(
         "boot to L2 init in the lab, median of {RUNS}: vmm {vmm:.2} s, QEMU {qemu:.2} s ({json})"
     );

@@ -27,6 +27,7 @@ use backends::inflight::InflightRegion;
 use backends::poll::{busy_poll, PollEnd, Poller};
 use backends::QueueError;
 use clap::Parser;
+use serde::Serialize;
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringT};
@@ -100,8 +101,19 @@ pub struct Args {
 }
 
 /// The JSON printed by `--print-capabilities` (docs/interop/vhost-user.json).
-pub const CAPABILITIES: &str =
-    "{\n  \"type\": \"block\",\n  \"features\": [\n    \"read-only\",\n    \"blk-file\"\n  ]\n}";
+pub const CAPABILITIES: Capabilities = Capabilities {
+    kind: "block",
+    features: &["read-only", "blk-file"],
+};
+
+/// A back-end's capabilities: its device type and the optional features it implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub features: &'static [&'static str],
+}
 
 /// Errors of the daemon, printed as one line by `main`.
 #[derive(Debug, Error)]
@@ -115,13 +127,17 @@ pub enum Error {
     /// The socket or the daemon could not be set up.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// `--print-capabilities` could not write its JSON.
+    #[error("cannot print the capabilities: {0}")]
+    Capabilities(serde_json::Error),
 }
 
 /// Runs the daemon: parses nothing (see [`Args`]), sets up signals, opens the image and the
 /// socket, serves frontends until SIGTERM/SIGINT.
 pub fn run(args: Args) -> Result<(), Error> {
     if args.print_capabilities {
-        println!("{CAPABILITIES}");
+        let json = serde_json::to_string_pretty(&CAPABILITIES).map_err(Error::Capabilities)?;
+        println!("{json}");
         return Ok(());
     }
     if args.queues == 0 || args.queues > MAX_QUEUES {
@@ -449,6 +465,17 @@ impl BlkBackend {
 
     /// Kick or completion on queue `q`, then the optional polling window.
     fn work(&self, q: usize, vring: &Vring, kick: bool) {
+        if self
+            .stop_poll
+            .get(q)
+            .is_some_and(|s| s.load(Ordering::Acquire))
+        {
+            // The queue is being stopped (`stop_queue`, or GET_VRING_BASE on its way):
+            // leave its locks to that. A guest that keeps the queue busy (the engine says
+            // 'more', the queue is kicked again) would otherwise win them back each time on
+            // a busy host, and the frontend's reset would miss its deadline.
+            return;
+        }
         let mut st = lock(&self.queues[q]);
         let st = &mut *st;
         if kick && !self.ensure_engine(q, st, vring) {
@@ -696,6 +723,14 @@ impl Served for BlkBackend {
 
     fn set_inflight(&self, region: InflightRegion) {
         BlkBackend::set_inflight(self, region);
+    }
+
+    fn stopping_vring(&self, index: u32) {
+        // Cleared by `stop_queue` once it holds the queue (vhost-user-backend calls
+        // `stop_vring` for the GET_VRING_BASE), or when the connection ends.
+        if let Some(s) = self.stop_poll.get(index as usize) {
+            s.store(true, Ordering::Release);
+        }
     }
 
     fn teardown(&self) {

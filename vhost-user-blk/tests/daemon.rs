@@ -1022,3 +1022,246 @@ fn an_inflight_region_past_its_file_drops_the_connection_not_the_daemon() {
     d.assert_serving("a bad inflight region");
     read_sector_ok(&d, 9);
 }
+
+/// A ring that re-arms itself from the disk (issue #20's loop): sector `s` of the image holds
+/// an available ring with one more entry for head 0 (index `s + 2`) and, at byte 64, the
+/// header of a read of sector `s + 1`; head 0 reads one sector into the available ring
+/// itself. The frontend keeps kicking, as a guest that re-arms does. Every GET_VRING_BASE
+/// (the frontend stopping the ring: a guest's reset) must be answered promptly, round after
+/// round: the worker comes back between budgets, and must let the stop have the queue then
+/// instead of taking it again at once (the vmm's deadline for a reply is 3 s).
+#[test]
+fn a_self_re_arming_ring_is_stopped_promptly_every_time() {
+    const SECTORS: usize = 65536;
+    const HDR: u64 = AVAIL + 64;
+    const STATUS: u64 = 0x6000;
+    const ROUNDS: u32 = 12;
+    let dir = tempdir("vub");
+    let img = dir.as_path().join("loop.img");
+    let mut data = vec![0u8; SECTORS * 512];
+    for (s, sector) in data.chunks_mut(512).enumerate() {
+        sector[2..4].copy_from_slice(&((s + 2) as u16).to_le_bytes());
+        sector[72..80].copy_from_slice(&(((s + 1) % SECTORS) as u64).to_le_bytes());
+    }
+    std::fs::write(&img, &data).unwrap();
+    let img = img.to_str().unwrap().to_string();
+    let mut d = Daemon::start(BIN, dir, &["--blk-file", &img]);
+    let (mut fe, _) = negotiate(&d.socket, 1);
+    let m = GuestMem::new(1 << 20);
+    fe.set_mem_table(&[m.region_info()]).unwrap();
+    let size = 16;
+    let mut worst = Duration::ZERO;
+    for round in 0..ROUNDS {
+        // A fresh ring: nothing used, head 0 armed for sector 0.
+        for a in (AVAIL..AVAIL + 0x1000).chain(USED..USED + 0x1000) {
+            m.mem.write_obj(0u8, GuestAddress(a)).unwrap();
+        }
+        m.mem.write_obj(0u32, GuestAddress(HDR)).unwrap();
+        m.mem.write_obj(0u64, GuestAddress(HDR + 8)).unwrap();
+        put_desc(&m, 0, HDR, 16, F_NEXT, 1);
+        put_desc(&m, 1, AVAIL, 512, F_NEXT | F_WRITE, 2);
+        put_desc(&m, 2, STATUS, 1, F_WRITE, 0);
+        publish(&m, size, 0, 0);
+        let (kick, _call) = setup_queue(&mut fe, &m, 0, size);
+        let stop = AtomicBool::new(false);
+        let (back, took) = std::thread::scope(|sc| {
+            let kicker = sc.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = kick.write(1);
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            });
+            // The loop runs: the used index moves far past what was published.
+            let t = std::time::Instant::now();
+            while used_idx(&m) < 2000 && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let moved = used_idx(&m);
+            let r = timed_get_vring_base(fe, &d, &format!("round {round}"));
+            stop.store(true, Ordering::Relaxed);
+            kicker.join().unwrap();
+            assert!(
+                moved >= 2000,
+                "round {round}: the loop did not run ({moved})"
+            );
+            r
+        });
+        fe = back;
+        // Stopped: nothing moves any more.
+        let used = used_idx(&m);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(used, used_idx(&m), "round {round}: the ring still runs");
+        worst = worst.max(took);
+        assert!(
+            took < Duration::from_secs(1),
+            "round {round}: GET_VRING_BASE took {took:?} while the ring re-armed itself"
+        );
+    }
+    eprintln!("worst GET_VRING_BASE of {ROUNDS} rounds: {worst:?}");
+    let got = plain_read(&mut fe, &m, 3);
+    assert_eq!(
+        &got[72..80],
+        &4u64.to_le_bytes(),
+        "sector 3 after the rounds"
+    );
+    drop(fe);
+    d.assert_serving("self-re-arming rings");
+}
+
+/// GET_VRING_BASE for queue 0, timed; a daemon that has not answered in 5 s is killed (its
+/// socket closes, which ends the call) and the test fails.
+fn timed_get_vring_base(
+    fe: vhost::vhost_user::Frontend,
+    d: &Daemon,
+    what: &str,
+) -> (vhost::vhost_user::Frontend, Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::time::Instant::now();
+    let h = std::thread::spawn(move || {
+        let r = fe.get_vring_base(0);
+        let _ = tx.send(t.elapsed());
+        (fe, r)
+    });
+    let Ok(took) = rx.recv_timeout(Duration::from_secs(5)) else {
+        // SAFETY: kill(2) on the daemon this test started and has not reaped.
+        unsafe { libc::kill(d.pid(), libc::SIGKILL) };
+        let _ = h.join();
+        panic!("{what}: GET_VRING_BASE not answered in 5 s");
+    };
+    let (fe, r) = h.join().unwrap();
+    assert!(r.is_ok(), "{what}: GET_VRING_BASE: {r:?}");
+    (fe, took)
+}
+
+/// Restarts queue 0 (of 16) on `m` with a fresh ring and reads `sector` through it: the
+/// queue serves a plain request after it was stopped. Returns the data.
+fn plain_read(fe: &mut vhost::vhost_user::Frontend, m: &GuestMem, sector: u64) -> Vec<u8> {
+    let size = 16;
+    for a in (AVAIL..AVAIL + 0x1000).chain(USED..USED + 0x1000) {
+        m.mem.write_obj(0u8, GuestAddress(a)).unwrap();
+    }
+    m.mem.write_obj(0u32, GuestAddress(0x4000)).unwrap();
+    m.mem.write_obj(0u32, GuestAddress(0x4004)).unwrap();
+    m.mem.write_obj(sector, GuestAddress(0x4008)).unwrap();
+    m.mem.write_obj(0xffu8, GuestAddress(0x6000)).unwrap();
+    put_desc(m, 0, 0x4000, 16, F_NEXT, 1);
+    put_desc(m, 1, 0x5000, 512, F_NEXT | F_WRITE, 2);
+    put_desc(m, 2, 0x6000, 1, F_WRITE, 0);
+    publish(m, size, 0, 0);
+    let (kick, call) = setup_queue(fe, m, 0, size);
+    kick.write(1).unwrap();
+    assert!(
+        wait_readable(call.as_raw_fd(), Duration::from_secs(5)),
+        "no used-buffer notification for a plain read"
+    );
+    assert_eq!(used_idx(m), 1);
+    let status: u8 = m.mem.read_obj(GuestAddress(0x6000)).unwrap();
+    assert_eq!(status, 0, "VIRTIO_BLK_S_OK");
+    let mut got = vec![0u8; 512];
+    m.mem.read_slice(&mut got, GuestAddress(0x5000)).unwrap();
+    got
+}
+
+/// The aliased bounce flood of issue #20 on `--direct`: a ring of misaligned 64 MiB reads
+/// whose 1 MiB descriptors all alias one guest buffer, each bounced piece by piece on the
+/// queue thread (larger than the bounce budget), completed heads made available again at
+/// once. The frontend stops the ring (GET_VRING_BASE) round after round while the flood
+/// runs: each stop must come within one request or so, not after a ring of them, and the
+/// daemon's memory stays bounded.
+#[test]
+fn an_aliased_bounce_flood_is_stopped_promptly_every_time() {
+    const MIB: u64 = 1 << 20;
+    const SEGS: u64 = 64;
+    const TABLE: u64 = 0x8000;
+    const BUF: u64 = 0x10_0200;
+    const ROUNDS: u32 = 6;
+    let dir = tempdir("vub");
+    let img = dir.as_path().join("flood.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(SEGS * MIB)
+        .unwrap();
+    let img = img.to_str().unwrap().to_string();
+    let mut d = Daemon::start(BIN, dir, &["--blk-file", &img, "--direct"]);
+    let (mut fe, _) = negotiate(&d.socket, 1);
+    let m = GuestMem::new(4 * MIB);
+    fe.set_mem_table(&[m.region_info()]).unwrap();
+    // 64 requests of 64 MiB: 4 GiB in one call without a bound on the bytes a call moves.
+    let size: u16 = 64;
+    // One indirect table: header (IN, sector 0), SEGS x 1 MiB on BUF, status.
+    let put = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+        let at = TABLE + 16 * i;
+        m.mem.write_obj(addr, GuestAddress(at)).unwrap();
+        m.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+        m.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        m.mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+    };
+    m.mem.write_obj(0u32, GuestAddress(0x4000)).unwrap();
+    m.mem.write_obj(0u64, GuestAddress(0x4008)).unwrap();
+    put(0, 0x4000, 16, F_NEXT, 1);
+    for i in 1..=SEGS {
+        put(i, BUF, MIB as u32, F_NEXT | F_WRITE, i as u16 + 1);
+    }
+    put(SEGS + 1, 0x6000, 1, F_WRITE, 0);
+    let mut worst = Duration::ZERO;
+    for round in 0..ROUNDS {
+        for a in (AVAIL..AVAIL + 0x1000).chain(USED..USED + 0x1000) {
+            m.mem.write_obj(0u8, GuestAddress(a)).unwrap();
+        }
+        for h in 0..size {
+            put_desc(&m, h, TABLE, (16 * (SEGS + 2)) as u32, 4, 0);
+            publish(&m, size, h, h);
+        }
+        let (kick, _call) = setup_queue(&mut fe, &m, 0, size);
+        let stop = AtomicBool::new(false);
+        let (back, took) = std::thread::scope(|sc| {
+            // The guest: every completed head goes back to the ring at once.
+            let guest = sc.spawn(|| {
+                let (mut avail, mut seen) = (size, 0u16);
+                while !stop.load(Ordering::Relaxed) {
+                    let used = used_idx(&m);
+                    while seen != used {
+                        let (id, _) = used_elem(&m, seen, size);
+                        publish(&m, size, avail, id as u16);
+                        avail = avail.wrapping_add(1);
+                        seen = seen.wrapping_add(1);
+                    }
+                    let _ = kick.write(1);
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                seen
+            });
+            let t = std::time::Instant::now();
+            while used_idx(&m) < 4 && t.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let served = used_idx(&m);
+            let r = timed_get_vring_base(fe, &d, &format!("round {round}"));
+            stop.store(true, Ordering::Relaxed);
+            guest.join().unwrap();
+            assert!(
+                served >= 4,
+                "round {round}: the flood was not served ({served})"
+            );
+            r
+        });
+        fe = back;
+        worst = worst.max(took);
+        assert!(
+            took < Duration::from_secs(1),
+            "round {round}: GET_VRING_BASE took {took:?} during the flood"
+        );
+    }
+    let hwm = std::fs::read_to_string(format!("/proc/{}/status", d.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().to_string()))
+        .unwrap();
+    eprintln!("worst GET_VRING_BASE of {ROUNDS} rounds: {worst:?}; daemon VmHWM {hwm}");
+    let kib: u64 = hwm.trim_end_matches(" kB").parse().unwrap();
+    assert!(kib < 64 << 10, "the daemon's peak RSS is {hwm}");
+    let got = plain_read(&mut fe, &m, 3);
+    assert!(got.iter().all(|&b| b == 0), "sector 3 of a sparse image");
+    drop(fe);
+    d.assert_serving("aliased bounce floods");
+}

@@ -25,6 +25,7 @@ use backends::net::{
 use backends::poll::{busy_poll, PollEnd, Poller};
 use backends::QueueError;
 use clap::Parser;
+use serde::Serialize;
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringT};
@@ -94,7 +95,19 @@ pub struct Args {
 }
 
 /// The JSON printed by `--print-capabilities` (docs/interop/vhost-user.json).
-pub const CAPABILITIES: &str = "{\n  \"type\": \"net\"\n}";
+pub const CAPABILITIES: Capabilities = Capabilities {
+    kind: "net",
+    features: &[],
+};
+
+/// A back-end's capabilities: its device type and the optional features it implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub features: &'static [&'static str],
+}
 
 /// Errors of the daemon, printed as one line by `main`.
 #[derive(Debug, Error)]
@@ -108,6 +121,9 @@ pub enum Error {
     /// The socket or the daemon could not be set up.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// `--print-capabilities` could not write its JSON.
+    #[error("cannot print the capabilities: {0}")]
+    Capabilities(serde_json::Error),
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -130,7 +146,8 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 /// Runs the daemon until SIGTERM/SIGINT.
 pub fn run(args: Args) -> Result<(), Error> {
     if args.print_capabilities {
-        println!("{CAPABILITIES}");
+        let json = serde_json::to_string_pretty(&CAPABILITIES).map_err(Error::Capabilities)?;
+        println!("{json}");
         return Ok(());
     }
     if args.queues == 0 || args.queues > MAX_QUEUE_PAIRS {

@@ -88,10 +88,31 @@ impl Bus {
         Ok(())
     }
 
-    /// Removes the range starting at `base`; returns whether one was there.
-    pub fn remove(&self, base: u64) -> bool {
+    /// Removes the range starting at `base` if `owner` is the device inserted there (the
+    /// same `Arc`): whoever removes a range must be the one that put it there, so that a
+    /// stale address never takes another device's range off the bus. Returns whether it
+    /// removed one.
+    pub fn remove(&self, base: u64, owner: &Arc<Mutex<dyn BusDevice>>) -> bool {
         let mut map = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        map.remove(&base).is_some()
+        let owned = map
+            .get(&base)
+            .is_some_and(|e| Arc::ptr_eq(&e.device, owner));
+        owned && map.remove(&base).is_some()
+    }
+
+    /// Every range on the bus: (base, length, name), by address.
+    pub fn ranges(&self) -> Vec<(u64, u64, String)> {
+        let map = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        map.values()
+            .map(|e| (e.base, e.len, e.name.clone()))
+            .collect()
+    }
+
+    /// Whether the range at `base` is `owner`'s.
+    pub fn owned_by(&self, base: u64, owner: &Arc<Mutex<dyn BusDevice>>) -> bool {
+        let map = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&base)
+            .is_some_and(|e| Arc::ptr_eq(&e.device, owner))
     }
 
     fn find(&self, addr: u64, size: usize) -> Option<Arc<Entry>> {
@@ -241,7 +262,24 @@ mod tests {
             bus.insert("f", dev.clone(), u64::MAX, 2),
             Err(BusError::BadRange("f".into()))
         );
-        assert!(bus.remove(0x100));
+        let owner: Arc<Mutex<dyn BusDevice>> = dev.clone();
+        assert!(bus.remove(0x100, &owner));
         bus.insert("b", dev, 0x10f, 1).unwrap();
+    }
+
+    #[test]
+    fn only_the_owner_removes_a_range() {
+        let bus = Bus::new();
+        let a: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Reg::default()));
+        let b: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Reg::default()));
+        bus.insert("a", a.clone(), 0xcf8, 8).unwrap();
+        // Another device's handle, or an address where nothing starts, removes nothing.
+        assert!(!bus.remove(0xcf8, &b));
+        assert!(!bus.remove(0xcfc, &a));
+        assert!(bus.owned_by(0xcf8, &a) && !bus.owned_by(0xcf8, &b));
+        assert_eq!(bus.ranges(), vec![(0xcf8, 8, "a".to_string())]);
+        assert!(bus.remove(0xcf8, &a));
+        assert!(bus.ranges().is_empty());
+        assert!(!bus.remove(0xcf8, &a));
     }
 }

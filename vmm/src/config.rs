@@ -448,6 +448,11 @@ pub struct Cli {
     /// Write the vCPU exit counters as JSON to this file when the VM stops.
     #[arg(long, value_name = "PATH")]
     pub exit_stats: Option<PathBuf>,
+    /// Every SECS seconds, check that the guest makes progress; when it stops (no exit to
+    /// the VMM for that long while a vCPU runs, or a vCPU halted with interrupts off), log
+    /// every vCPU's registers once (default 0: off; at most 3600)
+    #[arg(long, value_name = "SECS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub watchdog: u64,
     /// A virtio-blk disk emulated in the VMM (repeatable):
     /// path=IMG[,readonly=on][,direct=on][,queues=N][,queue_size=N][,poll_us=N][,id=NAME].
     /// poll_us=N: after work, each queue thread keeps polling the queue (guest doorbells
@@ -532,6 +537,8 @@ pub struct VmConfig {
     pub memory: u64,
     pub serial: SerialMode,
     pub exit_stats: Option<PathBuf>,
+    /// `--watchdog`: the sampling period, None when off.
+    pub watchdog: Option<std::time::Duration>,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub vhost_user: Vec<VhostUserConfig>,
@@ -621,6 +628,7 @@ impl VmConfig {
             memory,
             serial: cli.serial.parse()?,
             exit_stats: cli.exit_stats.clone(),
+            watchdog: (cli.watchdog > 0).then(|| std::time::Duration::from_secs(cli.watchdog)),
         })
     }
 }

@@ -21,6 +21,7 @@ pub mod vcpu;
 pub mod vfio;
 pub mod virtio;
 pub mod vm;
+pub mod watchdog;
 
 use std::io;
 use std::path::PathBuf;
@@ -201,7 +202,11 @@ pub fn run(cli: &Cli) -> Result<VmExit, Error> {
     let (why, stats) = vm.run()?;
     log::info!("{}", stats.summary());
     if let Some(path) = exit_stats {
-        if let Err(e) = std::fs::write(&path, stats.to_json() + "\n") {
+        let written = stats
+            .to_json()
+            .map_err(io::Error::from)
+            .and_then(|json| std::fs::write(&path, json + "\n"));
+        if let Err(e) = written {
             log::error!("cannot write exit stats to '{}': {e}", path.display());
         }
     }

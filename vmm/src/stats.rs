@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::Bus;
 use crate::vcpu::VcpuCounters;
 
@@ -91,28 +93,36 @@ impl ExitStats {
         )
     }
 
-    /// JSON for tests and the benchmark.
-    pub fn to_json(&self) -> String {
-        fn map(m: &BTreeMap<String, u64>) -> String {
-            let items: Vec<String> = m
-                .iter()
-                .map(|(k, v)| format!("\"{}\":{v}", k.replace(['"', '\\'], "_")))
-                .collect();
-            format!("{{{}}}", items.join(","))
-        }
-        format!(
-            "{{\"total\":{},\"pio\":{},\"pio_unclaimed\":{},\"mmio\":{},\"mmio_unclaimed\":{},\"other\":{},\"interrupted\":{},\"notify_exits\":{},\"coalesced\":{}}}",
-            self.total(),
-            map(&self.pio),
-            self.pio_unclaimed,
-            map(&self.mmio),
-            self.mmio_unclaimed,
-            map(&self.other),
-            self.interrupted,
-            map(&self.notify_exits),
-            self.coalesced
-        )
+    /// The `--exit-stats` file: one line of JSON for tests and the benchmark.
+    pub fn to_json(&self) -> serde_json::Result<String> {
+        let file = ExitStatsFile {
+            total: self.total(),
+            pio: self.pio.clone(),
+            pio_unclaimed: self.pio_unclaimed,
+            mmio: self.mmio.clone(),
+            mmio_unclaimed: self.mmio_unclaimed,
+            other: self.other.clone(),
+            interrupted: self.interrupted,
+            notify_exits: self.notify_exits.clone(),
+            coalesced: self.coalesced,
+        };
+        serde_json::to_string(&file)
     }
+}
+
+/// The `--exit-stats` JSON (`tests::probe::ExitStats` and the bench's lab matrix read it).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatsFile {
+    /// Every exit to userspace (coalesced writes excluded).
+    pub total: u64,
+    pub pio: BTreeMap<String, u64>,
+    pub pio_unclaimed: u64,
+    pub mmio: BTreeMap<String, u64>,
+    pub mmio_unclaimed: u64,
+    pub other: BTreeMap<String, u64>,
+    pub interrupted: u64,
+    pub notify_exits: BTreeMap<String, u64>,
+    pub coalesced: u64,
 }
 
 #[cfg(test)]
@@ -129,12 +139,33 @@ mod tests {
         s.other.insert("irq_window".into(), 1);
         assert_eq!(s.total(), 16);
         assert_eq!(
-            s.to_json(),
+            s.to_json().unwrap(),
             "{\"total\":16,\"pio\":{\"i8042\":0,\"serial\":10},\"pio_unclaimed\":2,\"mmio\":{\"pci-ecam\":3},\"mmio_unclaimed\":0,\"other\":{\"irq_window\":1},\"interrupted\":0,\"notify_exits\":{},\"coalesced\":0}"
         );
         let line = s.summary();
         assert!(line.starts_with("16 exits"));
         assert!(line.contains("serial=10"));
         assert!(!line.contains("i8042"));
+    }
+
+    #[test]
+    fn json_reads_back_with_any_device_name() {
+        let mut s = ExitStats::default();
+        // A device id is the user's text: quotes, backslashes and control characters must
+        // come back as they were, not be mangled or break the document.
+        let odd = "disk \"a\"\\b\n\u{1}é";
+        s.mmio.insert(odd.into(), 7);
+        s.notify_exits.insert(odd.into(), 2);
+        s.pio.insert("serial".into(), 1);
+        s.interrupted = 4;
+        s.coalesced = 9;
+        let text = s.to_json().unwrap();
+        assert!(!text.contains('\n'), "one line: {text}");
+        let back: ExitStatsFile = serde_json::from_str(&text).expect(&text);
+        assert_eq!(back.total, 8);
+        assert_eq!(back.mmio[odd], 7);
+        assert_eq!(back.notify_exits[odd], 2);
+        assert_eq!((back.interrupted, back.coalesced), (4, 9));
+        assert_eq!(back.pio, s.pio);
     }
 }

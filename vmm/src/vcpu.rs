@@ -9,6 +9,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::bus::Bus;
 use crate::coalesced::CoalescedRing;
 use crate::exit::{ExitHandle, VmExit};
+use crate::watchdog::{Probes, Sample};
 
 /// Exits to userspace that did not go to a bus device.
 #[derive(Default)]
@@ -44,6 +45,8 @@ pub struct VcpuContext {
     pub counters: Arc<VcpuCounters>,
     /// Writes KVM buffered instead of exiting: applied before every exit is handled.
     pub coalesced: Option<Arc<CoalescedRing>>,
+    /// With `--watchdog`: where this thread counts its exits and answers samples.
+    pub probes: Option<Arc<Probes>>,
     /// Assigned devices' answer to a faulting BAR mapping (none without `--vfio`).
     pub mapping_fault: Option<MappingFault>,
 }
@@ -154,13 +157,36 @@ fn cpu_state(vcpu: &VcpuFd) -> String {
     format!("{regs} {sregs} events: {events}")
 }
 
+/// What the watchdog asks of a vCPU: its sample and its full state line.
+fn sample(vcpu: &VcpuFd) -> (Sample, String) {
+    let regs = vcpu.get_regs().ok();
+    let mp = vcpu.get_mp_state().ok().map(|m| m.mp_state);
+    let sample = Sample {
+        rip: regs.map_or(0, |r| r.rip),
+        rflags: regs.map_or(0, |r| r.rflags),
+        halted: mp == Some(kvm_bindings::KVM_MP_STATE_HALTED),
+        exits: 0,
+    };
+    let mp = mp.map_or("unreadable".to_string(), |m| m.to_string());
+    (sample, format!("{} mp_state={mp}", cpu_state(vcpu)))
+}
+
 /// Runs the vCPU until the VM stops or the guest does something that ends it.
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
+    let id = usize::from(ctx.id);
     loop {
         if ctx.stop.load(Ordering::Acquire) {
             return;
         }
+        if let Some(p) = ctx.probes.as_ref().filter(|p| p.asked(id)) {
+            p.answer(id, || sample(&vcpu));
+        }
         let exit = vcpu.run();
+        if let (Some(p), Ok(e)) = (&ctx.probes, &exit) {
+            if !matches!(e, VcpuExit::Intr) {
+                p.exited(id);
+            }
+        }
         if let Some(ring) = &ctx.coalesced {
             // A buffered write (the PCI config address) comes before the access that exited.
             ring.drain(&ctx.pio, &ctx.mmio);
@@ -301,6 +327,7 @@ mod tests {
             stop: Arc::new(AtomicBool::new(false)),
             counters: Arc::new(VcpuCounters::default()),
             coalesced: None,
+            probes: None,
             mapping_fault,
         }
     }

@@ -26,13 +26,14 @@ use crate::exit::{ExitHandle, VmExit};
 use crate::interrupt::{InterruptRouter, KvmRouter};
 use crate::layout;
 use crate::memory::{self, Ram};
-use crate::pci::{PciConfigIo, PciConfigMmio, PciRoot};
+use crate::pci::{PciConfigIo, PciConfigMmio, PciRoot, PciWindows};
 use crate::stats::ExitStats;
 use crate::vcpu::{self, VcpuContext, VcpuCounters};
 use crate::virtio::blk::Block;
 use crate::virtio::net::Net;
 use crate::virtio::pci::{IoEvents, KvmIoEvents, VirtioPciDevice};
 use crate::virtio::{self, Memory, VirtioDevice};
+use crate::watchdog::{self, Probes};
 use crate::Error;
 use backends::block::{BlockBackend, BlockOptions, EngineChoice};
 use backends::net::Tap;
@@ -63,6 +64,8 @@ pub struct Vm {
     coalesced: Option<Arc<CoalescedRing>>,
     counters: Arc<VcpuCounters>,
     stdin_to_guest: bool,
+    /// `--watchdog`: its period.
+    watchdog: Option<std::time::Duration>,
 }
 
 impl Vm {
@@ -141,7 +144,11 @@ impl Vm {
             layout::ACPI_SLEEP_CONTROL_PORT.into(),
             2,
         )?;
-        let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone(), pio.clone())));
+        let root = Arc::new(Mutex::new(PciRoot::new(
+            mmio.clone(),
+            pio.clone(),
+            PciWindows::for_guest(cfg.memory),
+        )));
         let router: Arc<dyn InterruptRouter> = Arc::new(KvmRouter::new(vm.clone()));
         let mut bars = BarAllocator::new(cfg.memory);
         let notify_exits = add_virtio_devices(cfg, &vm, &ram, &root, &mut bars, &router)?;
@@ -208,6 +215,7 @@ impl Vm {
             coalesced,
             counters: Arc::new(VcpuCounters::default()),
             stdin_to_guest: cfg.serial == SerialMode::Stdio,
+            watchdog: cfg.watchdog,
         })
     }
 
@@ -220,6 +228,10 @@ impl Vm {
             spawn_stdin_reader(self.serial.clone()).map_err(Error::Thread)?;
         }
         let stop = self.exit.stopping();
+        let probes = self.watchdog.map(|_| {
+            let fds: Vec<_> = self.vcpus.iter().map(|v| v.as_raw_fd()).collect();
+            Probes::new(&fds)
+        });
         let mut threads = Vec::new();
         for (id, fd) in self.vcpus.into_iter().enumerate() {
             let ctx = VcpuContext {
@@ -231,6 +243,7 @@ impl Vm {
                 counters: self.counters.clone(),
                 coalesced: self.coalesced.clone(),
                 mapping_fault: self._vfio.as_ref().map(|v| v.fault_handler()),
+                probes: probes.clone(),
             };
             let t = thread::Builder::new()
                 .name(format!("vcpu{id}"))
@@ -238,11 +251,36 @@ impl Vm {
                 .map_err(Error::Thread)?;
             threads.push(t);
         }
+        let watchdog = match (self.watchdog, probes) {
+            (Some(period), Some(probes)) => {
+                use std::os::unix::thread::JoinHandleExt;
+                let ids: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
+                let (stop, signal) = (stop.clone(), vcpu::kick_signal());
+                let kick = move |i: usize| {
+                    if let Some(&t) = ids.get(i) {
+                        // SAFETY: `t` is a vCPU thread of this process that is joined only
+                        // after this watchdog thread was (see below), so the id is valid.
+                        unsafe { libc::pthread_kill(t, signal) };
+                    }
+                };
+                Some(
+                    thread::Builder::new()
+                        .name("watchdog".into())
+                        .spawn(move || watchdog::run(probes, period, stop, kick))
+                        .map_err(Error::Thread)?,
+                )
+            }
+            _ => None,
+        };
         // Every sender lives in a device or vCPU, so recv only fails if all are gone.
         let why = self
             .exit_rx
             .recv()
             .unwrap_or_else(|_| VmExit::VmmError("all vCPU threads ended".into()));
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(w) = watchdog {
+            let _ = w.join();
+        }
         vcpu::stop_all(&stop, threads);
         self.serial
             .lock()

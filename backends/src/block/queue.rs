@@ -164,8 +164,11 @@ pub struct BlockQueue<S: GuestAddressSpace> {
     scratch: IovScratch,
     /// The vhost-user inflight record of this queue, when the frontend keeps one.
     inflight: Option<QueueInflight>,
-    /// The last pop stopped at [`MAX_CHAINS_PER_CALL`] with chains still available.
+    /// The last pop stopped at [`MAX_CHAINS_PER_CALL`] or [`MAX_SYNC_BYTES_PER_CALL`] with
+    /// chains still available.
     budget_spent: bool,
+    /// Data bytes of the requests this pop executed on the queue thread.
+    sync_bytes: u64,
     /// Bytes of bounce buffers held by requests in io_uring (at most [`BOUNCE_BUDGET`]).
     bounce_in_use: u64,
     /// The most `bounce_in_use` ever was.
@@ -173,12 +176,21 @@ pub struct BlockQueue<S: GuestAddressSpace> {
     /// The last chain popped needs more bounce memory than is free: it went back to the
     /// ring, and popping waits for completions.
     bounce_wait: bool,
+    /// [`BlockQueue::resume_inflight`] is executing requests again: they come from the
+    /// inflight record, not from the ring position, so none may go back to the ring.
+    resuming: bool,
 }
 
 /// The most descriptor chains one call takes from the available ring. A guest can keep its
 /// ring full forever (or make each request re-arm the ring through its own data buffers):
 /// the host must get back to its event loop (stop, reset, teardown) between batches.
 pub const MAX_CHAINS_PER_CALL: u32 = 256;
+
+/// The most data bytes one call moves on the queue thread (the sync engine, reads from the
+/// page cache, requests bounced piece by piece): a chain can ask for 256 MiB, so 256 of them
+/// would keep the thread away from its event loop for many seconds. A call stops after the
+/// request that reaches this, so the wait for the event loop is one request at most.
+pub const MAX_SYNC_BYTES_PER_CALL: u64 = 32 << 20;
 
 /// The most bytes of O_DIRECT bounce buffers one queue holds at a time. Misaligned requests
 /// (or ones with more segments than an iovec array takes) need one of their full length,
@@ -248,9 +260,11 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             scratch: IovScratch(Vec::with_capacity(8)),
             inflight: None,
             budget_spent: false,
+            sync_bytes: 0,
             bounce_in_use: 0,
             bounce_peak: 0,
             bounce_wait: false,
+            resuming: false,
         })
     }
 
@@ -325,14 +339,22 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         let max_descs = usize::from(size).max(super::config::MAX_CHAIN_DESCS);
         let table = GuestAddress(queue.desc_table());
         let mut done = 0;
+        self.resuming = true;
         for head in heads {
             if let Some(i) = self.inflight.as_mut() {
                 i.taken(head);
             }
             let parsed = parse_descs(head, HeadChain::new(mem, table, size, head), mem, max_descs);
-            done += self.handle(queue, &guard, parsed)?;
+            match self.handle(queue, &guard, parsed) {
+                Ok(n) => done += n,
+                Err(e) => {
+                    self.resuming = false;
+                    return Err(e);
+                }
+            }
             out.resubmitted += 1;
         }
+        self.resuming = false;
         self.submit()?;
         out.outcome = finish_batch(queue, mem, done)?;
         Ok(out)
@@ -533,6 +555,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         let mut used = 0;
         let mut popped = 0;
         self.budget_spent = false;
+        self.sync_bytes = 0;
         self.bounce_wait = false;
         loop {
             queue.disable_notification(mem).map_err(QueueError::Ring)?;
@@ -547,7 +570,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                     self.stalled = true;
                     return Ok(used);
                 }
-                if popped >= MAX_CHAINS_PER_CALL {
+                if popped >= MAX_CHAINS_PER_CALL || self.sync_bytes >= MAX_SYNC_BYTES_PER_CALL {
                     // Notifications stay off: the host calls again (`more`).
                     self.budget_spent = true;
                     self.stalled = false;
@@ -599,8 +622,19 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                 self.complete_now(queue, mem, req.head, req.status, S_OK, n + 1)?;
                 Ok(1)
             }
-            _ if self.uring.is_some() => self.submit_async(queue, guard, req),
+            _ if self.uring.is_some() => {
+                let bytes = crate::chain::total_len(&req.data);
+                let done = self.submit_async(queue, guard, req)?;
+                // Completed at once: executed on this thread (or refused, counted alike).
+                if done > 0 {
+                    self.sync_bytes = self.sync_bytes.saturating_add(bytes);
+                }
+                Ok(done)
+            }
             _ => {
+                self.sync_bytes = self
+                    .sync_bytes
+                    .saturating_add(crate::chain::total_len(&req.data));
                 let (code, len) =
                     execute_sync(&self.disk, &mut self.log, &mut self.stats, mem, &req);
                 self.complete_now(queue, mem, req.head, req.status, code, len)?;
@@ -657,14 +691,18 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                         }
                         Some(io)
                     }
-                    Ok(Prepared::NeedsBounce) if self.bounce_in_use > 0 => {
-                        // Wait for in-flight requests to free their bounce buffers.
+                    Ok(Prepared::NeedsBounce) if self.bounce_in_use > 0 && !self.resuming => {
+                        // Wait for in-flight requests to free their bounce buffers. (Not a
+                        // request executed again after a restart: it is not at the ring
+                        // position, which would then be taken again; the guest may have
+                        // made it larger since, so it goes piece by piece below.)
                         queue.go_to_previous_position();
                         self.bounce_wait = true;
                         return Ok(0);
                     }
                     Ok(Prepared::NeedsBounce) => {
-                        // Larger than the whole budget: piece by piece, on this thread.
+                        // Larger than the whole budget (or resubmitted after a restart and
+                        // larger than what is left): piece by piece, on this thread.
                         let (code, len) =
                             execute_sync(&self.disk, &mut self.log, &mut self.stats, mem, &req);
                         self.complete_now(queue, mem, req.head, req.status, code, len)?;

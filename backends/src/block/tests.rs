@@ -1256,6 +1256,69 @@ fn hdr_at(m: &Mem, at: u64, type_: u32, sector: u64) {
 }
 
 #[test]
+fn a_ring_of_huge_requests_done_on_the_queue_thread_is_served_one_call_at_a_time() {
+    // A ring of misaligned 40 MiB reads on an O_DIRECT disk, every descriptor on one 1 MiB
+    // guest buffer: too large for the bounce budget, each is read piece by piece on the
+    // queue thread (the sync engine does every request there). Without a byte budget one
+    // call served the whole ring (a ring of 256 MiB requests kept the host away from its
+    // event loop for seconds: a reset waited for all of them).
+    const MIB: u64 = 1 << 20;
+    const BUF: u64 = 0x10_0200;
+    const N: u64 = 8;
+    const REQ_MIB: u64 = 40;
+    for engine in ENGINES {
+        let m: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let f = TempFile::new().unwrap();
+        std::fs::File::create(f.as_path())
+            .unwrap()
+            .set_len(REQ_MIB * MIB)
+            .unwrap();
+        let dk = disk(&f, engine, false, true);
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        let mut q: Queue = vq.create_queue().unwrap();
+        for i in 0..N {
+            let h = HDR + 0x20 * i;
+            hdr_at(&m, h, VIRTIO_BLK_T_IN, 0);
+            m.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+            let mut table = vec![d(h, 16, VRING_DESC_F_NEXT, 1)];
+            for j in 0..REQ_MIB {
+                let flags = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE;
+                table.push(d(BUF, MIB as u32, flags, j as u16 + 2));
+            }
+            table.push(d(STATUS + i, 1, VRING_DESC_F_WRITE, 0));
+            let head = indirect(&m, 0x4_0000 + 0x1000 * i, &table);
+            vq.add_desc_chains(&[head], i as u16).unwrap();
+        }
+        let mut bq = BlockQueue::new(dk, &m, QSIZE).unwrap();
+        let mut calls = 0;
+        loop {
+            let out = bq.process_queue(&mut q).unwrap();
+            assert!(
+                out.used <= 1,
+                "{engine:?}: {} requests of {REQ_MIB} MiB in one call (at most {} MiB of them)",
+                out.used,
+                MAX_SYNC_BYTES_PER_CALL / MIB
+            );
+            calls += 1;
+            if !out.more {
+                break;
+            }
+            assert!(calls <= N + 1, "{engine:?}: 'more' without end");
+        }
+        assert_eq!(
+            used_ids(&vq).len() as u64,
+            N,
+            "{engine:?}: every request completed"
+        );
+        for i in 0..N {
+            let st: u8 = m.read_obj(GuestAddress(STATUS + i)).unwrap();
+            assert_eq!(st, 0, "{engine:?}: request {i}");
+        }
+        assert!(calls >= N, "{engine:?}: {calls} calls");
+    }
+}
+
+#[test]
 fn a_ring_that_re_arms_itself_from_the_disk_is_served_in_bounded_batches() {
     for engine in ENGINES {
         let m = mem();
@@ -1328,10 +1391,19 @@ fn o_direct_bounce_buffers_stay_within_the_queue_budget() {
             vq.add_desc_chains(&[head], i as u16).unwrap();
         }
         let mut bq = BlockQueue::new(dk, &m, QSIZE).unwrap();
-        bq.process_queue(&mut q).unwrap();
+        let mut more = bq.process_queue(&mut q).unwrap().more;
         assert!(bq.bounce_bytes() <= BOUNCE_BUDGET);
-        // As the host does: completions through the eventfd, which resume popping.
-        while let Some(fd) = bq.completion_fd().filter(|_| bq.in_flight() > 0) {
+        // As the host does: called again while the engine says 'more' (a call moves at most
+        // MAX_SYNC_BYTES_PER_CALL on the thread), completions through the eventfd, which
+        // resume popping.
+        loop {
+            while more {
+                more = bq.process_queue(&mut q).unwrap().more;
+                assert!(bq.bounce_bytes() <= BOUNCE_BUDGET);
+            }
+            let Some(fd) = bq.completion_fd().filter(|_| bq.in_flight() > 0) else {
+                break;
+            };
             let mut p = libc::pollfd {
                 fd,
                 events: libc::POLLIN,
@@ -1340,7 +1412,7 @@ fn o_direct_bounce_buffers_stay_within_the_queue_budget() {
             // SAFETY: one valid pollfd for the duration of the call.
             let r = unsafe { libc::poll(&mut p, 1, 10_000) };
             assert!(r > 0, "no completion in 10 s");
-            bq.process_completions(&mut q).unwrap();
+            more = bq.process_completions(&mut q).unwrap().more;
             assert!(bq.bounce_bytes() <= BOUNCE_BUDGET);
         }
         assert_eq!(
@@ -1369,4 +1441,96 @@ fn o_direct_bounce_buffers_stay_within_the_queue_budget() {
         let b: u8 = m.read_obj(GuestAddress(BUF)).unwrap();
         assert!(b >= 1, "{engine:?}: data reached the guest ({b})");
     }
+}
+
+#[test]
+fn a_resubmitted_request_that_finds_the_bounce_budget_spent_is_not_pushed_back_to_the_ring() {
+    // Positions 0..3 of the ring: A and X (4 MiB reads through misaligned buffers), B (GET_ID,
+    // done at once), C (a small misaligned read). A, X and C are in flight when the back-end
+    // dies. The guest then makes A 15 MiB: the resumed A leaves too little of the bounce
+    // budget for X. Resubmitted requests are not in the ring at the position the engine is
+    // at, so X must not be "pushed back" there: that made the next pass take position 3 (C)
+    // again, C completed twice and X never.
+    const MIB: u64 = 1 << 20;
+    const BUF: u64 = 0x10_0001;
+    const SMALL: u64 = 0x30_0001;
+    let m: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    let f = TempFile::new().unwrap();
+    std::fs::File::create(f.as_path())
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    let dk = disk(&f, EngineChoice::IoUring, false, true);
+    let region = crate::inflight::InflightRegion::create(1, QSIZE).unwrap();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let table_at = |i: u64| 0x4_0000 + 0x1000 * i;
+    let read = |i: u64, sector: u64, mibs: u64| {
+        let h = HDR + 0x20 * i;
+        hdr_at(&m, h, VIRTIO_BLK_T_IN, sector);
+        let mut table = vec![d(h, 16, VRING_DESC_F_NEXT, 1)];
+        for j in 0..mibs {
+            table.push(d(
+                BUF,
+                MIB as u32,
+                VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+                j as u16 + 2,
+            ));
+        }
+        table.push(d(STATUS + i, 1, VRING_DESC_F_WRITE, 0));
+        indirect(&m, table_at(i), &table)
+    };
+    let a = read(0, 0, 4);
+    let x = read(1, 8192, 4);
+    hdr_at(&m, HDR + 0x40, VIRTIO_BLK_T_GET_ID, 0);
+    let b = indirect(
+        &m,
+        table_at(2),
+        &[
+            d(HDR + 0x40, 16, VRING_DESC_F_NEXT, 1),
+            d(DATA, 20, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2),
+            d(STATUS + 2, 1, VRING_DESC_F_WRITE, 0),
+        ],
+    );
+    hdr_at(&m, HDR + 0x60, VIRTIO_BLK_T_IN, 100);
+    let c = indirect(
+        &m,
+        table_at(3),
+        &[
+            d(HDR + 0x60, 16, VRING_DESC_F_NEXT, 1),
+            d(SMALL, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2),
+            d(STATUS + 3, 1, VRING_DESC_F_WRITE, 0),
+        ],
+    );
+    for (i, head) in [a, x, b, c].into_iter().enumerate() {
+        vq.add_desc_chains(&[head], i as u16).unwrap();
+    }
+    let mut bq = BlockQueue::new(dk.clone(), &m, QSIZE).unwrap();
+    bq.set_inflight(region.queue(0).unwrap());
+    bq.resume_inflight(&mut q).unwrap();
+    bq.process_queue(&mut q).unwrap();
+    assert_eq!(bq.in_flight(), 3, "A, X and C are in flight");
+    drop(bq); // the crash
+    assert_eq!(used_ids(&vq), vec![2]);
+
+    // A grows to 15 MiB (its indirect table, and the head descriptor that gives its length).
+    let a = read(0, 0, 15);
+    m.write_obj(a, vq.desc_table_addr()).unwrap();
+    let mut q = restarted_queue(&vq);
+    let mut bq = BlockQueue::new(dk, &m, QSIZE).unwrap();
+    bq.set_inflight(region.queue(0).unwrap());
+    let r = bq.resume_inflight(&mut q).unwrap();
+    assert_eq!(r.resubmitted, 3);
+    bq.drain(&mut q).unwrap();
+    bq.process_queue(&mut q).unwrap();
+    bq.drain(&mut q).unwrap();
+    let mut ids = used_ids(&vq);
+    ids.sort_unstable();
+    assert_eq!(ids, vec![0, 1, 2, 3], "every head exactly once");
+    for i in 0..4 {
+        let st: u8 = m.read_obj(GuestAddress(STATUS + i)).unwrap();
+        assert_eq!(st, 0, "request {i}");
+    }
+    assert!(bq.bounce_peak() <= BOUNCE_BUDGET);
+    assert_eq!(region.queue(0).unwrap().pending(), 0);
 }

@@ -34,7 +34,7 @@ use std::thread;
 
 use crate::inflight::{region_size, InflightMessage, InflightRegion};
 use crate::vhost_user::relay::{
-    self, read_message, send_message, Message, Relay, ADD_MEM_REG, GET_INFLIGHT_FD,
+    self, encode, read_message, send_message, Message, Relay, ADD_MEM_REG, GET_INFLIGHT_FD,
     GET_PROTOCOL_FEATURES, HEADER, PROTOCOL_FEATURES, PROTOCOL_F_INFLIGHT_SHMFD,
     PROTOCOL_F_REPLY_ACK, REM_MEM_REG, SET_FEATURES, SET_INFLIGHT_FD, SET_MEM_TABLE,
     SET_PROTOCOL_FEATURES, SET_VRING_ADDR, SET_VRING_ENABLE, SET_VRING_NUM,
@@ -115,15 +115,6 @@ fn file_size(fd: BorrowedFd<'_>) -> Option<u64> {
         return None;
     }
     (st.st_mode & libc::S_IFMT == libc::S_IFREG).then_some(st.st_size as u64)
-}
-
-fn message(code: u32, flags: u32, body: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(HEADER + body.len());
-    m.extend_from_slice(&code.to_le_bytes());
-    m.extend_from_slice(&flags.to_le_bytes());
-    m.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    m.extend_from_slice(body);
-    m
 }
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
@@ -314,7 +305,7 @@ impl Gen<'_> {
                         memfd(4096, &[])
                     });
                 }
-                message(code, flags, &body)
+                encode(code, flags, &body)
             }
             1 => {
                 let c = self.r.u8();
@@ -332,7 +323,7 @@ impl Gen<'_> {
                     2 => drop(body.pop()),
                     _ => {}
                 }
-                message(SET_MEM_TABLE, flags, &body)
+                encode(SET_MEM_TABLE, flags, &body)
             }
             2 | 3 => {
                 let c = self.r.u8();
@@ -347,7 +338,7 @@ impl Gen<'_> {
                     2 => drop(body.pop()),
                     _ => {}
                 }
-                message(ADD_MEM_REG, flags, &body)
+                encode(ADD_MEM_REG, flags, &body)
             }
             4 => {
                 let c = self.r.u8();
@@ -357,7 +348,7 @@ impl Gen<'_> {
                 };
                 let mut body = vec![0u8; 8];
                 body.extend_from_slice(&r.bytes());
-                message(REM_MEM_REG, flags, &body)
+                encode(REM_MEM_REG, flags, &body)
             }
             5 => {
                 let q = u32::from(self.r.u8() % 4);
@@ -369,7 +360,7 @@ impl Gen<'_> {
                 };
                 let mut body = q.to_le_bytes().to_vec();
                 body.extend_from_slice(&num.to_le_bytes());
-                message(SET_VRING_NUM, flags, &body)
+                encode(SET_VRING_NUM, flags, &body)
             }
             6 => {
                 let q = u32::from(self.r.u8() % 4);
@@ -380,7 +371,7 @@ impl Gen<'_> {
                     body.extend_from_slice(&a.to_le_bytes());
                 }
                 body.extend_from_slice(&0u64.to_le_bytes());
-                message(SET_VRING_ADDR, flags, &body)
+                encode(SET_VRING_ADDR, flags, &body)
             }
             7 => {
                 let c = self.r.u8();
@@ -393,7 +384,7 @@ impl Gen<'_> {
                         .filter(|(i, _)| c >> i & 1 != 0)
                         .fold(0, |v, (_, b)| v | b)
                 };
-                message(SET_PROTOCOL_FEATURES, flags, &v.to_le_bytes())
+                encode(SET_PROTOCOL_FEATURES, flags, &v.to_le_bytes())
             }
             8 => {
                 let (nq, qs) = self.geometry();
@@ -408,7 +399,7 @@ impl Gen<'_> {
                 if self.r.u8() & 7 == 0 {
                     body.pop();
                 }
-                message(GET_INFLIGHT_FD, flags, &body)
+                encode(GET_INFLIGHT_FD, flags, &body)
             }
             9 => {
                 let (nq, qs) = self.geometry();
@@ -449,7 +440,7 @@ impl Gen<'_> {
                     1 => {}
                     _ => fds.extend(memfd(file.min(64 * MIB), &[])),
                 }
-                message(SET_INFLIGHT_FD, flags, &body)
+                encode(SET_INFLIGHT_FD, flags, &body)
             }
             10 => {
                 // SET_VRING_KICK / CALL / ERR: an eventfd, or the invalid-fd flag.
@@ -459,7 +450,7 @@ impl Gen<'_> {
                 if c & 0x80 == 0 {
                     fds.extend(eventfd(self.fill));
                 }
-                message(code, flags, &v.to_le_bytes())
+                encode(code, flags, &v.to_le_bytes())
             }
             _ => {
                 let c = self.r.u8();
@@ -470,21 +461,21 @@ impl Gen<'_> {
                         } else {
                             PROTOCOL_FEATURES | 1 << 32
                         };
-                        message(SET_FEATURES, flags, &v.to_le_bytes())
+                        encode(SET_FEATURES, flags, &v.to_le_bytes())
                     }
                     1 => {
                         let mut body = u32::from(self.r.u8() % 4).to_le_bytes().to_vec();
                         body.extend_from_slice(&u32::from(c >> 7).to_le_bytes());
-                        message(SET_VRING_ENABLE, flags, &body)
+                        encode(SET_VRING_ENABLE, flags, &body)
                     }
                     2 => {
                         let mut body = u32::from(self.r.u8() % 4).to_le_bytes().to_vec();
                         body.extend_from_slice(&u32::from(self.r.u16()).to_le_bytes());
-                        message(SET_VRING_BASE, flags, &body)
+                        encode(SET_VRING_BASE, flags, &body)
                     }
-                    3 => message(SET_OWNER, flags, &[]),
+                    3 => encode(SET_OWNER, flags, &[]),
                     // GET_FEATURES, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM.
-                    4 => message(
+                    4 => encode(
                         [1, GET_PROTOCOL_FEATURES, 17][usize::from(c >> 3) % 3],
                         flags,
                         &[],
@@ -517,7 +508,7 @@ fn backend_replies(r: &mut Bytes<'_>) -> Vec<Vec<u8>> {
             };
             if c & 1 == 0 {
                 let v = r.u64();
-                message(GET_PROTOCOL_FEATURES, flags, &v.to_le_bytes())
+                encode(GET_PROTOCOL_FEATURES, flags, &v.to_le_bytes())
             } else {
                 let code = [1u32, 11, 17, 24][usize::from(c >> 1 & 3)];
                 let mut len = usize::from(r.u8() % 64);
@@ -528,7 +519,7 @@ fn backend_replies(r: &mut Bytes<'_>) -> Vec<Vec<u8>> {
                 if body.len() == 8 {
                     body.push(0);
                 }
-                message(code, flags, &body)
+                encode(code, flags, &body)
             }
         })
         .collect()

@@ -396,6 +396,10 @@ pub trait Served: VhostUserBackend<Bitmap = (), Vring = Vring> + Sized + 'static
     /// The frontend's inflight region for this connection (only with
     /// [`keeps_inflight`](Self::keeps_inflight)).
     fn set_inflight(&self, _region: crate::inflight::InflightRegion) {}
+    /// The frontend is stopping vring `index` (GET_VRING_BASE on its way to the handler,
+    /// which needs the vring's lock): a worker that the guest keeps busy should let go of
+    /// it instead of taking it again.
+    fn stopping_vring(&self, _index: u32) {}
 }
 
 /// The exit events of a back-end's worker threads (`VhostUserBackend::exit_event`).
@@ -611,16 +615,19 @@ where
                 let hook: relay::InflightHook = Arc::new(move |r| b.set_inflight(r));
                 hook
             });
-            let relay = match relay::Relay::start(n, frontend, inner, hook) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    log::warn!("connection {n}: cannot start the relay: {e}");
-                    if let Some(h) = &handle {
-                        h.shutdown();
+            let b = backend.clone();
+            let stopping: relay::StopHook = Arc::new(move |i| b.stopping_vring(i));
+            let relay =
+                match relay::Relay::start_with_stop(n, frontend, inner, hook, Some(stopping)) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        log::warn!("connection {n}: cannot start the relay: {e}");
+                        if let Some(h) = &handle {
+                            h.shutdown();
+                        }
+                        None
                     }
-                    None
-                }
-            };
+                };
             match daemon.wait() {
                 Ok(()) => log::info!("connection {n}: frontend disconnected"),
                 Err(vhost_user_backend::Error::HandleRequest(

@@ -43,6 +43,11 @@ use crate::inflight::{InflightMessage, InflightRegion};
 /// and complete in it, and resume from it when they start).
 pub type InflightHook = Arc<dyn Fn(InflightRegion) + Send + Sync>;
 
+/// Tells the back-end that the frontend stops a vring (GET_VRING_BASE, with its index)
+/// before the back-end's handler sees the message: the handler then waits for the vring's
+/// lock, which a worker kept busy by the guest would otherwise take back each time.
+pub type StopHook = Arc<dyn Fn(u32) + Send + Sync>;
+
 /// Size of the vhost-user header: request, flags, size (u32 each).
 pub const HEADER: usize = 12;
 /// Most fds one message may carry.
@@ -59,6 +64,8 @@ pub const SET_VRING_ADDR: u32 = 9;
 pub const SET_PROTOCOL_FEATURES: u32 = 16;
 /// VHOST_USER_SET_VRING_ENABLE.
 pub const SET_VRING_ENABLE: u32 = 18;
+/// VHOST_USER_GET_VRING_BASE.
+pub const GET_VRING_BASE: u32 = 11;
 /// VHOST_USER_ADD_MEM_REG.
 pub const ADD_MEM_REG: u32 = 37;
 /// VHOST_USER_REM_MEM_REG.
@@ -120,24 +127,29 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
         .map(|s| u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]))
 }
 
+/// A whole message: the header (`request`, `flags`, the body's size) and `body`.
+pub fn encode(request: u32, flags: u32, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HEADER + body.len());
+    m.extend_from_slice(&request.to_le_bytes());
+    m.extend_from_slice(&flags.to_le_bytes());
+    m.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// A reply to `request` carrying `body`.
+pub fn reply(request: u32, body: &[u8]) -> Vec<u8> {
+    encode(request, VERSION | REPLY, body)
+}
+
 /// A reply to `request` carrying one u64 (REPLY_ACK status: 0 success, else failure).
 pub fn reply_u64(request: u32, value: u64) -> Vec<u8> {
-    let mut m = Vec::with_capacity(HEADER + 8);
-    m.extend_from_slice(&request.to_le_bytes());
-    m.extend_from_slice(&(VERSION | REPLY).to_le_bytes());
-    m.extend_from_slice(&8u32.to_le_bytes());
-    m.extend_from_slice(&value.to_le_bytes());
-    m
+    reply(request, &value.to_le_bytes())
 }
 
 /// The SET_FEATURES message injected before an early SET_VRING_ENABLE.
 pub fn protocol_features_message() -> Vec<u8> {
-    let mut m = Vec::with_capacity(HEADER + 8);
-    m.extend_from_slice(&SET_FEATURES.to_le_bytes());
-    m.extend_from_slice(&VERSION.to_le_bytes());
-    m.extend_from_slice(&8u32.to_le_bytes());
-    m.extend_from_slice(&PROTOCOL_FEATURES.to_le_bytes());
-    m
+    encode(SET_FEATURES, VERSION, &PROTOCOL_FEATURES.to_le_bytes())
 }
 
 fn bad(msg: String) -> io::Error {
@@ -311,6 +323,8 @@ struct Conn {
     mem: Installed,
     /// The back-end keeps inflight records: the relay offers INFLIGHT_SHMFD for it.
     inflight: Option<InflightHook>,
+    /// Called with the index of every GET_VRING_BASE before it is forwarded.
+    stopping: Option<StopHook>,
 }
 
 /// What to do with a message from the frontend.
@@ -326,7 +340,12 @@ enum Verdict {
 }
 
 impl Conn {
-    fn new(n: u64, frontend: Arc<Writer>, inflight: Option<InflightHook>) -> Conn {
+    fn new(
+        n: u64,
+        frontend: Arc<Writer>,
+        inflight: Option<InflightHook>,
+        stopping: Option<StopHook>,
+    ) -> Conn {
         Conn {
             n,
             frontend,
@@ -335,6 +354,7 @@ impl Conn {
             queue_sizes: HashMap::new(),
             mem: Installed::default(),
             inflight,
+            stopping,
         }
     }
 
@@ -357,6 +377,13 @@ impl Conn {
             ADD_MEM_REG => self.add_mem_reg(m),
             REM_MEM_REG => {
                 self.mem.remove(body);
+                Verdict::Forward
+            }
+            GET_VRING_BASE => {
+                // A bad body is the back-end's to refuse.
+                if let (Some(hook), Some(index)) = (&self.stopping, u32_at(body, 0)) {
+                    hook(index);
+                }
                 Verdict::Forward
             }
             _ => Verdict::Forward,
@@ -652,12 +679,24 @@ impl Relay {
         inner: UnixStream,
         inflight: Option<InflightHook>,
     ) -> io::Result<Relay> {
+        Relay::start_with_stop(n, frontend, inner, inflight, None)
+    }
+
+    /// [`Relay::start`], calling `stopping` with the index of every GET_VRING_BASE before
+    /// the back-end's handler gets it.
+    pub fn start_with_stop(
+        n: u64,
+        frontend: UnixStream,
+        inner: UnixStream,
+        inflight: Option<InflightHook>,
+        stopping: Option<StopHook>,
+    ) -> io::Result<Relay> {
         let writer = Arc::new(Writer {
             s: frontend.try_clone()?,
             lock: Mutex::new(()),
         });
         let offer_inflight = inflight.is_some();
-        let mut conn = Conn::new(n, writer.clone(), inflight);
+        let mut conn = Conn::new(n, writer.clone(), inflight, stopping);
         let (fe, inn) = (frontend.try_clone()?, inner.try_clone()?);
         let to_backend = thread::Builder::new()
             .name(format!("relay-in-{n}"))
@@ -707,14 +746,6 @@ mod tests {
     use std::fs::File;
     use std::io::Read;
 
-    fn message(request: u32, flags: u32, body: &[u8]) -> Vec<u8> {
-        let mut m = request.to_le_bytes().to_vec();
-        m.extend_from_slice(&flags.to_le_bytes());
-        m.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        m.extend_from_slice(body);
-        m
-    }
-
     fn memfd(size: u64) -> File {
         // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
         let fd = unsafe { libc::memfd_create(c"relay-test".as_ptr(), libc::MFD_CLOEXEC) };
@@ -736,11 +767,54 @@ mod tests {
         (fe, be, r)
     }
 
+    /// The back-end learns that a vring is being stopped before its handler gets the
+    /// GET_VRING_BASE (which then waits for the vring's lock a busy worker holds).
+    #[test]
+    fn get_vring_base_calls_the_stop_hook_before_it_is_forwarded() {
+        let (fe, relay_fe) = UnixStream::pair().unwrap();
+        let (relay_be, be) = UnixStream::pair().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let hook: StopHook = Arc::new(move |i| s.lock().unwrap().push(i));
+        let r = Relay::start_with_stop(1, relay_fe, relay_be, None, Some(hook)).unwrap();
+        let msg = |request: u32, body: &[u8]| {
+            let mut m = request.to_le_bytes().to_vec();
+            m.extend_from_slice(&VERSION.to_le_bytes());
+            m.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            m.extend_from_slice(body);
+            m
+        };
+        be.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut body = 3u32.to_le_bytes().to_vec();
+        body.extend_from_slice(&0u32.to_le_bytes());
+        send_message(&fe, &msg(GET_VRING_BASE, &body), &[]).unwrap();
+        let got = read_message(&be).unwrap().unwrap();
+        assert_eq!(got.request(), GET_VRING_BASE);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![3],
+            "the hook ran before the forward"
+        );
+        // Other messages and a GET_VRING_BASE without a body do not call it.
+        // GET_FEATURES (1), carrying what would be a vring index.
+        send_message(&fe, &msg(1, &body), &[]).unwrap();
+        send_message(&fe, &msg(GET_VRING_BASE, &[]), &[]).unwrap();
+        assert_eq!(read_message(&be).unwrap().unwrap().request(), 1);
+        assert_eq!(
+            read_message(&be).unwrap().unwrap().request(),
+            GET_VRING_BASE
+        );
+        assert_eq!(*seen.lock().unwrap(), vec![3]);
+        drop(fe);
+        drop(be);
+        r.finish();
+    }
+
     #[test]
     fn a_refused_table_is_nacked_and_never_reaches_the_back_end() {
         let (fe, be, r) = relay();
         let ack = (PROTOCOL_F_REPLY_ACK).to_le_bytes();
-        send_message(&fe, &message(SET_PROTOCOL_FEATURES, VERSION, &ack), &[]).unwrap();
+        send_message(&fe, &encode(SET_PROTOCOL_FEATURES, VERSION, &ack), &[]).unwrap();
         let got = read_message(&be).unwrap().unwrap();
         assert_eq!(got.request(), SET_PROTOCOL_FEATURES);
         // One region of 1 MiB on a 4 KiB memfd, asking for a reply.
@@ -750,7 +824,7 @@ mod tests {
         for v in [0u64, 1 << 20, 0x7000_0000, 0] {
             body.extend_from_slice(&v.to_le_bytes());
         }
-        let m = message(SET_MEM_TABLE, VERSION | NEED_REPLY, &body);
+        let m = encode(SET_MEM_TABLE, VERSION | NEED_REPLY, &body);
         send_message(&fe, &m, &[small.as_raw_fd()]).unwrap();
         let reply = read_message(&fe).unwrap().expect("a reply");
         assert_eq!(reply.request(), SET_MEM_TABLE);
@@ -776,7 +850,7 @@ mod tests {
             for v in [gpa, 1 << 20, uaddr, 0] {
                 b.extend_from_slice(&v.to_le_bytes());
             }
-            message(ADD_MEM_REG, VERSION, &b)
+            encode(ADD_MEM_REG, VERSION, &b)
         };
         send_message(&fe, &region(0, 0x7000_0000), &[mem.as_raw_fd()]).unwrap();
         assert_eq!(read_message(&be).unwrap().unwrap().request(), ADD_MEM_REG);
@@ -797,14 +871,14 @@ mod tests {
         }
         send_message(
             &fe,
-            &message(SET_MEM_TABLE, VERSION, &table),
+            &encode(SET_MEM_TABLE, VERSION, &table),
             &[mem.as_raw_fd()],
         )
         .unwrap();
         assert_eq!(read_message(&be).unwrap().unwrap().request(), SET_MEM_TABLE);
         let mut num = 0u32.to_le_bytes().to_vec();
         num.extend_from_slice(&256u32.to_le_bytes());
-        send_message(&fe, &message(SET_VRING_NUM, VERSION, &num), &[]).unwrap();
+        send_message(&fe, &encode(SET_VRING_NUM, VERSION, &num), &[]).unwrap();
         assert_eq!(read_message(&be).unwrap().unwrap().request(), SET_VRING_NUM);
         let addr = |desc: u64| {
             let mut b = 0u32.to_le_bytes().to_vec();
@@ -812,7 +886,7 @@ mod tests {
             for v in [desc, 0x7000_2000u64, 0x7000_1000, 0] {
                 b.extend_from_slice(&v.to_le_bytes());
             }
-            message(SET_VRING_ADDR, VERSION, &b)
+            encode(SET_VRING_ADDR, VERSION, &b)
         };
         // 256 descriptors (4 KiB) from 0x7000_3000 fit; from 16 bytes before the end not.
         send_message(&fe, &addr(0x7000_3000), &[]).unwrap();

@@ -8,7 +8,9 @@
 //! - `fault=KIND`: fail on purpose after printing, to test the failure paths: `panic`, `ud`
 //!   (invalid opcode), `pf` (page fault), `bp` (`int3`), `gp` (`hlt` in ring 3), `triple`
 //!   (an exception whose handler faults with no usable IDT: a triple fault, which ends the VM
-//!   with no exit code of the guest's choosing).
+//!   with no exit code of the guest's choosing); or stop making progress without ending:
+//!   `spin` (a ring-3 loop that never exits to the VMM) and `halt` (`cli; hlt` in ring 0, a
+//!   vCPU that only an NMI could wake), for the VMM's watchdog.
 //!
 //! Probe keys (see [`crate::probe`]); without `probe=` the guest only does the above:
 //! - `probe=blk|net`: run the virtio-blk or the virtio-net probe.
@@ -23,6 +25,9 @@
 //! - `phases=N`: the net probe runs N times (ARP, then `n` echoes; one `probe-result` line
 //!   each, default 1), idle for `gap_ms=M` milliseconds between phases (default 0, no frame
 //!   sent meanwhile): a host test can restart the back-end in the gap.
+//!
+//! `hostile_pci=LIST`: hostile BAR moves against the VMM's PCI root with two virtio-blk
+//! disks (see [`crate::hostile_pci`]); `seed=` is the first disk's image seed.
 
 /// What the command line asks for.
 #[derive(Debug)]
@@ -42,6 +47,8 @@ pub struct Args<'a> {
     pub size: u32,
     pub phases: u32,
     pub gap_ms: u32,
+    /// `hostile_pci=LIST`: the modes of [`crate::hostile_pci`].
+    pub hostile_pci: Option<&'a [u8]>,
 }
 
 impl Default for Args<'_> {
@@ -61,6 +68,7 @@ impl Default for Args<'_> {
             size: 56,
             phases: 1,
             gap_ms: 0,
+            hostile_pci: None,
         }
     }
 }
@@ -85,6 +93,8 @@ pub enum Failure {
     Breakpoint,
     GeneralProtection,
     TripleFault,
+    Spin,
+    HaltInterruptsOff,
 }
 
 /// A command line word the guest cannot use.
@@ -108,7 +118,7 @@ impl core::fmt::Display for Error<'_> {
             Error::UnknownFault(value) => {
                 write!(f, "fault=")?;
                 write_escaped(f, value)?;
-                write!(f, ": expected panic, ud, pf, bp, gp or triple")
+                write!(f, ": expected panic, ud, pf, bp, gp, triple, spin or halt")
             }
             Error::UnknownProbe(value) => {
                 write!(f, "probe=")?;
@@ -173,7 +183,7 @@ fn unquote(value: &[u8]) -> &[u8] {
     value.strip_suffix(b"\"").unwrap_or(value)
 }
 
-fn parse_u64(value: &[u8]) -> Option<u64> {
+pub fn parse_u64(value: &[u8]) -> Option<u64> {
     let (digits, radix) = match value {
         [b'0', b'x' | b'X', hex @ ..] => (hex, 16),
         _ => (value, 10),
@@ -218,6 +228,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Args<'_>, Error<'_>> {
                 args.exit = parse_u32(value).ok_or(Error::BadNumber { key: "exit", value })?;
             }
             b"msg" => args.msg = Some(value),
+            b"hostile_pci" => args.hostile_pci = Some(value),
             b"probe" => {
                 args.probe = Some(match value {
                     b"blk" => Probe::Blk,
@@ -274,6 +285,8 @@ pub fn parse(cmdline: &[u8]) -> Result<Args<'_>, Error<'_>> {
                     b"bp" => Failure::Breakpoint,
                     b"gp" => Failure::GeneralProtection,
                     b"triple" => Failure::TripleFault,
+                    b"spin" => Failure::Spin,
+                    b"halt" => Failure::HaltInterruptsOff,
                     _ => return Err(Error::UnknownFault(value)),
                 });
             }

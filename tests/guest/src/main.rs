@@ -9,6 +9,7 @@
 //!
 //! With `probe=blk` or `probe=net` it then runs the latency probe of [`probe`] (a polling
 //! ring-3 virtio-pci driver, see [`virtio`]) and exits with 0x72 if a probe test failed.
+//! With `hostile=loop|bounce|sane` it attacks a virtio-blk device instead (see [`hostile_io`]).
 //!
 //! Built for the host target as a freestanding static ELF by the `tests` package's build
 //! script (see `tests/build.rs`), linked by `link.ld`.
@@ -19,6 +20,8 @@
 mod boot;
 mod cmdline;
 mod exit;
+mod hostile_io;
+mod hostile_pci;
 mod mem;
 mod net;
 mod pci;
@@ -69,7 +72,11 @@ pub extern "C" fn ring3_main(start_info: u64) -> ! {
     if let Some(fault) = args.fault {
         cause(fault);
     }
-    if args.probe.is_some() && info.ram_covers(virtio::DMA_BASE, virtio::SAMPLES_END) == Some(false)
+    if hostile_io::wanted(cmdline) {
+        exit::exit(hostile_io::run(cmdline));
+    }
+    if (args.probe.is_some() || args.hostile_pci.is_some())
+        && info.ram_covers(virtio::DMA_BASE, virtio::SAMPLES_END) == Some(false)
     {
         println!(
             "probe: guest RAM must cover {:#x}..{:#x} (give the guest at least 64 MiB)",
@@ -77,6 +84,9 @@ pub extern "C" fn ring3_main(start_info: u64) -> ! {
             virtio::SAMPLES_END
         );
         exit::exit(probe::EXIT_PROBE_FAILED);
+    }
+    if let Some(list) = args.hostile_pci {
+        hostile_pci::run(list, args.seed);
     }
     exit::exit(probe::run(&args))
 }
@@ -102,6 +112,14 @@ fn cause(fault: cmdline::Failure) {
             trap::TRIPLE_FAULT.store(true, core::sync::atomic::Ordering::SeqCst);
             // SAFETY: as above; the handler then triple-faults on purpose.
             unsafe { asm!("ud2", options(nomem, nostack)) }
+        }
+        Failure::Spin => loop {
+            core::hint::spin_loop();
+        },
+        Failure::HaltInterruptsOff => {
+            trap::HALT.store(true, core::sync::atomic::Ordering::SeqCst);
+            // SAFETY: as above; the handler then halts with interrupts off, for good.
+            unsafe { asm!("int3", options(nomem, nostack)) }
         }
     }
 }

@@ -16,8 +16,19 @@ const NAMES: [&str; 32] = [
 /// Set by `fault=triple`: the next exception makes the CPU shut down (triple fault).
 pub static TRIPLE_FAULT: AtomicBool = AtomicBool::new(false);
 
+/// Set by `fault=halt`: the next exception halts the CPU with interrupts off, for good.
+pub static HALT: AtomicBool = AtomicBool::new(false);
+
 /// Called by `isr_common` with the frame on the ring-0 stack.
 pub extern "C" fn handle(frame: &TrapFrame) -> ! {
+    if HALT.load(Ordering::SeqCst) {
+        crate::println!("halting with interrupts off on request");
+        loop {
+            // SAFETY: runs in ring 0; stops this CPU until an NMI (none comes), which is
+            // the point.
+            unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+        }
+    }
     if TRIPLE_FAULT.load(Ordering::SeqCst) {
         crate::println!("triple fault on request");
         let empty: [u16; 5] = [0; 5];

@@ -124,17 +124,31 @@ impl Device {
     /// The first virtio device of `device_type` on bus 0 (modern ID 0x1040 + type, or a
     /// transitional ID whose subsystem ID is the type).
     pub fn find(device_type: u16) -> Result<Device, Error> {
+        Device::find_nth(device_type, 0)
+    }
+
+    /// The `nth` (from 0, in bus order) virtio device of `device_type` on bus 0.
+    pub fn find_nth(device_type: u16, nth: usize) -> Result<Device, Error> {
         let mut found = None;
+        let mut seen = 0;
         pci::scan_bus0(|f| {
             let (vendor, device) = f.vendor_device();
             let matches = vendor == VENDOR_VIRTIO
                 && (device == 0x1040 + device_type
                     || ((0x1000..0x1040).contains(&device) && f.subsystem_id() == device_type));
-            if matches && found.is_none() {
-                found = Some(f);
+            if matches {
+                if seen == nth {
+                    found = Some(f);
+                }
+                seen += 1;
             }
         });
-        let func = found.ok_or("no virtio device of this type on PCI bus 0")?;
+        Device::open(found.ok_or("no virtio device of this type on PCI bus 0")?)
+    }
+
+    /// The virtio device at `func`, with the addresses its BARs hold now (a BAR left
+    /// unassigned gets one).
+    pub fn open(func: Function) -> Result<Device, Error> {
         let mut bars: [Option<u64>; 6] = [None; 6];
         let mut bar_addr = |index: u8| -> Result<u64, Error> {
             let slot = bars
@@ -186,11 +200,11 @@ impl Device {
         })
     }
 
-    fn status(&self) -> u8 {
+    pub fn status(&self) -> u8 {
         mmio_read8(self.common + DEVICE_STATUS)
     }
 
-    fn set_status(&self, s: u8) {
+    pub fn set_status(&self, s: u8) {
         mmio_write8(self.common + DEVICE_STATUS, s);
     }
 
@@ -307,6 +321,22 @@ pub struct Virtq {
 }
 
 impl Virtq {
+    /// Guest addresses of the descriptor table, the available ring and the used ring.
+    pub fn rings(&self) -> (u64, u64, u64) {
+        (self.desc, self.avail, self.used)
+    }
+
+    /// The used index the device last published.
+    pub fn used_idx(&self) -> u16 {
+        self.read_used16(2)
+    }
+
+    /// Rings the queue's doorbell.
+    pub fn notify(&mut self) {
+        self.notifies += 1;
+        mmio_write16(self.notify, self.index);
+    }
+
     fn write_avail16(&self, offset: u64, v: u16) {
         // SAFETY: the avail ring was allocated for `size` entries by `setup_queue`; every
         // offset used is within it (flags, idx, ring[i < size]).
@@ -342,6 +372,14 @@ impl Virtq {
     /// Makes pushed chains visible to the device and rings its doorbell unless it said it
     /// needs none.
     pub fn publish_and_notify(&mut self) {
+        if self.publish() {
+            mmio_write16(self.notify, self.index);
+        }
+    }
+
+    /// Makes pushed chains visible to the device; returns whether it needs a doorbell
+    /// (counted in `notifies`), which the caller rings where it chooses.
+    pub fn publish(&mut self) -> bool {
         // Descriptors and ring entries before the index (x86 keeps stores in order; this
         // stops the compiler from reordering).
         compiler_fence(Ordering::Release);
@@ -350,9 +388,10 @@ impl Virtq {
         fence(Ordering::SeqCst);
         if self.read_used16(0) & USED_F_NO_NOTIFY == 0 {
             self.notifies += 1;
-            mmio_write16(self.notify, self.index);
+            true
         } else {
             self.suppressed += 1;
+            false
         }
     }
 

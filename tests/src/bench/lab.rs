@@ -80,7 +80,9 @@ use std::time::Duration;
 
 use super::{Load, LoadMeter, Matrix, Model, Record};
 use crate::lab::{profile_dir, LabRun, Scenario};
-use crate::probe::{parse_json, Json, Summary};
+use serde::{Deserialize, Serialize};
+
+use crate::probe::{ExitStats, Summary};
 
 /// What the lab matrix measures per configuration and run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1231,34 +1233,41 @@ pub struct LatResult {
     pub summary: Summary,
 }
 
+/// The JSON of a `LAT-RESULT` line: `lat` writes it in the guest, the lab matrix reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatLine {
+    pub test: String,
+    pub n: u64,
+    pub min_ns: u64,
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+    pub max_ns: u64,
+}
+
+impl LatLine {
+    /// The prefix of the line.
+    pub const PREFIX: &'static str = "LAT-RESULT";
+
+    /// `LAT-RESULT {...}`.
+    pub fn line(&self) -> serde_json::Result<String> {
+        Ok(format!("{} {}", Self::PREFIX, serde_json::to_string(self)?))
+    }
+}
+
 /// Parses a `LAT-RESULT {...}` line (ns in the line, µs in the result).
 pub fn parse_lat_result(line: &str) -> Result<LatResult, String> {
     let body = line
         .trim()
-        .strip_prefix("LAT-RESULT")
+        .strip_prefix(LatLine::PREFIX)
         .ok_or_else(|| format!("not a LAT-RESULT line: {line:?}"))?;
-    let j = parse_json(body.trim()).map_err(|e| format!("LAT-RESULT: {e}"))?;
-    let num = |k: &str| -> Result<u64, String> {
-        j.get(k)
-            .and_then(Json::as_u64)
-            .ok_or_else(|| format!("LAT-RESULT: field {k} missing or not a count"))
-    };
-    let test = j
-        .get("test")
-        .and_then(Json::as_str)
-        .filter(|t| !t.is_empty())
-        .ok_or("LAT-RESULT: no test name")?
-        .to_string();
-    let n = num("n")?;
-    let ns = [
-        num("min_ns")?,
-        num("p50_ns")?,
-        num("p90_ns")?,
-        num("p99_ns")?,
-        num("p999_ns")?,
-        num("max_ns")?,
-    ];
-    if n == 0 {
+    let l: LatLine = serde_json::from_str(body.trim()).map_err(|e| format!("LAT-RESULT: {e}"))?;
+    if l.test.is_empty() {
+        return Err("LAT-RESULT: no test name".into());
+    }
+    let ns = [l.min_ns, l.p50_ns, l.p90_ns, l.p99_ns, l.p999_ns, l.max_ns];
+    if l.n == 0 {
         return Err("LAT-RESULT: no samples".into());
     }
     if !ns.windows(2).all(|w| w[0] <= w[1]) {
@@ -1266,8 +1275,8 @@ pub fn parse_lat_result(line: &str) -> Result<LatResult, String> {
     }
     let us = |v: u64| v as f64 / 1000.0;
     Ok(LatResult {
-        test,
-        n,
+        test: l.test,
+        n: l.n,
         summary: Summary {
             min: us(ns[0]),
             p50: us(ns[1]),
@@ -1329,31 +1338,16 @@ impl LabExits {
 }
 
 fn parse_exit_stats(text: &str) -> Result<LabExits, String> {
-    let j = parse_json(text.trim()).map_err(|e| format!("exit stats: {e}"))?;
-    let mut s = LabExits {
-        total: j
-            .get("total")
-            .and_then(Json::as_u64)
-            .ok_or("exit stats: no total")?,
-        ..LabExits::default()
-    };
-    for key in ["pio", "mmio", "notify_exits"] {
-        let Some(Json::Obj(m)) = j.get(key) else {
-            return Err(format!("exit stats: no {key} object"));
-        };
-        for (k, v) in m {
-            let v = v
-                .as_u64()
-                .ok_or_else(|| format!("exit stats: {key}.{k} is not a count"))?;
-            let map = if key == "notify_exits" {
-                &mut s.notify
-            } else {
-                &mut s.devices
-            };
-            *map.entry(k.clone()).or_insert(0) += v;
-        }
+    let e = ExitStats::parse(text.trim()).map_err(|e| format!("exit stats: {e}"))?;
+    let mut devices = e.pio;
+    for (k, v) in e.mmio {
+        *devices.entry(k).or_insert(0) += v;
     }
-    Ok(s)
+    Ok(LabExits {
+        total: e.total,
+        devices,
+        notify: e.notify_exits,
+    })
 }
 
 #[cfg(test)]
@@ -1399,7 +1393,7 @@ mod tests {
         let s = parse_exit_stats(
             "{\"total\":3133,\"pio\":{\"pci-config\":1507,\"serial\":1116,\"nic0\":4},\"pio_unclaimed\":18,\
              \"mmio\":{\"disk0\":86,\"nic0\":71,\"pci-ecam\":19},\"mmio_unclaimed\":0,\"other\":{},\
-             \"interrupted\":3,\"notify_exits\":{\"disk0\":0,\"net0\":2}}",
+             \"interrupted\":3,\"notify_exits\":{\"disk0\":0,\"net0\":2},\"coalesced\":40}",
         )
         .unwrap();
         assert_eq!(s.total, 3133);
@@ -1449,7 +1443,7 @@ mod tests {
             "LAB-VAL r1-invmm-vmm-kvm-blk-begin exits=1000 io_exits=10 insn_emulation=7 ",
             "LAB-VAL r1-invmm-vmm-kvm-blk-end exits=1010 io_exits=12 insn_emulation=7 ",
             "LAT-RESULT {\"test\":\"net-rtt\",\"n\":2,\"min_ns\":500000,\"p50_ns\":500000,\"p90_ns\":700000,\"p99_ns\":700000,\"p999_ns\":700000,\"max_ns\":700000}",
-            "LAB-VAL r1-invmm-vmm-exit-stats {\"total\":100,\"pio\":{},\"mmio\":{\"disk0\":4},\"notify_exits\":{\"disk0\":0}}",
+            "LAB-VAL r1-invmm-vmm-exit-stats {\"total\":100,\"pio\":{},\"mmio\":{\"disk0\":4},\"notify_exits\":{\"disk0\":0},\"coalesced\":0}",
         ];
         let o = LabOptions {
             runs: 1,

@@ -7,21 +7,65 @@
 //! - [`lab`]: Linux guests inside the lab (L2 under KVM in L1), our vmm next to QEMU, for the
 //!   three models (in-VMM virtio, vhost-user, VFIO passthrough).
 //!
-//! [`report`] turns the records into the table, the JSON and the SVG plot.
+//! [`report`] turns the records into the table, the JSON and the SVG plot; [`compare`] reads
+//! the JSON of two builds' runs back and tells whether one is slower.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::fs;
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
+
 use crate::probe::Summary;
 
+pub mod compare;
 pub mod direct;
 pub mod lab;
 pub mod report;
 
+/// Serializers that round floats for the bench's JSON (measurements do not carry more than
+/// a few digits; the files stay readable and diffable).
+pub mod round {
+    use std::collections::BTreeMap;
+
+    use serde::ser::{SerializeMap, Serializer};
+
+    fn to(v: f64, decimals: i32) -> f64 {
+        let scale = 10f64.powi(decimals);
+        (v * scale).round() / scale
+    }
+
+    /// Three decimals.
+    pub fn f3<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(to(*v, 3))
+    }
+
+    /// Two decimals.
+    pub fn f2<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(to(*v, 2))
+    }
+
+    /// Three decimals, `null` for None.
+    pub fn opt3<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_some(&to(*v, 3)),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// A map's values with three decimals.
+    pub fn map3<S: Serializer>(m: &BTreeMap<String, f64>, s: S) -> Result<S::Ok, S::Error> {
+        let mut out = s.serialize_map(Some(m.len()))?;
+        for (k, v) in m {
+            out.serialize_entry(k, &to(*v, 3))?;
+        }
+        out.end()
+    }
+}
+
 /// Which matrix a record belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Matrix {
     Direct,
     Lab,
@@ -37,7 +81,8 @@ impl Matrix {
 }
 
 /// The device model measured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Model {
     /// Hypervisor-direct: the device emulated in the VMM process.
     InVmm,
@@ -58,17 +103,20 @@ impl Model {
 }
 
 /// What else the machine did during a run.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct Load {
     /// 1-minute load average at the end of the run.
+    #[serde(serialize_with = "round::f2")]
     pub loadavg1: f64,
     /// CPUs' worth of time used by processes other than the ones under test, averaged over
     /// the run (0.0 idle, 2.0 both CPUs of this machine busy).
+    #[serde(serialize_with = "round::f3")]
     pub other_cpus: f64,
 }
 
-/// One measurement: one test of one configuration in one run.
-#[derive(Debug, Clone, PartialEq)]
+/// One measurement: one test of one configuration in one run (one line of `records` in
+/// `results.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub matrix: Matrix,
     pub model: Model,
@@ -83,15 +131,20 @@ pub struct Record {
     /// Measured operations.
     pub n: u64,
     /// Latency percentiles (µs).
+    #[serde(rename = "latency_us")]
     pub latency: Option<Summary>,
     /// Operations per second (the QD32 run).
+    #[serde(serialize_with = "round::opt3")]
     pub iops: Option<f64>,
     /// Seconds (boot to init).
+    #[serde(serialize_with = "round::opt3")]
     pub seconds: Option<f64>,
     /// vCPU exits per operation by kind (from the vmm's exit counters; ours only).
+    #[serde(serialize_with = "round::map3")]
     pub exits_per_op: BTreeMap<String, f64>,
     /// Host CPU time per operation (µs) of the VMM's non-vCPU threads and the back-end
     /// daemon's threads.
+    #[serde(serialize_with = "round::opt3")]
     pub cpu_us_per_op: Option<f64>,
     pub load: Load,
 }
@@ -107,62 +160,6 @@ impl Record {
             self.test.clone(),
         )
     }
-
-    pub fn to_json(&self) -> String {
-        let mut s = String::new();
-        let opt = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
-        let _ = write!(
-            s,
-            "{{\"matrix\":\"{}\",\"model\":\"{}\",\"vmm\":{},\"config\":{},\"test\":{},\"run\":{},\"n\":{}",
-            self.matrix.name(),
-            self.model.name(),
-            json_str(&self.vmm),
-            json_str(&self.config),
-            json_str(&self.test),
-            self.run,
-            self.n
-        );
-        let _ = write!(
-            s,
-            ",\"latency_us\":{}",
-            self.latency.map_or("null".to_string(), |l| l.to_json())
-        );
-        let _ = write!(
-            s,
-            ",\"iops\":{},\"seconds\":{}",
-            opt(self.iops),
-            opt(self.seconds)
-        );
-        s.push_str(",\"exits_per_op\":{");
-        for (i, (k, v)) in self.exits_per_op.iter().enumerate() {
-            let _ = write!(s, "{}{}:{v:.3}", if i > 0 { "," } else { "" }, json_str(k));
-        }
-        let _ = write!(
-            s,
-            "}},\"cpu_us_per_op\":{},\"load\":{{\"loadavg1\":{:.2},\"other_cpus\":{:.3}}}}}",
-            opt(self.cpu_us_per_op),
-            self.load.loadavg1,
-            self.load.other_cpus
-        );
-        s
-    }
-}
-
-/// A JSON string literal.
-pub fn json_str(v: &str) -> String {
-    let mut s = String::from("\"");
-    for c in v.chars() {
-        match c {
-            '"' => s.push_str("\\\""),
-            '\\' => s.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(s, "\\u{:04x}", c as u32);
-            }
-            c => s.push(c),
-        }
-    }
-    s.push('"');
-    s
 }
 
 /// CPU time (in clock ticks) of the whole machine and of a set of processes, to tell the
@@ -256,23 +253,18 @@ pub fn median(v: &[f64]) -> Option<f64> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn median_and_json() {
-        assert_eq!(median(&[]), None);
-        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
-        assert_eq!(json_str("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
-        let r = Record {
+    fn record() -> Record {
+        Record {
             matrix: Matrix::Direct,
             model: Model::InVmm,
             vmm: "vmm".into(),
-            config: "virtio-blk".into(),
+            config: "virtio-blk \"x\"\n".into(),
             test: "blk-read-qd1".into(),
             run: 1,
             n: 1000,
             latency: Some(Summary {
                 min: 1.0,
-                p50: 2.0,
+                p50: 2.0004,
                 p90: 3.0,
                 p99: 4.0,
                 p999: 5.0,
@@ -286,21 +278,74 @@ mod tests {
                 loadavg1: 0.5,
                 other_cpus: 0.01,
             },
-        };
-        let j = r.to_json();
+        }
+    }
+
+    #[test]
+    fn median() {
+        assert_eq!(super::median(&[]), None);
+        assert_eq!(super::median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(super::median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
+
+    #[test]
+    fn record_json_round_trip() {
+        let r = record();
+        let j = serde_json::to_string(&r).unwrap();
         assert!(
-            j.starts_with("{\"matrix\":\"direct\",\"model\":\"in-vmm\""),
+            j.starts_with("{\"matrix\":\"direct\",\"model\":\"in-vmm\",\"vmm\":\"vmm\",\"config\":\"virtio-blk \\\"x\\\"\\n\""),
             "{j}"
         );
         assert!(
-            j.contains("\"latency_us\":{\"min\":1.000,\"p50\":2.000"),
+            j.contains("\"latency_us\":{\"min\":1.0,\"p50\":2.0,\"p90\":3.0"),
             "{j}"
         );
-        assert!(j.contains("\"exits_per_op\":{\"notify\":0.500}"), "{j}");
         assert!(
-            j.ends_with("\"load\":{\"loadavg1\":0.50,\"other_cpus\":0.010}}"),
+            j.contains("\"iops\":null,\"seconds\":null,\"exits_per_op\":{\"notify\":0.5}"),
             "{j}"
         );
-        assert_eq!(j.matches('{').count(), j.matches('}').count());
+        assert!(
+            j.ends_with("\"load\":{\"loadavg1\":0.5,\"other_cpus\":0.01}}"),
+            "{j}"
+        );
+        let back: Record = serde_json::from_str(&j).unwrap();
+        let mut rounded = r.clone();
+        if let Some(l) = rounded.latency.as_mut() {
+            l.p50 = 2.0;
+        }
+        assert_eq!(back, rounded);
+        for m in [Matrix::Direct, Matrix::Lab] {
+            assert_eq!(
+                serde_json::to_string(&m).unwrap(),
+                format!("\"{}\"", m.name())
+            );
+        }
+        for m in [Model::InVmm, Model::VhostUser, Model::Passthrough] {
+            assert_eq!(
+                serde_json::to_string(&m).unwrap(),
+                format!("\"{}\"", m.name())
+            );
+        }
+    }
+
+    /// The committed results (written by the hand-built writer this replaced) read back.
+    #[test]
+    fn committed_results_read_back() {
+        let path = crate::lab::repo_root().join("scripts/bench-results/results.json");
+        let r = report::Results::read(&path).unwrap();
+        assert_eq!(r.meta.runs, "4");
+        assert!(r.records.len() > 50, "{}", r.records.len());
+        assert!(r
+            .records
+            .iter()
+            .any(|x| x.matrix == Matrix::Lab && x.model == Model::Passthrough));
+        assert!(r
+            .records
+            .iter()
+            .any(|x| x.latency.is_none() && x.seconds.is_some()));
+        assert_eq!(r.summary.len(), report::summarize(&r.records).len());
+        // Written again, it reads back the same.
+        let again: report::Results = serde_json::from_str(&r.to_json().unwrap()).unwrap();
+        assert_eq!(again, r);
     }
 }

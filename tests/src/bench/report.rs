@@ -1,10 +1,15 @@
 //! The bench's outputs: medians across runs with their spread, as a Markdown table, a JSON
-//! document (every record plus the summary rows) and an SVG plot of the percentiles.
+//! document (every record plus the summary rows, [`Results`]) and an SVG plot of the
+//! percentiles.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io;
+use std::path::Path;
 
-use super::{json_str, median, Matrix, Model, Record};
+use serde::{Deserialize, Serialize};
+
+use super::{median, round, Matrix, Model, Record};
 
 /// One configuration and test, summarized over its runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -240,55 +245,208 @@ pub fn pairs_table(pairs: &[Pairs]) -> String {
     s
 }
 
-/// The JSON document: metadata, every record, the summary rows.
-pub fn json(meta: &[(&str, String)], records: &[Record], rows: &[Row]) -> String {
-    let mut s = String::from("{\n");
-    for (k, v) in meta {
-        let _ = writeln!(s, "  {}: {},", json_str(k), json_str(v));
+/// What a `results.json` says about its run (strings, as the committed files have them).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    /// `2026-12-06 21:47 UTC`.
+    pub date: String,
+    /// The CPU's model name.
+    pub cpu: String,
+    pub runs: String,
+    pub poll_us: String,
+    /// `true` when `--pin` was given.
+    pub pinned: String,
+    /// The bench's wall time.
+    pub seconds: String,
+}
+
+/// One summary row of `results.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SummaryRow {
+    pub matrix: Matrix,
+    pub model: Model,
+    pub vmm: String,
+    pub config: String,
+    pub test: String,
+    pub runs: usize,
+    #[serde(serialize_with = "round::opt3")]
+    pub p50_us: Option<f64>,
+    #[serde(serialize_with = "round::opt3")]
+    pub p90_us: Option<f64>,
+    #[serde(serialize_with = "round::opt3")]
+    pub p99_us: Option<f64>,
+    #[serde(serialize_with = "round::opt3")]
+    pub p999_us: Option<f64>,
+    #[serde(serialize_with = "round::opt3")]
+    pub max_us: Option<f64>,
+    #[serde(serialize_with = "round::opt3")]
+    pub p50_min_us: Option<f64>,
+    #[serde(serialize_with = "round::opt3")]
+    pub p50_max_us: Option<f64>,
+    #[serde(serialize_with = "round::opt3")]
+    pub iops: Option<f64>,
+    #[serde(serialize_with = "round::opt3")]
+    pub seconds: Option<f64>,
+    #[serde(serialize_with = "round::map3")]
+    pub exits_per_op: BTreeMap<String, f64>,
+    #[serde(serialize_with = "round::opt3")]
+    pub cpu_us_per_op: Option<f64>,
+    #[serde(serialize_with = "round::f3")]
+    pub max_other_cpus: f64,
+}
+
+impl From<&Row> for SummaryRow {
+    fn from(r: &Row) -> Self {
+        SummaryRow {
+            matrix: r.matrix,
+            model: r.model,
+            vmm: r.vmm.clone(),
+            config: r.config.clone(),
+            test: r.test.clone(),
+            runs: r.runs,
+            p50_us: r.p50,
+            p90_us: r.p90,
+            p99_us: r.p99,
+            p999_us: r.p999,
+            max_us: r.max,
+            p50_min_us: r.p50_spread.map(|s| s.0),
+            p50_max_us: r.p50_spread.map(|s| s.1),
+            iops: r.iops,
+            seconds: r.seconds,
+            exits_per_op: r.exits_per_op.clone(),
+            cpu_us_per_op: r.cpu_us_per_op,
+            max_other_cpus: r.max_other_cpus,
+        }
     }
-    s.push_str("  \"records\": [\n");
-    for (i, r) in records.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "    {}{}",
-            r.to_json(),
-            if i + 1 < records.len() { "," } else { "" }
-        );
+}
+
+/// `results.json`: the run's metadata, every record, the summary rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub records: Vec<Record>,
+    pub summary: Vec<SummaryRow>,
+}
+
+impl Results {
+    pub fn new(meta: Meta, records: &[Record], rows: &[Row]) -> Results {
+        Results {
+            meta,
+            records: records.to_vec(),
+            summary: rows.iter().map(SummaryRow::from).collect(),
+        }
     }
-    s.push_str("  ],\n  \"summary\": [\n");
-    let opt = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
-    for (i, r) in rows.iter().enumerate() {
-        let exits: Vec<String> = r
-            .exits_per_op
-            .iter()
-            .map(|(k, v)| format!("{}:{v:.3}", json_str(k)))
-            .collect();
-        let _ = writeln!(
-            s,
-            "    {{\"matrix\":\"{}\",\"model\":\"{}\",\"vmm\":{},\"config\":{},\"test\":{},\"runs\":{},\"p50_us\":{},\"p90_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"p50_min_us\":{},\"p50_max_us\":{},\"iops\":{},\"seconds\":{},\"exits_per_op\":{{{}}},\"cpu_us_per_op\":{},\"max_other_cpus\":{:.3}}}{}",
-            r.matrix.name(),
-            r.model.name(),
-            json_str(&r.vmm),
-            json_str(&r.config),
-            json_str(&r.test),
-            r.runs,
-            opt(r.p50),
-            opt(r.p90),
-            opt(r.p99),
-            opt(r.p999),
-            opt(r.max),
-            opt(r.p50_spread.map(|s| s.0)),
-            opt(r.p50_spread.map(|s| s.1)),
-            opt(r.iops),
-            opt(r.seconds),
-            exits.join(","),
-            opt(r.cpu_us_per_op),
-            r.max_other_cpus,
-            if i + 1 < rows.len() { "," } else { "" }
-        );
+
+    /// The document, one record or row per line (readable, and diffs line by line).
+    pub fn to_json(&self) -> serde_json::Result<String> {
+        let mut out = Vec::new();
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, OuterLines::default());
+        self.serialize(&mut ser)?;
+        out.push(b'\n');
+        String::from_utf8(out).map_err(|e| serde_json::Error::io(io::Error::other(e)))
     }
-    s.push_str("  ]\n}\n");
-    s
+
+    /// Reads a `results.json` (this version's or an older bench's: the format is the same).
+    pub fn read(path: &Path) -> Result<Results, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+/// A JSON layout: the outer two levels (the document and its arrays) one member per line,
+/// everything deeper on one line.
+#[derive(Default)]
+struct OuterLines {
+    depth: usize,
+    has_value: bool,
+}
+
+impl OuterLines {
+    /// Containers at this depth or above are spread over lines.
+    const SPREAD: usize = 2;
+
+    fn begin<W: ?Sized + io::Write>(&mut self, w: &mut W, open: &[u8]) -> io::Result<()> {
+        self.depth += 1;
+        self.has_value = false;
+        w.write_all(open)
+    }
+
+    fn end<W: ?Sized + io::Write>(&mut self, w: &mut W, close: &[u8]) -> io::Result<()> {
+        let spread = self.depth <= Self::SPREAD;
+        self.depth = self.depth.saturating_sub(1);
+        if spread && self.has_value {
+            w.write_all(b"\n")?;
+            self.indent(w)?;
+        }
+        w.write_all(close)
+    }
+
+    fn member<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        if !first {
+            w.write_all(b",")?;
+        }
+        if self.depth <= Self::SPREAD {
+            w.write_all(b"\n")?;
+            self.indent(w)?;
+        }
+        Ok(())
+    }
+
+    fn indent<W: ?Sized + io::Write>(&self, w: &mut W) -> io::Result<()> {
+        for _ in 0..self.depth {
+            w.write_all(b"  ")?;
+        }
+        Ok(())
+    }
+}
+
+impl serde_json::ser::Formatter for OuterLines {
+    fn begin_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.begin(w, b"[")
+    }
+
+    fn end_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.end(w, b"]")
+    }
+
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        self.member(w, first)
+    }
+
+    fn end_array_value<W: ?Sized + io::Write>(&mut self, _w: &mut W) -> io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+
+    fn begin_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.begin(w, b"{")
+    }
+
+    fn end_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.end(w, b"}")
+    }
+
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        self.member(w, first)
+    }
+
+    fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        w.write_all(if self.depth <= 1 { b": " } else { b":" })
+    }
+
+    fn end_object_value<W: ?Sized + io::Write>(&mut self, _w: &mut W) -> io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
 }
 
 fn esc(s: &str) -> String {
@@ -484,10 +642,24 @@ mod tests {
         let t = table(&rows);
         assert_eq!(t.lines().count(), 4);
         assert!(t.contains("| 3.00 (2.00-10.00) |"), "{t}");
-        let j = json(&[("date", "2026-11-24".into())], &recs, &rows);
-        assert!(j.contains("\"date\": \"2026-11-24\""));
+        let meta = Meta {
+            date: "2026-11-24".into(),
+            ..Meta::default()
+        };
+        let results = Results::new(meta, &recs, &rows);
+        let j = results.to_json().unwrap();
+        assert!(j.starts_with("{\n  \"date\": \"2026-11-24\",\n"), "{j}");
         assert_eq!(j.matches("\"run\":").count(), 5);
-        assert!(j.contains("\"p50_us\":3.000"));
+        assert!(j.contains("\"p50_us\":3.0,"), "{j}");
+        // One record or row per line, between the document's own lines.
+        assert_eq!(
+            j.lines().count(),
+            6 + 2 + recs.len() + 2 + rows.len() + 2,
+            "{j}"
+        );
+        assert!(j.contains("\n  \"records\": [\n    {\"matrix\":\"direct\",\"model\":\"in-vmm\","));
+        assert!(j.ends_with("}\n  ]\n}\n"), "{j}");
+        assert_eq!(serde_json::from_str::<Results>(&j).unwrap(), results);
         let svg = svg(&rows, "test <plot>");
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("test &lt;plot&gt;"));

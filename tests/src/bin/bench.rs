@@ -4,14 +4,18 @@
 //! guests inside the lab), prints progress and a table, and writes `results.json`,
 //! `results.md` and `latency.svg` to the output directory. `scripts/bench` builds the
 //! release binaries and runs this.
+//!
+//! `bench compare DIR`: the comparison of two builds' rounds (`scripts/bench-compare`), see
+//! [`tests::bench::compare`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use tests::bench::compare::{run_compare, CompareOptions, DEFAULT_THRESHOLD};
 use tests::bench::direct::{run_direct, DirectOptions};
 use tests::bench::lab::{run_lab, LabOptions};
-use tests::bench::report::{json, lab_pairs, pairs_table, summarize, svg, table};
+use tests::bench::report::{lab_pairs, pairs_table, summarize, svg, table, Meta, Results};
 use tests::bench::Record;
 
 const USAGE: &str = "usage: bench [--direct-only | --lab-only] [--runs N] [--n N] [--n-qd32 N]
@@ -33,7 +37,62 @@ const USAGE: &str = "usage: bench [--direct-only | --lab-only] [--runs N] [--n N
                    QEMU's iothread, the daemons' vring workers) on CPU 0
   --only TEXT      direct matrix: only configurations whose \"vmm configuration\" contains
                    TEXT (e.g. \"vmm virtio-blk\")
-  --out DIR        where results go (default target/bench)";
+  --out DIR        where results go (default target/bench)
+
+usage: bench compare DIR [--threshold PCT] [--base-name NAME] [--head-name NAME]
+
+  Reads DIR/base/*/results.json and DIR/head/*/results.json (one per round, written by two
+  builds' bench: scripts/bench-compare), prints per configuration and test the median and
+  min-max of p50 (and of IOPS on QD32 rows) for both, writes the table to DIR/compare.md, and
+  exits 1 when a row of HEAD is slower by more than PCT % (default 10) and the noise.";
+
+/// `bench compare`: Ok(true) when no row is slower.
+fn compare(args: &[String]) -> Result<bool, String> {
+    let mut o = CompareOptions {
+        dir: PathBuf::new(),
+        threshold: DEFAULT_THRESHOLD,
+        base_name: "BASE".into(),
+        head_name: "HEAD".into(),
+    };
+    let mut dir = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        match arg.as_str() {
+            "--threshold" => {
+                let v = value("--threshold")?;
+                o.threshold = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|p| p.is_finite() && *p >= 0.0)
+                    .ok_or(format!("--threshold {v}: expected a percentage"))?
+                    / 100.0;
+            }
+            "--base-name" => o.base_name = value("--base-name")?.clone(),
+            "--head-name" => o.head_name = value("--head-name")?.clone(),
+            d if !d.starts_with('-') && dir.is_none() => dir = Some(PathBuf::from(d)),
+            other => return Err(format!("compare: unexpected argument '{other}'\n{USAGE}")),
+        }
+    }
+    o.dir = dir.ok_or(format!("compare: which directory?\n{USAGE}"))?;
+    let c = run_compare(&o)?;
+    println!("{}", c.markdown);
+    let slower = c.slower();
+    for l in &slower {
+        eprintln!(
+            "bench compare: {} '{}' {} {}: HEAD slower than BASE",
+            l.vmm,
+            l.config,
+            l.test,
+            l.metric.name()
+        );
+    }
+    eprintln!(
+        "bench compare: wrote {}",
+        o.dir.join("compare.md").display()
+    );
+    Ok(slower.is_empty())
+}
 
 struct Args {
     direct: bool,
@@ -157,19 +216,22 @@ fn run() -> Result<(), String> {
         .unwrap_or("")
         .trim()
         .to_string();
-    let meta = [
-        ("date", date.clone()),
-        ("cpu", cpu),
-        ("runs", a.runs.to_string()),
-        ("poll_us", a.poll_us.to_string()),
-        ("pinned", a.pin.to_string()),
-        ("seconds", format!("{:.0}", t0.elapsed().as_secs_f64())),
-    ];
+    let meta = Meta {
+        date: date.clone(),
+        cpu,
+        runs: a.runs.to_string(),
+        poll_us: a.poll_us.to_string(),
+        pinned: a.pin.to_string(),
+        seconds: format!("{:.0}", t0.elapsed().as_secs_f64()),
+    };
     let write = |name: &str, body: &str| -> Result<(), String> {
         let p = a.out.join(name);
         std::fs::write(&p, body).map_err(|e| format!("{}: {e}", p.display()))
     };
-    write("results.json", &json(&meta, &records, &rows))?;
+    let results = Results::new(meta, &records, &rows)
+        .to_json()
+        .map_err(|e| format!("results.json: {e}"))?;
+    write("results.json", &results)?;
     write(
         "results.md",
         &format!(
@@ -191,6 +253,17 @@ fn run() -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("compare") {
+        return match compare(&args[1..]) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("bench compare: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -41,7 +41,7 @@
 //! Exit status: 0 all checks passed, 1 a mismatch, 2 usage or setup error, 3 a request hung.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -52,6 +52,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ::tests::probe::XorShift;
+use serde::Serialize;
 
 const BLOCK: usize = 4096;
 const MAGIC: &[u8; 8] = b"BLKSTRS1";
@@ -282,7 +283,9 @@ fn parse_state(text: &[u8]) -> Result<(u64, Vec<BlockState>), String> {
 // ---------------------------------------------------------------------------------------------
 // Verification of a whole device or image
 
-#[derive(Debug, Default)]
+/// The verify pass's findings; its JSON is the `verify` member of the result line and the
+/// body of `BLKSTRESS-IMAGE`.
+#[derive(Debug, Default, Serialize)]
 struct VerifyReport {
     checked: u64,
     ok: u64,
@@ -291,7 +294,9 @@ struct VerifyReport {
     read_errors: u64,
     first_read_error: Option<String>,
     mismatches: u64,
+    #[serde(rename = "mismatch_kinds")]
     by_kind: BTreeMap<&'static str, u64>,
+    #[serde(rename = "first_mismatches")]
     first: Vec<String>,
 }
 
@@ -314,31 +319,6 @@ impl VerifyReport {
                 }
             }
         }
-    }
-
-    fn json(&self) -> String {
-        let kinds: Vec<String> = self
-            .by_kind
-            .iter()
-            .map(|(k, n)| format!("\"{k}\":{n}"))
-            .collect();
-        let first: Vec<String> = self.first.iter().map(|d| format!("\"{d}\"")).collect();
-        format!(
-            "{{\"checked\":{},\"ok\":{},\"old_after_error\":{},\"new_after_error\":{},\
-             \"read_errors\":{},\"first_read_error\":{},\"mismatches\":{},\"mismatch_kinds\":{{{}}},\
-             \"first_mismatches\":[{}]}}",
-            self.checked,
-            self.ok,
-            self.old_after_error,
-            self.new_after_error,
-            self.read_errors,
-            self.first_read_error
-                .as_ref()
-                .map_or("null".to_string(), |e| format!("\"{e}\"")),
-            self.mismatches,
-            kinds.join(","),
-            first.join(",")
-        )
     }
 }
 
@@ -604,13 +584,77 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn counts(a: &[AtomicU64; 3]) -> String {
-    let v: Vec<String> = KINDS
-        .iter()
-        .zip(a)
-        .map(|(k, n)| format!("\"{k}\":{}", n.load(Ordering::Relaxed)))
-        .collect();
-    format!("{{{}}}", v.join(","))
+/// Requests by kind (the order of [`KINDS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+struct OpCounts {
+    write: u64,
+    read: u64,
+    flush: u64,
+}
+
+impl fmt::Display for OpCounts {
+    /// `{write:N,read:N,flush:N}` for the progress line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{{write:{},read:{},flush:{}}}",
+            self.write, self.read, self.flush
+        )
+    }
+}
+
+fn counts(a: &[AtomicU64; 3]) -> OpCounts {
+    let [write, read, flush] = a.each_ref().map(|n| n.load(Ordering::Relaxed));
+    OpCounts { write, read, flush }
+}
+
+/// The result line of a run whose requests hung: `BLKSTRESS {...}`.
+#[derive(Debug, Serialize)]
+struct HungResult {
+    seed: u64,
+    hung: usize,
+    first_hung: String,
+    max_inflight: usize,
+    done: OpCounts,
+    errors: OpCounts,
+    first_error: Option<String>,
+    run_mismatches: u64,
+}
+
+/// The result line of a run whose verify read hung.
+#[derive(Debug, Serialize)]
+struct VerifyHung {
+    hung: u32,
+    first_hung: String,
+}
+
+/// The result line of a finished run.
+#[derive(Debug, Serialize)]
+struct RunResult<'a> {
+    seed: u64,
+    #[serde(serialize_with = "tenths")]
+    seconds: f64,
+    threads: usize,
+    blocks: u64,
+    written_blocks: usize,
+    max_inflight: usize,
+    done: OpCounts,
+    errors: OpCounts,
+    first_error: Option<String>,
+    run_mismatches: u64,
+    first_run_mismatches: Vec<String>,
+    verify: &'a VerifyReport,
+}
+
+fn tenths<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((v * 10.0).round() / 10.0)
+}
+
+/// `PREFIX {json}`.
+fn json_line(prefix: &str, v: &impl Serialize) -> Result<String, String> {
+    serde_json::to_string(v)
+        .map(|j| format!("{prefix} {j}"))
+        .map_err(|e| format!("{prefix} line: {e}"))
 }
 
 /// Stuck requests: (thread, kind, block, seconds) of those running for `limit` or more.
@@ -704,8 +748,8 @@ fn run(a: &RunArgs) -> Result<(String, u8), String> {
     let progress = |t: f64| {
         println!(
             "BLKSTRESS-PROGRESS t={t:.0} done={} errors={} inflight={}",
-            counts(&sh.done).replace('"', ""),
-            counts(&sh.errors).replace('"', ""),
+            counts(&sh.done),
+            counts(&sh.errors),
             sh.inflight.load(Ordering::Relaxed)
         );
     };
@@ -737,20 +781,19 @@ fn run(a: &RunArgs) -> Result<(String, u8), String> {
         }
         // The state as it stands (a hung write may or may not have landed), for L1's check
         // of the image; the device itself is not read again (it would hang).
-        let line = format!(
-            "BLKSTRESS {{\"seed\":{},\"hung\":{},\"first_hung\":\"{}\",\"max_inflight\":{},\"done\":{},\
-             \"errors\":{},\"first_error\":{},\"run_mismatches\":{}}}",
-            a.seed,
-            hung.len(),
-            hung.first().cloned().unwrap_or_default(),
-            sh.max_inflight.load(Ordering::Relaxed),
-            counts(&sh.done),
-            counts(&sh.errors),
-            lock(&sh.first_error)
-                .as_ref()
-                .map_or("null".to_string(), |e| format!("\"{e}\"")),
-            sh.run_mismatches.load(Ordering::Relaxed)
-        );
+        let line = json_line(
+            "BLKSTRESS",
+            &HungResult {
+                seed: a.seed,
+                hung: hung.len(),
+                first_hung: hung.first().cloned().unwrap_or_default(),
+                max_inflight: sh.max_inflight.load(Ordering::Relaxed),
+                done: counts(&sh.done),
+                errors: counts(&sh.errors),
+                first_error: lock(&sh.first_error).clone(),
+                run_mismatches: sh.run_mismatches.load(Ordering::Relaxed),
+            },
+        )?;
         if let Some(path) = &a.state {
             write_state(
                 path,
@@ -789,7 +832,14 @@ fn run(a: &RunArgs) -> Result<(String, u8), String> {
                     "BLKSTRESS-STUCK verify read of block={n} for {:.1} s",
                     last.1.elapsed().as_secs_f64()
                 );
-                println!("BLKSTRESS {{\"hung\":1,\"first_hung\":\"verify read of block {n}\"}}");
+                let hung = VerifyHung {
+                    hung: 1,
+                    first_hung: format!("verify read of block {n}"),
+                };
+                match json_line("BLKSTRESS", &hung) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => println!("BLKSTRESS-ERROR {e}"),
+                }
                 std::process::exit(3);
             }
         }
@@ -801,26 +851,23 @@ fn run(a: &RunArgs) -> Result<(String, u8), String> {
         .filter(|s| s.committed != 0 || !s.failed.is_empty())
         .count();
     let run_mismatches = sh.run_mismatches.load(Ordering::Relaxed);
-    let first_run: Vec<String> = lock(&sh.first_mismatches)
-        .iter()
-        .map(|d| format!("\"{d}\""))
-        .collect();
-    let line = format!(
-        "BLKSTRESS {{\"seed\":{},\"seconds\":{secs:.1},\"threads\":{},\"blocks\":{},\"written_blocks\":{written},\
-         \"max_inflight\":{},\"done\":{},\"errors\":{},\"first_error\":{},\"run_mismatches\":{run_mismatches},\
-         \"first_run_mismatches\":[{}],\"verify\":{}}}",
-        a.seed,
-        a.threads,
-        a.blocks,
-        sh.max_inflight.load(Ordering::Relaxed),
-        counts(&sh.done),
-        counts(&sh.errors),
-        lock(&sh.first_error)
-            .as_ref()
-            .map_or("null".to_string(), |e| format!("\"{e}\"")),
-        first_run.join(","),
-        v.json()
-    );
+    let line = json_line(
+        "BLKSTRESS",
+        &RunResult {
+            seed: a.seed,
+            seconds: secs,
+            threads: a.threads,
+            blocks: a.blocks,
+            written_blocks: written,
+            max_inflight: sh.max_inflight.load(Ordering::Relaxed),
+            done: counts(&sh.done),
+            errors: counts(&sh.errors),
+            first_error: lock(&sh.first_error).clone(),
+            run_mismatches,
+            first_run_mismatches: lock(&sh.first_mismatches).clone(),
+            verify: &v,
+        },
+    )?;
     let status = if run_mismatches > 0 || v.mismatches > 0 {
         1
     } else {
@@ -865,7 +912,7 @@ fn verify_image(image: &str, state: &str) -> Result<(String, bool), String> {
     let f = File::open(image).map_err(|e| format!("open {image}: {e}"))?;
     let v = verify_blocks(&f, seed, &states, true, &AtomicU64::new(0));
     let ok = v.mismatches == 0 && v.read_errors == 0;
-    Ok((format!("BLKSTRESS-IMAGE {}", v.json()), ok))
+    Ok((json_line("BLKSTRESS-IMAGE", &v)?, ok))
 }
 
 /// `mute-listener PATH`: accepts every connection and never answers.
@@ -927,6 +974,73 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The result line is JSON whatever the error texts hold, in the compact layout the lab
+    /// script's `json_num` and `grep '"errors":{"write":0,"read":0,"flush":0}'` read.
+    #[test]
+    fn result_lines_are_json() {
+        let v = VerifyReport {
+            checked: 4,
+            first_read_error: Some("read of block 1: \"Input/output\" \\ error\n".into()),
+            by_kind: [("stale", 2)].into_iter().collect(),
+            first: vec!["block=3 stale (gen 1) want gen 2".into()],
+            ..VerifyReport::default()
+        };
+        let zero = OpCounts {
+            write: 0,
+            read: 0,
+            flush: 0,
+        };
+        let r = RunResult {
+            seed: 7,
+            seconds: 20.04,
+            threads: 16,
+            blocks: 2048,
+            written_blocks: 100,
+            max_inflight: 16,
+            done: OpCounts {
+                write: 5,
+                read: 3,
+                flush: 1,
+            },
+            errors: zero,
+            first_error: Some("write of block 9 at 1.0 s: \"quoted\"".into()),
+            run_mismatches: 0,
+            first_run_mismatches: vec![],
+            verify: &v,
+        };
+        let line = json_line("BLKSTRESS", &r).unwrap();
+        let body = line.strip_prefix("BLKSTRESS ").unwrap();
+        let j: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(j["first_error"], "write of block 9 at 1.0 s: \"quoted\"");
+        assert_eq!(
+            j["verify"]["first_read_error"],
+            *v.first_read_error.as_ref().unwrap()
+        );
+        assert_eq!(j["verify"]["mismatch_kinds"]["stale"], 2);
+        assert!(
+            body.starts_with("{\"seed\":7,\"seconds\":20.0,\"threads\":16,"),
+            "{body}"
+        );
+        assert!(
+            body.contains("\"errors\":{\"write\":0,\"read\":0,\"flush\":0}"),
+            "{body}"
+        );
+        assert!(body.contains("\"run_mismatches\":0,"), "{body}");
+        let hung = json_line(
+            "BLKSTRESS",
+            &VerifyHung {
+                hung: 1,
+                first_hung: "verify read of block 5".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            hung,
+            "BLKSTRESS {\"hung\":1,\"first_hung\":\"verify read of block 5\"}"
+        );
+        assert_eq!(r.done.to_string(), "{write:5,read:3,flush:1}");
+    }
 
     fn temp_image(name: &str, blocks: u64) -> String {
         let dir = std::env::temp_dir().join(format!("blkstress-{}-{name}", std::process::id()));
@@ -1107,7 +1221,7 @@ mod tests {
         st[b0 as usize].committed += 1000;
         let file = File::open(&img).unwrap();
         let v = verify_blocks(&file, seed, &st, false, &AtomicU64::new(0));
-        assert_eq!(v.mismatches, 3, "{}", v.json());
+        assert_eq!(v.mismatches, 3, "{v:?}");
         let _ = std::fs::remove_dir_all(std::path::Path::new(&img).parent().unwrap());
     }
 

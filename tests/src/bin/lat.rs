@@ -34,6 +34,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use tests::bench::lab::LatLine;
 use tests::probe::{percentile, XorShift, PERCENTILES_PER_MILLE};
 
 const BLOCK: usize = 4096;
@@ -149,7 +150,7 @@ fn run(a: &Args) -> Result<String, String> {
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .map_err(|e| format!("append samples to {file}: {e}"))?;
     }
-    Ok(result_line("blk-read-qd1", samples))
+    result_line("blk-read-qd1", samples)
 }
 
 /// The `LAT-RESULT` line of test `test` over the samples `parse` finds in `file`.
@@ -163,7 +164,7 @@ fn file_summary(
     if samples.is_empty() {
         return Err(format!("{file} holds no {test} samples"));
     }
-    Ok(result_line(test, samples))
+    result_line(test, samples)
 }
 
 /// The round trips (ns) of ping's `time=<ms> ms` fields, in order.
@@ -196,20 +197,22 @@ fn parse_samples(text: &str) -> Result<Vec<u64>, String> {
         .collect()
 }
 
-fn result_line(test: &str, mut samples: Vec<u64>) -> String {
+fn result_line(test: &str, mut samples: Vec<u64>) -> Result<String, String> {
     samples.sort_unstable();
     let p = |pm: u32| percentile(&samples, pm).unwrap_or(0);
     let [p50, p90, p99, p999] = PERCENTILES_PER_MILLE;
-    format!(
-        "LAT-RESULT {{\"test\":\"{test}\",\"n\":{},\"min_ns\":{},\"p50_ns\":{},\"p90_ns\":{},\"p99_ns\":{},\"p999_ns\":{},\"max_ns\":{}}}",
-        samples.len(),
-        p(0),
-        p(p50),
-        p(p90),
-        p(p99),
-        p(p999),
-        p(1000)
-    )
+    LatLine {
+        test: test.to_string(),
+        n: samples.len() as u64,
+        min_ns: p(0),
+        p50_ns: p(p50),
+        p90_ns: p(p90),
+        p99_ns: p(p99),
+        p999_ns: p(p999),
+        max_ns: p(1000),
+    }
+    .line()
+    .map_err(|e| format!("result line: {e}"))
 }
 
 fn main() -> ExitCode {
@@ -283,6 +286,9 @@ mod unit {
             "{line}"
         );
         assert!(line.ends_with("\"max_ns\":40}"), "{line}");
+        let r = tests::bench::lab::parse_lat_result(&line).unwrap();
+        assert_eq!((r.test.as_str(), r.n), ("blk-read-qd1", 4));
+        assert_eq!((r.summary.min, r.summary.max), (0.01, 0.04));
         assert!(parse_samples("1\nx\n").is_err());
         assert_eq!(parse_samples("\n5\n\n").unwrap(), vec![5]);
     }
@@ -311,7 +317,7 @@ mod unit {
         ] {
             assert!(parse_ping(bad).is_err(), "accepted {bad:?}");
         }
-        let line = result_line("net-rtt", parse_ping(text).unwrap());
+        let line = result_line("net-rtt", parse_ping(text).unwrap()).unwrap();
         assert!(
             line.starts_with(
                 "LAT-RESULT {\"test\":\"net-rtt\",\"n\":3,\"min_ns\":70000,\"p50_ns\":2345000,"

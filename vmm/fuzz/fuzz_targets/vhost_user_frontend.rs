@@ -32,17 +32,18 @@
 #![no_main]
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use backends::inflight::{queue_region_size, region_size};
+use backends::vhost_user::relay::{encode, read_message, send_message};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes as _, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm::config::VhostUserConfig;
-use vmm::virtio::vhost_user::fuzzing::{fail_pending, inflight_queue_bytes, Ring};
+use vmm::virtio::vhost_user::fuzzing::{fail_pending, Ring};
 use vmm::virtio::vhost_user::{SharedRegion, VhostUserDevice};
 use vmm::virtio::{Activation, ActiveQueue, DeviceShared, Irq, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
@@ -105,86 +106,15 @@ fn memfd(size: u64) -> Option<OwnedFd> {
     Some(f.into())
 }
 
-/// Receives one message: (request, flags, body). None at EOF or on a broken message.
+/// Receives one message: (request, flags, body); the fds that came with it are closed (the
+/// fake back-end keeps none). None at EOF or on a broken message.
 fn recv(s: &mut UnixStream) -> Option<(u32, u32, Vec<u8>)> {
-    let mut hdr = [0u8; 12];
-    let mut cbuf = [0u64; 16];
-    let mut iov = libc::iovec {
-        iov_base: hdr.as_mut_ptr().cast(),
-        iov_len: hdr.len(),
-    };
-    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_iov = &mut iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = cbuf.as_mut_ptr().cast();
-    mh.msg_controllen = std::mem::size_of_val(&cbuf);
-    // SAFETY: receives into the local buffers `mh` points at, alive for the call.
-    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
-    if n <= 0 {
-        return None;
-    }
-    // SAFETY: walks the control messages the kernel wrote into `cbuf`; the fds received
-    // are this process's and closed here (the fake back-end keeps none).
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&mh);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
-                for i in 0..count {
-                    drop(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&mh, c);
-        }
-    }
-    s.read_exact(&mut hdr[n as usize..]).ok()?;
-    let code = u32::from_le_bytes(hdr[0..4].try_into().ok()?);
-    let flags = u32::from_le_bytes(hdr[4..8].try_into().ok()?);
-    let size = u32::from_le_bytes(hdr[8..12].try_into().ok()?) as usize;
-    if size > 4096 {
-        return None;
-    }
-    let mut body = vec![0u8; size];
-    s.read_exact(&mut body).ok()?;
-    Some((code, flags, body))
+    let m = read_message(s).ok()??;
+    Some((m.request(), m.flags(), m.body().to_vec()))
 }
 
 fn send(s: &UnixStream, m: &[u8], fd: Option<RawFd>) -> bool {
-    let mut cbuf = [0u64; 4];
-    let mut iov = libc::iovec {
-        iov_base: m.as_ptr() as *mut libc::c_void,
-        iov_len: m.len(),
-    };
-    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_iov = &mut iov;
-    mh.msg_iovlen = 1;
-    if let Some(fd) = fd {
-        mh.msg_control = cbuf.as_mut_ptr().cast();
-        // SAFETY: CMSG_SPACE only computes a size.
-        mh.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
-        // SAFETY: one SCM_RIGHTS control message inside `cbuf`, which has room for it.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&mh);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
-            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
-        }
-    }
-    // SAFETY: `mh` points at `iov` (inside `m`) and `cbuf`, alive for the call.
-    let r = unsafe { libc::sendmsg(s.as_raw_fd(), &mh, libc::MSG_NOSIGNAL) };
-    r == m.len() as isize
-}
-
-fn message(code: u32, flags: u32, body: &[u8]) -> Vec<u8> {
-    let mut m = code.to_le_bytes().to_vec();
-    m.extend_from_slice(&flags.to_le_bytes());
-    m.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    m.extend_from_slice(body);
-    m
+    send_message(s, m, fd.as_slice()).is_ok()
 }
 
 /// The right answer to `code` (and an fd to pass with it), with values from the input.
@@ -239,7 +169,7 @@ fn answer(r: &mut Bytes, net: bool, code: u32, body: &[u8]) -> (Vec<u8>, Option<
                     .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
             };
             let (nq, qs) = (u16_at(16), u16_at(18));
-            let need = usize::from(nq) * inflight_queue_bytes(qs);
+            let need = region_size(nq, qs);
             let need = need as u64;
             let file = match c & 3 {
                 0 => need,
@@ -284,7 +214,7 @@ fn backend(mut s: UnixStream, mut r: Bytes, net: bool) {
         let how = if r.done() { 0 } else { r.u8() };
         if !wants {
             if how == 0xff {
-                let _ = send(&s, &message(GET_FEATURES, VERSION | REPLY, &[0; 8]), None);
+                let _ = send(&s, &encode(GET_FEATURES, VERSION | REPLY, &[0; 8]), None);
             }
             continue;
         }
@@ -302,11 +232,11 @@ fn backend(mut s: UnixStream, mut r: Bytes, net: bool) {
             _ => {}
         }
         let fd = fd.as_ref().or(extra.as_ref()).map(|f| f.as_raw_fd());
-        if !send(&s, &message(code, flags, &b), fd) {
+        if !send(&s, &encode(code, flags, &b), fd) {
             return;
         }
         if how >> 4 == 15 {
-            let _ = send(&s, &message(code, VERSION | REPLY, &b), None);
+            let _ = send(&s, &encode(code, VERSION | REPLY, &b), None);
         }
     }
 }
@@ -519,7 +449,7 @@ fn outage(mut r: Bytes, lie: bool) {
     let start = r.u16();
     let _ = mem.write_obj(start, GuestAddress(AVAIL + 2));
     let _ = mem.write_obj(start, GuestAddress(USED + 2));
-    let mut region = Region(vec![0u8; inflight_queue_bytes(size)]);
+    let mut region = Region(vec![0u8; queue_region_size(size)]);
     region.set_u16(8, 1);
     region.set_u16(10, size);
     region.set_u16(14, start);

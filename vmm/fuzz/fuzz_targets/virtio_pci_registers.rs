@@ -14,7 +14,8 @@
 //! - 2: read `1 + (op >> 3 & 7)` bytes of BAR 0 at `b:a`
 //! - 3: read `1 + (op >> 3 & 7)` bytes of the common configuration at `a % 0x40`
 //! - 4: write configuration register `(b & 3):a` at byte `op >> 3 & 3`, `1 + (op >> 5 & 3)`
-//!   bytes (clipped to the register); a BAR move is followed as the PCI root does
+//!   bytes (clipped to the register); the BARs are then routed as the PCI root does (where
+//!   programmed while their decode bit is on and they are not being sized; no windows)
 //! - 5: read configuration register `(b & 3):a`
 //! - 6: a doorbell for queue `a % 8`: with `op >> 3 & 1` clear a 16-bit write to its BAR 0
 //!   notify address; set, a write of `b:a` (2 bytes; 4 or 1 with `op >> 4 & 3` = 1 or 2) to the
@@ -23,7 +24,7 @@
 //! - 7: write `a` to device_status
 //!
 //! The fake ioeventfd registry checks, after every operation, that exactly the doorbells of
-//! the BARs' current addresses are registered (each queue: its MMIO notify address and the
+//! the BARs' routed addresses are registered (none for a BAR routed nowhere) (each queue: its MMIO notify address and the
 //! port with its index as datamatch), none twice; and a doorbell for an existing queue
 //! kicks that queue's eventfd, whichever way it went.
 #![no_main]
@@ -36,7 +37,7 @@ use libfuzzer_sys::fuzz_target;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm::interrupt::fake::FakeRouter;
-use vmm::pci::{BarKind, PciDevice};
+use vmm::pci::{BarKind, PciDevice, COMMAND_IO, COMMAND_MEMORY};
 use vmm::virtio::pci::{Doorbell, IoEvents, VirtioPciDevice, PIO_BAR_INDEX};
 use vmm::virtio::{Activation, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
@@ -137,30 +138,45 @@ impl IoEventRegistry {
     }
 }
 
-/// The doorbells that must be registered with BAR 0 at `bar` and the port BAR at `port`.
-fn expected(bar: u64, port: u64) -> Vec<Doorbell> {
+/// The doorbells that must be registered with BAR 0 routed at `bar` and the port BAR at
+/// `port`.
+fn expected(bar: Option<u64>, port: Option<u64>) -> Vec<Doorbell> {
     let mut v: Vec<Doorbell> = (0..MAX_SIZES.len() as u16)
         .flat_map(|i| {
-            [
-                Doorbell::Mmio(bar + 0x3000 + 4 * u64::from(i)),
-                Doorbell::Pio { port, queue: i },
-            ]
+            let mmio = bar.map(|bar| Doorbell::Mmio(bar + 0x3000 + 4 * u64::from(i)));
+            let pio = port.map(|port| Doorbell::Pio { port, queue: i });
+            mmio.into_iter().chain(pio)
         })
         .collect();
     v.sort();
     v
 }
 
-/// Where BAR 0 and the port BAR are now.
-fn bar_addrs(dev: &VirtioPciDevice) -> (u64, u64) {
+/// Routes the BARs as the PCI root does (without its windows and bus): each where it is
+/// programmed while it decodes. Returns where BAR 0 and the port BAR are routed.
+fn route(dev: &mut VirtioPciDevice) -> (Option<u64>, Option<u64>) {
+    let command = dev.read_config(1) as u16;
+    let mut at = (None, None);
     let bars = dev.bars();
-    let at = |i: usize| bars.iter().find(|b| b.index == i).map(|b| b.addr);
-    let mem = at(0).expect("BAR 0");
-    let io = at(PIO_BAR_INDEX).expect("the port BAR");
     assert!(bars
         .iter()
         .any(|b| b.index == PIO_BAR_INDEX && b.kind == BarKind::Io));
-    (mem, io)
+    for b in bars {
+        let bit = if b.kind == BarKind::Io {
+            COMMAND_IO
+        } else {
+            COMMAND_MEMORY
+        };
+        let to = (command & bit != 0 && b.addr != 0 && !b.is_sizing()).then_some(b.addr);
+        // The fake registry refuses nothing a single device asks for.
+        dev.bar_mapping(b.index, to).expect("doorbells registered");
+        match b.index {
+            0 => at.0 = to,
+            PIO_BAR_INDEX => at.1 = to,
+            _ => {}
+        }
+    }
+    at
 }
 
 /// Drains the kick eventfds: which queues were kicked.
@@ -225,9 +241,12 @@ fuzz_target!(|data: &[u8]| {
     ) else {
         return;
     };
+    // Decoding on, as the root leaves a device it adds.
+    dev.write_config(1, 0, &(COMMAND_IO | COMMAND_MEMORY).to_le_bytes());
+    let mut routed = route(&mut dev);
     // The kick eventfd of each queue, as registered for its MMIO doorbell.
     let kicks: Vec<EventFd> = {
-        let (bar, _) = bar_addrs(&dev);
+        let bar = routed.0.expect("BAR 0 routed");
         let m = ioevents.0.lock().unwrap();
         (0..MAX_SIZES.len() as u64)
             .map(|i| {
@@ -264,9 +283,8 @@ fuzz_target!(|data: &[u8]| {
                 let n = (1 + usize::from(op >> 5 & 3))
                     .min(4 - off)
                     .min(data.len() - i);
-                if let Some(m) = dev.write_config(reg, off as u64, &data[i..i + n]) {
-                    dev.bar_moved(&m);
-                }
+                dev.write_config(reg, off as u64, &data[i..i + n]);
+                routed = route(&mut dev);
                 i += n;
             }
             5 => {
@@ -282,29 +300,34 @@ fuzz_target!(|data: &[u8]| {
             6 => {
                 let n = [2, 4, 1, 2][usize::from(op >> 4 & 3)];
                 let value = u64::from(u16::from_le_bytes([a, b]));
-                let (_, port) = bar_addrs(&dev);
                 kicked(&kicks);
-                match ioevents.port_hit(port, n, value) {
-                    // KVM's datamatch takes it: no exit.
-                    Some(fd) => {
-                        let _ = fd.write(1);
-                    }
-                    None => {
-                        let bytes = value.to_le_bytes();
-                        dev.write_bar(PIO_BAR_INDEX, 0, &bytes[..n]);
+                match routed.1 {
+                    // The port BAR decodes nothing: the write reaches no one.
+                    None => check_kicks(&kicks, None),
+                    Some(port) => {
+                        match ioevents.port_hit(port, n, value) {
+                            // KVM's datamatch takes it: no exit.
+                            Some(fd) => {
+                                let _ = fd.write(1);
+                            }
+                            None => {
+                                let bytes = value.to_le_bytes();
+                                dev.write_bar(PIO_BAR_INDEX, 0, &bytes[..n]);
+                            }
+                        }
+                        // A 1-byte write names no queue.
+                        check_kicks(&kicks, (n >= 2).then_some(usize::from(value as u16)));
                     }
                 }
-                // A 1-byte write names no queue.
-                check_kicks(&kicks, (n >= 2).then_some(usize::from(value as u16)));
             }
             _ => dev.write_bar(0, 0x14, &[a]),
         }
-        let (bar, port) = bar_addrs(&dev);
+        let (bar, port) = routed;
         let registered: Vec<Doorbell> = ioevents.0.lock().unwrap().keys().copied().collect();
         assert_eq!(
             registered,
             expected(bar, port),
-            "registered doorbells differ from the BARs' (BAR 0 {bar:#x}, port {port:#x})"
+            "registered doorbells differ from the BARs' (BAR 0 {bar:x?}, port {port:x?})"
         );
         let got = std::mem::take(&mut *activated.lock().unwrap());
         if !got.is_empty() {

@@ -9,6 +9,7 @@
 //! size and next RIP: the port doorbell is the cheaper exit. A driver that wants memory
 //! (the ring-3 probe guest) skips the port capability and uses BAR 0.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use super::{
 };
 use crate::interrupt::InterruptRouter;
 use crate::pci::msix::Msix;
-use crate::pci::{BarKind, BarMove, BarRange, ConfigSpace, PciDevice};
+use crate::pci::{BarKind, BarMapError, BarRange, ConfigSpace, PciDevice};
 
 /// Where a queue's doorbell rings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -142,11 +143,14 @@ pub struct VirtioPciDevice {
     msix: Msix,
     msix_cap: usize,
     pci_cfg_cap: usize,
-    bar: u64,
-    /// The first port of the port I/O notify BAR.
-    pio_bar: u64,
+    /// Where the PCI root routes BAR 0 and the port I/O notify BAR (its first port) now;
+    /// `None` while a BAR decodes nothing.
+    bar: Option<u64>,
+    pio_bar: Option<u64>,
     ioevents: Arc<dyn IoEvents>,
     kicks: Vec<EventFd>,
+    /// The doorbell ioeventfds registered now, with the queue each kicks.
+    doorbells: BTreeMap<Doorbell, usize>,
     mem: Memory,
     // Common configuration.
     device_feature_select: u32,
@@ -167,7 +171,8 @@ pub struct VirtioPciDevice {
 
 impl VirtioPciDevice {
     /// Wraps `device` with BAR 0 at `bar` (64 KiB, naturally aligned) and the port I/O
-    /// notify BAR at port `pio_bar` ([`PIO_BAR_SIZE`] ports, naturally aligned).
+    /// notify BAR at port `pio_bar` ([`PIO_BAR_SIZE`] ports, naturally aligned). The
+    /// doorbell ioeventfds are registered when the PCI root maps the BARs.
     pub fn new(
         name: &str,
         device: Box<dyn VirtioDevice>,
@@ -256,14 +261,9 @@ impl VirtioPciDevice {
         msix_body.extend_from_slice(&(MSIX_PBA_OFFSET as u32).to_le_bytes());
         let msix_cap = config.add_capability(&msix_body, &[0xc000_0000]);
 
-        let mut kicks = Vec::new();
-        for i in 0..nq {
-            let fd = EventFd::new(libc::EFD_NONBLOCK)?;
-            for at in doorbells(bar, pio_bar, i) {
-                ioevents.register(&fd, at)?;
-            }
-            kicks.push(fd);
-        }
+        let kicks = (0..nq)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(VirtioPciDevice {
             name: name.to_string(),
             config,
@@ -271,10 +271,11 @@ impl VirtioPciDevice {
             msix,
             msix_cap,
             pci_cfg_cap,
-            bar,
-            pio_bar,
+            bar: None,
+            pio_bar: None,
             ioevents,
             kicks,
+            doorbells: BTreeMap::new(),
             mem,
             device_feature_select: 0,
             driver_feature_select: 0,
@@ -612,7 +613,7 @@ impl PciDevice for VirtioPciDevice {
         self.config.read(reg)
     }
 
-    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) -> Option<BarMove> {
+    fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) {
         if reg == self.pci_cfg_cap / 4 + 4 {
             let (bar, off, len) = self.pci_cfg_window();
             if bar == 0 && matches!(len, 1 | 2 | 4) && off + len as u64 <= BAR_SIZE {
@@ -622,14 +623,13 @@ impl PciDevice for VirtioPciDevice {
                     .copy_from_slice(&data[..n.min(4 - offset as usize)]);
                 self.bar_write(off, &d[..len]);
             }
-            return None;
+            return;
         }
-        let moved = self.config.write_tracking_bars(reg, offset, data);
+        self.config.write(reg, offset, data);
         if reg == self.msix_cap / 4 {
             let ctrl = (self.config.read(reg) >> 16) as u16;
             self.msix.set_control(ctrl);
         }
-        moved
     }
 
     fn bars(&self) -> Vec<BarRange> {
@@ -660,48 +660,77 @@ impl PciDevice for VirtioPciDevice {
         }
     }
 
-    fn bar_moved(&mut self, m: &BarMove) {
-        let (old, new) = match m.index {
-            0 => ((m.old, self.pio_bar), (m.new, self.pio_bar)),
-            PIO_BAR_INDEX => ((self.bar, m.old), (self.bar, m.new)),
-            _ => return,
+    fn bar_mapping(&mut self, index: usize, at: Option<u64>) -> Result<(), BarMapError> {
+        let slot = match index {
+            0 => &mut self.bar,
+            PIO_BAR_INDEX => &mut self.pio_bar,
+            _ => return Ok(()),
         };
-        for (i, k) in self.kicks.iter().enumerate() {
-            let moves = doorbells(old.0, old.1, i)
-                .into_iter()
-                .zip(doorbells(new.0, new.1, i));
-            for (from, to) in moves.filter(|(from, to)| from != to) {
-                let _ = self.ioevents.unregister(k, from);
-                if let Err(e) = self.ioevents.register(k, to) {
-                    log::error!(
-                        "{}: cannot move queue {i}'s doorbell ioeventfd to {to:x?}: {e}; its doorbells now exit to the VMM",
-                        self.name
-                    );
+        if *slot == at {
+            return Ok(());
+        }
+        *slot = at;
+        let is_pio = index == PIO_BAR_INDEX;
+        let of_bar = |d: &Doorbell| matches!(d, Doorbell::Pio { .. }) == is_pio;
+        let mut first: Result<(), BarMapError> = Ok(());
+        // Drop every doorbell of this BAR: none may ring where the BAR no longer decodes.
+        let old: Vec<(Doorbell, usize)> = self
+            .doorbells
+            .iter()
+            .filter(|(d, _)| of_bar(d))
+            .map(|(d, q)| (*d, *q))
+            .collect();
+        for (d, q) in old {
+            self.doorbells.remove(&d);
+            if let Err(source) = self.ioevents.unregister(&self.kicks[q], d) {
+                first = first.and(Err(BarMapError {
+                    what: format!("cannot remove queue {q}'s doorbell ioeventfd"),
+                    at: doorbell_addr(d),
+                    source,
+                }));
+            }
+        }
+        let Some(base) = at else {
+            return first;
+        };
+        for (q, k) in self.kicks.iter().enumerate() {
+            let d = if is_pio {
+                Doorbell::Pio {
+                    port: base,
+                    queue: q as u16,
+                }
+            } else {
+                Doorbell::Mmio(base + NOTIFY_OFFSET + q as u64 * u64::from(NOTIFY_MULTIPLIER))
+            };
+            match self.ioevents.register(k, d) {
+                Ok(()) => {
+                    self.doorbells.insert(d, q);
+                }
+                Err(source) => {
+                    first = first.and(Err(BarMapError {
+                        what: format!("cannot register queue {q}'s doorbell ioeventfd"),
+                        at: doorbell_addr(d),
+                        source,
+                    }))
                 }
             }
         }
-        (self.bar, self.pio_bar) = new;
+        first
     }
 }
 
-/// The doorbells of queue `i` with BAR 0 at `bar` and the port BAR at `pio_bar`.
-fn doorbells(bar: u64, pio_bar: u64, i: usize) -> [Doorbell; 2] {
-    [
-        Doorbell::Mmio(bar + NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER)),
-        Doorbell::Pio {
-            port: pio_bar,
-            queue: i as u16,
-        },
-    ]
+fn doorbell_addr(d: Doorbell) -> u64 {
+    match d {
+        Doorbell::Mmio(a) => a,
+        Doorbell::Pio { port, .. } => port,
+    }
 }
 
 impl Drop for VirtioPciDevice {
     fn drop(&mut self) {
         self.device.reset();
-        for (i, k) in self.kicks.iter().enumerate() {
-            for at in doorbells(self.bar, self.pio_bar, i) {
-                let _ = self.ioevents.unregister(k, at);
-            }
+        for (d, q) in std::mem::take(&mut self.doorbells) {
+            let _ = self.ioevents.unregister(&self.kicks[q], d);
         }
     }
 }

@@ -161,7 +161,7 @@ fn new_t(fail_activate: bool) -> T {
     let rec = Arc::new(Mutex::new(Record::default()));
     let router = Arc::new(FakeRouter::default());
     let io = Arc::new(FakeIoEvents::default());
-    let dev = VirtioPciDevice::new(
+    let mut dev = VirtioPciDevice::new(
         "test",
         Box::new(FakeDevice {
             rec: rec.clone(),
@@ -173,6 +173,10 @@ fn new_t(fail_activate: bool) -> T {
         io.clone(),
     )
     .unwrap();
+    // Nothing is registered until the PCI root routes the BARs; route them as it does.
+    assert!(io.live.lock().unwrap().is_empty());
+    dev.bar_mapping(0, Some(BAR)).unwrap();
+    dev.bar_mapping(PIO_BAR_INDEX, Some(PIO)).unwrap();
     T {
         dev,
         rec,
@@ -291,8 +295,9 @@ impl T {
     }
 
     fn config_write(&mut self, off: usize, data: &[u8]) {
-        let r = self.dev.write_config(off / 4, (off % 4) as u64, data);
-        assert!(r.is_none(), "a capability write moved a BAR");
+        let bars = self.dev.bars();
+        self.dev.write_config(off / 4, (off % 4) as u64, data);
+        assert_eq!(self.dev.bars(), bars, "a capability write moved a BAR");
     }
 }
 
@@ -342,29 +347,22 @@ fn identity_and_bar() {
     // BAR 0: 64-bit memory at BAR, 64 KiB by sizing.
     assert_eq!(t.dev.read_config(4), BAR as u32 | 0x4);
     assert_eq!(t.dev.read_config(5), 0);
-    assert!(t.dev.write_config(4, 0, &[0xff; 4]).is_none());
-    assert!(t.dev.write_config(5, 0, &[0xff; 4]).is_none());
+    t.dev.write_config(4, 0, &[0xff; 4]);
+    t.dev.write_config(5, 0, &[0xff; 4]);
+    assert!(t.dev.bars()[0].is_sizing());
     let size =
         !(u64::from(t.dev.read_config(4) & !0xf) | (u64::from(t.dev.read_config(5)) << 32)) + 1;
     assert_eq!(size, BAR_SIZE);
-    // Restoring the address is not a move.
-    assert!(t
-        .dev
-        .write_config(4, 0, &(BAR as u32).to_le_bytes())
-        .is_none());
-    assert!(t.dev.write_config(5, 0, &[0; 4]).is_none());
+    // Restored, the BAR holds its address again.
+    t.dev.write_config(4, 0, &(BAR as u32).to_le_bytes());
+    t.dev.write_config(5, 0, &[0; 4]);
     // BAR 2: the doorbell ports, I/O space, 4 ports by sizing.
     assert_eq!(t.dev.read_config(4 + PIO_BAR_INDEX), PIO as u32 | 0x1);
-    assert!(t
-        .dev
-        .write_config(4 + PIO_BAR_INDEX, 0, &[0xff; 4])
-        .is_none());
+    t.dev.write_config(4 + PIO_BAR_INDEX, 0, &[0xff; 4]);
     let size = !(t.dev.read_config(4 + PIO_BAR_INDEX) & !0x3) + 1;
     assert_eq!(u64::from(size), PIO_BAR_SIZE);
-    assert!(t
-        .dev
-        .write_config(4 + PIO_BAR_INDEX, 0, &(PIO as u32).to_le_bytes())
-        .is_none());
+    t.dev
+        .write_config(4 + PIO_BAR_INDEX, 0, &(PIO as u32).to_le_bytes());
     let bars = t.dev.bars();
     assert_eq!(bars.len(), 2);
     assert_eq!(
@@ -1030,7 +1028,7 @@ fn pci_cfg_window_reaches_bar0() {
     set(&mut t, 0, MSIX_CONFIG as u32, 2);
     for off in 0..4 {
         for len in 1..=4 {
-            let _ = t.dev.write_config(data / 4, off, &[0u8, 0, 0, 0][..len]);
+            t.dev.write_config(data / 4, off, &[0u8, 0, 0, 0][..len]);
             let _ = t.dev.read_config(data / 4);
         }
     }
@@ -1058,52 +1056,54 @@ fn bar_relocation_moves_the_ioeventfds() {
     assert_eq!(addrs(&t), expect(BAR));
     let fds: Vec<i32> = t.io.live.lock().unwrap().values().copied().collect();
     // Below 4 GiB.
-    let m = t
-        .dev
-        .write_config(4, 0, &0xe000_0000u32.to_le_bytes())
-        .expect("BAR move");
-    assert_eq!(
-        (m.index, m.old, m.new, m.size),
-        (0, BAR, 0xe000_0000, BAR_SIZE)
-    );
-    t.dev.bar_moved(&m);
+    t.dev.bar_mapping(0, Some(0xe000_0000)).unwrap();
     assert_eq!(addrs(&t), expect(0xe000_0000));
-    // Above 4 GiB: the high dword moves it.
-    let m = t.dev.write_config(5, 0, &[1, 0, 0, 0]).expect("BAR move");
-    assert_eq!(m.new, 0x1_e000_0000);
-    t.dev.bar_moved(&m);
+    // Above 4 GiB.
+    t.dev.bar_mapping(0, Some(0x1_e000_0000)).unwrap();
     assert_eq!(addrs(&t), expect(0x1_e000_0000));
     // The same eventfds, in queue order.
     let now: Vec<i32> = t.io.live.lock().unwrap().values().copied().collect();
     assert_eq!(now, fds);
     // The port BAR moves its doorbells too, and leaves the MMIO ones where they are.
-    let m = t
-        .dev
-        .write_config(4 + PIO_BAR_INDEX, 0, &0xd000u32.to_le_bytes())
-        .expect("port BAR move");
-    assert_eq!(
-        (m.index, m.old, m.new, m.size, m.kind),
-        (
-            PIO_BAR_INDEX,
-            PIO,
-            0xd000,
-            PIO_BAR_SIZE,
-            crate::pci::BarKind::Io
-        )
-    );
-    t.dev.bar_moved(&m);
+    t.dev.bar_mapping(PIO_BAR_INDEX, Some(0xd000)).unwrap();
     assert_eq!(addrs(&t), expect_at(0x1_e000_0000, 0xd000));
     let now: Vec<i32> = t.io.live.lock().unwrap().values().copied().collect();
     assert_eq!(now, fds);
+    // Unrouted (decoding off, or a refused move): none of the BAR's doorbells is left,
+    // and a notify that reaches the transport still kicks its queue.
+    t.dev.bar_mapping(0, None).unwrap();
+    assert_eq!(
+        addrs(&t),
+        expect_at(0x1_e000_0000, 0xd000)[MAX_SIZES.len()..].to_vec()
+    );
+    t.dev.bar_mapping(PIO_BAR_INDEX, None).unwrap();
+    assert!(addrs(&t).is_empty());
+    t.dev.bar_mapping(0, Some(0x1_e000_0000)).unwrap();
     // A running device keeps working and its kicks follow.
     t.bring_up(&[0]);
-    assert_eq!(t.dev.bars()[0].addr, 0x1_e000_0000);
     // Dropping the device releases them all.
     let io = t.io.clone();
     drop(t);
     assert!(io.live.lock().unwrap().is_empty());
-    // Two MMIO moves and one port move, then both kinds at the drop.
-    assert_eq!(io.unregistered.lock().unwrap().len(), 5 * MAX_SIZES.len());
+    // Unregistered: three MMIO moves (two moves, one unroute), two port ones, then the
+    // MMIO ones at the drop.
+    assert_eq!(io.unregistered.lock().unwrap().len(), 6 * MAX_SIZES.len());
+}
+
+/// A refused registration (KVM says EEXIST) is reported to the root, and nothing of it
+/// is unregistered later (it was never registered).
+#[test]
+fn a_doorbell_that_cannot_be_registered_is_reported() {
+    let mut t = t();
+    let taken = Doorbell::Mmio(0xe000_0000 + NOTIFY + NOTIFY_MULT);
+    let other = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    t.io.register(&other, taken).unwrap();
+    let e = t.dev.bar_mapping(0, Some(0xe000_0000)).unwrap_err();
+    assert_eq!(e.at, 0xe000_0000 + NOTIFY + NOTIFY_MULT);
+    // The other queues' doorbells are there; the taken one is still the other fd's.
+    assert_eq!(t.io.live.lock().unwrap()[&taken], other.as_raw_fd());
+    t.dev.bar_mapping(0, None).unwrap();
+    assert_eq!(t.io.live.lock().unwrap()[&taken], other.as_raw_fd());
 }
 
 /// Offsets worth trying in every region: each edge and its neighbours.
@@ -1176,7 +1176,7 @@ fn odd_access_sizes_and_offsets_never_panic() {
         }
         for off in 0..4u64 {
             for len in 1..=(4 - off as usize) {
-                let _ = t.dev.write_config(reg, off, &[0xff; 4][..len]);
+                t.dev.write_config(reg, off, &[0xff; 4][..len]);
             }
         }
     }
@@ -1216,9 +1216,7 @@ fn random_register_storm() {
                 let reg = (r >> 16) as usize % 80;
                 let o = (r >> 24) % 4;
                 let n = 1 + (r >> 32) as usize % (4 - o as usize);
-                if let Some(m) = t.dev.write_config(reg, o, &val[..n]) {
-                    t.dev.bar_moved(&m);
-                }
+                t.dev.write_config(reg, o, &val[..n]);
                 let _ = t.dev.read_config(reg);
             }
         }
@@ -1232,4 +1230,107 @@ fn random_register_storm() {
     t.driver_ok();
     assert_eq!(t.activations(), before + 1);
     assert_eq!(t.status() & STATUS_NEEDS_RESET, 0);
+}
+
+/// Two transports on a PCI root, driven through 0xCF8/0xCFC as a guest does: the doorbell
+/// ioeventfds registered are exactly those of the BARs the root routes, whatever the guest
+/// writes to the BARs and the command register.
+#[test]
+fn doorbells_follow_the_root_through_refused_moves_and_decode() {
+    use crate::bus::{Bus, BusDevice};
+    use crate::pci::{PciConfigIo, PciRoot, PciWindows};
+    let mmio = Arc::new(Bus::new());
+    let pio = Arc::new(Bus::new());
+    let root = Arc::new(Mutex::new(PciRoot::new(
+        mmio.clone(),
+        pio.clone(),
+        PciWindows::for_guest(512 << 20),
+    )));
+    let io = Arc::new(FakeIoEvents::default());
+    let transport = |bars: (u64, u64)| {
+        let rec = Arc::new(Mutex::new(Record::default()));
+        let dev = VirtioPciDevice::new(
+            "t",
+            Box::new(FakeDevice {
+                rec,
+                fail_activate: false,
+            }),
+            bars,
+            memory(),
+            Arc::new(FakeRouter::default()),
+            io.clone(),
+        )
+        .unwrap();
+        Arc::new(Mutex::new(dev))
+    };
+    let a = root
+        .lock()
+        .unwrap()
+        .add("a", transport((BAR, PIO)))
+        .unwrap();
+    let b = root
+        .lock()
+        .unwrap()
+        .add("b", transport((BAR + BAR_SIZE, PIO + PIO_BAR_SIZE)))
+        .unwrap();
+    let mut cfg = PciConfigIo::new(root.clone());
+    let mut w = |dev: u8, reg: u8, v: u32, len: usize| {
+        let addr = 0x8000_0000u32 | (u32::from(dev) << 11) | u32::from(reg);
+        cfg.write(0, &addr.to_le_bytes());
+        cfg.write(4, &v.to_le_bytes()[..len]);
+    };
+    let live = |io: &FakeIoEvents| io.live.lock().unwrap().keys().copied().collect::<Vec<_>>();
+    let of = |base: Option<u64>, port: Option<u64>| {
+        let mut v: Vec<Doorbell> = (0..MAX_SIZES.len() as u64)
+            .flat_map(|i| {
+                let m = base.map(|b| Doorbell::Mmio(b + NOTIFY + i * NOTIFY_MULT));
+                let p = port.map(|port| Doorbell::Pio {
+                    port,
+                    queue: i as u16,
+                });
+                m.into_iter().chain(p)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let both = |a: (Option<u64>, Option<u64>), b: (Option<u64>, Option<u64>)| {
+        let mut v = of(a.0, a.1);
+        v.extend(of(b.0, b.1));
+        v.sort();
+        v
+    };
+    assert_eq!((a, b), (1, 2));
+    let b_at = (Some(BAR + BAR_SIZE), Some(PIO + PIO_BAR_SIZE));
+    assert_eq!(live(&io), both((Some(BAR), Some(PIO)), b_at));
+    // A's port BAR onto 0xCF8, then onto B's port: refused, no port doorbell of A left.
+    w(a, 0x18, 0xcf8, 4);
+    assert_eq!(live(&io), both((Some(BAR), None), b_at));
+    w(a, 0x18, (PIO + PIO_BAR_SIZE) as u32, 4);
+    assert_eq!(live(&io), both((Some(BAR), None), b_at));
+    // A's BAR 0 onto guest RAM: no MMIO doorbell of A anywhere.
+    w(a, 0x10, 0x10_0000 | 0x4, 4);
+    assert_eq!(live(&io), both((None, None), b_at));
+    // Back where they were: registered again, B untouched throughout.
+    w(a, 0x10, BAR as u32 | 0x4, 4);
+    w(a, 0x18, PIO as u32 | 1, 4);
+    assert_eq!(live(&io), both((Some(BAR), Some(PIO)), b_at));
+    // Decode off (Memory only): the MMIO doorbells go, the port ones stay.
+    w(a, 0x04, 0x1, 2);
+    assert_eq!(live(&io), both((None, Some(PIO)), b_at));
+    w(a, 0x04, 0x3, 2);
+    assert_eq!(live(&io), both((Some(BAR), Some(PIO)), b_at));
+    // The buses agree: A's notify area reaches A, 0xCF8 is not A's.
+    let mut d = [0u8; 2];
+    assert!(mmio.read(BAR + QUEUE_SELECT, &mut d));
+    let fixed: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));
+    pio.insert("pci-config", fixed.clone(), 0xcf8, 8).unwrap();
+    w(a, 0x18, 0xcf8, 4);
+    w(a, 0x18, PIO as u32 | 1, 4);
+    assert!(pio.owned_by(0xcf8, &fixed));
+    // Tearing the root down leaves no doorbell registered.
+    let devices = root.lock().unwrap().take_devices();
+    drop(devices);
+    assert!(live(&io).is_empty());
+    assert!(mmio.ranges().is_empty());
 }

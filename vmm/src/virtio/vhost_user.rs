@@ -54,6 +54,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use backends::inflight::{InflightRegion, QueueInflight};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
 };
@@ -62,7 +63,6 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::QueueT;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion,
-    VolatileSlice,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -672,7 +672,7 @@ impl Ctx {
                 }
             }
             if let Some(r) = inflight.as_ref() {
-                let fd = r.file.as_raw_fd();
+                let fd = r.region.fd().as_raw_fd();
                 self.rq("SET_INFLIGHT_FD", || fe.set_inflight_fd(&r.info, fd))?;
             }
         }
@@ -723,123 +723,45 @@ impl Ctx {
     }
 }
 
-/// The inflight region the back-end handed out (GET_INFLIGHT_FD), mapped here too.
+/// The inflight region the back-end handed out (GET_INFLIGHT_FD), mapped here too (the
+/// format is `backends::inflight`'s, which our daemons write).
 struct Inflight {
-    file: std::fs::File,
+    region: InflightRegion,
     info: VhostUserInflight,
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is owned by this struct and only touched through volatile accesses.
-unsafe impl Send for Inflight {}
-
-/// One queue's share of the region (libvhost-user's `vu_inflight_queue_size`).
-fn inflight_queue_bytes(queue_size: u16) -> usize {
-    (16 * usize::from(queue_size) + 2).div_ceil(64) * 64
 }
 
 impl Inflight {
+    /// Maps the region after checking its geometry and that the file holds all of it (a
+    /// page past the end of the file would kill the VMM with SIGBUS the first time it is
+    /// read, at a reconnect or an outage).
     fn map(file: std::fs::File, info: VhostUserInflight) -> Result<Self, String> {
-        let len = usize::try_from(info.mmap_size).map_err(|_| "size too large".to_string())?;
-        let need = usize::from(info.num_queues) * inflight_queue_bytes(info.queue_size);
-        if len < need {
-            return Err(format!(
-                "{len} bytes for {} queues of {}: {need} needed",
-                info.num_queues, info.queue_size
-            ));
-        }
-        let off = libc::off_t::try_from(info.mmap_offset).map_err(|_| "bad offset".to_string())?;
-        // The back-end's fd must hold what is mapped: a page past the end of the file would
-        // kill the VMM with SIGBUS the first time it is read (at a reconnect or an outage).
-        let meta = file.metadata().map_err(|e| format!("fstat: {e}"))?;
-        if !meta.file_type().is_file() {
-            return Err("the fd is not a memory file".to_string());
-        }
-        if info
-            .mmap_offset
-            .checked_add(len as u64)
-            .is_none_or(|end| end > meta.len())
-        {
-            return Err(format!(
-                "{len} bytes at offset {:#x} run past the end of its {}-byte file",
-                info.mmap_offset,
-                meta.len()
-            ));
-        }
-        // SAFETY: maps `len` bytes of a file this struct keeps open; the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                off,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(format!("mmap: {}", io::Error::last_os_error()));
-        }
-        Ok(Inflight {
-            file,
-            info,
-            ptr: ptr.cast(),
-            len,
-        })
+        let region = InflightRegion::open(
+            OwnedFd::from(file),
+            info.mmap_size,
+            info.mmap_offset,
+            info.num_queues,
+            info.queue_size,
+        )
+        .map_err(|e| error_chain(&e))?;
+        Ok(Inflight { region, info })
     }
 
     /// Queue `i`'s part of the region.
-    fn queue(&self, i: usize) -> Option<VolatileSlice<'_>> {
-        let qb = inflight_queue_bytes(self.info.queue_size);
-        let at = i.checked_mul(qb)?;
-        if i >= usize::from(self.info.num_queues) || at + qb > self.len {
-            return None;
-        }
-        // SAFETY: [at, at + qb) lies within the live mapping this struct owns.
-        Some(unsafe { VolatileSlice::new(self.ptr.add(at), qb) })
+    fn queue(&self, i: usize) -> Option<QueueInflight> {
+        self.region.queue(u16::try_from(i).ok()?)
     }
 }
 
-impl Drop for Inflight {
-    fn drop(&mut self) {
-        // SAFETY: unmaps the mapping this struct made.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+/// "what: why" for an error and its sources, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
     }
-}
-
-// The split-ring inflight format (vhost-user spec, "Inflight I/O tracking").
-const IF_USED_IDX: usize = 14;
-const IF_LAST_BATCH_HEAD: usize = 12;
-const IF_DESC: usize = 16;
-const IF_DESC_SIZE: usize = 16;
-
-fn if_flag(r: &VolatileSlice, head: u16) -> Option<usize> {
-    let at = IF_DESC + usize::from(head) * IF_DESC_SIZE;
-    (at + IF_DESC_SIZE <= r.len()).then_some(at)
-}
-
-/// The heads marked inflight, in the order the back-end took them, after applying the
-/// last-batch rule (a head whose completion was published but not yet cleared).
-fn inflight_heads(r: &VolatileSlice, ring_size: u16, used_idx: u16) -> Vec<u16> {
-    let region_used: u16 = r.read_obj(IF_USED_IDX).unwrap_or(used_idx);
-    if region_used != used_idx {
-        let batch: u16 = r.read_obj(IF_LAST_BATCH_HEAD).unwrap_or(u16::MAX);
-        if let Some(at) = if_flag(r, batch) {
-            let _ = r.write_obj(0u8, at);
-        }
-        let _ = r.write_obj(used_idx, IF_USED_IDX);
-    }
-    let mut heads: Vec<(u64, u16)> = (0..ring_size)
-        .filter_map(|h| {
-            let at = if_flag(r, h)?;
-            let flag: u8 = r.read_obj(at).ok()?;
-            let counter: u64 = r.read_obj(at + 8).ok()?;
-            (flag == 1).then_some((counter, h))
-        })
-        .collect();
-    heads.sort_unstable();
-    heads.into_iter().map(|(_, h)| h).collect()
+    s
 }
 
 const VIRTIO_BLK_S_IOERR: u8 = 1;
@@ -950,7 +872,7 @@ fn fail_inflight<M: GuestMemoryBackend>(
     kind: Kind,
     mem: &M,
     q: &QueueSetup,
-    region: &VolatileSlice,
+    region: &mut QueueInflight,
 ) -> u32 {
     let Some((avail, used)) = ring_indexes(mem, q) else {
         return 0;
@@ -960,18 +882,16 @@ fn fail_inflight<M: GuestMemoryBackend>(
     // make the used index run past the available one, nor the untaken ones be looked for
     // before the used index.
     let outstanding = avail.wrapping_sub(used).min(q.size);
-    let mut heads = inflight_heads(region, q.size, used);
+    let mut heads = region.recover(used).resubmit;
+    heads.retain(|&h| h < q.size);
     heads.truncate(usize::from(outstanding));
     let untaken = outstanding - heads.len() as u16;
     heads.extend(avail_heads(mem, q, avail.wrapping_sub(untaken), avail));
     let new_used = complete_with_error(kind, mem, q, used, &heads);
     let done = new_used.wrapping_sub(used);
     for &h in heads.iter().take(usize::from(done)) {
-        if let Some(at) = if_flag(region, h) {
-            let _ = region.write_obj(0u8, at);
-        }
+        region.completed(h, new_used);
     }
-    let _ = region.write_obj(new_used, IF_USED_IDX);
     u32::from(done)
 }
 
@@ -1128,8 +1048,8 @@ impl State {
                 .iter()
                 .filter(|q| carries_requests(ctx.kind, q))
             {
-                if let Some(r) = region.queue(q.index) {
-                    n += fail_inflight(ctx.kind, &*mem, q, &r);
+                if let Some(mut r) = region.queue(q.index) {
+                    n += fail_inflight(ctx.kind, &*mem, q, &mut r);
                 }
             }
         } else if setup.acked & VIRTIO_F_IN_ORDER != 0 || self.idle_at_death == Some(true) {
@@ -1244,18 +1164,8 @@ impl State {
             .queues
             .iter()
             .filter_map(|q| {
-                let r = region.queue(q.index)?;
                 let (_, used) = ring_indexes(&*mem, q)?;
-                let region_used: u16 = r.read_obj(IF_USED_IDX).ok()?;
-                let batch: u16 = r.read_obj(IF_LAST_BATCH_HEAD).ok()?;
-                Some(
-                    (0..q.size)
-                        .filter(|&h| !(region_used != used && h == batch))
-                        .filter(|&h| {
-                            if_flag(&r, h).and_then(|at| r.read_obj::<u8>(at).ok()) == Some(1)
-                        })
-                        .count(),
-                )
+                Some(region.queue(q.index)?.resubmits_at(used))
             })
             .sum()
     }
@@ -1713,7 +1623,10 @@ pub fn shared_regions(ram: &crate::memory::Ram) -> Vec<SharedRegion> {
 /// Entry points for the `cargo fuzz` targets (feature `fuzzing`).
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing {
-    use vm_memory::{GuestMemoryMmap, VolatileSlice};
+    use std::os::unix::fs::FileExt;
+
+    use backends::inflight::InflightRegion;
+    use vm_memory::GuestMemoryMmap;
     use vmm_sys_util::eventfd::EventFd;
 
     use super::{fail_in_order, fail_inflight, Kind, QueueSetup};
@@ -1726,11 +1639,6 @@ pub mod fuzzing {
         pub desc: u64,
         pub avail: u64,
         pub used: u64,
-    }
-
-    /// Bytes of one queue's part of an inflight region.
-    pub fn inflight_queue_bytes(queue_size: u16) -> usize {
-        super::inflight_queue_bytes(queue_size)
     }
 
     /// What the outage path does to one queue of a dead back-end: with `region` (the
@@ -1760,7 +1668,25 @@ pub mod fuzzing {
             call,
         };
         let n = match region {
-            Some(r) => fail_inflight(kind, mem, &q, &VolatileSlice::from(r)),
+            // The region as the back-end left it (the bytes of one queue of `ring.size`
+            // entries, `backends::inflight::queue_region_size`), and as the outage leaves
+            // it, written back.
+            Some(bytes) => {
+                let Ok(r) = InflightRegion::create(1, ring.size) else {
+                    return (0, false);
+                };
+                let Ok(file) = r.fd().try_clone_to_owned().map(std::fs::File::from) else {
+                    return (0, false);
+                };
+                let (Ok(()), Some(mut q0)) = (file.write_all_at(bytes, 0), r.queue(0)) else {
+                    return (0, false);
+                };
+                let n = fail_inflight(kind, mem, &q, &mut q0);
+                if file.read_exact_at(bytes, 0).is_err() {
+                    return (0, false);
+                }
+                n
+            }
             None => fail_in_order(kind, mem, &q),
         };
         (n, q.call.read().is_ok())

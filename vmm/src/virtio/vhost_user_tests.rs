@@ -2,7 +2,6 @@
 //! thread speaking the protocol on a temporary socket, scripted to answer, stall or hang
 //! up), and of the ring and inflight-region bookkeeping on hand-built rings. No KVM.
 
-use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -11,8 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use backends::inflight::{region_size, InflightRegion};
+use backends::vhost_user::relay::{self, read_message, send_message};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
@@ -106,81 +107,12 @@ fn tmpdir(tag: &str) -> PathBuf {
 
 /// Receives one message: header, body and attached fds. None at EOF.
 fn recv_msg(s: &mut UnixStream) -> Option<(u32, u32, Vec<u8>, Vec<OwnedFd>)> {
-    let mut hdr = [0u8; 12];
-    let mut cbuf = [0u64; 16];
-    let mut iov = libc::iovec {
-        iov_base: hdr.as_mut_ptr().cast(),
-        iov_len: hdr.len(),
-    };
-    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the call.
-    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_iov = &mut iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = cbuf.as_mut_ptr().cast();
-    mh.msg_controllen = std::mem::size_of_val(&cbuf);
-    // SAFETY: receives into the local buffers described by `mh`.
-    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
-    if n <= 0 {
-        return None;
-    }
-    let mut fds = Vec::new();
-    // SAFETY: walks the control messages the kernel wrote into `cbuf`.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&mh);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
-                for i in 0..count {
-                    fds.push(OwnedFd::from_raw_fd(*data.add(i)));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&mh, c);
-        }
-    }
-    s.read_exact(&mut hdr[n as usize..]).ok()?;
-    let code = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
-    let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
-    let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
-    let mut body = vec![0u8; size];
-    s.read_exact(&mut body).ok()?;
-    Some((code, flags, body, fds))
+    let m = read_message(s).ok()??;
+    Some((m.request(), m.flags(), m.body().to_vec(), m.fds))
 }
 
 fn reply(s: &mut UnixStream, code: u32, body: &[u8], fd: Option<RawFd>) {
-    let mut m = Vec::new();
-    m.extend_from_slice(&code.to_le_bytes());
-    m.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
-    m.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    m.extend_from_slice(body);
-    match fd {
-        None => {
-            let _ = s.write_all(&m);
-        }
-        Some(fd) => {
-            let mut cbuf = [0u64; 4];
-            let mut iov = libc::iovec {
-                iov_base: m.as_mut_ptr().cast(),
-                iov_len: m.len(),
-            };
-            // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the call.
-            let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-            mh.msg_iov = &mut iov;
-            mh.msg_iovlen = 1;
-            mh.msg_control = cbuf.as_mut_ptr().cast();
-            // SAFETY: CMSG_SPACE is a pure computation.
-            mh.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
-            // SAFETY: fills one SCM_RIGHTS control message inside `cbuf` and sends.
-            unsafe {
-                let c = libc::CMSG_FIRSTHDR(&mh);
-                (*c).cmsg_level = libc::SOL_SOCKET;
-                (*c).cmsg_type = libc::SCM_RIGHTS;
-                (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
-                *libc::CMSG_DATA(c).cast::<RawFd>() = fd;
-                libc::sendmsg(s.as_raw_fd(), &mh, 0);
-            }
-        }
-    }
+    let _ = send_message(s, &relay::reply(code, body), fd.as_slice());
 }
 
 /// Serves one connection by the script; returns when the frontend hangs up (or the script
@@ -242,7 +174,7 @@ fn serve(mut s: UnixStream, conn: usize, script: &Script, fake: (&Mutex<Vec<Msg>
             GET_INFLIGHT_FD => {
                 let nq = u16::from_le_bytes(body[16..18].try_into().unwrap());
                 let qs = u16::from_le_bytes(body[18..20].try_into().unwrap());
-                let size = usize::from(nq) * inflight_queue_bytes(qs);
+                let size = region_size(nq, qs);
                 // SAFETY: creates a memfd; the result is checked.
                 let fd = unsafe { libc::memfd_create(c"inflight".as_ptr(), libc::MFD_CLOEXEC) };
                 assert!(fd >= 0);
@@ -827,11 +759,12 @@ fn status(mem: &GuestMemoryMmap, head: u16) -> u8 {
         .unwrap()
 }
 
-/// Marks `head` taken in the region, with `counter`.
-fn take(r: &VolatileSlice, head: u16, counter: u64) {
-    let at = IF_DESC + IF_DESC_SIZE * usize::from(head);
-    r.write_obj(1u8, at).unwrap();
-    r.write_obj(counter, at + 8).unwrap();
+/// A back-end's inflight region for one queue of QSIZE, as a new back-end starts it.
+fn inflight_region() -> (InflightRegion, QueueInflight) {
+    let region = InflightRegion::create(1, QSIZE).unwrap();
+    let mut q = region.queue(0).unwrap();
+    assert!(q.recover(0).fresh);
+    (region, q)
 }
 
 #[test]
@@ -839,23 +772,20 @@ fn failing_from_the_region_completes_every_head_exactly_once() {
     let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
     // The guest queued [0: FLUSH, 1: WRITE, 2: cached READ, 3: READ, 4]; the back-end took
     // 0..=3 (1 before 0), completed 2 at once, published 3's completion and died before it
-    // cleared 3's inflight flag; it never took 4.
+    // recorded that; it never took 4.
     let q = ring_with_requests(&gm, &[0, 1, 2, 3, 4]);
-    let mut buf = vec![0u8; inflight_queue_bytes(QSIZE)];
-    let r = VolatileSlice::from(&mut buf[..]);
-    r.write_obj(1u16, 8).unwrap(); // version
-    r.write_obj(QSIZE, 10).unwrap(); // desc_num
-    take(&r, 1, 1);
-    take(&r, 0, 2);
-    take(&r, 2, 3);
-    take(&r, 3, 4);
+    let (region, mut r) = inflight_region();
+    for h in [1, 0, 2, 3] {
+        r.taken(h);
+    }
+    r.completing(2);
     complete(&gm, &q, 2);
-    r.write_obj(0u8, IF_DESC + IF_DESC_SIZE * 2).unwrap();
-    r.write_obj(1u16, IF_USED_IDX).unwrap();
-    r.write_obj(3u16, IF_LAST_BATCH_HEAD).unwrap();
+    r.completed(2, 1);
+    r.completing(3);
     complete(&gm, &q, 3);
 
-    let n = fail_inflight(Kind::Block, &gm, &q, &r);
+    let mut r = region.queue(0).unwrap();
+    let n = fail_inflight(Kind::Block, &gm, &q, &mut r);
     assert_eq!(n, 3);
     assert_eq!(used_ids(&gm, &q), vec![2, 3, 1, 0, 4]);
     // Completed ones keep their status; the failed ones carry IOERR.
@@ -872,16 +802,12 @@ fn failing_from_the_region_completes_every_head_exactly_once() {
     assert!(q.call.read().is_ok(), "the guest is told");
     // The region says nothing is in flight and where the ring is: a restarted back-end
     // resubmits none of them.
-    for h in 0..QSIZE {
-        assert_eq!(
-            r.read_obj::<u8>(IF_DESC + IF_DESC_SIZE * usize::from(h))
-                .unwrap(),
-            0
-        );
-    }
-    assert_eq!(r.read_obj::<u16>(IF_USED_IDX).unwrap(), 5);
+    let mut next = region.queue(0).unwrap();
+    assert_eq!(next.resubmits_at(5), 0);
+    let rec = next.recover(5);
+    assert!(!rec.fresh && rec.resubmit.is_empty(), "{rec:?}");
     // Run again (the next outage tick): nothing new, nothing twice.
-    assert_eq!(fail_inflight(Kind::Block, &gm, &q, &r), 0);
+    assert_eq!(fail_inflight(Kind::Block, &gm, &q, &mut r), 0);
     assert_eq!(used_ids(&gm, &q).len(), 5);
 }
 
@@ -1190,7 +1116,7 @@ fn an_inflight_region_larger_than_its_file_is_refused() {
     // A back-end answering GET_INFLIGHT_FD with a file smaller than the region it
     // announces: mapping it would turn the first read (at a reconnect or an outage) into
     // SIGBUS in the VMM.
-    let need = inflight_queue_bytes(QSIZE) as u64;
+    let need = region_size(1, QSIZE) as u64;
     let file = |len: u64| {
         let f = std::fs::File::from(memfd());
         f.set_len(len).unwrap();
@@ -1216,14 +1142,11 @@ fn a_region_marking_more_in_flight_than_outstanding_completes_no_more_than_outst
     // Three requests available, two taken; the region also marks heads 5 and 6 (never made
     // available): four "in flight" for three outstanding.
     let q = ring_with_requests(&gm, &[0, 1, 2]);
-    let mut buf = vec![0u8; inflight_queue_bytes(QSIZE)];
-    let r = VolatileSlice::from(&mut buf[..]);
-    r.write_obj(1u16, 8).unwrap();
-    r.write_obj(QSIZE, 10).unwrap();
-    for (c, h) in [0, 1, 5, 6].into_iter().enumerate() {
-        take(&r, h, c as u64);
+    let (_region, mut r) = inflight_region();
+    for h in [0, 1, 5, 6] {
+        r.taken(h);
     }
-    let n = fail_inflight(Kind::Block, &gm, &q, &r);
+    let n = fail_inflight(Kind::Block, &gm, &q, &mut r);
     assert!(n <= 3, "{n} completions for 3 outstanding requests");
     let ids = used_ids(&gm, &q);
     assert_eq!(ids.len(), n as usize);
