@@ -16,11 +16,14 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex};
 
+use backends::ratelimit::GuestErrorLog;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::{InterruptRouter, MsiMessage};
 use crate::msix::{Msix, MSIX_ENABLE, MSIX_FUNCTION_MASK};
-use crate::pci::{BarKind, BarMapError, BarRange, ConfigSpace, PciDevice};
+use crate::pci::{
+    BarKind, BarMapError, BarRange, ConfigSpace, PciDevice, COMMAND_IO, COMMAND_MEMORY,
+};
 use crate::vfio::{Vfio, CONFIG_REGION, INTX_IRQ, MSIX_IRQ, MSI_IRQ};
 
 /// Page granularity of KVM memory slots and of the MSI-X trap.
@@ -90,8 +93,43 @@ impl DmaGate {
     }
 }
 
-/// Bus Master Enable in the command register.
+/// Command register bits.
 const COMMAND_BUS_MASTER: u8 = 0x04;
+const COMMAND_INTX_DISABLE: u16 = 0x0400;
+/// PMCSR power state D3hot: the function decodes nothing but its config space.
+const PM_D3HOT: u16 = 3;
+
+/// Kinds of guest-caused problems, each counted and logged at a limited rate
+/// ([`GuestErrorLog`]): a guest repeating one must neither flood the host's log nor go
+/// unnoticed.
+pub mod guest_error {
+    /// A BAR access while the device decodes nothing there (Memory or I/O Space Enable
+    /// off, or in D3hot): reads are all ones, writes dropped, as a master abort.
+    pub const NO_DECODE: usize = 0;
+    /// A BAR access beyond what the device has (the BAR is larger than the region).
+    pub const OUT_OF_RANGE: usize = 1;
+    /// MSI and MSI-X enabled at once: the second enable is refused.
+    pub const IRQ_CONFLICT: usize = 2;
+    /// VFIO or KVM refused an interrupt mode or route the guest asked for.
+    pub const IRQ_REFUSED: usize = 3;
+    /// Bus Master Enable while guest RAM is not mapped for DMA.
+    pub const DMA_REFUSED: usize = 4;
+    /// A direct (KVM slot) access to a BAR faulted: the BARs are trapped from then on.
+    pub const MAPPING_FAULT: usize = 5;
+    /// KVM refused a slot for a BAR where the guest put it: that part stays trapped.
+    pub const MAP_REFUSED: usize = 6;
+    pub const KINDS: usize = 7;
+}
+
+/// The interrupt kind VFIO has enabled: at most one at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqMode {
+    Off,
+    Intx,
+    /// MSI with this many vectors.
+    Msi(u32),
+    Msix,
+}
 
 /// Index under which the expansion ROM appears among the BARs (after BARs 0-5).
 pub const ROM_BAR: usize = 6;
@@ -247,8 +285,6 @@ struct MsiVector {
 struct MsiState {
     cap: MsiCap,
     vectors: Vec<MsiVector>,
-    /// Vectors enabled in VFIO (0: MSI off).
-    active: u32,
     /// Vectors VFIO offers.
     max: u32,
 }
@@ -263,7 +299,6 @@ struct MsixState {
     pba_offset: u64,
     pba_len: u64,
     table: Msix,
-    active: bool,
 }
 
 impl MsixState {
@@ -299,7 +334,6 @@ struct Intx {
     pin: u8,
     trigger: EventFd,
     resample: EventFd,
-    enabled: bool,
 }
 
 /// An assigned device on the guest's PCI bus.
@@ -320,7 +354,21 @@ pub struct PassthroughPci {
     msix: Option<MsixState>,
     intx: Option<Intx>,
     rom: Option<Rom>,
-    logged: bool,
+    /// What VFIO has enabled; recorded only once VFIO accepted it.
+    irq: IrqMode,
+    /// The command register as the guest last wrote it (forwarded to the device).
+    command: u16,
+    /// The PM capability's offset and its control/status register as last written.
+    pm: Option<usize>,
+    pmcsr: u16,
+    /// Region sizes (BARs 0-5, ROM): accesses beyond them are not forwarded.
+    region_size: [u64; 7],
+    /// The kind of each BAR (0-5, ROM), `None` where there is none.
+    bar_kind: [Option<BarKind>; 7],
+    /// Direct (KVM slot) mappings allowed: cleared when one faulted, until the guest
+    /// turns memory decoding off and on again.
+    direct: bool,
+    errors: GuestErrorLog<{ guest_error::KINDS }>,
     /// Guest RAM's DMA mapping in progress (see [`DmaGate`]).
     dma: Option<Arc<DmaGate>>,
 }
@@ -465,9 +513,22 @@ impl PassthroughPci {
             msix: None,
             intx: None,
             rom: None,
-            logged: false,
+            irq: IrqMode::Off,
+            command: u16::from_le_bytes(command) & !u16::from(COMMAND_BUS_MASTER),
+            pm: None,
+            pmcsr: 0,
+            region_size: [0; 7],
+            bar_kind: [None; 7],
+            direct: true,
+            errors: GuestErrorLog::new(name),
             dma: place.dma.clone(),
         };
+        for (i, size) in d.region_size.iter_mut().enumerate() {
+            *size = d.dev.region(i as u32).size;
+        }
+        for b in d.shadow.bars() {
+            d.bar_kind[b.index] = Some(b.kind);
+        }
         let rom_size = d.dev.region(crate::vfio::ROM_REGION).size;
         if place.rom && rom_size > 0 {
             let size = rom_size.next_power_of_two().max(2048);
@@ -483,6 +544,7 @@ impl PassthroughPci {
                 addr,
                 enabled: false,
             });
+            d.bar_kind[ROM_BAR] = Some(BarKind::Mem32);
         }
         d.parse_capabilities(&raw)?;
 
@@ -494,11 +556,13 @@ impl PassthroughPci {
                 pin,
                 trigger: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?,
                 resample: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?,
-                enabled: false,
             });
             // Interrupt line register: the GSI (what legacy code reads).
             d.shadow.set(15, place.intx_gsi & 0xff, 0xff);
-            d.intx_enable().map_err(io_err)?;
+            if d.command & COMMAND_INTX_DISABLE == 0 {
+                d.vfio_enable(IrqMode::Intx).map_err(io_err)?;
+                d.irq = IrqMode::Intx;
+            }
         }
 
         d.map_bars()?;
@@ -538,13 +602,16 @@ impl PassthroughPci {
 
         for &(off, id) in &visible {
             match id {
+                CAP_PM if off + 6 <= raw.len() => {
+                    self.pm = Some(off);
+                    self.pmcsr = u16::from_le_bytes([raw[off + 4], raw[off + 5]]);
+                }
                 CAP_MSI if off + 24 <= raw.len() => {
                     let max = self.dev.irq_count(MSI_IRQ);
                     if max > 0 {
                         self.msi = Some(MsiState {
                             cap: MsiCap::new(off, &raw[off..]),
                             vectors: Vec::new(),
-                            active: 0,
                             max,
                         });
                     }
@@ -569,7 +636,6 @@ impl PassthroughPci {
                         pba_offset: u64::from(pba & !7),
                         pba_len: msix.pba_size(),
                         table: msix,
-                        active: false,
                     });
                 }
                 _ => {}
@@ -619,15 +685,26 @@ impl PassthroughPci {
         Ok(())
     }
 
-    /// Maps BAR `index`'s areas at guest address `addr`; what fails stays trapped (and the
-    /// first failure is returned, for the caller's rate-limited log).
-    fn attach_bar(&mut self, index: usize, addr: u64) -> Result<(), BarMapError> {
+    /// Maps BAR `index`'s areas where the root routes it (`bar.at`), if the device decodes
+    /// memory and direct mappings are allowed: vfio-pci revokes the mmaps while it does not,
+    /// and a KVM slot over a revoked mmap faults in KVM_RUN. Areas already mapped stay (a
+    /// slot must not leak); what fails stays trapped, and the first failure is returned for
+    /// the caller's rate-limited log.
+    fn attach_bar(&mut self, index: usize) -> Result<(), BarMapError> {
+        if !self.mem_decode() || !self.direct {
+            return Ok(());
+        }
         let Some(bar) = self.bars.get_mut(&index) else {
             return Ok(());
         };
-        bar.at = Some(addr);
+        let Some(addr) = bar.at else {
+            return Ok(());
+        };
         let mut first = Ok(());
         for a in &mut bar.areas {
+            if a.handle.is_some() {
+                continue;
+            }
             let Some(gpa) = addr.checked_add(a.offset).filter(|g| g % PAGE_SIZE == 0) else {
                 continue;
             };
@@ -651,11 +728,13 @@ impl PassthroughPci {
     }
 
     /// Unmaps BAR `index`'s areas from the guest (its accesses are trapped from now on).
+    /// Where the root routes the BAR is kept: [`PassthroughPci::attach_bar`] maps there again
+    /// when the device decodes memory again.
     fn detach_bar(&mut self, index: usize) -> Result<(), BarMapError> {
         let Some(bar) = self.bars.get_mut(&index) else {
             return Ok(());
         };
-        let was = bar.at.take().unwrap_or(0);
+        let was = bar.at.unwrap_or(0);
         let mut first = Ok(());
         for a in &mut bar.areas {
             if let Some(h) = a.handle.take() {
@@ -701,118 +780,406 @@ impl PassthroughPci {
         u32::from_le_bytes(b)
     }
 
-    fn log_once(&mut self, what: &str, e: &io::Error) {
-        if !self.logged {
-            log::error!("{}: {what}: {e}", self.name);
-            self.logged = true;
-        }
-    }
-
-    fn intx_enable(&mut self) -> io::Result<()> {
-        let Some(i) = self.intx.as_mut() else {
-            return Ok(());
-        };
-        if i.enabled {
-            return Ok(());
-        }
-        self.router
-            .register_resample_irqfd(&i.trigger, &i.resample, i.gsi)?;
-        self.dev.enable_irqs(INTX_IRQ, &[&i.trigger])?;
-        self.dev.set_intx_unmask_fd(&i.resample)?;
-        i.enabled = true;
-        Ok(())
-    }
-
-    fn intx_disable(&mut self) -> io::Result<()> {
-        let Some(i) = self.intx.as_mut() else {
-            return Ok(());
-        };
-        if !i.enabled {
-            return Ok(());
-        }
-        i.enabled = false;
-        self.dev.disable_irqs(INTX_IRQ)?;
-        self.router.unregister_irqfd(&i.trigger, i.gsi)
-    }
-
-    /// Brings VFIO and the routes in line with the MSI capability.
-    fn msi_update(&mut self) -> io::Result<()> {
-        let Some(m) = self.msi.as_mut() else {
-            return Ok(());
-        };
-        let want = if m.cap.enabled() {
-            m.cap.vectors().min(m.max.max(1))
-        } else {
-            0
-        };
-        while (m.vectors.len() as u32) < want {
-            m.vectors.push(MsiVector {
-                gsi: self.router.allocate_gsi()?,
-                irqfd: EventFd::new(libc::EFD_NONBLOCK)?,
-                attached: false,
-            });
-        }
-        for (i, v) in m.vectors.iter_mut().enumerate() {
-            let i = i as u32;
-            let live = i < want && !m.cap.masked(i);
-            if i < want {
-                self.router.set_msi_route(v.gsi, m.cap.message(i))?;
-            }
-            if live && !v.attached {
-                self.router.register_irqfd(&v.irqfd, v.gsi)?;
-                v.attached = true;
-            } else if !live && v.attached {
-                self.router.unregister_irqfd(&v.irqfd, v.gsi)?;
-                v.attached = false;
-            }
-        }
-        if want != m.active {
-            let was = m.active;
-            m.active = want;
-            if was > 0 {
-                self.dev.disable_irqs(MSI_IRQ)?;
-            }
-            if want > 0 {
-                if was == 0 {
-                    self.intx_disable()?;
-                }
-                let Some(m) = self.msi.as_ref() else {
-                    return Ok(());
+    /// Enables `mode` in VFIO (nothing else may be enabled) and attaches what KVM needs
+    /// for it; on failure undoes its own steps and leaves everything off.
+    fn vfio_enable(&mut self, mode: IrqMode) -> io::Result<()> {
+        match mode {
+            IrqMode::Off => Ok(()),
+            IrqMode::Intx => {
+                let Some(i) = self.intx.as_ref() else {
+                    return Err(io::Error::from_raw_os_error(libc::ENODEV));
                 };
-                let fds: Vec<&EventFd> = m.vectors[..want as usize]
+                self.router
+                    .register_resample_irqfd(&i.trigger, &i.resample, i.gsi)?;
+                let r = self
+                    .dev
+                    .enable_irqs(INTX_IRQ, &[&i.trigger])
+                    .and_then(|()| self.dev.set_intx_unmask_fd(&i.resample));
+                if r.is_err() {
+                    let _ = self.dev.disable_irqs(INTX_IRQ);
+                    let _ = self.router.unregister_irqfd(&i.trigger, i.gsi);
+                }
+                r
+            }
+            IrqMode::Msi(n) => {
+                let Some(m) = self.msi.as_mut() else {
+                    return Err(io::Error::from_raw_os_error(libc::ENODEV));
+                };
+                while (m.vectors.len() as u32) < n {
+                    m.vectors.push(MsiVector {
+                        gsi: self.router.allocate_gsi()?,
+                        irqfd: EventFd::new(libc::EFD_NONBLOCK)?,
+                        attached: false,
+                    });
+                }
+                let fds: Vec<&EventFd> = m
+                    .vectors
                     .iter()
+                    .take(n as usize)
                     .map(|v| &v.irqfd)
                     .collect();
-                self.dev.enable_irqs(MSI_IRQ, &fds)?;
-            } else {
-                self.intx_enable()?;
+                self.dev.enable_irqs(MSI_IRQ, &fds)
+            }
+            IrqMode::Msix => {
+                let Some(x) = self.msix.as_ref() else {
+                    return Err(io::Error::from_raw_os_error(libc::ENODEV));
+                };
+                let fds = (0..x.table.count())
+                    .filter_map(|v| x.table.irqfd(v))
+                    .collect::<io::Result<Vec<EventFd>>>()?;
+                let refs: Vec<&EventFd> = fds.iter().collect();
+                self.dev.enable_irqs(MSIX_IRQ, &refs)
             }
         }
+    }
+
+    /// Disables what VFIO has enabled; `self.irq` is `Off` only if VFIO agreed.
+    fn vfio_disable(&mut self) -> io::Result<()> {
+        match self.irq {
+            IrqMode::Off => {}
+            IrqMode::Intx => {
+                self.dev.disable_irqs(INTX_IRQ)?;
+                if let Some(i) = self.intx.as_ref() {
+                    self.router.unregister_irqfd(&i.trigger, i.gsi)?;
+                }
+            }
+            IrqMode::Msi(_) => self.dev.disable_irqs(MSI_IRQ)?,
+            IrqMode::Msix => self.dev.disable_irqs(MSIX_IRQ)?,
+        }
+        self.irq = IrqMode::Off;
         Ok(())
     }
 
-    fn msix_control(&mut self, control: u16) -> io::Result<()> {
-        let Some(x) = self.msix.as_mut() else {
-            return Ok(());
+    /// INTx may be on: the device has a pin and the guest has not set INTx Disable.
+    fn intx_allowed(&self) -> bool {
+        self.intx.is_some() && self.command & COMMAND_INTX_DISABLE == 0
+    }
+
+    /// Brings VFIO in line with what the guest asks (MSI-X, else MSI, else INTx unless
+    /// disabled in the command register), one kind at a time. `wrote`: the capability the
+    /// guest just enabled, refused if the other one is enabled. Whatever VFIO refuses
+    /// shows as disabled to the guest, so the capability, VFIO and `self.irq` agree.
+    fn irq_update(&mut self, wrote: Option<IrqMode>) {
+        let msix_on = self.msix.as_ref().is_some_and(|x| x.table.enabled());
+        let msi_on = self.msi.as_ref().is_some_and(|m| m.cap.enabled());
+        if msix_on && msi_on {
+            let refused = if wrote == Some(IrqMode::Msix) {
+                "MSI-X"
+            } else {
+                "MSI"
+            };
+            self.errors.record(
+                guest_error::IRQ_CONFLICT,
+                format_args!("MSI and MSI-X enabled at once: the {refused} enable is refused"),
+            );
+            if wrote == Some(IrqMode::Msix) {
+                self.set_msix_enable(false);
+            } else {
+                self.set_msi_enable(false);
+            }
+        }
+        let want = if self.msix.as_ref().is_some_and(|x| x.table.enabled()) {
+            IrqMode::Msix
+        } else if let Some(m) = self.msi.as_ref().filter(|m| m.cap.enabled()) {
+            IrqMode::Msi(m.cap.vectors().min(m.max.max(1)))
+        } else if self.intx_allowed() {
+            IrqMode::Intx
+        } else {
+            IrqMode::Off
         };
+        if want != self.irq {
+            self.irq_switch(want);
+        }
+        // The guest sees enabled what VFIO has enabled, nothing else.
+        let irq = self.irq;
+        if self.msi.as_ref().is_some_and(|m| m.cap.enabled()) && !matches!(irq, IrqMode::Msi(_)) {
+            self.set_msi_enable(false);
+        }
+        if self.msix.as_ref().is_some_and(|x| x.table.enabled()) && irq != IrqMode::Msix {
+            self.set_msix_enable(false);
+        }
+        self.msi_routes();
+    }
+
+    /// Switches VFIO from `self.irq` to `want`; on refusal falls back to INTx if allowed.
+    fn irq_switch(&mut self, want: IrqMode) {
+        if let Err(e) = self.vfio_disable() {
+            self.errors.record(
+                guest_error::IRQ_REFUSED,
+                format_args!(
+                    "VFIO cannot disable {:?} to switch to {want:?}: {e}",
+                    self.irq
+                ),
+            );
+            return;
+        }
+        match self.vfio_enable(want) {
+            Ok(()) => self.irq = want,
+            Err(e) => {
+                self.errors.record(
+                    guest_error::IRQ_REFUSED,
+                    format_args!("VFIO refused {want:?}: {e}; the guest sees it disabled"),
+                );
+                if want != IrqMode::Intx && self.intx_allowed() {
+                    match self.vfio_enable(IrqMode::Intx) {
+                        Ok(()) => self.irq = IrqMode::Intx,
+                        Err(e) => {
+                            self.errors.record(
+                                guest_error::IRQ_REFUSED,
+                                format_args!("VFIO refused INTx as well: {e}; no interrupts"),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_msi_enable(&mut self, on: bool) {
+        if let Some(m) = self.msi.as_mut() {
+            m.cap.bytes[2] = (m.cap.bytes[2] & !1) | u8::from(on);
+        }
+    }
+
+    fn set_msix_enable(&mut self, on: bool) {
+        if let Some(x) = self.msix.as_mut() {
+            let c = x.table.control_bits() & !MSIX_ENABLE;
+            x.table.set_control(c | if on { MSIX_ENABLE } else { 0 });
+        }
+    }
+
+    /// MSI vectors: routed while MSI is on in VFIO, attached (deliverable) while unmasked.
+    fn msi_routes(&mut self) {
+        let Some(m) = self.msi.as_mut() else {
+            return;
+        };
+        let n = match self.irq {
+            IrqMode::Msi(n) => n,
+            _ => 0,
+        };
+        let mut failed = None;
+        for (i, v) in m.vectors.iter_mut().enumerate() {
+            let i = i as u32;
+            let live = i < n && !m.cap.masked(i);
+            let r = if live {
+                let r = self.router.set_msi_route(v.gsi, m.cap.message(i));
+                if r.is_ok() && !v.attached {
+                    self.router
+                        .register_irqfd(&v.irqfd, v.gsi)
+                        .map(|()| v.attached = true)
+                } else {
+                    r
+                }
+            } else if v.attached {
+                v.attached = false;
+                self.router.unregister_irqfd(&v.irqfd, v.gsi)
+            } else {
+                Ok(())
+            };
+            if let Err(e) = r {
+                failed = Some((i, v.gsi, e));
+            }
+        }
+        if let Some((i, gsi, e)) = failed {
+            self.errors.record(
+                guest_error::IRQ_REFUSED,
+                format_args!("cannot route MSI vector {i} (gsi {gsi}): {e}"),
+            );
+        }
+    }
+
+    /// Forwards a guest write to the device's config space, following what it changes in
+    /// the command register and the power state: the direct BAR mappings go before the
+    /// device stops decoding memory (vfio-pci then revokes its mmaps, and a guest access
+    /// through a KVM slot would fault in KVM_RUN) and come back once it decodes again, so
+    /// that meanwhile the guest's accesses are trapped; INTx follows INTx Disable. Where
+    /// they go is the root's to say: it routes the BARs after Memory Space Enable comes on
+    /// (and unroutes them after it goes off); leaving D3hot maps them where they are routed.
+    fn config_forward(&mut self, start: usize, data: &[u8]) {
+        let overlay = |cur: u16, at: usize| -> u16 {
+            let mut b = cur.to_le_bytes();
+            for (k, x) in data.iter().enumerate() {
+                if let Some(i) = (start + k).checked_sub(at).filter(|&i| i < 2) {
+                    b[i] = *x;
+                }
+            }
+            u16::from_le_bytes(b)
+        };
+        let command = overlay(self.command, 4);
+        let pmcsr = self.pm.map_or(self.pmcsr, |pm| overlay(self.pmcsr, pm + 4));
+        let was = self.mem_decode();
+        let will = command & COMMAND_MEMORY != 0 && pmcsr & 3 != PM_D3HOT;
+        if was && !will {
+            self.set_decode(false);
+        }
+        self.dev.write(CONFIG_REGION, start as u64, data);
+        let intx_changed = (command ^ self.command) & COMMAND_INTX_DISABLE != 0;
+        self.command = command;
+        self.pmcsr = pmcsr;
+        if !was && will {
+            self.direct = true;
+            self.set_decode(true);
+        }
+        if intx_changed {
+            self.irq_update(None);
+        }
+    }
+
+    /// The device decodes its memory BARs: Memory Space Enable and not in D3hot.
+    fn mem_decode(&self) -> bool {
+        self.command & COMMAND_MEMORY != 0 && self.pmcsr & 3 != PM_D3HOT
+    }
+
+    fn io_decode(&self) -> bool {
+        self.command & COMMAND_IO != 0 && self.pmcsr & 3 != PM_D3HOT
+    }
+
+    /// Maps (`true`) or unmaps the direct areas of every memory BAR where the root routes
+    /// it: the device started or stopped decoding memory. The routed addresses stay; the root
+    /// changes them ([`PciDevice::bar_mapping`]).
+    fn set_decode(&mut self, on: bool) {
+        let indices: Vec<usize> = self.bars.keys().copied().collect();
+        for index in indices {
+            let r = if on {
+                self.attach_bar(index)
+            } else {
+                self.detach_bar(index)
+            };
+            // The guest can place a BAR where KVM refuses a slot and toggle decoding to
+            // retry as often as it likes: rate-limited. (What the root asks for through
+            // `bar_mapping` is logged by the root instead.)
+            if let Err(e) = r {
+                self.errors
+                    .record(guest_error::MAP_REFUSED, format_args!("{e}: {}", e.source));
+            }
+        }
+    }
+
+    /// Whether a trapped access of `len` bytes at `offset` of BAR `index` may reach the
+    /// device: it decodes that BAR now and the access lies inside what the device has (a
+    /// BAR can be larger than its region). vfio-pci fails the others, and vfio-ioctls logs
+    /// each failure: they are answered here (reads all ones, writes dropped) and counted.
+    fn bar_access_ok(&mut self, index: usize, offset: u64, len: usize) -> bool {
+        let decode = match self.bar_kind.get(index).copied().flatten() {
+            None => false,
+            Some(BarKind::Io) => self.io_decode(),
+            Some(_) if index == ROM_BAR => {
+                self.mem_decode() && self.rom.as_ref().is_some_and(|r| r.enabled)
+            }
+            Some(_) => self.mem_decode(),
+        };
+        if !decode {
+            self.errors.record(
+                guest_error::NO_DECODE,
+                format_args!(
+                    "BAR {index} access at {offset:#x} while the device does not decode it \
+                     (command {:#06x}, power state D{}): reads all ones, writes dropped",
+                    self.command,
+                    self.pmcsr & 3
+                ),
+            );
+            return false;
+        }
+        if let Some(x) = &self.msix {
+            // Emulated: never forwarded.
+            if x.in_table(index, offset) || x.in_pba(index, offset) {
+                return true;
+            }
+        }
+        let size = self.region_size.get(index).copied().unwrap_or(0);
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            self.errors.record(
+                guest_error::OUT_OF_RANGE,
+                format_args!(
+                    "BAR {index} access at {offset:#x}+{len} beyond the device's {size:#x} \
+                     bytes: reads all ones, writes dropped"
+                ),
+            );
+            return false;
+        }
+        true
+    }
+
+    /// A guest access through a direct mapping faulted in KVM_RUN (EFAULT), at guest
+    /// physical `gpa` when KVM says where: vfio-pci revoked the BAR mmaps because the device
+    /// stopped decoding memory in a way the vmm did not follow (a reset, a power state
+    /// change). If that is this device (the address is in its mapped areas, or without an
+    /// address, the device itself has memory decoding off), its direct mappings go, so
+    /// that the access, retried, is trapped; the command register and power state are
+    /// re-read from the device; the mappings come back when the guest turns memory
+    /// decoding off and on again. Returns whether it was this device.
+    pub fn mapping_fault(&mut self, gpa: Option<u64>) -> bool {
+        let mapped = self.mapped_ranges();
+        if mapped.is_empty() {
+            return false;
+        }
+        let command = self.dev_u32(4) as u16;
+        let pmcsr = self.pm.map_or(self.pmcsr, |pm| self.dev_u32(pm + 4) as u16);
+        let ours = match gpa {
+            Some(g) => mapped.iter().any(|&(s, l)| g >= s && g - s < l),
+            None => command & COMMAND_MEMORY == 0 || pmcsr & 3 == PM_D3HOT,
+        };
+        if !ours {
+            return false;
+        }
+        self.set_decode(false);
+        self.direct = false;
+        let decode = COMMAND_MEMORY | COMMAND_IO;
+        self.command = (self.command & !decode) | (command & decode);
+        self.pmcsr = pmcsr;
+        self.errors.record(
+            guest_error::MAPPING_FAULT,
+            format_args!(
+                "a guest access to a mapped BAR faulted{}: the device does not decode it \
+                 (command {command:#06x}, power state D{}); its BARs are trapped until the \
+                 guest turns memory decoding off and on again",
+                gpa.map_or(String::new(), |g| format!(" at {g:#x}")),
+                pmcsr & 3
+            ),
+        );
+        true
+    }
+
+    /// The interrupt kind VFIO has enabled.
+    pub fn irq_mode(&self) -> IrqMode {
+        self.irq
+    }
+
+    /// GSIs whose irqfd should be attached now: the unmasked vectors of the enabled kind
+    /// (INTx's line included). For consistency checks.
+    pub fn live_gsis(&self) -> Vec<u32> {
+        match self.irq {
+            IrqMode::Off => Vec::new(),
+            IrqMode::Intx => self.intx.iter().map(|i| i.gsi).collect(),
+            IrqMode::Msi(n) => self.msi.as_ref().map_or(Vec::new(), |m| {
+                m.vectors
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, _)| (i as u32) < n && !m.cap.masked(i as u32))
+                    .map(|(_, v)| v.gsi)
+                    .collect()
+            }),
+            IrqMode::Msix => self
+                .msix
+                .as_ref()
+                .map_or(Vec::new(), |x| x.table.live_gsis()),
+        }
+    }
+
+    /// How many times a guest error of `kind` ([`guest_error`]) happened.
+    pub fn guest_errors(&self, kind: usize) -> u64 {
+        self.errors.count(kind)
+    }
+
+    fn msix_control(&mut self, control: u16) {
+        let Some(x) = self.msix.as_mut() else {
+            return;
+        };
+        let was = x.table.enabled();
         x.table
             .set_control(control & (MSIX_ENABLE | MSIX_FUNCTION_MASK));
-        let on = x.table.enabled();
-        if on == x.active {
-            return Ok(());
-        }
-        x.active = on;
-        if on {
-            let fds = (0..x.table.count())
-                .filter_map(|v| x.table.irqfd(v))
-                .collect::<io::Result<Vec<EventFd>>>()?;
-            self.intx_disable()?;
-            let refs: Vec<&EventFd> = fds.iter().collect();
-            self.dev.enable_irqs(MSIX_IRQ, &refs)
-        } else {
-            self.dev.disable_irqs(MSIX_IRQ)?;
-            self.intx_enable()
-        }
+        let wrote = (!was && x.table.enabled()).then_some(IrqMode::Msix);
+        self.irq_update(wrote);
     }
 
     /// A guest write to the expansion ROM BAR (address and enable bit; sizing reads back the
@@ -838,6 +1205,7 @@ impl PassthroughPci {
         let Some(m) = self.msi.as_mut() else {
             return;
         };
+        let was = m.cap.enabled();
         for (k, b) in data.iter().enumerate() {
             let Some(rel) = (start + k).checked_sub(m.cap.offset) else {
                 continue;
@@ -847,9 +1215,8 @@ impl PassthroughPci {
                 m.cap.bytes[rel] = (m.cap.bytes[rel] & !w) | (b & w);
             }
         }
-        if let Err(e) = self.msi_update() {
-            self.log_once("cannot program MSI", &e);
-        }
+        let wrote = (!was && m.cap.enabled()).then_some(IrqMode::Msi(0));
+        self.irq_update(wrote);
     }
 }
 
@@ -937,33 +1304,33 @@ impl PciDevice for PassthroughPci {
                         control = u16::from(*b) << 8;
                     }
                 }
-                if let Err(e) = self.msix_control(control) {
-                    self.log_once("cannot program MSI-X", &e);
-                }
+                self.msix_control(control);
                 return;
             }
         }
         if self.hidden.iter().any(|&(s, l)| start < s + l && end > s) {
             return;
         }
+        let mut data = data.to_vec();
         // Bus Master Enable: the device may DMA from now on, so guest RAM must be mapped.
         if start <= 4 && end > 4 && data[4 - start] & COMMAND_BUS_MASTER != 0 {
             if let Some(gate) = self.dma.clone() {
-                if let Err(why) = gate.wait() {
-                    self.log_once(
-                        "Bus Master Enable refused: guest RAM is not mapped for DMA",
-                        &io::Error::other(why),
-                    );
-                    let mut v = data.to_vec();
-                    v[4 - start] &= !COMMAND_BUS_MASTER;
-                    self.dev.write(CONFIG_REGION, start as u64, &v);
-                    return;
+                match gate.wait() {
+                    Err(why) => {
+                        self.errors.record(
+                            guest_error::DMA_REFUSED,
+                            format_args!(
+                                "Bus Master Enable refused: guest RAM is not mapped for DMA: {why}"
+                            ),
+                        );
+                        data[4 - start] &= !COMMAND_BUS_MASTER;
+                    }
+                    // Mapped: nothing to wait for any more.
+                    Ok(()) => self.dma = None,
                 }
-                // Mapped: nothing to wait for any more.
-                self.dma = None;
             }
         }
-        self.dev.write(CONFIG_REGION, start as u64, data);
+        self.config_forward(start, &data);
     }
 
     fn bars(&self) -> Vec<BarRange> {
@@ -982,11 +1349,12 @@ impl PciDevice for PassthroughPci {
     }
 
     fn read_bar(&mut self, index: usize, offset: u64, data: &mut [u8]) {
+        if !self.bar_access_ok(index, offset, data.len()) {
+            data.fill(0xff);
+            return;
+        }
         if index == ROM_BAR {
-            match &self.rom {
-                Some(r) if r.enabled => self.dev.read(crate::vfio::ROM_REGION, offset, data),
-                _ => data.fill(0xff),
-            }
+            self.dev.read(crate::vfio::ROM_REGION, offset, data);
             return;
         }
         if let Some(x) = self.msix.as_mut() {
@@ -1003,7 +1371,8 @@ impl PciDevice for PassthroughPci {
     }
 
     fn write_bar(&mut self, index: usize, offset: u64, data: &[u8]) {
-        if index == ROM_BAR {
+        // The ROM is read-only: writes to it are dropped like those the device ignores.
+        if !self.bar_access_ok(index, offset, data.len()) || index == ROM_BAR {
             return;
         }
         if let Some(x) = self.msix.as_mut() {
@@ -1023,23 +1392,26 @@ impl PciDevice for PassthroughPci {
             return Ok(());
         }
         let detached = self.detach_bar(index);
-        let attached = match at {
-            Some(addr) => self.attach_bar(index, addr),
-            None => Ok(()),
-        };
+        if let Some(bar) = self.bars.get_mut(&index) {
+            bar.at = at;
+        }
+        // Mapped now only while the device decodes memory; otherwise when it does again
+        // (`config_forward`). The root logs what fails, rate-limited.
+        let attached = self.attach_bar(index);
         detached.and(attached)
     }
 }
 
 impl Drop for PassthroughPci {
     fn drop(&mut self) {
-        if self.msix.as_ref().is_some_and(|x| x.active) {
-            let _ = self.dev.disable_irqs(MSIX_IRQ);
+        if let Err(e) = self.vfio_disable() {
+            log::debug!(
+                "{}: cannot disable {:?} at teardown: {e}",
+                self.name,
+                self.irq
+            );
         }
         if let Some(m) = self.msi.as_mut() {
-            if m.active > 0 {
-                let _ = self.dev.disable_irqs(MSI_IRQ);
-            }
             for v in &m.vectors {
                 if v.attached {
                     let _ = self.router.unregister_irqfd(&v.irqfd, v.gsi);
@@ -1047,7 +1419,6 @@ impl Drop for PassthroughPci {
                 let _ = self.router.remove_route(v.gsi);
             }
         }
-        let _ = self.intx_disable();
         let indices: Vec<usize> = self.bars.keys().copied().collect();
         for i in indices {
             if let Err(e) = self.detach_bar(i) {
@@ -1063,252 +1434,19 @@ impl Drop for PassthroughPci {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzzing::{fake_dev, FakeDev, FakeMapper, Rig, MB, PM_CAP};
     use crate::interrupt::fake::FakeRouter;
-    use crate::vfio::{Mapping, RegionInfo};
-    use std::sync::Mutex;
-
-    /// A VFIO device made of a config space and region sizes, recording what it is asked.
-    struct FakeDev {
-        config: Mutex<Vec<u8>>,
-        regions: BTreeMap<u32, RegionInfo>,
-        irqs: [u32; 3],
-        enabled: Mutex<BTreeMap<u32, usize>>,
-        unmask_fd: Mutex<bool>,
-        config_writes: Mutex<Vec<(u64, Vec<u8>)>>,
-        bar_writes: Mutex<Vec<(u32, u64, Vec<u8>)>>,
-        resets: Mutex<u32>,
-    }
-
-    impl Vfio for FakeDev {
-        fn region(&self, index: u32) -> RegionInfo {
-            self.regions.get(&index).cloned().unwrap_or_default()
-        }
-        fn read(&self, index: u32, offset: u64, data: &mut [u8]) {
-            if index == CONFIG_REGION {
-                let c = self.config.lock().unwrap();
-                for (i, b) in data.iter_mut().enumerate() {
-                    *b = c.get(offset as usize + i).copied().unwrap_or(0);
-                }
-            } else {
-                // BAR contents: the low byte of the offset, to see forwarding.
-                for (i, b) in data.iter_mut().enumerate() {
-                    *b = (offset as u8).wrapping_add(i as u8);
-                }
-            }
-        }
-        fn write(&self, index: u32, offset: u64, data: &[u8]) {
-            if index == CONFIG_REGION {
-                self.config_writes
-                    .lock()
-                    .unwrap()
-                    .push((offset, data.to_vec()));
-            } else {
-                self.bar_writes
-                    .lock()
-                    .unwrap()
-                    .push((index, offset, data.to_vec()));
-            }
-        }
-        fn mmap(&self, _index: u32, _offset: u64, size: u64) -> io::Result<Mapping> {
-            Mapping::anonymous(size as usize)
-        }
-        fn irq_count(&self, index: u32) -> u32 {
-            self.irqs.get(index as usize).copied().unwrap_or(0)
-        }
-        fn enable_irqs(&self, index: u32, fds: &[&EventFd]) -> io::Result<()> {
-            let mut e = self.enabled.lock().unwrap();
-            // Like vfio-pci: one interrupt kind at a time.
-            if e.keys().any(|&k| k != index) {
-                return Err(io::Error::from_raw_os_error(libc::EINVAL));
-            }
-            e.insert(index, fds.len());
-            Ok(())
-        }
-        fn disable_irqs(&self, index: u32) -> io::Result<()> {
-            self.enabled.lock().unwrap().remove(&index);
-            Ok(())
-        }
-        fn set_intx_unmask_fd(&self, _fd: &EventFd) -> io::Result<()> {
-            *self.unmask_fd.lock().unwrap() = true;
-            Ok(())
-        }
-        fn reset(&self) -> io::Result<()> {
-            *self.resets.lock().unwrap() += 1;
-            Ok(())
-        }
-    }
-
-    #[derive(Default)]
-    struct FakeMapper {
-        next: Mutex<u32>,
-        maps: Mutex<BTreeMap<u32, (u64, u64)>>,
-        refuse_below: Mutex<u64>,
-    }
-
-    impl GuestMapper for FakeMapper {
-        fn map(&self, gpa: u64, size: u64, _host: *mut u8) -> io::Result<u32> {
-            if gpa < *self.refuse_below.lock().unwrap() {
-                return Err(io::Error::from_raw_os_error(libc::EEXIST));
-            }
-            let mut n = self.next.lock().unwrap();
-            *n += 1;
-            self.maps.lock().unwrap().insert(*n, (gpa, size));
-            Ok(*n)
-        }
-        fn unmap(&self, handle: u32) -> io::Result<()> {
-            self.maps
-                .lock()
-                .unwrap()
-                .remove(&handle)
-                .map(|_| ())
-                .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
-        }
-    }
-
-    fn put(c: &mut [u8], off: usize, v: &[u8]) {
-        c[off..off + v.len()].copy_from_slice(v);
-    }
-
-    const MB: u64 = 1 << 20;
-
-    /// An e1000e-like function: BAR0 128 KiB with the MSI-X table at 0x10000 and the PBA
-    /// at 0x18000 (an NVMe-like layout: the table shares a BAR with registers), BAR2 I/O,
-    /// BAR4/5 a 64-bit prefetchable 1 MiB BAR; capabilities PM, VPD (hidden), MSI (64-bit,
-    /// per-vector masks, 4 vectors), MSI-X (5 vectors), PCIe; INTx pin A; multifunction.
-    fn config(with_msix: bool) -> Vec<u8> {
-        let mut c = vec![0u8; 256];
-        put(&mut c, 0, &0x8086u16.to_le_bytes());
-        put(&mut c, 2, &0x10d3u16.to_le_bytes());
-        put(&mut c, 6, &0x0010u16.to_le_bytes());
-        put(&mut c, 8, &0x0200_0000u32.to_le_bytes());
-        c[0x0e] = 0x80;
-        put(&mut c, 0x10, &0u32.to_le_bytes());
-        put(&mut c, 0x18, &1u32.to_le_bytes());
-        put(&mut c, 0x20, &0xcu32.to_le_bytes());
-        put(&mut c, 0x30, &0xfff0_0001u32.to_le_bytes());
-        c[0x34] = 0x40;
-        c[0x3d] = 1;
-        // PM
-        put(&mut c, 0x40, &[CAP_PM, 0x50, 0x03, 0x00]);
-        // VPD: must be hidden.
-        put(&mut c, 0x50, &[CAP_VPD, 0x60, 0, 0]);
-        // MSI: 64-bit, per-vector masking, 4 vectors capable.
-        let msi_ctrl: u16 = (1 << 8) | (1 << 7) | (2 << 1);
-        put(
-            &mut c,
-            0x60,
-            &[CAP_MSI, if with_msix { 0x78 } else { 0xa0 }],
-        );
-        put(&mut c, 0x62, &msi_ctrl.to_le_bytes());
-        if with_msix {
-            put(&mut c, 0x78, &[CAP_MSIX, 0xa0]);
-            put(&mut c, 0x7a, &4u16.to_le_bytes());
-            put(&mut c, 0x7c, &0x10000u32.to_le_bytes());
-            put(&mut c, 0x80, &0x18000u32.to_le_bytes());
-        }
-        put(&mut c, 0xa0, &[CAP_PCIE, 0x00, 0x02, 0x00]);
-        c
-    }
-
-    fn fake_dev(with_msix: bool) -> Arc<FakeDev> {
-        let mem = |size: u64| RegionInfo {
-            size,
-            readable: true,
-            writable: true,
-            mmappable: true,
-            areas: Vec::new(),
-        };
-        let mut regions = BTreeMap::new();
-        regions.insert(0, mem(128 << 10));
-        regions.insert(
-            2,
-            RegionInfo {
-                size: 32,
-                readable: true,
-                writable: true,
-                ..Default::default()
-            },
-        );
-        regions.insert(4, mem(MB));
-        regions.insert(
-            crate::vfio::ROM_REGION,
-            RegionInfo {
-                size: 0x6000,
-                readable: true,
-                ..Default::default()
-            },
-        );
-        regions.insert(
-            CONFIG_REGION,
-            RegionInfo {
-                size: 4096,
-                readable: true,
-                writable: true,
-                ..Default::default()
-            },
-        );
-        Arc::new(FakeDev {
-            config: Mutex::new(config(with_msix)),
-            regions,
-            irqs: [1, 4, if with_msix { 5 } else { 0 }],
-            enabled: Mutex::new(BTreeMap::new()),
-            unmask_fd: Mutex::new(false),
-            config_writes: Mutex::new(Vec::new()),
-            bar_writes: Mutex::new(Vec::new()),
-            resets: Mutex::new(0),
-        })
-    }
-
-    struct Rig {
-        dev: Arc<FakeDev>,
-        router: Arc<FakeRouter>,
-        mapper: Arc<FakeMapper>,
-        pci: PassthroughPci,
-    }
 
     fn rig(with_msix: bool) -> Rig {
-        rig_with(with_msix, false)
+        crate::fuzzing::rig(with_msix, false, None)
     }
 
     fn rig_with(with_msix: bool, rom: bool) -> Rig {
-        rig_gated(with_msix, rom, None)
+        crate::fuzzing::rig(with_msix, rom, None)
     }
 
     fn rig_gated(with_msix: bool, rom: bool, dma: Option<Arc<DmaGate>>) -> Rig {
-        let dev = fake_dev(with_msix);
-        let router = Arc::new(FakeRouter::default());
-        let mapper = Arc::new(FakeMapper::default());
-        let mut next_mem = 0xc000_0000u64;
-        let mut next_io = 0xc000u64;
-        let mut alloc = |kind: BarKind, size: u64| -> io::Result<u64> {
-            let next = if kind == BarKind::Io {
-                &mut next_io
-            } else {
-                &mut next_mem
-            };
-            let a = next.next_multiple_of(size);
-            *next = a + size;
-            Ok(a)
-        };
-        let pci = PassthroughPci::new(
-            "nic0",
-            dev.clone(),
-            router.clone(),
-            mapper.clone(),
-            Placement {
-                alloc: &mut alloc,
-                intx_gsi: 17,
-                rom,
-                dma: dma.clone(),
-            },
-        )
-        .unwrap();
-        Rig {
-            dev,
-            router,
-            mapper,
-            pci,
-        }
+        crate::fuzzing::rig(with_msix, rom, dma)
     }
 
     /// `dev` assigned with BARs placed at 0xc000_0000 + size, INTx on GSI 16.
@@ -1329,15 +1467,15 @@ mod tests {
         .unwrap()
     }
 
-    fn cfg_write(p: &mut PassthroughPci, off: usize, v: &[u8]) {
-        p.write_config(off / 4, (off % 4) as u64, v)
+    /// The guest sets the command register's decode bits (`COMMAND_MEMORY`, `COMMAND_IO`),
+    /// through the root (which routes or unroutes the BARs after the write).
+    fn decode(r: &mut Rig, bits: u16) {
+        r.cfg_write(0x04, &bits.to_le_bytes());
     }
 
-    /// Routes every BAR where it is programmed, as the PCI root does when decoding is on.
-    fn route_all(p: &mut PassthroughPci) {
-        for b in p.bars() {
-            p.bar_mapping(b.index, Some(b.addr)).unwrap();
-        }
+    /// A config write straight to a device with no root around it.
+    fn cfg_write(p: &mut PassthroughPci, off: usize, v: &[u8]) {
+        p.write_config(off / 4, (off % 4) as u64, v)
     }
 
     fn cfg_read(p: &mut PassthroughPci, off: usize) -> u32 {
@@ -1366,19 +1504,19 @@ mod tests {
         assert_eq!((bars[2].kind, bars[2].size), (BarKind::Mem64, MB));
         assert!(bars[2].prefetchable);
         // Guest sizing: all ones, read back the size mask with the flags.
-        cfg_write(&mut r.pci, 0x10, &[0xff; 4]);
+        r.cfg_write(0x10, &[0xff; 4]);
         assert_eq!(cfg_read(&mut r.pci, 0x10), !((128u32 << 10) - 1));
-        cfg_write(&mut r.pci, 0x18, &[0xff; 4]);
+        r.cfg_write(0x18, &[0xff; 4]);
         assert_eq!(cfg_read(&mut r.pci, 0x18), !31u32 | 1);
         // 64-bit: both halves, type and prefetch bits kept.
-        cfg_write(&mut r.pci, 0x20, &[0xff; 4]);
-        cfg_write(&mut r.pci, 0x24, &[0xff; 4]);
+        r.cfg_write(0x20, &[0xff; 4]);
+        r.cfg_write(0x24, &[0xff; 4]);
         assert_eq!(cfg_read(&mut r.pci, 0x20), !(MB as u32 - 1) | 0xc);
         assert_eq!(cfg_read(&mut r.pci, 0x24), 0xffff_ffff);
         // Unused BAR registers read 0, the ROM BAR is hidden.
         assert_eq!(cfg_read(&mut r.pci, 0x14), 0);
         assert_eq!(cfg_read(&mut r.pci, 0x30), 0);
-        cfg_write(&mut r.pci, 0x30, &[0xff; 4]);
+        r.cfg_write(0x30, &[0xff; 4]);
         assert_eq!(cfg_read(&mut r.pci, 0x30), 0);
         assert!(r.dev.config_writes.lock().unwrap().is_empty());
     }
@@ -1386,10 +1524,13 @@ mod tests {
     #[test]
     fn bar_relocation_moves_the_guest_mappings() {
         let mut r = rig(true);
-        // Nothing is mapped until the root routes the BARs.
-        assert!(r.pci.mapped_ranges().is_empty());
+        // Nothing is mapped until decoding is on and the root routes the BARs.
+        assert!(
+            r.pci.mapped_ranges().is_empty(),
+            "nothing mapped before decoding"
+        );
         assert!(r.mapper.maps.lock().unwrap().is_empty());
-        route_all(&mut r.pci);
+        decode(&mut r, COMMAND_MEMORY | COMMAND_IO);
         let before = r.pci.mapped_ranges();
         // BAR0 minus the MSI-X table and PBA pages; the 64-bit BAR whole.
         assert_eq!(
@@ -1401,11 +1542,14 @@ mod tests {
                 (0xc010_0000, MB)
             ]
         );
-        // Move BAR0 to 0xd000_0000 the way Linux does (sizing, then the new address).
-        cfg_write(&mut r.pci, 0x10, &[0xff; 4]);
-        cfg_write(&mut r.pci, 0x10, &0xd000_0000u32.to_le_bytes());
+        // Move BAR0 to 0xd000_0000 the way Linux does (sizing, then the new address). While
+        // its register reads the size mask the root routes it nowhere: no slot of it left.
+        r.cfg_write(0x10, &[0xff; 4]);
+        assert!(!r.routed.contains_key(&0));
+        assert_eq!(r.pci.mapped_ranges(), vec![(0xc010_0000, MB)]);
+        r.cfg_write(0x10, &0xd000_0000u32.to_le_bytes());
         assert_eq!(r.pci.bars()[0].addr, 0xd000_0000);
-        r.pci.bar_mapping(0, Some(0xd000_0000)).unwrap();
+        assert_eq!(r.routed.get(&0), Some(&0xd000_0000));
         let after = r.pci.mapped_ranges();
         assert!(after.contains(&(0xd000_0000, 0x10000)), "{after:x?}");
         assert!(after.contains(&(0xd001_1000, 0x7000)));
@@ -1414,22 +1558,29 @@ mod tests {
             .iter()
             .any(|&(g, _)| (0xc000_0000..0xc002_0000).contains(&g)));
         assert_eq!(live.len(), 4);
-        // A 64-bit move above 4 GiB: low half, then high half.
-        cfg_write(&mut r.pci, 0x20, &0u32.to_le_bytes());
-        cfg_write(&mut r.pci, 0x24, &1u32.to_le_bytes());
+        // A 64-bit move above 4 GiB: low half, then high half (the half-written address is
+        // routed and mapped in between, as the root sees it).
+        r.cfg_write(0x20, &0u32.to_le_bytes());
+        r.cfg_write(0x24, &1u32.to_le_bytes());
         assert_eq!(r.pci.bars()[2].addr, 0x1_0000_0000);
-        r.pci.bar_mapping(4, Some(0x1_0000_0000)).unwrap();
         assert!(r.pci.mapped_ranges().contains(&(0x1_0000_0000, MB)));
-        // Unrouted (decoding off): no KVM slot of the BAR is left anywhere.
-        r.pci.bar_mapping(4, None).unwrap();
-        assert!(!r.pci.mapped_ranges().iter().any(|&(_, l)| l == MB));
-        r.pci.bar_mapping(0, None).unwrap();
+        assert_eq!(r.mapper.maps.lock().unwrap().len(), 4);
+        // Unrouted (decoding off): no KVM slot of any BAR is left anywhere.
+        decode(&mut r, COMMAND_IO);
         assert!(r.pci.mapped_ranges().is_empty());
         assert!(r.mapper.maps.lock().unwrap().is_empty());
-        // Routing it twice at one address maps it once.
+        decode(&mut r, COMMAND_MEMORY | COMMAND_IO);
+        assert_eq!(r.mapper.maps.lock().unwrap().len(), 4);
+        // Routing a BAR again at the same address maps it once.
         r.pci.bar_mapping(0, Some(0xd000_0000)).unwrap();
         r.pci.bar_mapping(0, Some(0xd000_0000)).unwrap();
-        assert_eq!(r.mapper.maps.lock().unwrap().len(), 3);
+        assert_eq!(r.mapper.maps.lock().unwrap().len(), 4);
+        assert!(r.map_errors.is_empty(), "{:?}", r.map_errors);
+        assert!(
+            r.mapper.late.lock().unwrap().is_empty(),
+            "{:?}",
+            r.mapper.late
+        );
         // Dropping the device unmaps what is left.
         let mapper = r.mapper.clone();
         drop(r);
@@ -1437,14 +1588,77 @@ mod tests {
     }
 
     #[test]
+    fn a_bar_routed_while_memory_decoding_is_off_is_mapped_when_it_comes_on() {
+        let mut r = rig(true);
+        let bar0 = |base: u64| {
+            vec![
+                (base, 0x10000),
+                (base + 0x11000, 0x7000),
+                (base + 0x19000, 0x7000),
+            ]
+        };
+        // The guest puts the function in D3hot, then sets Memory Space Enable: the root
+        // routes the memory BARs (it knows no power states), but vfio-pci revoked the
+        // mmaps: no slot yet.
+        r.cfg_write(PM_CAP + 4, &3u16.to_le_bytes());
+        decode(&mut r, COMMAND_MEMORY);
+        assert_eq!(r.routed.keys().copied().collect::<Vec<_>>(), vec![0, 4]);
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
+        // Back in D0: mapped where the root routes them, with no word from the root.
+        r.cfg_write(PM_CAP + 4, &0u16.to_le_bytes());
+        let mut want = bar0(0xc000_0000);
+        want.push((0xc010_0000, MB));
+        assert_eq!(r.pci.mapped_ranges(), want);
+        // Moved in D3hot: the new address is remembered and mapped at D0.
+        r.cfg_write(PM_CAP + 4, &3u16.to_le_bytes());
+        r.cfg_write(0x10, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(r.routed.get(&0), Some(&0xd000_0000));
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
+        r.cfg_write(PM_CAP + 4, &0u16.to_le_bytes());
+        let mut want = bar0(0xd000_0000);
+        want.push((0xc010_0000, MB));
+        assert_eq!(r.pci.mapped_ranges(), want);
+        assert!(
+            r.mapper.late.lock().unwrap().is_empty(),
+            "{:?}",
+            r.mapper.late
+        );
+        assert!(r.map_errors.is_empty(), "{:?}", r.map_errors);
+        // The device's own contract, with no root: routed while Memory Space Enable is off,
+        // mapped when it comes on; off again unmaps but keeps the address; unrouted while
+        // off, nothing comes back.
+        let mut r = rig(true);
+        r.pci.bar_mapping(0, Some(0xd000_0000)).unwrap();
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
+        cfg_write(&mut r.pci, 0x04, &COMMAND_MEMORY.to_le_bytes());
+        assert_eq!(r.pci.mapped_ranges(), bar0(0xd000_0000));
+        cfg_write(&mut r.pci, 0x04, &0u16.to_le_bytes());
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
+        cfg_write(&mut r.pci, 0x04, &COMMAND_MEMORY.to_le_bytes());
+        assert_eq!(r.pci.mapped_ranges(), bar0(0xd000_0000));
+        cfg_write(&mut r.pci, 0x04, &0u16.to_le_bytes());
+        r.pci.bar_mapping(0, None).unwrap();
+        cfg_write(&mut r.pci, 0x04, &COMMAND_MEMORY.to_le_bytes());
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
+        assert!(
+            r.mapper.late.lock().unwrap().is_empty(),
+            "{:?}",
+            r.mapper.late
+        );
+    }
+
+    #[test]
     fn unmappable_placement_stays_trapped_and_forwards() {
         let mut r = rig(true);
+        decode(&mut r, COMMAND_MEMORY | COMMAND_IO);
         *r.mapper.refuse_below.lock().unwrap() = u64::MAX;
-        cfg_write(&mut r.pci, 0x10, &[0xff; 4]);
-        cfg_write(&mut r.pci, 0x10, &0xd000_0000u32.to_le_bytes());
-        // The failure is reported (the root logs it, rate-limited), not logged here.
-        let e = r.pci.bar_mapping(0, Some(0xd000_0000)).unwrap_err();
-        assert_eq!(e.at, 0xd000_0000);
+        r.cfg_write(0x10, &[0xff; 4]);
+        r.cfg_write(0x10, &0xd000_0000u32.to_le_bytes());
+        // The failure is reported to the root (which logs it, rate-limited), not logged by
+        // the device as well.
+        assert_eq!(r.map_errors.len(), 1, "{:?}", r.map_errors);
+        assert_eq!(r.map_errors[0].at, 0xd000_0000);
+        assert_eq!(r.pci.guest_errors(guest_error::MAP_REFUSED), 0);
         assert!(!r
             .pci
             .mapped_ranges()
@@ -1459,6 +1673,22 @@ mod tests {
         let mut d = [0u8; 4];
         r.pci.read_bar(2, 4, &mut d);
         assert_eq!(d, [4, 5, 6, 7]);
+        // The guest retries by toggling decoding: the root routes both memory BARs again
+        // each time and hears each refusal once (one report per BAR).
+        for _ in 0..100 {
+            decode(&mut r, 0);
+            decode(&mut r, COMMAND_MEMORY | COMMAND_IO);
+        }
+        assert_eq!(r.map_errors.len(), 1 + 100 * 2);
+        assert_eq!(r.pci.guest_errors(guest_error::MAP_REFUSED), 0);
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
+        // Leaving D3hot maps the routed BARs without the root: the device's own
+        // rate-limited log counts those refusals (one per BAR).
+        r.cfg_write(PM_CAP + 4, &3u16.to_le_bytes());
+        r.cfg_write(PM_CAP + 4, &0u16.to_le_bytes());
+        assert_eq!(r.pci.guest_errors(guest_error::MAP_REFUSED), 2);
+        assert_eq!(r.map_errors.len(), 1 + 100 * 2);
+        assert!(r.mapper.maps.lock().unwrap().is_empty());
     }
 
     #[test]
@@ -1469,6 +1699,7 @@ mod tests {
         assert_eq!(r.dev.enabled.lock().unwrap().get(&INTX_IRQ), Some(&1));
         assert!(*r.dev.unmask_fd.lock().unwrap());
         assert!(r.router.resample.lock().unwrap().contains(&17));
+        decode(&mut r, COMMAND_MEMORY);
         // Program entry 2 through BAR0 (the table at 0x10000): not forwarded.
         let e = 0x10000 + 2 * 16;
         r.pci.write_bar(0, e, &0xfee0_1000u32.to_le_bytes());
@@ -1480,7 +1711,7 @@ mod tests {
         r.pci.read_bar(0, e + 8, &mut d);
         assert_eq!(u32::from_le_bytes(d), 0x45);
         // Enable MSI-X with the function masked, as Linux does.
-        cfg_write(&mut r.pci, 0x7a, &(0xc004u16).to_le_bytes());
+        r.cfg_write(0x7a, &(0xc004u16).to_le_bytes());
         assert_eq!(cfg_read(&mut r.pci, 0x78) >> 16, 0xc004);
         {
             let en = r.dev.enabled.lock().unwrap();
@@ -1498,7 +1729,7 @@ mod tests {
         };
         assert_eq!(gsi(&r, 0x45), None, "function masked: nothing routed yet");
         // Unmask the function: entry 2 gets its route and irqfd.
-        cfg_write(&mut r.pci, 0x7a, &(0x8004u16).to_le_bytes());
+        r.cfg_write(0x7a, &(0x8004u16).to_le_bytes());
         let g = gsi(&r, 0x45).expect("route for vector 2");
         assert_eq!(r.router.irqfds.lock().unwrap().get(&g), Some(&true));
         // Masking the entry detaches its irqfd.
@@ -1511,7 +1742,7 @@ mod tests {
         r.pci.write_bar(0, 0x100, &1u32.to_le_bytes());
         assert_eq!(r.dev.bar_writes.lock().unwrap().len(), 1);
         // Disable: VFIO MSI-X off, INTx back.
-        cfg_write(&mut r.pci, 0x7a, &(0x0004u16).to_le_bytes());
+        r.cfg_write(0x7a, &(0x0004u16).to_le_bytes());
         let en = r.dev.enabled.lock().unwrap();
         assert!(!en.contains_key(&MSIX_IRQ));
         assert_eq!(en.get(&INTX_IRQ), Some(&1));
@@ -1541,18 +1772,18 @@ mod tests {
             ]
         );
         // Writes into the hidden VPD capability never reach the device.
-        cfg_write(&mut r.pci, 0x52, &[1, 2]);
+        r.cfg_write(0x52, &[1, 2]);
         assert!(r.dev.config_writes.lock().unwrap().is_empty());
         // Single function, whatever the host says; extended space empty.
         assert_eq!((cfg_read(&mut r.pci, 0x0c) >> 16) & 0x80, 0);
         assert_eq!(cfg_read(&mut r.pci, 0x100), 0);
-        cfg_write(&mut r.pci, 0x100, &[0xff; 4]);
+        r.cfg_write(0x100, &[0xff; 4]);
         // Interrupt pin from the device, line = the GSI, writable line.
         assert_eq!(cfg_read(&mut r.pci, 0x3c) & 0xffff, 0x0111);
-        cfg_write(&mut r.pci, 0x3c, &[0x0b]);
+        r.cfg_write(0x3c, &[0x0b]);
         assert_eq!(cfg_read(&mut r.pci, 0x3c) & 0xffff, 0x010b);
         // The command register is forwarded (memory, bus master).
-        cfg_write(&mut r.pci, 0x04, &0x0006u16.to_le_bytes());
+        r.cfg_write(0x04, &0x0006u16.to_le_bytes());
         assert_eq!(
             r.dev.config_writes.lock().unwrap().as_slice(),
             &[(4, vec![6, 0])]
@@ -1567,7 +1798,7 @@ mod tests {
         let gate = DmaGate::new();
         let mut r = rig_gated(true, false, Some(gate.clone()));
         // Memory decoding alone does not wait.
-        cfg_write(&mut r.pci, 0x04, &0x0002u16.to_le_bytes());
+        r.cfg_write(0x04, &0x0002u16.to_le_bytes());
         assert_eq!(
             r.dev.config_writes.lock().unwrap().as_slice(),
             &[(4, vec![2, 0])]
@@ -1600,7 +1831,7 @@ mod tests {
         gate.finish(Err("no memory".into()));
         let mut r = rig_gated(true, false, Some(gate));
         // A dword write of command + status: only the bus master bit is dropped.
-        cfg_write(&mut r.pci, 0x04, &0x0000_0006u32.to_le_bytes());
+        r.cfg_write(0x04, &0x0000_0006u32.to_le_bytes());
         assert_eq!(
             r.dev.config_writes.lock().unwrap().as_slice(),
             &[(4, vec![2, 0, 0, 0])]
@@ -1627,15 +1858,16 @@ mod tests {
         assert_ne!(rom_addr, 0);
         assert_eq!(rom_addr & 1, 0);
         // Sizing reads the size mask; restored, the ROM is still disabled.
-        cfg_write(&mut r.pci, 0x30, &[0xfe, 0xff, 0xff, 0xff]);
+        r.cfg_write(0x30, &[0xfe, 0xff, 0xff, 0xff]);
         assert_eq!(cfg_read(&mut r.pci, 0x30), !0x7fffu32);
-        cfg_write(&mut r.pci, 0x30, &rom_addr.to_le_bytes());
+        r.cfg_write(0x30, &rom_addr.to_le_bytes());
         assert!(!r.pci.bars().iter().any(|b| b.index == ROM_BAR));
         // Disabled: reads float; enabled: the device's ROM; writes are dropped.
+        decode(&mut r, COMMAND_MEMORY);
         let mut d = [0u8; 4];
         r.pci.read_bar(ROM_BAR, 0x10, &mut d);
         assert_eq!(d, [0xff; 4]);
-        cfg_write(&mut r.pci, 0x30, &(rom_addr | 1).to_le_bytes());
+        r.cfg_write(0x30, &(rom_addr | 1).to_le_bytes());
         let on = *r.pci.bars().iter().find(|b| b.index == ROM_BAR).unwrap();
         assert_eq!((on.addr, on.size), (u64::from(rom_addr), 0x8000));
         r.pci.read_bar(ROM_BAR, 0x10, &mut d);
@@ -1643,7 +1875,7 @@ mod tests {
         r.pci.write_bar(ROM_BAR, 0, &[0; 4]);
         assert!(r.dev.bar_writes.lock().unwrap().is_empty());
         // The guest moves it: the BAR the root maps follows.
-        cfg_write(&mut r.pci, 0x30, &0xd800_0001u32.to_le_bytes());
+        r.cfg_write(0x30, &0xd800_0001u32.to_le_bytes());
         let moved = *r.pci.bars().iter().find(|b| b.index == ROM_BAR).unwrap();
         assert_eq!((moved.addr, moved.size), (0xd800_0000, 0x8000));
         assert_eq!(cfg_read(&mut r.pci, 0x30), 0xd800_0001);
@@ -1669,13 +1901,13 @@ mod tests {
             vec![(0x40, CAP_PM), (0x60, CAP_MSI), (0xa0, CAP_PCIE)]
         );
         // Program address/data, then enable 4 vectors (MME=2).
-        cfg_write(&mut r.pci, 0x64, &0xfee0_0000u32.to_le_bytes());
-        cfg_write(&mut r.pci, 0x68, &0u32.to_le_bytes());
-        cfg_write(&mut r.pci, 0x6c, &0x60u32.to_le_bytes());
+        r.cfg_write(0x64, &0xfee0_0000u32.to_le_bytes());
+        r.cfg_write(0x68, &0u32.to_le_bytes());
+        r.cfg_write(0x6c, &0x60u32.to_le_bytes());
         // Mask vector 1 (per-vector masking).
-        cfg_write(&mut r.pci, 0x70, &2u32.to_le_bytes());
+        r.cfg_write(0x70, &2u32.to_le_bytes());
         let ctrl = (1u16 << 8) | (1 << 7) | (2 << 1) | (2 << 4) | 1;
-        cfg_write(&mut r.pci, 0x62, &ctrl.to_le_bytes());
+        r.cfg_write(0x62, &ctrl.to_le_bytes());
         assert_eq!(cfg_read(&mut r.pci, 0x60) >> 16, u32::from(ctrl));
         assert_eq!(cfg_read(&mut r.pci, 0x6c), 0x60);
         {
@@ -1683,20 +1915,31 @@ mod tests {
             assert_eq!(en.get(&MSI_IRQ), Some(&4));
             assert!(!en.contains_key(&INTX_IRQ));
         }
+        // Vector 1 masked: neither routed nor attached.
         let routes = r.router.routes.lock().unwrap().clone();
         let datas: Vec<u32> = routes.values().map(|m| m.data).collect();
-        assert_eq!(datas, vec![0x60, 0x61, 0x62, 0x63]);
+        assert_eq!(datas, vec![0x60, 0x62, 0x63]);
         let gsis: Vec<u32> = routes.keys().copied().collect();
         let irqfds = r.router.irqfds.lock().unwrap().clone();
         assert_eq!(irqfds.get(&gsis[0]), Some(&true));
-        assert_eq!(irqfds.get(&gsis[1]), None, "vector 1 masked: not attached");
+        assert_eq!(
+            irqfds.get(&(gsis[0] + 1)),
+            None,
+            "vector 1 masked: not attached"
+        );
         // Unmask vector 1.
-        cfg_write(&mut r.pci, 0x70, &0u32.to_le_bytes());
-        assert_eq!(r.router.irqfds.lock().unwrap().get(&gsis[1]), Some(&true));
+        r.cfg_write(0x70, &0u32.to_le_bytes());
+        let routes = r.router.routes.lock().unwrap().clone();
+        let datas: Vec<u32> = routes.values().map(|m| m.data).collect();
+        assert_eq!(datas, vec![0x60, 0x61, 0x62, 0x63]);
+        assert_eq!(
+            r.router.irqfds.lock().unwrap().get(&(gsis[0] + 1)),
+            Some(&true)
+        );
         // Nothing of the emulated capability reached the device.
         assert!(r.dev.config_writes.lock().unwrap().is_empty());
         // Disable: MSI off in VFIO, INTx back on.
-        cfg_write(&mut r.pci, 0x62, &0u16.to_le_bytes());
+        r.cfg_write(0x62, &0u16.to_le_bytes());
         let en = r.dev.enabled.lock().unwrap();
         assert!(!en.contains_key(&MSI_IRQ));
         assert_eq!(en.get(&INTX_IRQ), Some(&1));
@@ -1705,7 +1948,7 @@ mod tests {
     #[test]
     fn teardown_releases_everything_and_resets() {
         let mut r = rig(true);
-        route_all(&mut r.pci);
+        decode(&mut r, COMMAND_MEMORY);
         let Rig {
             dev, mapper, pci, ..
         } = r;
@@ -1714,6 +1957,296 @@ mod tests {
         assert!(mapper.maps.lock().unwrap().is_empty());
         assert!(dev.enabled.lock().unwrap().is_empty());
         assert_eq!(*dev.resets.lock().unwrap(), 2);
+    }
+
+    /// What VFIO has enabled, as the fake records it.
+    fn vfio_irqs(r: &Rig) -> Vec<u32> {
+        r.dev.enabled.lock().unwrap().keys().copied().collect()
+    }
+
+    /// GSIs whose irqfd is attached in the fake router.
+    fn attached(r: &Rig) -> Vec<u32> {
+        let v = r.router.irqfds.lock().unwrap();
+        v.iter().filter(|(_, &on)| on).map(|(&g, _)| g).collect()
+    }
+
+    /// MSI (4 vectors, all unmasked) programmed and enabled by the guest.
+    fn enable_msi(r: &mut Rig) {
+        r.cfg_write(0x64, &0xfee0_0000u32.to_le_bytes());
+        r.cfg_write(0x6c, &0x60u32.to_le_bytes());
+        let ctrl = (1u16 << 8) | (1 << 7) | (2 << 1) | (2 << 4) | 1;
+        r.cfg_write(0x62, &ctrl.to_le_bytes());
+    }
+
+    fn disable_msi(r: &mut Rig) {
+        r.cfg_write(0x62, &0u16.to_le_bytes());
+    }
+
+    /// MSI-X enabled with entry 0 programmed and unmasked.
+    fn enable_msix(r: &mut Rig) {
+        decode(r, COMMAND_MEMORY);
+        r.pci.write_bar(0, 0x10000, &0xfee0_0000u32.to_le_bytes());
+        r.pci.write_bar(0, 0x10008, &0x70u32.to_le_bytes());
+        r.pci.write_bar(0, 0x1000c, &0u32.to_le_bytes());
+        r.cfg_write(0x7a, &0x8004u16.to_le_bytes());
+    }
+
+    fn msix_enabled_bit(r: &mut Rig) -> bool {
+        cfg_read(&mut r.pci, 0x78) & (1 << 31) != 0
+    }
+
+    fn msi_enabled_bit(r: &mut Rig) -> bool {
+        cfg_read(&mut r.pci, 0x60) & (1 << 16) != 0
+    }
+
+    #[test]
+    fn msix_enable_while_msi_is_on_is_refused_and_msi_off_brings_intx_back() {
+        let mut r = rig(true);
+        enable_msi(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![MSI_IRQ]);
+        let msi_gsis = attached(&r);
+        assert_eq!(msi_gsis.len(), 4);
+        // The guest enables MSI-X on top: refused, the capability says so, nothing of
+        // MSI-X is routed, MSI keeps working.
+        enable_msix(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![MSI_IRQ]);
+        assert!(
+            !msix_enabled_bit(&mut r),
+            "a refused MSI-X enable reads back disabled"
+        );
+        assert!(msi_enabled_bit(&mut r));
+        assert_eq!(attached(&r), msi_gsis, "no MSI-X vector attached");
+        assert_eq!(r.pci.guest_errors(guest_error::IRQ_CONFLICT), 1);
+        // MSI off: INTx back (not disabled in the command register), MSI vectors detached.
+        disable_msi(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![INTX_IRQ]);
+        assert_eq!(attached(&r), vec![17]);
+        // Now MSI-X can be enabled.
+        r.cfg_write(0x7a, &0x0004u16.to_le_bytes());
+        r.cfg_write(0x7a, &0x8004u16.to_le_bytes());
+        assert_eq!(vfio_irqs(&r), vec![MSIX_IRQ]);
+        assert!(msix_enabled_bit(&mut r));
+        assert_eq!(attached(&r).len(), 1, "MSI-X entry 0 only");
+    }
+
+    #[test]
+    fn msi_enable_while_msix_is_on_is_refused_and_msi_off_leaves_msix_alone() {
+        let mut r = rig(true);
+        enable_msix(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![MSIX_IRQ]);
+        let msix_gsis = attached(&r);
+        assert_eq!(msix_gsis.len(), 1);
+        enable_msi(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![MSIX_IRQ]);
+        assert!(
+            !msi_enabled_bit(&mut r),
+            "a refused MSI enable reads back disabled"
+        );
+        assert_eq!(attached(&r), msix_gsis, "no MSI vector attached");
+        // Disabling MSI must not bring INTx back while MSI-X is on.
+        disable_msi(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![MSIX_IRQ]);
+        assert_eq!(attached(&r), msix_gsis);
+        assert!(msix_enabled_bit(&mut r));
+        assert_eq!(r.pci.irq_mode(), IrqMode::Msix);
+    }
+
+    #[test]
+    fn an_enable_vfio_refuses_reads_back_disabled_and_intx_stays() {
+        let mut r = rig(true);
+        r.dev.refuse.lock().unwrap().insert(MSIX_IRQ);
+        enable_msix(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![INTX_IRQ], "INTx kept");
+        assert!(!msix_enabled_bit(&mut r));
+        assert_eq!(attached(&r), vec![17], "no MSI-X vector attached");
+        assert_eq!(r.pci.irq_mode(), IrqMode::Intx);
+        assert_eq!(r.pci.guest_errors(guest_error::IRQ_REFUSED), 1);
+        // MSI refused too, from INTx: INTx again.
+        r.dev.refuse.lock().unwrap().insert(MSI_IRQ);
+        enable_msi(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![INTX_IRQ]);
+        assert!(!msi_enabled_bit(&mut r));
+        assert_eq!(attached(&r), vec![17]);
+        // Accepted later: MSI on, INTx off.
+        r.dev.refuse.lock().unwrap().clear();
+        enable_msi(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![MSI_IRQ]);
+        assert_eq!(attached(&r).len(), 4);
+    }
+
+    #[test]
+    fn intx_comes_back_only_when_not_disabled_in_the_command_register() {
+        let mut r = rig(false);
+        assert_eq!(vfio_irqs(&r), vec![INTX_IRQ]);
+        // Linux: INTx Disable set, then MSI enabled; at shutdown MSI off first.
+        r.cfg_write(0x04, &COMMAND_INTX_DISABLE.to_le_bytes());
+        assert!(vfio_irqs(&r).is_empty(), "INTx off once disabled");
+        assert!(attached(&r).is_empty());
+        enable_msi(&mut r);
+        assert_eq!(vfio_irqs(&r), vec![MSI_IRQ]);
+        disable_msi(&mut r);
+        assert!(vfio_irqs(&r).is_empty(), "INTx Disable still set: no INTx");
+        assert!(attached(&r).is_empty());
+        r.cfg_write(0x04, &0u16.to_le_bytes());
+        assert_eq!(vfio_irqs(&r), vec![INTX_IRQ]);
+        assert_eq!(attached(&r), vec![17]);
+    }
+
+    #[test]
+    fn bar_accesses_the_device_would_fail_are_answered_here() {
+        let mut r = rig_with(true, true);
+        let mut d = [0u8; 4];
+        // Memory decoding off (after reset): BAR0 registers, the MSI-X table, BAR4, I/O.
+        r.pci.read_bar(0, 0x100, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        r.pci.write_bar(0, 0x100, &[1; 4]);
+        r.pci.read_bar(4, 0, &mut d);
+        r.pci.read_bar(2, 0, &mut d);
+        r.pci.write_bar(2, 0, &[1; 4]);
+        r.pci.read_bar(0, 0x10000, &mut d);
+        assert_eq!(d, [0xff; 4], "the MSI-X table does not decode either");
+        assert!(
+            r.dev.bad_accesses.lock().unwrap().is_empty(),
+            "{:?}",
+            r.dev.bad_accesses
+        );
+        assert!(r.dev.bar_writes.lock().unwrap().is_empty());
+        assert_eq!(r.pci.guest_errors(guest_error::NO_DECODE), 6);
+        // Memory on, I/O still off.
+        decode(&mut r, COMMAND_MEMORY);
+        r.pci.read_bar(2, 0, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        r.pci.read_bar(0, 0x100, &mut d);
+        assert_eq!(d, [0, 1, 2, 3]);
+        // The ROM: 24 KiB in a 32 KiB BAR; beyond the region and wrapping offsets.
+        let rom = cfg_read(&mut r.pci, 0x30);
+        r.cfg_write(0x30, &(rom | 1).to_le_bytes());
+        assert_eq!(r.routed.get(&ROM_BAR), Some(&u64::from(rom)));
+        r.pci.read_bar(ROM_BAR, 0x5ffc, &mut d);
+        assert_eq!(d, [0xfc, 0xfd, 0xfe, 0xff]);
+        r.pci.read_bar(ROM_BAR, 0x5ffe, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        r.pci.read_bar(ROM_BAR, u64::MAX - 1, &mut d);
+        r.pci.read_bar(0, u64::MAX - 1, &mut d);
+        // A BAR index the device does not have.
+        r.pci.read_bar(1, 0, &mut d);
+        r.pci.write_bar(5, 0, &[0; 4]);
+        assert!(
+            r.dev.bad_accesses.lock().unwrap().is_empty(),
+            "{:?}",
+            r.dev.bad_accesses
+        );
+        assert_eq!(r.pci.guest_errors(guest_error::OUT_OF_RANGE), 3);
+        // D3hot: nothing decodes.
+        r.cfg_write(PM_CAP + 4, &3u16.to_le_bytes());
+        r.pci.read_bar(0, 0x100, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        assert!(
+            r.dev.bad_accesses.lock().unwrap().is_empty(),
+            "{:?}",
+            r.dev.bad_accesses
+        );
+    }
+
+    #[test]
+    fn a_flood_of_undecoded_accesses_logs_a_few_lines() {
+        let mut r = rig(true);
+        let mut d = [0u8; 4];
+        for _ in 0..100_000 {
+            r.pci.read_bar(0, 0x100, &mut d);
+        }
+        // All counted in the rate-limited log; none reached vfio-ioctls, which would log
+        // each one.
+        assert_eq!(r.pci.guest_errors(guest_error::NO_DECODE), 100_000);
+        assert!(r.dev.bad_accesses.lock().unwrap().is_empty());
+    }
+
+    fn maps(r: &Rig) -> Vec<(u64, u64)> {
+        r.mapper.maps.lock().unwrap().values().copied().collect()
+    }
+
+    #[test]
+    fn bars_are_mapped_only_while_the_device_decodes_memory() {
+        let mut r = rig(true);
+        assert!(maps(&r).is_empty());
+        decode(&mut r, COMMAND_MEMORY);
+        let on = maps(&r);
+        assert_eq!(on.len(), 4);
+        // Memory Space Enable cleared: the KVM slots go, accesses are trapped and answered.
+        decode(&mut r, COMMAND_IO);
+        assert!(maps(&r).is_empty());
+        let mut d = [0u8; 4];
+        r.pci.read_bar(0, 0x2000, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        assert!(r.dev.bad_accesses.lock().unwrap().is_empty());
+        decode(&mut r, COMMAND_MEMORY);
+        assert_eq!(maps(&r), on);
+        // Slots went before the device stopped decoding and came after it started again.
+        assert!(
+            r.mapper.late.lock().unwrap().is_empty(),
+            "{:?}",
+            r.mapper.late
+        );
+        // D3hot and back.
+        r.cfg_write(PM_CAP + 4, &3u16.to_le_bytes());
+        assert!(maps(&r).is_empty());
+        r.cfg_write(PM_CAP + 4, &0u16.to_le_bytes());
+        assert_eq!(maps(&r), on);
+        // A BAR moved while decoding is off is mapped at its new place once it is on.
+        decode(&mut r, 0);
+        r.cfg_write(0x10, &[0xff; 4]);
+        r.cfg_write(0x10, &0xd000_0000u32.to_le_bytes());
+        assert!(maps(&r).is_empty(), "nothing mapped while decoding is off");
+        assert!(!r.routed.contains_key(&0), "nor routed");
+        decode(&mut r, COMMAND_MEMORY);
+        assert!(
+            maps(&r).contains(&(0xd000_0000, 0x10000)),
+            "{:x?}",
+            maps(&r)
+        );
+        assert_eq!(maps(&r).len(), 4);
+        assert!(
+            r.mapper.late.lock().unwrap().is_empty(),
+            "{:?}",
+            r.mapper.late
+        );
+    }
+
+    #[test]
+    fn a_faulting_mapping_is_dropped_and_the_bars_trapped() {
+        let mut r = rig(true);
+        decode(&mut r, COMMAND_MEMORY);
+        let on = maps(&r);
+        // Not this device's address: not its fault.
+        assert!(!r.pci.mapping_fault(Some(0x1000)));
+        // Decoding as far as the device knows and no address: not its fault either.
+        assert!(!r.pci.mapping_fault(None));
+        assert_eq!(maps(&r), on);
+        // The device stopped decoding behind the vmm's back (a reset it did not see).
+        r.dev.config.lock().unwrap()[4] = 0;
+        assert!(r.pci.mapping_fault(None));
+        assert!(maps(&r).is_empty());
+        assert_eq!(r.pci.guest_errors(guest_error::MAPPING_FAULT), 1);
+        // The retried access is trapped and not forwarded to a device that would fail it.
+        let mut d = [0u8; 4];
+        r.pci.read_bar(4, 0x10, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        assert!(r.dev.bad_accesses.lock().unwrap().is_empty());
+        // Nothing left to drop: a second fault is not this device's.
+        assert!(!r.pci.mapping_fault(None));
+        // The guest turns decoding on again: mapped again.
+        decode(&mut r, COMMAND_MEMORY);
+        assert_eq!(maps(&r), on);
+        // With KVM's address of the fault.
+        assert!(r.pci.mapping_fault(Some(on[0].0 + 8)));
+        assert!(maps(&r).is_empty());
+        // Decoding on as far as the device knows: trapped but forwarded until the guest
+        // turns decoding off and on.
+        r.pci.read_bar(0, 0x100, &mut d);
+        assert_eq!(d, [0, 1, 2, 3]);
+        decode(&mut r, 0);
+        decode(&mut r, COMMAND_MEMORY);
+        assert_eq!(maps(&r), on);
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //!   space with BAR tracking: shared with the vmm's virtio devices.
 
 pub mod device;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod host;
 pub mod interrupt;
 pub mod msix;

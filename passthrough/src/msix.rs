@@ -10,6 +10,7 @@
 use std::io;
 use std::sync::Arc;
 
+use backends::ratelimit::GuestErrorLog;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::{InterruptRouter, MsiMessage};
@@ -51,7 +52,8 @@ pub struct Msix {
     enabled: bool,
     function_masked: bool,
     router: Arc<dyn InterruptRouter>,
-    logged_error: bool,
+    /// Routes KVM refused (one kind).
+    errors: GuestErrorLog<1>,
 }
 
 impl Msix {
@@ -72,7 +74,7 @@ impl Msix {
             enabled: false,
             function_masked: false,
             router,
-            logged_error: false,
+            errors: GuestErrorLog::new("msix"),
         })
     }
 
@@ -90,6 +92,11 @@ impl Msix {
 
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// The GSI of vector `v`.
+    pub fn gsi(&self, v: u16) -> Option<u32> {
+        self.vectors.get(usize::from(v)).map(|x| x.gsi)
     }
 
     /// A duplicate of vector `v`'s irqfd, for the code that raises it.
@@ -111,6 +118,25 @@ impl Msix {
         for i in 0..self.entries.len() {
             self.update(i);
         }
+    }
+
+    /// The GSIs of the vectors that are deliverable now (enabled, function and entry
+    /// unmasked): those whose irqfd must be attached.
+    pub fn live_gsis(&self) -> Vec<u32> {
+        if !self.enabled || self.function_masked {
+            return Vec::new();
+        }
+        self.entries
+            .iter()
+            .zip(&self.vectors)
+            .filter(|(e, _)| e.ctrl & ENTRY_MASKED == 0)
+            .map(|(_, v)| v.gsi)
+            .collect()
+    }
+
+    /// Route failures so far.
+    pub fn route_errors(&self) -> u64 {
+        self.errors.count(0)
     }
 
     pub fn control_bits(&self) -> u16 {
@@ -210,10 +236,9 @@ impl Msix {
             Ok(())
         };
         if let Err(e) = result {
-            if !self.logged_error {
-                log::error!("msix: cannot route vector {i} (gsi {}): {e}", v.gsi);
-                self.logged_error = true;
-            }
+            let gsi = v.gsi;
+            self.errors
+                .record(0, format_args!("cannot route vector {i} (gsi {gsi}): {e}"));
         }
     }
 }

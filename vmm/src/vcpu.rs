@@ -31,6 +31,10 @@ impl VcpuCounters {
     }
 }
 
+/// Called when KVM_RUN fails with EFAULT, with the guest physical address when KVM says
+/// it: returns true if an assigned device's mapping caused it and was dropped (retry).
+pub type MappingFault = Arc<dyn Fn(Option<u64>) -> bool + Send + Sync>;
+
 /// What a vCPU thread needs.
 pub struct VcpuContext {
     pub id: u8,
@@ -43,6 +47,20 @@ pub struct VcpuContext {
     pub coalesced: Option<Arc<CoalescedRing>>,
     /// With `--watchdog`: where this thread counts its exits and answers samples.
     pub probes: Option<Arc<Probes>>,
+    /// Assigned devices' answer to a faulting BAR mapping (none without `--vfio`).
+    pub mapping_fault: Option<MappingFault>,
+}
+
+/// A guest access faulted in KVM_RUN (EFAULT). An assigned device whose BAR mapping
+/// vfio-pci revoked (the guest stopped its decoding behind the vmm's back) is the guest's
+/// doing: that device drops the mapping and logs it, and the vCPU retries the access,
+/// which is then trapped. Anything else is the vmm's failure.
+fn memory_fault(ctx: &VcpuContext, gpa: Option<u64>) -> bool {
+    let handled = ctx.mapping_fault.as_ref().is_some_and(|f| f(gpa));
+    if handled {
+        ctx.counters.other("passthrough_mapping_fault");
+    }
+    handled
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -230,6 +248,16 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
                 ctx.counters.interrupted.fetch_add(1, Ordering::Relaxed);
             }
             Ok(VcpuExit::IrqWindowOpen) => ctx.counters.other("irq_window"),
+            Ok(VcpuExit::MemoryFault { gpa, size, .. }) => {
+                if !memory_fault(&ctx, Some(gpa)) {
+                    ctx.exit.request(VmExit::VmmError(format!(
+                        "vcpu {}: KVM_RUN: memory fault at guest address {gpa:#x}+{size:#x} \
+                         that no device explains",
+                        ctx.id
+                    )));
+                    return;
+                }
+            }
             Ok(other) => {
                 let name = exit_name(&other);
                 ctx.counters.other(name);
@@ -238,6 +266,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 ctx.counters.interrupted.fetch_add(1, Ordering::Relaxed);
             }
+            Err(e) if e.errno() == libc::EFAULT && memory_fault(&ctx, None) => {}
             Err(e) => {
                 ctx.exit.request(VmExit::VmmError(format!(
                     "vcpu {}: KVM_RUN failed: {e}",
@@ -281,5 +310,54 @@ pub fn stop_all(stop: &AtomicBool, threads: Vec<thread::JoinHandle<()>>) {
         if t.join().is_err() {
             log::error!("a vCPU thread panicked");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(mapping_fault: Option<MappingFault>) -> VcpuContext {
+        let (exit, _rx) = ExitHandle::new();
+        VcpuContext {
+            id: 0,
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            exit,
+            stop: Arc::new(AtomicBool::new(false)),
+            counters: Arc::new(VcpuCounters::default()),
+            coalesced: None,
+            probes: None,
+            mapping_fault,
+        }
+    }
+
+    fn faults(c: &VcpuContext) -> u64 {
+        let other = c.counters.other.lock().unwrap();
+        other.get("passthrough_mapping_fault").copied().unwrap_or(0)
+    }
+
+    #[test]
+    fn an_efault_is_retried_only_when_an_assigned_device_explains_it() {
+        // No assigned device: the vmm's failure.
+        let c = ctx(None);
+        assert!(!memory_fault(&c, None));
+        // The device whose mapping it was drops it once; the next fault is not its.
+        let left = Arc::new(std::sync::Mutex::new(1u32));
+        let l = left.clone();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let c = ctx(Some(Arc::new(move |gpa| {
+            s.lock().unwrap().push(gpa);
+            let mut n = l.lock().unwrap();
+            let ours = *n > 0;
+            *n = n.saturating_sub(1);
+            ours
+        })));
+        assert!(memory_fault(&c, Some(0xc000_0000)));
+        assert_eq!(faults(&c), 1);
+        assert!(!memory_fault(&c, None));
+        assert_eq!(faults(&c), 1);
+        assert_eq!(*seen.lock().unwrap(), vec![Some(0xc000_0000), None]);
     }
 }

@@ -3,7 +3,7 @@
 //! device on the PCI bus (its PCI logic lives in the `passthrough` crate).
 
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use kvm_bindings::{
     kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_userspace_memory_region,
@@ -104,7 +104,28 @@ pub struct Assigned {
     /// The thread mapping guest RAM for DMA while the VM boots (see [`DmaGate`]).
     mapping: Option<std::thread::JoinHandle<()>>,
     devices: Vec<Arc<dyn Vfio>>,
+    /// The devices on the PCI bus (owned by it), for [`Assigned::fault_handler`].
+    pci: Vec<Weak<Mutex<PassthroughPci>>>,
     pub routes: Vec<IntxRoute>,
+}
+
+impl Assigned {
+    /// What a vCPU calls when KVM_RUN fails with EFAULT (at guest physical `gpa` when KVM
+    /// says where): an assigned device stopped decoding memory in a way the vmm did not
+    /// follow, so vfio-pci revoked the BAR mmap behind a KVM slot. The device that owns
+    /// the fault drops its slots (and logs it, rate-limited) and `true` is returned: the
+    /// vCPU retries, and the access is trapped. `false`: no assigned device explains it.
+    pub fn fault_handler(&self) -> crate::vcpu::MappingFault {
+        let pci = self.pci.clone();
+        Arc::new(move |gpa| {
+            let mut handled = false;
+            for dev in pci.iter().filter_map(Weak::upgrade) {
+                let mut dev = dev.lock().unwrap_or_else(|p| p.into_inner());
+                handled |= dev.mapping_fault(gpa);
+            }
+            handled
+        })
+    }
 }
 
 impl Drop for Assigned {
@@ -208,6 +229,7 @@ pub fn assign(
         container,
         mapping: None,
         devices: Vec::new(),
+        pci: Vec::new(),
         routes: Vec::new(),
     };
     let gate = DmaGate::new();
@@ -263,6 +285,7 @@ pub fn assign(
         let pin = pci.intx_pin();
         let bar_list = pci.bars();
         let pci = Arc::new(Mutex::new(pci));
+        assigned.pci.push(Arc::downgrade(&pci));
         let slot = root.add(&d.id, pci.clone())?;
         let mapped: u64 = pci
             .lock()
@@ -288,4 +311,99 @@ pub fn assign(
         );
     }
     Ok(Some(assigned))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::{Bus, BusDevice};
+    use crate::pci::{PciConfigMmio, PciWindows, COMMAND_IO, COMMAND_MEMORY};
+    use passthrough::fuzzing::{rig, Rig, PM_CAP};
+
+    /// An assigned device (the fake e1000e of `passthrough::fuzzing`) on the real root: its
+    /// KVM slots follow where the root routes its BARs, and exist only while the device
+    /// decodes memory, whichever of the two changes.
+    #[test]
+    fn an_assigned_device_maps_only_where_the_root_routes_and_while_it_decodes() {
+        let (mmio, pio) = (Arc::new(Bus::new()), Arc::new(Bus::new()));
+        // A 512 MiB guest: RAM below 0x2000_0000, the 32-bit window at 0xc000_0000.
+        let root = Arc::new(Mutex::new(PciRoot::new(
+            mmio.clone(),
+            pio.clone(),
+            PciWindows::for_guest(512 << 20),
+        )));
+        let Rig {
+            dev, mapper, pci, ..
+        } = rig(true, true, None);
+        let pci = Arc::new(Mutex::new(pci));
+        let slot = root.lock().unwrap().add("nic0", pci.clone()).unwrap();
+        let mut ecam = PciConfigMmio::new(root.clone());
+        let mut cfg = |off: usize, v: &[u8]| ecam.write((u64::from(slot) << 15) | off as u64, v);
+        let slots = || {
+            let mut v: Vec<(u64, u64)> = mapper.maps.lock().unwrap().values().copied().collect();
+            v.sort_unstable();
+            v
+        };
+        let bar0 = |base: u64| {
+            vec![
+                (base, 0x10000),
+                (base + 0x11000, 0x7000),
+                (base + 0x19000, 0x7000),
+            ]
+        };
+        let with_bar4 = |mut v: Vec<(u64, u64)>| {
+            v.push((0xc010_0000, 1 << 20));
+            v.sort_unstable();
+            v
+        };
+        // Added: decoding on as firmware leaves it, the BARs routed and mapped.
+        assert_eq!(slots(), with_bar4(bar0(0xc000_0000)));
+        // Memory Space Enable off: the slots go (before the device stops decoding); a
+        // trapped access finds nothing routed there.
+        cfg(0x04, &COMMAND_IO.to_le_bytes());
+        assert!(slots().is_empty());
+        let mut d = [0u8; 4];
+        assert!(!mmio.read(0xc000_0100, &mut d));
+        // Moved while off (sizing, then the new address): nothing mapped anywhere.
+        cfg(0x10, &[0xff; 4]);
+        cfg(0x10, &0xd000_0000u32.to_le_bytes());
+        assert!(slots().is_empty());
+        // On again: mapped at the new address only; the MSI-X page there is trapped and
+        // reaches the device's table.
+        cfg(0x04, &(COMMAND_IO | COMMAND_MEMORY).to_le_bytes());
+        assert_eq!(slots(), with_bar4(bar0(0xd000_0000)));
+        assert!(mmio.write(0xd001_0000, &0xfee0_0000u32.to_le_bytes()));
+        assert!(mmio.read(0xd001_0000, &mut d));
+        assert_eq!(u32::from_le_bytes(d), 0xfee0_0000);
+        // D3hot: the root still routes the BARs (it knows no power states), the device
+        // unmaps them; back in D0 they come back where the root routes them.
+        cfg(PM_CAP + 4, &3u16.to_le_bytes());
+        assert!(slots().is_empty());
+        assert!(mmio.read(0xd000_0100, &mut d), "still routed (trapped)");
+        assert_eq!(d, [0xff; 4]);
+        cfg(PM_CAP + 4, &0u16.to_le_bytes());
+        assert_eq!(slots(), with_bar4(bar0(0xd000_0000)));
+        // The guest moves BAR0 onto its RAM with decoding on: the root refuses to route it,
+        // so no KVM slot of the device may cover RAM.
+        cfg(0x10, &0x1000_0000u32.to_le_bytes());
+        assert_eq!(slots(), with_bar4(Vec::new()));
+        // Moved again in D3hot to a valid place: routed, mapped only once in D0.
+        cfg(PM_CAP + 4, &3u16.to_le_bytes());
+        cfg(0x10, &0xd800_0000u32.to_le_bytes());
+        assert!(slots().is_empty());
+        cfg(PM_CAP + 4, &0u16.to_le_bytes());
+        assert_eq!(slots(), with_bar4(bar0(0xd800_0000)));
+        // Never a slot while the device decoded no memory, never an access vfio-pci fails.
+        assert!(mapper.late.lock().unwrap().is_empty(), "{:?}", mapper.late);
+        assert!(
+            dev.bad_accesses.lock().unwrap().is_empty(),
+            "{:?}",
+            dev.bad_accesses
+        );
+        // Taken off the root and dropped: no slot left.
+        let devices = root.lock().unwrap().take_devices();
+        drop(devices);
+        drop(pci);
+        assert!(slots().is_empty());
+    }
 }

@@ -242,6 +242,7 @@ impl Vm {
                 stop: stop.clone(),
                 counters: self.counters.clone(),
                 coalesced: self.coalesced.clone(),
+                mapping_fault: self._vfio.as_ref().map(|v| v.fault_handler()),
                 probes: probes.clone(),
             };
             let t = thread::Builder::new()
