@@ -73,6 +73,16 @@ fn report_then_term(vm: &mut Daemon, cpus: usize) -> String {
     log
 }
 
+/// The state line the watchdog logged for vCPU 0.
+fn vcpu0_state(log: &str) -> String {
+    log.lines()
+        .find_map(|l| {
+            l.split_once("watchdog: vcpu 0: ")
+                .map(|(_, s)| s.to_string())
+        })
+        .unwrap_or_default()
+}
+
 #[test]
 fn a_vcpu_halted_with_interrupts_off_is_reported_once_with_its_state() {
     let mut vm = start("fault=halt", "1");
@@ -81,13 +91,7 @@ fn a_vcpu_halted_with_interrupts_off_is_reported_once_with_its_state() {
         log.contains("the guest made no progress for 1 s (vcpu 0 halted with interrupts off)"),
         "log:\n{log}"
     );
-    let state = log
-        .lines()
-        .find_map(|l| {
-            l.split_once("watchdog: vcpu 0: ")
-                .map(|(_, s)| s.to_string())
-        })
-        .unwrap_or_default();
+    let state = vcpu0_state(&log);
     assert!(state.starts_with("halted rip=0x"), "state: {state}");
     // KVM_MP_STATE_HALTED, in ring 0 (the trap handler), IF clear.
     assert!(state.contains(" mp_state=3"), "state: {state}");
@@ -109,13 +113,7 @@ fn a_guest_spinning_without_exits_is_reported_for_every_vcpu() {
         "log:\n{log}"
     );
     // vCPU 0 spins in ring 3.
-    let state = log
-        .lines()
-        .find_map(|l| {
-            l.split_once("watchdog: vcpu 0: ")
-                .map(|(_, s)| s.to_string())
-        })
-        .unwrap_or_default();
+    let state = vcpu0_state(&log);
     assert!(state.starts_with("running rip=0x"), "state: {state}");
     assert!(state.contains(" cpl=3 "), "state: {state}");
 }
