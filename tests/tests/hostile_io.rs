@@ -189,6 +189,51 @@ fn find_line(log: &Path, needle: &str) -> Option<String> {
         .map(|l| l.trim_end().to_string())
 }
 
+/// The guest's reset report: how long its status write took and how long until the device
+/// read 0 (its own TSC).
+fn reset_times(
+    vmm: &mut Daemon,
+    serial: &Path,
+    guard: &[(&str, u32)],
+    what: &str,
+) -> (Duration, Duration) {
+    let reset = wait_line(
+        vmm,
+        serial,
+        "hostile-result phase=reset ",
+        Duration::from_secs(20),
+        guard,
+    );
+    let write = cycles(field(&reset, "write_cycles"));
+    let done = cycles(field(&reset, "done_cycles"));
+    eprintln!("{what}: the guest's status write took {write:?}, the reset {done:?}");
+    (write, done)
+}
+
+/// The reset within its bounds (status write, whole reset), then the reset device answers a
+/// read.
+fn check_reset(
+    vmm: &mut Daemon,
+    serial: &Path,
+    guard: &[(&str, u32)],
+    what: &str,
+    (write, done): (Duration, Duration),
+    (write_bound, reset_bound): (Duration, Duration),
+) {
+    assert!(
+        write < write_bound,
+        "{what}: the status write took {write:?}"
+    );
+    assert!(done < reset_bound, "{what}: the reset took {done:?}");
+    wait_line(
+        vmm,
+        serial,
+        "hostile-result phase=reset-device-read status=0",
+        Duration::from_secs(20),
+        guard,
+    );
+}
+
 /// `KEY=N` of a `hostile-result` line.
 fn field(line: &str, key: &str) -> u64 {
     line.split_whitespace()
@@ -387,16 +432,7 @@ fn hostile(attack: Attack, host: Host) {
         "{what}: the attack never got a request served:\n{}",
         std::fs::read_to_string(&serial).unwrap_or_default()
     );
-    let reset = wait_line(
-        &mut vmm,
-        &serial,
-        "hostile-result phase=reset ",
-        Duration::from_secs(20),
-        &guard,
-    );
-    let write = cycles(field(&reset, "write_cycles"));
-    let done = cycles(field(&reset, "done_cycles"));
-    eprintln!("{what}: the guest's status write took {write:?}, the reset {done:?}");
+    let (write, done) = reset_times(&mut vmm, &serial, &guard, &what);
     // A vhost-user back-end acknowledges the reset (GET_VRING_BASE) between two of its
     // budgets; the vmm's deadline for a reply is 3 s: well under it. A bounced request larger
     // than the bounce budget (254 MiB, piece by piece on the queue thread) is finished
@@ -412,17 +448,13 @@ fn hostile(attack: Attack, host: Host) {
         Host::Vmm => reset_bound,
         Host::Daemon => RESET_WRITE_BOUND,
     };
-    assert!(
-        write < write_bound,
-        "{what}: the status write took {write:?}"
-    );
-    assert!(done < reset_bound, "{what}: the reset took {done:?}");
-    wait_line(
+    check_reset(
         &mut vmm,
         &serial,
-        "hostile-result phase=reset-device-read status=0",
-        Duration::from_secs(20),
         &guard,
+        &what,
+        (write, done),
+        (write_bound, reset_bound),
     );
     wait_line(
         &mut vmm,
@@ -709,27 +741,14 @@ fn net_flood_with_rx_stalled_then_refilled_on_the_in_vmm_device() {
             tx_max < Duration::from_secs(1),
             "{what}: a TX frame waited {tx_max:?} while RX was flooded"
         );
-        let reset = wait_line(
+        let times = reset_times(&mut vmm, &serial, &guard, what);
+        check_reset(
             &mut vmm,
             &serial,
-            "hostile-result phase=reset ",
-            Duration::from_secs(20),
             &guard,
-        );
-        let write = cycles(field(&reset, "write_cycles"));
-        let done = cycles(field(&reset, "done_cycles"));
-        eprintln!("{what}: the guest's status write took {write:?}, the reset {done:?}");
-        assert!(
-            write < RESET_WRITE_BOUND,
-            "{what}: the status write took {write:?}"
-        );
-        assert!(done < RESET_WRITE_BOUND, "{what}: the reset took {done:?}");
-        wait_line(
-            &mut vmm,
-            &serial,
-            "hostile-result phase=reset-device-read status=0",
-            Duration::from_secs(20),
-            &guard,
+            what,
+            times,
+            (RESET_WRITE_BOUND, RESET_WRITE_BOUND),
         );
         wait_line(
             &mut vmm,
