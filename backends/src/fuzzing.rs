@@ -134,11 +134,11 @@ pub fn fuzz_net_ctrl(data: &[u8]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// A small deterministic generator, so the smoke test needs no extra crate.
-    fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    /// A small deterministic generator, so the smoke tests need no extra crate.
+    pub(crate) fn bytes(seed: u64, len: usize) -> Vec<u8> {
         let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         (0..len)
             .map(|_| {

@@ -1461,18 +1461,7 @@ mod tests {
         assert!(s.used >= 5 && s.errors == 0, "{s:?}");
     }
 
-    /// A small deterministic generator.
-    fn bytes(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::fuzzing::tests::bytes;
 
     #[test]
     fn mutated_seeds_keep_the_promises() {
