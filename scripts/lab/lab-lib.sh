@@ -22,7 +22,8 @@ L2_KERNEL=/lab/l2/vmlinuz
 L2_INITRD=/lab/l2/initrd.img
 L2_GENERIC_KERNEL=/lab/l2/vmlinux-generic # an ELF, booted through PVH (QEMU: pvh.bin)
 L2_GENERIC_INITRD=/lab/l2/initrd-generic.img
-L2_CMDLINE="console=ttyS0 panic=-1 quiet"
+# nokaslr: a triple fault's RIP in L1's trace (lab_l2_shutdowns) maps to System.map as is.
+L2_CMDLINE="console=ttyS0 panic=-1 quiet nokaslr"
 
 lab_failures=0
 
@@ -49,8 +50,39 @@ fail() {
     lab_failures=$((lab_failures + 1))
 }
 
+# lab_l2_shutdowns: L1's trace (see /init) of the L2s that ended in a shutdown exit (a
+# triple fault), with the exceptions KVM injected before: L1-TRACE lines; nothing when no L2
+# died so, and the function at each one's RIP (lab_rip_names).
+lab_l2_shutdowns() {
+    _tr=/sys/kernel/tracing/trace
+    [ -r $_tr ] && grep -q 'kvm_exit:.*reason' $_tr || return 0
+    grep -E 'kvm_exit:|kvm_inj_exception:' $_tr | tail -n 40 | sed 's/^/L1-TRACE /'
+    lab_rip_names
+}
+
+# lab_rip_names: "L1-RIP <rip> <function+0xoff>" for the RIP of every shutdown exit in L1's
+# trace: the function at that address in L1's kernel, which is the same build as L2's
+# generic kernel (L2 runs with nokaslr; L1's own KASLR offset is undone through _text). An
+# L2 on the cloud kernel is another build: the name is the generic kernel's only.
+lab_rip_names() {
+    for _rip in $(grep -oE 'reason (shutdown|TRIPLE_FAULT) rip 0x[0-9a-f]+' /sys/kernel/tracing/trace |
+        awk '{ print substr($4, 3) }' | sort -u); do
+        awk -v rip="$_rip" '
+            function lo(h) { return ("0x" substr(h, length(h) - 7)) + 0 }
+            NR == FNR { if ($3 == "_text") base = lo($1); next }
+            NF == 3 && $2 ~ /^[tTwW]$/ {
+                if (!set) { target = base + lo(rip) - lo("ffffffff81000000"); set = 1 }
+                a = lo($1)
+                if (a <= target && a > best) { best = a; name = $3 }
+            }
+            END { if (best > 0) printf "L1-RIP %s %s+0x%x\n", rip, name, target - best }
+        ' /proc/kallsyms /proc/kallsyms
+    done
+}
+
 # lab_finish: end the scenario; the status is the number of failed checks.
 lab_finish() {
+    lab_l2_shutdowns
     echo "LAB-CHECKS failed=$lab_failures"
     exit "$lab_failures"
 }

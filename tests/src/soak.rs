@@ -27,9 +27,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::lab::{profile_dir, LabRun, Scenario, L1_ATTEMPTS};
+use serde::{Deserialize, Serialize};
+
+use crate::lab::{
+    name_shutdown, profile_dir, rip_names, shutdown_exit, LabRun, Scenario, L1_ATTEMPTS,
+};
 
 /// What the soak runs.
 #[derive(Debug, Clone)]
@@ -44,9 +48,13 @@ pub struct SoakOptions {
     pub deadline: Duration,
     /// Where the project binaries and `lat` are (a release build for long soaks).
     pub bins: PathBuf,
-    /// Boots (by number, from 0) whose guest panics on purpose once its workload began
-    /// (sysrq `c`): the failure path, end to end, for the soak's own test.
-    pub panic_boots: Vec<u32>,
+    /// Boots (by number, from 0) whose guest fails on purpose once its workload began: the
+    /// failure paths, end to end, for the soak's own test.
+    pub faults: Vec<(u32, Fault)>,
+    /// No L1 is started once the soak has run this long (the one running finishes).
+    pub budget: Option<Duration>,
+    /// Where each boot's lines are kept (`<tag>.log`).
+    pub log_dir: PathBuf,
 }
 
 impl Default for SoakOptions {
@@ -57,13 +65,34 @@ impl Default for SoakOptions {
             models: vec![Model::Virtio, Model::Passthrough],
             deadline: Duration::from_secs(150),
             bins: profile_dir(),
-            panic_boots: Vec::new(),
+            faults: Vec::new(),
+            budget: None,
+            log_dir: crate::lab::lab_dir().join("logs").join("soak"),
+        }
+    }
+}
+
+/// A failure a guest makes on purpose (the soak's own test).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// A kernel panic (sysrq `c`); the guest then reboots (`panic=-1`).
+    Panic,
+    /// A triple fault: `reboot -f` with `reboot=t` (the kernel loads an empty IDT and
+    /// executes `int3`).
+    TripleFault,
+}
+
+impl Fault {
+    fn word(self) -> &'static str {
+        match self {
+            Fault::Panic => "panic",
+            Fault::TripleFault => "triple",
         }
     }
 }
 
 /// A device model of the soak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Model {
     /// Our in-VMM virtio-blk and virtio-net; QEMU's virtio-blk-pci and virtio-net-pci.
     Virtio,
@@ -89,7 +118,7 @@ impl Model {
 }
 
 /// How one boot ended.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Outcome {
     /// Booted, ran the workload, powered off, the VMM exited 0.
     Clean,
@@ -102,8 +131,9 @@ pub enum Outcome {
     /// The VMM ended without the guest's power-off and without a crash report: a reset the
     /// guest did not announce.
     Reset,
-    /// A triple fault: reported by our vmm, or (QEMU) a shutdown exit in L1's trace.
-    TripleFault,
+    /// A triple fault: reported by our vmm, or (QEMU) a shutdown exit in L1's trace. `at`:
+    /// where, from L1's trace (the vCPU, the guest's RIP and its function), if it has it.
+    TripleFault { at: String },
     /// KVM_EXIT_INTERNAL_ERROR.
     KvmInternalError,
     /// The guest powered off but its workload failed.
@@ -123,7 +153,7 @@ impl Outcome {
             Outcome::HangLater { .. } => "hang later",
             Outcome::Panic => "guest panic",
             Outcome::Reset => "reset",
-            Outcome::TripleFault => "triple fault",
+            Outcome::TripleFault { .. } => "triple fault",
             Outcome::KvmInternalError => "KVM internal error",
             Outcome::WorkloadFailed { .. } => "workload failed",
             Outcome::VmmError { .. } => "VMM error",
@@ -136,6 +166,7 @@ impl Outcome {
         match self {
             Outcome::HangAtBoot { last } | Outcome::HangLater { last } => Some(last),
             Outcome::WorkloadFailed { why } | Outcome::VmmError { why } => Some(why),
+            Outcome::TripleFault { at } => Some(at),
             _ => None,
         }
     }
@@ -147,7 +178,7 @@ impl Outcome {
 }
 
 /// One boot: which, and how it ended.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Boot {
     /// `b<N>-<model>-<vmm>`.
     pub tag: String,
@@ -199,22 +230,24 @@ pub fn classify(lines: &[&str], vmm: &str) -> Outcome {
     if contains("KVM internal error") || contains("KVM_EXIT_INTERNAL_ERROR") {
         return Outcome::KvmInternalError;
     }
+    // L1's trace of the VM's last exits: a shutdown exit (SVM_EXIT_SHUTDOWN, VMX's
+    // TRIPLE_FAULT) is a triple fault whatever the VMM made of it, and says where.
+    let names = rip_names(lines.iter().copied());
+    let shutdown = lines
+        .iter()
+        .find_map(|l| shutdown_exit(l))
+        .map(|(vcpu, rip)| name_shutdown(vcpu, rip, &names));
     if vmm == "vmm" && contains("vmm: guest crashed") && contains("triple fault") {
-        return Outcome::TripleFault;
+        return Outcome::TripleFault {
+            at: shutdown.unwrap_or_else(|| "not in L1's trace".into()),
+        };
     }
     if contains("Kernel panic - not syncing") {
         return Outcome::Panic;
     }
     if !powered_off {
-        // L1's trace of the VM's last exits: a shutdown exit (SVM_EXIT_SHUTDOWN, VMX's
-        // TRIPLE_FAULT) is a triple fault whatever the VMM made of it.
-        let shutdown = lines.iter().any(|l| {
-            l.starts_with("L1-TRACE")
-                && l.contains("kvm_exit")
-                && (l.contains("reason shutdown") || l.contains("TRIPLE_FAULT"))
-        });
-        if shutdown {
-            return Outcome::TripleFault;
+        if let Some(at) = shutdown {
+            return Outcome::TripleFault { at };
         }
         return match rc {
             Some(0) | None => Outcome::Reset,
@@ -367,6 +400,8 @@ mount -t tracefs nodev $T 2>/dev/null
 TRACE=0
 if [ -w $T/events/kvm/kvm_exit/enable ]; then
     echo 512 >$T/buffer_size_kb
+    # Every exit, not only the shutdowns L1's init filters for.
+    echo 0 >$T/events/kvm/kvm_exit/filter
     for e in kvm_exit kvm_inj_exception kvm_inj_virq; do echo 1 >$T/events/kvm/$e/enable; done
     echo 1 >$T/tracing_on
     TRACE=1
@@ -410,16 +445,19 @@ kvm_counters() {
     done
     echo "L1-KVM$out"
 }
-# boot TAG MODEL VMM PANIC: one L2 boot, its console and what L1 knows of it between
-# SOAK-BEGIN and SOAK-END; PANIC=1: the guest panics on purpose once its workload began.
+# boot TAG MODEL VMM FAULT: one L2 boot, its console and what L1 knows of it between
+# SOAK-BEGIN and SOAK-END; FAULT panic or triple: the guest fails so on purpose once its
+# workload began (none: it does not).
 boot() {
-    tag=$1 m=$2 v=$3 panic=$4
+    tag=$1 m=$2 v=$3 fault=$4
     # The lab's e1000e keeps its last VM's rings through vfio-pci's reset: L1's driver
     # resets it (see the bench).
     [ $m = pt ] && { passthrough unbind $NIC_BDF >/dev/null; passthrough bind $NIC_BDF >/dev/null; }
     [ $TRACE = 1 ] && echo >$T/trace
     echo "SOAK-BEGIN $tag"
-    cmdline="$L2_CMDLINE $(net_args $m) soak_panic=$panic"
+    cmdline="$L2_CMDLINE $(net_args $m) soak_fault=$fault"
+    # A triple fault on purpose: the kernel's own reboot method "t".
+    [ $fault = triple ] && cmdline="$cmdline reboot=t"
     rm -f $LAB_TMP/pids/vm
     t0=$(lab_uptime)
     # The console as it comes (lab_console adds the boot-to-init time), also kept in
@@ -469,6 +507,7 @@ boot() {
         if [ $TRACE = 1 ]; then
             echo 0 >$T/tracing_on
             tail -n 120 $T/trace | sed 's/^/L1-TRACE /'
+            lab_rip_names
             echo 1 >$T/tracing_on
         fi
     fi
@@ -482,12 +521,12 @@ lab_finish
 const L2_SCRIPT: &str = r#"
 IP=
 PEER=
-PANIC=0
+FAULT=none
 for x in $(cat /proc/cmdline); do
     case $x in
     soak_ip=*) IP=${x#soak_ip=} ;;
     soak_peer=*) PEER=${x#soak_peer=} ;;
-    soak_panic=*) PANIC=${x#soak_panic=} ;;
+    soak_fault=*) FAULT=${x#soak_fault=} ;;
     esac
 done
 n=0
@@ -503,7 +542,8 @@ while [ -z "$ifc" ] && [ $n -lt 100 ]; do
     [ -n "$ifc" ] || { sleep 0.1; n=$((n + 1)); }
 done
 echo "SOAK-WORK-BEGIN disk=${dev:-none} nic=${ifc:-none}"
-[ "$PANIC" = 1 ] && echo c >/proc/sysrq-trigger
+[ "$FAULT" = panic ] && echo c >/proc/sysrq-trigger
+[ "$FAULT" = triple ] && reboot -f
 if [ -z "$dev" ] || [ -z "$ifc" ]; then
     echo "SOAK-WORK-FAIL no disk or no NIC (disk=${dev:-none} nic=${ifc:-none})"
     exit 1
@@ -524,8 +564,12 @@ fn l1_script(boots: &[(String, Model, &'static str)], first: u32, opts: &SoakOpt
         .iter()
         .zip(first..)
         .map(|((tag, m, v), i)| {
-            let panic = u8::from(opts.panic_boots.contains(&i));
-            format!("boot {tag} {} {v} {panic}\n", m.short())
+            let fault = opts
+                .faults
+                .iter()
+                .find(|(b, _)| *b == i)
+                .map_or("none", |(_, f)| f.word());
+            format!("boot {tag} {} {v} {fault}\n", m.short())
         })
         .collect();
     L1_SCRIPT
@@ -556,8 +600,13 @@ fn sections(run: &LabRun) -> BTreeMap<String, (Vec<String>, bool)> {
     out
 }
 
-/// Runs the soak; `progress` gets one line per boot.
-pub fn run_soak(opts: &SoakOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Boot>, String> {
+/// Runs the soak; `progress` gets one line per boot, `on_boot` every boot as it is
+/// classified (the `soak` binary records them as they come).
+pub fn run_soak(
+    opts: &SoakOptions,
+    progress: &mut dyn FnMut(&str),
+    on_boot: &mut dyn FnMut(&Boot),
+) -> Result<Vec<Boot>, String> {
     if opts.models.is_empty() || opts.boots == 0 || opts.per_l1 < 2 {
         return Err(format!("soak: nothing to run: {opts:?}"));
     }
@@ -570,13 +619,21 @@ pub fn run_soak(opts: &SoakOptions, progress: &mut dyn FnMut(&str)) -> Result<Ve
     }
     let total = 2 * opts.boots;
     let per_l1 = opts.per_l1 - opts.per_l1 % 2;
-    let logs = crate::lab::lab_dir().join("logs").join("soak");
-    std::fs::create_dir_all(&logs).map_err(|e| format!("soak: {}: {e}", logs.display()))?;
+    let logs = &opts.log_dir;
+    let started = Instant::now();
+    std::fs::create_dir_all(logs).map_err(|e| format!("soak: {}: {e}", logs.display()))?;
     let mut boots: Vec<Boot> = Vec::new();
     let mut next = 0u32;
     let mut l1 = 0u32;
     let mut deaths_in_a_row = 0u32;
     while next < total {
+        if opts.budget.is_some_and(|b| started.elapsed() >= b) {
+            progress(&format!(
+                "soak: the time budget is spent after {:.1} h: {next} of {total} boots done",
+                started.elapsed().as_secs_f64() / 3600.0
+            ));
+            break;
+        }
         let count = per_l1.min(total - next);
         let plan = plan(next, count, &opts.models);
         l1 += 1;
@@ -628,14 +685,16 @@ pub fn run_soak(opts: &SoakOptions, progress: &mut dyn FnMut(&str)) -> Result<Ve
                     .detail()
                     .map_or(String::new(), |d| format!(" ({d})"))
             ));
-            boots.push(Boot {
+            let boot = Boot {
                 tag: tag.clone(),
                 vmm: vmm.to_string(),
                 model: *model,
                 outcome,
                 boot_to_init,
                 log,
-            });
+            };
+            on_boot(&boot);
+            boots.push(boot);
             done_here += 1;
             if !*complete {
                 break;
@@ -693,11 +752,30 @@ mod tests {
     #[test]
     fn triple_faults_from_our_report_or_from_l1s_trace() {
         let ours = lines("vmm: guest crashed: vcpu 0: triple fault (KVM_EXIT_SHUTDOWN)\nVMM-RC 4");
-        assert_eq!(classify(&ours, "vmm"), Outcome::TripleFault);
-        let qemu = lines(
-            "L2-INIT 3\nVMM-RC 0\nL1-TRACE  CPU 0/KVM-812 [001] d.... 88.1: kvm_exit: vcpu 0 reason shutdown rip 0xffffffff81000000 info1 0 info2 0",
+        assert_eq!(
+            classify(&ours, "vmm"),
+            Outcome::TripleFault {
+                at: "not in L1's trace".into()
+            }
         );
-        assert_eq!(classify(&qemu, "qemu"), Outcome::TripleFault);
+        let trace = "L1-TRACE  CPU 0/KVM-812 [001] d.... 88.1: kvm_exit: vcpu 1 reason shutdown rip 0xffffffff81000000 info1 0 info2 0";
+        let qemu = format!("L2-INIT 3\nVMM-RC 0\n{trace}");
+        let qemu = lines(&qemu);
+        let at = |o: Outcome| match o {
+            Outcome::TripleFault { at } => at,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            at(classify(&qemu, "qemu")),
+            "vcpu 1 rip 0xffffffff81000000 (not named)"
+        );
+        // Ours with the trace: where, too.
+        let ours = format!(
+            "vmm: guest crashed: vcpu 1: triple fault (KVM_EXIT_SHUTDOWN)\nVMM-RC 4\n{trace}\n\
+             L1-RIP ffffffff81000000 _text+0x0"
+        );
+        let ours = lines(&ours);
+        assert!(at(classify(&ours, "vmm")).starts_with("vcpu 1 rip 0xffffffff81000000: _text+0x0 "));
         // The same exit without a shutdown in the trace: a reset.
         let reset = lines("L2-INIT 3\nVMM-RC 0\nL1-TRACE kvm_exit: vcpu 0 reason npf rip 0x1");
         assert_eq!(classify(&reset, "qemu"), Outcome::Reset);

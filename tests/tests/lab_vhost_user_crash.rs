@@ -570,15 +570,8 @@ fn run(s: &Scenario, name: &str) -> LabRun {
         let run = s
             .run()
             .unwrap_or_else(|e| panic!("lab scenario {name}: {e}"));
-        // An L1 kernel that panicked before init (seen under load: "timer doesn't work
-        // through Interrupt-remapped IO-APIC") is the lab's too.
-        let early_panic = run.find("LAB-INIT").is_none()
-            && run.lines.iter().any(|l| l.text.contains("Kernel panic"));
-        if (run.l1_died() || run.flake().is_some() || early_panic) && attempt < L1_ATTEMPTS {
-            eprintln!(
-                "lab: WARNING: scenario {name}: {} (attempt {attempt} of {L1_ATTEMPTS}); running it again",
-                run.outcome
-            );
+        if let Some(why) = run.lab_loss().filter(|_| attempt < L1_ATTEMPTS) {
+            run.note_rerun(&why, attempt);
             continue;
         }
         eprintln!(
