@@ -32,9 +32,11 @@ const GUEST_MIB: u64 = 64;
 /// 5000 moves included (each run prints it); a leak of 4 KiB per refused move would pass
 /// 32 MiB.
 const HWM_BOUND_KIB: u64 = 32 << 10;
-/// Log lines of one kind: `GuestErrorLog` logs the first 10 of a kind, then one in 1000.
+/// Log lines of one kind: `GuestErrorLog` logs the first 10 of a kind, then one per 10 s,
+/// and one summary when dropped (at exit): a storm of a few seconds (longer on a slow host)
+/// gets at most the first ten, an interval line or two and the summary.
 const LOG_FIRST: usize = 10;
-const LOG_EVERY: usize = 1000;
+const LOG_LINES_BOUND: usize = LOG_FIRST + 4;
 
 fn vmm() -> PathBuf {
     if let Some(p) = std::env::var_os("HOSTILE_PCI_VMM") {
@@ -322,12 +324,10 @@ fn a_storm_of_refused_moves_gets_a_handful_of_log_lines() {
         us("cycles_per_move"),
         us("cycles_per_valid_move")
     );
-    // Every move is refused and counted; the log holds the first ones and one per 1000.
+    // Every move is refused and counted; the log holds the first ones, one per interval and
+    // the count at exit.
     let total = refusals(&r.log, "");
-    assert!(
-        total <= LOG_FIRST + MOVES / LOG_EVERY + 2,
-        "{total} refusal lines"
-    );
+    assert!(total <= LOG_LINES_BOUND + 2, "{total} refusal lines");
     let last_seen = r
         .log
         .lines()
@@ -343,5 +343,5 @@ fn a_storm_of_refused_moves_gets_a_handful_of_log_lines() {
         .max()
         .unwrap_or(0);
     assert!(last_seen >= MOVES, "refusals counted: {last_seen}");
-    log_kinds(&r.log, LOG_FIRST + MOVES / LOG_EVERY);
+    log_kinds(&r.log, LOG_LINES_BOUND);
 }

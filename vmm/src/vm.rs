@@ -298,6 +298,7 @@ impl Vm {
         let devices = {
             let mut root = self._pci.lock().unwrap_or_else(|p| p.into_inner());
             root.log_config_trace();
+            root.flush_fault_log();
             root.take_devices()
         };
         for (name, dev) in devices {

@@ -529,6 +529,12 @@ impl PciRoot {
     }
 
     /// With debug logging: the most accessed configuration registers.
+    /// At exit: the count of every guest error whose latest occurrences were not logged
+    /// (the root lives as long as the process: its log is never dropped).
+    pub fn flush_fault_log(&mut self) {
+        self.faults.flush();
+    }
+
     pub fn log_config_trace(&self) {
         let Some(t) = &self.trace else {
             return;
