@@ -66,7 +66,11 @@ pub fn dsdt(cfg: &AcpiConfig) -> Sdt {
                         8,
                     ),
                     &aml::AddressSpace::new_io(0x0000u16, 0x0cf7u16, None),
-                    &aml::AddressSpace::new_io(0x0d00u16, 0xffffu16, None),
+                    &aml::AddressSpace::new_io(
+                        layout::PCI_IO_WINDOW_START as u16,
+                        (layout::PCI_IO_END - 1) as u16,
+                        None,
+                    ),
                     &aml::AddressSpace::new_memory(
                         aml::AddressSpaceCacheable::NotCacheable,
                         true,

@@ -69,6 +69,9 @@ pub const PCI_INTX_GSI_FIRST: u32 = 16;
 pub const PCI_INTX_GSIS: u32 = 8;
 /// I/O port window for I/O BARs.
 pub const PCI_IO_START: u64 = 0xc000;
+/// Where the host bridge's upper I/O window starts (the DSDT's `_CRS`: 0xD00-0xFFFF, after
+/// the config ports): I/O BARs are accepted from here.
+pub const PCI_IO_WINDOW_START: u64 = 0xd00;
 pub const PCI_IO_END: u64 = 0x1_0000;
 
 /// RAM ranges of a guest of `memory` bytes: low RAM up to the MMIO hole, the rest above 4 GiB.

@@ -119,8 +119,10 @@ pub struct PciWindows {
 impl PciWindows {
     /// The windows of a guest with `memory` bytes of RAM (see [`crate::layout`]): memory
     /// BARs in the 32-bit window below ECAM or in the 64-bit window above RAM, I/O BARs from
-    /// 0x1000 (below are the legacy ports: the in-kernel PIC and PIT, serial, i8042, CMOS,
-    /// 0xCF8) to 0xFFFF.
+    /// 0xD00 to 0xFFFF: the upper I/O window the DSDT gives the host bridge (`_CRS`, as
+    /// QEMU's and Cloud Hypervisor's). Below are the legacy ports (the in-kernel PIC and PIT,
+    /// serial, i8042, CMOS, ACPI, 0xCF8): the lower window `_CRS` declares (0-0xCF7, the PC's
+    /// ISA range behind the host bridge) holds them, and a BAR there is refused.
     pub fn for_guest(memory: u64) -> Self {
         let (start64, size64) = layout::mmio64_window(memory);
         let mut mem_named: Vec<(u64, u64, &'static str)> = layout::ram_ranges(memory)
@@ -152,9 +154,9 @@ impl PciWindows {
                 ),
                 (start64, start64 + size64),
             ],
-            io: vec![(0x1000, layout::PCI_IO_END)],
+            io: vec![(layout::PCI_IO_WINDOW_START, layout::PCI_IO_END)],
             mem_named,
-            io_named: vec![(0, 0x1000, "the legacy I/O ports")],
+            io_named: vec![(0, layout::PCI_IO_WINDOW_START, "the legacy I/O ports")],
         }
     }
 
@@ -1001,6 +1003,22 @@ mod tests {
         assert_eq!(p.port(0xd100), A);
         p.check();
         assert_eq!(p.root.fault_counts().0, 2);
+    }
+
+    #[test]
+    fn io_bars_decode_in_the_upper_window_the_dsdt_declares_and_not_below() {
+        let mut p = platform();
+        let dev = bar_dev(A, &[bar(2, BarKind::Io, 0xc000, 4)]);
+        let slot = p.root.add("a", dev.clone()).unwrap();
+        // The window's first ports (0xD00, right after the config ports) are the device's.
+        p.cfg_write(slot, 6, layout::PCI_IO_WINDOW_START as u32);
+        assert_eq!(p.port(layout::PCI_IO_WINDOW_START), A);
+        assert_eq!(p.root.fault_counts().0, 0);
+        // Just below, in the ISA range the lower window holds: refused, logged.
+        p.cfg_write(slot, 6, 0xcf0);
+        assert_eq!(dev.lock().unwrap().routed[&2], None);
+        assert_eq!(p.root.fault_counts().0, 1);
+        p.check();
     }
 
     #[test]
