@@ -639,7 +639,9 @@ fn tap_stat(ns: &NetNs, tap: &str, stat: &str) -> u64 {
 /// Frames keep arriving on the tap faster than the guest takes them: first with its 256 RX
 /// buffers full and never refilled, then with every buffer handed back at once (RX always
 /// has frames and room). TX and the control queue are served all along (a TX frame's wait
-/// is bounded), and so are a reset and SIGTERM; the net thread's CPU use is printed.
+/// is bounded), and so are a reset and SIGTERM; the net thread's CPU use is printed. The
+/// same through the vhost-user-net daemon, where the reset is the frontend stopping the
+/// rings (GET_VRING_BASE) while the daemon's worker is kept busy by the flood.
 ///
 /// This one also passes on the binaries from before the net budgets (6e08a15): here the
 /// flood reaches the vmm at 10-20k frames/s and an RX round mostly ends on an empty tap or
@@ -647,9 +649,19 @@ fn tap_stat(ns: &NetNs, tap: &str, stat: &str) -> u64 {
 /// budget ran out) never starved TX or the stop signal.
 #[test]
 fn net_flood_with_rx_stalled_then_refilled_on_the_in_vmm_device() {
-    let what = "net flood";
+    net_flood(Host::Vmm);
+}
+
+#[test]
+fn net_flood_with_rx_stalled_then_refilled_through_the_vhost_user_net_daemon() {
+    net_flood(Host::Daemon);
+}
+
+fn net_flood(host: Host) {
+    let what = &format!("net flood on {host:?}");
     let ns = NetNs::new("hosns").expect("network namespace");
-    let mut tap = Tap::new("hostap").expect("tap");
+    // Two queue pairs on a multi-queue tap (see below).
+    let mut tap = Tap::multi_queue("hostap").expect("tap");
     tap.move_to(&ns).expect("move tap");
     tap.add_addr(&format!("{TAP_ADDR}/24"))
         .expect("tap address");
@@ -668,6 +680,32 @@ fn net_flood_with_rx_stalled_then_refilled_on_the_in_vmm_device() {
     let dir = ScratchDir::new("hostile").expect("scratch dir");
     let serial = dir.join("serial.log");
     let tsc_mhz = (tsc_hz() / 1e6).round() as u64;
+    let sock = dir.join("net.sock");
+    let mut daemon = (host == Host::Daemon).then(|| {
+        let mut cmd = ns.command(bin("vhost-user-net"));
+        cmd.arg("--socket-path")
+            .arg(&sock)
+            .args(["--tap", tap.name(), "--mac", NET_MAC, "--queues", "2"])
+            .env("RUST_LOG", "info");
+        let mut d = Daemon::spawn("hostile-vunet", &mut cmd).expect("start vhost-user-net");
+        d.wait_for_path(&sock, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}"));
+        d
+    });
+    // Two pairs: the harder version, and the vmm offers a vhost-user back-end's control
+    // queue (the guest's attack needs one) only with more than one. The guest negotiates no
+    // MQ: it uses pair 0 and the control queue as queue 2 (the device's is queue 4), and
+    // the tap queue of pair 1 must be detached or half the flood goes where no ring reads.
+    let nic = match host {
+        Host::Vmm => [
+            "--net".to_string(),
+            format!("tap={},mac={NET_MAC},queues=2", tap.name()),
+        ],
+        Host::Daemon => [
+            "--vhost-user-net".to_string(),
+            format!("socket={},queues=2", sock.display()),
+        ],
+    };
     let mut cmd = ns.command(bin("vmm"));
     cmd.arg("--kernel")
         .arg(elf())
@@ -676,7 +714,7 @@ fn net_flood_with_rx_stalled_then_refilled_on_the_in_vmm_device() {
             "hostile=netflood hold_ms={HOLD_MS} tsc_mhz={tsc_mhz}"
         ))
         .args(["--memory", &format!("{PROBE_MEMORY_MIB}M")])
-        .args(["--net", &format!("tap={},mac={NET_MAC}", tap.name())])
+        .args(nic)
         .arg("--serial")
         .arg(format!("file={}", serial.display()))
         .env("RUST_LOG", "info");
@@ -693,42 +731,51 @@ fn net_flood_with_rx_stalled_then_refilled_on_the_in_vmm_device() {
         let _stop = StopOnDrop(&stop);
         let mut vmm = Daemon::spawn("hostile-vmm-net", &mut cmd).expect("start vmm");
         vmm.set_grace(Duration::from_secs(1));
-        let pid = vmm.pid();
-        let guard = [("vmm", pid)];
-        wait_line(&mut vmm, &serial, "armed", Duration::from_secs(60), &guard);
+        let vmm_pid = vmm.pid();
+        let mut guard = vec![("vmm", vmm_pid)];
+        // The data path: the vmm's net0 thread, or the daemon's worker.
+        let (pid, who, data_thread) = match &daemon {
+            Some(d) => {
+                guard.push(("vhost-user-net", d.pid()));
+                (d.pid(), "vhost-user-net", "vring_worker")
+            }
+            None => (vmm_pid, "vmm", "net0"),
+        };
+        let guard = guard.as_slice();
+        wait_line(&mut vmm, &serial, "armed", Duration::from_secs(60), guard);
         wait_line(
             &mut vmm,
             &serial,
             "hostile-result phase=rx-full",
             Duration::from_secs(30),
-            &guard,
+            guard,
         );
         let (to_vmm, tx_before) = (
             tap_stat(&ns, tap.name(), "tx_packets"),
             tap_stat(&ns, tap.name(), "rx_packets"),
         );
         let before = thread_ticks(pid);
-        let (cpu, top) = cpu_use(pid, Duration::from_millis(700), &guard);
+        let (cpu, top) = cpu_use(pid, Duration::from_millis(700), guard);
         let after = thread_ticks(pid);
-        eprintln!("{what}: RX stalled, flooded, guest sending: vmm {cpu:.0}% CPU ({top})");
+        eprintln!("{what}: RX stalled, flooded, guest sending: {who} {cpu:.0}% CPU ({top})");
         let stalled = wait_line(
             &mut vmm,
             &serial,
             "hostile-result phase=stalled",
             Duration::from_millis(HOLD_MS) + Duration::from_secs(20),
-            &guard,
+            guard,
         );
         eprintln!("{what}: {stalled}");
         assert!(field(&stalled, "requests") > 0, "{stalled}");
         assert!(field(&stalled, "ctrl") > 0, "{stalled}");
-        let (cpu, top) = cpu_use(pid, Duration::from_millis(500), &guard);
-        eprintln!("{what}: RX refilled, flooded, guest sending: vmm {cpu:.0}% CPU ({top})");
+        let (cpu, top) = cpu_use(pid, Duration::from_millis(500), guard);
+        eprintln!("{what}: RX refilled, flooded, guest sending: {who} {cpu:.0}% CPU ({top})");
         let attacked = wait_line(
             &mut vmm,
             &serial,
             "hostile-result phase=attack",
             Duration::from_millis(HOLD_MS) + Duration::from_secs(20),
-            &guard,
+            guard,
         );
         eprintln!("{what}: {attacked}");
         assert!(field(&attacked, "requests") > 0, "{attacked}");
@@ -741,11 +788,11 @@ fn net_flood_with_rx_stalled_then_refilled_on_the_in_vmm_device() {
             tx_max < Duration::from_secs(1),
             "{what}: a TX frame waited {tx_max:?} while RX was flooded"
         );
-        let times = reset_times(&mut vmm, &serial, &guard, what);
+        let times = reset_times(&mut vmm, &serial, guard, what);
         check_reset(
             &mut vmm,
             &serial,
-            &guard,
+            guard,
             what,
             times,
             (RESET_WRITE_BOUND, RESET_WRITE_BOUND),
@@ -755,11 +802,11 @@ fn net_flood_with_rx_stalled_then_refilled_on_the_in_vmm_device() {
             &serial,
             "hostile: attacking until stopped",
             Duration::from_secs(20),
-            &guard,
+            guard,
         );
-        let (again, again_top) = cpu_use(pid, Duration::from_millis(700), &guard);
-        eprintln!("{what}: flooded again: vmm {again:.0}% CPU ({again_top})");
-        let hwm = status_kib(pid, "VmHWM").expect("vmm VmHWM");
+        let (again, again_top) = cpu_use(pid, Duration::from_millis(700), guard);
+        eprintln!("{what}: flooded again: {who} {again:.0}% CPU ({again_top})");
+        let hwm = status_kib(pid, "VmHWM").expect("VmHWM");
         let (took, status) = sigterm(&mut vmm);
         let log = vmm.log();
         stop.store(true, Ordering::Relaxed);
@@ -771,8 +818,8 @@ fn net_flood_with_rx_stalled_then_refilled_on_the_in_vmm_device() {
             tap_stat(&ns, tap.name(), "rx_packets"),
         );
         eprintln!(
-            "{what}: {sent} datagrams sent, {} frames toward the vmm, {} from the guest; \
-             vmm peak RSS {} MiB, ended {took:?} after SIGTERM",
+            "{what}: {sent} datagrams sent, {} frames toward the guest, {} from the guest; \
+             {who} peak RSS {} MiB, the vmm ended {took:?} after SIGTERM",
             to_vmm_end - to_vmm,
             from_guest - tx_before,
             hwm >> 20
@@ -789,7 +836,7 @@ fn net_flood_with_rx_stalled_then_refilled_on_the_in_vmm_device() {
         let guest_ram = u64::from(PROBE_MEMORY_MIB) << 20;
         assert!(
             hwm < guest_ram + RSS_SLACK,
-            "{what}: vmm peak RSS {} MiB",
+            "{what}: {who} peak RSS {} MiB",
             hwm >> 20
         );
         assert!(
@@ -800,10 +847,27 @@ fn net_flood_with_rx_stalled_then_refilled_on_the_in_vmm_device() {
         // a thread spinning on the flooded tap would take a whole CPU, 70 ticks).
         let net_ticks: u64 = after
             .iter()
-            .filter(|(_, (name, _))| name.starts_with("net0"))
+            .filter(|(_, (name, _))| name.starts_with(data_thread))
             .map(|(tid, (_, t))| t - before.get(tid).map_or(0, |b| b.1))
             .sum();
-        eprintln!("{what}: with RX stalled the net0 thread used {net_ticks} ticks in 700 ms");
+        eprintln!(
+            "{what}: with RX stalled the {data_thread} thread used {net_ticks} ticks in 700 ms"
+        );
         assert_few_lines_per_kind("vmm", &log);
+        if let Some(d) = daemon.as_mut() {
+            // The frontend is gone: the daemon waits for the next one, and ends on SIGTERM.
+            let (took, status) = sigterm(d);
+            let log = d.log();
+            assert!(
+                took.is_some_and(|t| t < SIGTERM_BOUND),
+                "{what}: the daemon took {took:?} to end after SIGTERM:\n{log}"
+            );
+            assert_eq!(
+                status.and_then(|s| s.code()),
+                Some(0),
+                "{what}: the daemon's status {status:?}:\n{log}"
+            );
+            assert_few_lines_per_kind("vhost-user-net", &log);
+        }
     });
 }

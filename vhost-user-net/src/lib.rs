@@ -420,6 +420,17 @@ impl NetBackend {
         if vrings.len() < 2 {
             return;
         }
+        if self
+            .stop_poll
+            .get(p)
+            .is_some_and(|s| s.load(Ordering::Acquire))
+        {
+            // A queue of the pair is being stopped (GET_VRING_BASE on its way, `stop_pair`):
+            // leave the pair's locks to that. A guest (or a tap flood) that keeps the pair
+            // busy would otherwise win them back each time on a busy host, and the
+            // frontend's reset would miss its deadline.
+            return;
+        }
         let mut st = lock(m);
         if st.closed || st.broken {
             // Stop watching the tap, or its level-triggered readiness would spin the thread.
@@ -527,11 +538,24 @@ impl NetBackend {
                     }
                     if let Some(n) = o.vq_pairs {
                         log::debug!("driver uses {n} queue pairs");
+                        self.use_pairs(usize::from(n));
                     }
                 }
                 Err(QueueError::NotReady) => {}
                 Err(e) => log::error!("control queue: {e}"),
             }
+        }
+    }
+
+    /// Only the tap queues of the pairs the driver uses stay attached (`backends::net::
+    /// use_pairs`): the kernel would steer a share of the incoming frames to the others,
+    /// where no ring takes them.
+    fn use_pairs(&self, n: usize) {
+        if let Err((q, e)) = backends::net::use_pairs(&self.taps, n) {
+            log::warn!(
+                "tap {}: cannot attach or detach queue {q} for {n} pair(s) in use: {e}",
+                self.taps[0].name()
+            );
         }
     }
 
@@ -570,6 +594,9 @@ impl VhostUserBackend for NetBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked.store(features, Ordering::SeqCst);
+        // A driver uses one pair until it sets more on the control queue, and never more
+        // without VIRTIO_NET_F_MQ.
+        self.use_pairs(1);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -588,6 +615,7 @@ impl VhostUserBackend for NetBackend {
             self.stop_pair(p, false);
         }
         *lock(&self.ctrl) = None;
+        self.use_pairs(self.num_pairs());
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -672,11 +700,24 @@ impl Served for NetBackend {
         *lock(&self.conn) = Some(conn);
     }
 
+    fn stopping_vring(&self, index: u32) {
+        // Cleared by `stop_pair` once it holds the pair (vhost-user-backend calls
+        // `stop_vring` for the GET_VRING_BASE), or when the connection ends. The control
+        // queue has no worker loop to step aside from.
+        if let Some(s) = self.stop_poll.get(index as usize / 2) {
+            if (index as usize) < self.num_pairs() * 2 {
+                s.store(true, Ordering::Release);
+            }
+        }
+    }
+
     fn teardown(&self) {
         for p in 0..self.num_pairs() {
             self.stop_pair(p, true);
         }
         *lock(&self.ctrl) = None;
         *lock(&self.mem) = None;
+        // As the tap was: every queue attached, for the next frontend.
+        self.use_pairs(self.num_pairs());
     }
 }

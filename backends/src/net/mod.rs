@@ -7,7 +7,9 @@
 //! 3. TX kick (or tap writable after `tap_full`) -> [`NetQueuePair::process_tx`].
 //!    Tap readable or RX kick -> [`NetQueuePair::process_rx`]; when it answers
 //!    [`RxWait::GuestBuffers`] stop polling the tap for input until the next RX kick.
-//! 4. Control queue kick -> [`CtrlQueue::process`]; apply `vq_pairs` when set.
+//! 4. Control queue kick -> [`CtrlQueue::process`]; apply `vq_pairs` when set
+//!    ([`use_pairs`]: the driver uses one pair until it sets more, and none of MQ without
+//!    VIRTIO_NET_F_MQ).
 //! 5. Signal the guest when an outcome says `notify`; set NEEDS_RESET on `Err`.
 
 mod config;
@@ -29,6 +31,29 @@ pub const VNET_HDR_LEN: usize = 12;
 /// The largest frame (header included) accepted on TX or read from the tap: a 64 KiB GSO
 /// frame plus Ethernet and virtio-net headers.
 pub const MAX_FRAME_LEN: usize = 65562;
+
+/// Attaches the tap queues of the first `pairs` queue pairs and detaches the rest (a
+/// multi-queue tap steers incoming frames to every attached queue: one whose rings the
+/// driver does not use would swallow its share). Returns the first error with its queue.
+pub fn use_pairs<T: AsRef<Tap>>(taps: &[T], pairs: usize) -> Result<(), (usize, std::io::Error)> {
+    if taps.len() < 2 {
+        return Ok(());
+    }
+    // Attach first: a tap keeps at least one queue attached all along.
+    for (i, t) in taps.iter().enumerate().take(pairs.max(1)) {
+        t.as_ref().set_queue_attached(true).map_err(|e| (i, e))?;
+    }
+    for (i, t) in taps.iter().enumerate().skip(pairs.max(1)) {
+        t.as_ref().set_queue_attached(false).map_err(|e| (i, e))?;
+    }
+    Ok(())
+}
+
+impl AsRef<Tap> for Tap {
+    fn as_ref(&self) -> &Tap {
+        self
+    }
+}
 
 #[cfg(test)]
 mod tests;

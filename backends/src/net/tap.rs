@@ -187,6 +187,29 @@ impl Tap {
         Ok(tap)
     }
 
+    /// Attaches or detaches this queue of a multi-queue tap (TUNSETQUEUE): the kernel steers
+    /// incoming frames to attached queues only, so a queue no guest ring reads must be
+    /// detached or the frames steered to it are lost. A queue already so, or a single-queue
+    /// tap (EINVAL for both): nothing to do.
+    pub fn set_queue_attached(&self, attached: bool) -> io::Result<()> {
+        let flags = if attached {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        } as i16;
+        let mut req = IfReq::new("", flags);
+        // SAFETY: TUNSETQUEUE reads a `struct ifreq` (its flags); `req` is a valid, 40-byte
+        // ifreq that lives across the call.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETQUEUE, &mut req) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name

@@ -503,6 +503,19 @@ fn real_tap_open_offloads_multiqueue_and_tx() {
         )
         .unwrap();
     }
+    // One pair in use: the second queue is detached (TUNGETIFF says IFF_DETACH_QUEUE), the
+    // first stays; again is a no-op; both pairs: both attached.
+    let detached = |t: &Tap| t.flags().unwrap() & libc::IFF_DETACH_QUEUE as i16 != 0;
+    crate::net::use_pairs(&taps, 1).unwrap();
+    assert!(!detached(&taps[0]));
+    assert!(detached(&taps[1]));
+    crate::net::use_pairs(&taps, 1).unwrap();
+    crate::net::use_pairs(&taps, 2).unwrap();
+    assert!(!detached(&taps[1]));
+    // Zero pairs (no driver yet) keeps the first attached.
+    crate::net::use_pairs(&taps, 0).unwrap();
+    assert!(!detached(&taps[0]));
+    crate::net::use_pairs(&taps, 2).unwrap();
     // Adopt a duplicate of the first queue's fd.
     let dup = taps[0].tap_dup();
     let adopted = Tap::from_fd(dup).unwrap();

@@ -19,6 +19,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{Activation, ActiveQueue, DeviceShared, Memory, VirtioDevice, Worker};
 
 const VIRTIO_ID_NET: u16 = 1;
+/// VIRTIO_NET_F_MQ: without it a driver uses one pair, and its control queue is queue 2.
+const VIRTIO_NET_F_MQ: u64 = 1 << 22;
 const TOKEN_RX_KICK: u64 = 0;
 const TOKEN_TX_KICK: u64 = 1;
 const TOKEN_TAP: u64 = 2;
@@ -60,6 +62,9 @@ struct PairThread {
     rx: ActiveQueue,
     tx: ActiveQueue,
     ctrl: Option<(ActiveQueue, CtrlQueue<Memory>)>,
+    /// With the control queue: every pair's tap queue, attached or detached as the driver
+    /// sets the pairs it uses.
+    all_taps: Vec<Arc<Tap>>,
     engine: NetQueuePair<Memory, Arc<Tap>>,
     stop: EventFd,
     shared: Arc<DeviceShared>,
@@ -132,6 +137,7 @@ impl PairThread {
                     do_ctrl = o.queue.more;
                     if let Some(pairs) = o.vq_pairs {
                         log::debug!("{}: driver uses {pairs} queue pairs", self.name);
+                        use_pairs(&self.name, &self.all_taps, usize::from(pairs));
                     }
                 }
             }
@@ -312,19 +318,32 @@ impl VirtioDevice for Net {
 
     fn activate(&mut self, a: Activation) -> io::Result<()> {
         self.reset();
-        let pairs = self.taps.len();
+        // Without MQ the driver has one pair and its control queue is queue 2, whatever
+        // the device offers; with it, the control queue follows every pair offered.
+        let pairs = if a.acked_features & VIRTIO_NET_F_MQ != 0 {
+            self.taps.len()
+        } else {
+            1
+        };
         let mut by_index: Vec<Option<ActiveQueue>> = (0..pairs * 2 + 1).map(|_| None).collect();
         for q in a.queues {
             let i = usize::from(q.index);
-            if let Some(slot) = by_index.get_mut(i) {
-                *slot = Some(q);
+            match by_index.get_mut(i) {
+                Some(slot) => *slot = Some(q),
+                None => log::warn!(
+                    "{}: the driver started queue {i}, which it has not got with {pairs} \
+                     pair(s): ignored",
+                    self.name
+                ),
             }
         }
         let mut ctrl = by_index
             .get_mut(pairs * 2)
             .and_then(Option::take)
-            .map(|q| (q, CtrlQueue::new(a.mem.clone(), pairs as u16)));
-        for (p, tap) in self.taps.iter().enumerate() {
+            .map(|q| (q, CtrlQueue::new(a.mem.clone(), self.taps.len() as u16)));
+        // One pair until the driver sets more on the control queue.
+        use_pairs(&self.name, &self.taps, 1);
+        for (p, tap) in self.taps.iter().enumerate().take(pairs) {
             let (Some(rx), Some(tx)) = (by_index[p * 2].take(), by_index[p * 2 + 1].take()) else {
                 // The driver enabled fewer pairs than offered.
                 continue;
@@ -337,6 +356,11 @@ impl VirtioDevice for Net {
                 rx,
                 tx,
                 ctrl: if p == 0 { ctrl.take() } else { None },
+                all_taps: if p == 0 {
+                    self.taps.clone()
+                } else {
+                    Vec::new()
+                },
                 engine: NetQueuePair::new(tap.clone(), a.mem.clone(), a.acked_features),
                 stop: stop.try_clone()?,
                 shared: a.shared.clone(),
@@ -357,5 +381,15 @@ impl VirtioDevice for Net {
         for mut w in self.workers.drain(..) {
             w.stop();
         }
+        use_pairs(&self.name, &self.taps, self.taps.len());
+    }
+}
+
+/// Only the tap queues of the pairs the driver uses stay attached (`backends::net::
+/// use_pairs`): the kernel would steer a share of the incoming frames to the others, where
+/// no ring takes them.
+fn use_pairs(name: &str, taps: &[Arc<Tap>], n: usize) {
+    if let Err((q, e)) = backends::net::use_pairs(taps, n) {
+        log::warn!("{name}: cannot attach or detach tap queue {q} for {n} pair(s) in use: {e}");
     }
 }

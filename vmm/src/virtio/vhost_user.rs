@@ -1256,6 +1256,14 @@ impl CtlShared {
     }
 }
 
+/// A virtio-net config's `max_virtqueue_pairs`, when it says one.
+fn cfg_pairs(config: &[u8]) -> Option<u16> {
+    config
+        .get(NET_CFG_MAX_PAIRS..NET_CFG_MAX_PAIRS + 2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .filter(|&n| n > 0)
+}
+
 /// The queues the VMM drives and what the guest is told: the back-end's MQ feature and
 /// queue count (virtio-blk `num_queues`, virtio-net `max_virtqueue_pairs`) clamped to
 /// them. `asked`: queues (blk) or pairs (net) configured; `backend_max`: GET_QUEUE_NUM,
@@ -1315,9 +1323,38 @@ fn present(
     (n * per + ctrl, features, warning)
 }
 
+/// Where a virtio-net driver's queues go on the back-end when the device has a control
+/// queue. The driver's control queue is queue 2 × the pairs it uses (the guest's
+/// `max_virtqueue_pairs` with MQ negotiated, 1 without); the back-end's is 2 × the pairs
+/// it serves (its own `max_virtqueue_pairs`), which may be more than the guest was shown
+/// (`queues=` below the back-end's count) and is more than 1 whenever there is a control
+/// queue: passing the index through would hand the control queue to a back-end's RX queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetQueueMap {
+    /// Pairs the guest was offered.
+    pub pairs: u16,
+    /// The back-end's control queue index.
+    pub backend_ctrl: u16,
+}
+
+impl NetQueueMap {
+    /// The back-end's index of the driver's queue `index` (`mq`: VIRTIO_NET_F_MQ acked), or
+    /// None for a queue that does not exist for that driver (beyond the pairs it uses).
+    pub fn backend_index(&self, index: u16, mq: bool) -> Option<u16> {
+        let data = if mq { 2 * self.pairs } else { 2 };
+        match index {
+            i if i < data => Some(i),
+            i if i == data => Some(self.backend_ctrl),
+            _ => None,
+        }
+    }
+}
+
 pub struct VhostUserDevice {
     name: String,
     kind: Kind,
+    /// virtio-net with a control queue: how the driver's queues map to the back-end's.
+    net_map: Option<NetQueueMap>,
     features: u64,
     queue_sizes: Vec<u16>,
     config: Vec<u8>,
@@ -1398,6 +1435,7 @@ impl VhostUserDevice {
         let mut dev = VhostUserDevice {
             name: name.clone(),
             kind,
+            net_map: None,
             features: 0,
             queue_sizes: Vec::new(),
             config: Vec::new(),
@@ -1455,8 +1493,20 @@ impl VhostUserDevice {
                 what: "the CONFIG protocol feature (the disk's capacity comes from it)",
             });
         }
+        // The back-end's own pair count (its control queue follows them), before `present`
+        // writes the guest's into the config.
+        let backend_pairs = cfg_pairs(&config)
+            .filter(|_| features & VIRTIO_NET_F_MQ != 0)
+            .or(backend_max.map(|m| (m.saturating_sub(1) / 2).clamp(1, 0x8000) as u16))
+            .unwrap_or(1);
         let (nq, mut features, warning) =
             present(kind, cfg.queues, features, backend_max, &mut config);
+        if kind == Kind::Net && nq % 2 == 1 {
+            dev.net_map = Some(NetQueueMap {
+                pairs: (nq / 2) as u16,
+                backend_ctrl: 2 * backend_pairs.max((nq / 2) as u16),
+            });
+        }
         if let Some(w) = warning {
             log::warn!("{name}: vhost-user back-end {}: {w}", path.display());
         }
@@ -1531,13 +1581,27 @@ impl VirtioDevice for VhostUserDevice {
     /// once.
     fn activate(&mut self, a: Activation) -> io::Result<()> {
         let mut queues = Vec::new();
+        let mq = a.acked_features & VIRTIO_NET_F_MQ != 0;
         for q in a.queues {
+            let index = match self.net_map {
+                None => Some(q.index),
+                Some(m) => m.backend_index(q.index, mq),
+            };
+            let Some(index) = index else {
+                log::warn!(
+                    "{}: the driver started queue {} without VIRTIO_NET_F_MQ, which gives it \
+                     one pair and the control queue: not handed to the back-end",
+                    self.name,
+                    q.index
+                );
+                continue;
+            };
             let call = match q.irq.fd() {
                 Some(f) => f.try_clone()?,
                 None => EventFd::new(libc::EFD_NONBLOCK)?,
             };
             queues.push(QueueSetup {
-                index: usize::from(q.index),
+                index: usize::from(index),
                 size: q.queue.size(),
                 desc: q.queue.desc_table(),
                 avail: q.queue.avail_ring(),

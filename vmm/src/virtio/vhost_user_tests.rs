@@ -66,6 +66,9 @@ struct Script {
     hangup_after_kicks: Option<usize>,
     /// Closes each connection when this many messages came, without answering the last.
     close_after: Option<usize>,
+    /// A virtio-net back-end with this many queue pairs and a control queue after them
+    /// (None: a virtio-blk one with 4 queues).
+    net_pairs: Option<u16>,
 }
 
 impl Default for Script {
@@ -76,6 +79,7 @@ impl Default for Script {
             stall_vring_base: false,
             hangup_after_kicks: None,
             close_after: None,
+            net_pairs: None,
         }
     }
 }
@@ -119,7 +123,10 @@ fn reply(s: &mut UnixStream, code: u32, body: &[u8], fd: Option<RawFd>) {
 /// hangs up).
 fn serve(mut s: UnixStream, conn: usize, script: &Script, fake: (&Mutex<Vec<Msg>>, &Hangups)) {
     let (msgs, hangups) = fake;
-    let features: u64 = (1 << 30) | (1 << 32) | VIRTIO_BLK_F_MQ;
+    let features: u64 = match script.net_pairs {
+        None => (1 << 30) | (1 << 32) | VIRTIO_BLK_F_MQ,
+        Some(_) => (1 << 30) | (1 << 32) | VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ,
+    };
     let mut seen = 0usize;
     let mut kicks = 0usize;
     let mut stalled = false;
@@ -157,7 +164,17 @@ fn serve(mut s: UnixStream, conn: usize, script: &Script, fake: (&Mutex<Vec<Msg>
         match code {
             GET_FEATURES => reply(&mut s, code, &features.to_le_bytes(), None),
             GET_PROTOCOL_FEATURES => reply(&mut s, code, &script.protocol.to_le_bytes(), None),
-            GET_QUEUE_NUM => reply(&mut s, code, &4u64.to_le_bytes(), None),
+            GET_QUEUE_NUM => {
+                let n = script.net_pairs.map_or(4, |p| 2 * u64::from(p) + 1);
+                reply(&mut s, code, &n.to_le_bytes(), None)
+            }
+            GET_CONFIG if script.net_pairs.is_some() => {
+                let mut b = body.clone();
+                // max_virtqueue_pairs, after the MAC and the status.
+                let pairs = script.net_pairs.unwrap_or(1);
+                b[12 + 8..12 + 10].copy_from_slice(&pairs.to_le_bytes());
+                reply(&mut s, code, &b, None)
+            }
             GET_CONFIG => {
                 let mut b = body.clone();
                 // capacity 8 sectors, num_queues 4
@@ -608,6 +625,68 @@ fn server_mode_refuses_what_is_not_a_stale_socket() {
         .to_string();
     assert!(e.contains("no vhost-user back-end connected"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The rings the back-end was given: (index, SET_VRING_KICK seen), in order.
+fn kicked_rings(f: &Fake) -> Vec<u64> {
+    codes(f, 0)
+        .iter()
+        .filter(|m| m.code == SET_VRING_KICK)
+        .map(|m| m.arg & 0xff)
+        .collect()
+}
+
+#[test]
+fn the_control_queue_goes_to_the_back_ends_control_queue() {
+    // vhost-user-net --queues 4 (control queue 8) behind queues=2: the guest's control
+    // queue is its queue 4 with MQ, its queue 2 without; either is the back-end's 8, and
+    // a queue a driver without MQ has no use for is not handed over.
+    for (mq, guest_queues, expect) in [
+        (true, 5u16, vec![0u64, 1, 2, 3, 8]),
+        (false, 3, vec![0, 1, 8]),
+        (false, 5, vec![0, 1, 8]),
+    ] {
+        let f = fake(Script {
+            net_pairs: Some(4),
+            ..Script::default()
+        });
+        let ram = memfd();
+        let mut c = VhostUserConfig::parse(
+            &format!("socket={},timeout_ms=1000,queues=2", f.path.display()),
+            true,
+            0,
+        )
+        .unwrap();
+        c.queue_size = 8;
+        let mut dev = VhostUserDevice::new(&c, ram.as_raw_fd(), region()).unwrap();
+        assert_eq!(
+            dev.queue_max_sizes().len(),
+            5,
+            "two pairs and the control queue"
+        );
+        let mem = guest_mem();
+        let (sh, _c) = shared();
+        let (mut a, _call) = activation(&mem, guest_queues, sh);
+        a.acked_features = (1 << 32) | VIRTIO_NET_F_CTRL_VQ | if mq { VIRTIO_NET_F_MQ } else { 0 };
+        dev.activate(a).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(2), || kicked_rings(&f).len()
+                == expect.len()),
+            "mq {mq}: {:?}",
+            kicked_rings(&f)
+        );
+        assert_eq!(kicked_rings(&f), expect, "mq {mq}, {guest_queues} queues");
+    }
+    // The index map alone: as many pairs as the guest was shown, control queue last.
+    let m = NetQueueMap {
+        pairs: 2,
+        backend_ctrl: 8,
+    };
+    assert_eq!(m.backend_index(3, true), Some(3));
+    assert_eq!(m.backend_index(4, true), Some(8));
+    assert_eq!(m.backend_index(5, true), None);
+    assert_eq!(m.backend_index(2, false), Some(8));
+    assert_eq!(m.backend_index(3, false), None);
 }
 
 #[test]
