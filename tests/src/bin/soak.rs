@@ -243,9 +243,13 @@ fn main() -> ExitCode {
                 // The evidence stays with the record (the lab's logs are under target/).
                 let to = kept.join(format!("{}.log", boot.tag));
                 match std::fs::create_dir_all(&kept).and_then(|()| std::fs::copy(&boot.log, &to)) {
-                    Ok(_) => boot.log = to.strip_prefix(&root).unwrap_or(&to).to_path_buf(),
+                    Ok(_) => boot.log = to,
                     Err(e) => eprintln!("soak: cannot keep {}: {e}", boot.log.display()),
                 }
+            }
+            // Paths in the record are the repository's (it is committed).
+            if let Ok(rel) = boot.log.strip_prefix(&root) {
+                boot.log = rel.to_path_buf();
             }
             let r = Record {
                 run: run.clone(),
