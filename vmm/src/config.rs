@@ -25,6 +25,8 @@ pub enum ConfigError {
     MemoryTooLarge { given: u64, host: u64 },
     #[error("--cpus 0: a guest needs at least one vCPU; use --cpus 1 or more")]
     ZeroCpus,
+    #[error("{0}")]
+    ApiSocket(String),
     #[error("--cpus {given} is above the limit of {max} vCPUs; use --cpus {max} or fewer")]
     TooManyCpus { given: u64, max: u64 },
     #[error("invalid --serial '{0}': expected stdio, off or file=PATH")]
@@ -453,6 +455,12 @@ pub struct Cli {
     /// every vCPU's registers once (default 0: off; at most 3600)
     #[arg(long, value_name = "SECS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub watchdog: u64,
+    /// The control API: HTTP/1.1 with JSON on a unix socket, Cloud Hypervisor's endpoint
+    /// names (`curl --unix-socket PATH http://localhost/api/v1/vm.info`; client:
+    /// `vmm-remote`). path=PATH creates the socket (a stale one is replaced, a live one
+    /// refused; removed at exit); fd=N uses an inherited listening socket
+    #[arg(long, value_name = "path=PATH|fd=N")]
+    pub api_socket: Option<String>,
     /// A virtio-blk disk emulated in the VMM (repeatable):
     /// path=IMG[,readonly=on][,direct=on][,queues=N][,queue_size=N][,poll_us=N][,id=NAME].
     /// poll_us=N: after work, each queue thread keeps polling the queue (guest doorbells
@@ -539,6 +547,8 @@ pub struct VmConfig {
     pub exit_stats: Option<PathBuf>,
     /// `--watchdog`: the sampling period, None when off.
     pub watchdog: Option<std::time::Duration>,
+    /// `--api-socket`.
+    pub api_socket: Option<crate::api::ApiSocket>,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub vhost_user: Vec<VhostUserConfig>,
@@ -629,6 +639,12 @@ impl VmConfig {
             serial: cli.serial.parse()?,
             exit_stats: cli.exit_stats.clone(),
             watchdog: (cli.watchdog > 0).then(|| std::time::Duration::from_secs(cli.watchdog)),
+            api_socket: cli
+                .api_socket
+                .as_deref()
+                .map(crate::api::ApiSocket::parse)
+                .transpose()
+                .map_err(ConfigError::ApiSocket)?,
         })
     }
 }

@@ -23,6 +23,8 @@ pub enum VmExit {
     VmmError(String),
     /// SIGTERM or SIGINT reached the VMM.
     Signal(i32),
+    /// `vm.shutdown` or `vmm.shutdown` on the control API.
+    ApiShutdown,
 }
 
 pub const EXIT_OK: i32 = 0;
@@ -34,7 +36,7 @@ impl VmExit {
     /// The process exit code, documented in `vmm --help`.
     pub fn code(&self) -> i32 {
         match self {
-            VmExit::PowerOff | VmExit::Reboot | VmExit::Signal(_) => EXIT_OK,
+            VmExit::PowerOff | VmExit::Reboot | VmExit::Signal(_) | VmExit::ApiShutdown => EXIT_OK,
             // As QEMU's isa-debug-exit; the OS keeps the low 8 bits.
             VmExit::DebugExit(v) => (((v << 1) | 1) & 0xff) as i32,
             VmExit::Crash { .. } => EXIT_GUEST_CRASH,

@@ -5,6 +5,7 @@
 //! models of the project.
 
 pub mod acpi;
+pub mod api;
 pub mod arch;
 pub mod bus;
 pub mod coalesced;
@@ -82,6 +83,8 @@ pub enum Error {
     Pci(#[from] pci::PciError),
     #[error("vfio device '{id}': {why}")]
     Vfio { id: String, why: String },
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
     #[error("the 32-bit PCI window is full: too many devices")]
     PciWindowFull,
     #[error("internal error: {0}")]

@@ -25,6 +25,7 @@ fn main() {
                 }
                 vmm::VmExit::VmmError(e) => eprintln!("vmm: {e}"),
                 vmm::VmExit::Signal(s) => log::info!("stopped by signal {s}"),
+                vmm::VmExit::ApiShutdown => log::info!("stopped through the API (vm.shutdown)"),
             }
             std::process::exit(why.code());
         }

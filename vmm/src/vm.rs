@@ -66,6 +66,14 @@ pub struct Vm {
     stdin_to_guest: bool,
     /// `--watchdog`: its period.
     watchdog: Option<std::time::Duration>,
+    /// `--api-socket`: where, and what `vm.info` says (the configuration as started, each
+    /// device's model and guest PCI address).
+    api: Option<(
+        crate::api::ApiSocket,
+        serde_json::Value,
+        Vec<crate::api::DeviceNode>,
+        u64,
+    )>,
 }
 
 impl Vm {
@@ -194,6 +202,20 @@ impl Vm {
         );
 
         let vcpus = create_vcpus(&kvm, &vm, &ram, cfg.cpus, entry)?;
+        let api = cfg.api_socket.clone().map(|s| {
+            let devices = root
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .slots()
+                .into_iter()
+                .map(|(slot, id)| crate::api::DeviceNode {
+                    model: crate::api::model_of(cfg, &id).to_string(),
+                    pci_bdf: format!("0000:00:{slot:02x}.0"),
+                    id,
+                })
+                .collect();
+            (s, crate::api::config_json(cfg), devices, cfg.memory)
+        });
         let coalesced = vcpus
             .first()
             .and_then(|v| {
@@ -216,17 +238,41 @@ impl Vm {
             counters: Arc::new(VcpuCounters::default()),
             stdin_to_guest: cfg.serial == SerialMode::Stdio,
             watchdog: cfg.watchdog,
+            api,
         })
     }
 
     /// Runs the guest until it stops; returns why, with the exit counters.
-    pub fn run(self) -> Result<(VmExit, ExitStats), Error> {
+    pub fn run(mut self) -> Result<(VmExit, ExitStats), Error> {
         memory::log_huge_page_hint();
         vcpu::install_kick_handler().map_err(Error::Signal)?;
         crate::signals::install(self.exit.clone()).map_err(Error::Signal)?;
         if self.stdin_to_guest {
             spawn_stdin_reader(self.serial.clone()).map_err(Error::Thread)?;
         }
+        let api = match self.api.take() {
+            Some((socket, config, devices, memory)) => {
+                let (pio, mmio, counters) =
+                    (self.pio.clone(), self.mmio.clone(), self.counters.clone());
+                let notify = self.notify_exits.clone();
+                let ctx = crate::api::ApiContext {
+                    config,
+                    devices,
+                    memory,
+                    exit: self.exit.clone(),
+                    counters: Box::new(move || {
+                        let mut s = ExitStats::collect(&pio, &mmio, &counters);
+                        for (name, n) in &notify {
+                            s.notify_exits
+                                .insert(name.clone(), n.load(std::sync::atomic::Ordering::Relaxed));
+                        }
+                        s
+                    }),
+                };
+                Some(crate::api::ApiServer::start(&socket, ctx)?)
+            }
+            None => None,
+        };
         let stop = self.exit.stopping();
         let probes = self.watchdog.map(|_| {
             let fds: Vec<_> = self.vcpus.iter().map(|v| v.as_raw_fd()).collect();
@@ -278,6 +324,8 @@ impl Vm {
             .recv()
             .unwrap_or_else(|_| VmExit::VmmError("all vCPU threads ended".into()));
         stop.store(true, std::sync::atomic::Ordering::Release);
+        // The API answers no more (its socket goes) before the devices are torn down.
+        drop(api);
         if let Some(w) = watchdog {
             let _ = w.join();
         }

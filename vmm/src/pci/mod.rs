@@ -518,6 +518,15 @@ impl PciRoot {
     /// which hold the root), so dropping the VM's handle to the root frees nothing: the
     /// caller drops what this returns, and each device's Drop stops its threads, drains its
     /// I/O and releases what it holds (a vhost-user socket the vmm created, a VFIO group).
+    /// (slot, name) of every device on the bus but the host bridge.
+    pub fn slots(&self) -> Vec<(u8, String)> {
+        self.devices
+            .iter()
+            .filter(|(&n, _)| n != 0)
+            .map(|(&n, s)| (n, s.name.clone()))
+            .collect()
+    }
+
     pub fn take_devices(&mut self) -> Vec<(String, Arc<Mutex<dyn PciDevice>>)> {
         let slots: Vec<u8> = self.devices.keys().copied().filter(|&s| s != 0).collect();
         let mut out = Vec::new();
