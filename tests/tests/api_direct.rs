@@ -170,3 +170,87 @@ fn info_counters_errors_a_stalled_client_and_shutdown() {
     assert!(!api.exists(), "the API socket is left behind");
     drop(stalled);
 }
+
+/// The clock ticks the vmm's vCPU threads used so far.
+fn vcpu_ticks(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .filter(|s| s.contains("(vcpu"))
+        .filter_map(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime: fields 14 and 15 of stat, 12 and 13 after the name.
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+#[test]
+fn pause_parks_the_vcpus_resume_restarts_them_and_sigterm_ends_a_paused_vm() {
+    let dir = ScratchDir::new("api-pause").expect("scratch dir");
+    let api = dir.join("api.sock");
+    // Two vCPUs spinning in ring 3: busy all the time, so parked shows as no CPU time.
+    let mut cmd = Command::new(bin("vmm"));
+    cmd.arg("--kernel")
+        .arg(test_guest_elf())
+        .args(["--cmdline", "fault=spin", "--cpus", "2", "--memory", "32M"])
+        .args(["--serial", "off", "--api-socket"])
+        .arg(format!("path={}", api.display()))
+        .env("RUST_LOG", "info");
+    let mut vm = Daemon::spawn("api-pause", &mut cmd).expect("start vmm");
+    vm.wait_for_path(&api, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pid = vm.pid();
+    std::thread::sleep(Duration::from_millis(300));
+    let ticks_over = |ms: u64| {
+        let a = vcpu_ticks(pid);
+        std::thread::sleep(Duration::from_millis(ms));
+        vcpu_ticks(pid) - a
+    };
+    let running = ticks_over(500);
+    assert!(
+        running >= 10,
+        "the spinning vCPUs used {running} ticks in 500 ms"
+    );
+
+    let t = Instant::now();
+    let o = remote(&api, &["pause"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(json(&remote(&api, &["info"]))["state"], "Paused");
+    let paused = ticks_over(500);
+    assert!(paused <= 2, "paused vCPUs used {paused} ticks in 500 ms");
+    let (code, body) = curl(&api, "PUT", "vm.pause");
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("already paused"), "{body}");
+
+    assert!(remote(&api, &["resume"]).status.success());
+    assert_eq!(json(&remote(&api, &["info"]))["state"], "Running");
+    let resumed = ticks_over(500);
+    assert!(
+        resumed >= 10,
+        "resumed vCPUs used {resumed} ticks in 500 ms"
+    );
+    assert_eq!(curl(&api, "PUT", "vm.resume").0, 409);
+
+    // Paused again, SIGTERM ends the vmm at once.
+    assert!(remote(&api, &["pause"]).status.success());
+    vm.set_grace(Duration::from_secs(10));
+    let t = Instant::now();
+    let status = vm.stop().expect("stop");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "SIGTERM on a paused VM took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(status.code(), Some(0), "{}", vm.log());
+    assert!(
+        vm.log().contains("the VM is paused (2 vCPUs parked)"),
+        "{}",
+        vm.log()
+    );
+}

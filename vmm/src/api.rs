@@ -9,6 +9,8 @@
 //! - `GET vm.info`: the configuration as the vmm runs it, the VM's state and every device
 //!   with its `id`, model and guest PCI address (`device_tree`).
 //! - `GET vm.counters`: per device, the exits to the vmm it caused; `vmm`: the totals.
+//! - `PUT vm.pause`, `PUT vm.resume`: every vCPU out of KVM_RUN and parked, and back
+//!   (`vm.info` says `Paused`); 409 when already so.
 //! - `PUT vm.shutdown`, `PUT vmm.shutdown`: stop the VM (the vmm exits 0; it runs one VM).
 //!
 //! The server is `tiny_http`'s, on its own thread; requests are answered from state the API
@@ -82,6 +84,10 @@ pub struct ApiContext {
     pub config: Value,
     pub devices: Vec<DeviceNode>,
     pub memory: u64,
+    /// The pause flag the vCPU threads park on.
+    pub pause: Arc<crate::pause::PauseGate>,
+    /// The vCPU threads (set once they run), to kick out of KVM_RUN for a pause.
+    pub vcpu_threads: Arc<std::sync::OnceLock<Vec<libc::pthread_t>>>,
     pub exit: ExitHandle,
     /// The exit counters now.
     pub counters: Box<dyn Fn() -> ExitStats + Send>,
@@ -200,13 +206,22 @@ pub fn handle(ctx: &ApiContext, method: &str, url: &str) -> Reply {
                 200,
                 Some(json!({
                     "config": ctx.config,
-                    "state": "Running",
+                    "state": if ctx.pause.is_paused() { "Paused" } else { "Running" },
                     "memory_actual_size": ctx.memory,
                     "device_tree": tree,
                 })),
             )
         }),
         "vm.counters" => want("GET").unwrap_or_else(|| (200, Some(counters(ctx)))),
+        "vm.pause" => want("PUT").unwrap_or_else(|| pause(ctx)),
+        "vm.resume" => want("PUT").unwrap_or_else(|| {
+            if !ctx.pause.is_paused() {
+                return error(409, "the VM is not paused".into());
+            }
+            ctx.pause.resume();
+            log::info!("api: the VM is resumed");
+            (204, None)
+        }),
         "vm.shutdown" | "vmm.shutdown" => want("PUT").unwrap_or_else(|| {
             ctx.exit.request(VmExit::ApiShutdown);
             (204, None)
@@ -214,6 +229,32 @@ pub fn handle(ctx: &ApiContext, method: &str, url: &str) -> Reply {
         _ => error(404, format!("unknown endpoint {endpoint}")),
     }
 }
+
+/// `vm.pause`: every vCPU out of KVM_RUN and parked, within [`PAUSE_DEADLINE`].
+fn pause(ctx: &ApiContext) -> Reply {
+    let Some(threads) = ctx.vcpu_threads.get() else {
+        return error(409, "the VM is still starting: no vCPU runs yet".into());
+    };
+    let signal = crate::vcpu::kick_signal();
+    let kick = || {
+        for &t in threads {
+            // SAFETY: `t` is a vCPU thread of this process; they are joined only after the
+            // API thread is (see `Vm::run`), so the id is valid.
+            unsafe { libc::pthread_kill(t, signal) };
+        }
+    };
+    match ctx.pause.pause(threads.len(), &kick, PAUSE_DEADLINE) {
+        Ok(()) => {
+            log::info!("api: the VM is paused ({} vCPUs parked)", threads.len());
+            (204, None)
+        }
+        Err(e) if ctx.pause.is_paused() => error(409, e),
+        Err(e) => error(500, e),
+    }
+}
+
+/// How long `vm.pause` waits for the vCPU threads to park.
+pub const PAUSE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// `vm.counters`: per device id its exits (MMIO and port accesses to its BARs, doorbells
 /// that exited instead of reaching an ioeventfd); `vmm`: every exit by kind.
@@ -507,6 +548,8 @@ mod tests {
                     pci_bdf: "0000:00:01.0".into(),
                 }],
                 memory: 64 << 20,
+                pause: Arc::default(),
+                vcpu_threads: Arc::default(),
                 exit,
                 counters: Box::new(move || stats.clone()),
             },
@@ -535,6 +578,10 @@ mod tests {
         assert_eq!(handle(&c, "GET", "/api/v1/vm.shutdown").0, 405);
         assert_eq!(handle(&c, "GET", "/api/v1/vm.nothing").0, 404);
         assert_eq!(handle(&c, "GET", "/vm.info").0, 404);
+        // No vCPU thread yet: a pause is refused, a resume of a running VM too.
+        let (s, b) = handle(&c, "PUT", "/api/v1/vm.pause");
+        assert_eq!(s, 409, "{b:?}");
+        assert_eq!(handle(&c, "PUT", "/api/v1/vm.resume").0, 409);
         assert!(rx.try_recv().is_err(), "nothing asked the VM to stop yet");
         assert_eq!(handle(&c, "PUT", "/api/v1/vm.shutdown"), (204, None));
         assert_eq!(rx.try_recv().ok(), Some(VmExit::ApiShutdown));

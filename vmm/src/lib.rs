@@ -15,6 +15,7 @@ pub mod exit;
 pub mod interrupt;
 pub mod layout;
 pub mod memory;
+pub mod pause;
 pub mod pci;
 pub mod signals;
 pub mod stats;

@@ -49,6 +49,8 @@ pub struct VcpuContext {
     pub probes: Option<Arc<Probes>>,
     /// Assigned devices' answer to a faulting BAR mapping (none without `--vfio`).
     pub mapping_fault: Option<MappingFault>,
+    /// Where the thread parks while the VM is paused (the control API).
+    pub pause: Arc<crate::pause::PauseGate>,
 }
 
 /// A guest access faulted in KVM_RUN (EFAULT). An assigned device whose BAR mapping
@@ -175,6 +177,10 @@ fn sample(vcpu: &VcpuFd) -> (Sample, String) {
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
     let id = usize::from(ctx.id);
     loop {
+        if ctx.stop.load(Ordering::Acquire) {
+            return;
+        }
+        ctx.pause.checkpoint(&ctx.stop);
         if ctx.stop.load(Ordering::Acquire) {
             return;
         }
@@ -328,6 +334,7 @@ mod tests {
             counters: Arc::new(VcpuCounters::default()),
             coalesced: None,
             probes: None,
+            pause: Arc::default(),
             mapping_fault,
         }
     }

@@ -74,6 +74,8 @@ pub struct Vm {
         Vec<crate::api::DeviceNode>,
         u64,
     )>,
+    /// Where the vCPU threads park while the VM is paused.
+    pause: Arc<crate::pause::PauseGate>,
 }
 
 impl Vm {
@@ -239,6 +241,7 @@ impl Vm {
             stdin_to_guest: cfg.serial == SerialMode::Stdio,
             watchdog: cfg.watchdog,
             api,
+            pause: Arc::default(),
         })
     }
 
@@ -250,6 +253,9 @@ impl Vm {
         if self.stdin_to_guest {
             spawn_stdin_reader(self.serial.clone()).map_err(Error::Thread)?;
         }
+        // The vCPU threads' ids, for the API's pause (it starts first: a socket it cannot
+        // bind stops the VM before any guest instruction).
+        let vcpu_threads: Arc<std::sync::OnceLock<Vec<libc::pthread_t>>> = Arc::default();
         let api = match self.api.take() {
             Some((socket, config, devices, memory)) => {
                 let (pio, mmio, counters) =
@@ -259,6 +265,8 @@ impl Vm {
                     config,
                     devices,
                     memory,
+                    pause: self.pause.clone(),
+                    vcpu_threads: vcpu_threads.clone(),
                     exit: self.exit.clone(),
                     counters: Box::new(move || {
                         let mut s = ExitStats::collect(&pio, &mmio, &counters);
@@ -290,12 +298,17 @@ impl Vm {
                 coalesced: self.coalesced.clone(),
                 mapping_fault: self._vfio.as_ref().map(|v| v.fault_handler()),
                 probes: probes.clone(),
+                pause: self.pause.clone(),
             };
             let t = thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || vcpu::run(fd, ctx))
                 .map_err(Error::Thread)?;
             threads.push(t);
+        }
+        {
+            use std::os::unix::thread::JoinHandleExt;
+            let _ = vcpu_threads.set(threads.iter().map(|t| t.as_pthread_t()).collect());
         }
         let watchdog = match (self.watchdog, probes) {
             (Some(period), Some(probes)) => {
@@ -312,7 +325,12 @@ impl Vm {
                 Some(
                     thread::Builder::new()
                         .name("watchdog".into())
-                        .spawn(move || watchdog::run(probes, period, stop, kick))
+                        .spawn({
+                            let pause = self.pause.clone();
+                            move || {
+                                watchdog::run(probes, period, stop, kick, move || pause.is_paused())
+                            }
+                        })
                         .map_err(Error::Thread)?,
                 )
             }

@@ -256,7 +256,13 @@ fn stuck(now: &[Option<Sample>], before: &[Option<Sample>]) -> Option<String> {
 
 /// Runs the watchdog until `stop`: every `period`, samples the vCPUs (`kick(i)` interrupts
 /// vCPU `i`'s KVM_RUN) and reports a stuck guest once per stall.
-pub fn run(probes: Arc<Probes>, period: Duration, stop: Arc<AtomicBool>, kick: impl Fn(usize)) {
+pub fn run(
+    probes: Arc<Probes>,
+    period: Duration,
+    stop: Arc<AtomicBool>,
+    kick: impl Fn(usize),
+    paused: impl Fn() -> bool,
+) {
     let mut before: Vec<Option<Sample>> = vec![None; probes.slots.len()];
     let mut reported = false;
     let mut silent: Vec<bool> = vec![false; probes.slots.len()];
@@ -267,6 +273,13 @@ pub fn run(probes: Arc<Probes>, period: Duration, stop: Arc<AtomicBool>, kick: i
                 return;
             }
             thread::sleep(Duration::from_millis(50).min(period));
+        }
+        if paused() {
+            // A paused guest makes no progress on purpose, and its vCPU threads are parked
+            // (they answer no sample): start over once it runs again.
+            before = vec![None; probes.slots.len()];
+            reported = false;
+            continue;
         }
         let now = probes.collect(SAMPLE, &kick);
         for (i, s) in now.iter().enumerate() {

@@ -32,6 +32,10 @@ enum Cmd {
     Counters,
     /// Stop the VM; the vmm exits 0 (PUT vm.shutdown).
     Shutdown,
+    /// Park every vCPU (PUT vm.pause).
+    Pause,
+    /// Let the parked vCPUs run again (PUT vm.resume).
+    Resume,
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,8 @@ fn main() -> ExitCode {
         Cmd::Info => ("GET", "vm.info"),
         Cmd::Counters => ("GET", "vm.counters"),
         Cmd::Shutdown => ("PUT", "vm.shutdown"),
+        Cmd::Pause => ("PUT", "vm.pause"),
+        Cmd::Resume => ("PUT", "vm.resume"),
     };
     let deadline = Duration::from_secs(a.timeout.max(1));
     match vmm::api::call(&a.api_socket, method, endpoint, None, deadline) {
