@@ -26,7 +26,8 @@ start_blk() {
     n=0; while [ ! -S /tmp/blk.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 }
 start_blk
-vhost-user-net --socket-path /tmp/net.sock --tap vutap0 >/tmp/net.log 2>&1 &
+# Two queue pairs: the guest (two vCPUs) sets both on the control queue.
+vhost-user-net --socket-path /tmp/net.sock --tap vutap0 --queues 2 >/tmp/net.log 2>&1 &
 net_pid=$!
 n=0; while [ ! -S /tmp/net.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 $IP addr add 192.0.2.1/24 dev vutap0
@@ -65,7 +66,7 @@ httpd -p 192.0.2.1:8080 -h /tmp/www
 watcher=$!
 t0=$(lab_uptime)
 { vmm --kernel "$L2_KERNEL" --initramfs "$L2_INITRD" --cmdline "$L2_CMDLINE" --cpus 2 --memory 512M \
-    --vhost-user-blk socket=/tmp/blk.sock,id=vublk --vhost-user-net socket=/tmp/net.sock,id=vunet \
+    --vhost-user-blk socket=/tmp/blk.sock,id=vublk --vhost-user-net socket=/tmp/net.sock,queues=2,id=vunet \
     --exit-stats /tmp/stats.json </dev/null 2>&1; echo "VMM-RC $?"; } \
     | lab_console "$t0" l2 | tee /tmp/l2.log
 wait "$watcher"

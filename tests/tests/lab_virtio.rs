@@ -19,7 +19,8 @@ printf 'HOST-PATTERN-A-0123456789abcdef' | dd of=/tmp/a.img bs=512 seek=100 conv
 dd if=/dev/zero of=/tmp/b.img bs=1M count=8 2>/dev/null
 printf 'HOST-PATTERN-B' | dd of=/tmp/b.img conv=notrunc 2>/dev/null
 sha_b=$(sha256sum /tmp/b.img | cut -d' ' -f1)
-$IP tuntap add dev vmtap0 mode tap vnet_hdr
+# Two queue pairs (the guest's two vCPUs use both): a multi-queue tap.
+$IP tuntap add dev vmtap0 mode tap vnet_hdr multi_queue
 $IP addr add 192.0.2.1/24 dev vmtap0
 $IP link set vmtap0 up
 # 64 MiB each way over HTTP (busybox httpd/wget): the guest downloads the host's file, then
@@ -41,7 +42,7 @@ t0=$(lab_uptime)
 { vmm --kernel "$L2_KERNEL" --initramfs "$L2_INITRD" --cmdline "$L2_CMDLINE" \
     --cpus 2 --memory 512M \
     --disk path=/tmp/a.img,id=diska --disk path=/tmp/b.img,readonly=on,id=diskb \
-    --net tap=vmtap0,mac=52:54:00:00:00:02,id=net0 \
+    --net tap=vmtap0,mac=52:54:00:00:00:02,queues=2,id=net0 \
     --exit-stats /tmp/stats.json </dev/null 2>&1; echo "VMM-RC $?"; } \
     | lab_console "$t0" l2 | tee /tmp/l2.log
 check vmm-exit-0 grep -q '^VMM-RC 0$' /tmp/l2.log

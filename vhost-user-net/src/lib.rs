@@ -248,9 +248,61 @@ pub struct NetBackend {
     /// stopped or torn down, and needs the pair's lock the worker holds).
     stop_poll: Vec<AtomicBool>,
     ctrl: Mutex<Option<CtrlQueue<Mem>>>,
+    /// Which pairs the driver uses: their tap queues stay attached, the others' are
+    /// detached (the kernel would steer frames to them that no ring takes).
+    in_use: Mutex<PairsInUse>,
     conn: Mutex<Option<ShutdownHandle>>,
     /// The worker threads' exit events (closed with the back-end).
     exit_events: vhost_user::ExitEvents,
+}
+
+/// Which queue pairs the driver uses. A frontend that hands the control queue to this
+/// back-end (ours) has it enable every ring of the pairs the device offers and then says on
+/// the control queue how many the driver uses (one until it does, and one forever without
+/// VIRTIO_NET_F_MQ: the vmm then starts no other pair's rings); a frontend that keeps the
+/// control queue itself (QEMU) enables the rings of the pairs the driver uses
+/// (SET_VRING_ENABLE) and disables the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PairsInUse {
+    /// Per pair: its RX ring is enabled.
+    rx_enabled: Vec<bool>,
+    /// The control queue's ring is enabled: this back-end serves it.
+    ctrl_enabled: bool,
+    /// Pairs set on the control queue (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET), 1 before.
+    ctrl_pairs: usize,
+    /// No driver (between frontends): every queue attached, as the tap was.
+    idle: bool,
+}
+
+impl PairsInUse {
+    fn new(pairs: usize) -> Self {
+        PairsInUse {
+            rx_enabled: vec![false; pairs],
+            ctrl_enabled: false,
+            ctrl_pairs: 1,
+            idle: true,
+        }
+    }
+
+    /// A reset: no ring enabled, nothing set; pair 0 only until the driver starts again.
+    fn reset(&mut self) {
+        *self = PairsInUse {
+            idle: false,
+            ..PairsInUse::new(self.rx_enabled.len())
+        };
+    }
+
+    /// The frontend is gone: every queue attached.
+    fn all(&mut self) {
+        *self = PairsInUse::new(self.rx_enabled.len());
+    }
+
+    fn used(&self, p: usize) -> bool {
+        self.idle
+            || p == 0
+            || (self.rx_enabled.get(p).copied().unwrap_or(false)
+                && (!self.ctrl_enabled || p < self.ctrl_pairs))
+    }
 }
 
 impl NetBackend {
@@ -261,6 +313,7 @@ impl NetBackend {
         queue_size: u16,
         poll: Duration,
     ) -> io::Result<Self> {
+        let pairs = taps.len();
         let mut tap_epolls = Vec::new();
         for t in &taps {
             let ep = Epoll::new()?;
@@ -300,6 +353,7 @@ impl NetBackend {
             stop_poll: tap_epolls.iter().map(|_| AtomicBool::new(false)).collect(),
             tap_epolls,
             ctrl: Mutex::new(None),
+            in_use: Mutex::new(PairsInUse::new(pairs)),
             conn: Mutex::new(None),
             exit_events: Default::default(),
         })
@@ -538,7 +592,7 @@ impl NetBackend {
                     }
                     if let Some(n) = o.vq_pairs {
                         log::debug!("driver uses {n} queue pairs");
-                        self.use_pairs(usize::from(n));
+                        self.update_pairs(|u| u.ctrl_pairs = usize::from(n));
                     }
                 }
                 Err(QueueError::NotReady) => {}
@@ -547,13 +601,14 @@ impl NetBackend {
         }
     }
 
-    /// Only the tap queues of the pairs the driver uses stay attached (`backends::net::
-    /// use_pairs`): the kernel would steer a share of the incoming frames to the others,
-    /// where no ring takes them.
-    fn use_pairs(&self, n: usize) {
-        if let Err((q, e)) = backends::net::use_pairs(&self.taps, n) {
+    /// Changes what is known of the pairs in use (`f`), then attaches the tap queues of the
+    /// pairs the driver uses and detaches the others (`backends::net::attach_queues`).
+    fn update_pairs(&self, f: impl FnOnce(&mut PairsInUse)) {
+        let mut u = lock(&self.in_use);
+        f(&mut u);
+        if let Err((q, e)) = backends::net::attach_queues(&self.taps, |p| u.used(p)) {
             log::warn!(
-                "tap {}: cannot attach or detach queue {q} for {n} pair(s) in use: {e}",
+                "tap {}: cannot attach or detach queue {q}: {e}",
                 self.taps[0].name()
             );
         }
@@ -594,9 +649,12 @@ impl VhostUserBackend for NetBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked.store(features, Ordering::SeqCst);
-        // A driver uses one pair until it sets more on the control queue, and never more
-        // without VIRTIO_NET_F_MQ.
-        self.use_pairs(1);
+        // A driver is coming: one pair until it sets more on the control queue (or its
+        // frontend enables more rings).
+        self.update_pairs(|u| {
+            u.idle = false;
+            u.ctrl_pairs = 1;
+        });
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -615,7 +673,7 @@ impl VhostUserBackend for NetBackend {
             self.stop_pair(p, false);
         }
         *lock(&self.ctrl) = None;
-        self.use_pairs(self.num_pairs());
+        self.update_pairs(PairsInUse::reset);
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -700,6 +758,21 @@ impl Served for NetBackend {
         *lock(&self.conn) = Some(conn);
     }
 
+    fn vring_enabled(&self, index: u32, enabled: bool) {
+        let (i, n) = (index as usize, self.num_pairs());
+        if i % 2 == 0 && i < 2 * n {
+            self.update_pairs(|u| {
+                u.idle = false;
+                u.rx_enabled[i / 2] = enabled;
+            });
+        } else if i == 2 * n {
+            self.update_pairs(|u| {
+                u.idle = false;
+                u.ctrl_enabled = enabled;
+            });
+        }
+    }
+
     fn stopping_vring(&self, index: u32) {
         // Cleared by `stop_pair` once it holds the pair (vhost-user-backend calls
         // `stop_vring` for the GET_VRING_BASE), or when the connection ends. The control
@@ -718,6 +791,44 @@ impl Served for NetBackend {
         *lock(&self.ctrl) = None;
         *lock(&self.mem) = None;
         // As the tap was: every queue attached, for the next frontend.
-        self.use_pairs(self.num_pairs());
+        self.update_pairs(PairsInUse::all);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PairsInUse;
+
+    fn used(u: &PairsInUse) -> Vec<bool> {
+        (0..u.rx_enabled.len()).map(|p| u.used(p)).collect()
+    }
+
+    #[test]
+    fn pairs_in_use_by_the_control_queue_or_by_enabled_rings() {
+        let mut u = PairsInUse::new(3);
+        // Between frontends: every queue attached.
+        assert_eq!(used(&u), [true, true, true]);
+        // Our vmm, a driver with MQ: every ring enabled, the control queue too; one pair
+        // until the driver sets more on it.
+        u.reset();
+        u.rx_enabled = vec![true; 3];
+        u.ctrl_enabled = true;
+        assert_eq!(used(&u), [true, false, false]);
+        u.ctrl_pairs = 2;
+        assert_eq!(used(&u), [true, true, false]);
+        // Our vmm, a driver without MQ: only pair 0's rings and the control queue start.
+        u.reset();
+        u.rx_enabled[0] = true;
+        u.ctrl_enabled = true;
+        assert_eq!(used(&u), [true, false, false]);
+        // QEMU keeps the control queue: the rings it enables say which pairs are used.
+        u.reset();
+        u.rx_enabled = vec![true, true, false];
+        assert_eq!(used(&u), [true, true, false]);
+        u.rx_enabled[1] = false;
+        assert_eq!(used(&u), [true, false, false]);
+        // The frontend gone: all again.
+        u.all();
+        assert_eq!(used(&u), [true, true, true]);
     }
 }

@@ -36,14 +36,24 @@ pub const MAX_FRAME_LEN: usize = 65562;
 /// multi-queue tap steers incoming frames to every attached queue: one whose rings the
 /// driver does not use would swallow its share). Returns the first error with its queue.
 pub fn use_pairs<T: AsRef<Tap>>(taps: &[T], pairs: usize) -> Result<(), (usize, std::io::Error)> {
+    attach_queues(taps, |i| i < pairs)
+}
+
+/// Attaches the tap queue of every pair `used` says the driver uses and detaches the others;
+/// the first stays attached whatever `used` says (a tap keeps one queue all along, and it
+/// is attached first). Returns the first error with its queue.
+pub fn attach_queues<T: AsRef<Tap>>(
+    taps: &[T],
+    used: impl Fn(usize) -> bool,
+) -> Result<(), (usize, std::io::Error)> {
     if taps.len() < 2 {
         return Ok(());
     }
-    // Attach first: a tap keeps at least one queue attached all along.
-    for (i, t) in taps.iter().enumerate().take(pairs.max(1)) {
+    let on = |i: usize| i == 0 || used(i);
+    for (i, t) in taps.iter().enumerate().filter(|(i, _)| on(*i)) {
         t.as_ref().set_queue_attached(true).map_err(|e| (i, e))?;
     }
-    for (i, t) in taps.iter().enumerate().skip(pairs.max(1)) {
+    for (i, t) in taps.iter().enumerate().filter(|(i, _)| !on(*i)) {
         t.as_ref().set_queue_attached(false).map_err(|e| (i, e))?;
     }
     Ok(())

@@ -400,6 +400,10 @@ pub trait Served: VhostUserBackend<Bitmap = (), Vring = Vring> + Sized + 'static
     /// which needs the vring's lock): a worker that the guest keeps busy should let go of
     /// it instead of taking it again.
     fn stopping_vring(&self, _index: u32) {}
+
+    /// The frontend enables or disables vring `index` (SET_VRING_ENABLE, before the handler
+    /// gets it).
+    fn vring_enabled(&self, _index: u32, _enabled: bool) {}
 }
 
 /// The exit events of a back-end's worker threads (`VhostUserBackend::exit_event`).
@@ -616,7 +620,10 @@ where
                 hook
             });
             let b = backend.clone();
-            let stopping: relay::StopHook = Arc::new(move |i| b.stopping_vring(i));
+            let stopping: relay::StopHook = Arc::new(move |e| match e {
+                relay::VringEvent::Stopping(i) => b.stopping_vring(i),
+                relay::VringEvent::Enabling(i, on) => b.vring_enabled(i, on),
+            });
             let relay =
                 match relay::Relay::start_with_stop(n, frontend, inner, hook, Some(stopping)) {
                     Ok(r) => Some(r),

@@ -43,10 +43,20 @@ use crate::inflight::{InflightMessage, InflightRegion};
 /// and complete in it, and resume from it when they start).
 pub type InflightHook = Arc<dyn Fn(InflightRegion) + Send + Sync>;
 
-/// Tells the back-end that the frontend stops a vring (GET_VRING_BASE, with its index)
-/// before the back-end's handler sees the message: the handler then waits for the vring's
-/// lock, which a worker kept busy by the guest would otherwise take back each time.
-pub type StopHook = Arc<dyn Fn(u32) + Send + Sync>;
+/// What the frontend does to a vring, told to the back-end before its handler sees the
+/// message ([`StopHook`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VringEvent {
+    /// GET_VRING_BASE: the handler then waits for the vring's lock, which a worker kept
+    /// busy by the guest would otherwise take back each time.
+    Stopping(u32),
+    /// SET_VRING_ENABLE (index, enabled): a virtio-net frontend that keeps the control
+    /// queue itself (QEMU) says this way which queue pairs the driver uses.
+    Enabling(u32, bool),
+}
+
+/// Tells the back-end what the frontend does to its vrings ([`VringEvent`]).
+pub type StopHook = Arc<dyn Fn(VringEvent) + Send + Sync>;
 
 /// Size of the vhost-user header: request, flags, size (u32 each).
 pub const HEADER: usize = 12;
@@ -372,7 +382,14 @@ impl Conn {
             SET_INFLIGHT_FD if self.inflight.is_some() => self.set_inflight_fd(m),
             SET_VRING_NUM => self.set_vring_num(body),
             SET_VRING_ADDR => self.set_vring_addr(body),
-            SET_VRING_ENABLE if !self.features_seen => self.ack_protocol_features_first(to),
+            SET_VRING_ENABLE if !self.features_seen => {
+                self.vring_enabling(body);
+                self.ack_protocol_features_first(to)
+            }
+            SET_VRING_ENABLE => {
+                self.vring_enabling(body);
+                Verdict::Forward
+            }
             SET_MEM_TABLE => self.set_mem_table(m),
             ADD_MEM_REG => self.add_mem_reg(m),
             REM_MEM_REG => {
@@ -382,11 +399,21 @@ impl Conn {
             GET_VRING_BASE => {
                 // A bad body is the back-end's to refuse.
                 if let (Some(hook), Some(index)) = (&self.stopping, u32_at(body, 0)) {
-                    hook(index);
+                    hook(VringEvent::Stopping(index));
                 }
                 Verdict::Forward
             }
             _ => Verdict::Forward,
+        }
+    }
+
+    /// SET_VRING_ENABLE's `struct vhost_vring_state` (index, num: 1 enables) to the hook;
+    /// a bad body is the back-end's to refuse.
+    fn vring_enabling(&self, body: &[u8]) {
+        if let (Some(hook), Some(index), Some(num), 8) =
+            (&self.stopping, u32_at(body, 0), u32_at(body, 4), body.len())
+        {
+            hook(VringEvent::Enabling(index, num != 0));
         }
     }
 
@@ -775,7 +802,7 @@ mod tests {
         let (relay_be, be) = UnixStream::pair().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        let hook: StopHook = Arc::new(move |i| s.lock().unwrap().push(i));
+        let hook: StopHook = Arc::new(move |e| s.lock().unwrap().push(e));
         let r = Relay::start_with_stop(1, relay_fe, relay_be, None, Some(hook)).unwrap();
         let msg = |request: u32, body: &[u8]| {
             let mut m = request.to_le_bytes().to_vec();
@@ -792,7 +819,7 @@ mod tests {
         assert_eq!(got.request(), GET_VRING_BASE);
         assert_eq!(
             *seen.lock().unwrap(),
-            vec![3],
+            vec![VringEvent::Stopping(3)],
             "the hook ran before the forward"
         );
         // Other messages and a GET_VRING_BASE without a body do not call it.
@@ -804,7 +831,27 @@ mod tests {
             read_message(&be).unwrap().unwrap().request(),
             GET_VRING_BASE
         );
-        assert_eq!(*seen.lock().unwrap(), vec![3]);
+        assert_eq!(*seen.lock().unwrap(), vec![VringEvent::Stopping(3)]);
+        // SET_VRING_ENABLE: index and whether enabled (before and after SET_FEATURES).
+        let mut on = 4u32.to_le_bytes().to_vec();
+        on.extend_from_slice(&1u32.to_le_bytes());
+        send_message(&fe, &msg(SET_VRING_ENABLE, &on), &[]).unwrap();
+        send_message(&fe, &msg(SET_FEATURES, &[0u8; 8]), &[]).unwrap();
+        send_message(&fe, &msg(SET_VRING_ENABLE, &body), &[]).unwrap();
+        for _ in 0..5 {
+            if read_message(&be).unwrap().unwrap().request() == SET_VRING_ENABLE
+                && seen.lock().unwrap().len() == 3
+            {
+                break;
+            }
+        }
+        assert_eq!(
+            seen.lock().unwrap()[1..],
+            [
+                VringEvent::Enabling(4, true),
+                VringEvent::Enabling(3, false)
+            ]
+        );
         drop(fe);
         drop(be);
         r.finish();
