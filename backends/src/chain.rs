@@ -56,7 +56,15 @@ pub(crate) struct ParsedChain {
     /// walk continues past the fault to find it, so that an error status never lands in a
     /// data buffer the walk happened to stop in.
     pub fault_status: Option<GuestAddress>,
+    /// Descriptors read, the walk past a fault included: the work the chain cost.
+    pub descs: u32,
 }
+
+/// The most descriptors one call of an engine reads, over every chain it takes (checked
+/// between chains): with chains of up to `max_descs` each, a ring full of the longest ones
+/// would otherwise keep a queue thread from its event loop for seconds. The call stops
+/// there and says `more`, as at its chain budget.
+pub const MAX_DESCS_PER_CALL: u64 = 64 * 1024;
 
 impl ParsedChain {
     pub fn readable_len(&self) -> u64 {
@@ -164,7 +172,8 @@ pub(crate) fn parse_descs<M: GuestMemory>(
         last = Some((desc.addr(), desc.len(), desc.is_write_only()));
         if parsed.fault.is_some() {
             // virtio-queue's iterator ends by itself: after the queue size for a direct
-            // chain, after the table's length for an indirect one.
+            // chain, after the table's length for an indirect one (the engines' budget of
+            // descriptors per call, MAX_DESCS_PER_CALL, bounds what such walks cost).
             continue;
         }
         if count > max_descs {
@@ -206,6 +215,7 @@ pub(crate) fn parse_descs<M: GuestMemory>(
             parsed.readable.push(seg);
         }
     }
+    parsed.descs = u32::try_from(count).unwrap_or(u32::MAX);
     if count == 0 {
         parsed.fault = Some(ChainError::Empty);
     } else if last_has_next {

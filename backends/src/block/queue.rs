@@ -336,7 +336,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         let n = u16::try_from(heads.len()).unwrap_or(u16::MAX);
         queue.set_next_used(used);
         queue.set_next_avail(used.wrapping_add(n));
-        let max_descs = usize::from(size).max(super::config::MAX_CHAIN_DESCS);
+        let max_descs = super::config::MAX_CHAIN_DESCS;
         let table = GuestAddress(queue.desc_table());
         let mut done = 0;
         self.resuming = true;
@@ -551,9 +551,11 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
 
     fn pop_requests(&mut self, queue: &mut Queue, guard: &S::T) -> Result<u32, QueueError> {
         let mem: &S::M = guard;
-        let max_descs = usize::from(queue.size()).max(super::config::MAX_CHAIN_DESCS);
+        // Whatever the queue size: what seg_max allows (a longer chain is refused unwalked).
+        let max_descs = super::config::MAX_CHAIN_DESCS;
         let mut used = 0;
         let mut popped = 0;
+        let mut descs = 0u64;
         self.budget_spent = false;
         self.sync_bytes = 0;
         self.bounce_wait = false;
@@ -570,7 +572,10 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                     self.stalled = true;
                     return Ok(used);
                 }
-                if popped >= MAX_CHAINS_PER_CALL || self.sync_bytes >= MAX_SYNC_BYTES_PER_CALL {
+                if popped >= MAX_CHAINS_PER_CALL
+                    || self.sync_bytes >= MAX_SYNC_BYTES_PER_CALL
+                    || descs >= crate::chain::MAX_DESCS_PER_CALL
+                {
                     // Notifications stay off: the host calls again (`more`).
                     self.budget_spent = true;
                     self.stalled = false;
@@ -584,6 +589,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                     i.taken(chain.head_index());
                 }
                 let parsed = parse_chain(chain, mem, max_descs);
+                descs += u64::from(parsed.descs);
                 used += self.handle(queue, guard, parsed)?;
             }
             if self.polling {

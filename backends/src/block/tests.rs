@@ -1553,3 +1553,47 @@ fn a_resubmitted_request_that_finds_the_bounce_budget_spent_is_not_pushed_back_t
     assert!(bq.bounce_peak() <= BOUNCE_BUDGET);
     assert_eq!(region.queue(0).unwrap().pending(), 0);
 }
+
+/// A ring of chains that each make the engine walk a 16384-entry indirect table (too long:
+/// refused, but walked on to the status byte) stops at the descriptor budget, not at the
+/// chain budget: 16 of them would be 262144 descriptors in one call.
+#[test]
+fn long_walks_stop_at_the_descriptor_budget_per_call() {
+    use crate::chain::MAX_DESCS_PER_CALL;
+    let m = mem();
+    let f = image();
+    hdr(&m, VIRTIO_BLK_T_IN, 0);
+    const N: usize = 16384;
+    let mut descs = vec![d(HDR, 16, VRING_DESC_F_NEXT, 1)];
+    for i in 1..N - 1 {
+        descs.push(d(
+            DATA,
+            1,
+            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+            i as u16 + 1,
+        ));
+    }
+    descs.push(d(STATUS, 1, VRING_DESC_F_WRITE, 0));
+    let head = indirect(&m, 0x4_0000, &descs);
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let mut q: Queue = vq.create_queue().unwrap();
+    vq.add_desc_chains(&vec![head; usize::from(QSIZE)], 0)
+        .unwrap();
+    let mut bq = BlockQueue::new(disk(&f, EngineChoice::Sync, false, false), &m, QSIZE).unwrap();
+    let per_call = (MAX_DESCS_PER_CALL as usize).div_ceil(N) as u32;
+    let out = bq.process_queue(&mut q).unwrap();
+    assert_eq!(out.used, per_call, "chains taken in one call");
+    assert!(out.more, "the call says there is more");
+    // The rest in the next calls; each refused with IOERR in its status byte.
+    let mut total = out.used;
+    while total < u32::from(QSIZE) {
+        let o = bq.process_queue(&mut q).unwrap();
+        assert!(o.used <= per_call && o.used > 0, "{o:?}");
+        total += o.used;
+    }
+    assert_eq!(bq.faults(BlkFault::Chain), u64::from(QSIZE));
+    assert_eq!(
+        m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        VIRTIO_BLK_S_IOERR as u8
+    );
+}

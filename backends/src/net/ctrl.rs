@@ -56,7 +56,7 @@ impl<S: GuestAddressSpace> CtrlQueue<S> {
         let guard = self.mem.memory();
         let mem: &S::M = &guard;
         check_queue(queue, mem)?;
-        let max_descs = usize::from(queue.size());
+        let max_descs = usize::from(queue.size()).min(crate::net::MAX_CHAIN_DESCS);
         let mut out = CtrlOutcome::default();
         let mut used = 0;
         let mut more = false;

@@ -16,6 +16,16 @@ use crate::{check_queue, finish_batch, QueueError, QueueOutcome};
 
 /// Frames handled per `process_rx` call before yielding to the host's event loop.
 pub const RX_BUDGET: u32 = 256;
+
+/// The longest RX or TX descriptor chain accepted (QEMU's limit too): Linux builds chains
+/// of a few descriptors (at most MAX_SKB_FRAGS + 2). A longer one is dropped unwalked past
+/// this, whatever the queue size, so that one chain costs a bounded walk.
+pub const MAX_CHAIN_DESCS: usize = 1024;
+
+/// The most RX chains one frame is spread over with MRG_RXBUF (QEMU's limit too): a 64 KiB
+/// frame in page-sized buffers takes 17; a guest posting one-byte buffers gets the frame
+/// dropped instead of a walk of the whole ring per frame.
+pub const MAX_RX_CHAINS_PER_FRAME: usize = 1024;
 /// The most TX chains one [`NetQueuePair::process_tx`] call sends: a guest can keep its TX
 /// ring full for ever, and the host must get back to its other events (RX, stop, reset).
 pub const TX_BUDGET: u32 = 256;
@@ -115,6 +125,10 @@ pub struct NetQueuePair<S: GuestAddressSpace, T: AsRawFd> {
     /// buffers. Only needed while we are out of them, so they are turned off as soon as a
     /// chain is popped and on again when the ring runs dry (vhost-net's RX pattern).
     rx_notify: bool,
+    /// Descriptors read by RX in the current call ([`crate::chain::MAX_DESCS_PER_CALL`]).
+    rx_descs: u64,
+    /// That budget stopped the current call between frames.
+    rx_descs_spent: bool,
     iovecs: IoVecScratch,
     log: GuestErrorLog<NET_FAULT_KINDS>,
     stats: NetStats,
@@ -149,6 +163,8 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
             rx_pending: None,
             polling: false,
             rx_notify: true,
+            rx_descs: 0,
+            rx_descs_spent: false,
             iovecs: IoVecScratch::default(),
             log: GuestErrorLog::new("virtio-net"),
             stats: NetStats::default(),
@@ -213,14 +229,15 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
         let guard = self.mem.memory();
         let mem: &S::M = &guard;
         check_queue(queue, mem)?;
-        let max_descs = usize::from(queue.size());
+        let max_descs = usize::from(queue.size()).min(MAX_CHAIN_DESCS);
         let mut used = 0;
+        let mut descs = 0u64;
         let mut tap_full = false;
         let mut more = false;
         'outer: loop {
             queue.disable_notification(mem).map_err(QueueError::Ring)?;
             loop {
-                if used >= TX_BUDGET {
+                if used >= TX_BUDGET || descs >= crate::chain::MAX_DESCS_PER_CALL {
                     // Notifications stay off: the host calls again (`more`).
                     more = true;
                     break 'outer;
@@ -229,6 +246,7 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
                     break;
                 };
                 let parsed = parse_chain(chain, mem, max_descs);
+                descs += u64::from(parsed.descs);
                 let head = parsed.head;
                 match self.tx_one(mem, &parsed) {
                     Ok(()) => {}
@@ -349,6 +367,8 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
         // Every frame read counts, delivered or dropped: a flood of frames the guest cannot
         // take must not keep this call going either.
         let mut read = 0;
+        self.rx_descs = 0;
+        self.rx_descs_spent = false;
         let wait = loop {
             if read >= RX_BUDGET {
                 break RxWait::Budget;
@@ -383,6 +403,12 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
                     used += n;
                     self.stats.rx_dropped += 1;
                     self.rx_pending = None;
+                }
+                Delivery::NoBuffers(n) if self.rx_descs_spent => {
+                    // Not out of buffers: out of this call's descriptor budget (the frame
+                    // stays pending).
+                    used += n;
+                    break RxWait::Budget;
                 }
                 Delivery::NoBuffers(n) => {
                     used += n;
@@ -431,9 +457,17 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
         queue: &mut Queue,
         mem: &M,
         dropped: &mut u32,
+        may_stop: bool,
     ) -> Result<Option<(u16, Vec<Segment>)>, QueueError> {
-        let max_descs = usize::from(queue.size());
+        let max_descs = usize::from(queue.size()).min(MAX_CHAIN_DESCS);
         loop {
+            if may_stop && self.rx_descs >= crate::chain::MAX_DESCS_PER_CALL {
+                // Between frames only: a frame half gathered is finished (its chains are
+                // bounded by MAX_RX_CHAINS_PER_FRAME), or it would be gathered again and
+                // again.
+                self.rx_descs_spent = true;
+                return Ok(None);
+            }
             let next = queue.iter(mem).map_err(QueueError::Ring)?.next();
             let chain = match next {
                 Some(c) => c,
@@ -447,6 +481,7 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
                 }
             };
             let parsed = parse_chain(chain, mem, max_descs);
+            self.rx_descs += u64::from(parsed.descs);
             let head = parsed.head;
             let bad = if let Some(fault) = parsed.fault {
                 Some((NetFault::Chain, fault.to_string()))
@@ -486,7 +521,7 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
     ) -> Result<Delivery, QueueError> {
         let mut dropped = 0;
         if !self.mrg_rxbuf {
-            let Some((head, segs)) = self.pop_rx_chain(queue, mem, &mut dropped)? else {
+            let Some((head, segs)) = self.pop_rx_chain(queue, mem, &mut dropped, true)? else {
                 return Ok(Delivery::NoBuffers(dropped));
             };
             if total_len(&segs) < len as u64 {
@@ -513,8 +548,25 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
         let mut chains: Vec<(u16, Vec<Segment>)> = Vec::new();
         let mut room = 0u64;
         while room < len as u64 {
+            if chains.len() >= MAX_RX_CHAINS_PER_FRAME {
+                // The guest's buffers are too small for this frame within the limit: the
+                // frame is dropped, the chains go back empty.
+                self.log.record(
+                    NetFault::RxTooBig as usize,
+                    format_args!(
+                        "frame of {len} bytes needs more than {MAX_RX_CHAINS_PER_FRAME} \
+                         buffers of the guest's (MRG_RXBUF): dropped"
+                    ),
+                );
+                for (h, _) in chains.drain(..) {
+                    queue.add_used(mem, h, 0).map_err(QueueError::Ring)?;
+                    dropped += 1;
+                }
+                return Ok(Delivery::Dropped(dropped));
+            }
             let popped_bad_before = dropped;
-            match self.pop_rx_chain(queue, mem, &mut dropped)? {
+            let may_stop = chains.is_empty();
+            match self.pop_rx_chain(queue, mem, &mut dropped, may_stop)? {
                 Some((head, segs)) => {
                     if dropped != popped_bad_before && !chains.is_empty() {
                         // Bad chains were returned between good ones: the good ones can no

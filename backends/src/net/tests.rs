@@ -640,3 +640,85 @@ fn ctrl_serves_at_most_its_budget_per_call() {
     assert_eq!(out.queue.used, 10);
     assert!(!out.queue.more);
 }
+
+/// An indirect table of `n` descriptors at `table` (each `len` bytes at `buf`, with
+/// `flags`), chained; returns the head descriptor that points at it.
+fn indirect_table(m: &Mem, table: u64, n: usize, buf: u64, len: u32, flags: u32) -> RawDescriptor {
+    for i in 0..n {
+        let next = if i + 1 < n { VRING_DESC_F_NEXT } else { 0 };
+        m.write_obj(
+            d(buf, len, flags | next, (i + 1) as u16),
+            GuestAddress(table + 16 * i as u64),
+        )
+        .unwrap();
+    }
+    d(
+        table,
+        16 * n as u32,
+        virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT,
+        0,
+    )
+}
+
+/// An RX ring of bad chains that each cost a walk of a 16384-entry table (device-readable:
+/// refused and dropped) is dropped a descriptor budget at a time: the call ends at the
+/// budget (to be called again), not after the whole ring.
+#[test]
+fn rx_drops_long_bad_chains_a_descriptor_budget_per_call() {
+    let m = mem();
+    let (a, b) = socketpair();
+    send(&b, &frame(100));
+    const N: usize = 16384;
+    let head = indirect_table(&m, 0x4_0000, N, BUF, 1, 0);
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let mut q: Queue = vq.create_queue().unwrap();
+    vq.add_desc_chains(&vec![head; usize::from(QSIZE)], 0)
+        .unwrap();
+    let mut np = NetQueuePair::new(a, &m, 0);
+    let per_call = (crate::chain::MAX_DESCS_PER_CALL as usize).div_ceil(N) as u32;
+    let out = np.process_rx(&mut q).unwrap();
+    assert_eq!(
+        out.wait,
+        RxWait::Budget,
+        "the call ends at its descriptor budget"
+    );
+    assert_eq!(out.queue.used, per_call, "bad chains dropped in one call");
+    // The frame waits; the next calls drop the rest, then it waits for buffers.
+    let mut dropped = out.queue.used;
+    loop {
+        let o = np.process_rx(&mut q).unwrap();
+        assert!(o.queue.used <= per_call, "{o:?}");
+        dropped += o.queue.used;
+        if o.wait == RxWait::GuestBuffers {
+            break;
+        }
+        assert_eq!(o.wait, RxWait::Budget);
+    }
+    assert_eq!(dropped, u32::from(QSIZE));
+    assert_eq!(np.stats().rx_frames, 0);
+    drop(b);
+}
+
+/// With MRG_RXBUF, a frame that would need more than MAX_RX_CHAINS_PER_FRAME of the
+/// guest's (12-byte) buffers is dropped, the chains given back empty.
+#[test]
+fn mrg_rx_spreads_a_frame_over_at_most_the_chain_limit() {
+    let m = mem();
+    let (a, b) = socketpair();
+    let len = 12 * MAX_RX_CHAINS_PER_FRAME + 100;
+    send(&b, &frame(len));
+    let qsize = 2048u16;
+    let vq = MockSplitQueue::new(&m, qsize);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let chains: Vec<RawDescriptor> = (0..qsize)
+        .map(|i| d(BUF + 12 * u64::from(i), 12, VRING_DESC_F_WRITE, 0))
+        .collect();
+    vq.add_desc_chains(&chains, 0).unwrap();
+    let mut np = NetQueuePair::new(a, &m, MRG);
+    let out = np.process_rx(&mut q).unwrap();
+    assert_eq!(out.queue.used, MAX_RX_CHAINS_PER_FRAME as u32, "{out:?}");
+    assert_eq!(out.frames, 0);
+    assert_eq!(out.wait, RxWait::TapEmpty);
+    assert_eq!(np.stats().rx_dropped, 1);
+    drop(b);
+}
