@@ -277,7 +277,9 @@ fn rig() -> Rig {
 fn forbidden(kind: BarKind, base: u64, len: u64) -> bool {
     let end = base + len;
     if kind == BarKind::Io {
-        return base < 0x1000 || end > 0x1_0000;
+        // The host bridge's I/O window (the DSDT's _CRS): from 0xD00, after the config
+        // ports; below are the legacy devices.
+        return base < layout::PCI_IO_WINDOW_START || end > layout::PCI_IO_END;
     }
     let (w64, s64) = layout::mmio64_window(MEMORY);
     let in32 = base >= layout::MMIO32_START && end <= layout::MMIO32_START + layout::MMIO32_SIZE;

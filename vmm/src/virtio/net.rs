@@ -35,6 +35,9 @@ pub struct Net {
     poll: Duration,
     config: Vec<u8>,
     workers: Vec<Worker>,
+    /// Queues a driver started that it has no use for (rate-limited: a guest can reset and
+    /// start the device in a loop).
+    faults: backends::ratelimit::GuestErrorLog<1>,
 }
 
 impl Net {
@@ -53,6 +56,7 @@ impl Net {
             poll,
             config,
             workers: Vec::new(),
+            faults: backends::ratelimit::GuestErrorLog::new(name),
         }
     }
 }
@@ -330,11 +334,15 @@ impl VirtioDevice for Net {
             let i = usize::from(q.index);
             match by_index.get_mut(i) {
                 Some(slot) => *slot = Some(q),
-                None => log::warn!(
-                    "{}: the driver started queue {i}, which it has not got with {pairs} \
-                     pair(s): ignored",
-                    self.name
-                ),
+                None => {
+                    self.faults.record(
+                        0,
+                        format_args!(
+                            "the driver started queue {i}, which it has not got with {pairs} \
+                             pair(s): ignored"
+                        ),
+                    );
+                }
             }
         }
         let mut ctrl = by_index

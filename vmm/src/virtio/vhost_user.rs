@@ -1333,16 +1333,17 @@ fn present(
 pub struct NetQueueMap {
     /// Pairs the guest was offered.
     pub pairs: u16,
-    /// The back-end's control queue index.
-    pub backend_ctrl: u16,
+    /// The back-end's control queue index (2 × its pairs: up to 0x10000, as the spec allows
+    /// 0x8000 pairs).
+    pub backend_ctrl: u32,
 }
 
 impl NetQueueMap {
     /// The back-end's index of the driver's queue `index` (`mq`: VIRTIO_NET_F_MQ acked), or
     /// None for a queue that does not exist for that driver (beyond the pairs it uses).
-    pub fn backend_index(&self, index: u16, mq: bool) -> Option<u16> {
-        let data = if mq { 2 * self.pairs } else { 2 };
-        match index {
+    pub fn backend_index(&self, index: u16, mq: bool) -> Option<u32> {
+        let data = if mq { 2 * u32::from(self.pairs) } else { 2 };
+        match u32::from(index) {
             i if i < data => Some(i),
             i if i == data => Some(self.backend_ctrl),
             _ => None,
@@ -1355,6 +1356,9 @@ pub struct VhostUserDevice {
     kind: Kind,
     /// virtio-net with a control queue: how the driver's queues map to the back-end's.
     net_map: Option<NetQueueMap>,
+    /// Queues a driver started that have no back-end queue (rate-limited: a guest can
+    /// reset and start the device in a loop).
+    faults: backends::ratelimit::GuestErrorLog<1>,
     features: u64,
     queue_sizes: Vec<u16>,
     config: Vec<u8>,
@@ -1436,6 +1440,7 @@ impl VhostUserDevice {
             name: name.clone(),
             kind,
             net_map: None,
+            faults: backends::ratelimit::GuestErrorLog::new(name.clone()),
             features: 0,
             queue_sizes: Vec::new(),
             config: Vec::new(),
@@ -1495,16 +1500,18 @@ impl VhostUserDevice {
         }
         // The back-end's own pair count (its control queue follows them), before `present`
         // writes the guest's into the config.
+        // (The spec allows 1 to 0x8000 pairs; a back-end saying more is clamped.)
         let backend_pairs = cfg_pairs(&config)
             .filter(|_| features & VIRTIO_NET_F_MQ != 0)
             .or(backend_max.map(|m| (m.saturating_sub(1) / 2).clamp(1, 0x8000) as u16))
-            .unwrap_or(1);
+            .unwrap_or(1)
+            .clamp(1, 0x8000);
         let (nq, mut features, warning) =
             present(kind, cfg.queues, features, backend_max, &mut config);
         if kind == Kind::Net && nq % 2 == 1 {
             dev.net_map = Some(NetQueueMap {
                 pairs: (nq / 2) as u16,
-                backend_ctrl: 2 * backend_pairs.max((nq / 2) as u16),
+                backend_ctrl: 2 * u32::from(backend_pairs.max((nq / 2) as u16)),
             });
         }
         if let Some(w) = warning {
@@ -1584,24 +1591,37 @@ impl VirtioDevice for VhostUserDevice {
         let mq = a.acked_features & VIRTIO_NET_F_MQ != 0;
         for q in a.queues {
             let index = match self.net_map {
-                None => Some(q.index),
+                None => Some(u32::from(q.index)),
                 Some(m) => m.backend_index(q.index, mq),
             };
             let Some(index) = index else {
-                log::warn!(
-                    "{}: the driver started queue {} without VIRTIO_NET_F_MQ, which gives it \
-                     one pair and the control queue: not handed to the back-end",
-                    self.name,
-                    q.index
+                self.faults.record(
+                    0,
+                    format_args!(
+                        "the driver started queue {} without VIRTIO_NET_F_MQ, which gives it \
+                         one pair and the control queue: not handed to the back-end",
+                        q.index
+                    ),
                 );
                 continue;
             };
+            if index > 255 {
+                // SET_VRING_KICK and SET_VRING_CALL carry the index in 8 bits.
+                self.faults.record(
+                    0,
+                    format_args!(
+                        "the back-end's control queue is its queue {index}, past the 255 the \
+                         vhost-user protocol can name: not handed to it"
+                    ),
+                );
+                continue;
+            }
             let call = match q.irq.fd() {
                 Some(f) => f.try_clone()?,
                 None => EventFd::new(libc::EFD_NONBLOCK)?,
             };
             queues.push(QueueSetup {
-                index: usize::from(index),
+                index: index as usize,
                 size: q.queue.size(),
                 desc: q.queue.desc_table(),
                 avail: q.queue.avail_ring(),
