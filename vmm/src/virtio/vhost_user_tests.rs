@@ -165,7 +165,11 @@ fn serve(mut s: UnixStream, conn: usize, script: &Script, fake: (&Mutex<Vec<Msg>
             GET_FEATURES => reply(&mut s, code, &features.to_le_bytes(), None),
             GET_PROTOCOL_FEATURES => reply(&mut s, code, &script.protocol.to_le_bytes(), None),
             GET_QUEUE_NUM => {
-                let n = script.net_pairs.map_or(4, |p| 2 * u64::from(p) + 1);
+                // At most 4 pairs and the control queue (the vhost crate refuses more than it
+                // supports); the config may say more (a back-end that lies).
+                let n = script
+                    .net_pairs
+                    .map_or(4, |p| (2 * u64::from(p) + 1).min(9));
                 reply(&mut s, code, &n.to_le_bytes(), None)
             }
             GET_CONFIG if script.net_pairs.is_some() => {
@@ -677,6 +681,30 @@ fn the_control_queue_goes_to_the_back_ends_control_queue() {
         );
         assert_eq!(kicked_rings(&f), expect, "mq {mq}, {guest_queues} queues");
     }
+    // A back-end that says 0xffff pairs: its control queue (clamped to the spec's 0x8000
+    // pairs: queue 0x10000) is past what SET_VRING_KICK can name; not handed over, no panic.
+    let f = fake(Script {
+        net_pairs: Some(0xffff),
+        ..Script::default()
+    });
+    let ram = memfd();
+    let mut c = VhostUserConfig::parse(
+        &format!("socket={},timeout_ms=1000,queues=2", f.path.display()),
+        true,
+        0,
+    )
+    .unwrap();
+    c.queue_size = 8;
+    let mut dev = VhostUserDevice::new(&c, ram.as_raw_fd(), region()).unwrap();
+    let mem = guest_mem();
+    let (sh, _c) = shared();
+    let (mut a, _call) = activation(&mem, 5, sh);
+    a.acked_features = (1 << 32) | VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_MQ;
+    dev.activate(a).unwrap();
+    assert!(wait_until(Duration::from_secs(2), || kicked_rings(&f)
+        .len()
+        == 4));
+    assert_eq!(kicked_rings(&f), vec![0, 1, 2, 3]);
     // The index map alone: as many pairs as the guest was shown, control queue last.
     let m = NetQueueMap {
         pairs: 2,
