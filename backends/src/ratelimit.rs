@@ -7,15 +7,75 @@
 //! device removed, the process exiting) one last line per kind whose latest occurrences were
 //! not logged. The counters double as statistics, so nothing is dropped without a counter,
 //! and a guest's fault costs the log a bounded number of lines per minute however often it
-//! repeats it.
+//! repeats it. A log lives as long as its engine, and a guest can reset its device (a new
+//! engine, fresh counters) in a loop: every line also passes one process-wide bucket
+//! ([`LINES_PER_SECOND`], bursts of [`LINES_BURST`]), and the next line logged says how many
+//! the bucket held back.
 
 use std::fmt;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Occurrences of each kind that are always logged.
 pub const LOG_FIRST: u64 = 10;
 /// After [`LOG_FIRST`], at most one line per kind in this time.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Guest-error lines per second the whole process logs at most, sustained.
+pub const LINES_PER_SECOND: f64 = 20.0;
+/// Guest-error lines the process may log at once.
+pub const LINES_BURST: f64 = 200.0;
+
+/// A bucket of log lines: tokens, when last refilled, lines held back since the last one
+/// logged, lines logged in all.
+#[derive(Debug, Default)]
+pub struct Bucket(Mutex<Option<(f64, Instant, u64, u64)>>);
+
+/// The process-wide bucket every [`GuestErrorLog`] uses.
+static GLOBAL: Bucket = Bucket(Mutex::new(None));
+
+impl Bucket {
+    /// Takes a token: None when empty (the line is held back and counted), else how many
+    /// lines were held back before this one.
+    fn take(&self) -> Option<u64> {
+        let mut b = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let (tokens, last, held, logged) = b.get_or_insert((LINES_BURST, now, 0, 0));
+        *tokens =
+            (*tokens + now.duration_since(*last).as_secs_f64() * LINES_PER_SECOND).min(LINES_BURST);
+        *last = now;
+        if *tokens < 1.0 {
+            *held += 1;
+            return None;
+        }
+        *tokens -= 1.0;
+        *logged += 1;
+        Some(std::mem::take(held))
+    }
+
+    /// Lines this bucket let through.
+    pub fn logged(&self) -> u64 {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or(0, |b| b.3)
+    }
+
+    /// Logs `line` at warn level if a token is left; false when held back.
+    fn emit(&self, line: fmt::Arguments<'_>) -> bool {
+        match self.take() {
+            None => false,
+            Some(0) => {
+                log::warn!("{line}");
+                true
+            }
+            Some(held) => {
+                log::warn!("{line} [{held} guest-error lines held back before this one]");
+                true
+            }
+        }
+    }
+}
 
 /// One kind's counter and the last line logged for it.
 #[derive(Debug, Clone, Default)]
@@ -33,14 +93,21 @@ struct Kind {
 pub struct GuestErrorLog<const N: usize> {
     device: String,
     kinds: [Kind; N],
+    bucket: &'static Bucket,
 }
 
 impl<const N: usize> GuestErrorLog<N> {
     /// A log for `device` (used as the prefix of every line, e.g. "virtio-blk q0").
     pub fn new(device: impl Into<String>) -> Self {
+        Self::with_bucket(device, &GLOBAL)
+    }
+
+    /// A log whose lines pass `bucket` instead of the process-wide one.
+    pub fn with_bucket(device: impl Into<String>, bucket: &'static Bucket) -> Self {
         GuestErrorLog {
             device: device.into(),
             kinds: std::array::from_fn(|_| Kind::default()),
+            bucket,
         }
     }
 
@@ -48,7 +115,7 @@ impl<const N: usize> GuestErrorLog<N> {
     /// allows. Returns the total count for this kind.
     pub fn record(&mut self, kind: usize, what: fmt::Arguments<'_>) -> u64 {
         let Some(k) = self.kinds.get_mut(kind) else {
-            log::warn!("{}: {}", self.device, what);
+            self.bucket.emit(format_args!("{}: {}", self.device, what));
             return 0;
         };
         k.count += 1;
@@ -65,16 +132,21 @@ impl<const N: usize> GuestErrorLog<N> {
             Some(now)
         };
         let text = what.to_string();
-        if n > LOG_FIRST {
-            log::warn!(
+        let logged = if n > LOG_FIRST {
+            self.bucket.emit(format_args!(
                 "{}: {} (seen {} times, {} since the last line)",
                 self.device,
                 text,
                 n,
                 n - k.logged
-            );
+            ))
         } else {
-            log::warn!("{}: {}", self.device, text);
+            self.bucket.emit(format_args!("{}: {}", self.device, text))
+        };
+        if !logged {
+            // Held back: counted as not logged, tried again after the interval.
+            k.last_line = Some(now.unwrap_or_else(Instant::now));
+            return n;
         }
         k.logged = n;
         k.last_line = Some(now.unwrap_or_else(Instant::now));
@@ -104,14 +176,15 @@ impl<const N: usize> GuestErrorLog<N> {
     /// at exit).
     pub fn flush(&mut self) {
         for k in self.kinds.iter_mut().filter(|k| k.count > k.logged) {
-            log::warn!(
+            if self.bucket.emit(format_args!(
                 "{}: {} (seen {} times in all; the last {} not logged)",
                 self.device,
                 k.text,
                 k.count,
                 k.count - k.logged
-            );
-            k.logged = k.count;
+            )) {
+                k.logged = k.count;
+            }
         }
     }
 }
@@ -128,7 +201,7 @@ mod tests {
 
     #[test]
     fn logs_the_first_then_one_per_interval_then_a_summary() {
-        let mut log = GuestErrorLog::<2>::new("test");
+        let mut log = GuestErrorLog::<2>::with_bucket("test", Box::leak(Box::default()));
         for _ in 0..100_000 {
             log.record(0, format_args!("bad descriptor"));
         }
@@ -156,7 +229,7 @@ mod tests {
 
     #[test]
     fn counts_per_kind() {
-        let mut log = GuestErrorLog::<3>::new("test");
+        let mut log = GuestErrorLog::<3>::with_bucket("test", Box::leak(Box::default()));
         for _ in 0..5 {
             log.record(1, format_args!("kind one"));
         }
@@ -169,5 +242,33 @@ mod tests {
         assert_eq!(log.count(7), 0);
         assert_eq!(log.unlogged(7), 0);
         assert_eq!(log.total(), 6);
+    }
+
+    #[test]
+    fn a_reset_loop_cannot_flood_the_log() {
+        // Fresh logs (a guest resetting its device in a loop, a new engine each time) each
+        // with ten errors: the bucket lets through a burst, then about LINES_PER_SECOND.
+        let bucket: &'static Bucket = Box::leak(Box::default());
+        let start = Instant::now();
+        let mut recorded = 0u64;
+        while start.elapsed() < Duration::from_millis(300) {
+            let mut log = GuestErrorLog::<1>::with_bucket("loop", bucket);
+            for _ in 0..LOG_FIRST + 1 {
+                log.record(0, format_args!("bad"));
+                recorded += 1;
+            }
+            // Dropped: its summary line passes the bucket too.
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        assert!(
+            recorded > 10 * LINES_BURST as u64,
+            "{recorded} errors recorded"
+        );
+        let bound = LINES_BURST as u64 + (LINES_PER_SECOND * elapsed) as u64 + 1;
+        let logged = bucket.logged();
+        assert!(
+            logged <= bound && logged >= LINES_BURST as u64,
+            "{logged} lines for {recorded} errors (bound {bound})"
+        );
     }
 }
