@@ -540,9 +540,9 @@ pub fn shutdown_exit(line: &str) -> Option<(u32, u64)> {
 pub fn rip_names<'a>(lines: impl Iterator<Item = &'a str>) -> BTreeMap<u64, String> {
     lines
         .filter_map(|l| {
-            let mut w = l.strip_prefix("L1-RIP ")?.split_whitespace();
-            let rip = u64::from_str_radix(w.next()?.trim_start_matches("0x"), 16).ok()?;
-            Some((rip, w.next()?.to_string()))
+            let (rip, name) = l.strip_prefix("L1-RIP ")?.trim().split_once(' ')?;
+            let rip = u64::from_str_radix(rip.trim_start_matches("0x"), 16).ok()?;
+            Some((rip, name.trim().to_string()))
         })
         .collect()
 }
@@ -551,6 +551,8 @@ pub fn rip_names<'a>(lines: impl Iterator<Item = &'a str>) -> BTreeMap<u64, Stri
 /// named it (`names`: [`rip_names`]).
 pub fn name_shutdown(vcpu: u32, rip: u64, names: &BTreeMap<u64, String>) -> String {
     match names.get(&rip) {
+        // L1's "(not in the kernel image: ...)".
+        Some(n) if n.starts_with('(') => format!("vcpu {vcpu} rip {rip:#x} {n}"),
         Some(n) => format!("vcpu {vcpu} rip {rip:#x}: {n} in the generic kernel (if L2 ran it)"),
         None => format!("vcpu {vcpu} rip {rip:#x} (not named)"),
     }
@@ -1066,10 +1068,15 @@ mod tests {
                 "L1-RIP ffffffff8106b299 native_machine_emergency_restart+0x39",
                 "L1-RIP nothex x+0x1",
                 "L1-RIPS ffffffff81000000 y+0x0",
+                "L1-RIP ffffffffc0651f7c (not in the kernel image: a module?)",
             ]
             .into_iter(),
         );
-        assert_eq!(names.len(), 1);
+        assert_eq!(names.len(), 2);
+        assert_eq!(
+            name_shutdown(0, 0xffff_ffff_c065_1f7c, &names),
+            "vcpu 0 rip 0xffffffffc0651f7c (not in the kernel image: a module?)"
+        );
         assert_eq!(
             name_shutdown(0, 0xffff_ffff_8106_b299, &names),
             "vcpu 0 rip 0xffffffff8106b299: native_machine_emergency_restart+0x39 in the \
