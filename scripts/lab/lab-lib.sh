@@ -76,7 +76,7 @@ lab_rip_names() {
                 if (a <= target && a > best) { best = a; name = $3 }
             }
             END {
-                # Past the kernel's text (a module: their addresses are not fixed): no name.
+                # Past the kernel image (a module: their addresses are not fixed): no name.
                 if (best > 0 && target - best < 1048576) printf "L1-RIP %s %s+0x%x\n", rip, name, target - best
                 else printf "L1-RIP %s (not in the kernel image: a module?)\n", rip
             }
