@@ -21,7 +21,6 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{FromRawFd, RawFd};
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -298,15 +297,8 @@ pub struct ApiServer {
 /// Why the API could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error(
-        "--api-socket {0}: another process listens there (a second vmm on the same socket?): \
-         pick another path"
-    )]
-    InUse(PathBuf),
-    #[error("--api-socket {0}: something that is not a socket is there: pick another path")]
-    NotASocket(PathBuf),
     #[error("--api-socket {0}: {1}")]
-    Bind(PathBuf, io::Error),
+    Bind(PathBuf, String),
     #[error("--api-socket fd={0}: {1}")]
     Fd(RawFd, String),
     #[error("the API server: {0}")]
@@ -315,40 +307,12 @@ pub enum ApiError {
     Thread(io::Error),
 }
 
-/// Binds `path`, replacing only a stale socket (one nobody listens on).
-fn bind(path: &Path) -> Result<(UnixListener, (u64, u64)), ApiError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket_like() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(ApiError::InUse(path.to_path_buf()));
-            }
-            std::fs::remove_file(path).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
-        }
-        Ok(_) => return Err(ApiError::NotASocket(path.to_path_buf())),
-        Err(_) => {}
-    }
-    let l = UnixListener::bind(path).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
-    let m = std::fs::metadata(path).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
-    Ok((l, (m.dev(), m.ino())))
-}
-
-trait SocketLike {
-    fn is_socket_like(&self) -> bool;
-}
-
-impl SocketLike for std::fs::FileType {
-    fn is_socket_like(&self) -> bool {
-        use std::os::unix::fs::FileTypeExt;
-        self.is_socket()
-    }
-}
-
 impl ApiServer {
     /// Listens on `socket` and answers from `ctx` on a thread of its own.
     pub fn start(socket: &ApiSocket, ctx: ApiContext) -> Result<Self, ApiError> {
         let (listener, created) = match socket {
             ApiSocket::Path(p) => {
-                let (l, id) = bind(p)?;
+                let (l, id) = crate::sock::listen(p).map_err(|e| ApiError::Bind(p.clone(), e))?;
                 (l, Some((p.clone(), id)))
             }
             ApiSocket::Fd(fd) => {
@@ -422,10 +386,8 @@ impl Drop for ApiServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        if let Some((path, (dev, ino))) = self.created.take() {
-            if std::fs::metadata(&path).is_ok_and(|m| (m.dev(), m.ino()) == (dev, ino)) {
-                let _ = std::fs::remove_file(&path);
-            }
+        if let Some((path, id)) = self.created.take() {
+            crate::sock::remove_if_ours(&path, id);
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod memory;
 pub mod pause;
 pub mod pci;
 pub mod signals;
+pub mod sock;
 pub mod stats;
 pub mod vcpu;
 pub mod vfio;

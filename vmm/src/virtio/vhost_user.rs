@@ -46,7 +46,6 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -425,29 +424,12 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     Ok(stream)
 }
 
-/// Listens at `path`: replaces a stale socket nobody listens on; refuses a live one and
-/// anything that is not a socket.
+/// Listens at `path` (non-blocking; see [`crate::sock::listen`]).
 fn listen(path: &Path) -> Result<(UnixListener, (u64, u64)), VhostUserError> {
     let err = |why: String| VhostUserError::Listen(path.to_path_buf(), why);
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if !m.file_type().is_socket() {
-            return Err(err(
-                "it exists and is not a socket; pick another path".into()
-            ));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(err(
-                "another process listens there; pick another path".into()
-            ));
-        }
-        std::fs::remove_file(path)
-            .map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
-    }
-    let l = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    let (l, id) = crate::sock::listen(path).map_err(err)?;
     l.set_nonblocking(true).map_err(|e| err(e.to_string()))?;
-    let m = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-    Ok((l, (m.dev(), m.ino())))
+    Ok((l, id))
 }
 
 /// Waits up to `timeout` (None: no limit) for `fd` to be readable.
@@ -1679,10 +1661,8 @@ impl Drop for VhostUserDevice {
         if let Some(t) = self.watchdog.take() {
             let _ = t.join();
         }
-        if let Some((path, ino)) = self.created.take() {
-            if std::fs::metadata(&path).is_ok_and(|m| (m.dev(), m.ino()) == ino) {
-                let _ = std::fs::remove_file(&path);
-            }
+        if let Some((path, id)) = self.created.take() {
+            crate::sock::remove_if_ours(&path, id);
         }
     }
 }
