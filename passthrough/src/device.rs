@@ -1416,7 +1416,7 @@ impl Drop for PassthroughPci {
                 if v.attached {
                     let _ = self.router.unregister_irqfd(&v.irqfd, v.gsi);
                 }
-                let _ = self.router.remove_route(v.gsi);
+                let _ = self.router.release_gsi(v.gsi);
             }
         }
         let indices: Vec<usize> = self.bars.keys().copied().collect();

@@ -22,6 +22,11 @@ pub trait InterruptRouter: Send + Sync {
     fn set_msi_route(&self, gsi: u32, msg: MsiMessage) -> io::Result<()>;
     /// Removes the route of `gsi`, if any.
     fn remove_route(&self, gsi: u32) -> io::Result<()>;
+    /// Gives `gsi` back for a later [`InterruptRouter::allocate_gsi`] (its route removed):
+    /// a device that goes away frees its GSIs, so that hotplug cycles do not run out.
+    fn release_gsi(&self, gsi: u32) -> io::Result<()> {
+        self.remove_route(gsi)
+    }
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()>;
     fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> io::Result<()>;
     /// Attaches a level-triggered irqfd: `fd` asserts the line of `gsi`; when the guest

@@ -249,7 +249,7 @@ impl Drop for Msix {
             if v.attached {
                 let _ = self.router.unregister_irqfd(&v.irqfd, v.gsi);
             }
-            let _ = self.router.remove_route(v.gsi);
+            let _ = self.router.release_gsi(v.gsi);
         }
     }
 }

@@ -1,6 +1,6 @@
 //! ACPI tables: RSDP, XSDT, FADT (hardware-reduced, with sleep and reset registers), MADT,
-//! MCFG and a DSDT that describes the PCI root bridge, COM1, the RTC and the S5 (power-off)
-//! state.
+//! MCFG and a DSDT that describes the PCI root bridge and its hotplug slots, COM1, the RTC,
+//! the Generic Event Device with the power button, and the S5 (power-off) state.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -12,7 +12,175 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::layout;
+use crate::{hotplug, layout};
+
+/// AML already serialized, to nest in a builder.
+struct Raw(Vec<u8>);
+
+impl Aml for Raw {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// PCI0's hotplug objects (see [`crate::hotplug`]): the slot registers, `PCEJ` (write a
+/// slot's eject bit), `PSCN` (read the added and to-eject slots and notify each), `DVNT`
+/// and one device per slot with `_ADR`, `_SUN` and `_EJ0`, so that Linux's acpiphp makes
+/// every slot a hotplug slot.
+fn pci_hotplug_aml() -> Vec<u8> {
+    let mut out = Vec::new();
+    let base = u32::from(layout::HOTPLUG_PORT) + hotplug::REG_PCIU as u32;
+    let len = (hotplug::LEN - hotplug::REG_PCIU) as u32;
+    aml::OpRegion::new("PCST".into(), aml::OpRegionSpace::SystemIO, &base, &len)
+        .to_aml_bytes(&mut out);
+    aml::Field::new(
+        "PCST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Named(*b"PCIU", 32),
+            aml::FieldEntry::Named(*b"PCID", 32),
+            aml::FieldEntry::Named(*b"B0EJ", 32),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    aml::Mutex::new("HPLK".into(), 0).to_aml_bytes(&mut out);
+    // PCEJ(slot): the slot's bit to B0EJ.
+    aml::Method::new(
+        "PCEJ".into(),
+        1,
+        true,
+        vec![
+            &aml::Acquire::new("HPLK".into(), 0xffff),
+            &aml::ShiftLeft::new(&aml::Path::new("B0EJ"), &aml::ONE, &aml::Arg(0)),
+            &aml::Release::new("HPLK".into()),
+            &aml::Return::new(&aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    // DVNT(slots, event): Notify(Sxx, event) for each slot whose bit is set.
+    let names: Vec<String> = hotplug::SLOTS.map(|s| format!("S{s:02X}_")).collect();
+    let paths: Vec<aml::Path> = names.iter().map(|n| aml::Path::new(n)).collect();
+    let masks: Vec<u32> = hotplug::SLOTS.map(|s| 1u32 << s).collect();
+    let ands: Vec<aml::And> = masks
+        .iter()
+        .map(|m| aml::And::new(&aml::ZERO, &aml::Arg(0), m))
+        .collect();
+    let notifies: Vec<aml::Notify> = paths
+        .iter()
+        .map(|p| aml::Notify::new(p, &aml::Arg(1)))
+        .collect();
+    let ifs: Vec<aml::If> = ands
+        .iter()
+        .zip(&notifies)
+        .map(|(a, n)| aml::If::new(a, vec![n]))
+        .collect();
+    aml::Method::new(
+        "DVNT".into(),
+        2,
+        false,
+        ifs.iter().map(|i| i as &dyn Aml).collect(),
+    )
+    .to_aml_bytes(&mut out);
+    // PSCN: the slots added (device check) and the slots to eject (eject request).
+    aml::Method::new(
+        "PSCN".into(),
+        0,
+        true,
+        vec![
+            &aml::Acquire::new("HPLK".into(), 0xffff),
+            &aml::Store::new(&aml::Local(0), &aml::Path::new("PCIU")),
+            &aml::Store::new(&aml::Local(1), &aml::Path::new("PCID")),
+            &aml::Release::new("HPLK".into()),
+            &aml::MethodCall::new("DVNT".into(), vec![&aml::Local(0), &aml::ONE]),
+            &aml::MethodCall::new("DVNT".into(), vec![&aml::Local(1), &3u8]),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    for (slot, name) in hotplug::SLOTS.zip(&names) {
+        let adr = u32::from(slot) << 16;
+        let sun = u32::from(slot);
+        aml::Device::new(
+            name.as_str().into(),
+            vec![
+                &aml::Name::new("_ADR".into(), &adr),
+                &aml::Name::new("_SUN".into(), &sun),
+                &aml::Method::new(
+                    "_EJ0".into(),
+                    1,
+                    false,
+                    vec![&aml::MethodCall::new(
+                        "PCEJ".into(),
+                        vec![&aml::Path::new("_SUN")],
+                    )],
+                ),
+            ],
+        )
+        .to_aml_bytes(&mut out);
+    }
+    out
+}
+
+/// The Generic Event Device (ACPI0013) on [`layout::GED_IRQ`]: `_EVT` reads the pending
+/// events and runs PCI0's slot scan or notifies the power button; and the power button
+/// (PNP0C0C).
+fn ged_aml(out: &mut Vec<u8>) {
+    let base = u32::from(layout::HOTPLUG_PORT) + hotplug::REG_GEVT as u32;
+    let len = 4u32;
+    let pci = hotplug::EVENT_PCI;
+    let button = hotplug::EVENT_POWER_BUTTON;
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true,
+                    true,
+                    false,
+                    false,
+                    layout::GED_IRQ,
+                )]),
+            ),
+            &aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemIO, &base, &len),
+            &aml::Field::new(
+                "GDST".into(),
+                aml::FieldAccessType::DWord,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::WriteAsZeroes,
+                vec![aml::FieldEntry::Named(*b"GEVT", 32)],
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![
+                    &aml::Store::new(&aml::Local(0), &aml::Path::new("GEVT")),
+                    &aml::If::new(
+                        &aml::And::new(&aml::ZERO, &aml::Local(0), &pci),
+                        vec![&aml::MethodCall::new("\\_SB_.PCI0.PSCN".into(), vec![])],
+                    ),
+                    &aml::If::new(
+                        &aml::And::new(&aml::ZERO, &aml::Local(0), &button),
+                        vec![&aml::Notify::new(&aml::Path::new("\\_SB_.PWRB"), &0x80u8)],
+                    ),
+                ],
+            ),
+        ],
+    )
+    .to_aml_bytes(out);
+    aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(out);
+}
 
 const OEM_ID: [u8; 6] = *b"IOVMM ";
 const OEM_REVISION: u32 = 1;
@@ -26,8 +194,9 @@ pub struct AcpiConfig {
     pub intx_routes: Vec<crate::vfio::IntxRoute>,
 }
 
-/// Builds the DSDT body: PCI root bridge PCI0, a motherboard resource reserving ECAM, COM1,
-/// and \_S5.
+/// Builds the DSDT body: PCI root bridge PCI0 with its hotplug slots, a motherboard
+/// resource reserving ECAM and the hotplug registers, the GED and the power button, COM1,
+/// the RTC and \_S5.
 pub fn dsdt(cfg: &AcpiConfig) -> Sdt {
     let (mmio64_start, mmio64_size) = layout::mmio64_window(cfg.memory);
     let mut body = Vec::new();
@@ -43,6 +212,7 @@ pub fn dsdt(cfg: &AcpiConfig) -> Sdt {
         .collect();
     let prt = aml::Package::new(prt_entries.iter().map(|e| e as &dyn Aml).collect());
     let prt_name = aml::Name::new("_PRT".into(), &prt);
+    let hotplug = Raw(pci_hotplug_aml());
     // Each object is built and serialized in one statement: the AML builders borrow their
     // children, which must outlive the serialization.
     aml::Device::new(
@@ -87,6 +257,7 @@ pub fn dsdt(cfg: &AcpiConfig) -> Sdt {
                     ),
                 ]),
             ),
+            &hotplug,
         ],
     )
     .to_aml_bytes(&mut body);
@@ -98,15 +269,20 @@ pub fn dsdt(cfg: &AcpiConfig) -> Sdt {
             &aml::Name::new("_UID".into(), &aml::ZERO),
             &aml::Name::new(
                 "_CRS".into(),
-                &aml::ResourceTemplate::new(vec![&aml::Memory32Fixed::new(
-                    false,
-                    layout::PCI_ECAM_START as u32,
-                    1 << 20,
-                )]),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::Memory32Fixed::new(false, layout::PCI_ECAM_START as u32, 1 << 20),
+                    &aml::IO::new(
+                        layout::HOTPLUG_PORT,
+                        layout::HOTPLUG_PORT,
+                        1,
+                        hotplug::LEN as u8,
+                    ),
+                ]),
             ),
         ],
     )
     .to_aml_bytes(&mut body);
+    ged_aml(&mut body);
     aml::Device::new(
         "_SB_.COM1".into(),
         vec![
@@ -344,5 +520,57 @@ mod tests {
         assert!(has(b"COM1"));
         assert!(has(b"MBRD"));
         assert!(has(b"RTC_"));
+    }
+
+    /// ACPICA's disassembler reads the whole DSDT back (a malformed AML object, a wrong
+    /// package length or a name that resolves nowhere stops it) and finds the GED, the power
+    /// button and every hotplug slot with its eject method.
+    #[test]
+    fn dsdt_disassembles_with_iasl() {
+        let d = dsdt(&AcpiConfig {
+            cpus: 2,
+            memory: 1 << 30,
+            intx_routes: Vec::new(),
+        });
+        let dir = std::env::temp_dir().join(format!("vmm-dsdt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let aml = dir.join("dsdt.aml");
+        std::fs::write(&aml, d.as_slice()).unwrap();
+        let out = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&aml)
+            .current_dir(&dir)
+            .output()
+            .expect("iasl (package acpica-tools; scripts/test installs it) must be installed");
+        let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        let log = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "iasl -d failed: {log}");
+        assert!(
+            !log.contains("Error") && !dsl.contains("Unknown"),
+            "{log}\n{dsl}"
+        );
+        for want in [
+            "Device (_SB.GED)",
+            "\"ACPI0013\"",
+            "Method (_EVT, 1, Serialized)",
+            "Device (_SB.PWRB)",
+            "EisaId (\"PNP0C0C\")",
+            "Notify (\\_SB.PWRB, 0x80)",
+            "\\_SB.PCI0.PSCN ()",
+            "Method (PCEJ, 1, Serialized)",
+            "Method (PSCN, 0, Serialized)",
+            "OperationRegion (PCST, SystemIO, 0x0614, 0x0C)",
+            "OperationRegion (GDST, SystemIO, 0x0610, 0x04)",
+            "Device (S01)",
+            "Device (S1F)",
+            "Notify (S1F, Arg1)",
+            "PCEJ (_SUN)",
+            "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
+        ] {
+            assert!(dsl.contains(want), "the DSDT lacks {want}:\n{dsl}");
+        }
+        assert_eq!(dsl.matches("Method (_EJ0, 1").count(), 31, "{dsl}");
     }
 }

@@ -28,11 +28,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::config::VmConfig;
 use crate::exit::{ExitHandle, VmExit};
+use crate::plug::{ConfigList, DeviceNode};
 use crate::stats::ExitStats;
 
 /// The URL prefix of every endpoint.
@@ -68,20 +68,12 @@ impl ApiSocket {
     }
 }
 
-/// One device as `vm.info` lists it.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeviceNode {
-    pub id: String,
-    /// `virtio-blk`, `virtio-net`, `vhost-user-blk`, `vhost-user-net` or `vfio`.
-    pub model: String,
-    /// The guest's PCI address (`0000:00:03.0`).
-    pub pci_bdf: String,
-}
-
 /// What the API answers from.
 pub struct ApiContext {
+    /// The configuration as started, without its device lists (from the registry).
     pub config: Value,
-    pub devices: Vec<DeviceNode>,
+    /// The devices on the bus now.
+    pub devices: crate::plug::Registry,
     pub memory: u64,
     /// The pause flag the vCPU threads park on.
     pub pause: Arc<crate::pause::PauseGate>,
@@ -89,18 +81,12 @@ pub struct ApiContext {
     pub vcpu_threads: Arc<std::sync::OnceLock<Vec<libc::pthread_t>>>,
     pub exit: ExitHandle,
     /// The exit counters now.
-    pub counters: Box<dyn Fn() -> ExitStats + Send>,
+    pub counters: Box<dyn Fn() -> ExitStats + Send + Sync>,
 }
 
 /// The configuration as `vm.info` shows it (Cloud Hypervisor's `VmConfig` field names where
 /// they exist).
 pub fn config_json(cfg: &VmConfig) -> Value {
-    let mac = |m: &[u8; 6]| {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
     json!({
         "cpus": { "boot_vcpus": cfg.cpus, "max_vcpus": cfg.cpus },
         "memory": { "size": cfg.memory, "shared": true },
@@ -109,66 +95,11 @@ pub fn config_json(cfg: &VmConfig) -> Value {
             "initramfs": cfg.initramfs,
             "cmdline": cfg.cmdline,
         },
-        "disks": cfg.disks.iter().map(|d| json!({
-            "id": d.id,
-            "path": d.path,
-            "readonly": d.readonly,
-            "direct": d.direct,
-            "num_queues": d.queues,
-            "queue_size": d.queue_size,
-            "poll_us": d.poll_us,
-            "vhost_user": false,
-        })).chain(cfg.vhost_user.iter().filter(|v| !v.net).map(|v| json!({
-            "id": v.id,
-            "vhost_user": true,
-            "vhost_socket": v.socket,
-            "num_queues": v.queues,
-            "queue_size": v.queue_size,
-        }))).collect::<Vec<_>>(),
-        "net": cfg.nets.iter().map(|n| json!({
-            "id": n.id,
-            "tap": n.tap,
-            "mac": mac(&n.mac),
-            "num_queues": 2 * u32::from(n.queues),
-            "queue_size": n.queue_size,
-            "poll_us": n.poll_us,
-            "vhost_user": false,
-        })).chain(cfg.vhost_user.iter().filter(|v| v.net).map(|v| json!({
-            "id": v.id,
-            "vhost_user": true,
-            "vhost_socket": v.socket,
-            "mac": v.mac.as_ref().map(mac),
-            "num_queues": 2 * u32::from(v.queues),
-            "queue_size": v.queue_size,
-        }))).collect::<Vec<_>>(),
-        "devices": cfg.vfio.iter().map(|v| json!({
-            "id": v.id,
-            "path": format!("/sys/bus/pci/devices/{}", v.host),
-        })).collect::<Vec<_>>(),
     })
 }
 
-/// The model of device `id` in `cfg`.
-pub fn model_of(cfg: &VmConfig, id: &str) -> &'static str {
-    if cfg.disks.iter().any(|d| d.id == id) {
-        "virtio-blk"
-    } else if cfg.nets.iter().any(|n| n.id == id) {
-        "virtio-net"
-    } else if let Some(v) = cfg.vhost_user.iter().find(|v| v.id == id) {
-        if v.net {
-            "vhost-user-net"
-        } else {
-            "vhost-user-blk"
-        }
-    } else if cfg.vfio.iter().any(|v| v.id == id) {
-        "vfio"
-    } else {
-        "other"
-    }
-}
-
 /// An answer: status and JSON body (None: no body).
-type Reply = (u16, Option<Value>);
+pub type Reply = (u16, Option<Value>);
 
 fn error(status: u16, msg: String) -> Reply {
     (status, Some(json!({ "error": msg })))
@@ -198,19 +129,7 @@ pub fn handle(ctx: &ApiContext, method: &str, url: &str) -> Reply {
                 })),
             )
         }),
-        "vm.info" => want("GET").unwrap_or_else(|| {
-            let tree: BTreeMap<&str, &DeviceNode> =
-                ctx.devices.iter().map(|d| (d.id.as_str(), d)).collect();
-            (
-                200,
-                Some(json!({
-                    "config": ctx.config,
-                    "state": if ctx.pause.is_paused() { "Paused" } else { "Running" },
-                    "memory_actual_size": ctx.memory,
-                    "device_tree": tree,
-                })),
-            )
-        }),
+        "vm.info" => want("GET").unwrap_or_else(|| (200, Some(info(ctx)))),
         "vm.counters" => want("GET").unwrap_or_else(|| (200, Some(counters(ctx)))),
         "vm.pause" => want("PUT").unwrap_or_else(|| pause(ctx)),
         "vm.resume" => want("PUT").unwrap_or_else(|| {
@@ -225,8 +144,227 @@ pub fn handle(ctx: &ApiContext, method: &str, url: &str) -> Reply {
             ctx.exit.request(VmExit::ApiShutdown);
             (204, None)
         }),
+        e if CONTROL_ENDPOINTS.contains(&e) => error(
+            500,
+            format!("{e} is answered by the control thread, not here"),
+        ),
         _ => error(404, format!("unknown endpoint {endpoint}")),
     }
+}
+
+/// `vm.info`: the configuration with the devices on the bus now, the VM's state, every
+/// device with its model, guest PCI address and state.
+fn info(ctx: &ApiContext) -> Value {
+    let devices = ctx.devices.lock().unwrap_or_else(|p| p.into_inner());
+    let mut config = ctx.config.clone();
+    for list in [ConfigList::Disks, ConfigList::Net, ConfigList::Devices] {
+        let items: Vec<&Value> = devices
+            .by_id
+            .values()
+            .filter(|e| e.config.0 == list)
+            .map(|e| &e.config.1)
+            .collect();
+        config[list.key()] = json!(items);
+    }
+    let tree: BTreeMap<&str, &DeviceNode> = devices
+        .by_id
+        .iter()
+        .map(|(id, e)| (id.as_str(), &e.node))
+        .collect();
+    json!({
+        "config": config,
+        "state": if ctx.pause.is_paused() { "Paused" } else { "Running" },
+        "memory_actual_size": ctx.memory,
+        "device_tree": tree,
+    })
+}
+
+/// The endpoints that change the VM: their request goes to the VM's control thread.
+pub const CONTROL_ENDPOINTS: [&str; 4] = [
+    "vm.add-disk",
+    "vm.add-net",
+    "vm.remove-device",
+    "vm.power-button",
+];
+
+/// What a device-adding request asks for, checked as far as the API can (the control thread
+/// checks the rest with the command line's parsers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddRequest {
+    /// `disk` or `net`.
+    pub net: bool,
+    pub vhost_user: bool,
+    /// The device's options as the command line takes them (`key=value,...`, without
+    /// `id=`).
+    pub options: String,
+    pub id: Option<String>,
+    /// `num_queues` was given (else a disk gets one queue per vCPU, as at boot).
+    pub queues_given: bool,
+}
+
+/// A request for the control thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Add(AddRequest),
+    Remove(String),
+    PowerButton,
+}
+
+/// The most bytes a request body may have.
+pub const MAX_BODY: usize = 64 << 10;
+
+/// Turns the body of a control endpoint into a [`Command`]: a JSON object with known
+/// fields only (Cloud Hypervisor's names), each of the type it needs.
+pub fn parse_command(endpoint: &str, body: &[u8]) -> Result<Command, String> {
+    if endpoint == "vm.power-button" {
+        return Ok(Command::PowerButton);
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(format!("{endpoint} needs a JSON object body"));
+    }
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("{endpoint}: the body is not valid JSON: {e}"))?;
+    let Value::Object(obj) = v else {
+        return Err(format!("{endpoint}: the body must be a JSON object"));
+    };
+    let str_field = |k: &str| -> Result<Option<String>, String> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Err(format!("{endpoint}: \"{k}\" is empty")),
+            Some(Value::String(s)) if s.contains(',') || s.contains('=') => Err(format!(
+                "{endpoint}: \"{k}\" may not contain ',' or '=' (the vmm's option syntax)"
+            )),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(format!("{endpoint}: \"{k}\" must be a string")),
+        }
+    };
+    let bool_field = |k: &str| -> Result<Option<bool>, String> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(format!("{endpoint}: \"{k}\" must be true or false")),
+        }
+    };
+    let num_field = |k: &str| -> Result<Option<u64>, String> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| format!("{endpoint}: \"{k}\" must be a whole number ≥ 0")),
+            Some(_) => Err(format!("{endpoint}: \"{k}\" must be a number")),
+        }
+    };
+    let known: &[&str] = match endpoint {
+        "vm.add-disk" => &[
+            "path",
+            "readonly",
+            "direct",
+            "num_queues",
+            "queue_size",
+            "poll_us",
+            "id",
+            "vhost_user",
+            "vhost_socket",
+        ],
+        "vm.add-net" => &[
+            "tap",
+            "mac",
+            "num_queues",
+            "queue_size",
+            "poll_us",
+            "id",
+            "vhost_user",
+            "vhost_socket",
+        ],
+        "vm.remove-device" => &["id"],
+        _ => return Err(format!("unknown endpoint {endpoint}")),
+    };
+    if let Some(k) = obj.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(format!(
+            "{endpoint}: unknown field \"{k}\" (known: {})",
+            known.join(", ")
+        ));
+    }
+    let id = str_field("id")?;
+    if endpoint == "vm.remove-device" {
+        return id
+            .map(Command::Remove)
+            .ok_or_else(|| format!("{endpoint}: \"id\" is required"));
+    }
+    let net = endpoint == "vm.add-net";
+    let vhost_user = bool_field("vhost_user")?.unwrap_or(false);
+    let socket = str_field("vhost_socket")?;
+    let mut opts: Vec<String> = Vec::new();
+    let mut queues_given = false;
+    if vhost_user {
+        let Some(socket) = socket else {
+            return Err(format!(
+                "{endpoint}: \"vhost_user\": true needs \"vhost_socket\" (the back-end's socket)"
+            ));
+        };
+        opts.push(format!("socket={socket}"));
+        let local: &[&str] = if net {
+            &["tap", "poll_us"]
+        } else {
+            &["path", "readonly", "direct", "poll_us"]
+        };
+        if let Some(k) = local
+            .iter()
+            .find(|k| obj.get(**k).is_some_and(|v| !v.is_null()))
+        {
+            return Err(format!(
+                "{endpoint}: \"{k}\" is for an in-VMM device; a vhost-user back-end has its own"
+            ));
+        }
+    } else {
+        if socket.is_some() {
+            return Err(format!(
+                "{endpoint}: \"vhost_socket\" needs \"vhost_user\": true"
+            ));
+        }
+        let (k, what) = if net {
+            ("tap", "the tap device")
+        } else {
+            ("path", "the disk image")
+        };
+        let v = str_field(k)?.ok_or_else(|| format!("{endpoint}: \"{k}\" ({what}) is required"))?;
+        opts.push(format!("{k}={v}"));
+    }
+    for k in ["readonly", "direct"] {
+        if let Some(b) = bool_field(k)? {
+            opts.push(format!("{k}={}", if b { "on" } else { "off" }));
+        }
+    }
+    if let Some(mac) = str_field("mac")? {
+        opts.push(format!("mac={mac}"));
+    }
+    if let Some(n) = num_field("num_queues")? {
+        queues_given = true;
+        let q = if net {
+            if n % 2 != 0 || n == 0 {
+                return Err(format!(
+                    "{endpoint}: \"num_queues\" {n} must be even and at least 2 (an RX and a TX queue per pair)"
+                ));
+            }
+            n / 2
+        } else {
+            n
+        };
+        opts.push(format!("queues={q}"));
+    }
+    for k in ["queue_size", "poll_us"] {
+        if let Some(n) = num_field(k)? {
+            opts.push(format!("{k}={n}"));
+        }
+    }
+    Ok(Command::Add(AddRequest {
+        net,
+        vhost_user,
+        options: opts.join(","),
+        id,
+        queues_given,
+    }))
 }
 
 /// `vm.pause`: every vCPU out of KVM_RUN and parked, within [`PAUSE_DEADLINE`].
@@ -260,12 +398,16 @@ pub const PAUSE_DEADLINE: Duration = Duration::from_secs(2);
 fn counters(ctx: &ApiContext) -> Value {
     let s = (ctx.counters)();
     let mut out = serde_json::Map::new();
-    for d in &ctx.devices {
-        let mmio = s.mmio.get(&d.id).copied().unwrap_or(0);
-        let pio = s.pio.get(&d.id).copied().unwrap_or(0);
-        let notify = s.notify_exits.get(&d.id).copied().unwrap_or(0);
+    let devices = ctx.devices.lock().unwrap_or_else(|p| p.into_inner());
+    for (id, e) in &devices.by_id {
+        let mmio = s.mmio.get(id).copied().unwrap_or(0);
+        let pio = s.pio.get(id).copied().unwrap_or(0);
+        let notify = e
+            .notify_exits
+            .as_ref()
+            .map_or(0, |n| n.load(Ordering::Relaxed));
         out.insert(
-            d.id.clone(),
+            id.clone(),
             json!({ "mmio_exits": mmio, "pio_exits": pio, "notify_exits": notify }),
         );
     }
@@ -335,7 +477,7 @@ impl ApiServer {
                 .map_err(|e| ApiError::Server(e.to_string()))?,
         );
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, st) = (server.clone(), stop.clone());
+        let (s, st, ctx) = (server.clone(), stop.clone(), Arc::new(ctx));
         let thread = thread::Builder::new()
             .name("api".into())
             .spawn(move || serve(&s, &st, &ctx))
@@ -349,7 +491,33 @@ impl ApiServer {
     }
 }
 
-fn serve(server: &tiny_http::Server, stop: &AtomicBool, ctx: &ApiContext) {
+/// Requests of the control endpoints being read or carried out at once; more are refused
+/// (503) until one ends: a client that stalls in its body holds one of these, nothing else.
+pub const MAX_CONTROL_REQUESTS: usize = 8;
+/// How long a control request waits for the control thread (an added vhost-user device may
+/// wait for its back-end, an assigned device for its DMA mapping) before the answer says it
+/// is still under way.
+pub const CONTROL_DEADLINE: Duration = Duration::from_secs(60);
+
+fn respond(rq: tiny_http::Request, status: u16, body: Option<Value>) {
+    let r = match body {
+        Some(v) => {
+            let text = serde_json::to_string(&v).unwrap_or_default();
+            let mut r = tiny_http::Response::from_string(text).with_status_code(status);
+            if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", "application/json") {
+                r.add_header(h);
+            }
+            rq.respond(r)
+        }
+        None => rq.respond(tiny_http::Response::empty(status)),
+    };
+    if let Err(e) = r {
+        log::debug!("api: answering: {e}");
+    }
+}
+
+fn serve(server: &tiny_http::Server, stop: &AtomicBool, ctx: &Arc<ApiContext>) {
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     while !stop.load(Ordering::Acquire) {
         let rq = match server.recv_timeout(Duration::from_millis(200)) {
             Ok(Some(rq)) => rq,
@@ -360,21 +528,99 @@ fn serve(server: &tiny_http::Server, stop: &AtomicBool, ctx: &ApiContext) {
             }
         };
         let method = rq.method().as_str().to_ascii_uppercase();
-        let (status, body) = handle(ctx, &method, rq.url());
-        log::debug!("api: {method} {} -> {status}", rq.url());
-        let r = match body {
-            Some(v) => {
-                let text = serde_json::to_string(&v).unwrap_or_default();
-                let mut r = tiny_http::Response::from_string(text).with_status_code(status);
-                if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", "application/json") {
-                    r.add_header(h);
-                }
-                rq.respond(r)
-            }
-            None => rq.respond(tiny_http::Response::empty(status)),
+        let url = rq.url().to_string();
+        let endpoint = url
+            .split('?')
+            .next()
+            .and_then(|p| p.strip_prefix(PREFIX))
+            .filter(|e| CONTROL_ENDPOINTS.contains(e))
+            .map(str::to_string);
+        let Some(endpoint) = endpoint else {
+            let (status, body) = handle(ctx, &method, &url);
+            log::debug!("api: {method} {url} -> {status}");
+            respond(rq, status, body);
+            continue;
         };
-        if let Err(e) = r {
-            log::debug!("api: answering: {e}");
+        if method != "PUT" {
+            respond(
+                rq,
+                405,
+                error(405, format!("{endpoint} takes PUT, not {method}")).1,
+            );
+            continue;
+        }
+        if rq.body_length().is_some_and(|n| n > MAX_BODY) {
+            let (status, body) = error(
+                413,
+                format!("{endpoint}: the body is over {} KiB", MAX_BODY >> 10),
+            );
+            respond(rq, status, body);
+            continue;
+        }
+        if busy.load(Ordering::Acquire) >= MAX_CONTROL_REQUESTS {
+            let (status, body) = error(
+                503,
+                format!("{MAX_CONTROL_REQUESTS} control requests are under way (or their clients stalled): try again"),
+            );
+            respond(rq, status, body);
+            continue;
+        }
+        busy.fetch_add(1, Ordering::AcqRel);
+        let (ctx, busy2) = (ctx.clone(), busy.clone());
+        let spawned = thread::Builder::new()
+            .name("api-request".into())
+            .spawn(move || {
+                let mut rq = rq;
+                let (status, body) = control_request(&ctx, &endpoint, &mut rq);
+                log::debug!("api: PUT {endpoint} -> {status}");
+                respond(rq, status, body);
+                busy2.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            // The request went with the closure; its client sees the connection close.
+            busy.fetch_sub(1, Ordering::AcqRel);
+            log::warn!("api: cannot start a request thread: {e}");
+        }
+    }
+}
+
+/// Reads the body of a control request (at most [`MAX_BODY`] bytes), hands the command to
+/// the control thread and waits for its answer, at most [`CONTROL_DEADLINE`].
+fn control_request(ctx: &ApiContext, endpoint: &str, rq: &mut tiny_http::Request) -> Reply {
+    use std::io::Read;
+    let mut body = Vec::new();
+    match rq
+        .as_reader()
+        .take(MAX_BODY as u64 + 1)
+        .read_to_end(&mut body)
+    {
+        Ok(_) if body.len() > MAX_BODY => {
+            return error(
+                413,
+                format!("{endpoint}: the body is over {} KiB", MAX_BODY >> 10),
+            )
+        }
+        Ok(_) => {}
+        Err(e) => return error(400, format!("{endpoint}: reading the body: {e}")),
+    }
+    let cmd = match parse_command(endpoint, &body) {
+        Ok(c) => c,
+        Err(e) => return error(400, e),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    if !ctx.exit.send(crate::exit::Control::Api(cmd, tx)) {
+        return error(503, "the VM is shutting down".into());
+    }
+    match rx.recv_timeout(CONTROL_DEADLINE) {
+        Ok(r) => r,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => error(
+            504,
+            format!(
+                "{endpoint} is still under way after {CONTROL_DEADLINE:?}: vm.info shows its outcome"
+            ),
+        ),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            error(503, "the VM stopped before the request was carried out".into())
         }
     }
 }
@@ -496,7 +742,7 @@ pub fn call(
 mod tests {
     use super::*;
 
-    fn ctx() -> (ApiContext, std::sync::mpsc::Receiver<VmExit>) {
+    fn ctx() -> (ApiContext, std::sync::mpsc::Receiver<crate::exit::Control>) {
         let (exit, rx) = ExitHandle::new();
         let mut stats = ExitStats::default();
         stats.mmio.insert("disk0".into(), 7);
@@ -504,11 +750,16 @@ mod tests {
         (
             ApiContext {
                 config: json!({ "cpus": { "boot_vcpus": 1 } }),
-                devices: vec![DeviceNode {
-                    id: "disk0".into(),
-                    model: "virtio-blk".into(),
-                    pci_bdf: "0000:00:01.0".into(),
-                }],
+                devices: {
+                    let r = crate::plug::Registry::default();
+                    r.lock().unwrap().record(
+                        "disk0",
+                        "virtio-blk",
+                        1,
+                        (ConfigList::Disks, json!({ "id": "disk0", "path": "/img" })),
+                    );
+                    r
+                },
                 memory: 64 << 20,
                 pause: Arc::default(),
                 vcpu_threads: Arc::default(),
@@ -529,6 +780,9 @@ mod tests {
         assert_eq!(s, 200);
         let b = b.unwrap();
         assert_eq!(b["device_tree"]["disk0"]["pci_bdf"], "0000:00:01.0");
+        assert_eq!(b["device_tree"]["disk0"]["state"], "Running");
+        assert_eq!(b["config"]["disks"][0]["path"], "/img");
+        assert_eq!(b["config"]["net"], json!([]));
         assert_eq!(b["state"], "Running");
         let (s, b) = handle(&c, "GET", "/api/v1/vm.counters?x=1");
         assert_eq!(s, 200);
@@ -546,7 +800,130 @@ mod tests {
         assert_eq!(handle(&c, "PUT", "/api/v1/vm.resume").0, 409);
         assert!(rx.try_recv().is_err(), "nothing asked the VM to stop yet");
         assert_eq!(handle(&c, "PUT", "/api/v1/vm.shutdown"), (204, None));
-        assert_eq!(rx.try_recv().ok(), Some(VmExit::ApiShutdown));
+        assert_eq!(
+            rx.try_recv().ok().and_then(|c| c.exit()),
+            Some(VmExit::ApiShutdown)
+        );
+    }
+
+    fn add(endpoint: &str, body: &str) -> Result<Command, String> {
+        parse_command(endpoint, body.as_bytes())
+    }
+
+    #[test]
+    fn device_requests_parse_to_the_command_line_options() {
+        assert_eq!(
+            add(
+                "vm.add-disk",
+                r#"{"path": "/img/a.raw", "readonly": true, "num_queues": 2, "id": "d9"}"#
+            ),
+            Ok(Command::Add(AddRequest {
+                net: false,
+                vhost_user: false,
+                options: "path=/img/a.raw,readonly=on,queues=2".into(),
+                id: Some("d9".into()),
+                queues_given: true,
+            }))
+        );
+        assert_eq!(
+            add(
+                "vm.add-net",
+                r#"{"tap": "vmtap1", "mac": "52:54:00:00:00:09", "num_queues": 4}"#
+            ),
+            Ok(Command::Add(AddRequest {
+                net: true,
+                vhost_user: false,
+                options: "tap=vmtap1,mac=52:54:00:00:00:09,queues=2".into(),
+                id: None,
+                queues_given: true,
+            }))
+        );
+        assert_eq!(
+            add(
+                "vm.add-disk",
+                r#"{"vhost_user": true, "vhost_socket": "/run/blk.sock"}"#
+            ),
+            Ok(Command::Add(AddRequest {
+                net: false,
+                vhost_user: true,
+                options: "socket=/run/blk.sock".into(),
+                id: None,
+                queues_given: false,
+            }))
+        );
+        assert_eq!(
+            add("vm.remove-device", r#"{"id": "d9"}"#),
+            Ok(Command::Remove("d9".into()))
+        );
+        assert_eq!(add("vm.power-button", ""), Ok(Command::PowerButton));
+    }
+
+    #[test]
+    fn bad_device_requests_say_why() {
+        let cases = [
+            ("vm.add-disk", "", "needs a JSON object"),
+            ("vm.add-disk", "{", "not valid JSON"),
+            ("vm.add-disk", "[1]", "must be a JSON object"),
+            (
+                "vm.add-disk",
+                r#"{"path": "/a", "size": 1}"#,
+                "unknown field \"size\"",
+            ),
+            (
+                "vm.add-disk",
+                r#"{"readonly": true}"#,
+                "\"path\" (the disk image) is required",
+            ),
+            ("vm.add-disk", r#"{"path": 7}"#, "must be a string"),
+            (
+                "vm.add-disk",
+                r#"{"path": "/a,direct=on"}"#,
+                "may not contain ','",
+            ),
+            (
+                "vm.add-disk",
+                r#"{"path": "/a", "readonly": "yes"}"#,
+                "true or false",
+            ),
+            (
+                "vm.add-disk",
+                r#"{"path": "/a", "num_queues": -1}"#,
+                "whole number",
+            ),
+            (
+                "vm.add-disk",
+                r#"{"vhost_user": true}"#,
+                "needs \"vhost_socket\"",
+            ),
+            (
+                "vm.add-disk",
+                r#"{"vhost_user": true, "vhost_socket": "/s", "path": "/a"}"#,
+                "in-VMM device",
+            ),
+            (
+                "vm.add-disk",
+                r#"{"path": "/a", "vhost_socket": "/s"}"#,
+                "needs \"vhost_user\": true",
+            ),
+            (
+                "vm.add-net",
+                r#"{"tap": "t0", "num_queues": 3}"#,
+                "must be even",
+            ),
+            (
+                "vm.add-net",
+                r#"{"mac": "52:54:00:00:00:01"}"#,
+                "\"tap\" (the tap device) is required",
+            ),
+            ("vm.remove-device", "{}", "\"id\" is required"),
+            ("vm.remove-device", r#"{"id": ""}"#, "is empty"),
+        ];
+        for (endpoint, body, want) in cases {
+            match add(endpoint, body) {
+                Err(e) => assert!(e.contains(want), "{endpoint} {body}: {e} (wanted {want})"),
+                Ok(c) => panic!("{endpoint} {body} was taken: {c:?}"),
+            }
+        }
     }
 
     #[test]

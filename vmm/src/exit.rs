@@ -45,16 +45,52 @@ impl VmExit {
     }
 }
 
-/// Lets devices and vCPUs ask for the VM to stop. The first request wins; from then on
-/// every vCPU stops at its next exit instead of running the guest further.
+/// What the VM's control thread is asked to do: stop the VM, or change it while it runs.
+pub enum Control {
+    /// Stop the VM.
+    Exit(VmExit),
+    /// The guest ejected `slot` (its `_EJ0`): the device is off the bus already; the
+    /// control thread releases it (stops its threads, closes what it holds).
+    Ejected {
+        slot: u8,
+        id: String,
+        device: Arc<std::sync::Mutex<dyn crate::pci::PciDevice>>,
+    },
+    /// A request from the control API, answered on `reply` when it is done.
+    Api(crate::api::Command, mpsc::Sender<crate::api::Reply>),
+}
+
+impl Control {
+    /// The exit this asks for, if it is one.
+    pub fn exit(self) -> Option<VmExit> {
+        match self {
+            Control::Exit(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Control::Exit(e) => write!(f, "Exit({e:?})"),
+            Control::Ejected { slot, id, .. } => write!(f, "Ejected({id} in slot {slot})"),
+            Control::Api(c, _) => write!(f, "Api({c:?})"),
+        }
+    }
+}
+
+/// Lets devices and vCPUs ask for the VM to stop, and the API and the hotplug registers
+/// reach the control thread. The first exit request wins; from then on every vCPU stops at
+/// its next exit instead of running the guest further.
 #[derive(Clone)]
 pub struct ExitHandle {
-    tx: mpsc::Sender<VmExit>,
+    tx: mpsc::Sender<Control>,
     stopping: Arc<AtomicBool>,
 }
 
 impl ExitHandle {
-    pub fn new() -> (Self, mpsc::Receiver<VmExit>) {
+    pub fn new() -> (Self, mpsc::Receiver<Control>) {
         let (tx, rx) = mpsc::channel();
         (
             ExitHandle {
@@ -68,7 +104,13 @@ impl ExitHandle {
     pub fn request(&self, exit: VmExit) {
         self.stopping.store(true, Ordering::Release);
         // The receiver is gone only while the VMM is already tearing down.
-        let _ = self.tx.send(exit);
+        let _ = self.tx.send(Control::Exit(exit));
+    }
+
+    /// Hands `msg` to the control thread (never blocks). False when it is gone (the VM is
+    /// being torn down).
+    pub fn send(&self, msg: Control) -> bool {
+        self.tx.send(msg).is_ok()
     }
 
     /// The flag vCPU threads check before re-entering the guest.
@@ -106,7 +148,7 @@ mod tests {
         let stopping = h.stopping();
         assert!(!stopping.load(Ordering::Acquire));
         h.clone().request(VmExit::PowerOff);
-        assert_eq!(rx.recv().unwrap(), VmExit::PowerOff);
+        assert_eq!(rx.recv().unwrap().exit(), Some(VmExit::PowerOff));
         assert!(stopping.load(Ordering::Acquire));
     }
 }

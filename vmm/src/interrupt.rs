@@ -26,6 +26,8 @@ const MAX_ROUTES: usize = kvm_bindings::KVM_MAX_IRQ_ROUTES;
 struct Routes {
     next_gsi: u32,
     msi: BTreeMap<u32, MsiMessage>,
+    /// GSIs given back by devices that went away, handed out again first.
+    released: Vec<u32>,
 }
 
 /// The KVM implementation of [`InterruptRouter`].
@@ -45,6 +47,7 @@ impl KvmRouter {
             routes: Mutex::new(Routes {
                 next_gsi: IOAPIC_PINS,
                 msi: BTreeMap::new(),
+                released: Vec::new(),
             }),
         }
     }
@@ -91,6 +94,9 @@ impl KvmRouter {
 impl InterruptRouter for KvmRouter {
     fn allocate_gsi(&self) -> io::Result<u32> {
         let mut r = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(gsi) = r.released.pop() {
+            return Ok(gsi);
+        }
         if r.next_gsi as usize >= MAX_ROUTES {
             return Err(io::Error::other("no GSI left for an MSI route"));
         }
@@ -110,6 +116,18 @@ impl InterruptRouter for KvmRouter {
 
     fn remove_route(&self, gsi: u32) -> io::Result<()> {
         let mut r = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if r.msi.remove(&gsi).is_some() {
+            self.commit(&r)?;
+        }
+        Ok(())
+    }
+
+    fn release_gsi(&self, gsi: u32) -> io::Result<()> {
+        let mut r = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if gsi < IOAPIC_PINS || gsi >= r.next_gsi || r.released.contains(&gsi) {
+            return Ok(());
+        }
+        r.released.push(gsi);
         if r.msi.remove(&gsi).is_some() {
             self.commit(&r)?;
         }

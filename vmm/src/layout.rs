@@ -56,6 +56,10 @@ pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
 /// ACPI reset register (FADT RESET_REG).
 pub const ACPI_RESET_PORT: u16 = 0x601;
 pub const ACPI_RESET_VALUE: u8 = 1;
+/// The ACPI hotplug register block (GED events, PCI slots): see [`crate::hotplug`].
+pub const HOTPLUG_PORT: u16 = 0x610;
+/// The Generic Event Device's interrupt (ISA IRQ 5, edge-triggered, active high).
+pub const GED_IRQ: u32 = 5;
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const I8042_PORT: u16 = 0x60;

@@ -12,11 +12,13 @@ pub mod coalesced;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod hotplug;
 pub mod interrupt;
 pub mod layout;
 pub mod memory;
 pub mod pause;
 pub mod pci;
+pub mod plug;
 pub mod signals;
 pub mod sock;
 pub mod stats;
@@ -91,6 +93,8 @@ pub enum Error {
     PciWindowFull,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("{0}")]
+    InUse(String),
 }
 
 fn disk_hint(e: &backends::block::BlockError) -> String {

@@ -4,7 +4,6 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
@@ -22,24 +21,18 @@ use crate::config::{SerialMode, VmConfig};
 use crate::devices::cmos::Cmos;
 use crate::devices::legacy::{AcpiPm, DebugExit, I8042};
 use crate::devices::serial::{spawn_stdin_reader, SerialDevice, SerialOut};
-use crate::exit::{ExitHandle, VmExit};
+use crate::exit::{Control, ExitHandle, VmExit};
+use crate::hotplug::Hotplug;
 use crate::interrupt::{InterruptRouter, KvmRouter};
 use crate::layout;
 use crate::memory::{self, Ram};
 use crate::pci::{PciConfigIo, PciConfigMmio, PciRoot, PciWindows};
+use crate::plug::{NewDevice, Plugger, Registry};
 use crate::stats::ExitStats;
 use crate::vcpu::{self, VcpuContext, VcpuCounters};
-use crate::virtio::blk::Block;
-use crate::virtio::net::Net;
-use crate::virtio::pci::{IoEvents, KvmIoEvents, VirtioPciDevice};
-use crate::virtio::{self, Memory, VirtioDevice};
 use crate::watchdog::{self, Probes};
 use crate::Error;
-use backends::block::{BlockBackend, BlockOptions, EngineChoice};
-use backends::net::Tap;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::AtomicU64;
-use vm_memory::GuestMemoryAtomic;
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |e| Error::Kvm(what, io::Error::from_raw_os_error(e.errno()))
@@ -52,13 +45,18 @@ pub struct Vm {
     _pci: Arc<Mutex<PciRoot>>,
     /// VFIO container of assigned devices: released after them, before guest RAM.
     _vfio: Option<crate::vfio::Assigned>,
-    notify_exits: Vec<(String, Arc<AtomicU64>)>,
+    /// Creates, places and releases devices while the VM runs (the control thread's).
+    plugger: Plugger,
+    /// The devices on the bus, for the API.
+    registry: Registry,
+    /// The GED and slot registers: flushed (its guest-error log) at exit.
+    hotplug: Arc<Mutex<Hotplug>>,
     ram: Ram,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     serial: Arc<Mutex<SerialDevice>>,
     exit: ExitHandle,
-    exit_rx: std::sync::mpsc::Receiver<VmExit>,
+    exit_rx: std::sync::mpsc::Receiver<Control>,
     vcpus: Vec<kvm_ioctls::VcpuFd>,
     /// KVM's ring of buffered PCI config address writes (absent without KVM support).
     coalesced: Option<Arc<CoalescedRing>>,
@@ -66,14 +64,8 @@ pub struct Vm {
     stdin_to_guest: bool,
     /// `--watchdog`: its period.
     watchdog: Option<std::time::Duration>,
-    /// `--api-socket`: where, and what `vm.info` says (the configuration as started, each
-    /// device's model and guest PCI address).
-    api: Option<(
-        crate::api::ApiSocket,
-        serde_json::Value,
-        Vec<crate::api::DeviceNode>,
-        u64,
-    )>,
+    /// `--api-socket`: where, and what `vm.info` says of the configuration as started.
+    api: Option<(crate::api::ApiSocket, serde_json::Value, u64)>,
     /// Where the vCPU threads park while the VM is paused.
     pause: Arc<crate::pause::PauseGate>,
 }
@@ -160,11 +152,79 @@ impl Vm {
             PciWindows::for_guest(cfg.memory),
         )));
         let router: Arc<dyn InterruptRouter> = Arc::new(KvmRouter::new(vm.clone()));
-        let mut bars = BarAllocator::new(cfg.memory);
-        let notify_exits = add_virtio_devices(cfg, &vm, &ram, &root, &mut bars, &router)?;
-        let vfio = crate::vfio::assign(
-            &cfg.vfio, &vm, &ram, &root, &mut bars, &router, cfg.memory, &exit,
+        // The GED and the hotplug slot registers: the guest's eject takes the device off
+        // the bus at once (it must be gone when `_EJ0` returns) and hands it to the control
+        // thread to release.
+        let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.register_irqfd(&ged_irq, layout::GED_IRQ)
+            .map_err(kvm_err("attach the GED interrupt (KVM_IRQFD)"))?;
+        let on_eject = {
+            let (root, exit) = (root.clone(), exit.clone());
+            Box::new(move |slot: u8| {
+                let taken = root.lock().unwrap_or_else(|p| p.into_inner()).remove(slot);
+                match taken {
+                    Some((id, device)) => {
+                        exit.send(Control::Ejected { slot, id, device });
+                        true
+                    }
+                    None => false,
+                }
+            })
+        };
+        let hotplug = Arc::new(Mutex::new(Hotplug::new(ged_irq, on_eject)));
+        pio.insert(
+            "acpi-hotplug",
+            hotplug.clone(),
+            layout::HOTPLUG_PORT.into(),
+            crate::hotplug::LEN,
         )?;
+        let registry = Registry::default();
+        let mut plugger = Plugger::new(
+            vm.clone(),
+            &ram,
+            root.clone(),
+            BarAllocator::new(cfg.memory),
+            router.clone(),
+            hotplug.clone(),
+            registry.clone(),
+            cfg.cpus,
+        );
+        for d in &cfg.disks {
+            plugger.add(NewDevice::Disk(d.clone()), false)?;
+        }
+        for n in &cfg.nets {
+            plugger.add(NewDevice::Net(n.clone()), false)?;
+        }
+        for v in &cfg.vhost_user {
+            plugger.add(NewDevice::VhostUser(v.clone()), false)?;
+        }
+        let vfio = crate::vfio::assign(
+            &cfg.vfio,
+            &vm,
+            &ram,
+            &root,
+            plugger.bars(),
+            &router,
+            cfg.memory,
+            &exit,
+        )?;
+        let on_bus = root.lock().unwrap_or_else(|p| p.into_inner()).slots();
+        for v in &cfg.vfio {
+            if let Some((slot, _)) = on_bus.iter().find(|(_, id)| *id == v.id) {
+                plugger.record(
+                    &v.id,
+                    "vfio",
+                    *slot,
+                    (
+                        crate::plug::ConfigList::Devices,
+                        serde_json::json!({
+                            "id": v.id,
+                            "path": format!("/sys/bus/pci/devices/{}", v.host),
+                        }),
+                    ),
+                );
+            }
+        }
         let intx_routes = vfio.as_ref().map(|v| v.routes.clone()).unwrap_or_default();
         pio.insert(
             "pci-config",
@@ -204,20 +264,10 @@ impl Vm {
         );
 
         let vcpus = create_vcpus(&kvm, &vm, &ram, cfg.cpus, entry)?;
-        let api = cfg.api_socket.clone().map(|s| {
-            let devices = root
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .slots()
-                .into_iter()
-                .map(|(slot, id)| crate::api::DeviceNode {
-                    model: crate::api::model_of(cfg, &id).to_string(),
-                    pci_bdf: format!("0000:00:{slot:02x}.0"),
-                    id,
-                })
-                .collect();
-            (s, crate::api::config_json(cfg), devices, cfg.memory)
-        });
+        let api = cfg
+            .api_socket
+            .clone()
+            .map(|s| (s, crate::api::config_json(cfg), cfg.memory));
         let coalesced = vcpus
             .first()
             .and_then(|v| {
@@ -228,7 +278,9 @@ impl Vm {
             vm,
             _pci: root,
             _vfio: vfio,
-            notify_exits,
+            plugger,
+            registry,
+            hotplug,
             ram,
             pio,
             mmio,
@@ -257,25 +309,17 @@ impl Vm {
         // bind stops the VM before any guest instruction).
         let vcpu_threads: Arc<std::sync::OnceLock<Vec<libc::pthread_t>>> = Arc::default();
         let api = match self.api.take() {
-            Some((socket, config, devices, memory)) => {
+            Some((socket, config, memory)) => {
                 let (pio, mmio, counters) =
                     (self.pio.clone(), self.mmio.clone(), self.counters.clone());
-                let notify = self.notify_exits.clone();
                 let ctx = crate::api::ApiContext {
                     config,
-                    devices,
+                    devices: self.registry.clone(),
                     memory,
                     pause: self.pause.clone(),
                     vcpu_threads: vcpu_threads.clone(),
                     exit: self.exit.clone(),
-                    counters: Box::new(move || {
-                        let mut s = ExitStats::collect(&pio, &mmio, &counters);
-                        for (name, n) in &notify {
-                            s.notify_exits
-                                .insert(name.clone(), n.load(std::sync::atomic::Ordering::Relaxed));
-                        }
-                        s
-                    }),
+                    counters: Box::new(move || ExitStats::collect(&pio, &mmio, &counters)),
                 };
                 Some(crate::api::ApiServer::start(&socket, ctx)?)
             }
@@ -336,11 +380,20 @@ impl Vm {
             }
             _ => None,
         };
+        // The control thread: devices added and released while the VM runs, until it stops.
         // Every sender lives in a device or vCPU, so recv only fails if all are gone.
-        let why = self
-            .exit_rx
-            .recv()
-            .unwrap_or_else(|_| VmExit::VmmError("all vCPU threads ended".into()));
+        let why = loop {
+            match self.exit_rx.recv() {
+                Ok(Control::Exit(why)) => break why,
+                Ok(Control::Ejected { slot, id, device }) => {
+                    self.plugger.release(slot, &id, device)
+                }
+                Ok(Control::Api(cmd, reply)) => {
+                    let _ = reply.send(self.plugger.command(cmd));
+                }
+                Err(_) => break VmExit::VmmError("all vCPU threads ended".into()),
+            }
+        };
         stop.store(true, std::sync::atomic::Ordering::Release);
         // The API answers no more (its socket goes) before the devices are torn down.
         drop(api);
@@ -354,11 +407,22 @@ impl Vm {
             .flush();
         let _ = io::stdout().flush();
         let mut stats = ExitStats::collect(&self.pio, &self.mmio, &self.counters);
-        for (name, n) in &self.notify_exits {
-            stats
-                .notify_exits
-                .insert(name.clone(), n.load(std::sync::atomic::Ordering::Relaxed));
+        for (name, e) in &self
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_id
+        {
+            if let Some(n) = &e.notify_exits {
+                stats
+                    .notify_exits
+                    .insert(name.clone(), n.load(std::sync::atomic::Ordering::Relaxed));
+            }
         }
+        self.hotplug
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush_log();
         // Device threads stop (and drain in-flight I/O) before guest memory goes away, and
         // the VM fd only after every vCPU thread has returned.
         let devices = {
@@ -389,6 +453,8 @@ pub struct BarAllocator {
     next64: u64,
     end64: u64,
     next_io: u64,
+    /// Ranges given back by removed devices, reused first (same kind and size).
+    freed: Vec<(crate::pci::BarKind, u64, u64)>,
 }
 
 impl BarAllocator {
@@ -399,7 +465,13 @@ impl BarAllocator {
             next64: start64,
             end64: start64 + size64,
             next_io: layout::PCI_IO_START,
+            freed: Vec::new(),
         }
+    }
+
+    /// Gives back a range [`BarAllocator::alloc_kind`] returned.
+    pub fn free(&mut self, kind: crate::pci::BarKind, addr: u64, size: u64) {
+        self.freed.push((kind, addr, size));
     }
 
     fn alloc(&mut self, size: u64) -> Result<u64, Error> {
@@ -415,6 +487,13 @@ impl BarAllocator {
     pub fn alloc_kind(&mut self, kind: crate::pci::BarKind, size: u64) -> io::Result<u64> {
         use crate::pci::BarKind;
         let full = |what: &str| io::Error::other(format!("the {what} is full"));
+        if let Some(i) = self
+            .freed
+            .iter()
+            .position(|&(k, _, s)| k == kind && s == size)
+        {
+            return Ok(self.freed.swap_remove(i).1);
+        }
         match kind {
             BarKind::Io => {
                 let addr = self.next_io.next_multiple_of(size);
@@ -438,114 +517,6 @@ impl BarAllocator {
             },
         }
     }
-}
-
-fn add_virtio_devices(
-    cfg: &VmConfig,
-    vm: &Arc<VmFd>,
-    ram: &Ram,
-    root: &Arc<Mutex<PciRoot>>,
-    bars: &mut BarAllocator,
-    router: &Arc<dyn InterruptRouter>,
-) -> Result<Vec<(String, Arc<AtomicU64>)>, Error> {
-    if cfg.disks.is_empty() && cfg.nets.is_empty() && cfg.vhost_user.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mem: Memory = GuestMemoryAtomic::new(ram.memory.clone());
-    let ioevents: Arc<dyn IoEvents> = Arc::new(KvmIoEvents(vm.clone()));
-    let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
-    for d in &cfg.disks {
-        let disk = BlockBackend::open(&BlockOptions {
-            path: d.path.clone(),
-            readonly: d.readonly,
-            direct: d.direct,
-            engine: EngineChoice::Auto,
-            serial: Some(d.id.clone()),
-        })
-        .map_err(|source| Error::Disk {
-            id: d.id.clone(),
-            source,
-        })?;
-        log::info!(
-            "disk '{}': {} ({} MiB{}), {} queue(s) of {}, {:?} I/O",
-            d.id,
-            d.path.display(),
-            disk.size() >> 20,
-            if d.readonly { ", read-only" } else { "" },
-            d.queues,
-            d.queue_size,
-            disk.engine()
-        );
-        devices.push((
-            d.id.clone(),
-            Box::new(Block::new(
-                &d.id,
-                disk,
-                d.queues,
-                d.queue_size,
-                Duration::from_micros(d.poll_us),
-            )),
-        ));
-    }
-    for n in &cfg.nets {
-        let taps = Tap::open_queues(&n.tap, n.queues).map_err(|source| Error::Tap {
-            id: n.id.clone(),
-            source,
-        })?;
-        log::info!(
-            "net '{}': tap {}, mac {}, {} queue pair(s) of {}",
-            n.id,
-            n.tap,
-            n.mac
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":"),
-            n.queues,
-            n.queue_size
-        );
-        devices.push((
-            n.id.clone(),
-            Box::new(Net::new(
-                &n.id,
-                taps,
-                n.mac,
-                n.queue_size,
-                Duration::from_micros(n.poll_us),
-            )),
-        ));
-    }
-    let regions = virtio::vhost_user::shared_regions(ram);
-    for v in &cfg.vhost_user {
-        let dev =
-            virtio::vhost_user::VhostUserDevice::new(v, ram.file.as_raw_fd(), regions.clone())
-                .map_err(|source| Error::VhostUser {
-                    id: v.id.clone(),
-                    source,
-                })?;
-        devices.push((v.id.clone(), Box::new(dev)));
-    }
-    let mut counters = Vec::new();
-    let mut root = root.lock().unwrap_or_else(|p| p.into_inner());
-    for (id, dev) in devices {
-        let bar = bars.alloc(virtio::pci::BAR_SIZE)?;
-        let pio_bar = bars
-            .alloc_kind(crate::pci::BarKind::Io, virtio::pci::PIO_BAR_SIZE)
-            .map_err(|e| Error::Device(id.clone(), e))?;
-        let pci = VirtioPciDevice::new(
-            &id,
-            dev,
-            (bar, pio_bar),
-            mem.clone(),
-            router.clone(),
-            ioevents.clone(),
-        )
-        .map_err(|e| Error::Device(id.clone(), e))?;
-        counters.push((id.clone(), pci.notify_exits()));
-        let slot = root.add(&id, Arc::new(Mutex::new(pci)))?;
-        log::debug!("{id}: PCI 00:{slot:02x}.0, BAR0 at {bar:#x}, doorbell port {pio_bar:#x}");
-    }
-    Ok(counters)
 }
 
 fn create_vcpus(

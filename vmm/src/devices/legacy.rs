@@ -115,8 +115,8 @@ mod tests {
         let mut d = DebugExit::new(h);
         d.write(0, &[42, 0, 0, 0]);
         d.write(0, &[7]);
-        assert_eq!(rx.recv().unwrap(), VmExit::DebugExit(42));
-        assert_eq!(rx.recv().unwrap(), VmExit::DebugExit(7));
+        assert_eq!(rx.recv().unwrap().exit(), Some(VmExit::DebugExit(42)));
+        assert_eq!(rx.recv().unwrap().exit(), Some(VmExit::DebugExit(7)));
     }
 
     #[test]
@@ -129,11 +129,11 @@ mod tests {
         pm.write(0, &[(3 << 2) | SLP_EN]);
         assert!(rx.try_recv().is_err());
         pm.write(0, &[(5 << 2) | SLP_EN]);
-        assert_eq!(rx.recv().unwrap(), VmExit::PowerOff);
+        assert_eq!(rx.recv().unwrap().exit(), Some(VmExit::PowerOff));
         pm.write(1, &[0]);
         assert!(rx.try_recv().is_err());
         pm.write(1, &[layout::ACPI_RESET_VALUE]);
-        assert_eq!(rx.recv().unwrap(), VmExit::Reboot);
+        assert_eq!(rx.recv().unwrap().exit(), Some(VmExit::Reboot));
     }
 
     #[test]
@@ -141,6 +141,6 @@ mod tests {
         let (h, rx) = ExitHandle::new();
         let mut k = I8042::new(h);
         k.write(4, &[0xfe]);
-        assert_eq!(rx.recv().unwrap(), VmExit::Reboot);
+        assert_eq!(rx.recv().unwrap().exit(), Some(VmExit::Reboot));
     }
 }

@@ -527,6 +527,27 @@ impl PciRoot {
             .collect()
     }
 
+    /// Takes the device in `slot` off the bus (its BARs off the buses, its slot free), for a
+    /// guest's eject; the host bridge stays. A BAR of another device that was waiting for
+    /// room is placed if it now fits.
+    pub fn remove(&mut self, number: u8) -> Option<(String, Arc<Mutex<dyn PciDevice>>)> {
+        if number == 0 {
+            return None;
+        }
+        let mut slot = self.devices.remove(&number)?;
+        self.unmap_all(&mut slot);
+        let waiting: Vec<u8> = self
+            .devices
+            .iter()
+            .filter(|(_, s)| !s.refused.is_empty())
+            .map(|(&n, _)| n)
+            .collect();
+        for n in waiting {
+            self.reconcile_after_write(n);
+        }
+        Some((slot.name, slot.dev))
+    }
+
     pub fn take_devices(&mut self) -> Vec<(String, Arc<Mutex<dyn PciDevice>>)> {
         let slots: Vec<u8> = self.devices.keys().copied().filter(|&s| s != 0).collect();
         let mut out = Vec::new();

@@ -1,0 +1,656 @@
+//! Devices on the PCI bus while the VM runs: one path that creates a device from its
+//! configuration and puts it in a slot, at boot and at hotplug alike, and the reverse path
+//! that releases a device the guest ejected. The control thread owns the [`Plugger`]; the
+//! API reads the [`Registry`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VmFd;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::api::{AddRequest, Command, Reply};
+use crate::config::{DiskConfig, NetConfig, VhostUserConfig};
+use crate::hotplug::Hotplug;
+use crate::interrupt::InterruptRouter;
+use crate::pci::{BarKind, PciDevice, PciRoot};
+use crate::virtio::blk::Block;
+use crate::virtio::net::Net;
+use crate::virtio::pci::{IoEvents, KvmIoEvents, VirtioPciDevice};
+use crate::virtio::{self, Memory, VirtioDevice};
+use crate::vm::BarAllocator;
+use crate::Error;
+use backends::block::{BlockBackend, BlockOptions, EngineChoice};
+use backends::net::Tap;
+
+/// Where a device is in its life on the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum DeviceState {
+    /// On the bus, its driver free to use it.
+    Running,
+    /// The guest was asked to eject it and has not yet.
+    Removing,
+}
+
+/// One device as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceNode {
+    pub id: String,
+    /// `virtio-blk`, `virtio-net`, `vhost-user-blk`, `vhost-user-net` or `vfio`.
+    pub model: String,
+    /// The guest's PCI address (`0000:00:03.0`).
+    pub pci_bdf: String,
+    pub state: DeviceState,
+    /// Added while the VM ran (false: given on the command line).
+    pub hotplugged: bool,
+}
+
+/// Which list of the configuration (`vm.info`'s `config`) a device belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigList {
+    Disks,
+    Net,
+    Devices,
+}
+
+impl ConfigList {
+    pub fn key(self) -> &'static str {
+        match self {
+            ConfigList::Disks => "disks",
+            ConfigList::Net => "net",
+            ConfigList::Devices => "devices",
+        }
+    }
+}
+
+/// What the vmm knows of a device on the bus.
+pub struct Entry {
+    pub node: DeviceNode,
+    pub slot: u8,
+    /// Its entry in `vm.info`'s configuration.
+    pub config: (ConfigList, Value),
+    /// Doorbells that reached the vmm instead of an ioeventfd (virtio devices).
+    pub notify_exits: Option<Arc<AtomicU64>>,
+    /// The host resource it holds (image, tap, socket), so that no second device takes it.
+    pub resource: Option<String>,
+    /// The BAR ranges placed for it, given back when it goes.
+    bars: Vec<(BarKind, u64, u64)>,
+}
+
+/// Every device on the bus, by id, and the ids removed while the VM ran.
+#[derive(Default)]
+pub struct Devices {
+    pub by_id: BTreeMap<String, Entry>,
+    pub removed: BTreeSet<String>,
+}
+
+pub type Registry = Arc<Mutex<Devices>>;
+
+impl Devices {
+    /// Records a device placed by other code (an assigned device at boot).
+    pub fn record(&mut self, id: &str, model: &str, slot: u8, config: (ConfigList, Value)) {
+        self.by_id.insert(
+            id.to_string(),
+            Entry {
+                node: DeviceNode {
+                    id: id.to_string(),
+                    model: model.to_string(),
+                    pci_bdf: bdf(slot),
+                    state: DeviceState::Running,
+                    hotplugged: false,
+                },
+                slot,
+                config,
+                notify_exits: None,
+                resource: None,
+                bars: Vec::new(),
+            },
+        );
+    }
+}
+
+/// A device to create.
+#[derive(Debug, Clone)]
+pub enum NewDevice {
+    Disk(DiskConfig),
+    Net(NetConfig),
+    VhostUser(VhostUserConfig),
+}
+
+impl NewDevice {
+    pub fn id(&self) -> &str {
+        match self {
+            NewDevice::Disk(d) => &d.id,
+            NewDevice::Net(n) => &n.id,
+            NewDevice::VhostUser(v) => &v.id,
+        }
+    }
+
+    fn model(&self) -> &'static str {
+        match self {
+            NewDevice::Disk(_) => "virtio-blk",
+            NewDevice::Net(_) => "virtio-net",
+            NewDevice::VhostUser(v) if v.net => "vhost-user-net",
+            NewDevice::VhostUser(_) => "vhost-user-blk",
+        }
+    }
+
+    /// The host resource the device takes for itself.
+    fn resource(&self) -> String {
+        match self {
+            NewDevice::Disk(d) => {
+                let p = std::fs::canonicalize(&d.path).unwrap_or_else(|_| d.path.clone());
+                format!("disk image {}", p.display())
+            }
+            NewDevice::Net(n) => format!("tap {}", n.tap),
+            NewDevice::VhostUser(v) => format!("vhost-user socket {}", v.socket.display()),
+        }
+    }
+
+    fn config(&self) -> (ConfigList, Value) {
+        let mac = |m: &[u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        match self {
+            NewDevice::Disk(d) => (
+                ConfigList::Disks,
+                json!({
+                    "id": d.id,
+                    "path": d.path,
+                    "readonly": d.readonly,
+                    "direct": d.direct,
+                    "num_queues": d.queues,
+                    "queue_size": d.queue_size,
+                    "poll_us": d.poll_us,
+                    "vhost_user": false,
+                }),
+            ),
+            NewDevice::Net(n) => (
+                ConfigList::Net,
+                json!({
+                    "id": n.id,
+                    "tap": n.tap,
+                    "mac": mac(&n.mac),
+                    "num_queues": 2 * u32::from(n.queues),
+                    "queue_size": n.queue_size,
+                    "poll_us": n.poll_us,
+                    "vhost_user": false,
+                }),
+            ),
+            NewDevice::VhostUser(v) if v.net => (
+                ConfigList::Net,
+                json!({
+                    "id": v.id,
+                    "vhost_user": true,
+                    "vhost_socket": v.socket,
+                    "mac": v.mac.as_ref().map(mac),
+                    "num_queues": 2 * u32::from(v.queues),
+                    "queue_size": v.queue_size,
+                }),
+            ),
+            NewDevice::VhostUser(v) => (
+                ConfigList::Disks,
+                json!({
+                    "id": v.id,
+                    "vhost_user": true,
+                    "vhost_socket": v.socket,
+                    "num_queues": v.queues,
+                    "queue_size": v.queue_size,
+                }),
+            ),
+        }
+    }
+}
+
+/// Why a device could not be added or removed, said in one sentence.
+#[derive(Debug, thiserror::Error)]
+pub enum PlugError {
+    /// The request names something that exists or is in use (HTTP 409).
+    #[error("{0}")]
+    Conflict(String),
+    /// No such device (HTTP 404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The device could not be created or placed (HTTP 500 for the vmm's own limits, the
+    /// cause said).
+    #[error(transparent)]
+    Failed(Box<Error>),
+}
+
+impl From<Error> for PlugError {
+    fn from(e: Error) -> Self {
+        PlugError::Failed(Box::new(e))
+    }
+}
+
+impl From<PlugError> for Error {
+    fn from(e: PlugError) -> Self {
+        match e {
+            PlugError::Failed(e) => *e,
+            PlugError::Conflict(m) | PlugError::NotFound(m) => Error::InUse(m),
+        }
+    }
+}
+
+/// What creates and places devices: the VM's memory, interrupts, buses and BAR space.
+pub struct Plugger {
+    vm: Arc<VmFd>,
+    mem: Memory,
+    ram_fd: RawFd,
+    regions: Vec<virtio::vhost_user::SharedRegion>,
+    root: Arc<Mutex<PciRoot>>,
+    bars: BarAllocator,
+    router: Arc<dyn InterruptRouter>,
+    ioevents: Arc<dyn IoEvents>,
+    hotplug: Arc<Mutex<Hotplug>>,
+    registry: Registry,
+    cpus: u8,
+}
+
+/// How long the control thread waits for the last user of an ejected device (a vCPU
+/// thread in the middle of an access to it) before releasing it anyway.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
+impl Plugger {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vm: Arc<VmFd>,
+        ram: &crate::memory::Ram,
+        root: Arc<Mutex<PciRoot>>,
+        bars: BarAllocator,
+        router: Arc<dyn InterruptRouter>,
+        hotplug: Arc<Mutex<Hotplug>>,
+        registry: Registry,
+        cpus: u8,
+    ) -> Self {
+        Plugger {
+            ioevents: Arc::new(KvmIoEvents(vm.clone())),
+            vm,
+            mem: vm_memory::GuestMemoryAtomic::new(ram.memory.clone()),
+            ram_fd: ram.file.as_raw_fd(),
+            regions: virtio::vhost_user::shared_regions(ram),
+            root,
+            bars,
+            router,
+            hotplug,
+            registry,
+            cpus,
+        }
+    }
+
+    pub fn vm(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    pub fn bars(&mut self) -> &mut BarAllocator {
+        &mut self.bars
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Devices> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a device placed by other code (an assigned device at boot).
+    pub fn record(&self, id: &str, model: &str, slot: u8, config: (ConfigList, Value)) {
+        self.registry().record(id, model, slot, config);
+    }
+
+    /// Checks that `dev` can be added: its id and the host resource it takes are free.
+    fn check_free(&self, dev: &NewDevice) -> Result<(), PlugError> {
+        let reg = self.registry();
+        if let Some(e) = reg.by_id.get(dev.id()) {
+            return Err(PlugError::Conflict(format!(
+                "a device with id '{}' is already on the bus ({} at {}{}): choose another id",
+                dev.id(),
+                e.node.model,
+                e.node.pci_bdf,
+                if e.node.state == DeviceState::Removing {
+                    ", being removed"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let res = dev.resource();
+        if let Some(e) = reg
+            .by_id
+            .values()
+            .find(|e| e.resource.as_deref() == Some(&res))
+        {
+            return Err(PlugError::Conflict(format!(
+                "{res} is already used by device '{}': one device per {}",
+                e.node.id,
+                res.split(' ').next().unwrap_or("resource")
+            )));
+        }
+        Ok(())
+    }
+
+    /// The first `{prefix}{n}` no device uses.
+    pub fn free_id(&self, prefix: &str) -> String {
+        let reg = self.registry();
+        (0..)
+            .map(|n| format!("{prefix}{n}"))
+            .find(|id| !reg.by_id.contains_key(id))
+            .unwrap_or_else(|| prefix.to_string())
+    }
+
+    pub fn cpus(&self) -> u8 {
+        self.cpus
+    }
+
+    /// Creates `dev` and puts it in a free slot; at boot (`hotplug` false) or while the VM
+    /// runs, when the guest is then told to scan the slot. Returns the slot.
+    pub fn add(&mut self, dev: NewDevice, hotplug: bool) -> Result<u8, PlugError> {
+        self.check_free(&dev)?;
+        let id = dev.id().to_string();
+        let model = dev.model();
+        let resource = dev.resource();
+        let config = dev.config();
+        let device = self.create(&dev)?;
+        let mut placed = Vec::new();
+        let result = self.place(&id, device, &mut placed);
+        let (slot, notify) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                for (kind, addr, size) in placed {
+                    self.bars.free(kind, addr, size);
+                }
+                return Err(e.into());
+            }
+        };
+        self.registry().removed.remove(&id);
+        self.registry().by_id.insert(
+            id.clone(),
+            Entry {
+                node: DeviceNode {
+                    id: id.clone(),
+                    model: model.to_string(),
+                    pci_bdf: bdf(slot),
+                    state: DeviceState::Running,
+                    hotplugged: hotplug,
+                },
+                slot,
+                config,
+                notify_exits: Some(notify),
+                resource: Some(resource),
+                bars: placed,
+            },
+        );
+        if hotplug {
+            self.hotplug
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .device_added(slot);
+            log::info!("{id}: {model} added at {} (hotplug)", bdf(slot));
+        }
+        Ok(slot)
+    }
+
+    fn create(&self, dev: &NewDevice) -> Result<Box<dyn VirtioDevice>, Error> {
+        Ok(match dev {
+            NewDevice::Disk(d) => {
+                let disk = BlockBackend::open(&BlockOptions {
+                    path: d.path.clone(),
+                    readonly: d.readonly,
+                    direct: d.direct,
+                    engine: EngineChoice::Auto,
+                    serial: Some(d.id.clone()),
+                })
+                .map_err(|source| Error::Disk {
+                    id: d.id.clone(),
+                    source,
+                })?;
+                log::info!(
+                    "disk '{}': {} ({} MiB{}), {} queue(s) of {}, {:?} I/O",
+                    d.id,
+                    d.path.display(),
+                    disk.size() >> 20,
+                    if d.readonly { ", read-only" } else { "" },
+                    d.queues,
+                    d.queue_size,
+                    disk.engine()
+                );
+                Box::new(Block::new(
+                    &d.id,
+                    disk,
+                    d.queues,
+                    d.queue_size,
+                    Duration::from_micros(d.poll_us),
+                ))
+            }
+            NewDevice::Net(n) => {
+                let taps = Tap::open_queues(&n.tap, n.queues).map_err(|source| Error::Tap {
+                    id: n.id.clone(),
+                    source,
+                })?;
+                log::info!(
+                    "net '{}': tap {}, mac {}, {} queue pair(s) of {}",
+                    n.id,
+                    n.tap,
+                    n.mac
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                    n.queues,
+                    n.queue_size
+                );
+                Box::new(Net::new(
+                    &n.id,
+                    taps,
+                    n.mac,
+                    n.queue_size,
+                    Duration::from_micros(n.poll_us),
+                ))
+            }
+            NewDevice::VhostUser(v) => Box::new(
+                virtio::vhost_user::VhostUserDevice::new(v, self.ram_fd, self.regions.clone())
+                    .map_err(|source| Error::VhostUser {
+                        id: v.id.clone(),
+                        source,
+                    })?,
+            ),
+        })
+    }
+
+    /// Places a virtio device's BARs, wraps it in its PCI transport and puts it on the bus.
+    fn place(
+        &mut self,
+        id: &str,
+        dev: Box<dyn VirtioDevice>,
+        placed: &mut Vec<(BarKind, u64, u64)>,
+    ) -> Result<(u8, Arc<AtomicU64>), Error> {
+        let bar = self
+            .bars
+            .alloc_kind(BarKind::Mem32, virtio::pci::BAR_SIZE)
+            .map_err(|e| Error::Device(id.to_string(), e))?;
+        placed.push((BarKind::Mem32, bar, virtio::pci::BAR_SIZE));
+        let pio_bar = self
+            .bars
+            .alloc_kind(BarKind::Io, virtio::pci::PIO_BAR_SIZE)
+            .map_err(|e| Error::Device(id.to_string(), e))?;
+        placed.push((BarKind::Io, pio_bar, virtio::pci::PIO_BAR_SIZE));
+        let pci = VirtioPciDevice::new(
+            id,
+            dev,
+            (bar, pio_bar),
+            self.mem.clone(),
+            self.router.clone(),
+            self.ioevents.clone(),
+        )
+        .map_err(|e| Error::Device(id.to_string(), e))?;
+        let notify = pci.notify_exits();
+        let slot = self
+            .root
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(id, Arc::new(Mutex::new(pci)))?;
+        log::debug!("{id}: PCI 00:{slot:02x}.0, BAR0 at {bar:#x}, doorbell port {pio_bar:#x}");
+        Ok((slot, notify))
+    }
+
+    /// Carries out an API request; the answer's status and body.
+    pub fn command(&mut self, cmd: Command) -> Reply {
+        let fail = |status: u16, msg: String| (status, Some(json!({ "error": msg })));
+        match cmd {
+            Command::PowerButton => {
+                self.hotplug
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .press_power_button();
+                log::info!("api: the power button was pressed");
+                (204, None)
+            }
+            Command::Remove(id) => match self.request_removal(&id) {
+                Ok((state, again)) => (
+                    202,
+                    Some(json!({
+                        "id": id,
+                        "state": state,
+                        "note": if again {
+                            "already being removed: the guest was asked again"
+                        } else {
+                            "the guest was asked to eject it; vm.info shows it until it has"
+                        },
+                    })),
+                ),
+                Err(PlugError::NotFound(m)) => fail(404, m),
+                Err(e) => fail(409, crate::error_line(&e)),
+            },
+            Command::Add(rq) => {
+                let endpoint = if rq.net { "vm.add-net" } else { "vm.add-disk" };
+                let dev = match self.new_device(&rq) {
+                    Ok(d) => d,
+                    Err(e) => return fail(400, e),
+                };
+                let id = dev.id().to_string();
+                match self.add(dev, true) {
+                    Ok(slot) => (200, Some(json!({ "id": id, "bdf": bdf(slot) }))),
+                    Err(PlugError::Conflict(m)) => fail(409, format!("{endpoint}: {m}")),
+                    Err(e) => fail(
+                        500,
+                        format!("{endpoint}: {}", crate::error_line(&Error::from(e))),
+                    ),
+                }
+            }
+        }
+    }
+
+    /// The configuration of the device `rq` asks for, checked by the command line's own
+    /// parsers (the same limits and messages as `--disk`, `--net`, `--vhost-user-*`).
+    fn new_device(&self, rq: &AddRequest) -> Result<NewDevice, String> {
+        let prefix = match (rq.net, rq.vhost_user) {
+            (false, false) => "disk",
+            (true, false) => "net",
+            (false, true) => "vublk",
+            (true, true) => "vunet",
+        };
+        let id = rq.id.clone().unwrap_or_else(|| self.free_id(prefix));
+        let value = format!("{},id={id}", rq.options);
+        let (option, endpoint) = match (rq.net, rq.vhost_user) {
+            (false, false) => ("--disk", "vm.add-disk"),
+            (true, false) => ("--net", "vm.add-net"),
+            (false, true) => ("--vhost-user-blk", "vm.add-disk"),
+            (true, true) => ("--vhost-user-net", "vm.add-net"),
+        };
+        let said = |e: crate::config::ConfigError| {
+            e.to_string()
+                .replace(&format!("invalid {option}"), &format!("invalid {endpoint}"))
+        };
+        // Net devices added at run time get a MAC from their id's place in the list.
+        let index = self.registry().by_id.len();
+        Ok(match (rq.net, rq.vhost_user) {
+            (false, false) => {
+                let mut d = DiskConfig::parse(&value, index).map_err(said)?;
+                if !rq.queues_given {
+                    d.queues = u16::from(self.cpus).clamp(1, crate::config::MAX_QUEUES);
+                }
+                NewDevice::Disk(d)
+            }
+            (true, false) => NewDevice::Net(NetConfig::parse(&value, index).map_err(said)?),
+            (net, true) => {
+                NewDevice::VhostUser(VhostUserConfig::parse(&value, net, index).map_err(said)?)
+            }
+        })
+    }
+
+    /// `vm.remove-device`: asks the guest to eject device `id`. Returns its state
+    /// afterwards and whether it was already being removed.
+    pub fn request_removal(&self, id: &str) -> Result<(DeviceState, bool), PlugError> {
+        let slot = {
+            let mut reg = self.registry();
+            if reg.removed.contains(id) && !reg.by_id.contains_key(id) {
+                return Err(PlugError::NotFound(format!(
+                    "device '{id}' was removed already"
+                )));
+            }
+            let Some(e) = reg.by_id.get_mut(id) else {
+                return Err(PlugError::NotFound(format!(
+                    "no device with id '{id}' (vm.info lists them)"
+                )));
+            };
+            let again = e.node.state == DeviceState::Removing;
+            e.node.state = DeviceState::Removing;
+            (e.slot, again)
+        };
+        // Asked again: the guest is told again (it may have missed or refused the first).
+        self.hotplug
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .request_eject(slot.0);
+        log::info!(
+            "{id}: the guest is asked to eject {}{}",
+            bdf(slot.0),
+            if slot.1 { " (again)" } else { "" }
+        );
+        Ok((DeviceState::Removing, slot.1))
+    }
+
+    /// The guest ejected `slot`; `device` is already off the bus. Stops and releases it
+    /// (its Drop stops its threads, drains its I/O, closes its file, tap or socket) and
+    /// gives its BAR space back.
+    pub fn release(&mut self, slot: u8, id: &str, device: Arc<Mutex<dyn PciDevice>>) {
+        let entry = {
+            let mut reg = self.registry();
+            let e = reg.by_id.remove(id);
+            reg.removed.insert(id.to_string());
+            e
+        };
+        let asked = entry
+            .as_ref()
+            .is_some_and(|e| e.node.state == DeviceState::Removing);
+        // A vCPU in the middle of an access holds the device a moment longer.
+        let start = Instant::now();
+        while Arc::strong_count(&device) > 1 && start.elapsed() < RELEASE_WAIT {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(device);
+        if let Some(e) = entry {
+            for (kind, addr, size) in e.bars {
+                self.bars.free(kind, addr, size);
+            }
+        }
+        log::info!(
+            "{id}: removed from {} ({})",
+            bdf(slot),
+            if asked {
+                "the guest ejected it as asked"
+            } else {
+                "the guest ejected it on its own"
+            }
+        );
+    }
+}
+
+/// `0000:00:SS.0`.
+pub fn bdf(slot: u8) -> String {
+    format!("0000:00:{slot:02x}.0")
+}
