@@ -565,7 +565,8 @@ fn serve(server: &tiny_http::Server, stop: &AtomicBool, ctx: &Arc<ApiContext>) {
             respond(rq, status, body);
             continue;
         }
-        busy.fetch_add(1, Ordering::AcqRel);
+        let n = busy.fetch_add(1, Ordering::AcqRel) + 1;
+        log::debug!("api: PUT {endpoint}: {n} control request(s) under way");
         let (ctx, busy2) = (ctx.clone(), busy.clone());
         let spawned = thread::Builder::new()
             .name("api-request".into())

@@ -535,10 +535,19 @@ impl Plugger {
                 match self.add(dev, true) {
                     Ok(slot) => (200, Some(json!({ "id": id, "bdf": bdf(slot) }))),
                     Err(PlugError::Conflict(m)) => fail(409, format!("{endpoint}: {m}")),
-                    Err(e) => fail(
-                        500,
-                        format!("{endpoint}: {}", crate::error_line(&Error::from(e))),
-                    ),
+                    Err(e) => {
+                        let e = Error::from(e);
+                        // What the request named cannot be opened or used: the client's to
+                        // fix (400); the vmm's own limits and failures: 500.
+                        let status = match e {
+                            Error::Disk { .. }
+                            | Error::Tap { .. }
+                            | Error::VhostUser { .. }
+                            | Error::Vfio { .. } => 400,
+                            _ => 500,
+                        };
+                        fail(status, format!("{endpoint}: {}", crate::error_line(&e)))
+                    }
                 }
             }
         }
