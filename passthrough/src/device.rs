@@ -548,12 +548,14 @@ impl PassthroughPci {
         }
         d.parse_capabilities(&raw)?;
 
-        // INTx: the pin the device uses, wired to the GSI the vmm chose.
+        // INTx: a device that uses a pin is wired to the GSI the vmm chose, and the guest sees
+        // INTA whichever pin the device has on the host (a single function; its line is the
+        // vmm's, routed by slot and INTA in the DSDT's _PRT).
         let pin = raw[0x3d];
         if (1..=4).contains(&pin) && d.dev.irq_count(INTX_IRQ) > 0 {
             d.intx = Some(Intx {
                 gsi: place.intx_gsi,
-                pin,
+                pin: 1,
                 trigger: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?,
                 resample: EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?,
             });

@@ -190,8 +190,6 @@ const OEM_REVISION: u32 = 1;
 pub struct AcpiConfig {
     pub cpus: u8,
     pub memory: u64,
-    /// PCI INTx lines wired to IOAPIC pins (assigned devices), listed in PCI0._PRT.
-    pub intx_routes: Vec<crate::vfio::IntxRoute>,
 }
 
 /// Builds the DSDT body: PCI root bridge PCI0 with its hotplug slots, a motherboard
@@ -200,11 +198,18 @@ pub struct AcpiConfig {
 pub fn dsdt(cfg: &AcpiConfig) -> Sdt {
     let (mmio64_start, mmio64_size) = layout::mmio64_window(cfg.memory);
     let mut body = Vec::new();
-    // _PRT: PCI INTx lines of assigned devices to IOAPIC pins (level, active low).
-    let prt_values: Vec<(u32, u8, u32)> = cfg
-        .intx_routes
-        .iter()
-        .map(|r| ((u32::from(r.slot) << 16) | 0xffff, r.pin, r.gsi))
+    // _PRT: the INTx lines of every slot (an assigned device may be hot-added to any) to
+    // IOAPIC pins (level, active low), by the swizzle of `vfio::intx_gsi`.
+    let prt_values: Vec<(u32, u8, u32)> = hotplug::SLOTS
+        .flat_map(|slot| {
+            (0..4u8).map(move |pin| {
+                (
+                    (u32::from(slot) << 16) | 0xffff,
+                    pin,
+                    crate::vfio::intx_gsi(slot, pin),
+                )
+            })
+        })
         .collect();
     let prt_entries: Vec<aml::Package> = prt_values
         .iter()
@@ -439,7 +444,6 @@ mod tests {
         let cfg = AcpiConfig {
             cpus: 2,
             memory: 512 << 20,
-            intx_routes: Vec::new(),
         };
         let rsdp_addr = write_tables(&m, &cfg).unwrap();
         let mut rsdp = [0u8; 36];
@@ -497,16 +501,11 @@ mod tests {
         let d = dsdt(&AcpiConfig {
             cpus: 1,
             memory: 1 << 30,
-            intx_routes: vec![crate::vfio::IntxRoute {
-                slot: 3,
-                pin: 0,
-                gsi: 17,
-            }],
         });
         let b = d.as_slice();
-        // _PRT entry for device 3, INTA -> GSI 17: Package { 0x0003ffff, 0, 0, 17 }.
+        // _PRT entry for device 3, INTA -> GSI 19 (16 + 3): Package { 0x0003ffff, 0, 0, 19 }.
         let prt_entry = [
-            0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x03, 0x00, 0x00, 0x00, 0x0a, 0x11,
+            0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x03, 0x00, 0x00, 0x00, 0x0a, 0x13,
         ];
         let at = b.windows(4).position(|w| w == b"_PRT").unwrap();
         assert!(
@@ -530,7 +529,6 @@ mod tests {
         let d = dsdt(&AcpiConfig {
             cpus: 2,
             memory: 1 << 30,
-            intx_routes: Vec::new(),
         });
         let dir = std::env::temp_dir().join(format!("vmm-dsdt-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

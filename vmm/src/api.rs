@@ -180,7 +180,8 @@ fn info(ctx: &ApiContext) -> Value {
 }
 
 /// The endpoints that change the VM: their request goes to the VM's control thread.
-pub const CONTROL_ENDPOINTS: [&str; 4] = [
+pub const CONTROL_ENDPOINTS: [&str; 5] = [
+    "vm.add-device",
     "vm.add-disk",
     "vm.add-net",
     "vm.remove-device",
@@ -206,6 +207,11 @@ pub struct AddRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Add(AddRequest),
+    /// `vm.add-device`: assign the host device at `path` (a sysfs path or a PCI address).
+    AddDevice {
+        path: String,
+        id: Option<String>,
+    },
     Remove(String),
     PowerButton,
 }
@@ -278,6 +284,7 @@ pub fn parse_command(endpoint: &str, body: &[u8]) -> Result<Command, String> {
             "vhost_socket",
         ],
         "vm.remove-device" => &["id"],
+        "vm.add-device" => &["path", "id"],
         _ => return Err(format!("unknown endpoint {endpoint}")),
     };
     if let Some(k) = obj.keys().find(|k| !known.contains(&k.as_str())) {
@@ -291,6 +298,12 @@ pub fn parse_command(endpoint: &str, body: &[u8]) -> Result<Command, String> {
         return id
             .map(Command::Remove)
             .ok_or_else(|| format!("{endpoint}: \"id\" is required"));
+    }
+    if endpoint == "vm.add-device" {
+        let path = str_field("path")?.ok_or_else(|| {
+            format!("{endpoint}: \"path\" (the host device, /sys/bus/pci/devices/BDF) is required")
+        })?;
+        return Ok(Command::AddDevice { path, id });
     }
     let net = endpoint == "vm.add-net";
     let vhost_user = bool_field("vhost_user")?.unwrap_or(false);

@@ -14,10 +14,12 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::api::{AddRequest, Command, Reply};
-use crate::config::{DiskConfig, NetConfig, VhostUserConfig};
+use crate::config::{DiskConfig, NetConfig, VfioConfig, VhostUserConfig};
+use crate::exit::ExitHandle;
 use crate::hotplug::Hotplug;
 use crate::interrupt::InterruptRouter;
 use crate::pci::{BarKind, PciDevice, PciRoot};
+use crate::vfio::{AssignedList, VfioHost};
 use crate::virtio::blk::Block;
 use crate::virtio::net::Net;
 use crate::virtio::pci::{IoEvents, KvmIoEvents, VirtioPciDevice};
@@ -252,6 +254,13 @@ pub struct Plugger {
     hotplug: Arc<Mutex<Hotplug>>,
     registry: Registry,
     cpus: u8,
+    memory: crate::memory::GuestMemory,
+    memory_size: u64,
+    exit: ExitHandle,
+    /// The VFIO container and the assigned devices' fds, while any is assigned.
+    vfio: Option<VfioHost>,
+    /// The assigned devices, for the vCPUs' mapping-fault handler.
+    assigned: AssignedList,
 }
 
 /// How long the control thread waits for the last user of an ejected device (a vCPU
@@ -269,8 +278,14 @@ impl Plugger {
         hotplug: Arc<Mutex<Hotplug>>,
         registry: Registry,
         cpus: u8,
+        exit: ExitHandle,
     ) -> Self {
         Plugger {
+            memory: ram.memory.clone(),
+            memory_size: ram.ranges.iter().map(|r| r.1).sum(),
+            exit,
+            vfio: None,
+            assigned: AssignedList::default(),
             ioevents: Arc::new(KvmIoEvents(vm.clone())),
             vm,
             mem: vm_memory::GuestMemoryAtomic::new(ram.memory.clone()),
@@ -285,12 +300,95 @@ impl Plugger {
         }
     }
 
-    pub fn vm(&self) -> &Arc<VmFd> {
-        &self.vm
+    /// The assigned devices, for [`crate::vfio::fault_handler`].
+    pub fn assigned(&self) -> AssignedList {
+        self.assigned.clone()
     }
 
-    pub fn bars(&mut self) -> &mut BarAllocator {
-        &mut self.bars
+    /// Assigns host devices through VFIO: checks each (one line for what blocks it), opens
+    /// them all (their groups join the VM's container, made for the first), maps guest RAM
+    /// for DMA in the background if not yet, and puts each on the bus; while the VM runs
+    /// (`hotplug`), the guest is then told to scan its slot.
+    pub fn assign(&mut self, cfgs: &[VfioConfig], hotplug: bool) -> Result<Vec<u8>, PlugError> {
+        if cfgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        for c in cfgs {
+            self.check_free_parts(&c.id, &vfio_resource(c))?;
+        }
+        let candidates = cfgs
+            .iter()
+            .map(|c| crate::vfio::preflight(c, self.memory_size))
+            .collect::<Result<Vec<_>, Error>>()?;
+        if self.vfio.is_none() {
+            self.vfio = Some(VfioHost::new(
+                &self.vm,
+                &self.memory,
+                &cfgs[0].id,
+                self.assigned.clone(),
+            )?);
+        }
+        let result = self.assign_opened(&candidates, hotplug);
+        if self.vfio.as_ref().is_some_and(|v| v.is_empty()) {
+            // Nothing got assigned: the container goes (and the groups with it).
+            self.vfio = None;
+        }
+        result
+    }
+
+    fn assign_opened(
+        &mut self,
+        candidates: &[crate::vfio::Candidate<'_>],
+        hotplug: bool,
+    ) -> Result<Vec<u8>, PlugError> {
+        let Some(host) = self.vfio.as_mut() else {
+            return Err(Error::Internal("no VFIO container".into()).into());
+        };
+        let opened = host.open(candidates, &self.memory, &self.exit)?;
+        let registry = self.registry.clone();
+        let mut slots = Vec::new();
+        for (c, dev) in candidates.iter().zip(opened) {
+            let bars = &mut self.bars;
+            let mut alloc = |kind, size| bars.alloc_kind(kind, size);
+            let placed = host.place(c, dev, &self.root, &mut alloc, &self.router)?;
+            let d = c.cfg;
+            let mut reg = registry.lock().unwrap_or_else(|p| p.into_inner());
+            reg.removed.remove(&d.id);
+            reg.by_id.insert(
+                d.id.clone(),
+                Entry {
+                    node: DeviceNode {
+                        id: d.id.clone(),
+                        model: "vfio".into(),
+                        pci_bdf: bdf(placed.slot),
+                        state: DeviceState::Running,
+                        hotplugged: hotplug,
+                    },
+                    slot: placed.slot,
+                    config: (
+                        ConfigList::Devices,
+                        json!({
+                            "id": d.id,
+                            "path": c.sysfs,
+                            "rom": d.rom,
+                        }),
+                    ),
+                    notify_exits: None,
+                    resource: Some(vfio_resource(d)),
+                    bars: placed.bars,
+                },
+            );
+            drop(reg);
+            if hotplug {
+                self.hotplug
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .device_added(placed.slot);
+                log::info!("{}: vfio added at {} (hotplug)", d.id, bdf(placed.slot));
+            }
+            slots.push(placed.slot);
+        }
+        Ok(slots)
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Devices> {
@@ -304,11 +402,15 @@ impl Plugger {
 
     /// Checks that `dev` can be added: its id and the host resource it takes are free.
     fn check_free(&self, dev: &NewDevice) -> Result<(), PlugError> {
+        self.check_free_parts(dev.id(), &dev.resource())
+    }
+
+    fn check_free_parts(&self, id: &str, res: &str) -> Result<(), PlugError> {
         let reg = self.registry();
-        if let Some(e) = reg.by_id.get(dev.id()) {
+        if let Some(e) = reg.by_id.get(id) {
             return Err(PlugError::Conflict(format!(
                 "a device with id '{}' is already on the bus ({} at {}{}): choose another id",
-                dev.id(),
+                id,
                 e.node.model,
                 e.node.pci_bdf,
                 if e.node.state == DeviceState::Removing {
@@ -318,11 +420,10 @@ impl Plugger {
                 }
             )));
         }
-        let res = dev.resource();
         if let Some(e) = reg
             .by_id
             .values()
-            .find(|e| e.resource.as_deref() == Some(&res))
+            .find(|e| e.resource.as_deref() == Some(res))
         {
             return Err(PlugError::Conflict(format!(
                 "{res} is already used by device '{}': one device per {}",
@@ -525,6 +626,36 @@ impl Plugger {
                 Err(PlugError::NotFound(m)) => fail(404, m),
                 Err(e) => fail(409, crate::error_line(&e)),
             },
+            Command::AddDevice { path, id } => {
+                let index = self.registry().by_id.len();
+                let id = id.unwrap_or_else(|| self.free_id("vfio"));
+                let cfg = match VfioConfig::parse(&format!("host={path},id={id}"), index) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return fail(
+                            400,
+                            e.to_string()
+                                .replace("invalid --vfio", "invalid vm.add-device"),
+                        )
+                    }
+                };
+                match self.assign(std::slice::from_ref(&cfg), true) {
+                    Ok(slots) => (
+                        200,
+                        Some(json!({ "id": id, "bdf": slots.first().map(|&s| bdf(s)) })),
+                    ),
+                    Err(PlugError::Conflict(m)) => fail(409, format!("vm.add-device: {m}")),
+                    Err(e) => {
+                        let e = Error::from(e);
+                        let status = if matches!(e, Error::Vfio { .. }) {
+                            400
+                        } else {
+                            500
+                        };
+                        fail(status, format!("vm.add-device: {}", crate::error_line(&e)))
+                    }
+                }
+            }
             Command::Add(rq) => {
                 let endpoint = if rq.net { "vm.add-net" } else { "vm.add-disk" };
                 let dev = match self.new_device(&rq) {
@@ -642,21 +773,41 @@ impl Plugger {
             std::thread::sleep(Duration::from_millis(5));
         }
         drop(device);
+        let mut released_group = false;
         if let Some(e) = entry {
             for (kind, addr, size) in e.bars {
                 self.bars.free(kind, addr, size);
             }
+            if e.node.model == "vfio" {
+                if let Some(host) = self.vfio.as_mut() {
+                    if host.forget(id) {
+                        // The last one: guest RAM unmapped, the container and groups closed.
+                        self.vfio = None;
+                    }
+                    released_group = true;
+                }
+            }
         }
         log::info!(
-            "{id}: removed from {} ({})",
+            "{id}: removed from {} ({}){}",
             bdf(slot),
             if asked {
                 "the guest ejected it as asked"
             } else {
                 "the guest ejected it on its own"
+            },
+            if released_group {
+                "; the host device is reset and its VFIO group released"
+            } else {
+                ""
             }
         );
     }
+}
+
+/// The host resource an assigned device takes.
+fn vfio_resource(c: &VfioConfig) -> String {
+    format!("host device {}", c.bdf)
 }
 
 /// `0000:00:SS.0`.

@@ -18,9 +18,8 @@ use crate::config::VfioConfig;
 use crate::exit::{ExitHandle, VmExit};
 use crate::interrupt::InterruptRouter;
 use crate::layout;
-use crate::memory::Ram;
+use crate::memory::GuestMemory;
 use crate::pci::{PciDevice, PciRoot};
-use crate::vm::BarAllocator;
 use crate::Error;
 
 /// KVM memory slots for BAR mappings, above the RAM slots.
@@ -96,39 +95,50 @@ pub struct IntxRoute {
     pub gsi: u32,
 }
 
-/// What assignment keeps alive for the VM's lifetime. Drop it after the PCI bus: the
-/// devices are then quiesced and reset, guest RAM is unmapped from the IOMMU, and only
-/// then are the device and group fds closed (the group leaves the container).
-pub struct Assigned {
+/// The assigned devices of the VM, for the vCPUs' mapping-fault handler (see
+/// [`fault_handler`]); empty while none is assigned.
+pub type AssignedList = Arc<Mutex<Vec<Weak<Mutex<PassthroughPci>>>>>;
+
+/// What a vCPU calls when KVM_RUN fails with EFAULT (at guest physical `gpa` when KVM says
+/// where): an assigned device stopped decoding memory in a way the vmm did not follow, so
+/// vfio-pci revoked the BAR mmap behind a KVM slot. The device that owns the fault drops
+/// its slots (and logs it, rate-limited) and `true` is returned: the vCPU retries, and the
+/// access is trapped. `false`: no assigned device explains it.
+pub fn fault_handler(list: AssignedList) -> crate::vcpu::MappingFault {
+    Arc::new(move |gpa| {
+        let devices: Vec<_> = list
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let mut handled = false;
+        for dev in devices {
+            let mut dev = dev.lock().unwrap_or_else(|p| p.into_inner());
+            handled |= dev.mapping_fault(gpa);
+        }
+        handled
+    })
+}
+
+/// What assignment keeps alive while devices are assigned: the KVM VFIO device, the
+/// container with guest RAM mapped for DMA, the devices' fds. Dropped after the devices
+/// left the PCI bus (they are then quiesced and reset): guest RAM is unmapped from the
+/// IOMMU, then the device and group fds close (the groups leave the container), so that
+/// the host devices can be assigned again. Dropped when the last device goes, made anew
+/// for the next one.
+pub struct VfioHost {
     container: Arc<Container>,
-    /// The thread mapping guest RAM for DMA while the VM boots (see [`DmaGate`]).
+    /// The thread mapping guest RAM for DMA (see [`DmaGate`]).
     mapping: Option<std::thread::JoinHandle<()>>,
-    devices: Vec<Arc<dyn Vfio>>,
-    /// The devices on the PCI bus (owned by it), for [`Assigned::fault_handler`].
-    pci: Vec<Weak<Mutex<PassthroughPci>>>,
-    pub routes: Vec<IntxRoute>,
+    gate: Arc<DmaGate>,
+    mapper: Arc<dyn GuestMapper>,
+    /// Each assigned device's VFIO fd, by id.
+    devices: std::collections::BTreeMap<String, Arc<dyn Vfio>>,
+    assigned: AssignedList,
 }
 
-impl Assigned {
-    /// What a vCPU calls when KVM_RUN fails with EFAULT (at guest physical `gpa` when KVM
-    /// says where): an assigned device stopped decoding memory in a way the vmm did not
-    /// follow, so vfio-pci revoked the BAR mmap behind a KVM slot. The device that owns
-    /// the fault drops its slots (and logs it, rate-limited) and `true` is returned: the
-    /// vCPU retries, and the access is trapped. `false`: no assigned device explains it.
-    pub fn fault_handler(&self) -> crate::vcpu::MappingFault {
-        let pci = self.pci.clone();
-        Arc::new(move |gpa| {
-            let mut handled = false;
-            for dev in pci.iter().filter_map(Weak::upgrade) {
-                let mut dev = dev.lock().unwrap_or_else(|p| p.into_inner());
-                handled |= dev.mapping_fault(gpa);
-            }
-            handled
-        })
-    }
-}
-
-impl Drop for Assigned {
+impl Drop for VfioHost {
     fn drop(&mut self) {
         // A mapping still in progress ends first: nothing may map guest RAM for DMA after
         // it is unmapped (and guest RAM itself goes after this).
@@ -178,115 +188,166 @@ fn map_guest_ram(
         })
 }
 
-/// Opens the VFIO container, maps guest RAM for DMA (in the background: see [`DmaGate`])
-/// and puts every `--vfio` device on the PCI bus.
-#[allow(clippy::too_many_arguments)]
-pub fn assign(
-    devices: &[VfioConfig],
-    vm: &Arc<VmFd>,
-    ram: &Ram,
-    root: &Arc<Mutex<PciRoot>>,
-    bars: &mut BarAllocator,
-    router: &Arc<dyn InterruptRouter>,
-    ram_size: u64,
-    exit: &ExitHandle,
-) -> Result<Option<Assigned>, Error> {
-    if devices.is_empty() {
-        return Ok(None);
-    }
-    let first = &devices[0];
-    let fail = |id: &str, why: String| Error::Vfio {
-        id: id.to_string(),
-        why,
-    };
-    // What blocks an assignment, said in one line before VFIO is touched: no such device,
-    // no IOMMU, not on vfio-pci, group not viable, no /dev/vfio node, memlock too low.
-    let host = Host::new();
-    let mut sysfs = Vec::new();
-    for d in devices {
-        let ok = host
-            .preflight(d.bdf, ram_size)
-            .map_err(|p| fail(&d.id, p.to_string()))?;
-        sysfs.push(ok.sysfs_path);
-    }
-    let mut kvm_dev = kvm_create_device {
-        type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
-        fd: 0,
-        flags: 0,
-    };
-    let kvm_vfio = vm.create_device(&mut kvm_dev).map_err(|e| {
-        fail(
-            &first.id,
-            format!(
+/// One device to assign: its configuration and what the host checks said of it.
+pub struct Candidate<'a> {
+    pub cfg: &'a VfioConfig,
+    pub sysfs: std::path::PathBuf,
+}
+
+/// What blocks an assignment, said in one line before VFIO is touched: no such device, no
+/// IOMMU, not on vfio-pci, group not viable, no /dev/vfio node, memlock too low.
+pub fn preflight(cfg: &VfioConfig, ram_size: u64) -> Result<Candidate<'_>, Error> {
+    let ok = Host::new()
+        .preflight(cfg.bdf, ram_size)
+        .map_err(|p| Error::Vfio {
+            id: cfg.id.clone(),
+            why: p.to_string(),
+        })?;
+    Ok(Candidate {
+        cfg,
+        sysfs: ok.sysfs_path,
+    })
+}
+
+/// An assigned device, placed: on the bus at `slot`, its BAR ranges, its INTx route.
+pub struct Placed {
+    pub slot: u8,
+    pub bars: Vec<(passthrough::pci::BarKind, u64, u64)>,
+    pub route: Option<IntxRoute>,
+}
+
+impl VfioHost {
+    /// The KVM VFIO device and an empty container.
+    pub fn new(
+        vm: &Arc<VmFd>,
+        memory: &GuestMemory,
+        id: &str,
+        assigned: AssignedList,
+    ) -> Result<Self, Error> {
+        let fail = |why: String| Error::Vfio {
+            id: id.to_string(),
+            why,
+        };
+        let mut kvm_dev = kvm_create_device {
+            type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
+            fd: 0,
+            flags: 0,
+        };
+        let kvm_vfio = vm.create_device(&mut kvm_dev).map_err(|e| {
+            fail(format!(
                 "KVM cannot create its VFIO device ({e}); load the kvm module with VFIO support"
-            ),
-        )
-    })?;
-    let handle = Arc::new(vfio_ioctls::VfioDeviceFd::new_from_kvm(kvm_vfio));
-    let container =
-        Arc::new(Container::new(Some(handle)).map_err(|e| fail(&first.id, crate::error_line(&e)))?);
-    let mut assigned = Assigned {
-        container,
-        mapping: None,
-        devices: Vec::new(),
-        pci: Vec::new(),
-        routes: Vec::new(),
-    };
-    let gate = DmaGate::new();
-    let mapper: Arc<dyn GuestMapper> =
-        Arc::new(KvmMapper::new(vm.clone(), ram.memory.num_regions() as u32));
-    let mut root = root.lock().unwrap_or_else(|p| p.into_inner());
-    // Every group joins the container first: the kernel holds the container's lock while
-    // it maps (pins) guest RAM, so a group joining later would wait for the whole mapping.
-    let mut opened = Vec::new();
-    for (d, path) in devices.iter().zip(&sysfs) {
-        let dev = assigned
-            .container
-            .open(path)
-            .map_err(|e| fail(&d.id, crate::error_line(&e)))?;
-        opened.push(dev);
+            ))
+        })?;
+        let handle = Arc::new(vfio_ioctls::VfioDeviceFd::new_from_kvm(kvm_vfio));
+        let container =
+            Arc::new(Container::new(Some(handle)).map_err(|e| fail(crate::error_line(&e)))?);
+        Ok(VfioHost {
+            container,
+            mapping: None,
+            gate: DmaGate::new(),
+            mapper: Arc::new(KvmMapper::new(vm.clone(), memory.num_regions() as u32)),
+            devices: std::collections::BTreeMap::new(),
+            assigned,
+        })
     }
-    // Now guest RAM is mapped, once for all devices, while they are set up and the guest
-    // boots; their Bus Master Enable waits for it.
-    let mut regions = Vec::new();
-    for region in ram.memory.iter() {
-        let host = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| Error::Internal(format!("guest RAM has no host mapping: {e}")))?;
-        regions.push((region.start_addr().0, region.len(), host as usize));
+
+    /// Opens the devices (their groups join the container), then maps guest RAM for DMA in
+    /// the background if it is not yet: every group joins first, because the kernel holds
+    /// the container's lock while it maps (pins) guest RAM, so a group joining later would
+    /// wait for the whole mapping.
+    pub fn open(
+        &mut self,
+        candidates: &[Candidate<'_>],
+        memory: &GuestMemory,
+        exit: &ExitHandle,
+    ) -> Result<Vec<passthrough::vfio::HostDevice>, Error> {
+        let mut opened = Vec::new();
+        for c in candidates {
+            let dev = self.container.open(&c.sysfs).map_err(|e| Error::Vfio {
+                id: c.cfg.id.clone(),
+                why: crate::error_line(&e),
+            })?;
+            opened.push(dev);
+        }
+        if self.mapping.is_none() {
+            let mut regions = Vec::new();
+            for region in memory.iter() {
+                let host = region
+                    .get_host_address(vm_memory::MemoryRegionAddress(0))
+                    .map_err(|e| Error::Internal(format!("guest RAM has no host mapping: {e}")))?;
+                regions.push((region.start_addr().0, region.len(), host as usize));
+            }
+            self.mapping = Some(
+                map_guest_ram(
+                    self.container.clone(),
+                    regions,
+                    self.gate.clone(),
+                    exit.clone(),
+                )
+                .map_err(Error::Thread)?,
+            );
+        }
+        Ok(opened)
     }
-    assigned.mapping = Some(
-        map_guest_ram(
-            assigned.container.clone(),
-            regions,
-            gate.clone(),
-            exit.clone(),
-        )
-        .map_err(Error::Thread)?,
-    );
-    for (n, ((d, dev), path)) in devices.iter().zip(opened).zip(&sysfs).enumerate() {
+
+    /// Puts an opened device on the bus: its BARs placed by `alloc`, its INTx line on
+    /// the GSI of `slot`'s swizzle (the DSDT's _PRT lists every slot), which must be the
+    /// slot the root gives it next.
+    #[allow(clippy::too_many_arguments)]
+    pub fn place(
+        &mut self,
+        c: &Candidate<'_>,
+        dev: passthrough::vfio::HostDevice,
+        root: &Arc<Mutex<PciRoot>>,
+        alloc: &mut dyn FnMut(passthrough::pci::BarKind, u64) -> io::Result<u64>,
+        router: &Arc<dyn InterruptRouter>,
+    ) -> Result<Placed, Error> {
+        let d = c.cfg;
+        let fail = |why: String| Error::Vfio {
+            id: d.id.clone(),
+            why,
+        };
+        let slot = root
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next_free_slot()
+            .ok_or(crate::pci::PciError::NoSlot)?;
         let dev: Arc<dyn Vfio> = Arc::new(dev);
-        assigned.devices.push(dev.clone());
-        let gsi = layout::PCI_INTX_GSI_FIRST + (n as u32 % layout::PCI_INTX_GSIS);
-        let mut alloc = |kind, size| bars.alloc_kind(kind, size);
+        let mut bars = Vec::new();
+        let mut record = |kind, size| {
+            let addr = alloc(kind, size)?;
+            bars.push((kind, addr, size));
+            Ok(addr)
+        };
+        // The pin is the device's; the GSI follows from it and the slot (see `intx_gsi`),
+        // so the line is known before the device says its pin: INTA is asked first.
+        let gsi_of = |pin: u8| intx_gsi(slot, pin);
         let pci = PassthroughPci::new(
             &d.id,
-            dev,
+            dev.clone(),
             router.clone(),
-            mapper.clone(),
+            self.mapper.clone(),
             Placement {
-                alloc: &mut alloc,
-                intx_gsi: gsi,
+                alloc: &mut record,
+                intx_gsi: gsi_of(0),
                 rom: d.rom,
-                dma: Some(gate.clone()),
+                dma: Some(self.gate.clone()),
             },
         )
-        .map_err(|e| fail(&d.id, crate::error_line(&e)))?;
+        .map_err(|e| fail(crate::error_line(&e)))?;
         let pin = pci.intx_pin();
         let bar_list = pci.bars();
         let pci = Arc::new(Mutex::new(pci));
-        assigned.pci.push(Arc::downgrade(&pci));
-        let slot = root.add(&d.id, pci.clone())?;
+        let placed = root
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(&d.id, pci.clone())?;
+        debug_assert_eq!(placed, slot);
+        self.assigned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&pci));
+        self.devices.insert(d.id.clone(), dev);
         let mapped: u64 = pci
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -294,23 +355,47 @@ pub fn assign(
             .iter()
             .map(|r| r.1)
             .sum();
-        if let Some(pin) = pin {
-            assigned.routes.push(IntxRoute {
-                slot,
-                pin: pin - 1,
-                gsi,
-            });
-        }
         log::info!(
             "{}: {} assigned at 00:{slot:02x}.0, {} BAR(s), {} KiB mapped directly, INTx {}",
             d.id,
-            path.display(),
+            c.sysfs.display(),
             bar_list.len(),
             mapped >> 10,
-            pin.map_or("none".to_string(), |_| format!("on GSI {gsi}"))
+            pin.map_or("none".to_string(), |_| format!("on GSI {}", gsi_of(0)))
         );
+        Ok(Placed {
+            slot,
+            bars,
+            route: pin.map(|_| IntxRoute {
+                slot,
+                pin: 0,
+                gsi: gsi_of(0),
+            }),
+        })
     }
-    Ok(Some(assigned))
+
+    /// No device is assigned.
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// Forgets device `id` (it left the bus and was dropped). True when none is left: the
+    /// caller then drops this host, which releases the container.
+    pub fn forget(&mut self, id: &str) -> bool {
+        self.devices.remove(id);
+        self.assigned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|w| w.strong_count() > 0);
+        self.devices.is_empty()
+    }
+}
+
+/// The IOAPIC pin of INTx line `pin` (0 = INTA) of the device in `slot`: the usual PCI
+/// swizzle over the 8 GSIs from [`layout::PCI_INTX_GSI_FIRST`], as the DSDT's _PRT
+/// declares for every slot (a device hot-added later finds its line there).
+pub fn intx_gsi(slot: u8, pin: u8) -> u32 {
+    layout::PCI_INTX_GSI_FIRST + (u32::from(slot) + u32::from(pin)) % layout::PCI_INTX_GSIS
 }
 
 #[cfg(test)]

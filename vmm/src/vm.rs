@@ -43,8 +43,6 @@ pub struct Vm {
     vm: Arc<VmFd>,
     /// The PCI root owns the devices; dropped before the VM fd.
     _pci: Arc<Mutex<PciRoot>>,
-    /// VFIO container of assigned devices: released after them, before guest RAM.
-    _vfio: Option<crate::vfio::Assigned>,
     /// Creates, places and releases devices while the VM runs (the control thread's).
     plugger: Plugger,
     /// The devices on the bus, for the API.
@@ -188,6 +186,7 @@ impl Vm {
             hotplug.clone(),
             registry.clone(),
             cfg.cpus,
+            exit.clone(),
         );
         for d in &cfg.disks {
             plugger.add(NewDevice::Disk(d.clone()), false)?;
@@ -198,34 +197,7 @@ impl Vm {
         for v in &cfg.vhost_user {
             plugger.add(NewDevice::VhostUser(v.clone()), false)?;
         }
-        let vfio = crate::vfio::assign(
-            &cfg.vfio,
-            &vm,
-            &ram,
-            &root,
-            plugger.bars(),
-            &router,
-            cfg.memory,
-            &exit,
-        )?;
-        let on_bus = root.lock().unwrap_or_else(|p| p.into_inner()).slots();
-        for v in &cfg.vfio {
-            if let Some((slot, _)) = on_bus.iter().find(|(_, id)| *id == v.id) {
-                plugger.record(
-                    &v.id,
-                    "vfio",
-                    *slot,
-                    (
-                        crate::plug::ConfigList::Devices,
-                        serde_json::json!({
-                            "id": v.id,
-                            "path": format!("/sys/bus/pci/devices/{}", v.host),
-                        }),
-                    ),
-                );
-            }
-        }
-        let intx_routes = vfio.as_ref().map(|v| v.routes.clone()).unwrap_or_default();
+        plugger.assign(&cfg.vfio, false)?;
         pio.insert(
             "pci-config",
             Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
@@ -245,7 +217,6 @@ impl Vm {
             &acpi::AcpiConfig {
                 cpus: cfg.cpus,
                 memory: cfg.memory,
-                intx_routes,
             },
         )
         .map_err(|e| Error::Internal(format!("cannot write ACPI tables: {e}")))?;
@@ -277,7 +248,6 @@ impl Vm {
         Ok(Vm {
             vm,
             _pci: root,
-            _vfio: vfio,
             plugger,
             registry,
             hotplug,
@@ -340,7 +310,7 @@ impl Vm {
                 stop: stop.clone(),
                 counters: self.counters.clone(),
                 coalesced: self.coalesced.clone(),
-                mapping_fault: self._vfio.as_ref().map(|v| v.fault_handler()),
+                mapping_fault: Some(crate::vfio::fault_handler(self.plugger.assigned())),
                 probes: probes.clone(),
                 pause: self.pause.clone(),
             };
@@ -438,7 +408,8 @@ impl Vm {
             drop(dev);
         }
         drop(self._pci);
-        drop(self._vfio);
+        // The VFIO container (guest RAM unmapped, groups released) before guest RAM.
+        drop(self.plugger);
         drop(self.vm);
         drop(self.ram);
         Ok((why, stats))

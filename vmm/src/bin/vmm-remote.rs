@@ -47,6 +47,9 @@ enum Cmd {
     /// (`tap=NAME[,mac=MAC][,queues=PAIRS][,queue_size=N][,poll_us=N][,id=ID]`) or
     /// `vhost_user=on,socket=PATH[,mac=MAC][,queues=PAIRS][,id=ID]`.
     AddNet { options: String },
+    /// Assign a host PCI device to the running guest through VFIO (PUT vm.add-device):
+    /// `path=/sys/bus/pci/devices/BDF[,id=ID]` (or `host=BDF`, as --vfio takes it).
+    AddDevice { options: String },
     /// Ask the guest to eject a device and release it once it has (PUT vm.remove-device).
     RemoveDevice { id: String },
 }
@@ -70,6 +73,7 @@ fn device_body(options: &str, net: bool) -> Result<String, String> {
         };
         let (key, value) = match k {
             "path" | "tap" | "mac" | "id" => (k, serde_json::json!(v)),
+            "host" => ("path", serde_json::json!(v)),
             "socket" | "vhost_socket" => ("vhost_socket", serde_json::json!(v)),
             "readonly" | "direct" | "vhost_user" => (k, serde_json::json!(flag(v)?)),
             // The API counts queues, as Cloud Hypervisor does: a NIC's pairs are two each.
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
     let body = match &a.cmd {
         Cmd::AddDisk { options } => device_body(options, false).map(Some),
         Cmd::AddNet { options } => device_body(options, true).map(Some),
+        Cmd::AddDevice { options } => device_body(options, false).map(Some),
         Cmd::RemoveDevice { id } => Ok(Some(serde_json::json!({ "id": id }).to_string())),
         _ => Ok(None),
     };
@@ -112,6 +117,7 @@ fn main() -> ExitCode {
         Cmd::PowerButton => ("PUT", "vm.power-button", 10),
         Cmd::AddDisk { .. } => ("PUT", "vm.add-disk", 70),
         Cmd::AddNet { .. } => ("PUT", "vm.add-net", 70),
+        Cmd::AddDevice { .. } => ("PUT", "vm.add-device", 70),
         Cmd::RemoveDevice { .. } => ("PUT", "vm.remove-device", 10),
     };
     let deadline = Duration::from_secs(a.timeout.unwrap_or(default_secs).max(1));

@@ -355,9 +355,7 @@ impl PciRoot {
     /// As firmware does once it placed the BARs, decoding is switched on for the kinds of
     /// BAR the device has.
     pub fn add(&mut self, name: &str, dev: Arc<Mutex<dyn PciDevice>>) -> Result<u8, PciError> {
-        let number = (1..32u8)
-            .find(|s| !self.devices.contains_key(s))
-            .ok_or(PciError::NoSlot)?;
+        let number = self.next_free_slot().ok_or(PciError::NoSlot)?;
         {
             let mut d = dev.lock().unwrap_or_else(|p| p.into_inner());
             let bars = d.bars();
@@ -395,6 +393,11 @@ impl PciRoot {
         }
         self.devices.insert(number, slot);
         Ok(number)
+    }
+
+    /// The slot [`PciRoot::add`] gives the next device.
+    pub fn next_free_slot(&self) -> Option<u8> {
+        (1..32u8).find(|s| !self.devices.contains_key(s))
     }
 
     /// Takes all of `slot`'s ranges off the buses and tells its device.
