@@ -259,3 +259,189 @@ fn every_model_hot_added_used_removed_and_added_again_then_the_power_button() {
         run.assert_ok(check);
     }
 }
+
+/// Assigning a host device to a running guest: L1's e1000e (bound to vfio-pci by
+/// `passthrough bind`) is added through the API to a guest that booted without it (Debian's
+/// generic kernel, its e1000e and nvme drivers loaded at boot), the driver binds, 100 pings
+/// pass to L1's other e1000e; it is removed (the guest ejects, the vmm resets and releases
+/// it, `passthrough check` says it can be assigned again), added again and pinged again.
+/// Then L1's NVMe is added, written, removed, and L1 reads back what the guest wrote after
+/// the VM. A second VM with `pci=nomsi` takes the NIC on INTx (the DSDT's _PRT routes the
+/// hot-added slot's INTA).
+const VFIO_L1: &str = r#"
+. /lab/lib.sh
+wait_for() {
+    _w=0
+    while ! grep -qE "$2" "$1" 2>/dev/null; do
+        [ $_w -ge $(($3 * 10)) ] && return 1
+        sleep 0.1; _w=$((_w + 1))
+    done
+}
+API=/tmp/api.sock
+remote() { vmm-remote --api-socket $API "$@"; }
+gone() {
+    _w=0
+    while remote info 2>/dev/null | grep -q "\"$1\": {"; do
+        [ $_w -ge 300 ] && return 1
+        sleep 0.1; _w=$((_w + 1))
+    done
+}
+# hot TAG ID BDF ROUND: add the host device, wait for the guest to have used it, remove it.
+hot() {
+    _t=$(lab_uptime)
+    remote add-device "path=/sys/bus/pci/devices/$3,id=$2" >/tmp/add.json 2>&1
+    echo "LAB-VAL $1-$2-add-$4 $(tr -d ' \n' </tmp/add.json)"
+    if wait_for /tmp/$1.log "^L2-VAL $1-$2-used-$4" 180; then
+        echo "LAB-VAL $1-$2-used-$4-after-s $(lab_elapsed "$_t")"
+    else
+        echo "LAB-VAL $1-$2-used-$4-after-s never"
+    fi
+    _t=$(lab_uptime)
+    remote remove-device "$2" >/dev/null 2>&1
+    if gone "$2"; then
+        echo "LAB-VAL $1-$2-gone-$4-after-s $(lab_elapsed "$_t")"
+    else
+        echo "LAB-VAL $1-$2-gone-$4-after-s never"
+    fi
+    passthrough check "$3" --memory 512M >/tmp/check.txt 2>&1
+    echo "LAB-VAL $1-$2-check-after-remove-$4 $?"
+}
+# vm TAG CMDLINE: a VM with no device but the API; the rounds of the guest's script.
+vm() {
+    rm -f $API
+    t0=$(lab_uptime)
+    ( { vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" --cmdline "$2" \
+        --cpus 2 --memory 512M --api-socket path=$API </dev/null 2>&1; echo "VMM-RC $?"; } \
+        | lab_console "$t0" $1 | tee /tmp/$1.log ) &
+    if ! wait_for /tmp/$1.log '^L2-VAL ready' 300; then
+        echo "LAB-VAL $1-guest-never-ready"
+        return
+    fi
+    if [ $1 = msix ]; then
+        hot msix nic0 $NIC_BDF 1
+        hot msix nic0 $NIC_BDF 2
+        hot msix nvme0 $NVME_BDF 1
+    else
+        hot intx nic0 $NIC_BDF 1
+    fi
+    wait_for /tmp/$1.log '^VMM-RC' 120
+    check $1-vmm-exit-0 grep -q '^VMM-RC 0$' /tmp/$1.log
+    check $1-l2-exit grep -q '^L2-EXIT 0$' /tmp/$1.log
+}
+check bind-nic passthrough bind $NIC_BDF
+check bind-nvme passthrough bind $NVME_BDF
+peer=$(ls /sys/bus/pci/devices/$PEER_NIC_BDF/net/)
+$IP addr add 192.0.2.1/24 dev $peer
+$IP link set $peer up
+vm msix "$L2_CMDLINE"
+vm intx "$L2_CMDLINE pci=nomsi"
+echo "LAB-VAL released $(grep -c 'its VFIO group released' /tmp/msix.log /tmp/intx.log | awk -F: '{ s += $2 } END { print s }')"
+check unbind-nvme passthrough unbind $NVME_BDF
+n=0; while [ ! -b /dev/nvme0n1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+echo "LAB-VAL host-pattern $(dd if=/dev/nvme0n1 bs=512 skip=300 count=1 2>/dev/null | head -c 32)"
+check unbind-nic passthrough unbind $NIC_BDF
+lab_finish
+"#;
+
+const VFIO_L2: &str = r#"
+if grep -q pci=nomsi /proc/cmdline; then rounds=1 tag=intx; else rounds=2 tag=msix; fi
+echo "L2-VAL ready"
+# Interrupts of the NIC by kind: the per-CPU counts of its lines.
+count() {
+    grep -E "$ifc|$dev" /proc/interrupts | grep "$1" |
+        awk '{ for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i } END { print s + 0 }'
+}
+r=1
+while [ $r -le $rounds ]; do
+    n=0; dev=""
+    while [ -z "$dev" ] && [ $n -lt 1800 ]; do
+        dev=$(ls /sys/bus/pci/drivers/e1000e/ 2>/dev/null | grep '^0000:' | head -n1)
+        [ -n "$dev" ] || sleep 0.1; n=$((n + 1))
+    done
+    echo "L2-VAL $tag-nic0-driver-$r ${dev:-none}"
+    n=0; ifc=""
+    while [ -z "$ifc" ] && [ $n -lt 100 ]; do
+        ifc=$(ls /sys/bus/pci/devices/$dev/net/ 2>/dev/null | head -n1); [ -n "$ifc" ] || sleep 0.1; n=$((n + 1))
+    done
+    ip link set $ifc up
+    ip addr add 192.0.2.2/24 dev $ifc
+    n=0; until [ "$(cat /sys/class/net/$ifc/carrier 2>/dev/null)" = 1 ] || [ $n -ge 100 ]; do sleep 0.1; n=$((n + 1)); done
+    n=0; until ping -c 1 -W 1 192.0.2.1 >/dev/null 2>&1 || [ $n -ge 20 ]; do n=$((n + 1)); done
+    ping -c 100 -i 0.02 -W 2 192.0.2.1 > /tmp/ping.txt 2>&1
+    echo "L2-VAL $tag-nic0-ping-$r $(grep 'packets transmitted' /tmp/ping.txt)"
+    echo "L2-VAL $tag-nic0-msix-irqs-$r $(count MSI)"
+    echo "L2-VAL $tag-nic0-ioapic-irqs-$r $(count IO-APIC)"
+    echo "L2-VAL $tag-nic0-used-$r"
+    n=0; while [ -e /sys/bus/pci/devices/$dev ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
+    echo "L2-VAL $tag-nic0-gone-$r $([ -e /sys/bus/pci/devices/$dev ] && echo no || echo yes)"
+    r=$((r + 1))
+done
+if [ $rounds = 2 ]; then
+    n=0; while [ ! -b /dev/nvme0n1 ] && [ $n -lt 1800 ]; do sleep 0.1; n=$((n + 1)); done
+    echo "L2-VAL $tag-nvme0-driver $(ls /sys/bus/pci/drivers/nvme/ | grep '^0000:' | head -n1)"
+    printf 'L2-NVME-HOTPLUG-0123456789abcdef' | dd of=/dev/nvme0n1 bs=512 seek=300 conv=fsync 2>/dev/null && echo "L2-VAL $tag-nvme0-written ok"
+    echo "L2-VAL $tag-nvme0-used-1"
+    n=0; while [ -b /dev/nvme0n1 ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
+fi
+"#;
+
+#[test]
+fn assigned_nic_and_nvme_hot_added_removed_and_added_again() {
+    let run = Scenario::new("lab_hotplug_vfio", VFIO_L1)
+        .l2_script(VFIO_L2)
+        .timeout(Duration::from_secs(1500))
+        .run_ok();
+    eprintln!("{}", run.report());
+    run.assert_ok("bind-nic");
+    run.assert_ok("bind-nvme");
+    for (tag, rounds) in [("msix", 2), ("intx", 1)] {
+        run.assert_ok(&format!("{tag}-vmm-exit-0"));
+        run.assert_ok(&format!("{tag}-l2-exit"));
+        for r in 1..=rounds {
+            let add = run.require(&format!("LAB-VAL {tag}-nic0-add-{r}"));
+            assert!(add.contains("\"bdf\":\"0000:00:"), "{tag} {r}: {add}");
+            let ping = run.require(&format!("L2-VAL {tag}-nic0-ping-{r}"));
+            let (msix, ioapic) = (
+                num(run.require(&format!("L2-VAL {tag}-nic0-msix-irqs-{r}"))),
+                num(run.require(&format!("L2-VAL {tag}-nic0-ioapic-irqs-{r}"))),
+            );
+            if tag == "msix" {
+                assert!(
+                    msix >= 100 && ioapic == 0,
+                    "{tag} {r}: {msix} MSI-X, {ioapic} INTx"
+                );
+            } else {
+                assert!(
+                    ioapic >= 100 && msix == 0,
+                    "{tag} {r}: {msix} MSI-X, {ioapic} INTx"
+                );
+            }
+            assert!(
+                ping.starts_with("100 packets transmitted, 100 packets received, 0% packet loss"),
+                "{tag} {r}: {ping}"
+            );
+            let gone = run.require(&format!("LAB-VAL {tag}-nic0-gone-{r}-after-s"));
+            assert_ne!(gone, "never", "{tag} {r}: the NIC was never released");
+            assert_eq!(
+                run.require(&format!("LAB-VAL {tag}-nic0-check-after-remove-{r}")),
+                "0",
+                "{tag} {r}: passthrough check after the removal"
+            );
+        }
+    }
+    assert_eq!(run.require("L2-VAL $tag-nvme0-written"), "ok");
+    assert_eq!(run.require("LAB-VAL msix-nvme0-check-after-remove-1"), "0");
+    assert_eq!(run.require("LAB-VAL released"), "4");
+    run.assert_ok("unbind-nvme");
+    assert_eq!(
+        run.require("LAB-VAL host-pattern"),
+        "L2-NVME-HOTPLUG-0123456789abcdef"
+    );
+    run.assert_ok("unbind-nic");
+}
+
+fn num(s: &str) -> u64 {
+    s.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a count: {s:?}"))
+}

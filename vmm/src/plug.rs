@@ -259,6 +259,8 @@ pub struct Plugger {
     exit: ExitHandle,
     /// The VFIO container and the assigned devices' fds, while any is assigned.
     vfio: Option<VfioHost>,
+    /// KVM's VFIO device, made with the first assignment, kept for the VM's life.
+    kvm_vfio: Option<Arc<vfio_ioctls::VfioDeviceFd>>,
     /// The assigned devices, for the vCPUs' mapping-fault handler.
     assigned: AssignedList,
 }
@@ -285,6 +287,7 @@ impl Plugger {
             memory_size: ram.ranges.iter().map(|r| r.1).sum(),
             exit,
             vfio: None,
+            kvm_vfio: None,
             assigned: AssignedList::default(),
             ioevents: Arc::new(KvmIoEvents(vm.clone())),
             vm,
@@ -321,11 +324,20 @@ impl Plugger {
             .map(|c| crate::vfio::preflight(c, self.memory_size))
             .collect::<Result<Vec<_>, Error>>()?;
         if self.vfio.is_none() {
+            let kvm_device = match &self.kvm_vfio {
+                Some(d) => d.clone(),
+                None => {
+                    let d = VfioHost::kvm_device(&self.vm, &cfgs[0].id)?;
+                    self.kvm_vfio = Some(d.clone());
+                    d
+                }
+            };
             self.vfio = Some(VfioHost::new(
                 &self.vm,
                 &self.memory,
                 &cfgs[0].id,
                 self.assigned.clone(),
+                kvm_device,
             )?);
         }
         let result = self.assign_opened(&candidates, hotplug);

@@ -217,30 +217,36 @@ pub struct Placed {
 }
 
 impl VfioHost {
-    /// The KVM VFIO device and an empty container.
-    pub fn new(
-        vm: &Arc<VmFd>,
-        memory: &GuestMemory,
-        id: &str,
-        assigned: AssignedList,
-    ) -> Result<Self, Error> {
-        let fail = |why: String| Error::Vfio {
-            id: id.to_string(),
-            why,
-        };
+    /// KVM's VFIO pseudo device (one per VM, kept for the VM's life: the kernel may allow
+    /// no second one): every group is added to it, which tells KVM that a device may do
+    /// non-coherent DMA and lets it use posted interrupts.
+    pub fn kvm_device(vm: &VmFd, id: &str) -> Result<Arc<vfio_ioctls::VfioDeviceFd>, Error> {
         let mut kvm_dev = kvm_create_device {
             type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
             fd: 0,
             flags: 0,
         };
-        let kvm_vfio = vm.create_device(&mut kvm_dev).map_err(|e| {
-            fail(format!(
+        let kvm_vfio = vm.create_device(&mut kvm_dev).map_err(|e| Error::Vfio {
+            id: id.to_string(),
+            why: format!(
                 "KVM cannot create its VFIO device ({e}); load the kvm module with VFIO support"
-            ))
+            ),
         })?;
-        let handle = Arc::new(vfio_ioctls::VfioDeviceFd::new_from_kvm(kvm_vfio));
-        let container =
-            Arc::new(Container::new(Some(handle)).map_err(|e| fail(crate::error_line(&e)))?);
+        Ok(Arc::new(vfio_ioctls::VfioDeviceFd::new_from_kvm(kvm_vfio)))
+    }
+
+    /// An empty container whose groups join `kvm_device`.
+    pub fn new(
+        vm: &Arc<VmFd>,
+        memory: &GuestMemory,
+        id: &str,
+        assigned: AssignedList,
+        kvm_device: Arc<vfio_ioctls::VfioDeviceFd>,
+    ) -> Result<Self, Error> {
+        let container = Arc::new(Container::new(Some(kvm_device)).map_err(|e| Error::Vfio {
+            id: id.to_string(),
+            why: crate::error_line(&e),
+        })?);
         Ok(VfioHost {
             container,
             mapping: None,
