@@ -74,7 +74,7 @@ $IP addr add 192.0.2.1/24 dev vmtap0
 $IP link set vmtap0 up
 vhost-user-blk --socket-path /tmp/blk.sock --blk-file /tmp/u.img >/tmp/blk.log 2>&1 &
 blk_pid=$!
-vhost-user-net --socket-path /tmp/net.sock --tap vutap0 >/tmp/net.log 2>&1 &
+vhost-user-net --socket-path /tmp/net.sock --tap vutap0 --queues 2 >/tmp/net.log 2>&1 &
 net_pid=$!
 n=0; while { [ ! -S /tmp/blk.sock ] || [ ! -S /tmp/net.sock ]; } && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 $IP addr add 198.51.100.1/24 dev vutap0
@@ -86,9 +86,9 @@ t0=$(lab_uptime)
     | lab_console "$t0" l2 | tee /tmp/l2.log ) &
 if wait_for /tmp/l2.log '^L2-VAL ready' 300; then
     cycle hd0 add-disk path=/tmp/a.img
-    cycle hn0 add-net tap=vmtap0,mac=52:54:00:00:00:12
+    cycle hn0 add-net tap=vmtap0,mac=52:54:00:00:00:12,queues=2
     cycle ud0 add-disk vhost_user=on,socket=/tmp/blk.sock
-    cycle un0 add-net vhost_user=on,socket=/tmp/net.sock,mac=52:54:00:00:00:13
+    cycle un0 add-net vhost_user=on,socket=/tmp/net.sock,mac=52:54:00:00:00:13,queues=2
     wait_for /tmp/l2.log '^L2-VAL power-watch' 60
     _t=$(lab_uptime)
     remote power-button && echo "LAB-VAL power-button-pressed"
