@@ -429,7 +429,16 @@ fn assigned_nic_and_nvme_hot_added_removed_and_added_again() {
             );
         }
     }
-    assert_eq!(run.require("L2-VAL $tag-nvme0-written"), "ok");
+    assert_eq!(run.require("L2-VAL msix-nvme0-written"), "ok");
+    // Guest RAM left the IOMMU before the last group left the container (after, the
+    // kernel has dropped the mappings already and refuses the unmap).
+    assert!(
+        !run.lines
+            .iter()
+            .any(|l| l.text.contains("cannot unmap DMA")),
+        "{}",
+        run.report()
+    );
     assert_eq!(run.require("LAB-VAL msix-nvme0-check-after-remove-1"), "0");
     assert_eq!(run.require("LAB-VAL released"), "4");
     run.assert_ok("unbind-nvme");

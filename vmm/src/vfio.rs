@@ -388,12 +388,17 @@ impl VfioHost {
     /// Forgets device `id` (it left the bus and was dropped). True when none is left: the
     /// caller then drops this host, which releases the container.
     pub fn forget(&mut self, id: &str) -> bool {
-        self.devices.remove(id);
+        // The last device's fd stays open until this host is dropped: guest RAM must leave
+        // the IOMMU before the last group leaves the container (see `Drop`).
+        let last = self.devices.len() == 1 && self.devices.contains_key(id);
+        if !last {
+            self.devices.remove(id);
+        }
         self.assigned
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|w| w.strong_count() > 0);
-        self.devices.is_empty()
+        last || self.devices.is_empty()
     }
 }
 
