@@ -48,12 +48,12 @@ if wait_for /tmp/l2.log '^== guest: waiting for an assigned NIC' 300; then
     api info
     api add-device path=/sys/bus/pci/devices/$NIC_BDF,id=nic0
     wait_for /tmp/l2.log '^== guest: done with the assigned NIC' 120
+    api counters
     api remove-device nic0
     n=0; while vmm-remote --api-socket $API info 2>/dev/null | grep -q '"nic0": {' && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
     echo "== the guest ejected nic0 and the vmm released it; the host device can be assigned again:"
     echo "== \$ passthrough check $NIC_BDF --memory 512M"
     passthrough check $NIC_BDF --memory 512M 2>&1 | sed 's/^/   /'
-    api counters
 fi
 wait_for /tmp/l2.log '^VMM-RC' 120
 check vmm-exit-0 grep -q '^VMM-RC 0$' /tmp/l2.log

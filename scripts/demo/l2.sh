@@ -18,7 +18,11 @@ while [ -z "$dev" ] && [ $n -lt 1200 ]; do
     [ -n "$dev" ] || sleep 0.1; n=$((n + 1))
 done
 if [ -n "$dev" ]; then
-    ifc=$(ls /sys/bus/pci/devices/$dev/net/ | head -n1)
+    # The interface appears once the driver's probe has registered it.
+    n=0; ifc=""
+    while [ -z "$ifc" ] && [ $n -lt 200 ]; do
+        ifc=$(ls /sys/bus/pci/devices/$dev/net/ 2>/dev/null | head -n1); [ -n "$ifc" ] || sleep 0.1; n=$((n + 1))
+    done
     echo "== guest: the e1000e driver bound to $dev ($ifc), hot-added through ACPI"
     ip link set $ifc up; ip addr add 198.51.100.2/24 dev $ifc
     n=0; until [ "$(cat /sys/class/net/$ifc/carrier 2>/dev/null)" = 1 ] || [ $n -ge 100 ]; do sleep 0.1; n=$((n + 1)); done
