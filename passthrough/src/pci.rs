@@ -87,6 +87,12 @@ pub trait PciDevice: Send {
     fn bar_mapping(&mut self, _index: usize, _at: Option<u64>) -> Result<(), BarMapError> {
         Ok(())
     }
+    /// `vm.pause` (true) and `vm.resume` (false): the device's own threads stop taking
+    /// requests and finish what they hold, or go on. Returns, for a pause, a probe that
+    /// says when they have (None: nothing to wait for).
+    fn pause(&mut self, _paused: bool) -> Option<Box<dyn Fn() -> bool + Send>> {
+        None
+    }
 }
 
 /// A configuration space with per-bit write masks (read-only bits keep their value).

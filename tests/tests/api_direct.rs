@@ -258,7 +258,8 @@ fn pause_parks_the_vcpus_resume_restarts_them_and_sigterm_ends_a_paused_vm() {
     );
     assert_eq!(status.code(), Some(0), "{}", vm.log());
     assert!(
-        vm.log().contains("the VM is paused (2 vCPUs parked)"),
+        vm.log()
+            .contains("the VM is paused (2 vCPUs parked, the devices quiesced)"),
         "{}",
         vm.log()
     );

@@ -82,6 +82,9 @@ pub struct ApiContext {
     pub exit: ExitHandle,
     /// The exit counters now.
     pub counters: Box<dyn Fn() -> ExitStats + Send + Sync>,
+    /// Pauses (true) or resumes the devices' threads; for a pause, waits (bounded) until
+    /// they have finished what they held, or says which have not.
+    pub devices_pause: Box<dyn Fn(bool) -> Result<(), String> + Send + Sync>,
 }
 
 /// The configuration as `vm.info` shows it (Cloud Hypervisor's `VmConfig` field names where
@@ -135,6 +138,9 @@ pub fn handle(ctx: &ApiContext, method: &str, url: &str) -> Reply {
         "vm.resume" => want("PUT").unwrap_or_else(|| {
             if !ctx.pause.is_paused() {
                 return error(409, "the VM is not paused".into());
+            }
+            if let Err(e) = (ctx.devices_pause)(false) {
+                log::warn!("api: resuming the devices: {e}");
             }
             ctx.pause.resume();
             log::info!("api: the VM is resumed");
@@ -395,7 +401,17 @@ fn pause(ctx: &ApiContext) -> Reply {
     };
     match ctx.pause.pause(threads.len(), &kick, PAUSE_DEADLINE) {
         Ok(()) => {
-            log::info!("api: the VM is paused ({} vCPUs parked)", threads.len());
+            // The vCPUs add no request now; the device threads finish what they hold.
+            match (ctx.devices_pause)(true) {
+                Ok(()) => log::info!(
+                    "api: the VM is paused ({} vCPUs parked, the devices quiesced)",
+                    threads.len()
+                ),
+                Err(e) => log::warn!(
+                    "api: the VM is paused ({} vCPUs parked), but {e}",
+                    threads.len()
+                ),
+            }
             (204, None)
         }
         Err(e) if ctx.pause.is_paused() => error(409, e),
@@ -779,6 +795,7 @@ mod tests {
                 vcpu_threads: Arc::default(),
                 exit,
                 counters: Box::new(move || stats.clone()),
+                devices_pause: Box::new(|_| Ok(())),
             },
             rx,
         )

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
@@ -290,6 +291,10 @@ impl Vm {
                     vcpu_threads: vcpu_threads.clone(),
                     exit: self.exit.clone(),
                     counters: Box::new(move || ExitStats::collect(&pio, &mmio, &counters)),
+                    devices_pause: {
+                        let root = self._pci.clone();
+                        Box::new(move |paused| pause_devices(&root, paused))
+                    },
                 };
                 Some(crate::api::ApiServer::start(&socket, ctx)?)
             }
@@ -413,6 +418,36 @@ impl Vm {
         drop(self.vm);
         drop(self.ram);
         Ok((why, stats))
+    }
+}
+
+/// How long `vm.pause` waits for the device threads to finish what they hold.
+const DEVICE_PAUSE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Pauses or resumes every device's threads; for a pause, waits until each has finished
+/// what it held and parked, at most [`DEVICE_PAUSE_DEADLINE`].
+fn pause_devices(root: &Mutex<PciRoot>, paused: bool) -> Result<(), String> {
+    let probes = root
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pause_all(paused);
+    let start = std::time::Instant::now();
+    loop {
+        let waiting: Vec<&str> = probes
+            .iter()
+            .filter(|(_, done)| !done())
+            .map(|(name, _)| name.as_str())
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() > DEVICE_PAUSE_DEADLINE {
+            return Err(format!(
+                "{} still finishing requests after {DEVICE_PAUSE_DEADLINE:?} (they park once done)",
+                waiting.join(", ")
+            ));
+        }
+        thread::sleep(Duration::from_millis(1));
     }
 }
 

@@ -36,6 +36,7 @@ fn context() -> (ApiContext, std::sync::mpsc::Receiver<vmm::exit::Control>) {
             vcpu_threads: Arc::default(),
             exit,
             counters: Box::new(ExitStats::default),
+            devices_pause: Box::new(|_| Ok(())),
         },
         rx,
     )

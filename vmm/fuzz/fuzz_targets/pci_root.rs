@@ -21,7 +21,8 @@
 //! - 4: read through ECAM
 //! - 5: write BAR register `4 + b % 6` of device `a % 6` with an interesting address
 //!   (`op >> 3`: the fixed ports, ECAM, RAM, another BAR's address, window edges, all ones)
-//! - 6: write the command register of device `a % 6`: `b & 7`
+//! - 6: write the command register of device `a % 6`: `b & 7`; with `op >> 3` all ones, the
+//!   guest ejects slot `a % 6` instead (`PciRoot::remove`) and the device is added back
 //! - 7: an access of `1 << (op >> 3 & 3)` bytes at a BAR the root mapped (`a` picks it,
 //!   `b` the offset), a write when `op >> 5 & 1`
 #![no_main]
@@ -421,6 +422,41 @@ fuzz_target!(|data: &[u8]| {
                     // And the high dword, as a 64-bit relocation does.
                     let hi = ((v >> 32) as u32).to_le_bytes();
                     r.ecam.write(u64::from(dev) << 15 | (reg + 1) << 2, &hi);
+                }
+            }
+            6 if op >> 3 == 0x1f => {
+                // The guest ejects slot `dev` (its _EJ0): the device leaves the bus with
+                // nothing of it routed or registered, and comes back (a hot-add) in the
+                // first free slot.
+                let slot = dev as u8;
+                let taken = r.root.lock().unwrap().remove(slot);
+                if let Some((name, d)) = taken {
+                    assert!(r.root.lock().unwrap().mapped().iter().all(|m| m.slot != slot));
+                    for (s, f) in &r.fakes {
+                        if *s == slot {
+                            assert!(f.lock().unwrap().routed.is_empty(), "still routed");
+                        }
+                    }
+                    if r.virtio.0 == slot {
+                        assert!(
+                            r.registry.0.lock().unwrap().is_empty(),
+                            "doorbells left registered"
+                        );
+                    }
+                    let new = r.root.lock().unwrap().add(&name, d).unwrap();
+                    for (s, _) in r.devs.iter_mut() {
+                        if *s == slot {
+                            *s = new;
+                        }
+                    }
+                    for (s, _) in r.fakes.iter_mut() {
+                        if *s == slot {
+                            *s = new;
+                        }
+                    }
+                    if r.virtio.0 == slot {
+                        r.virtio.0 = new;
+                    }
                 }
             }
             6 => {

@@ -551,6 +551,22 @@ impl PciRoot {
         Some((slot.name, slot.dev))
     }
 
+    /// `vm.pause` / `vm.resume` for every device; for a pause, each device's probe that says
+    /// when its threads have finished what they held and parked.
+    pub fn pause_all(&self, paused: bool) -> Vec<(String, Box<dyn Fn() -> bool + Send>)> {
+        self.devices
+            .values()
+            .filter_map(|s| {
+                let probe = s
+                    .dev
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pause(paused)?;
+                Some((s.name.clone(), probe))
+            })
+            .collect()
+    }
+
     pub fn take_devices(&mut self) -> Vec<(String, Arc<Mutex<dyn PciDevice>>)> {
         let slots: Vec<u8> = self.devices.keys().copied().filter(|&s| s != 0).collect();
         let mut out = Vec::new();

@@ -7,6 +7,7 @@ pub mod pci;
 pub mod vhost_user;
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -49,11 +50,79 @@ impl Irq {
     }
 }
 
-/// State a device shares with its transport while active: NEEDS_RESET and the config
-/// interrupt.
+/// State a device shares with its transport while active: NEEDS_RESET, the config
+/// interrupt, and `vm.pause`.
 pub struct DeviceShared {
     needs_reset: AtomicBool,
     config_irq: Irq,
+    pub pause: DevicePause,
+}
+
+/// `vm.pause` for a device's threads: while set, each stops taking requests, finishes what
+/// it holds (a block queue drains its I/O in flight) and parks until the pause ends or the
+/// thread is stopped.
+#[derive(Default)]
+pub struct DevicePause {
+    paused: AtomicBool,
+    /// Device threads running, and those parked now.
+    running: std::sync::atomic::AtomicUsize,
+    parked: std::sync::atomic::AtomicUsize,
+}
+
+/// A device thread counted as running while this lives.
+pub struct Running<'a>(&'a DevicePause);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How often a parked device thread looks at its pause flag.
+const PARK_TICK_MS: i32 = 10;
+
+impl DevicePause {
+    pub fn set(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// A device thread starts: counted until the guard drops.
+    pub fn enter(&self) -> Running<'_> {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        Running(self)
+    }
+
+    /// Every running device thread is parked.
+    pub fn quiesced(&self) -> bool {
+        self.parked.load(Ordering::SeqCst) >= self.running.load(Ordering::SeqCst)
+    }
+
+    /// Parks the calling device thread while the pause lasts. True: `stop` fired meanwhile
+    /// (the thread returns); false: resumed.
+    pub fn park(&self, stop: &EventFd) -> bool {
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        let stopped = loop {
+            if !self.is_paused() {
+                break false;
+            }
+            let mut fds = [libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            // SAFETY: one valid pollfd for the length given; `stop` outlives the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, PARK_TICK_MS) };
+            if n > 0 && fds[0].revents & libc::POLLIN != 0 {
+                break true;
+            }
+        };
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+        stopped
+    }
 }
 
 impl DeviceShared {
@@ -61,6 +130,7 @@ impl DeviceShared {
         DeviceShared {
             needs_reset: AtomicBool::new(false),
             config_irq,
+            pause: DevicePause::default(),
         }
     }
 

@@ -123,7 +123,17 @@ impl PairThread {
         let stop = self.stop.try_clone()?;
         let mut events = [EpollEvent::default(); 8];
         let (mut do_rx, mut do_tx, mut do_ctrl) = (true, true, true);
+        let shared = self.shared.clone();
+        let _running = shared.pause.enter();
         loop {
+            if shared.pause.is_paused() {
+                // vm.pause: no frame in or out until the pause ends (the tap keeps them).
+                if shared.pause.park(&stop) {
+                    return Ok(());
+                }
+                (do_rx, do_tx, do_ctrl) = (true, true, true);
+                continue;
+            }
             if do_tx {
                 // The TX budget ran out with chains left: serve them again after the events.
                 do_tx = self.tx_round(&mut tap)?.1;

@@ -162,6 +162,8 @@ pub struct VirtioPciDevice {
     queue_select: u16,
     queues: Vec<QueueRegs>,
     shared: Option<Arc<DeviceShared>>,
+    /// `vm.pause` is on: a device activated meanwhile starts paused.
+    paused: bool,
     /// The status before a reset the device has not finished (0: none pending).
     resetting: u8,
     /// Queue notifications that reached userspace (no ioeventfd caught them).
@@ -286,6 +288,7 @@ impl VirtioPciDevice {
             queue_select: 0,
             queues: max_sizes.into_iter().map(QueueRegs::new).collect(),
             shared: None,
+            paused: false,
             resetting: 0,
             notify_exits: Arc::new(AtomicU64::new(0)),
             faults: backends::ratelimit::GuestErrorLog::new(name),
@@ -401,6 +404,7 @@ impl VirtioPciDevice {
             });
         }
         let shared = Arc::new(DeviceShared::new(self.vector_irq(self.msix_config)));
+        shared.pause.set(self.paused);
         self.shared = Some(shared.clone());
         let activation = Activation {
             mem: self.mem.clone(),
@@ -597,6 +601,21 @@ impl VirtioPciDevice {
 }
 
 impl PciDevice for VirtioPciDevice {
+    fn pause(&mut self, paused: bool) -> Option<Box<dyn Fn() -> bool + Send>> {
+        self.paused = paused;
+        let shared = self.shared.clone()?;
+        shared.pause.set(paused);
+        if !paused {
+            return None;
+        }
+        // Each queue thread sleeping in epoll wakes to see the pause (the guest's vCPUs are
+        // parked: a spurious kick only makes the thread look at its ring).
+        for k in &self.kicks {
+            let _ = k.write(1);
+        }
+        Some(Box::new(move || shared.pause.quiesced()))
+    }
+
     fn read_config(&mut self, reg: usize) -> u32 {
         if reg == self.msix_cap / 4 {
             let v = self.config.read(reg);
