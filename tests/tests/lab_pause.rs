@@ -1,6 +1,6 @@
 //! `vm.pause` / `vm.resume` around guest I/O in the lab: our vmm runs a Linux guest (the cloud
-//! kernel) whose script writes, reads back and checks a disk in a loop while printing a
-//! tick on its console; L1 pauses and resumes it 100 times through `vmm-remote`. While
+//! kernel) whose script writes, reads back and checks two disks (an in-VMM virtio-blk and a
+//! vhost-user-blk served by our daemon) in a loop while printing a tick on its console; L1 pauses and resumes it 100 times through `vmm-remote`. While
 //! paused, the guest's clock-driven work stops: no console output and no exit counter
 //! moves between two looks 0.3 s apart; after each resume the guest goes on, and at the end
 //! every block it wrote read back as written, with no I/O error, hung task or RCU stall in
@@ -23,9 +23,14 @@ API=/tmp/api.sock
 remote() { vmm-remote --api-socket $API "$@"; }
 exits() { remote counters 2>/dev/null | awk '/"exits":/ { gsub(/[^0-9]/, "", $2); print $2; exit }'; }
 dd if=/dev/zero of=/tmp/a.img bs=1M count=72 2>/dev/null
+dd if=/dev/zero of=/tmp/u.img bs=1M count=40 2>/dev/null
+vhost-user-blk --socket-path /tmp/blk.sock --blk-file /tmp/u.img >/tmp/blk.log 2>&1 &
+blk_pid=$!
+n=0; while [ ! -S /tmp/blk.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 t0=$(lab_uptime)
 ( { vmm --kernel "$L2_KERNEL" --initramfs "$L2_INITRD" --cmdline "$L2_CMDLINE" \
     --cpus 2 --memory 512M --disk path=/tmp/a.img,id=disk0 --api-socket path=$API \
+    --vhost-user-blk socket=/tmp/blk.sock,id=vublk \
     </dev/null 2>&1; echo "VMM-RC $?"; } | lab_console "$t0" l2 | tee /tmp/l2.log ) &
 if wait_for /tmp/l2.log '^L2-VAL io-loop-started' 300; then
     moved_out=0 moved_exits=0 failed=0 i=1
@@ -58,6 +63,8 @@ fi
 wait_for /tmp/l2.log '^VMM-RC' 300
 check vmm-exit-0 grep -q '^VMM-RC 0$' /tmp/l2.log
 check l2-exit grep -q '^L2-EXIT 0$' /tmp/l2.log
+check blk-daemon-alive kill -0 $blk_pid
+kill $blk_pid
 lab_finish
 "#;
 
@@ -72,9 +79,11 @@ while [ "$(cut -d. -f1 /proc/uptime)" -lt $end ] &&
     [ "$(dd if=/dev/vda bs=64k skip=1024 count=1 iflag=direct 2>/dev/null | head -c 4)" != STOP ]; do
     b=$((pass % 512))
     printf 'BLOCK-%08d-' $pass | dd of=/tmp/blk bs=64k conv=sync 2>/dev/null
-    dd if=/tmp/blk of=/dev/vda bs=64k seek=$b oflag=direct conv=notrunc 2>/dev/null || bad=$((bad + 1))
-    got=$(dd if=/dev/vda bs=64k skip=$b count=1 iflag=direct 2>/dev/null | head -c 15)
-    [ "$got" = "$(printf 'BLOCK-%08d-' $pass)" ] || bad=$((bad + 1))
+    for d in vda vdb; do
+        dd if=/tmp/blk of=/dev/$d bs=64k seek=$b oflag=direct conv=notrunc 2>/dev/null || bad=$((bad + 1))
+        got=$(dd if=/dev/$d bs=64k skip=$b count=1 iflag=direct 2>/dev/null | head -c 15)
+        [ "$got" = "$(printf 'BLOCK-%08d-' $pass)" ] || bad=$((bad + 1))
+    done
     pass=$((pass + 1))
     echo "tick $pass"
 done
@@ -92,6 +101,7 @@ fn hundred_pauses_and_resumes_under_guest_io() {
     eprintln!("{}", run.report());
     run.assert_ok("vmm-exit-0");
     run.assert_ok("l2-exit");
+    run.assert_ok("blk-daemon-alive");
     assert_eq!(run.require("LAB-VAL cycles-failed"), "0");
     assert_eq!(run.require("LAB-VAL paused-with-console-output"), "0");
     assert_eq!(run.require("LAB-VAL paused-with-exits"), "0");

@@ -185,6 +185,10 @@ pub trait VirtioDevice: Send {
     fn reset_pending(&self) -> bool {
         false
     }
+    /// vm.pause / vm.resume for a device whose requests another process takes (vhost-user):
+    /// handed to its control side, never waited for here. In-VMM devices pause their own
+    /// threads through [`DeviceShared::pause`].
+    fn pause(&mut self, _paused: bool) {}
 }
 
 /// A device thread's stop signal and handle.

@@ -603,6 +603,7 @@ impl VirtioPciDevice {
 impl PciDevice for VirtioPciDevice {
     fn pause(&mut self, paused: bool) -> Option<Box<dyn Fn() -> bool + Send>> {
         self.paused = paused;
+        self.device.pause(paused);
         let shared = self.shared.clone()?;
         shared.pause.set(paused);
         if !paused {

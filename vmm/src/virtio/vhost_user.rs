@@ -461,6 +461,8 @@ fn poll_in(fd: RawFd, timeout: Option<Duration>) -> bool {
 enum Command {
     Activate(Box<Setup>),
     Reset,
+    /// vm.pause (true) / vm.resume: the back-end's rings disabled, and enabled again.
+    Pause(bool),
 }
 
 /// What the device and its control thread share.
@@ -917,9 +919,42 @@ struct State {
     /// Once `gone` is known dead: whether its rings had no request pending then (see
     /// [`State::note_death`]).
     idle_at_death: Option<bool>,
+    /// vm.pause is on: the back-end's rings are disabled (SET_VRING_ENABLE 0), so it takes
+    /// no request (what it holds completes); a back-end that connects meanwhile gets them
+    /// disabled too.
+    paused: bool,
 }
 
 impl State {
+    /// Tells the back-end whether its rings are enabled, as `paused` says (it needs the
+    /// protocol features, which carry SET_VRING_ENABLE). On resume every queue is kicked:
+    /// the back-end looks at what the guest added before the pause.
+    fn apply_pause(&mut self, ctx: &Ctx) {
+        let (Some(conn), Some(setup)) = (self.conn.as_mut(), self.setup.as_ref()) else {
+            return;
+        };
+        if !conn.rings || conn.protocol.is_empty() || self.halted {
+            return;
+        }
+        let fe = &mut conn.frontend;
+        let enable = !self.paused;
+        let mut failed = None;
+        for q in &setup.queues {
+            if let Err(e) = ctx.rq("SET_VRING_ENABLE", || fe.set_vring_enable(q.index, enable)) {
+                failed = Some(e);
+                break;
+            }
+        }
+        if enable {
+            for q in &setup.queues {
+                let _ = q.kick.write(1);
+            }
+        }
+        if let Some(e) = failed {
+            self.lost(ctx, &e);
+        }
+    }
+
     fn lost(&mut self, ctx: &Ctx, why: &dyn std::fmt::Display) {
         if let Some(c) = self.conn.take() {
             log::warn!(
@@ -959,6 +994,9 @@ impl State {
             }
         }
         self.setup = Some(setup);
+        if self.paused {
+            self.apply_pause(ctx);
+        }
     }
 
     fn reset(&mut self, ctx: &Ctx) {
@@ -1133,6 +1171,9 @@ impl State {
         self.gone = None;
         self.idle_at_death = None;
         self.down_since = None;
+        if self.paused {
+            self.apply_pause(ctx);
+        }
         self.quiet = false;
     }
 
@@ -1194,6 +1235,10 @@ fn control(ctx: &Ctx, mut st: State) {
                 Command::Reset => {
                     st.reset(ctx);
                     ctx.ctl.resets.fetch_sub(1, Ordering::AcqRel);
+                }
+                Command::Pause(on) => {
+                    st.paused = on;
+                    st.apply_pause(ctx);
                 }
             }
         }
@@ -1525,6 +1570,7 @@ impl VhostUserDevice {
             halted: false,
             quiet: false,
             idle_at_death: None,
+            paused: false,
         };
         let (done_tx, done_rx) = mpsc::channel();
         let t = thread::Builder::new()
@@ -1627,6 +1673,11 @@ impl VirtioDevice for VhostUserDevice {
     fn reset(&mut self) {
         self.ctl.resets.fetch_add(1, Ordering::AcqRel);
         self.ctl.push(Command::Reset);
+    }
+
+    fn pause(&mut self, paused: bool) {
+        // Handed to the control thread, which talks to the back-end under its deadline.
+        self.ctl.push(Command::Pause(paused));
     }
 
     fn reset_pending(&self) -> bool {

@@ -937,6 +937,7 @@ fn outage_state(gone: Peer, setup: Setup) -> State {
         halted: false,
         quiet: false,
         idle_at_death: None,
+        paused: false,
     }
 }
 
@@ -1246,4 +1247,47 @@ fn a_region_marking_more_in_flight_than_outstanding_completes_no_more_than_outst
         ids.len() <= 3,
         "used index ran past the available one: {ids:?}"
     );
+}
+
+/// vm.pause disables the back-end's rings (SET_VRING_ENABLE 0 for each queue) without the
+/// caller waiting; vm.resume enables them again.
+#[test]
+fn a_pause_disables_the_backends_rings_and_a_resume_enables_them() {
+    const SET_VRING_ENABLE: u32 = 18;
+    {
+        let protocol = P_CONFIG | P_MQ;
+        let f = fake(Script {
+            protocol,
+            ..Script::default()
+        });
+        let ram = memfd();
+        let mut dev = VhostUserDevice::new(&cfg(&f.path, 2000), ram.as_raw_fd(), region()).unwrap();
+        let mem = guest_mem();
+        let (sh, _cfg_irq) = shared();
+        let (a, _call) = activation(&mem, 2, sh);
+        dev.activate(a).unwrap();
+        let enables = |on: bool| {
+            f.msgs
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|m| m.code == SET_VRING_ENABLE && (m.arg >> 32 == 1) == on)
+                .map(|m| m.arg & 0xffff_ffff)
+                .collect::<Vec<u64>>()
+        };
+        assert!(wait_until(Duration::from_secs(3), || f
+            .msgs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.code == SET_VRING_KICK && m.arg & 0xff == 1)));
+        let t = Instant::now();
+        dev.pause(true);
+        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+        assert!(wait_until(Duration::from_secs(3), || enables(false).len() == 2));
+        assert_eq!(enables(false), vec![0, 1]);
+        let before = enables(true).len();
+        dev.pause(false);
+        assert!(wait_until(Duration::from_secs(3), || enables(true).len() == before + 2));
+    }
 }
