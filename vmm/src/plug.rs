@@ -36,6 +36,8 @@ pub enum DeviceState {
     Running,
     /// The guest was asked to eject it and has not yet.
     Removing,
+    /// Ejected and released.
+    Removed,
 }
 
 /// One device as the API shows it.
@@ -623,6 +625,14 @@ impl Plugger {
                 (204, None)
             }
             Command::Remove(id) => match self.request_removal(&id) {
+                Ok((DeviceState::Removed, _)) => (
+                    200,
+                    Some(json!({
+                        "id": id,
+                        "state": DeviceState::Removed,
+                        "note": "removed already: the guest ejected it and the vmm released it",
+                    })),
+                ),
                 Ok((state, again)) => (
                     202,
                     Some(json!({
@@ -740,9 +750,7 @@ impl Plugger {
         let slot = {
             let mut reg = self.registry();
             if reg.removed.contains(id) && !reg.by_id.contains_key(id) {
-                return Err(PlugError::NotFound(format!(
-                    "device '{id}' was removed already"
-                )));
+                return Ok((DeviceState::Removed, true));
             }
             let Some(e) = reg.by_id.get_mut(id) else {
                 return Err(PlugError::NotFound(format!(
