@@ -124,13 +124,14 @@ fn main() -> ExitCode {
     match vmm::api::call(&a.api_socket, method, endpoint, body.as_deref(), deadline) {
         Ok((status, body)) if (200..300).contains(&status) => {
             if !body.is_empty() {
-                match serde_json::from_str::<serde_json::Value>(&body) {
-                    Ok(v) => println!(
-                        "{}",
-                        serde_json::to_string_pretty(&v).unwrap_or_else(|_| body.clone())
-                    ),
-                    Err(_) => println!("{body}"),
-                }
+                let text = match serde_json::from_str::<serde_json::Value>(&body) {
+                    Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_else(|_| body.clone()),
+                    Err(_) => body,
+                };
+                // A reader that stopped reading (`| head`, `| grep -q`) is not an error of
+                // the call: the answer was received.
+                use std::io::Write;
+                let _ = writeln!(std::io::stdout().lock(), "{text}");
             }
             ExitCode::SUCCESS
         }
