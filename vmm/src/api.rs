@@ -246,6 +246,10 @@ pub fn parse_command(endpoint: &str, body: &[u8]) -> Result<Command, String> {
             Some(Value::String(s)) if s.contains(',') || s.contains('=') => Err(format!(
                 "{endpoint}: \"{k}\" may not contain ',' or '=' (the vmm's option syntax)"
             )),
+            // What a client sends ends up in the vmm's log lines and answers: one line each.
+            Some(Value::String(s)) if s.chars().any(char::is_control) => Err(format!(
+                "{endpoint}: \"{k}\" may not contain control characters"
+            )),
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(_) => Err(format!("{endpoint}: \"{k}\" must be a string")),
         }
@@ -294,8 +298,10 @@ pub fn parse_command(endpoint: &str, body: &[u8]) -> Result<Command, String> {
         _ => return Err(format!("unknown endpoint {endpoint}")),
     };
     if let Some(k) = obj.keys().find(|k| !known.contains(&k.as_str())) {
+        // Quoted as JSON: a name with a newline or a quote stays one line, unambiguous.
+        let name = serde_json::to_string(k).unwrap_or_default();
         return Err(format!(
-            "{endpoint}: unknown field \"{k}\" (known: {})",
+            "{endpoint}: unknown field {name} (known: {})",
             known.join(", ")
         ));
     }
@@ -948,6 +954,17 @@ mod tests {
             ),
             ("vm.remove-device", "{}", "\"id\" is required"),
             ("vm.remove-device", r#"{"id": ""}"#, "is empty"),
+            (
+                "vm.add-disk",
+                r#"{"pa\nth": "/a"}"#,
+                "unknown field \"pa\\nth\"",
+            ),
+            ("vm.add-disk", r#"{"path": "/a\nb"}"#, "control characters"),
+            (
+                "vm.add-disk",
+                r#"{"path": "/a", "id": "x\u001b[2J"}"#,
+                "control characters",
+            ),
         ];
         for (endpoint, body, want) in cases {
             match add(endpoint, body) {

@@ -45,6 +45,8 @@ use vmm::virtio::{Activation, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEMORY: u64 = 512 << 20;
+/// The slot of a device that left the bus for good (no slot has this number).
+const NO_SLOT: u8 = 0xff;
 const QUEUES: usize = 2;
 
 /// A device with the BARs it is given, recording where the root routes them.
@@ -443,7 +445,11 @@ fuzz_target!(|data: &[u8]| {
                             "doorbells left registered"
                         );
                     }
-                    let new = r.root.lock().unwrap().add(&name, d).unwrap();
+                    // Its BARs are where the guest left them: the root refuses to add it
+                    // back when one of them cannot decode there (nothing of it mapped).
+                    // The vmm never re-adds a device object; a hot-add is a new device.
+                    let added = r.root.lock().unwrap().add(&name, d);
+                    let new = added.unwrap_or(NO_SLOT);
                     for (s, _) in r.devs.iter_mut() {
                         if *s == slot {
                             *s = new;
