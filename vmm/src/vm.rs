@@ -376,6 +376,21 @@ impl Vm {
             let _ = w.join();
         }
         vcpu::stop_all(&stop, threads);
+        // What reached the control thread after the exit: a device the guest ejected meanwhile
+        // is released now, while guest memory is still there for its threads to finish on;
+        // an API request is told the VM stopped (its sender is gone with the API thread).
+        while let Ok(msg) = self.exit_rx.try_recv() {
+            match msg {
+                Control::Ejected { slot, id, device } => self.plugger.release(slot, &id, device),
+                Control::Api(_, reply) => {
+                    let _ = reply.send((
+                        503,
+                        Some(serde_json::json!({ "error": "the VM stopped first" })),
+                    ));
+                }
+                Control::Exit(_) => {}
+            }
+        }
         self.serial
             .lock()
             .unwrap_or_else(|p| p.into_inner())
