@@ -99,13 +99,15 @@ fn run_queue(
     let mut pending_completion = false;
     let _running = shared.pause.enter();
     loop {
-        if shared.pause.is_paused() && !broken {
+        if shared.pause.is_paused() {
             // vm.pause: what is in flight completes (and the guest is told), nothing new is
-            // taken until the pause ends.
-            match engine.drain(&mut aq.queue) {
-                Ok(o) if o.notify => aq.irq.trigger(),
-                Ok(_) => {}
-                Err(e) => log::warn!("{name}: queue {}: draining for a pause: {e}", aq.index),
+            // taken until the pause ends. (A broken queue takes nothing anyway: it parks.)
+            match (!broken).then(|| engine.drain(&mut aq.queue)) {
+                Some(Ok(o)) if o.notify => aq.irq.trigger(),
+                Some(Err(e)) => {
+                    log::warn!("{name}: queue {}: draining for a pause: {e}", aq.index)
+                }
+                _ => {}
             }
             if shared.pause.park(&stop) {
                 return;
@@ -143,6 +145,11 @@ fn run_queue(
                     }
                 }
             }
+        }
+        // A pause that came while the thread polled (the transport's kick consumed there)
+        // is seen before it sleeps.
+        if shared.pause.is_paused() {
+            continue;
         }
         let timeout = if pending_kick && !broken { 0 } else { -1 };
         let n = match epoll.wait(timeout, &mut events) {
@@ -523,7 +530,11 @@ mod tests {
     /// thread still stops at once while parked. With and without a polling window.
     #[test]
     fn a_paused_queue_takes_nothing_and_serves_again_on_resume() {
-        for poll in [Duration::ZERO, Duration::from_micros(200)] {
+        for poll in [
+            Duration::ZERO,
+            Duration::from_micros(200),
+            Duration::from_millis(50),
+        ] {
             let mut d = Driver::new("pause", poll, false);
             d.read(1);
             d.shared.pause.set(true);

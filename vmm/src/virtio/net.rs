@@ -173,6 +173,11 @@ impl PairThread {
                     }
                 }
             }
+            // A pause that came while the pair polled (a kick consumed there) is seen before
+            // the thread sleeps.
+            if shared.pause.is_paused() {
+                continue;
+            }
             let n = match epoll.wait(if pending { 0 } else { -1 }, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
