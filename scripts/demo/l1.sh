@@ -5,13 +5,6 @@
 #   passthrough: L1's e1000e, assigned to the running guest through the control API
 #   (`vmm-remote add-device`), pinged through, and taken back (`remove-device`).
 . /lab/lib.sh
-wait_for() {
-    _w=0
-    while ! grep -qE "$2" "$1" 2>/dev/null; do
-        [ $_w -ge $(($3 * 10)) ] && return 1
-        sleep 0.1; _w=$((_w + 1))
-    done
-}
 API=/tmp/api.sock
 # api ARGS...: one control API call, shown as typed and answered.
 api() {

@@ -32,6 +32,27 @@ lab_uptime() { cut -d' ' -f1 /proc/uptime; }
 # lab_elapsed T0: seconds since uptime T0, two decimals.
 lab_elapsed() { awk -v t0="$1" '{ printf "%.2f\n", $1 - t0 }' /proc/uptime; }
 
+# wait_for FILE REGEX SECS: until a line matching REGEX (grep -E) is in FILE; 1 on timeout.
+wait_for() {
+    _w=0
+    while ! grep -qE "$2" "$1" 2>/dev/null; do
+        [ $_w -ge $(($3 * 10)) ] && return 1
+        sleep 0.1
+        _w=$((_w + 1))
+    done
+}
+
+# api_gone SOCKET ID: until the vmm on the API socket SOCKET no longer lists device ID in
+# vm.info (the guest ejected it and the vmm released it); 1 after 30 s.
+api_gone() {
+    _w=0
+    while vmm-remote --api-socket "$1" info 2>/dev/null | grep -q "\"$2\": {"; do
+        [ $_w -ge 300 ] && return 1
+        sleep 0.1
+        _w=$((_w + 1))
+    done
+}
+
 # check NAME COMMAND...: run COMMAND, print LAB-OK NAME or LAB-FAIL NAME.
 check() {
     _name=$1

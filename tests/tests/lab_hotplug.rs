@@ -23,23 +23,8 @@ use tests::lab::{lab_dir, Scenario};
 
 const L1: &str = r#"
 . /lab/lib.sh
-wait_for() {
-    _w=0
-    while ! grep -qE "$2" "$1" 2>/dev/null; do
-        [ $_w -ge $(($3 * 10)) ] && return 1
-        sleep 0.1; _w=$((_w + 1))
-    done
-}
 API=/tmp/api.sock
 remote() { vmm-remote --api-socket $API "$@"; }
-# gone ID: until vm.info no longer lists ID (at most 30 s).
-gone() {
-    _w=0
-    while remote info 2>/dev/null | grep -q "\"$1\": {"; do
-        [ $_w -ge 300 ] && return 1
-        sleep 0.1; _w=$((_w + 1))
-    done
-}
 # cycle NAME ADD-KIND OPTIONS: add, wait for the guest's use, remove, wait until gone, twice.
 cycle() {
     _n=$1 _k=$2 _o=$3
@@ -55,7 +40,7 @@ cycle() {
         _t=$(lab_uptime)
         remote remove-device "$_n" >/tmp/rm.json 2>&1
         echo "LAB-VAL $_n-remove-$_r $(tr -d ' \n' </tmp/rm.json)"
-        if gone "$_n"; then
+        if api_gone $API "$_n"; then
             echo "LAB-VAL $_n-gone-$_r-after-s $(lab_elapsed "$_t")"
         else
             echo "LAB-VAL $_n-gone-$_r-after-s never"
@@ -270,22 +255,8 @@ fn every_model_hot_added_used_removed_and_added_again_then_the_power_button() {
 /// hot-added slot's INTA).
 const VFIO_L1: &str = r#"
 . /lab/lib.sh
-wait_for() {
-    _w=0
-    while ! grep -qE "$2" "$1" 2>/dev/null; do
-        [ $_w -ge $(($3 * 10)) ] && return 1
-        sleep 0.1; _w=$((_w + 1))
-    done
-}
 API=/tmp/api.sock
 remote() { vmm-remote --api-socket $API "$@"; }
-gone() {
-    _w=0
-    while remote info 2>/dev/null | grep -q "\"$1\": {"; do
-        [ $_w -ge 300 ] && return 1
-        sleep 0.1; _w=$((_w + 1))
-    done
-}
 # hot TAG ID BDF ROUND: add the host device, wait for the guest to have used it, remove it.
 hot() {
     _t=$(lab_uptime)
@@ -298,7 +269,7 @@ hot() {
     fi
     _t=$(lab_uptime)
     remote remove-device "$2" >/dev/null 2>&1
-    if gone "$2"; then
+    if api_gone $API "$2"; then
         echo "LAB-VAL $1-$2-gone-$4-after-s $(lab_elapsed "$_t")"
     else
         echo "LAB-VAL $1-$2-gone-$4-after-s never"

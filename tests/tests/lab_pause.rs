@@ -13,13 +13,6 @@ use tests::lab::Scenario;
 
 const L1: &str = r#"
 . /lab/lib.sh
-wait_for() {
-    _w=0
-    while ! grep -qE "$2" "$1" 2>/dev/null; do
-        [ $_w -ge $(($3 * 10)) ] && return 1
-        sleep 0.1; _w=$((_w + 1))
-    done
-}
 API=/tmp/api.sock
 remote() { vmm-remote --api-socket $API "$@"; }
 exits() { remote counters 2>/dev/null | awk '/"exits":/ { gsub(/[^0-9]/, "", $2); print $2; exit }'; }

@@ -42,14 +42,6 @@ use tests::lab::{LabRun, Scenario, L1_ATTEMPTS};
 /// Shell helpers of every L1 script here.
 const L1_COMMON: &str = r#"
 . /lab/lib.sh
-# wait_for FILE REGEX SECS: until a line matching REGEX (grep -E) is in FILE; 1 on timeout.
-wait_for() {
-    _w=0
-    while ! grep -qE "$2" "$1" 2>/dev/null; do
-        [ $_w -ge $(($3 * 10)) ] && return 1
-        sleep 0.1; _w=$((_w + 1))
-    done
-}
 # wait_sock PATH: until the unix socket PATH exists (at most 10 s).
 wait_sock() {
     _w=0
