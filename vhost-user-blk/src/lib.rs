@@ -55,7 +55,10 @@ pub const MAX_QUEUES: u16 = 64;
                   socket stays and the next frontend gets a fresh device. SIGTERM/SIGINT finish \
                   in-flight requests, flush the image, remove the socket and exit 0. Logs go to \
                   stderr (RUST_LOG=debug for more). With --fd and a socket already connected to a frontend, the \
-                  daemon serves that one connection and exits 0 when it ends."
+                  daemon serves that one connection and exits 0 when it ends. Our vmm takes the \
+                  back-end at start (--vhost-user-blk socket=PATH) or while its guest runs \
+                  (vmm-remote --api-socket API add-disk vhost_user=on,socket=PATH; \
+                  remove-device to give it back)."
 )]
 pub struct Args {
     /// Listen on this unix socket path (created; a stale socket is replaced; refused if a

@@ -52,7 +52,10 @@ pub const MAX_QUEUE_PAIRS: u16 = 31;
                   socket and the tap stay and the next frontend gets a fresh device. \
                   SIGTERM/SIGINT remove the socket and exit 0. Logs go to stderr \
                   (RUST_LOG=debug for more). With --fd and a socket already connected to a frontend, the \
-                  daemon serves that one connection and exits 0 when it ends."
+                  daemon serves that one connection and exits 0 when it ends. Our vmm takes the \
+                  back-end at start (--vhost-user-net socket=PATH) or while its guest runs \
+                  (vmm-remote --api-socket API add-net vhost_user=on,socket=PATH; \
+                  remove-device to give it back)."
 )]
 pub struct Args {
     /// Listen on this unix socket path (created; a stale socket is replaced; refused if a
