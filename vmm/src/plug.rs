@@ -358,7 +358,9 @@ impl Plugger {
         let Some(host) = self.vfio.as_mut() else {
             return Err(Error::Internal("no VFIO container".into()).into());
         };
-        let opened = host.open(candidates, &self.memory, &self.exit)?;
+        // A mapping failure stops a VM that is booting; one that runs keeps running.
+        let exit = (!hotplug).then_some(&self.exit);
+        let opened = host.open(candidates, &self.memory, exit)?;
         let registry = self.registry.clone();
         let mut slots = Vec::new();
         for (c, dev) in candidates.iter().zip(opened) {

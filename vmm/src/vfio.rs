@@ -153,11 +153,13 @@ impl Drop for VfioHost {
 /// Maps guest RAM (`(guest address, size, host address)`) into the container for DMA on a
 /// thread of its own, and opens `gate` when done. A failure stops the VM: the devices cannot
 /// DMA, so the guest's drivers would time out one by one.
+/// `exit`: at boot the VM stops on a failure; for a device hot-added later (None) only the
+/// device is unusable (its Bus Master Enable is refused, the failure logged) and the VM runs on.
 fn map_guest_ram(
     container: Arc<Container>,
     regions: Vec<(u64, u64, usize)>,
     gate: Arc<DmaGate>,
-    exit: ExitHandle,
+    exit: Option<ExitHandle>,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     let total: u64 = regions.iter().map(|r| r.1).sum();
     std::thread::Builder::new()
@@ -173,7 +175,12 @@ fn map_guest_ram(
                         crate::error_line(&e)
                     );
                     gate.finish(Err(why.clone()));
-                    exit.request(VmExit::VmmError(why));
+                    match &exit {
+                        Some(exit) => exit.request(VmExit::VmmError(why)),
+                        None => log::error!(
+                            "{why}; the hot-added device cannot do DMA: remove it (vm.remove-device)"
+                        ),
+                    }
                     return;
                 }
             }
@@ -265,7 +272,7 @@ impl VfioHost {
         &mut self,
         candidates: &[Candidate<'_>],
         memory: &GuestMemory,
-        exit: &ExitHandle,
+        exit: Option<&ExitHandle>,
     ) -> Result<Vec<passthrough::vfio::HostDevice>, Error> {
         let mut opened = Vec::new();
         for c in candidates {
@@ -288,7 +295,7 @@ impl VfioHost {
                     self.container.clone(),
                     regions,
                     self.gate.clone(),
-                    exit.clone(),
+                    exit.cloned(),
                 )
                 .map_err(Error::Thread)?,
             );
