@@ -417,6 +417,7 @@ impl Scenario {
         // Silence counts only once L1 boots: waiting for another test's lab run (run.lock)
         // or for the images is quiet and no sign of a stuck L1.
         let mut l1_booting = false;
+        let mut monitor: Option<PathBuf> = None;
         loop {
             let now = Instant::now();
             if l1_booting && !lockup && now.duration_since(last_line) > self.stall {
@@ -426,6 +427,14 @@ impl Scenario {
                     "lab: no console output for {} s; L1 is stuck, killing it",
                     self.stall.as_secs()
                 );
+                // Where L1's vCPUs are, before it goes: the evidence of what stuck it.
+                for text in monitor.as_deref().map(l1_registers).unwrap_or_default() {
+                    eprintln!("{text}");
+                    lines.push(Line {
+                        at: start.elapsed(),
+                        text,
+                    });
+                }
                 lockup = true;
                 group.kill();
             }
@@ -456,6 +465,9 @@ impl Scenario {
                         Stream::Script => {
                             eprintln!("{text}");
                             l1_booting |= text.contains("booting L1");
+                            if let Some(p) = text.strip_prefix("lab: L1 monitor: ") {
+                                monitor = Some(PathBuf::from(p.trim()));
+                            }
                             script_lines.push(text);
                         }
                     }
@@ -513,6 +525,44 @@ impl Scenario {
         }
         unreachable!("the loop returns or panics on its second attempt")
     }
+}
+
+/// L1's vCPU registers from its QEMU monitor (`info registers -a`), as `L1-REGS` lines;
+/// empty when the monitor does not answer within 5 s.
+pub fn l1_registers(monitor: &Path) -> Vec<String> {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(monitor) else {
+        return Vec::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let _ = s.write_all(b"info registers -a\n");
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    while start.elapsed() < Duration::from_secs(5) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                // Quiet for half a second after some output: the answer is complete.
+                if out.len() > 200 {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&out)
+        .lines()
+        .map(|l| l.replace(|c: char| c.is_control(), ""))
+        .filter(|l| l.contains('=') && !l.starts_with("(qemu)"))
+        .map(|l| format!("L1-REGS {l}"))
+        .collect()
 }
 
 /// `(vcpu, rip)` of an `L1-TRACE` line with a shutdown exit (SVM's `shutdown`, VMX's

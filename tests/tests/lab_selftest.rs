@@ -91,3 +91,36 @@ fn lab_selftest() {
         run.duration.as_secs_f64()
     );
 }
+
+/// An L1 that goes silent is killed after the stall limit, and first its vCPUs' registers
+/// are read from L1's QEMU monitor (`L1-REGS` lines): the evidence of where a stuck L1 was
+/// (the lab's nested-virtualization stalls leave nothing else).
+#[test]
+fn a_silent_l1_is_killed_with_its_registers() {
+    let run = Scenario::new(
+        "lab_selftest_silent",
+        "echo LAB-VAL going-quiet\nsleep 600\n",
+    )
+    .stall(Duration::from_secs(20))
+    .timeout(Duration::from_secs(300))
+    .run()
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        run.outcome,
+        tests::lab::Outcome::L1Lockup,
+        "{}",
+        run.report()
+    );
+    assert!(run.value("going-quiet").is_some(), "{}", run.report());
+    let regs: Vec<&str> = run
+        .lines
+        .iter()
+        .filter(|l| l.text.starts_with("L1-REGS "))
+        .map(|l| l.text.as_str())
+        .collect();
+    assert!(
+        regs.iter().any(|l| l.contains("RIP=")) && regs.iter().any(|l| l.contains("CR3=")),
+        "no registers from L1's monitor:\n{}",
+        run.report()
+    );
+}
