@@ -23,76 +23,76 @@ use tests::lab::{lab_dir, Scenario};
 
 const L1: &str = r#"
 . /lab/lib.sh
-API=/tmp/api.sock
+API=$LAB_TMP/api.sock
 remote() { vmm-remote --api-socket $API "$@"; }
 # cycle NAME ADD-KIND OPTIONS: add, wait for the guest's use, remove, wait until gone, twice.
 cycle() {
     _n=$1 _k=$2 _o=$3
     for _r in 1 2; do
         _t=$(lab_uptime)
-        remote "$_k" "$_o,id=$_n" >/tmp/add.json 2>&1 || echo "LAB-VAL $_n-add-$_r-failed $(cat /tmp/add.json)"
-        echo "LAB-VAL $_n-add-$_r $(tr -d ' \n' </tmp/add.json)"
-        if wait_for /tmp/l2.log "^L2-VAL $_n-used-$_r" 120; then
+        remote "$_k" "$_o,id=$_n" >$LAB_TMP/add.json 2>&1 || echo "LAB-VAL $_n-add-$_r-failed $(cat $LAB_TMP/add.json)"
+        echo "LAB-VAL $_n-add-$_r $(tr -d ' \n' <$LAB_TMP/add.json)"
+        if wait_for $LAB_TMP/l2.log "^L2-VAL $_n-used-$_r" 120; then
             echo "LAB-VAL $_n-used-$_r-after-s $(lab_elapsed "$_t")"
         else
             echo "LAB-VAL $_n-used-$_r-after-s never"
         fi
         _t=$(lab_uptime)
-        remote remove-device "$_n" >/tmp/rm.json 2>&1
-        echo "LAB-VAL $_n-remove-$_r $(tr -d ' \n' </tmp/rm.json)"
+        remote remove-device "$_n" >$LAB_TMP/rm.json 2>&1
+        echo "LAB-VAL $_n-remove-$_r $(tr -d ' \n' <$LAB_TMP/rm.json)"
         if api_gone $API "$_n"; then
             echo "LAB-VAL $_n-gone-$_r-after-s $(lab_elapsed "$_t")"
         else
             echo "LAB-VAL $_n-gone-$_r-after-s never"
         fi
     done
-    remote remove-device "$_n" >/tmp/rm.json 2>&1
-    echo "LAB-VAL $_n-remove-again $(tr -d '\n' </tmp/rm.json)"
+    remote remove-device "$_n" >$LAB_TMP/rm.json 2>&1
+    echo "LAB-VAL $_n-remove-again $(tr -d '\n' <$LAB_TMP/rm.json)"
 }
 
-dd if=/dev/zero of=/tmp/a.img bs=1M count=32 2>/dev/null
-printf 'HOST-PATTERN-HP-0123456789' | dd of=/tmp/a.img bs=512 seek=100 conv=notrunc 2>/dev/null
-dd if=/dev/zero of=/tmp/u.img bs=1M count=16 2>/dev/null
-printf 'HOST-PATTERN-VU-0123456789' | dd of=/tmp/u.img bs=512 seek=100 conv=notrunc 2>/dev/null
+dd if=/dev/zero of=$LAB_TMP/a.img bs=1M count=32 2>/dev/null
+printf 'HOST-PATTERN-HP-0123456789' | dd of=$LAB_TMP/a.img bs=512 seek=100 conv=notrunc 2>/dev/null
+dd if=/dev/zero of=$LAB_TMP/u.img bs=1M count=16 2>/dev/null
+printf 'HOST-PATTERN-VU-0123456789' | dd of=$LAB_TMP/u.img bs=512 seek=100 conv=notrunc 2>/dev/null
 $IP tuntap add dev vmtap0 mode tap vnet_hdr multi_queue
 $IP addr add 192.0.2.1/24 dev vmtap0
 $IP link set vmtap0 up
-vhost-user-blk --socket-path /tmp/blk.sock --blk-file /tmp/u.img >/tmp/blk.log 2>&1 &
+vhost-user-blk --socket-path $LAB_TMP/blk.sock --blk-file $LAB_TMP/u.img >$LAB_TMP/blk.log 2>&1 &
 blk_pid=$!
-vhost-user-net --socket-path /tmp/net.sock --tap vutap0 --queues 2 >/tmp/net.log 2>&1 &
+vhost-user-net --socket-path $LAB_TMP/net.sock --tap vutap0 --queues 2 >$LAB_TMP/net.log 2>&1 &
 net_pid=$!
-n=0; while { [ ! -S /tmp/blk.sock ] || [ ! -S /tmp/net.sock ]; } && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+n=0; while { [ ! -S $LAB_TMP/blk.sock ] || [ ! -S $LAB_TMP/net.sock ]; } && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 $IP addr add 198.51.100.1/24 dev vutap0
 $IP link set vutap0 up
 
 t0=$(lab_uptime)
 ( { vmm --kernel "$L2_KERNEL" --initramfs "$L2_INITRD" --cmdline "$L2_CMDLINE" \
     --cpus 2 --memory 512M --api-socket path=$API </dev/null 2>&1; echo "VMM-RC $?"; } \
-    | lab_console "$t0" l2 | tee /tmp/l2.log ) &
-if wait_for /tmp/l2.log '^L2-VAL ready' 300; then
-    cycle hd0 add-disk path=/tmp/a.img
+    | lab_console "$t0" l2 | tee $LAB_TMP/l2.log ) &
+if wait_for $LAB_TMP/l2.log '^L2-VAL ready' 300; then
+    cycle hd0 add-disk path=$LAB_TMP/a.img
     cycle hn0 add-net tap=vmtap0,mac=52:54:00:00:00:12,queues=2
-    cycle ud0 add-disk vhost_user=on,socket=/tmp/blk.sock
-    cycle un0 add-net vhost_user=on,socket=/tmp/net.sock,mac=52:54:00:00:00:13,queues=2
-    wait_for /tmp/l2.log '^L2-VAL power-watch' 60
+    cycle ud0 add-disk vhost_user=on,socket=$LAB_TMP/blk.sock
+    cycle un0 add-net vhost_user=on,socket=$LAB_TMP/net.sock,mac=52:54:00:00:00:13,queues=2
+    wait_for $LAB_TMP/l2.log '^L2-VAL power-watch' 60
     _t=$(lab_uptime)
     remote power-button && echo "LAB-VAL power-button-pressed"
-    wait_for /tmp/l2.log '^VMM-RC' 60 && echo "LAB-VAL poweroff-after-s $(lab_elapsed "$_t")"
+    wait_for $LAB_TMP/l2.log '^VMM-RC' 60 && echo "LAB-VAL poweroff-after-s $(lab_elapsed "$_t")"
 else
     echo "LAB-VAL guest-never-ready"
 fi
-wait_for /tmp/l2.log '^VMM-RC' 30
-check vmm-exit-0 grep -q '^VMM-RC 0$' /tmp/l2.log
-check guest-powered-off grep -q 'guest powered off' /tmp/l2.log
-check guest-pattern-on-image [ "$(dd if=/tmp/a.img bs=512 skip=200 count=1 2>/dev/null | head -c 22)" = "GUEST-PATTERN-HP-fedcb" ]
-check guest-pattern-on-vu-image [ "$(dd if=/tmp/u.img bs=512 skip=200 count=1 2>/dev/null | head -c 22)" = "GUEST-PATTERN-VU-fedcb" ]
+wait_for $LAB_TMP/l2.log '^VMM-RC' 30
+check vmm-exit-0 grep -q '^VMM-RC 0$' $LAB_TMP/l2.log
+check guest-powered-off grep -q 'guest powered off' $LAB_TMP/l2.log
+check guest-pattern-on-image [ "$(dd if=$LAB_TMP/a.img bs=512 skip=200 count=1 2>/dev/null | head -c 22)" = "GUEST-PATTERN-HP-fedcb" ]
+check guest-pattern-on-vu-image [ "$(dd if=$LAB_TMP/u.img bs=512 skip=200 count=1 2>/dev/null | head -c 22)" = "GUEST-PATTERN-VU-fedcb" ]
 for d in hd0 hn0 ud0 un0; do
-    echo "LAB-VAL $d-released $(grep -c "$d: removed from .* (the guest ejected it as asked)" /tmp/l2.log)"
+    echo "LAB-VAL $d-released $(grep -c "$d: removed from .* (the guest ejected it as asked)" $LAB_TMP/l2.log)"
 done
 check blk-daemon-alive kill -0 "$blk_pid"
 check net-daemon-alive kill -0 "$net_pid"
-echo "LAB-VAL blk-frontends $(grep -c 'frontend connected' /tmp/blk.log)"
-echo "LAB-VAL net-frontends $(grep -c 'frontend connected' /tmp/net.log)"
+echo "LAB-VAL blk-frontends $(grep -c 'frontend connected' $LAB_TMP/blk.log)"
+echo "LAB-VAL net-frontends $(grep -c 'frontend connected' $LAB_TMP/net.log)"
 kill "$blk_pid" "$net_pid"
 $IP link del vmtap0
 lab_finish
@@ -124,8 +124,8 @@ nic() {
         wait_dev /sys/class/net/eth0 || { echo "L2-VAL $1-no-nic-$r"; return; }
         ip link set eth0 up
         ip addr add "$2/24" dev eth0
-        ping -c 20 -i 0.05 -W 2 "$3" > /tmp/ping.txt 2>&1
-        echo "L2-VAL $1-ping-$r $(grep 'packets transmitted' /tmp/ping.txt)"
+        ping -c 20 -i 0.05 -W 2 "$3" > $LAB_TMP/ping.txt 2>&1
+        echo "L2-VAL $1-ping-$r $(grep 'packets transmitted' $LAB_TMP/ping.txt)"
         echo "L2-VAL $1-used-$r"
         wait_gone /sys/class/net/eth0 || echo "L2-VAL $1-still-there-$r"
     done
@@ -255,14 +255,14 @@ fn every_model_hot_added_used_removed_and_added_again_then_the_power_button() {
 /// hot-added slot's INTA).
 const VFIO_L1: &str = r#"
 . /lab/lib.sh
-API=/tmp/api.sock
+API=$LAB_TMP/api.sock
 remote() { vmm-remote --api-socket $API "$@"; }
 # hot TAG ID BDF ROUND: add the host device, wait for the guest to have used it, remove it.
 hot() {
     _t=$(lab_uptime)
-    remote add-device "path=/sys/bus/pci/devices/$3,id=$2" >/tmp/add.json 2>&1
-    echo "LAB-VAL $1-$2-add-$4 $(tr -d ' \n' </tmp/add.json)"
-    if wait_for /tmp/$1.log "^L2-VAL $1-$2-used-$4" 180; then
+    remote add-device "path=/sys/bus/pci/devices/$3,id=$2" >$LAB_TMP/add.json 2>&1
+    echo "LAB-VAL $1-$2-add-$4 $(tr -d ' \n' <$LAB_TMP/add.json)"
+    if wait_for $LAB_TMP/$1.log "^L2-VAL $1-$2-used-$4" 180; then
         echo "LAB-VAL $1-$2-used-$4-after-s $(lab_elapsed "$_t")"
     else
         echo "LAB-VAL $1-$2-used-$4-after-s never"
@@ -274,7 +274,7 @@ hot() {
     else
         echo "LAB-VAL $1-$2-gone-$4-after-s never"
     fi
-    passthrough check "$3" --memory 512M >/tmp/check.txt 2>&1
+    passthrough check "$3" --memory 512M >$LAB_TMP/check.txt 2>&1
     echo "LAB-VAL $1-$2-check-after-remove-$4 $?"
 }
 # vm TAG CMDLINE: a VM with no device but the API; the rounds of the guest's script.
@@ -283,8 +283,8 @@ vm() {
     t0=$(lab_uptime)
     ( { vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" --cmdline "$2" \
         --cpus 2 --memory 512M --api-socket path=$API </dev/null 2>&1; echo "VMM-RC $?"; } \
-        | lab_console "$t0" $1 | tee /tmp/$1.log ) &
-    if ! wait_for /tmp/$1.log '^L2-VAL ready' 300; then
+        | lab_console "$t0" $1 | tee $LAB_TMP/$1.log ) &
+    if ! wait_for $LAB_TMP/$1.log '^L2-VAL ready' 300; then
         echo "LAB-VAL $1-guest-never-ready"
         return
     fi
@@ -295,9 +295,9 @@ vm() {
     else
         hot intx nic0 $NIC_BDF 1
     fi
-    wait_for /tmp/$1.log '^VMM-RC' 120
-    check $1-vmm-exit-0 grep -q '^VMM-RC 0$' /tmp/$1.log
-    check $1-l2-exit grep -q '^L2-EXIT 0$' /tmp/$1.log
+    wait_for $LAB_TMP/$1.log '^VMM-RC' 120
+    check $1-vmm-exit-0 grep -q '^VMM-RC 0$' $LAB_TMP/$1.log
+    check $1-l2-exit grep -q '^L2-EXIT 0$' $LAB_TMP/$1.log
 }
 check bind-nic passthrough bind $NIC_BDF
 check bind-nvme passthrough bind $NVME_BDF
@@ -306,7 +306,7 @@ $IP addr add 192.0.2.1/24 dev $peer
 $IP link set $peer up
 vm msix "$L2_CMDLINE"
 vm intx "$L2_CMDLINE pci=nomsi"
-echo "LAB-VAL released $(grep -c 'its VFIO group released' /tmp/msix.log /tmp/intx.log | awk -F: '{ s += $2 } END { print s }')"
+echo "LAB-VAL released $(grep -c 'its VFIO group released' $LAB_TMP/msix.log $LAB_TMP/intx.log | awk -F: '{ s += $2 } END { print s }')"
 check unbind-nvme passthrough unbind $NVME_BDF
 n=0; while [ ! -b /dev/nvme0n1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 echo "LAB-VAL host-pattern $(dd if=/dev/nvme0n1 bs=512 skip=300 count=1 2>/dev/null | head -c 32)"
@@ -338,8 +338,8 @@ while [ $r -le $rounds ]; do
     ip addr add 192.0.2.2/24 dev $ifc
     n=0; until [ "$(cat /sys/class/net/$ifc/carrier 2>/dev/null)" = 1 ] || [ $n -ge 100 ]; do sleep 0.1; n=$((n + 1)); done
     n=0; until ping -c 1 -W 1 192.0.2.1 >/dev/null 2>&1 || [ $n -ge 20 ]; do n=$((n + 1)); done
-    ping -c 100 -i 0.02 -W 2 192.0.2.1 > /tmp/ping.txt 2>&1
-    echo "L2-VAL $tag-nic0-ping-$r $(grep 'packets transmitted' /tmp/ping.txt)"
+    ping -c 100 -i 0.02 -W 2 192.0.2.1 > $LAB_TMP/ping.txt 2>&1
+    echo "L2-VAL $tag-nic0-ping-$r $(grep 'packets transmitted' $LAB_TMP/ping.txt)"
     echo "L2-VAL $tag-nic0-msix-irqs-$r $(count MSI)"
     echo "L2-VAL $tag-nic0-ioapic-irqs-$r $(count IO-APIC)"
     echo "L2-VAL $tag-nic0-used-$r"

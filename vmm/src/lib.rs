@@ -89,8 +89,6 @@ pub enum Error {
     Vfio { id: String, why: String },
     #[error(transparent)]
     Api(#[from] api::ApiError),
-    #[error("the 32-bit PCI window is full: too many devices")]
-    PciWindowFull,
     #[error("internal error: {0}")]
     Internal(String),
     #[error("{0}")]

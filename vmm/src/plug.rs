@@ -95,7 +95,7 @@ pub struct Devices {
 pub type Registry = Arc<Mutex<Devices>>;
 
 impl Devices {
-    /// Records a device placed by other code (an assigned device at boot).
+    /// Records a device placed by other code (tests, fuzz targets: a registry without a VM).
     pub fn record(&mut self, id: &str, model: &str, slot: u8, config: (ConfigList, Value)) {
         self.by_id.insert(
             id.to_string(),
@@ -411,11 +411,6 @@ impl Plugger {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a device placed by other code (an assigned device at boot).
-    pub fn record(&self, id: &str, model: &str, slot: u8, config: (ConfigList, Value)) {
-        self.registry().record(id, model, slot, config);
-    }
-
     /// Checks that `dev` can be added: its id and the host resource it takes are free.
     fn check_free(&self, dev: &NewDevice) -> Result<(), PlugError> {
         self.check_free_parts(dev.id(), &dev.resource())
@@ -457,10 +452,6 @@ impl Plugger {
             .map(|n| format!("{prefix}{n}"))
             .find(|id| !reg.by_id.contains_key(id))
             .unwrap_or_else(|| prefix.to_string())
-    }
-
-    pub fn cpus(&self) -> u8 {
-        self.cpus
     }
 
     /// Creates `dev` and puts it in a free slot; at boot (`hotplug` false) or while the VM

@@ -87,14 +87,6 @@ impl GuestMapper for KvmMapper {
     }
 }
 
-/// A PCI INTx line for the DSDT's _PRT: device `slot`, pin (0 = INTA), GSI.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IntxRoute {
-    pub slot: u8,
-    pub pin: u8,
-    pub gsi: u32,
-}
-
 /// The assigned devices of the VM, for the vCPUs' mapping-fault handler (see
 /// [`fault_handler`]); empty while none is assigned.
 pub type AssignedList = Arc<Mutex<Vec<Weak<Mutex<PassthroughPci>>>>>;
@@ -216,11 +208,10 @@ pub fn preflight(cfg: &VfioConfig, ram_size: u64) -> Result<Candidate<'_>, Error
     })
 }
 
-/// An assigned device, placed: on the bus at `slot`, its BAR ranges, its INTx route.
+/// An assigned device, placed: on the bus at `slot`, its BAR ranges.
 pub struct Placed {
     pub slot: u8,
     pub bars: Vec<(passthrough::pci::BarKind, u64, u64)>,
-    pub route: Option<IntxRoute>,
 }
 
 impl VfioHost {
@@ -332,9 +323,9 @@ impl VfioHost {
             bars.push((kind, addr, size));
             Ok(addr)
         };
-        // The pin is the device's; the GSI follows from it and the slot (see `intx_gsi`),
-        // so the line is known before the device says its pin: INTA is asked first.
-        let gsi_of = |pin: u8| intx_gsi(slot, pin);
+        // The guest sees INTA whatever the device's own pin: its line is the slot's INTA in
+        // the DSDT's _PRT.
+        let gsi = intx_gsi(slot, 0);
         let pci = PassthroughPci::new(
             &d.id,
             dev.clone(),
@@ -342,7 +333,7 @@ impl VfioHost {
             self.mapper.clone(),
             Placement {
                 alloc: &mut record,
-                intx_gsi: gsi_of(0),
+                intx_gsi: gsi,
                 rom: d.rom,
                 dma: Some(self.gate.clone()),
             },
@@ -374,17 +365,9 @@ impl VfioHost {
             c.sysfs.display(),
             bar_list.len(),
             mapped >> 10,
-            pin.map_or("none".to_string(), |_| format!("on GSI {}", gsi_of(0)))
+            pin.map_or("none".to_string(), |_| format!("on GSI {gsi}"))
         );
-        Ok(Placed {
-            slot,
-            bars,
-            route: pin.map(|_| IntxRoute {
-                slot,
-                pin: 0,
-                gsi: gsi_of(0),
-            }),
-        })
+        Ok(Placed { slot, bars })
     }
 
     /// No device is assigned.

@@ -495,13 +495,14 @@ impl BarAllocator {
         self.freed.push((kind, addr, size));
     }
 
-    fn alloc(&mut self, size: u64) -> Result<u64, Error> {
+    /// A range of the 32-bit window; None when it is full.
+    fn alloc(&mut self, size: u64) -> Option<u64> {
         let addr = self.next.next_multiple_of(size);
         if addr + size > layout::MMIO32_START + layout::MMIO32_SIZE {
-            return Err(Error::PciWindowFull);
+            return None;
         }
         self.next = addr + size;
-        Ok(addr)
+        Some(addr)
     }
 
     /// Places a BAR of `kind` and `size` (a power of two), naturally aligned.
@@ -524,10 +525,10 @@ impl BarAllocator {
                 self.next_io = addr + size;
                 Ok(addr)
             }
-            BarKind::Mem32 => self.alloc(size).map_err(|_| full("32-bit PCI window")),
+            BarKind::Mem32 => self.alloc(size).ok_or_else(|| full("32-bit PCI window")),
             BarKind::Mem64 => match self.alloc(size) {
-                Ok(a) => Ok(a),
-                Err(_) => {
+                Some(a) => Ok(a),
+                None => {
                     let addr = self.next64.next_multiple_of(size);
                     if addr + size > self.end64 {
                         return Err(full("64-bit PCI window"));

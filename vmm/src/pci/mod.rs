@@ -516,20 +516,6 @@ impl PciRoot {
 }
 
 impl PciRoot {
-    /// Takes every device but the host bridge off the root, for the VM's teardown. The root
-    /// and the buses refer to each other (the buses hold the configuration mechanisms,
-    /// which hold the root), so dropping the VM's handle to the root frees nothing: the
-    /// caller drops what this returns, and each device's Drop stops its threads, drains its
-    /// I/O and releases what it holds (a vhost-user socket the vmm created, a VFIO group).
-    /// (slot, name) of every device on the bus but the host bridge.
-    pub fn slots(&self) -> Vec<(u8, String)> {
-        self.devices
-            .iter()
-            .filter(|(&n, _)| n != 0)
-            .map(|(&n, s)| (n, s.name.clone()))
-            .collect()
-    }
-
     /// Takes the device in `slot` off the bus (its BARs off the buses, its slot free), for a
     /// guest's eject; the host bridge stays. A BAR of another device that was waiting for
     /// room is placed if it now fits.
@@ -567,6 +553,11 @@ impl PciRoot {
             .collect()
     }
 
+    /// Takes every device but the host bridge off the root, for the VM's teardown. The root
+    /// and the buses refer to each other (the buses hold the configuration mechanisms,
+    /// which hold the root), so dropping the VM's handle to the root frees nothing: the
+    /// caller drops what this returns, and each device's Drop stops its threads, drains its
+    /// I/O and releases what it holds (a vhost-user socket the vmm created, a VFIO group).
     pub fn take_devices(&mut self) -> Vec<(String, Arc<Mutex<dyn PciDevice>>)> {
         let slots: Vec<u8> = self.devices.keys().copied().filter(|&s| s != 0).collect();
         let mut out = Vec::new();
