@@ -150,10 +150,19 @@ vfio_unbind() {
 # CRs) and print "LAB-T PREFIX-init <s>" when the guest's L2-INIT marker shows
 # up, measured from uptime T0 (taken just before starting the VMM). A marker glued to the
 # end of firmware output without a newline (SeaBIOS's "Booting from ROM.." before a quiet
-# kernel) is put on a line of its own.
+# kernel) is put on a line of its own. A VMM log line (stderr, one write each) that
+# landed in the middle of a guest line (serial output, a byte at a time) is printed on
+# its own and the guest line is put back together, so markers stay whole.
 lab_console() {
     awk -v t0="$1" -v name="${2:-l2}" '{
         sub(/\r$/, ""); gsub(/\033(c|\[[0-9;?]*[a-zA-Z])/, "")
+        m = match($0, /\[[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9:.]+Z (ERROR|WARN |INFO |DEBUG|TRACE) /)
+        if (m > 0) {
+            if (m > 1) part = part substr($0, 1, m - 1)
+            print substr($0, m); fflush()
+            next
+        }
+        if (part != "") { $0 = part $0; part = "" }
         i = index($0, "L2-INIT ")
         if (i > 1 && substr($0, i) ~ /^L2-INIT [0-9.]+$/) { print substr($0, 1, i - 1); $0 = substr($0, i) }
         print; fflush()
@@ -161,7 +170,8 @@ lab_console() {
             getline u < "/proc/uptime"; close("/proc/uptime"); split(u, a, " ")
             printf "LAB-T %s-init %.2f\n", name, a[1] - t0; fflush()
         }
-    }'
+    }
+    END { if (part != "") print part }'
 }
 
 # l2_qemu [QEMU ARGS...]: boot L2 with QEMU+KVM (the reference VMM; the
