@@ -428,7 +428,19 @@ impl Scenario {
                     self.stall.as_secs()
                 );
                 // Where L1's vCPUs are, before it goes: the evidence of what stuck it.
-                for text in monitor.as_deref().map(l1_registers).unwrap_or_default() {
+                let regs = monitor.as_deref().map(l1_registers).unwrap_or_default();
+                let kmap = lines
+                    .iter()
+                    .find(|l: &&Line| l.text.starts_with("LAB-KMAP "))
+                    .map(|l| l.text.clone());
+                let named = kmap
+                    .map(|k| {
+                        let lab = lab_dir();
+                        let kallsyms = lab.join("images").join("l1-kallsyms");
+                        name_l1_rips(&regs, &k, &lab.join("kernels"), &kallsyms)
+                    })
+                    .unwrap_or_default();
+                for text in regs.into_iter().chain(named) {
                     eprintln!("{text}");
                     lines.push(Line {
                         at: start.elapsed(),
@@ -560,9 +572,208 @@ pub fn l1_registers(monitor: &Path) -> Vec<String> {
     String::from_utf8_lossy(&out)
         .lines()
         .map(|l| l.replace(|c: char| c.is_control(), ""))
-        .filter(|l| l.contains('=') && !l.starts_with("(qemu)"))
+        .filter(|l| (l.contains('=') || l.starts_with("CPU#")) && !l.starts_with("(qemu)"))
         .map(|l| format!("L1-REGS {l}"))
         .collect()
+}
+
+/// Where each of L1's vCPUs was, by name: for every `RIP=` in `regs` ([`l1_registers`]), an
+/// `L1-RIP-NAME CPU#n rip <function+0xoff> (<image>)` line, named with the L1 kernel's
+/// text symbols (`kallsyms`: `/proc/kallsyms` lines of one earlier L1 boot, see
+/// `scripts/lab/run`; Debian's System.map is a placeholder) and its KVM modules' symbol
+/// tables from the unpacked kernel under `kernels` (`target/lab/kernels/<release>`), placed
+/// where L1 said it had them (its `LAB-KMAP` line: release, `_text` after KASLR, the
+/// modules' section addresses). A CPU that was running a nested guest shows that guest's
+/// RIP (QEMU reports the state it executes): the generic L2 kernel is the same build, booted
+/// without KASLR, so its RIPs are named too.
+pub fn name_l1_rips(regs: &[String], kmap: &str, kernels: &Path, kallsyms: &Path) -> Vec<String> {
+    let mut words = kmap.split_whitespace();
+    if words.next() != Some("LAB-KMAP") {
+        return Vec::new();
+    }
+    let Some(release) = words.next() else {
+        return Vec::new();
+    };
+    let tree = kernels.join(release);
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+    // (module, section) -> load address, from "kvm_amd:.text=0xffffffffc0a01000".
+    let mut sections: Vec<(String, String, u64)> = Vec::new();
+    let mut text_after_kaslr = None;
+    for w in words {
+        let Some((what, addr)) = w.split_once('=') else {
+            continue;
+        };
+        let Some(addr) = hex(addr) else { continue };
+        match what.split_once(':') {
+            Some(("vmlinux", "_text")) => text_after_kaslr = Some(addr),
+            Some((m, sec)) => sections.push((m.to_string(), sec.to_string(), addr)),
+            None => {}
+        }
+    }
+    let map = SymbolTable::system_map(kallsyms);
+    let dump_text = map.as_ref().and_then(|m| m.address("_text"));
+    let mut modules: BTreeMap<String, Option<SymbolTable>> = BTreeMap::new();
+    let mut out = Vec::new();
+    let mut cpu = String::from("CPU#?");
+    for line in regs {
+        let text = line.strip_prefix("L1-REGS ").unwrap_or(line);
+        if let Some(c) = text
+            .split_whitespace()
+            .next()
+            .filter(|w| w.starts_with("CPU#"))
+        {
+            cpu = c.to_string();
+            continue;
+        }
+        let Some(rip) = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("RIP="))
+            .and_then(hex)
+        else {
+            continue;
+        };
+        let mut names = Vec::new();
+        if let (Some(map), Some(dump_text)) = (&map, dump_text) {
+            if let Some(n) =
+                text_after_kaslr.and_then(|t| map.name(rip.wrapping_sub(t).wrapping_add(dump_text)))
+            {
+                names.push(format!("{n} (L1 kernel)"));
+            }
+            if text_after_kaslr != Some(UNMOVED_TEXT) {
+                if let Some(n) = map.name(rip.wrapping_sub(UNMOVED_TEXT).wrapping_add(dump_text)) {
+                    names.push(format!("{n} (an L2 kernel of the same build, no KASLR)"));
+                }
+            }
+        }
+        for (m, sec, base) in &sections {
+            if rip < *base {
+                continue;
+            }
+            let table = modules.entry(m.clone()).or_insert_with(|| {
+                find_module(&tree.join("lib").join("modules").join(release), m)
+                    .and_then(|ko| SymbolTable::module(&ko))
+            });
+            if let Some(n) = table.as_ref().and_then(|t| t.name_in(sec, rip - base)) {
+                names.push(format!("{n} ({m} {sec})"));
+            }
+        }
+        let named = if names.is_empty() {
+            "(not named: outside the kernel's and the KVM modules' text)".to_string()
+        } else {
+            names.join(" or ")
+        };
+        out.push(format!("L1-RIP-NAME {cpu} rip {rip:#x} {named}"));
+    }
+    out
+}
+
+/// Where x86-64 kernels link `_text` (`__START_KERNEL_map` + 16 MiB): where an L2 kernel
+/// booted without KASLR (PVH entry into vmlinux) has it.
+const UNMOVED_TEXT: u64 = 0xffff_ffff_8100_0000;
+
+/// A kernel module's file under `dir` by module name (`kvm_amd` is `kvm-amd.ko`).
+fn find_module(dir: &Path, name: &str) -> Option<PathBuf> {
+    let wanted = [
+        format!("{name}.ko"),
+        format!("{}.ko", name.replace('_', "-")),
+    ];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).ok()?.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|f| wanted.iter().any(|w| w == f))
+            {
+                return Some(path);
+            }
+        }
+    }
+    None
+}
+
+/// Function symbols of a kernel image or module: (section, start, size or 0, name), sorted.
+struct SymbolTable {
+    syms: Vec<(String, u64, u64, String)>,
+}
+
+impl SymbolTable {
+    /// `System.map` or `/proc/kallsyms` text: `ffffffff81000000 T _text` lines; text
+    /// symbols only, no module's (`... [kvm]`).
+    fn system_map(path: &Path) -> Option<SymbolTable> {
+        let text = fs::read_to_string(path).ok()?;
+        let mut syms: Vec<(String, u64, u64, String)> = text
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                let addr = u64::from_str_radix(w.next()?, 16).ok()?;
+                let kind = w.next()?;
+                let name = w.next()?;
+                let module = w.next().is_some();
+                (matches!(kind, "T" | "t" | "W" | "w") && !module)
+                    .then(|| (String::new(), addr, 0, name.to_string()))
+            })
+            .collect();
+        syms.sort_by_key(|s| s.1);
+        Some(SymbolTable { syms })
+    }
+
+    /// A module's function symbols with their sections (`objdump -t`: `0000000000000a50 l
+    /// F .text\t0000000000000123 svm_vcpu_run`).
+    fn module(ko: &Path) -> Option<SymbolTable> {
+        let out = Command::new("objdump").arg("-t").arg(ko).output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut syms: Vec<(String, u64, u64, String)> = text
+            .lines()
+            .filter_map(|l| {
+                let (left, right) = l.split_once('\t')?;
+                let mut lw = left.split_whitespace();
+                let value = u64::from_str_radix(lw.next()?, 16).ok()?;
+                let rest: Vec<&str> = lw.collect();
+                if !rest.contains(&"F") {
+                    return None;
+                }
+                let section = rest.last()?.to_string();
+                let mut rw = right.split_whitespace();
+                let size = u64::from_str_radix(rw.next()?, 16).ok()?;
+                let name = rw.last()?.to_string();
+                Some((section, value, size, name))
+            })
+            .collect();
+        syms.sort_by_key(|s| s.1);
+        Some(SymbolTable { syms })
+    }
+
+    fn address(&self, name: &str) -> Option<u64> {
+        self.syms.iter().find(|s| s.3 == name).map(|s| s.1)
+    }
+
+    /// `function+0xoff` for an address in a System.map's text, if below `_etext` (or within
+    /// 64 KiB of the last symbol, when the table has no `_etext`).
+    fn name(&self, addr: u64) -> Option<String> {
+        let end = match self.address("_etext") {
+            Some(e) => e,
+            None => self.syms.last()?.1 + 0x10000,
+        };
+        if addr < self.address("_text")? || addr >= end {
+            return None;
+        }
+        let i = self.syms.partition_point(|s| s.1 <= addr).checked_sub(1)?;
+        let s = &self.syms[i];
+        Some(format!("{}+{:#x}", s.3, addr - s.1))
+    }
+
+    /// `function+0xoff` for an offset into a module section, inside the function's size.
+    fn name_in(&self, section: &str, offset: u64) -> Option<String> {
+        self.syms
+            .iter()
+            .filter(|s| s.0 == section && s.1 <= offset && offset < s.1 + s.2.max(1))
+            .max_by_key(|s| s.1)
+            .map(|s| format!("{}+{:#x}", s.3, offset - s.1))
+    }
 }
 
 /// `(vcpu, rip)` of an `L1-TRACE` line with a shutdown exit (SVM's `shutdown`, VMX's
@@ -1036,6 +1247,87 @@ mod tests {
             duration: Duration::ZERO,
             log: PathBuf::new(),
         }
+    }
+
+    /// A silent L1's RIPs get named: one in the kernel (moved by KASLR), one in a KVM
+    /// module's `.text`, one nowhere; with a module assembled here (`as`) and a kallsyms.
+    #[test]
+    fn a_silent_l1s_rips_are_named_from_its_kernel_and_modules() {
+        let dir = std::env::temp_dir().join(format!("l1-rips-{}", std::process::id()));
+        let rel = "6.1.0-test-amd64";
+        let tree = dir.join(rel);
+        let mods = tree
+            .join("lib/modules")
+            .join(rel)
+            .join("kernel/arch/x86/kvm");
+        fs::create_dir_all(&mods).unwrap();
+
+        // An earlier L1 boot's kallsyms (its own KASLR slide), with a module's line.
+        let kallsyms = dir.join("l1-kallsyms");
+        fs::write(
+            &kallsyms,
+            "ffffffffa5000000 T _text\nffffffffa5001000 T native_safe_halt\n\
+             ffffffffa5001100 t helper\nffffffffa5002000 D some_data\n\
+             ffffffffa5003000 T _etext\nffffffffc0a00000 t svm_vcpu_run\t[kvm_amd]\n",
+        )
+        .unwrap();
+        let src = dir.join("m.s");
+        fs::write(
+            &src,
+            ".text\n.globl svm_vcpu_run\n.type svm_vcpu_run,@function\nsvm_vcpu_run:\n\
+             .fill 64,1,0x90\n.size svm_vcpu_run,64\n.type svm_other,@function\nsvm_other:\n\
+             .fill 32,1,0x90\n.size svm_other,32\n",
+        )
+        .unwrap();
+        let ko = mods.join("kvm-amd.ko");
+        let ok = Command::new("as")
+            .arg("-o")
+            .arg(&ko)
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let regs: Vec<String> = [
+            "CPU#0",
+            "RAX=0 RBX=0",
+            "RIP=ffffffff91001104 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1",
+            "CPU#1",
+            "RIP=ffffffffc0a00048 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0",
+            "CPU#2",
+            "RIP=00007f0000001000 RFL=00000246",
+        ]
+        .iter()
+        .map(|l| format!("L1-REGS {l}"))
+        .collect();
+        let kmap = format!(
+            "LAB-KMAP {rel} vmlinux:_text=0xffffffff91000000 kvm_amd:.text=0xffffffffc0a00000 \
+             kvm:.text=0xffffffffc0b00000"
+        );
+        let named = name_l1_rips(&regs, &kmap, &dir, &kallsyms);
+        // A CPU running an L2 of the same build (no KASLR there) is named as such.
+        let l2 = name_l1_rips(
+            &["L1-REGS RIP=ffffffff81001000".to_string()],
+            &kmap,
+            &dir,
+            &kallsyms,
+        );
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            l2,
+            [
+                "L1-RIP-NAME CPU#? rip 0xffffffff81001000 native_safe_halt+0x0 (an L2 kernel of \
+              the same build, no KASLR)"
+            ]
+        );
+        assert_eq!(
+            named,
+            [
+                "L1-RIP-NAME CPU#0 rip 0xffffffff91001104 helper+0x4 (L1 kernel)",
+                "L1-RIP-NAME CPU#1 rip 0xffffffffc0a00048 svm_other+0x8 (kvm_amd .text)",
+                "L1-RIP-NAME CPU#2 rip 0x7f0000001000 (not named: outside the kernel's and \
+                 the KVM modules' text)",
+            ]
+        );
     }
 
     #[test]

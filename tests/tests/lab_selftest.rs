@@ -94,7 +94,7 @@ fn lab_selftest() {
 
 /// An L1 that goes silent is killed after the stall limit, and first its vCPUs' registers
 /// are read from L1's QEMU monitor (`L1-REGS` lines): the evidence of where a stuck L1 was
-/// (the lab's nested-virtualization stalls leave nothing else).
+/// (the lab's nested-virtualization stalls leave nothing else), and named (`L1-RIP-NAME`).
 #[test]
 fn a_silent_l1_is_killed_with_its_registers() {
     let run = Scenario::new(
@@ -121,6 +121,20 @@ fn a_silent_l1_is_killed_with_its_registers() {
     assert!(
         regs.iter().any(|l| l.contains("RIP=")) && regs.iter().any(|l| l.contains("CR3=")),
         "no registers from L1's monitor:\n{}",
+        run.report()
+    );
+    // An idle L1 (its script sleeps) halts in its kernel: the RIPs are named from L1's
+    // System.map, placed by the LAB-KMAP line its init printed (KASLR moved the kernel).
+    let named: Vec<&str> = run
+        .lines
+        .iter()
+        .filter(|l| l.text.starts_with("L1-RIP-NAME "))
+        .map(|l| l.text.as_str())
+        .collect();
+    assert_eq!(named.len(), 2, "one name per L1 vCPU:\n{}", run.report());
+    assert!(
+        named.iter().all(|l| l.contains("(L1 kernel)")),
+        "an idle L1's vCPUs are in its kernel:\n{}",
         run.report()
     );
 }
