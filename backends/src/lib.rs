@@ -28,6 +28,7 @@ pub mod inflight;
 pub mod net;
 pub mod poll;
 pub mod ratelimit;
+pub mod stats;
 pub mod vhost_user;
 
 pub use chain::ChainError;

@@ -21,10 +21,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backends::block::{
-    block_config_space, block_features, BlockBackend, BlockOptions, BlockQueue, EngineChoice,
+    block_config_space, block_features, BlockBackend, BlockCounters, BlockOptions, BlockQueue,
+    BlockStats, EngineChoice,
 };
 use backends::inflight::InflightRegion;
 use backends::poll::{busy_poll, PollEnd, Poller};
+use backends::vhost_user::stats::StatsServer;
 use backends::QueueError;
 use clap::Parser;
 use serde::Serialize;
@@ -98,6 +100,12 @@ pub struct Args {
     /// After work, keep polling the queue for N microseconds before sleeping (latency).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub poll_us: u64,
+    /// Publish the per-queue counters (requests and bytes by kind, errors, notifications,
+    /// interrupts, latency histogram; kept across frontends) on this unix socket: read
+    /// them with `curl --unix-socket PATH http://localhost/stats`, or give the vmm
+    /// `stats=PATH` with the disk and read them in its `vm.counters`.
+    #[arg(long, value_name = "PATH")]
+    pub stats_socket: Option<PathBuf>,
     /// Print the back-end capabilities (JSON, vhost-user spec) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -208,8 +216,18 @@ pub fn run(args: Args) -> Result<(), Error> {
         queue_size: args.queue_size,
         poll,
     };
+    let counters: Arc<[Arc<BlockCounters>]> = (0..args.queues).map(|_| Arc::default()).collect();
+    let _stats = match &args.stats_socket {
+        Some(p) => {
+            let c = counters.clone();
+            let server = StatsServer::start(p, Arc::new(move || stats_json(&c)))?;
+            log::info!("counters at {} (GET /stats)", p.display());
+            Some(server)
+        }
+        None => None,
+    };
     vhost_user::serve("vhost-user-blk", &mut listener, &stop, || {
-        BlkBackend::new(disk.clone(), cfg)
+        BlkBackend::new(disk.clone(), cfg).map(|b| b.with_counters(counters.clone()))
     })?;
     // In-flight requests were completed by the teardown of the last connection.
     if let Err(e) = disk.flush() {
@@ -217,6 +235,18 @@ pub fn run(args: Args) -> Result<(), Error> {
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// The stats endpoint's answer: every queue's counters since the daemon started.
+pub fn stats_json(counters: &[Arc<BlockCounters>]) -> serde_json::Value {
+    serde_json::json!({
+        "device": "vhost-user-blk",
+        "queues": counters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| BlockStats::report(i, c))
+            .collect::<Vec<_>>(),
+    })
 }
 
 /// Whether `a` and `b` name the same file: the same path once canonicalized (the file
@@ -308,6 +338,8 @@ pub struct BlkBackend {
     inflight: Mutex<Option<InflightRegion>>,
     /// The worker threads' exit events (closed with the back-end).
     exit_events: vhost_user::ExitEvents,
+    /// Each queue's live counters (the daemon's, across connections).
+    counters: Arc<[Arc<BlockCounters>]>,
 }
 
 /// Event id of the completion epoll in each worker (above the ids of the queues and the
@@ -337,7 +369,26 @@ impl BlkBackend {
             conn: Mutex::new(None),
             inflight: Mutex::new(None),
             exit_events: Default::default(),
+            counters: (0..cfg.queues).map(|_| Arc::default()).collect(),
         })
+    }
+
+    /// Counts in `counters` (one per queue; the daemon keeps them across connections).
+    pub fn with_counters(mut self, counters: Arc<[Arc<BlockCounters>]>) -> Self {
+        if counters.len() == usize::from(self.cfg.queues) {
+            self.counters = counters;
+        }
+        self
+    }
+
+    /// Counts an interrupt sent to the guest for queue `q` (`r`: the signal's result).
+    fn signaled(&self, q: usize, r: io::Result<()>) -> io::Result<()> {
+        if r.is_ok() {
+            if let Some(c) = self.counters.get(q) {
+                c.interrupt();
+            }
+        }
+        r
     }
 
     /// The frontend's inflight region for this connection (queues that start afterwards
@@ -396,6 +447,9 @@ impl BlkBackend {
         match BlockQueue::new(self.disk.clone(), mem, size) {
             Ok(mut engine) => {
                 engine.set_polling(!self.cfg.poll.is_zero());
+                if let Some(c) = self.counters.get(q) {
+                    engine.set_counters(c.clone());
+                }
                 if !self.resume(q, &mut engine, vring) {
                     st.broken = true;
                     return false;
@@ -454,7 +508,7 @@ impl BlkBackend {
                         ""
                     }
                 );
-                if let Err(e) = state.signal_used_queue() {
+                if let Err(e) = self.signaled(q, state.signal_used_queue()) {
                     log::warn!("queue {q}: cannot signal the call eventfd: {e}");
                 }
                 true
@@ -508,7 +562,7 @@ impl BlkBackend {
             }
         };
         if notify {
-            if let Err(e) = state.signal_used_queue() {
+            if let Err(e) = self.signaled(q, state.signal_used_queue()) {
                 log::warn!("queue {q}: cannot signal the call eventfd: {e}");
             }
         }
@@ -535,7 +589,7 @@ impl BlkBackend {
                     Ok(match engine.poll_round(state.get_queue_mut())? {
                         Some(o) => {
                             if o.notify {
-                                let _ = state.signal_used_queue();
+                                let _ = self.signaled(q, state.signal_used_queue());
                             }
                             true
                         }
@@ -568,7 +622,7 @@ impl BlkBackend {
                 Ok(None) => return,
                 Ok(Some(o)) => {
                     if o.notify {
-                        let _ = state.signal_used_queue();
+                        let _ = self.signaled(q, state.signal_used_queue());
                     }
                 }
                 Err(e) => {
@@ -599,7 +653,7 @@ impl BlkBackend {
                 // Also when the connection is closing (SIGTERM, frontend gone): the call fd
                 // is the guest's interrupt, and what the drain completed must be seen.
                 Ok(o) if o.notify || (closing && o.used > 0) => {
-                    let _ = state.signal_used_queue();
+                    let _ = self.signaled(q, state.signal_used_queue());
                 }
                 Ok(_) => {}
                 Err(e) => log::warn!("queue {q}: draining {in_flight} requests: {e}"),
@@ -692,6 +746,10 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         }
         if device_event == 0 {
+            // vhost-user-backend took the kick eventfd's count before calling.
+            if let Some(c) = self.counters.get(q) {
+                c.kick();
+            }
             self.work(q, vring, true);
         } else if device_event == completion_event(self.cfg.queues) {
             self.work(q, vring, false);

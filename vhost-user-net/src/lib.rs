@@ -20,9 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backends::net::{
-    net_config_space, net_features, CtrlQueue, NetOptions, NetQueuePair, RxWait, Tap,
+    net_config_space, net_features, CtrlQueue, NetCounters, NetOptions, NetQueuePair, RxWait, Tap,
 };
 use backends::poll::{busy_poll, PollEnd, Poller};
+use backends::vhost_user::stats::StatsServer;
 use backends::QueueError;
 use clap::Parser;
 use serde::Serialize;
@@ -92,6 +93,12 @@ pub struct Args {
     /// After work, keep polling the TX ring and the tap for N microseconds before sleeping.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub poll_us: u64,
+    /// Publish the per-queue counters (frames and bytes, drops, notifications,
+    /// interrupts, TX latency histogram; kept across frontends) on this unix socket: read
+    /// them with `curl --unix-socket PATH http://localhost/stats`, or give the vmm
+    /// `stats=PATH` with the NIC and read them in its `vm.counters`.
+    #[arg(long, value_name = "PATH")]
+    pub stats_socket: Option<PathBuf>,
     /// Print the back-end capabilities (JSON, vhost-user spec) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -216,11 +223,33 @@ pub fn run(args: Args) -> Result<(), Error> {
         queue_pairs: args.queues,
         mtu: None,
     };
+    let counters: Arc<[Arc<NetCounters>]> = taps.iter().map(|_| Arc::default()).collect();
+    let _stats = match &args.stats_socket {
+        Some(p) => {
+            let c = counters.clone();
+            let server = StatsServer::start(p, Arc::new(move || stats_json(&c)))?;
+            log::info!("counters at {} (GET /stats)", p.display());
+            Some(server)
+        }
+        None => None,
+    };
     vhost_user::serve("vhost-user-net", &mut listener, &stop, || {
         NetBackend::new(taps.clone(), opts.clone(), args.queue_size, poll)
+            .map(|b| b.with_counters(counters.clone()))
     })?;
     log::info!("stopped");
     Ok(())
+}
+
+/// The stats endpoint's answer: every queue's counters since the daemon started (queue 2k
+/// is pair k's RX, 2k+1 its TX).
+pub fn stats_json(counters: &[Arc<NetCounters>]) -> serde_json::Value {
+    let mut queues = Vec::new();
+    for (p, c) in counters.iter().enumerate() {
+        queues.push(serde_json::to_value(c.rx_report(2 * p)).unwrap_or_default());
+        queues.push(serde_json::to_value(c.tx_report(2 * p + 1)).unwrap_or_default());
+    }
+    serde_json::json!({ "device": "vhost-user-net", "queues": queues })
 }
 
 struct PairState {
@@ -257,6 +286,8 @@ pub struct NetBackend {
     conn: Mutex<Option<ShutdownHandle>>,
     /// The worker threads' exit events (closed with the back-end).
     exit_events: vhost_user::ExitEvents,
+    /// Each pair's live counters (the daemon's, across connections).
+    counters: Arc<[Arc<NetCounters>]>,
 }
 
 /// Which queue pairs the driver uses. A frontend that hands the control queue to this
@@ -359,7 +390,16 @@ impl NetBackend {
             in_use: Mutex::new(PairsInUse::new(pairs)),
             conn: Mutex::new(None),
             exit_events: Default::default(),
+            counters: (0..pairs).map(|_| Arc::default()).collect(),
         })
+    }
+
+    /// Counts in `counters` (one per pair; the daemon keeps them across connections).
+    pub fn with_counters(mut self, counters: Arc<[Arc<NetCounters>]>) -> Self {
+        if counters.len() == self.taps.len() {
+            self.counters = counters;
+        }
+        self
     }
 
     fn num_pairs(&self) -> usize {
@@ -428,8 +468,10 @@ impl NetBackend {
                 Ok(o) => {
                     did |= o.queue.used > 0;
                     st.tap_out = o.tap_full;
-                    if o.queue.notify {
-                        let _ = q.signal_used_queue();
+                    if o.queue.notify && q.signal_used_queue().is_ok() {
+                        if let Some(c) = self.counters.get(p) {
+                            c.tx.interrupt();
+                        }
                     }
                     if o.queue.more {
                         // The TX budget ran out with chains left: come back through the
@@ -451,8 +493,10 @@ impl NetBackend {
                 Ok(o) => {
                     did |= o.frames > 0;
                     st.tap_in = o.wait != RxWait::GuestBuffers;
-                    if o.queue.notify {
-                        let _ = q.signal_used_queue();
+                    if o.queue.notify && q.signal_used_queue().is_ok() {
+                        if let Some(c) = self.counters.get(p) {
+                            c.rx.interrupt();
+                        }
                     }
                 }
                 // Not started yet: stop reading the tap until the RX queue is kicked.
@@ -514,6 +558,9 @@ impl NetBackend {
             }
             let mut engine = NetQueuePair::new(self.taps[p].clone(), mem, acked);
             engine.set_polling(!self.poll.is_zero());
+            if let Some(c) = self.counters.get(p) {
+                engine.set_counters(c.clone());
+            }
             st.engine = Some(engine);
             st.poller = Poller::new(self.poll);
             st.tap_in = true;
@@ -731,8 +778,19 @@ impl VhostUserBackend for NetBackend {
     ) -> io::Result<()> {
         let p = thread_id;
         match device_event {
-            0 => self.work(p, vrings, true, false),
-            1 => self.work(p, vrings, false, true),
+            // vhost-user-backend took the kick eventfd's count before calling.
+            0 => {
+                if let Some(c) = self.counters.get(p) {
+                    c.rx.kick();
+                }
+                self.work(p, vrings, true, false)
+            }
+            1 => {
+                if let Some(c) = self.counters.get(p) {
+                    c.tx.kick();
+                }
+                self.work(p, vrings, false, true)
+            }
             2 if p == 0 => {
                 if let Some(v) = vrings.get(2) {
                     self.work_ctrl(v);

@@ -8,7 +8,7 @@
 //! - `GET vmm.ping`: the vmm's version and PID.
 //! - `GET vm.info`: the configuration as the vmm runs it, the VM's state and every device
 //!   with its `id`, model and guest PCI address (`device_tree`).
-//! - `GET vm.counters`: per device, the exits to the vmm it caused; `vmm`: the totals.
+//! - `GET vm.counters`: per device, the exits to the vmm it caused and its queues' live counters; `vmm`: the totals.
 //! - `PUT vm.pause`, `PUT vm.resume`: every vCPU out of KVM_RUN and parked, and back
 //!   (`vm.info` says `Paused`); 409 when already so.
 //! - `PUT vm.shutdown`, `PUT vmm.shutdown`: stop the VM (the vmm exits 0; it runs one VM).
@@ -282,6 +282,7 @@ pub fn parse_command(endpoint: &str, body: &[u8]) -> Result<Command, String> {
             "id",
             "vhost_user",
             "vhost_socket",
+            "vhost_stats",
         ],
         "vm.add-net" => &[
             "tap",
@@ -292,6 +293,7 @@ pub fn parse_command(endpoint: &str, body: &[u8]) -> Result<Command, String> {
             "id",
             "vhost_user",
             "vhost_socket",
+            "vhost_stats",
         ],
         "vm.remove-device" => &["id"],
         "vm.add-device" => &["path", "id"],
@@ -329,6 +331,9 @@ pub fn parse_command(endpoint: &str, body: &[u8]) -> Result<Command, String> {
             ));
         };
         opts.push(format!("socket={socket}"));
+        if let Some(stats) = str_field("vhost_stats")? {
+            opts.push(format!("stats={stats}"));
+        }
         let local: &[&str] = if net {
             &["tap", "poll_us"]
         } else {
@@ -343,10 +348,11 @@ pub fn parse_command(endpoint: &str, body: &[u8]) -> Result<Command, String> {
             ));
         }
     } else {
-        if socket.is_some() {
-            return Err(format!(
-                "{endpoint}: \"vhost_socket\" needs \"vhost_user\": true"
-            ));
+        if let Some(k) = ["vhost_socket", "vhost_stats"]
+            .iter()
+            .find(|k| obj.get(**k).is_some_and(|v| !v.is_null()))
+        {
+            return Err(format!("{endpoint}: \"{k}\" needs \"vhost_user\": true"));
         }
         let (k, what) = if net {
             ("tap", "the tap device")
@@ -429,10 +435,15 @@ fn pause(ctx: &ApiContext) -> Reply {
 pub const PAUSE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// `vm.counters`: per device id its exits (MMIO and port accesses to its BARs, doorbells
-/// that exited instead of reaching an ioeventfd); `vmm`: every exit by kind.
+/// that exited instead of reaching an ioeventfd) and, for virtio devices, its queues' live
+/// counters (requests and bytes by kind, errors, notifications, interrupts, the latency
+/// histogram: `backends::stats`); `vmm`: every exit by kind.
 fn counters(ctx: &ApiContext) -> Value {
     let s = (ctx.counters)();
     let mut out = serde_json::Map::new();
+    // The queue counters are read after the registry is let go: a vhost-user back-end's
+    // endpoint may take its deadline to answer, and nothing waits on it meanwhile.
+    let mut readers = Vec::new();
     let devices = ctx.devices.lock().unwrap_or_else(|p| p.into_inner());
     for (id, e) in &devices.by_id {
         let mmio = s.mmio.get(id).copied().unwrap_or(0);
@@ -441,10 +452,19 @@ fn counters(ctx: &ApiContext) -> Value {
             .notify_exits
             .as_ref()
             .map_or(0, |n| n.load(Ordering::Relaxed));
+        if let Some(read) = &e.queue_counters {
+            readers.push((id.clone(), read.clone()));
+        }
         out.insert(
             id.clone(),
             json!({ "mmio_exits": mmio, "pio_exits": pio, "notify_exits": notify }),
         );
+    }
+    drop(devices);
+    for (id, read) in readers {
+        if let (Some(Value::Object(d)), Value::Object(q)) = (out.get_mut(&id), read()) {
+            d.extend(q);
+        }
     }
     out.insert(
         "vmm".into(),

@@ -232,6 +232,9 @@ pub struct VhostUserConfig {
     pub server: bool,
     /// Server mode: how long boot waits for the first back-end (None: as long as it takes).
     pub connect_timeout: Option<Duration>,
+    /// The back-end's stats endpoint (our daemons' `--stats-socket`), relayed into
+    /// `vm.counters`.
+    pub stats: Option<PathBuf>,
 }
 
 impl VhostUserConfig {
@@ -241,8 +244,9 @@ impl VhostUserConfig {
         } else {
             "--vhost-user-blk"
         };
-        const COMMON: [&str; 7] = [
+        const COMMON: [&str; 8] = [
             "socket",
+            "stats",
             "queues",
             "queue_size",
             "timeout_ms",
@@ -268,6 +272,7 @@ impl VhostUserConfig {
             timeout: crate::virtio::vhost_user::DEFAULT_TIMEOUT,
             server: false,
             connect_timeout: None,
+            stats: None,
         };
         let ms = |k: &str, v: &str| -> Result<Duration, ConfigError> {
             let n: u64 = parse_num(o, value, k, v)?;
@@ -279,6 +284,7 @@ impl VhostUserConfig {
         for (k, v) in &kv {
             match k.as_str() {
                 "socket" => c.socket = PathBuf::from(v),
+                "stats" => c.stats = Some(PathBuf::from(v)),
                 "queues" => c.queues = parse_num(o, value, k, v)?,
                 "queue_size" => c.queue_size = parse_num(o, value, k, v)?,
                 "timeout_ms" => c.timeout = ms(k, v)?,

@@ -79,6 +79,8 @@ pub struct Entry {
     pub config: (ConfigList, Value),
     /// Doorbells that reached the vmm instead of an ioeventfd (virtio devices).
     pub notify_exits: Option<Arc<AtomicU64>>,
+    /// Its live per-queue counters (virtio devices), for `vm.counters`.
+    pub queue_counters: Option<virtio::CountersReader>,
     /// The host resource it holds (image, tap, socket), so that no second device takes it.
     pub resource: Option<String>,
     /// The BAR ranges placed for it, given back when it goes.
@@ -110,6 +112,7 @@ impl Devices {
                 slot,
                 config,
                 notify_exits: None,
+                queue_counters: None,
                 resource: None,
                 bars: Vec::new(),
             },
@@ -390,6 +393,7 @@ impl Plugger {
                         }),
                     ),
                     notify_exits: None,
+                    queue_counters: None,
                     resource: Some(vfio_resource(d)),
                     bars: placed.bars,
                 },
@@ -464,6 +468,7 @@ impl Plugger {
         let config = dev.config();
         let device = self.create(&dev)?;
         let mut placed = Vec::new();
+        let queue_counters = device.counters();
         let result = self.place(&id, device, &mut placed);
         let (slot, notify) = match result {
             Ok(v) => v,
@@ -488,6 +493,7 @@ impl Plugger {
                 slot,
                 config,
                 notify_exits: Some(notify),
+                queue_counters,
                 resource: Some(resource),
                 bars: placed,
             },

@@ -29,8 +29,8 @@ pub use disk::{
     SECTOR_SIZE,
 };
 pub use queue::{
-    BlockQueue, BlockStats, InflightResume, BOUNCE_BUDGET, BOUNCE_CHUNK, MAX_CHAINS_PER_CALL,
-    MAX_SYNC_BYTES_PER_CALL,
+    BlockCounters, BlockQueue, BlockStats, InflightResume, BLOCK_STATS, BOUNCE_BUDGET,
+    BOUNCE_CHUNK, MAX_CHAINS_PER_CALL, MAX_SYNC_BYTES_PER_CALL,
 };
 pub use request::{BlkFault, BLK_FAULT_KINDS, MAX_REQUEST_BYTES};
 

@@ -5,6 +5,7 @@ use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use io_uring::{opcode, squeue, types, IoUring};
 use log::{debug, warn};
@@ -23,10 +24,11 @@ use crate::chain::{
 };
 use crate::inflight::QueueInflight;
 use crate::ratelimit::GuestErrorLog;
+use crate::stats::{Latency, Published, QueueReport};
 use crate::{check_queue, finish_batch, QueueError, QueueOutcome};
 
 /// Counters of one queue.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct BlockStats {
     /// Completed IN requests.
     pub reads: u64,
@@ -51,6 +53,58 @@ pub struct BlockStats {
     pub cached_reads: u64,
 }
 
+/// How many counters [`BlockStats`] has (what a [`BlockCounters`] publishes).
+pub const BLOCK_STATS: usize = 10;
+
+/// The live counters of one virtio-blk queue: [`BlockQueue::counters`].
+pub type BlockCounters = Published<BLOCK_STATS>;
+
+impl BlockStats {
+    fn to_array(self) -> [u64; BLOCK_STATS] {
+        [
+            self.reads,
+            self.writes,
+            self.bytes_read,
+            self.bytes_written,
+            self.flushes,
+            self.discards,
+            self.write_zeroes,
+            self.errors,
+            self.bounced,
+            self.cached_reads,
+        ]
+    }
+
+    fn from_array(a: [u64; BLOCK_STATS]) -> Self {
+        let [reads, writes, bytes_read, bytes_written, flushes, discards, write_zeroes, errors, bounced, cached_reads] =
+            a;
+        BlockStats {
+            reads,
+            writes,
+            bytes_read,
+            bytes_written,
+            flushes,
+            discards,
+            write_zeroes,
+            errors,
+            bounced,
+            cached_reads,
+        }
+    }
+
+    /// The published counters of a queue as one JSON-ready report.
+    pub fn report(queue: usize, c: &BlockCounters) -> QueueReport<BlockStats> {
+        let (values, latency) = c.load();
+        QueueReport {
+            queue,
+            notifications: c.kicks(),
+            interrupts: c.interrupts(),
+            engine: BlockStats::from_array(values),
+            latency_us: latency.summary(),
+        }
+    }
+}
+
 /// A prepared IN/OUT transfer: iovecs into guest memory, or one iovec into a bounce buffer.
 #[derive(Debug)]
 struct PreparedIo {
@@ -72,6 +126,8 @@ unsafe impl Send for PreparedIo {}
 /// memory snapshot its iovecs point into alive until then.
 struct InFlight<T> {
     head: u16,
+    /// When the request was taken off the available ring.
+    taken: Instant,
     status: GuestAddress,
     op: ReqOp,
     io: Option<PreparedIo>,
@@ -157,6 +213,11 @@ pub struct BlockQueue<S: GuestAddressSpace> {
     polling: bool,
     log: GuestErrorLog<BLK_FAULT_KINDS>,
     stats: BlockStats,
+    /// Request latencies, published with `stats` at the end of every call.
+    latency: Latency,
+    published: Arc<BlockCounters>,
+    /// When the request being handled was taken off the available ring.
+    taken: Instant,
     /// Try IN requests with `preadv2(RWF_NOWAIT)` before submitting them (io_uring engine,
     /// buffered disk, until the file system says it does not support the flag).
     cached_reads: bool,
@@ -256,6 +317,9 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             polling: false,
             log: GuestErrorLog::new("virtio-blk"),
             stats: BlockStats::default(),
+            latency: Latency::default(),
+            published: Arc::default(),
+            taken: Instant::now(),
             cached_reads,
             scratch: IovScratch(Vec::with_capacity(8)),
             inflight: None,
@@ -308,6 +372,12 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
     /// completes twice and none is lost, whatever order the earlier back-end completed in.
     /// A new record is initialized and the position the frontend set stands.
     pub fn resume_inflight(&mut self, queue: &mut Queue) -> Result<InflightResume, QueueError> {
+        let r = self.resume_inflight_calls(queue);
+        self.publish();
+        r
+    }
+
+    fn resume_inflight_calls(&mut self, queue: &mut Queue) -> Result<InflightResume, QueueError> {
         let guard = self.mem.memory();
         let mem: &S::M = &guard;
         check_queue(queue, mem)?;
@@ -341,6 +411,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         let mut done = 0;
         self.resuming = true;
         for head in heads {
+            self.taken = Instant::now();
             if let Some(i) = self.inflight.as_mut() {
                 i.taken(head);
             }
@@ -372,7 +443,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
 
     /// Completes a request validated against `mem`, the snapshot of this call.
     fn complete_now<M: GuestMemory>(
-        &self,
+        &mut self,
         queue: &mut Queue,
         mem: &M,
         head: u16,
@@ -380,6 +451,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         code: u8,
         len: u32,
     ) -> Result<(), QueueError> {
+        self.latency.record(self.taken.elapsed());
         complete(
             queue,
             self.inflight.as_ref(),
@@ -397,6 +469,29 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         self.stats
     }
 
+    /// Request latencies.
+    pub fn latency(&self) -> Latency {
+        self.latency
+    }
+
+    /// The live counters this engine publishes at the end of every call, for any thread.
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.published.clone()
+    }
+
+    /// Publishes into `counters` from now on, continuing from what they hold (a queue the
+    /// driver set up again keeps counting where the previous engine stopped).
+    pub fn set_counters(&mut self, counters: Arc<BlockCounters>) {
+        let (values, latency) = counters.load();
+        self.stats = BlockStats::from_array(values);
+        self.latency = latency;
+        self.published = counters;
+    }
+
+    fn publish(&self) {
+        self.published.store(&self.stats.to_array(), &self.latency);
+    }
+
     /// How many guest faults of `kind` were seen.
     pub fn faults(&self, kind: BlkFault) -> u64 {
         self.log.count(kind as usize)
@@ -408,7 +503,9 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         let guard = self.mem.memory();
         let mem: &S::M = &guard;
         check_queue(queue, mem)?;
-        let used = self.pop_requests(queue, &guard)?;
+        let used = self.pop_requests(queue, &guard);
+        self.publish();
+        let used = used?;
         self.submit()?;
         let mut out = finish_batch(queue, mem, used)?;
         out.more = self.budget_spent;
@@ -418,7 +515,9 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
     /// Handles the completion eventfd: reaps io_uring completions, writes status bytes, adds
     /// used entries, and resumes popping the queue if it had stopped for lack of slots.
     pub fn process_completions(&mut self, queue: &mut Queue) -> Result<QueueOutcome, QueueError> {
-        self.reap(queue, true)
+        let r = self.reap(queue, true);
+        self.publish();
+        r
     }
 
     /// [`process_completions`](Self::process_completions); `clear_event`: read the
@@ -435,6 +534,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             let _ = u.eventfd.read();
         }
         u.collect_completions();
+        let now = Instant::now();
         let mut used = 0;
         for i in 0..u.completions.len() {
             let (user_data, res) = u.completions[i];
@@ -448,6 +548,8 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
             }
             let (code, len) =
                 finish_async(&self.disk, &mut self.log, &mut self.stats, &inflight, res);
+            self.latency
+                .record(now.saturating_duration_since(inflight.taken));
             complete(
                 queue,
                 self.inflight.as_ref(),
@@ -482,6 +584,12 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
     /// One polling round: processes new available chains and ready io_uring completions,
     /// without a system call when there is neither. `Ok(None)`: nothing to do.
     pub fn poll_round(&mut self, queue: &mut Queue) -> Result<Option<QueueOutcome>, QueueError> {
+        let r = self.poll_round_calls(queue);
+        self.publish();
+        r
+    }
+
+    fn poll_round_calls(&mut self, queue: &mut Queue) -> Result<Option<QueueOutcome>, QueueError> {
         let pending = {
             let guard = self.mem.memory();
             let mem: &S::M = &guard;
@@ -525,6 +633,12 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
     /// Waits for every in-flight request and completes it (before a queue reset, a memory
     /// change or teardown).
     pub fn drain(&mut self, queue: &mut Queue) -> Result<QueueOutcome, QueueError> {
+        let r = self.drain_calls(queue);
+        self.publish();
+        r
+    }
+
+    fn drain_calls(&mut self, queue: &mut Queue) -> Result<QueueOutcome, QueueError> {
         let mut out = QueueOutcome::default();
         while let Some(u) = self.uring.as_ref() {
             if u.in_flight() == 0 {
@@ -585,6 +699,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
                     break;
                 };
                 popped += 1;
+                self.taken = Instant::now();
                 if let Some(i) = self.inflight.as_mut() {
                     i.taken(chain.head_index());
                 }
@@ -769,6 +884,7 @@ impl<S: GuestAddressSpace> BlockQueue<S> {
         .user_data(slot as u64);
         u.slots[slot] = Some(InFlight {
             head: req.head,
+            taken: self.taken,
             status: req.status,
             op: req.op,
             io,

@@ -940,6 +940,26 @@ fn many_requests_io_uring() {
         assert_eq!(b, sector_byte(u64::from(i)));
     }
     assert_eq!(bq.stats().reads, u64::from(n));
+    // The live counters another thread reads: exact once the engine is idle, one latency
+    // per request (cached or through io_uring), and they outlive the engine.
+    let counters = bq.counters();
+    let report = BlockStats::report(0, &counters);
+    assert_eq!(report.engine, bq.stats());
+    assert_eq!(report.engine.bytes_read, 512 * u64::from(n));
+    assert_eq!(report.latency_us.count, u64::from(n));
+    assert!(report.latency_us.median.is_some());
+    drop(bq);
+    // A queue the driver sets up again continues from them.
+    let mut again =
+        BlockQueue::new(disk(&f, EngineChoice::IoUring, false, false), &m, QSIZE).unwrap();
+    again.set_counters(counters.clone());
+    assert_eq!(again.stats().reads, u64::from(n));
+    assert_eq!(again.latency().count(), u64::from(n));
+    counters.kick();
+    let json = serde_json::to_value(BlockStats::report(0, &counters)).unwrap();
+    assert_eq!(json["reads"], u64::from(n));
+    assert_eq!(json["notifications"], 1);
+    assert_eq!(json["latency_us"]["count"], u64::from(n));
 }
 
 #[test]

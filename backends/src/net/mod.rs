@@ -20,8 +20,8 @@ mod tap;
 pub use config::{net_config_space, net_features, NetOptions, NET_CONFIG_SPACE_LEN};
 pub use ctrl::{CtrlOutcome, CtrlQueue, CTRL_BUDGET};
 pub use queue::{
-    NetFault, NetQueuePair, NetStats, RxOutcome, RxWait, TxOutcome, MAX_CHAIN_DESCS,
-    MAX_RX_CHAINS_PER_FRAME, NET_FAULT_KINDS, RX_BUDGET, TX_BUDGET,
+    NetCounters, NetFault, NetQueuePair, NetStats, RxOutcome, RxStats, RxWait, TxOutcome, TxStats,
+    MAX_CHAIN_DESCS, MAX_RX_CHAINS_PER_FRAME, NET_FAULT_KINDS, RX_BUDGET, TX_BUDGET,
 };
 pub use tap::{tap_offload_flags, Tap, TapError};
 

@@ -4,6 +4,8 @@ use std::io;
 use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -12,6 +14,7 @@ use vm_memory::{GuestAddressSpace, GuestMemory};
 use super::{MAX_FRAME_LEN, VNET_HDR_LEN};
 use crate::chain::{host_iovecs, parse_chain, total_len, write_segments, ParsedChain, Segment};
 use crate::ratelimit::GuestErrorLog;
+use crate::stats::{Latency, Published, QueueReport};
 use crate::{check_queue, finish_batch, QueueError, QueueOutcome};
 
 /// Frames handled per `process_rx` call before yielding to the host's event loop.
@@ -76,6 +79,80 @@ pub struct NetStats {
     pub rx_no_buffers: u64,
 }
 
+/// The counters of a TX queue as published.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TxStats {
+    /// Frames written to the tap.
+    pub frames: u64,
+    /// Bytes written to the tap (vnet headers included).
+    pub bytes: u64,
+    /// Chains dropped (malformed, or the tap refused them).
+    pub dropped: u64,
+    /// Times TX stopped because the tap would block.
+    pub tap_full: u64,
+}
+
+/// The counters of an RX queue as published.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RxStats {
+    /// Frames delivered to the guest.
+    pub frames: u64,
+    /// Bytes delivered (vnet headers included).
+    pub bytes: u64,
+    /// Frames read from the tap and dropped.
+    pub dropped: u64,
+    /// Times RX stopped for lack of guest buffers.
+    pub no_buffers: u64,
+}
+
+/// The live counters of one virtio-net queue pair ([`NetQueuePair::counters`]): RX (queue
+/// 2k) and TX (queue 2k+1), each with the host's notification and interrupt counts; the TX
+/// latency histogram times a frame from taking its chain to posting it used (RX buffers wait
+/// for frames, so RX has none).
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    /// The RX queue.
+    pub rx: Arc<Published<4>>,
+    /// The TX queue.
+    pub tx: Arc<Published<4>>,
+}
+
+impl NetCounters {
+    /// The RX queue's report, as queue `queue` of the device.
+    pub fn rx_report(&self, queue: usize) -> QueueReport<RxStats> {
+        let (v, latency) = self.rx.load();
+        QueueReport {
+            queue,
+            notifications: self.rx.kicks(),
+            interrupts: self.rx.interrupts(),
+            engine: RxStats {
+                frames: v[0],
+                bytes: v[1],
+                dropped: v[2],
+                no_buffers: v[3],
+            },
+            latency_us: latency.summary(),
+        }
+    }
+
+    /// The TX queue's report, as queue `queue` of the device.
+    pub fn tx_report(&self, queue: usize) -> QueueReport<TxStats> {
+        let (v, latency) = self.tx.load();
+        QueueReport {
+            queue,
+            notifications: self.tx.kicks(),
+            interrupts: self.tx.interrupts(),
+            engine: TxStats {
+                frames: v[0],
+                bytes: v[1],
+                dropped: v[2],
+                tap_full: v[3],
+            },
+            latency_us: latency.summary(),
+        }
+    }
+}
+
 /// Result of [`NetQueuePair::process_tx`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TxOutcome {
@@ -132,6 +209,8 @@ pub struct NetQueuePair<S: GuestAddressSpace, T: AsRawFd> {
     iovecs: IoVecScratch,
     log: GuestErrorLog<NET_FAULT_KINDS>,
     stats: NetStats,
+    tx_latency: Latency,
+    published: Arc<NetCounters>,
 }
 
 /// Scratch space for the iovecs of one TX frame, kept to avoid an allocation per frame.
@@ -168,6 +247,8 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
             iovecs: IoVecScratch::default(),
             log: GuestErrorLog::new("virtio-net"),
             stats: NetStats::default(),
+            tx_latency: Latency::default(),
+            published: Arc::default(),
         }
     }
 
@@ -184,6 +265,39 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
     /// Counters.
     pub fn stats(&self) -> NetStats {
         self.stats
+    }
+
+    /// The live counters this engine publishes at the end of every call, for any thread.
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.published.clone()
+    }
+
+    /// Publishes into `counters` from now on, continuing from what they hold (a queue pair
+    /// the driver set up again keeps counting where the previous engine stopped).
+    pub fn set_counters(&mut self, counters: Arc<NetCounters>) {
+        let (rx, _) = counters.rx.load();
+        let (tx, tx_latency) = counters.tx.load();
+        let s = &mut self.stats;
+        [s.rx_frames, s.rx_bytes, s.rx_dropped, s.rx_no_buffers] = rx;
+        [s.tx_frames, s.tx_bytes, s.tx_dropped, s.tx_tap_full] = tx;
+        self.tx_latency = tx_latency;
+        self.published = counters;
+    }
+
+    fn publish_tx(&self) {
+        let s = &self.stats;
+        self.published.tx.store(
+            &[s.tx_frames, s.tx_bytes, s.tx_dropped, s.tx_tap_full],
+            &self.tx_latency,
+        );
+    }
+
+    fn publish_rx(&self) {
+        let s = &self.stats;
+        self.published.rx.store(
+            &[s.rx_frames, s.rx_bytes, s.rx_dropped, s.rx_no_buffers],
+            &Latency::default(),
+        );
     }
 
     /// How many faults of `kind` were seen.
@@ -226,6 +340,12 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
     /// Sends every available TX chain to the tap. Call on a TX kick, and when the tap becomes
     /// writable after an outcome with `tap_full`.
     pub fn process_tx(&mut self, queue: &mut Queue) -> Result<TxOutcome, QueueError> {
+        let r = self.tx_calls(queue);
+        self.publish_tx();
+        r
+    }
+
+    fn tx_calls(&mut self, queue: &mut Queue) -> Result<TxOutcome, QueueError> {
         let guard = self.mem.memory();
         let mem: &S::M = &guard;
         check_queue(queue, mem)?;
@@ -245,6 +365,7 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
                 let Some(chain) = queue.iter(mem).map_err(QueueError::Ring)?.next() else {
                     break;
                 };
+                let taken = Instant::now();
                 let parsed = parse_chain(chain, mem, max_descs);
                 descs += u64::from(parsed.descs);
                 let head = parsed.head;
@@ -260,6 +381,7 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
                     Err(Some(_)) => self.stats.tx_dropped += 1,
                 }
                 queue.add_used(mem, head, 0).map_err(QueueError::Ring)?;
+                self.tx_latency.record(taken.elapsed());
                 used += 1;
             }
             if self.polling {
@@ -359,6 +481,12 @@ impl<S: GuestAddressSpace, T: AsRawFd> NetQueuePair<S, T> {
     /// Moves frames from the tap into the guest's RX buffers. Call when the tap is readable
     /// and on an RX kick (new buffers).
     pub fn process_rx(&mut self, queue: &mut Queue) -> Result<RxOutcome, QueueError> {
+        let r = self.rx_calls(queue);
+        self.publish_rx();
+        r
+    }
+
+    fn rx_calls(&mut self, queue: &mut Queue) -> Result<RxOutcome, QueueError> {
         let guard = self.mem.memory();
         let mem: &S::M = &guard;
         check_queue(queue, mem)?;

@@ -7,6 +7,7 @@
 
 pub mod memory;
 pub mod relay;
+pub mod stats;
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

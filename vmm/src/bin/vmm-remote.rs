@@ -75,6 +75,7 @@ fn device_body(options: &str, net: bool) -> Result<String, String> {
             "path" | "tap" | "mac" | "id" => (k, serde_json::json!(v)),
             "host" => ("path", serde_json::json!(v)),
             "socket" | "vhost_socket" => ("vhost_socket", serde_json::json!(v)),
+            "stats" | "vhost_stats" => ("vhost_stats", serde_json::json!(v)),
             "readonly" | "direct" | "vhost_user" => (k, serde_json::json!(flag(v)?)),
             // The API counts queues, as Cloud Hypervisor does: a NIC's pairs are two each.
             "queues" => (

@@ -8,14 +8,16 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use backends::block::{block_config_space, block_features, BlockBackend, BlockQueue};
+use backends::block::{
+    block_config_space, block_features, BlockBackend, BlockCounters, BlockQueue, BlockStats,
+};
 use backends::poll::{busy_poll, PollEnd, Poller};
 use backends::QueueError;
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, ActiveQueue, DeviceShared, Memory, VirtioDevice, Worker};
+use super::{Activation, ActiveQueue, CountersReader, DeviceShared, Memory, VirtioDevice, Worker};
 
 const VIRTIO_ID_BLOCK: u16 = 2;
 const TOKEN_KICK: u64 = 0;
@@ -31,6 +33,9 @@ pub struct Block {
     poll: Duration,
     config: Vec<u8>,
     workers: Vec<Worker>,
+    /// Each queue's live counters, kept across resets (the engines of each activation
+    /// continue them).
+    counters: Vec<Arc<BlockCounters>>,
 }
 
 impl Block {
@@ -50,6 +55,7 @@ impl Block {
             poll,
             config,
             workers: Vec::new(),
+            counters: (0..queues).map(|_| Arc::default()).collect(),
         }
     }
 }
@@ -164,7 +170,7 @@ fn run_queue(
         for ev in &events[..n] {
             match ev.data() {
                 TOKEN_KICK => {
-                    let _ = aq.kick.read();
+                    aq.take_kick();
                     pending_kick = true;
                     poller.kicked();
                 }
@@ -261,7 +267,7 @@ fn serve_polling(
         }
         // A doorbell rung before the driver saw notifications off is stale: the ring (and
         // the completions) are checked after re-enabling them.
-        let _ = aq.kick.read();
+        aq.take_kick();
         if !engine.rearm(&mut aq.queue)? {
             poller.went_idle();
             return Ok(PollEnd::Idle);
@@ -298,9 +304,13 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, a: Activation) -> io::Result<()> {
         self.reset();
-        for aq in a.queues {
-            let engine = BlockQueue::new(self.disk.clone(), a.mem.clone(), aq.queue.size())
+        for mut aq in a.queues {
+            let mut engine = BlockQueue::new(self.disk.clone(), a.mem.clone(), aq.queue.size())
                 .map_err(|e| io::Error::other(e.to_string()))?;
+            if let Some(c) = self.counters.get(usize::from(aq.index)) {
+                engine.set_counters(c.clone());
+                aq.irq.count_in(c.clone());
+            }
             let stop = EventFd::new(libc::EFD_NONBLOCK)?;
             let stop2 = stop.try_clone()?;
             let name = format!("{} q{}", self.name, aq.index);
@@ -328,6 +338,19 @@ impl VirtioDevice for Block {
         for mut w in self.workers.drain(..) {
             w.stop();
         }
+    }
+
+    fn counters(&self) -> Option<CountersReader> {
+        let counters = self.counters.clone();
+        Some(Arc::new(move || {
+            serde_json::json!({
+                "queues": counters
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| BlockStats::report(i, c))
+                    .collect::<Vec<_>>(),
+            })
+        }))
     }
 }
 

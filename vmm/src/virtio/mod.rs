@@ -11,6 +11,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use backends::stats::HostCounts;
 use virtio_queue::Queue;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -28,12 +29,19 @@ pub const STATUS_NEEDS_RESET: u8 = 0x40;
 pub const STATUS_FAILED: u8 = 0x80;
 
 /// Signals the guest: writes a vector's irqfd (absent when the driver gave no vector).
+/// Counted (interrupts and the queue's kicks) in the queue's live counters when the device
+/// gave them ([`Irq::count_in`]).
 #[derive(Default)]
-pub struct Irq(Option<EventFd>);
+pub struct Irq(Option<EventFd>, Option<Arc<dyn HostCounts>>);
 
 impl Irq {
     pub fn new(fd: Option<EventFd>) -> Self {
-        Irq(fd)
+        Irq(fd, None)
+    }
+
+    /// Counts every interrupt (and the queue's kicks, [`ActiveQueue::take_kick`]) in `c`.
+    pub fn count_in(&mut self, c: Arc<dyn HostCounts>) {
+        self.1 = Some(c);
     }
 
     /// The irqfd, for a process that raises it directly (a vhost-user back-end's call fd).
@@ -46,6 +54,9 @@ impl Irq {
             // An eventfd write fails only when the counter would overflow: the guest has
             // not taken ~2^64 interrupts, so it is pending anyway.
             let _ = fd.write(1);
+            if let Some(c) = &self.1 {
+                c.interrupt();
+            }
         }
     }
 }
@@ -155,6 +166,22 @@ pub struct ActiveQueue {
     pub irq: Irq,
 }
 
+impl ActiveQueue {
+    /// Clears the queue's kick eventfd; whether the guest had rung it (counted).
+    pub fn take_kick(&self) -> bool {
+        let rung = self.kick.read().is_ok();
+        if rung {
+            if let Some(c) = &self.irq.1 {
+                c.kick();
+            }
+        }
+        rung
+    }
+}
+
+/// Reads a device's live per-queue counters as JSON (any thread, no device lock).
+pub type CountersReader = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// What a device gets at DRIVER_OK.
 pub struct Activation {
     pub mem: Memory,
@@ -189,6 +216,10 @@ pub trait VirtioDevice: Send {
     /// handed to its control side, never waited for here. In-VMM devices pause their own
     /// threads through [`DeviceShared::pause`].
     fn pause(&mut self, _paused: bool) {}
+    /// The reader of the device's live per-queue counters, for `vm.counters`.
+    fn counters(&self) -> Option<CountersReader> {
+        None
+    }
 }
 
 /// A device thread's stop signal and handle.

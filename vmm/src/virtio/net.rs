@@ -10,13 +10,13 @@ use std::thread;
 use std::time::Duration;
 
 use backends::net::{
-    net_config_space, net_features, CtrlQueue, NetOptions, NetQueuePair, RxWait, Tap,
+    net_config_space, net_features, CtrlQueue, NetCounters, NetOptions, NetQueuePair, RxWait, Tap,
 };
 use backends::poll::{busy_poll, PollEnd, Poller};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, ActiveQueue, DeviceShared, Memory, VirtioDevice, Worker};
+use super::{Activation, ActiveQueue, CountersReader, DeviceShared, Memory, VirtioDevice, Worker};
 
 const VIRTIO_ID_NET: u16 = 1;
 /// VIRTIO_NET_F_MQ: without it a driver uses one pair, and its control queue is queue 2.
@@ -35,6 +35,8 @@ pub struct Net {
     poll: Duration,
     config: Vec<u8>,
     workers: Vec<Worker>,
+    /// Each pair's live counters, kept across resets.
+    counters: Vec<Arc<NetCounters>>,
     /// Queues a driver started that it has no use for (rate-limited: a guest can reset and
     /// start the device in a loop).
     faults: backends::ratelimit::GuestErrorLog<1>,
@@ -50,6 +52,7 @@ impl Net {
         let config = net_config_space(&opts).to_vec();
         Net {
             name: name.to_string(),
+            counters: taps.iter().map(|_| Arc::default()).collect(),
             taps: taps.into_iter().map(Arc::new).collect(),
             opts,
             queue_size,
@@ -164,7 +167,7 @@ impl PairThread {
                     PollEnd::Idle => {
                         // A TX doorbell rung before the driver saw notifications off is
                         // stale: the ring is checked after re-enabling them.
-                        let _ = self.tx.kick.read();
+                        self.tx.take_kick();
                         if self.engine.rearm_tx(&mut self.tx.queue).map_err(err)? {
                             do_tx = true;
                             continue;
@@ -187,11 +190,11 @@ impl PairThread {
                 match ev.data() {
                     TOKEN_RX_KICK => {
                         log::trace!("{}: rx kick", self.name);
-                        let _ = self.rx.kick.read();
+                        self.rx.take_kick();
                         do_rx = true;
                     }
                     TOKEN_TX_KICK => {
-                        let _ = self.tx.kick.read();
+                        self.tx.take_kick();
                         do_tx = true;
                         poller.kicked();
                     }
@@ -367,13 +370,20 @@ impl VirtioDevice for Net {
         // One pair until the driver sets more on the control queue.
         use_pairs(&self.name, &self.taps, 1);
         for (p, tap) in self.taps.iter().enumerate().take(pairs) {
-            let (Some(rx), Some(tx)) = (by_index[p * 2].take(), by_index[p * 2 + 1].take()) else {
+            let (Some(mut rx), Some(mut tx)) = (by_index[p * 2].take(), by_index[p * 2 + 1].take())
+            else {
                 // The driver enabled fewer pairs than offered.
                 continue;
             };
             tap.set_offloads(a.acked_features)
                 .map_err(|e| io::Error::other(e.to_string()))?;
             let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+            let mut engine = NetQueuePair::new(tap.clone(), a.mem.clone(), a.acked_features);
+            if let Some(c) = self.counters.get(p) {
+                engine.set_counters(c.clone());
+                rx.irq.count_in(c.rx.clone());
+                tx.irq.count_in(c.tx.clone());
+            }
             let t = PairThread {
                 name: format!("{} pair{p}", self.name),
                 rx,
@@ -384,7 +394,7 @@ impl VirtioDevice for Net {
                 } else {
                     Vec::new()
                 },
-                engine: NetQueuePair::new(tap.clone(), a.mem.clone(), a.acked_features),
+                engine,
                 stop: stop.try_clone()?,
                 shared: a.shared.clone(),
                 poll: self.poll,
@@ -405,6 +415,18 @@ impl VirtioDevice for Net {
             w.stop();
         }
         use_pairs(&self.name, &self.taps, self.taps.len());
+    }
+
+    fn counters(&self) -> Option<CountersReader> {
+        let counters = self.counters.clone();
+        Some(Arc::new(move || {
+            let mut queues = Vec::new();
+            for (p, c) in counters.iter().enumerate() {
+                queues.push(serde_json::to_value(c.rx_report(2 * p)).unwrap_or_default());
+                queues.push(serde_json::to_value(c.tx_report(2 * p + 1)).unwrap_or_default());
+            }
+            serde_json::json!({ "queues": queues })
+        }))
     }
 }
 

@@ -1395,6 +1395,62 @@ pub struct VhostUserDevice {
     watchdog: Option<thread::JoinHandle<()>>,
     /// Server mode: the socket this VMM created, removed at exit if still the same.
     created: Option<(PathBuf, (u64, u64))>,
+    /// The back-end's stats endpoint (`stats=PATH`), relayed into `vm.counters`.
+    stats: Option<PathBuf>,
+}
+
+/// How long `vm.counters` waits for a back-end's stats endpoint.
+pub const STATS_DEADLINE: Duration = Duration::from_millis(500);
+
+/// The most bytes read from a back-end's stats endpoint.
+const STATS_MAX: usize = 1 << 20;
+
+/// `GET /stats` from a back-end's stats endpoint (`--stats-socket` of our daemons), within
+/// `deadline` in all (a stuck or slow-dripping back-end costs no more) and [`STATS_MAX`]
+/// bytes.
+pub fn fetch_stats(path: &Path, deadline: Duration) -> Result<serde_json::Value, String> {
+    use std::io::{Read, Write};
+    let start = std::time::Instant::now();
+    let fail = |why: String| format!("{}: {why}", path.display());
+    let left = || {
+        deadline
+            .checked_sub(start.elapsed())
+            .filter(|d| !d.is_zero())
+    };
+    let mut s = UnixStream::connect(path).map_err(|e| fail(e.to_string()))?;
+    let request = b"GET /stats HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    s.set_write_timeout(left())
+        .and_then(|_| s.write_all(request))
+        .map_err(|e| fail(e.to_string()))?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        let Some(t) = left() else {
+            return Err(fail(format!(
+                "no complete answer within {} ms",
+                deadline.as_millis()
+            )));
+        };
+        s.set_read_timeout(Some(t))
+            .map_err(|e| fail(e.to_string()))?;
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) if out.len() + n > STATS_MAX => {
+                return Err(fail(format!("answer over {STATS_MAX} bytes")))
+            }
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(fail(e.to_string())),
+        }
+    }
+    let text = String::from_utf8_lossy(&out);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return Err(fail("not an HTTP answer".into()));
+    };
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(fail(head.lines().next().unwrap_or_default().to_string()));
+    }
+    serde_json::from_str(body).map_err(|e| fail(format!("not JSON: {e}")))
 }
 
 impl VhostUserDevice {
@@ -1476,6 +1532,7 @@ impl VhostUserDevice {
             thread: None,
             watchdog: Some(wdt),
             created,
+            stats: cfg.stats.clone(),
         };
         let stream = match (connected, &ctx.endpoint) {
             (Some(s), _) => s,
@@ -1678,6 +1735,16 @@ impl VirtioDevice for VhostUserDevice {
     fn pause(&mut self, paused: bool) {
         // Handed to the control thread, which talks to the back-end under its deadline.
         self.ctl.push(Command::Pause(paused));
+    }
+
+    /// The queues are the back-end's: with `stats=PATH`, its stats endpoint's answer, as
+    /// `backend` (or why not, as `backend_error`), within [`STATS_DEADLINE`].
+    fn counters(&self) -> Option<super::CountersReader> {
+        let path = self.stats.clone()?;
+        Some(Arc::new(move || match fetch_stats(&path, STATS_DEADLINE) {
+            Ok(v) => serde_json::json!({ "backend": v }),
+            Err(e) => serde_json::json!({ "backend_error": e }),
+        }))
     }
 
     fn reset_pending(&self) -> bool {

@@ -1,0 +1,131 @@
+//! A daemon's stats endpoint (`--stats-socket PATH`): HTTP/1.1 on a unix socket, answering
+//! `GET /stats` with the daemon's per-queue counters as JSON (the same fields as the vmm's
+//! `vm.counters` for an in-VMM device: `crate::stats`), on a thread of its own, off the
+//! queue threads. Read it with `curl --unix-socket PATH http://localhost/stats`; the vmm
+//! relays it into `vm.counters` for a vhost-user device given `stats=PATH`.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread;
+
+use serde_json::{json, Value};
+
+use super::{bind_listening, clear_stale_socket, ServeError, SocketFile};
+
+/// What the endpoint answers: the counters now, as JSON.
+pub type StatsReader = Arc<dyn Fn() -> Value + Send + Sync>;
+
+/// The stats endpoint: stops (and removes its socket) when dropped.
+pub struct StatsServer {
+    server: Arc<tiny_http::Server>,
+    thread: Option<thread::JoinHandle<()>>,
+    _file: SocketFile,
+}
+
+impl StatsServer {
+    /// Listens on `path` (a stale socket there is replaced; a live one, or a file that is
+    /// not a socket, is refused) and answers from `read`.
+    pub fn start(path: &Path, read: StatsReader) -> Result<StatsServer, ServeError> {
+        clear_stale_socket(path)?;
+        let listener = bind_listening(path)?;
+        let file = SocketFile::record(path).map_err(|source| ServeError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let server =
+            tiny_http::Server::from_listener(listener, None).map_err(|e| ServeError::Bind {
+                path: path.to_path_buf(),
+                source: io::Error::other(e.to_string()),
+            })?;
+        let server = Arc::new(server);
+        let s = server.clone();
+        let thread = thread::Builder::new()
+            .name("stats".into())
+            .spawn(move || {
+                for rq in s.incoming_requests() {
+                    answer(rq, &read);
+                }
+            })
+            .map_err(ServeError::Setup)?;
+        Ok(StatsServer {
+            server,
+            thread: Some(thread),
+            _file: file,
+        })
+    }
+}
+
+impl Drop for StatsServer {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn answer(rq: tiny_http::Request, read: &StatsReader) {
+    let path = rq.url().split('?').next().unwrap_or("");
+    let (status, body) = match (rq.method(), path) {
+        (tiny_http::Method::Get, "/stats") => (200, read()),
+        (_, "/stats") => (405, json!({ "error": "/stats takes GET" })),
+        _ => (
+            404,
+            json!({ "error": format!("{path}: the stats are at /stats") }),
+        ),
+    };
+    let mut r = tiny_http::Response::from_string(body.to_string()).with_status_code(status);
+    if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", "application/json") {
+        r.add_header(h);
+    }
+    if let Err(e) = rq.respond(r) {
+        log::debug!("stats: answering: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    fn get(path: &Path, url: &str) -> String {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn answers_get_stats_and_removes_its_socket() {
+        let dir = std::env::temp_dir().join(format!("stats-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let n = Arc::new(std::sync::atomic::AtomicU64::new(7));
+        let n2 = n.clone();
+        let server = StatsServer::start(
+            &path,
+            Arc::new(move || json!({ "reads": n2.load(std::sync::atomic::Ordering::Relaxed) })),
+        )
+        .unwrap();
+        let r = get(&path, "/stats");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.ends_with(r#"{"reads":7}"#), "{r}");
+        n.store(9, std::sync::atomic::Ordering::Relaxed);
+        assert!(get(&path, "/stats").ends_with(r#"{"reads":9}"#));
+        assert!(get(&path, "/nope").starts_with("HTTP/1.1 404"));
+        // A second daemon on the same live socket is refused.
+        assert!(StatsServer::start(&path, Arc::new(|| json!({}))).is_err());
+        drop(server);
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
