@@ -13,7 +13,7 @@ LAB_IMAGES=$LAB_DIR/images
 # their dependencies come from the kernel's modules.dep, modules the kernel has
 # built in (modules.builtin) are skipped. crc64_rocksoft_generic is a crypto
 # soft dependency of nvme's t10-pi that modules.dep cannot show.
-L1_MODULES=${L1_MODULES:-"kvm_amd vfio_pci vfio_iommu_type1 tun tap veth bridge vhost_net e1000e crc64_rocksoft_generic nvme"}
+L1_MODULES=${L1_MODULES:-"kvm_amd vfio_pci vfio_iommu_type1 tun tap veth bridge vhost_net e1000e crc64_rocksoft_generic nvme loop dm_mod dm_delay"}
 L2_MODULES=${L2_MODULES:-"virtio_pci virtio_net virtio_blk"}
 L2_GENERIC_MODULES=${L2_GENERIC_MODULES:-"virtio_pci virtio_net virtio_blk e1000e crc64_rocksoft_generic nvme"}
 
@@ -66,6 +66,8 @@ need_host_tools() {
     need timeout coreutils
     need dpkg-deb dpkg
     need /usr/sbin/ip iproute2
+    # L1's device-mapper (slow disks for the counters scenario, tests/tests/lab_counters.rs).
+    need /usr/sbin/dmsetup dmsetup
     need xz xz-utils
     busybox_bin >/dev/null
 }

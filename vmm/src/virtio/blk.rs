@@ -440,7 +440,7 @@ mod tests {
                     index: 0,
                     queue: q,
                     kick: kick.try_clone().unwrap(),
-                    irq: Irq::default(),
+                    irq: Irq::new(Some(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
                 }],
                 shared: shared.clone(),
             })
@@ -603,6 +603,16 @@ mod tests {
                 d.read(i % SECTORS);
             }
             assert_eq!(d.kicks, 40, "event_idx {event_idx}");
+            // vm.counters' view, read from another thread while the device runs: every
+            // request, byte, doorbell and interrupt, and a latency for each request.
+            let read = d.dev.counters().expect("a block device has counters");
+            let q = &read()["queues"][0];
+            assert_eq!(q["reads"], 40, "{q}");
+            assert_eq!(q["bytes_read"], 40 * 512, "{q}");
+            assert_eq!(q["notifications"], 40, "{q}");
+            assert_eq!(q["latency_us"]["count"], 40, "{q}");
+            let irqs = q["interrupts"].as_u64().unwrap();
+            assert!((1..=40).contains(&irqs), "{q}");
         }
     }
 

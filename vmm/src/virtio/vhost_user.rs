@@ -1439,7 +1439,14 @@ pub fn fetch_stats(path: &Path, deadline: Duration) -> Result<serde_json::Value,
                 return Err(fail(format!("answer over {STATS_MAX} bytes")))
             }
             Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A timed-out read: the loop says the deadline passed.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(fail(e.to_string())),
         }
     }

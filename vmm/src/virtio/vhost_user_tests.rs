@@ -1291,3 +1291,64 @@ fn a_pause_disables_the_backends_rings_and_a_resume_enables_them() {
         assert!(wait_until(Duration::from_secs(3), || enables(true).len() == before + 2));
     }
 }
+
+/// `vm.counters` for a vhost-user disk relays the back-end's stats endpoint: its answer as
+/// is; a back-end that accepts and never answers, or drips bytes, costs the deadline and no
+/// more; a wrong answer is said in one line.
+#[test]
+fn stats_relay_is_bounded_and_says_what_went_wrong() {
+    let dir = std::env::temp_dir().join(format!("vu-stats-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A real endpoint (our daemons').
+    let good = dir.join("good.sock");
+    let server = backends::vhost_user::stats::StatsServer::start(
+        &good,
+        Arc::new(|| serde_json::json!({ "queues": [{ "reads": 3 }] })),
+    )
+    .unwrap();
+    let v = fetch_stats(&good, STATS_DEADLINE).unwrap();
+    assert_eq!(v["queues"][0]["reads"], 3);
+    drop(server);
+    assert!(fetch_stats(&good, STATS_DEADLINE)
+        .unwrap_err()
+        .contains("good.sock"));
+    // Stuck: accepts, reads, never answers. Dripping: a byte every 100 ms, forever.
+    for (name, drip) in [("stuck", false), ("drip", true)] {
+        let path = dir.join(format!("{name}.sock"));
+        let l = UnixListener::bind(&path).unwrap();
+        let t = thread::spawn(move || {
+            use std::io::Write;
+            let (mut s, _) = l.accept().unwrap();
+            for _ in 0..30 {
+                thread::sleep(Duration::from_millis(100));
+                if drip && s.write_all(b"H").is_err() {
+                    break;
+                }
+            }
+        });
+        let start = Instant::now();
+        let e = fetch_stats(&path, Duration::from_millis(300)).unwrap_err();
+        let took = start.elapsed();
+        assert!(took < Duration::from_millis(1500), "{name}: {took:?}");
+        assert!(
+            e.contains("no complete answer within 300 ms"),
+            "{name}: {e}"
+        );
+        t.join().unwrap();
+    }
+    // Not 200: the status line.
+    let path = dir.join("404.sock");
+    let l = UnixListener::bind(&path).unwrap();
+    let t = thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = l.accept().unwrap();
+        let mut b = [0u8; 256];
+        let _ = s.read(&mut b);
+        s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+    });
+    let e = fetch_stats(&path, STATS_DEADLINE).unwrap_err();
+    assert!(e.ends_with("HTTP/1.1 404 Not Found"), "{e}");
+    t.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
