@@ -6,7 +6,8 @@
 //! tenth time), the guest's clock-driven work stops: no console output and no exit counter
 //! moves between two looks 0.3 s apart; after each resume the guest goes on, and at the end
 //! every block it wrote read back as written, with no I/O error, hung task or RCU stall in
-//! its log.
+//! its log. One last pause lasts 5 s: the guest's clock stops with it (its uptime moves by
+//! less than L1's around the pause by most of those 5 s).
 
 use std::time::Duration;
 
@@ -56,6 +57,15 @@ if wait_for $LAB_TMP/l2.log '^L2-VAL io-loop-started' 300; then
     echo "LAB-VAL cycles-failed $failed"
     echo "LAB-VAL paused-with-console-output $moved_out"
     echo "LAB-VAL paused-with-exits $moved_exits"
+    # One long pause (5 s): the guest's clock stops with it (kvmclock kept across), so the
+    # guest's uptime moves by less than L1's around it.
+    up() { grep '^L2-UP ' $LAB_TMP/l2.log | tail -n1 | cut -d' ' -f2; }
+    u1=$(up) t1=$(lab_uptime)
+    remote pause >/dev/null && sleep 5 && remote resume >/dev/null
+    sleep 2
+    u2=$(up) t2=$(lab_uptime)
+    echo "LAB-VAL long-pause-host-s $(awk "BEGIN { print $t2 - $t1 }")"
+    echo "LAB-VAL long-pause-guest-s $(awk "BEGIN { print $u2 - $u1 }")"
     # The guest's loop stops when it finds this at 64 MiB.
     printf 'STOP' | dd of=$LAB_TMP/a.img bs=64k seek=1024 conv=notrunc 2>/dev/null
     remote info | grep -q '"state": "Running"' && echo "LAB-VAL running-after"
@@ -101,6 +111,8 @@ reader() {
     done
 }
 echo "L2-VAL io-loop-started"
+# The guest's clock, twice a second (L1 compares it with its own around a long pause).
+( while going; do echo "L2-UP $(cut -d' ' -f1 /proc/uptime)"; sleep 0.5; done ) &
 for d in vda vdb; do
     writer $d 0 &
     writer $d 256 &
@@ -134,6 +146,14 @@ fn hundred_pauses_and_resumes_under_guest_io() {
     assert_eq!(run.require("LAB-VAL paused-with-console-output"), "0");
     assert_eq!(run.require("LAB-VAL paused-with-exits"), "0");
     assert!(run.value("running-after").is_some(), "{}", run.report());
+    // The guest saw (nearly) none of the 5 s pause: L1 waited 7 s and more around it.
+    let host: f64 = run.require("LAB-VAL long-pause-host-s").parse().unwrap();
+    let guest: f64 = run.require("LAB-VAL long-pause-guest-s").parse().unwrap();
+    assert!(
+        guest > 0.5 && guest < host - 3.5,
+        "guest clock moved {guest} s over {host} s with a 5 s pause\n{}",
+        run.report()
+    );
     assert!(
         run.lines.iter().all(|l| !l.text.contains("-not-shown")),
         "vm.info did not say Paused\n{}",

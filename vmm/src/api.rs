@@ -85,6 +85,9 @@ pub struct ApiContext {
     /// Pauses (true) or resumes the devices' threads; for a pause, waits (bounded) until
     /// they have finished what they held, or says which have not.
     pub devices_pause: Box<dyn Fn(bool) -> Result<(), String> + Send + Sync>,
+    /// Stops (true) or restarts (false) the guest's clock (kvmclock) around a pause, so that
+    /// the guest sees no time pass while paused (no lockup warnings, no timer storm).
+    pub clock: Box<dyn Fn(bool) -> Result<(), String> + Send + Sync>,
 }
 
 /// The configuration as `vm.info` shows it (Cloud Hypervisor's `VmConfig` field names where
@@ -141,6 +144,9 @@ pub fn handle(ctx: &ApiContext, method: &str, url: &str) -> Reply {
             }
             if let Err(e) = (ctx.devices_pause)(false) {
                 log::warn!("api: resuming the devices: {e}");
+            }
+            if let Err(e) = (ctx.clock)(false) {
+                log::warn!("api: restarting the guest's clock: {e}; it sees the paused time pass");
             }
             ctx.pause.resume();
             log::info!("api: the VM is resumed");
@@ -413,6 +419,11 @@ fn pause(ctx: &ApiContext) -> Reply {
     };
     match ctx.pause.pause(threads.len(), &kick, PAUSE_DEADLINE) {
         Ok(()) => {
+            if let Err(e) = (ctx.clock)(true) {
+                log::warn!(
+                    "api: stopping the guest's clock: {e}; it will see the paused time pass"
+                );
+            }
             // The vCPUs add no request now; the device threads finish what they hold.
             match (ctx.devices_pause)(true) {
                 Ok(()) => log::info!(
@@ -822,6 +833,7 @@ mod tests {
                 exit,
                 counters: Box::new(move || stats.clone()),
                 devices_pause: Box::new(|_| Ok(())),
+                clock: Box::new(|_| Ok(())),
             },
             rx,
         )

@@ -268,6 +268,30 @@ impl Vm {
         })
     }
 
+    /// `vm.pause` stops the guest's clock (`stop`: KVM_GET_CLOCK, kept in `saved`) and
+    /// `vm.resume` restarts it where it stopped (KVM_SET_CLOCK, no REALTIME flag): as QEMU and
+    /// Cloud Hypervisor do, the guest sees no time pass while paused.
+    fn guest_clock(
+        vm: &VmFd,
+        saved: &std::sync::Mutex<Option<kvm_bindings::kvm_clock_data>>,
+        stop: bool,
+    ) -> Result<(), String> {
+        let mut saved = saved.lock().unwrap_or_else(|p| p.into_inner());
+        if stop {
+            *saved = Some(vm.get_clock().map_err(|e| format!("KVM_GET_CLOCK: {e}"))?);
+            return Ok(());
+        }
+        let Some(c) = saved.take() else {
+            return Ok(());
+        };
+        let data = kvm_bindings::kvm_clock_data {
+            clock: c.clock,
+            ..Default::default()
+        };
+        vm.set_clock(&data)
+            .map_err(|e| format!("KVM_SET_CLOCK: {e}"))
+    }
+
     /// Runs the guest until it stops; returns why, with the exit counters.
     pub fn run(mut self) -> Result<(VmExit, ExitStats), Error> {
         memory::log_huge_page_hint();
@@ -294,6 +318,11 @@ impl Vm {
                     devices_pause: {
                         let root = self._pci.clone();
                         Box::new(move |paused| pause_devices(&root, paused))
+                    },
+                    clock: {
+                        let vm = self.vm.clone();
+                        let saved = std::sync::Mutex::new(None);
+                        Box::new(move |stop| Self::guest_clock(&vm, &saved, stop))
                     },
                 };
                 Some(crate::api::ApiServer::start(&socket, ctx)?)

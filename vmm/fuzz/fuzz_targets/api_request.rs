@@ -37,6 +37,7 @@ fn context() -> (ApiContext, std::sync::mpsc::Receiver<vmm::exit::Control>) {
             exit,
             counters: Box::new(ExitStats::default),
             devices_pause: Box::new(|_| Ok(())),
+            clock: Box::new(|_| Ok(())),
         },
         rx,
     )
