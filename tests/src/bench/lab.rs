@@ -14,10 +14,10 @@
 //! e1000e 00:02.0; set b: `disk-b.img`, `bt-b`, the daemons of set b, the NVMe 00:05.0 and
 //! e1000e 00:06.0 of `Scenario::pair_devices`), ours on set a in odd runs and on set b in even
 //! ones, and they take turns: [`SIDE_BY_SIDE_BATCHES`] batches of reads, then of pings, the
-//! first turn alternating, the other L2's VMM stopped (SIGSTOP) while one measures. The host's
-//! speed moves by up to 2x within minutes (the same VM read 510 µs and then 1154 µs in one lab
-//! boot); turns a second apart see the same host, so the pair compares the VMMs and not the
-//! moments. (In one lab boot, 24 turns of 500 passthrough reads: ours lower in 14, geometric
+//! first turn alternating, the other L2 paused while one measures (ours with `vm.pause`, QEMU
+//! with QMP `stop`). The host's speed moves by up to 2x within minutes (the same VM read 510
+//! µs and then 1154 µs in one lab boot); turns a second apart see the same host, so the pair
+//! compares the VMMs and not the moments. (In one lab boot, 24 turns of 500 passthrough reads: ours lower in 14, geometric
 //! mean of ours / QEMU's 0.97, where one boot after the other in sequence had given 0 of 4 in
 //! the 13:00 run.)
 //!
@@ -403,12 +403,16 @@ cpu_pids() {
 l2_start() {
     kind=$1 tag=$2 cmdline=$3 input=$4
     shift 4
+    # The control socket (vm_ctl): our API, QEMU's QMP.
+    rm -f $LAB_TMP/ctl-$tag.sock
     if [ $kind = vmm ]; then
         vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" --cmdline "$cmdline" \
-            --cpus 2 --memory 512M --exit-stats $LAB_TMP/stats-$tag.json "$@" <$input 2>&1 &
+            --cpus 2 --memory 512M --exit-stats $LAB_TMP/stats-$tag.json \
+            --api-socket path=$LAB_TMP/ctl-$tag.sock "$@" <$input 2>&1 &
     else
         qemu-system-x86_64 -nodefaults -nographic -serial stdio -no-reboot \
             -enable-kvm -cpu host -m 512 -smp 2 -name l2,debug-threads=on \
+            -qmp unix:$LAB_TMP/ctl-$tag.sock,server=on,wait=off \
             -kernel "$L2_GENERIC_KERNEL" -initrd "$L2_GENERIC_INITRD" -append "$cmdline" \
             "$@" <$input 2>&1 &
     fi
@@ -518,6 +522,17 @@ side_send() {
 nic_reset() {
     passthrough unbind $1 >/dev/null && passthrough bind $1 >/dev/null
 }
+# vm_ctl KIND TAG pause|resume: pause or resume the VM TAG through its control socket, as
+# a user would: our vmm's API (vm.pause / vm.resume: vCPUs parked, devices quiesced, the
+# guest's clock stopped), QEMU's QMP (stop / cont). A failure is a failed check.
+vm_ctl() {
+    if [ $1 = vmm ]; then
+        vmm-remote --api-socket $LAB_TMP/ctl-$2.sock $3 >/dev/null 2>$LAB_TMP/ctl.err
+    else
+        if [ $3 = pause ]; then c=stop; else c=cont; fi
+        qmp $LAB_TMP/ctl-$2.sock $c >/dev/null 2>$LAB_TMP/ctl.err
+    fi || fail "$2-$3" "$(head -c 200 $LAB_TMP/ctl.err)"
+}
 # side_by_side R ORDER MODEL: run R of MODEL, both VMMs at once (ORDER: which boots and
 # takes the first turn first).
 side_by_side() {
@@ -548,18 +563,16 @@ side_by_side() {
             side_next $v r$r-$m-$v L2-READY 240 || { echo "LAB-VAL r$r-$m-$v-not-ready"; live=0; break; }
             read -r pid_$v <$LAB_TMP/pids/side-r$r-$m-$v
         done
-        # Between its turns a VM is stopped (SIGSTOP to its VMM), so that one L2 runs at a
-        # time as in the sequential mode: the lab loses far more L2s and L1s with two L2s
-        # running. (Turns last seconds; a stop of 20 s would trip the guest's lockup
-        # watchdogs, which is why the first VM runs while the second boots.)
-        for v in $started; do eval "kill -STOP \$pid_$v" 2>/dev/null; done
+        # Between its turns a VM is paused (vm_ctl), so that one L2 runs at a time as in the
+        # sequential mode: the lab loses far more L2s and L1s with two L2s running. (The
+        # first VM runs while the second boots.)
+        for v in $started; do vm_ctl $v r$r-$m-$v pause; done
         for phase in blk net; do
             k=1
             while [ $live = 1 ] && [ $k -le @BATCHES@ ]; do
                 if [ $((k % 2)) = 1 ]; then turns=$order; else turns=$reverse; fi
                 for v in $turns; do
-                    eval "p=\$pid_$v"
-                    kill -CONT $p 2>/dev/null
+                    vm_ctl $v r$r-$m-$v resume
                     side_send $v "$phase $k"
                     # L1 has read the VM's counters: it may start. A VM lost (or stuck)
                     # ends the attempt: the pair cannot be completed.
@@ -567,7 +580,7 @@ side_by_side() {
                         side_send $v go &&
                         side_next $v r$r-$m-$v "L2-BATCH-END $phase $k" @TURN_SECS@ ||
                         { live=0; break; }
-                    kill -STOP $p 2>/dev/null
+                    vm_ctl $v r$r-$m-$v pause
                 done
                 [ $live = 1 ] && echo "LAB-VAL r$r-$m-turn $phase $k"
                 k=$((k + 1))
@@ -579,7 +592,7 @@ side_by_side() {
             # Its PID from the file: a VM that never got ready has no pid_$v.
             read -r p <$LAB_TMP/pids/side-r$r-$m-$v
             eval "stuck=\$stuck_$v gone=\$gone_$v"
-            kill -CONT $p 2>/dev/null
+            [ "$gone" = 1 ] || vm_ctl $v r$r-$m-$v resume
             if [ "$gone" != 1 ]; then
                 if [ "$stuck" != 1 ]; then
                     side_send $v quit
@@ -826,7 +839,7 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
         ));
     }
     let (lat, bins) = lat_binary()?;
-    for b in ["vmm", "vhost-user-blk", "vhost-user-net", "passthrough"] {
+    for b in ["vmm", "vmm-remote", "vhost-user-blk", "vhost-user-net", "passthrough", "qmp"] {
         if !bins.join(b).is_file() {
             return Err(format!(
                 "{} missing: cargo build --workspace --bins (same profile as lat)",
@@ -882,6 +895,7 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
         )
         .l2_script(&l2_script(opts))
         .l2_bin(&lat)
+        .bin(bins.join("qmp"))
         .project_bins(&bins)
         .with_qemu()
         // L1: a 256 MiB disk and a 512 MiB L2 (two of each side by side), QEMU or our vmm (both), two
