@@ -99,4 +99,28 @@ fn matrix_produces_every_record(side_by_side: bool) {
             }
         }
     }
+    // Side by side, the hotplug latency (Must show 5 of #22): per VMM, the e1000e (VFIO) and
+    // a virtio disk hot-added through the control socket, timed to the guest's driver bound.
+    let hotplug: Vec<_> = records
+        .iter()
+        .filter(|r| r.test.starts_with("hotplug-"))
+        .collect();
+    if side_by_side {
+        for vmm in ["vmm", "qemu"] {
+            for (test, model) in [
+                ("hotplug-nic", Model::Passthrough),
+                ("hotplug-disk", Model::InVmm),
+            ] {
+                let found: Vec<_> = hotplug
+                    .iter()
+                    .filter(|r| r.vmm == vmm && r.test == test && r.model == model)
+                    .collect();
+                assert_eq!(found.len(), 1, "{vmm} {test}: {} records", found.len());
+                let s = found[0].seconds.unwrap_or(0.0);
+                assert!(s > 0.0 && s < 60.0, "{vmm} {test}: {s} s");
+            }
+        }
+    } else {
+        assert!(hotplug.is_empty(), "hotplug is measured side by side only");
+    }
 }

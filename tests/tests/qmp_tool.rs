@@ -44,7 +44,10 @@ fn stops_and_continues_qemu_and_reports_its_errors() {
     assert!(qmp(&sock, &["query-status"]).1.contains(&status("paused")));
     let (rc, _, err) = qmp(&sock, &["device_add", r#"{"driver": "no-such-device"}"#]);
     assert_eq!(rc, 1);
-    assert!(err.starts_with("qmp: GenericError: ") && err.contains("no-such-device"), "{err}");
+    assert!(
+        err.starts_with("qmp: GenericError: ") && err.contains("no-such-device"),
+        "{err}"
+    );
     let (rc, _, err) = qmp(&sock, &["stop", "{not json"]);
     assert_eq!(rc, 2, "{err}");
     let _ = qemu.kill();

@@ -629,6 +629,67 @@ side_by_side() {
     check r$r-$m-turns [ $live = 1 ]
 }
 
+# hotplug R ORDER: hotplug latency of run R (side by side only), each VMM in turn: an L2
+# booted with no device (its script waits for them, bench_hotplug=1), then the e1000e
+# (VFIO) and a virtio disk added through the control socket (our API's vm.add-device and
+# vm.add-disk, QEMU's QMP device_add), each timed from the call to the guest's driver bound
+# (the guest polls sysfs every 10 ms and says L2-HOTPLUG-BOUND; L1 looks every 20 ms).
+# QEMU's disk backend is added (blockdev-add) before the clock starts; ours opens its image
+# within the call.
+hotplug() {
+    for v in $2; do
+        tag=r$1-hp-$v
+        check $tag-nic-reset nic_reset $NIC_BDF
+        rm -f $LAB_TMP/hp.img && truncate -s 64M $LAB_TMP/hp.img
+        echo "BENCH-BEGIN $tag"
+        t0=$(lab_uptime)
+        {
+            l2_start $v $tag "$L2_CMDLINE bench_hotplug=1" /dev/null
+            echo $! >$LAB_TMP/pids/hp
+            wait $!
+            rc=$?
+            echo
+            echo "VMM-RC $rc"
+        } | lab_console "$t0" "$tag" | tee $LAB_TMP/$tag.log &
+        if wait_for $LAB_TMP/$tag.log '^L2-READY' 240; then
+            hp_one $v $tag nic
+            hp_one $v $tag disk
+        else
+            fail $tag-ready "the guest never said L2-READY"
+        fi
+        if ! wait_for $LAB_TMP/$tag.log '^VMM-RC' 120; then
+            kill $(cat $LAB_TMP/pids/hp) 2>/dev/null
+            wait_for $LAB_TMP/$tag.log '^VMM-RC' 20
+        fi
+        check $tag-vmm-rc grep -qs '^VMM-RC 0$' $LAB_TMP/$tag.log
+    done
+}
+# hp_one KIND TAG nic|disk: one hot-add, timed.
+hp_one() {
+    ctl=$LAB_TMP/ctl-$2.sock
+    if [ $1 = qemu ] && [ $3 = disk ]; then
+        qmp $ctl blockdev-add "{\"driver\": \"raw\", \"node-name\": \"hpd\", \"file\": {\"driver\": \"file\", \"filename\": \"$LAB_TMP/hp.img\"}}" \
+            >/dev/null 2>$LAB_TMP/hp.err || { fail $2-$3-backend "$(head -c 200 $LAB_TMP/hp.err)"; return; }
+    fi
+    t0=$(lab_uptime)
+    case $1-$3 in
+    vmm-nic) vmm-remote --api-socket $ctl add-device path=/sys/bus/pci/devices/$NIC_BDF,id=hpnic ;;
+    vmm-disk) vmm-remote --api-socket $ctl add-disk path=$LAB_TMP/hp.img,id=hpdisk ;;
+    qemu-nic) qmp $ctl device_add "{\"driver\": \"vfio-pci\", \"host\": \"$NIC_BDF\", \"id\": \"hpnic\"}" ;;
+    qemu-disk) qmp $ctl device_add '{"driver": "virtio-blk-pci", "drive": "hpd", "id": "hpdisk"}' ;;
+    esac >/dev/null 2>$LAB_TMP/hp.err || { fail $2-$3-add "$(head -c 200 $LAB_TMP/hp.err)"; return; }
+    n=0
+    until grep -q "^L2-HOTPLUG-BOUND $3" $LAB_TMP/$2.log; do
+        n=$((n + 1))
+        if [ $n -gt 3000 ]; then
+            fail $2-$3-bound "no driver bound 60 s after the call"
+            return
+        fi
+        sleep 0.02
+    done
+    echo "LAB-VAL $2-$3-s $(awk "BEGIN { print $(lab_uptime) - $t0 }")"
+}
+
 r=$RUN_FIRST
 while [ $r -le $RUN_LAST ]; do
     if [ $((r % 2)) = 1 ]; then order="vmm qemu"; else order="qemu vmm"; fi
@@ -643,6 +704,7 @@ while [ $r -le $RUN_LAST ]; do
             done
         fi
     done
+    [ @SIDE_BY_SIDE@ = 1 ] && hotplug $r "$order"
     r=$((r + 1))
 done
 for s in $SETS; do $IP link del bt-$s; done
@@ -670,6 +732,23 @@ for x in $(cat /proc/cmdline); do
     bench_batches=*) BATCHES=${x#bench_batches=} ;;
     esac
 done
+# Hotplug latency (L1's `hotplug`): no device at boot; say when each one L1 adds has its
+# driver bound (the e1000e, then a virtio disk), then power off.
+if grep -qw bench_hotplug=1 /proc/cmdline; then
+    echo "L2-READY"
+    # bound PATTERN WHAT: wait (10 ms steps, at most 120 s) for PATTERN to exist.
+    bound() {
+        n=0
+        until ls $1 >/dev/null 2>&1; do
+            n=$((n + 1)); [ $n -gt 12000 ] && return 1
+            sleep 0.01
+        done
+        echo "L2-HOTPLUG-BOUND $2"
+    }
+    bound '/sys/bus/pci/drivers/e1000e/0000:*' nic && bound /sys/block/vda disk
+    sleep 1
+    exit 0
+fi
 # The disk: virtio-blk, or the assigned NVMe (probed asynchronously).
 n=0
 dev=
@@ -839,7 +918,14 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
         ));
     }
     let (lat, bins) = lat_binary()?;
-    for b in ["vmm", "vmm-remote", "vhost-user-blk", "vhost-user-net", "passthrough", "qmp"] {
+    for b in [
+        "vmm",
+        "vmm-remote",
+        "vhost-user-blk",
+        "vhost-user-net",
+        "passthrough",
+        "qmp",
+    ] {
         if !bins.join(b).is_file() {
             return Err(format!(
                 "{} missing: cargo build --workspace --bins (same profile as lat)",
@@ -852,7 +938,11 @@ pub fn run_lab(opts: &LabOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<
     let per_vm = 45.0
         + f64::from(opts.blk_ops) * LAB_SECS_PER_READ
         + f64::from(opts.pings) * LAB_SECS_PER_PING;
-    let timeout = Duration::from_secs_f64(200.0 + (6 * RUNS_PER_BOOT) as f64 * per_vm);
+    // Side by side, each run also boots one L2 per VMM for the hotplug latency (~60 s each).
+    let hotplug = if opts.side_by_side { 120.0 } else { 0.0 };
+    let timeout = Duration::from_secs_f64(
+        200.0 + (6 * RUNS_PER_BOOT) as f64 * per_vm + f64::from(RUNS_PER_BOOT) * hotplug,
+    );
     progress(&format!(
         "lab: {} run(s), two per L1 boot, x {} configurations ({} reads, {} pings each), \
          binaries from {}, timeout {} s per L1",
@@ -1108,6 +1198,12 @@ fn records_from_run(
             Err(e) => errors.push(format!("{tag}: {e}")),
         }
     }
+    if opts.side_by_side {
+        match hotplug_records(run, r, load) {
+            Ok(mut v) => records.append(&mut v),
+            Err(e) => errors.push(e),
+        }
+    }
     if errors.is_empty() {
         Ok(records)
     } else {
@@ -1123,6 +1219,60 @@ fn records_from_run(
             errors.join("\n  ")
         ))
     }
+}
+
+/// The hotplug records of run `r` (side by side): per VMM, the seconds from the call that
+/// adds the e1000e (VFIO; `hotplug-nic`, model passthrough) and a virtio disk
+/// (`hotplug-disk`, model in-VMM) to the guest's driver bound (`LAB-VAL r<R>-hp-<vmm>-<dev>-s`).
+fn hotplug_records(run: &LabRun, r: u32, load: Load) -> Result<Vec<Record>, String> {
+    let mut v = Vec::new();
+    for vmm in ["vmm", "qemu"] {
+        for (dev, model, test, config) in [
+            (
+                "nic",
+                Model::Passthrough,
+                "hotplug-nic",
+                if vmm == "vmm" {
+                    "vm.add-device (e1000e, VFIO)"
+                } else {
+                    "QMP device_add vfio-pci (e1000e)"
+                },
+            ),
+            (
+                "disk",
+                Model::InVmm,
+                "hotplug-disk",
+                if vmm == "vmm" {
+                    "vm.add-disk (virtio-blk)"
+                } else {
+                    "QMP device_add virtio-blk-pci"
+                },
+            ),
+        ] {
+            let key = format!("r{r}-hp-{vmm}-{dev}-s");
+            let secs: f64 = run
+                .value(&key)
+                .ok_or_else(|| format!("r{r}-hp-{vmm}: no {key}"))?
+                .parse()
+                .map_err(|e| format!("{key}: {e}"))?;
+            v.push(Record {
+                matrix: Matrix::Lab,
+                model,
+                vmm: vmm.to_string(),
+                config: config.to_string(),
+                test: test.to_string(),
+                run: r,
+                n: 1,
+                latency: None,
+                iops: None,
+                seconds: Some(secs),
+                exits_per_op: BTreeMap::new(),
+                cpu_us_per_op: None,
+                load,
+            });
+        }
+    }
+    Ok(v)
 }
 
 /// The three records (blk, net, boot) of one configuration in one run, from its console

@@ -58,7 +58,10 @@ fn run(socket: &str, command: &str, arguments: Option<Value>) -> Result<Value, (
             let left = DEADLINE
                 .checked_sub(start.elapsed())
                 .filter(|d| !d.is_zero())
-                .ok_or((2, format!("no answer from QEMU within {} s", DEADLINE.as_secs())))?;
+                .ok_or((
+                    2,
+                    format!("no answer from QEMU within {} s", DEADLINE.as_secs()),
+                ))?;
             r.get_ref()
                 .set_read_timeout(Some(left))
                 .map_err(|e| (2, e.to_string()))?;
@@ -79,9 +82,7 @@ fn run(socket: &str, command: &str, arguments: Option<Value>) -> Result<Value, (
     if greeting.get("QMP").is_none() {
         return Err((2, format!("not a QMP greeting: {greeting}")));
     }
-    let mut send = |v: Value| {
-        writeln!(w, "{v}").map_err(|e| (2, format!("writing to QEMU: {e}")))
-    };
+    let mut send = |v: Value| writeln!(w, "{v}").map_err(|e| (2, format!("writing to QEMU: {e}")));
     send(json!({ "execute": "qmp_capabilities" }))?;
     next(&mut r)?;
     let mut cmd = json!({ "execute": command });
