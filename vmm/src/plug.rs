@@ -97,6 +97,24 @@ pub struct Devices {
 pub type Registry = Arc<Mutex<Devices>>;
 
 impl Devices {
+    /// The first index whose default id (`disk2`, `net2`, `vublk2`, `vunet2`) and default
+    /// MAC (52:54:00:12:34:56 + index, `config::NetConfig`) no present device has.
+    pub fn free_index(&self) -> usize {
+        let macs: Vec<&str> = self
+            .by_id
+            .values()
+            .filter_map(|e| e.config.1.get("mac").and_then(Value::as_str))
+            .collect();
+        (0..=255usize)
+            .find(|&i| {
+                let mac = format!("52:54:00:12:34:{:02x}", 0x56u8.wrapping_add(i as u8));
+                !macs.contains(&mac.as_str())
+                    && ["disk", "net", "vublk", "vunet"]
+                        .iter()
+                        .all(|p| !self.by_id.contains_key(&format!("{p}{i}")))
+            })
+            .unwrap_or(self.by_id.len())
+    }
     /// Records a device placed by other code (tests, fuzz targets: a registry without a VM).
     pub fn record(&mut self, id: &str, model: &str, slot: u8, config: (ConfigList, Value)) {
         self.by_id.insert(
@@ -726,8 +744,11 @@ impl Plugger {
             e.to_string()
                 .replace(&format!("invalid {option}"), &format!("invalid {endpoint}"))
         };
-        // Net devices added at run time get a MAC from their id's place in the list.
-        let index = self.registry().by_id.len();
+        // A device added at run time without an id or a MAC gets the first index whose
+        // default id (`net2`, `vublk3`, ...) and default MAC (52:54:00:12:34:56 + index) no
+        // device present has: a NIC removed and another added must not get the MAC of one
+        // still there.
+        let index = self.registry().free_index();
         Ok(match (rq.net, rq.vhost_user) {
             (false, false) => {
                 let mut d = DiskConfig::parse(&value, index).map_err(said)?;
@@ -832,4 +853,32 @@ fn vfio_resource(c: &VfioConfig) -> String {
 /// `0000:00:SS.0`.
 pub fn bdf(slot: u8) -> String {
     format!("0000:00:{slot:02x}.0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A NIC added after another was removed does not get the MAC (or the id) of one still
+    /// there: with net0 (…:56) gone and net1 (…:57) present, the next default is index 0.
+    #[test]
+    fn a_hot_added_nic_gets_a_mac_no_present_device_has() {
+        let mut d = Devices::default();
+        let nic =
+            |mac: &str, id: &str| (ConfigList::Net, serde_json::json!({ "id": id, "mac": mac }));
+        d.record(
+            "disk0",
+            "virtio-blk",
+            1,
+            (ConfigList::Disks, serde_json::json!({ "id": "disk0" })),
+        );
+        d.record("net1", "virtio-net", 2, nic("52:54:00:12:34:57", "net1"));
+        // Index 0 is taken by disk0's id, 1 by net1: 2.
+        assert_eq!(d.free_index(), 2);
+        // A NIC with a MAC of its own choosing that happens to be index 2's default.
+        d.record("mine", "virtio-net", 3, nic("52:54:00:12:34:58", "mine"));
+        assert_eq!(d.free_index(), 3);
+        d.by_id.remove("disk0");
+        assert_eq!(d.free_index(), 0);
+    }
 }
