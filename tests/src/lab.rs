@@ -440,15 +440,76 @@ impl Scenario {
                         name_l1_rips(&regs, &k, &lab.join("kernels"), &kallsyms)
                     })
                     .unwrap_or_default();
-                for text in regs.into_iter().chain(named) {
+                let uart = monitor.as_deref().map(l1_uart).unwrap_or_default();
+                for text in regs.into_iter().chain(named).chain(uart) {
                     eprintln!("{text}");
                     lines.push(Line {
                         at: start.elapsed(),
                         text,
                     });
                 }
-                lockup = true;
-                group.kill();
+                // A stalled console (L1 alive, its UART's transmit interrupt lost: every
+                // process that writes to the console blocks) is silent too. An NMI makes
+                // L1's kernel print (polled, no interrupt needed), and its console driver
+                // re-arm the UART's interrupt on the way out: if output other than the NMI
+                // report then comes, L1 was alive and goes on.
+                let revived = match monitor.as_deref() {
+                    Some(m) => {
+                        let _ = monitor_command(m, "nmi");
+                        let mut nmi_lines = 0;
+                        let mut other = None;
+                        let until = Instant::now() + NMI_WAIT;
+                        while other.is_none() {
+                            let Some(left) = until.checked_duration_since(Instant::now()) else {
+                                break;
+                            };
+                            match rx.recv_timeout(left) {
+                                Ok((stream, text)) => {
+                                    let at = start.elapsed();
+                                    if matches!(stream, Stream::Script) {
+                                        eprintln!("{text}");
+                                        script_lines.push(text);
+                                        continue;
+                                    }
+                                    eprintln!("[L1 {:7.2}] {text}", at.as_secs_f64());
+                                    on_line(&text);
+                                    if is_nmi_report(&text) {
+                                        nmi_lines += 1;
+                                    } else {
+                                        other = Some(text.clone());
+                                    }
+                                    lines.push(Line { at, text });
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        let note = match &other {
+                            Some(t) => format!(
+                                "L1-STALL-REVIVED after {} s of silence by an NMI: {t}",
+                                self.stall.as_secs()
+                            ),
+                            None if nmi_lines > 0 => format!(
+                                "L1-AFTER-NMI L1's kernel answered ({nmi_lines} lines), \
+                                 nothing else came in {} s",
+                                NMI_WAIT.as_secs()
+                            ),
+                            None => "L1-AFTER-NMI no answer".to_string(),
+                        };
+                        eprintln!("{note}");
+                        lines.push(Line {
+                            at: start.elapsed(),
+                            text: note,
+                        });
+                        other.is_some()
+                    }
+                    None => false,
+                };
+                if revived {
+                    last_line = Instant::now();
+                } else {
+                    lockup = true;
+                    group.kill();
+                }
             }
             if now >= deadline {
                 eprintln!("lab: the lab script did not finish in time; killing it");
@@ -539,15 +600,47 @@ impl Scenario {
     }
 }
 
-/// L1's vCPU registers from its QEMU monitor (`info registers -a`), as `L1-REGS` lines;
-/// empty when the monitor does not answer within 5 s.
-pub fn l1_registers(monitor: &Path) -> Vec<String> {
+/// How long a silent L1 gets to answer an NMI (see `Scenario::run_with`).
+const NMI_WAIT: Duration = Duration::from_secs(10);
+
+/// A line of the kernel's report of an NMI it has no handler for.
+fn is_nmi_report(line: &str) -> bool {
+    [
+        "NMI received for unknown reason",
+        "Dazed and confused",
+        "strange power saving",
+    ]
+    .iter()
+    .any(|p| line.contains(p))
+}
+
+/// L1's serial port (COM1) as its UART shows it, read through the monitor (`i /b`): IER
+/// (is the transmit interrupt enabled?), LSR (is the transmitter empty?) and MCR (OUT2
+/// gates the interrupt line), as one `L1-UART` line. IIR is not read: reading it clears a
+/// pending transmit interrupt.
+pub fn l1_uart(monitor: &Path) -> Vec<String> {
+    let mut regs = Vec::new();
+    for (name, port) in [("IER", 0x3f9), ("LSR", 0x3fd), ("MCR", 0x3fc)] {
+        let out = monitor_command(monitor, &format!("i /b {port:#x}"));
+        // "port[0x03f9] = 0x0f"
+        let v = out
+            .iter()
+            .find_map(|l| l.split_once("] = ").map(|(_, v)| v.trim().to_string()))
+            .unwrap_or_else(|| "?".into());
+        regs.push(format!("{name}={v}"));
+    }
+    vec![format!("L1-UART COM1 {}", regs.join(" "))]
+}
+
+/// One command to L1's QEMU monitor; its answer's lines (empty when the monitor does not
+/// answer within 5 s).
+pub fn monitor_command(monitor: &Path, command: &str) -> Vec<String> {
     use std::io::{Read, Write};
     let Ok(mut s) = std::os::unix::net::UnixStream::connect(monitor) else {
         return Vec::new();
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    let _ = s.write_all(b"info registers -a\n");
+    let _ = s.write_all(format!("{command}\n").as_bytes());
     let start = Instant::now();
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];
@@ -572,7 +665,16 @@ pub fn l1_registers(monitor: &Path) -> Vec<String> {
     String::from_utf8_lossy(&out)
         .lines()
         .map(|l| l.replace(|c: char| c.is_control(), ""))
-        .filter(|l| (l.contains('=') || l.starts_with("CPU#")) && !l.starts_with("(qemu)"))
+        .filter(|l| !l.starts_with("(qemu)") && !l.starts_with("QEMU ") && !l.is_empty())
+        .collect()
+}
+
+/// L1's vCPU registers from its QEMU monitor (`info registers -a`), as `L1-REGS` lines;
+/// empty when the monitor does not answer within 5 s.
+pub fn l1_registers(monitor: &Path) -> Vec<String> {
+    monitor_command(monitor, "info registers -a")
+        .into_iter()
+        .filter(|l| l.contains('=') || l.starts_with("CPU#"))
         .map(|l| format!("L1-REGS {l}"))
         .collect()
 }

@@ -94,7 +94,9 @@ fn lab_selftest() {
 
 /// An L1 that goes silent is killed after the stall limit, and first its vCPUs' registers
 /// are read from L1's QEMU monitor (`L1-REGS` lines): the evidence of where a stuck L1 was
-/// (the lab's nested-virtualization stalls leave nothing else), and named (`L1-RIP-NAME`).
+/// (the lab's nested-virtualization stalls leave nothing else), and named (`L1-RIP-NAME`);
+/// its UART is read, and an NMI tells a stalled console (output comes back) from a stuck or
+/// merely quiet L1.
 #[test]
 fn a_silent_l1_is_killed_with_its_registers() {
     let run = Scenario::new(
@@ -135,6 +137,22 @@ fn a_silent_l1_is_killed_with_its_registers() {
     assert!(
         named.iter().all(|l| l.contains("(L1 kernel)")),
         "an idle L1's vCPUs are in its kernel:\n{}",
+        run.report()
+    );
+    // Its serial port, and an NMI: its kernel answers (it is alive), nothing else comes (its
+    // console was quiet, not stalled), so it is killed as stuck.
+    let uart = run
+        .find("L1-UART COM1 ")
+        .map(|l| l.text.as_str())
+        .unwrap_or("");
+    assert!(
+        uart.contains("IER=0x") && uart.contains("LSR=0x") && uart.contains("MCR=0x"),
+        "{uart}\n{}",
+        run.report()
+    );
+    assert!(
+        run.find("L1-AFTER-NMI L1's kernel answered").is_some(),
+        "{}",
         run.report()
     );
 }
