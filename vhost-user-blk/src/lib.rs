@@ -26,7 +26,7 @@ use backends::block::{
 };
 use backends::inflight::InflightRegion;
 use backends::poll::{busy_poll, PollEnd, Poller};
-use backends::vhost_user::stats::StatsServer;
+use backends::vhost_user::stats::serve_stats;
 use backends::QueueError;
 use clap::Parser;
 use serde::Serialize;
@@ -217,15 +217,11 @@ pub fn run(args: Args) -> Result<(), Error> {
         poll,
     };
     let counters: Arc<[Arc<BlockCounters>]> = (0..args.queues).map(|_| Arc::default()).collect();
-    let _stats = match &args.stats_socket {
-        Some(p) => {
-            let c = counters.clone();
-            let server = StatsServer::start(p, Arc::new(move || stats_json(&c)))?;
-            log::info!("counters at {} (GET /stats)", p.display());
-            Some(server)
-        }
-        None => None,
-    };
+    let c = counters.clone();
+    let _stats = serve_stats(
+        args.stats_socket.as_deref(),
+        Arc::new(move || stats_json(&c)),
+    )?;
     vhost_user::serve("vhost-user-blk", &mut listener, &stop, || {
         BlkBackend::new(disk.clone(), cfg).map(|b| b.with_counters(counters.clone()))
     })?;
@@ -746,7 +742,8 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         }
         if device_event == 0 {
-            // vhost-user-backend took the kick eventfd's count before calling.
+            // vhost-user-backend took the kick eventfd's count before calling (it also
+            // calls once when a ring it saw a kick for is enabled: counted alike).
             if let Some(c) = self.counters.get(q) {
                 c.kick();
             }

@@ -23,7 +23,7 @@ use backends::net::{
     net_config_space, net_features, CtrlQueue, NetCounters, NetOptions, NetQueuePair, RxWait, Tap,
 };
 use backends::poll::{busy_poll, PollEnd, Poller};
-use backends::vhost_user::stats::StatsServer;
+use backends::vhost_user::stats::serve_stats;
 use backends::QueueError;
 use clap::Parser;
 use serde::Serialize;
@@ -224,15 +224,11 @@ pub fn run(args: Args) -> Result<(), Error> {
         mtu: None,
     };
     let counters: Arc<[Arc<NetCounters>]> = taps.iter().map(|_| Arc::default()).collect();
-    let _stats = match &args.stats_socket {
-        Some(p) => {
-            let c = counters.clone();
-            let server = StatsServer::start(p, Arc::new(move || stats_json(&c)))?;
-            log::info!("counters at {} (GET /stats)", p.display());
-            Some(server)
-        }
-        None => None,
-    };
+    let c = counters.clone();
+    let _stats = serve_stats(
+        args.stats_socket.as_deref(),
+        Arc::new(move || stats_json(&c)),
+    )?;
     vhost_user::serve("vhost-user-net", &mut listener, &stop, || {
         NetBackend::new(taps.clone(), opts.clone(), args.queue_size, poll)
             .map(|b| b.with_counters(counters.clone()))
@@ -778,7 +774,8 @@ impl VhostUserBackend for NetBackend {
     ) -> io::Result<()> {
         let p = thread_id;
         match device_event {
-            // vhost-user-backend took the kick eventfd's count before calling.
+            // vhost-user-backend took the kick eventfd's count before calling (it also
+            // calls once when a ring it saw a kick for is enabled: counted alike).
             0 => {
                 if let Some(c) = self.counters.get(p) {
                     c.rx.kick();

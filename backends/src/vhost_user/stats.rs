@@ -56,6 +56,20 @@ impl StatsServer {
     }
 }
 
+/// A daemon's `--stats-socket`: the endpoint when a path is given (and a log line saying
+/// where), none otherwise.
+pub fn serve_stats(
+    path: Option<&Path>,
+    read: StatsReader,
+) -> Result<Option<StatsServer>, ServeError> {
+    let Some(p) = path else {
+        return Ok(None);
+    };
+    let server = StatsServer::start(p, read)?;
+    log::info!("counters at {} (GET /stats)", p.display());
+    Ok(Some(server))
+}
+
 impl Drop for StatsServer {
     fn drop(&mut self) {
         self.server.unblock();
