@@ -1,7 +1,7 @@
 //! `vm.counters` against what the guest issued, in the lab: our vmm runs a Linux guest (the
 //! cloud kernel) with an in-VMM virtio-blk disk and a vhost-user-blk disk served by our
 //! daemon (`--stats-socket`, relayed by the vmm with `stats=`). Both disks sit on
-//! device-mapper's delay target in L1 (25 ms a request, on a loop device over a tmpfs file),
+//! device-mapper's delay target in L1 (40 ms a request, on a loop device over a tmpfs file),
 //! opened with O_DIRECT, so the time a request spends in the device dominates what the guest
 //! measures. The guest writes 50 blocks with a flush and reads 204 random blocks at queue
 //! depth 1 on each disk (`lat`, timing each read), then prints its block layer's own counts
@@ -22,11 +22,13 @@ const L1: &str = r#"
 . /lab/lib.sh
 API=$LAB_TMP/api.sock
 remote() { vmm-remote --api-socket $API "$@"; }
-# slow NAME LOOP: a 64 MiB disk at /dev/mapper/NAME that delays every request by 25 ms.
+# slow NAME LOOP: a 64 MiB disk at /dev/mapper/NAME that delays every request by 40 ms
+# (10 jiffies at HZ=250; the lab's L1 timers add 0-20 ms: requests take 40-60 ms, the middle
+# of the [32768, 65536) us bucket, where 25 ms gave 25-45 ms, across a bucket boundary).
 slow() {
     dd if=/dev/zero of=$LAB_TMP/$1.img bs=1M count=64 2>/dev/null &&
         losetup $2 $LAB_TMP/$1.img &&
-        dmsetup create --noudevsync $1 --table "0 131072 delay $2 0 25" &&
+        dmsetup create --noudevsync $1 --table "0 131072 delay $2 0 40" &&
         dmsetup mknodes $1 && [ -b /dev/mapper/$1 ]
 }
 check slow-a slow slowa /dev/loop0
