@@ -632,8 +632,9 @@ side_by_side() {
 # hotplug R ORDER: hotplug latency of run R (side by side only), each VMM in turn: an L2
 # booted with no device (its script waits for them, bench_hotplug=1), then the e1000e
 # (VFIO) and a virtio disk added through the control socket (our API's vm.add-device and
-# vm.add-disk, QEMU's QMP device_add), each timed from the call to the guest's driver bound
-# (the guest polls sysfs every 10 ms and says L2-HOTPLUG-BOUND; L1 looks every 20 ms).
+# vm.add-disk, QEMU's QMP device_add), each timed from the call to the end of the guest
+# driver's probe (its netdev or disk registered: the guest polls sysfs every 10 ms and says
+# L2-HOTPLUG-BOUND; L1 looks every 20 ms).
 # QEMU's disk backend is added (blockdev-add) before the clock starts; ours opens its image
 # within the call.
 hotplug() {
@@ -745,7 +746,9 @@ if grep -qw bench_hotplug=1 /proc/cmdline; then
         done
         echo "L2-HOTPLUG-BOUND $2"
     }
-    bound '/sys/bus/pci/drivers/e1000e/0000:*' nic && bound /sys/block/vda disk
+    # The ends of the drivers' probes: the netdev is registered last in e1000e's probe, the
+    # disk last in virtio_blk's (the driver's sysfs link comes before its probe runs).
+    bound '/sys/class/net/eth*' nic && bound /sys/block/vda disk
     sleep 1
     exit 0
 fi
