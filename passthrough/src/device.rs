@@ -63,22 +63,11 @@ pub struct Placement<'a> {
 
 /// Guest RAM being mapped for device DMA in the background. Mapping pins every page, which
 /// for a large guest takes seconds; no device can DMA before its driver sets Bus Master
-/// Enable, so the VM boots meanwhile, and a Bus Master Enable written meanwhile reaches the
-/// device when the mapping ends ([`DmaGate::when_done`], on the mapping thread): the vCPU
-/// that wrote it goes on at once, holding no lock for seconds.
+/// Enable, so the VM boots meanwhile and that write waits here.
 #[derive(Default)]
 pub struct DmaGate {
-    state: Mutex<GateState>,
+    state: Mutex<Option<Result<(), String>>>,
     done: Condvar,
-}
-
-/// What is done when the mapping ends.
-type GateCallback = Box<dyn FnOnce(&Result<(), String>) + Send>;
-
-#[derive(Default)]
-struct GateState {
-    result: Option<Result<(), String>>,
-    callbacks: Vec<GateCallback>,
 }
 
 impl DmaGate {
@@ -86,45 +75,17 @@ impl DmaGate {
         Arc::new(DmaGate::default())
     }
 
-    /// The mapping ended: `Err` says why it failed. Runs what waited for it.
+    /// The mapping ended: `Err` says why it failed.
     pub fn finish(&self, result: Result<(), String>) {
-        let callbacks = {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.result = Some(result.clone());
-            std::mem::take(&mut st.callbacks)
-        };
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
         self.done.notify_all();
-        for f in callbacks {
-            f(&result);
-        }
-    }
-
-    /// The outcome if the mapping ended, without waiting.
-    pub fn result(&self) -> Option<Result<(), String>> {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .result
-            .clone()
-    }
-
-    /// Runs `f` with the outcome when the mapping ends (at once if it has).
-    pub fn when_done(&self, f: GateCallback) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match st.result.clone() {
-            Some(r) => {
-                drop(st);
-                f(&r);
-            }
-            None => st.callbacks.push(f),
-        }
     }
 
     /// Waits until the mapping ended; its outcome.
     pub fn wait(&self) -> Result<(), String> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(r) = st.result.as_ref() {
+            if let Some(r) = st.as_ref() {
                 return r.clone();
             }
             st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -410,10 +371,6 @@ pub struct PassthroughPci {
     errors: GuestErrorLog<{ guest_error::KINDS }>,
     /// Guest RAM's DMA mapping in progress (see [`DmaGate`]).
     dma: Option<Arc<DmaGate>>,
-    /// A Bus Master Enable the guest wrote while guest RAM was still being mapped: whether
-    /// it still wants it (it may clear it, or the device go, before the mapping ends). The
-    /// mapping thread sets the bit on the device under this lock if so.
-    bme_deferred: Option<Arc<Mutex<bool>>>,
 }
 
 fn io_err(e: io::Error) -> DeviceError {
@@ -565,7 +522,6 @@ impl PassthroughPci {
             direct: true,
             errors: GuestErrorLog::new(name),
             dma: place.dma.clone(),
-            bme_deferred: None,
         };
         for (i, size) in d.region_size.iter_mut().enumerate() {
             *size = d.dev.region(i as u32).size;
@@ -1041,39 +997,6 @@ impl PassthroughPci {
     /// that meanwhile the guest's accesses are trapped; INTx follows INTx Disable. Where
     /// they go is the root's to say: it routes the BARs after Memory Space Enable comes on
     /// (and unroutes them after it goes off); leaving D3hot maps them where they are routed.
-    /// Bus Master Enable written while guest RAM is still being mapped: the device gets it
-    /// from the mapping thread when the mapping ends (if the guest still wants it then);
-    /// until then the guest reads it back as set.
-    fn defer_bus_master(&mut self, gate: &Arc<DmaGate>) {
-        let wanted = Arc::new(Mutex::new(true));
-        self.bme_deferred = Some(wanted.clone());
-        let dev = self.dev.clone();
-        let name = self.name.clone();
-        gate.when_done(Box::new(move |r| {
-            let mut wanted = wanted.lock().unwrap_or_else(|p| p.into_inner());
-            match r {
-                Ok(()) if *wanted => {
-                    let mut b = [0u8; 1];
-                    dev.read(CONFIG_REGION, 4, &mut b);
-                    dev.write(CONFIG_REGION, 4, &[b[0] | COMMAND_BUS_MASTER]);
-                    log::debug!("{name}: Bus Master Enable set, guest RAM now mapped for DMA");
-                }
-                Ok(()) => {}
-                Err(why) => log::warn!(
-                    "{name}: Bus Master Enable refused: guest RAM is not mapped for DMA: {why}"
-                ),
-            }
-            *wanted = false;
-        }));
-    }
-
-    /// The deferred Bus Master Enable the guest still wants (it reads the bit back set).
-    fn bus_master_pending(&self) -> bool {
-        self.bme_deferred
-            .as_ref()
-            .is_some_and(|w| *w.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
     fn config_forward(&mut self, start: usize, data: &[u8]) {
         let overlay = |cur: u16, at: usize| -> u16 {
             let mut b = cur.to_le_bytes();
@@ -1318,9 +1241,6 @@ impl PciDevice for PassthroughPci {
         let mut v = self.dev_u32(reg * 4);
         match reg {
             1 => {
-                if self.bus_master_pending() {
-                    v |= u32::from(COMMAND_BUS_MASTER);
-                }
                 v &= !(1 << 20);
                 if self.has_caps {
                     v |= 1 << 20;
@@ -1395,25 +1315,10 @@ impl PciDevice for PassthroughPci {
         }
         let mut data = data.to_vec();
         // Bus Master Enable: the device may DMA from now on, so guest RAM must be mapped.
-        if start <= 4 && end > 4 {
-            let bme = data[4 - start] & COMMAND_BUS_MASTER != 0;
-            if self.dma.as_ref().is_some_and(|g| g.result().is_some()) {
-                // The mapping ended: the plain path, and this write (it covers the bit)
-                // decides, even if the mapping thread has not run the deferred enable yet.
-                if let Some(w) = self.bme_deferred.take() {
-                    *w.lock().unwrap_or_else(|p| p.into_inner()) = false;
-                }
-            }
-            if let Some(wanted) = &self.bme_deferred {
-                // Whatever the guest writes now decides; the mapping thread sets the bit
-                // only if it is still wanted when it gets there.
-                *wanted.lock().unwrap_or_else(|p| p.into_inner()) = bme;
-                if bme {
-                    data[4 - start] &= !COMMAND_BUS_MASTER;
-                }
-            } else if let (true, Some(gate)) = (bme, self.dma.clone()) {
-                match gate.result() {
-                    Some(Err(why)) => {
+        if start <= 4 && end > 4 && data[4 - start] & COMMAND_BUS_MASTER != 0 {
+            if let Some(gate) = self.dma.clone() {
+                match gate.wait() {
+                    Err(why) => {
                         self.errors.record(
                             guest_error::DMA_REFUSED,
                             format_args!(
@@ -1423,11 +1328,7 @@ impl PciDevice for PassthroughPci {
                         data[4 - start] &= !COMMAND_BUS_MASTER;
                     }
                     // Mapped: nothing to wait for any more.
-                    Some(Ok(())) => self.dma = None,
-                    None => {
-                        data[4 - start] &= !COMMAND_BUS_MASTER;
-                        self.defer_bus_master(&gate);
-                    }
+                    Ok(()) => self.dma = None,
                 }
             }
         }
@@ -1505,10 +1406,6 @@ impl PciDevice for PassthroughPci {
 
 impl Drop for PassthroughPci {
     fn drop(&mut self) {
-        // A Bus Master Enable still waiting for the mapping is not for a device that went.
-        if let Some(w) = &self.bme_deferred {
-            *w.lock().unwrap_or_else(|p| p.into_inner()) = false;
-        }
         if let Err(e) = self.vfio_disable() {
             log::debug!(
                 "{}: cannot disable {:?} at teardown: {e}",
@@ -1899,53 +1796,35 @@ mod tests {
     }
 
     #[test]
-    fn bus_master_enable_reaches_the_device_once_guest_ram_is_mapped() {
+    fn bus_master_enable_waits_for_guest_ram_to_be_mapped_for_dma() {
         let gate = DmaGate::new();
         let mut r = rig_gated(true, false, Some(gate.clone()));
+        // Memory decoding alone does not wait.
         r.cfg_write(0x04, &0x0002u16.to_le_bytes());
-        // Still mapping: the write returns at once (no vCPU waits), the device gets the
-        // command without Bus Master, and the guest reads the bit back as set.
-        r.cfg_write(0x04, &0x0006u16.to_le_bytes());
         assert_eq!(
             r.dev.config_writes.lock().unwrap().as_slice(),
-            &[(4, vec![2, 0]), (4, vec![2, 0])]
+            &[(4, vec![2, 0])]
         );
-        assert_eq!(cfg_read(&mut r.pci, 0x04) & 0x7, 0x6);
-        // The mapping ends: the mapping thread sets the bit on the device.
-        gate.finish(Ok(()));
-        assert_eq!(r.dev.config_writes.lock().unwrap()[2], (4, vec![6]));
-        assert_eq!(cfg_read(&mut r.pci, 0x04) & 0x7, 0x6);
-        // Later writes go straight through.
-        r.cfg_write(0x04, &0x0002u16.to_le_bytes());
-        assert_eq!(r.dev.config_writes.lock().unwrap()[3], (4, vec![2, 0]));
-        r.cfg_write(0x04, &0x0006u16.to_le_bytes());
-        assert_eq!(r.dev.config_writes.lock().unwrap()[4], (4, vec![6, 0]));
-    }
-
-    /// A Bus Master Enable the guest took back (or a device that went) before the mapping
-    /// ended is not set by it.
-    #[test]
-    fn a_bus_master_enable_taken_back_before_the_mapping_ends_stays_off() {
-        let gate = DmaGate::new();
-        let mut r = rig_gated(true, false, Some(gate.clone()));
-        r.cfg_write(0x04, &0x0006u16.to_le_bytes());
-        r.cfg_write(0x04, &0x0002u16.to_le_bytes());
-        assert_eq!(cfg_read(&mut r.pci, 0x04) & 0x7, 0x2);
-        gate.finish(Ok(()));
-        let writes = r.dev.config_writes.lock().unwrap().clone();
-        assert!(writes.iter().all(|(_, v)| v[0] & 0x4 == 0), "{writes:?}");
-        let gate = DmaGate::new();
-        let mut r = rig_gated(true, false, Some(gate.clone()));
-        r.cfg_write(0x04, &0x0006u16.to_le_bytes());
         let dev = r.dev.clone();
-        drop(r);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut pci = r.pci;
+        let t = std::thread::spawn(move || {
+            cfg_write(&mut pci, 0x04, &0x0006u16.to_le_bytes());
+            tx.send(()).unwrap();
+            pci
+        });
+        // Still mapping: the write waits and the device has not seen it.
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err());
+        assert_eq!(dev.config_writes.lock().unwrap().len(), 1);
         gate.finish(Ok(()));
-        assert!(dev
-            .config_writes
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|(_, v)| v[0] & 0x4 == 0));
+        rx.recv().unwrap();
+        let mut pci = t.join().unwrap();
+        assert_eq!(dev.config_writes.lock().unwrap()[1], (4, vec![6, 0]));
+        // Later writes go straight through.
+        cfg_write(&mut pci, 0x04, &0x0004u16.to_le_bytes());
+        assert_eq!(dev.config_writes.lock().unwrap()[2], (4, vec![4, 0]));
     }
 
     #[test]
