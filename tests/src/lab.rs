@@ -898,6 +898,19 @@ pub fn shutdown_exit(line: &str) -> Option<(u32, u64)> {
     Some((vcpu, rip))
 }
 
+/// Which VMM's thread an `L1-TRACE` line comes from (its task name): QEMU's (`qemu-system-*`,
+/// `CPU n/KVM`) or ours (`vcpuN`).
+pub fn trace_vmm(line: &str) -> Option<&'static str> {
+    let task = line.strip_prefix("L1-TRACE")?.trim_start();
+    if task.starts_with("qemu-system") || task.starts_with("CPU ") {
+        Some("QEMU")
+    } else if task.starts_with("vcpu") {
+        Some("our vmm")
+    } else {
+        None
+    }
+}
+
 /// The names L1 gave the RIPs of shutdown exits (`L1-RIP <rip> <function+0xoff>`, from
 /// `lab_rip_names` in `scripts/lab/lab-lib.sh`).
 pub fn rip_names<'a>(lines: impl Iterator<Item = &'a str>) -> BTreeMap<u64, String> {
@@ -1092,8 +1105,14 @@ impl LabRun {
         let names = rip_names(self.lines.iter().map(|l| l.text.as_str()));
         self.lines
             .iter()
-            .filter_map(|l| shutdown_exit(&l.text))
-            .map(|(vcpu, rip)| name_shutdown(vcpu, rip, &names))
+            .filter_map(|l| {
+                let (vcpu, rip) = shutdown_exit(&l.text)?;
+                Some(format!(
+                    "{}{}",
+                    name_shutdown(vcpu, rip, &names),
+                    trace_vmm(&l.text).map_or(String::new(), |v| format!(", under {v}"))
+                ))
+            })
             .collect()
     }
 
@@ -1461,6 +1480,17 @@ mod tests {
         let shutdown = "L1-TRACE  CPU 0/KVM-812 [001] d.... 88.10: kvm_exit: vcpu 1 reason \
                         shutdown rip 0xffffffff81a0b2c3 info1 0x0000000000000000 info2 0x0";
         assert_eq!(shutdown_exit(shutdown), Some((1, 0xffff_ffff_81a0_b2c3)));
+        // Whose vCPU thread: QEMU's (CPU n/KVM, or its main thread) or ours (vcpuN).
+        assert_eq!(trace_vmm(shutdown), Some("QEMU"));
+        assert_eq!(
+            trace_vmm("L1-TRACE  qemu-system-x86-199     [000] ..... 40.1: kvm_exit: vcpu 1"),
+            Some("QEMU")
+        );
+        assert_eq!(
+            trace_vmm("L1-TRACE            vcpu0-758     [000] ..... 45.7: kvm_inj_exception"),
+            Some("our vmm")
+        );
+        assert_eq!(trace_vmm("L1-TRACE  sh-12 [000] x"), None);
         // Other exits, other events, and the same words outside a trace line are none.
         assert_eq!(
             shutdown_exit("L1-TRACE x: kvm_exit: vcpu 0 reason npf rip 0x1 info1 0"),
@@ -1486,7 +1516,7 @@ mod tests {
         assert_eq!(failed.l2_triple_faults().len(), 1);
         assert_eq!(
             failed.l2_triple_faults(),
-            vec!["vcpu 1 rip 0xffffffff81a0b2c3 (not named)".to_string()]
+            vec!["vcpu 1 rip 0xffffffff81a0b2c3 (not named), under QEMU".to_string()]
         );
         let why = failed.lab_loss().unwrap_or_default();
         assert!(why.starts_with("an L2 triple-faulted: vcpu 1"), "{why}");
