@@ -216,7 +216,8 @@ pub struct NetConfig {
 }
 
 /// `--vhost-user-blk socket=PATH[,queues=N][,queue_size=N][,timeout_ms=N][,server=on|off]
-/// [,connect_timeout_ms=N][,id=NAME]` and `--vhost-user-net` likewise plus `[,mac=MAC]`.
+/// [,connect_timeout_ms=N][,stats=PATH][,id=NAME]` and `--vhost-user-net` likewise plus
+/// `[,mac=MAC]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VhostUserConfig {
     pub socket: PathBuf,
@@ -481,14 +482,14 @@ pub struct Cli {
     #[arg(long, value_name = "tap=NAME,...")]
     pub net: Vec<String>,
     /// A virtio-blk disk served by a vhost-user back-end (repeatable):
-    /// socket=PATH[,queues=N][,queue_size=N][,timeout_ms=N][,server=on][,connect_timeout_ms=N][,id=NAME].
+    /// socket=PATH[,queues=N][,queue_size=N][,timeout_ms=N][,server=on][,connect_timeout_ms=N][,stats=PATH][,id=NAME].
     /// timeout_ms: how long the back-end may take to answer a message (default 3000);
     /// server=on: the VMM listens at PATH and the back-end connects (boot waits for it, at
     /// most connect_timeout_ms)
     #[arg(long, value_name = "socket=PATH,...")]
     pub vhost_user_blk: Vec<String>,
     /// A virtio-net NIC served by a vhost-user back-end (repeatable):
-    /// socket=PATH[,queues=N][,queue_size=N][,mac=MAC][,timeout_ms=N][,server=on][,connect_timeout_ms=N][,id=NAME]
+    /// socket=PATH[,queues=N][,queue_size=N][,mac=MAC][,timeout_ms=N][,server=on][,connect_timeout_ms=N][,stats=PATH][,id=NAME]
     #[arg(long, value_name = "socket=PATH,...")]
     pub vhost_user_net: Vec<String>,
     /// A host PCI device assigned to the guest through VFIO (repeatable; bind it to
@@ -836,6 +837,9 @@ mod tests {
         let b = VhostUserConfig::parse("socket=/run/blk.sock,queues=2,id=vb", false, 0).unwrap();
         assert_eq!(b.socket, PathBuf::from("/run/blk.sock"));
         assert_eq!((b.queues, b.net, b.id.as_str()), (2, false, "vb"));
+        assert_eq!(b.stats, None);
+        let s = VhostUserConfig::parse("socket=/s,stats=/run/blk-stats.sock", false, 0).unwrap();
+        assert_eq!(s.stats, Some(PathBuf::from("/run/blk-stats.sock")));
         let n = VhostUserConfig::parse("socket=/s,mac=02:00:00:00:00:09", true, 1).unwrap();
         assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 9]));
         assert_eq!(n.id, "vunet1");
