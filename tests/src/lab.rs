@@ -440,8 +440,21 @@ impl Scenario {
                         name_l1_rips(&regs, &k, &lab.join("kernels"), &kallsyms)
                     })
                     .unwrap_or_default();
+                // A second look a second later: whether the vCPUs move (a loop, a wait) or
+                // sit still (one instruction over and over).
+                let again: Vec<String> = monitor
+                    .as_deref()
+                    .map(|m| {
+                        thread::sleep(Duration::from_secs(1));
+                        l1_registers(m)
+                    })
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|l| l.contains("RIP=") || l.contains("CPU#"))
+                    .map(|l| l.replacen("L1-REGS ", "L1-REGS-1S ", 1))
+                    .collect();
                 let uart = monitor.as_deref().map(l1_uart).unwrap_or_default();
-                for text in regs.into_iter().chain(named).chain(uart) {
+                for text in regs.into_iter().chain(named).chain(again).chain(uart) {
                     eprintln!("{text}");
                     lines.push(Line {
                         at: start.elapsed(),
