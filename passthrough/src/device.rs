@@ -81,6 +81,14 @@ impl DmaGate {
         self.done.notify_all();
     }
 
+    /// Whether the mapping has ended (a [`DmaGate::wait`] would return at once).
+    pub fn is_done(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// Waits until the mapping ended; its outcome.
     pub fn wait(&self) -> Result<(), String> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -1335,6 +1343,25 @@ impl PciDevice for PassthroughPci {
         self.config_forward(start, &data);
     }
 
+    fn write_config_wait(
+        &self,
+        reg: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<Box<dyn FnOnce() + Send>> {
+        // The write that would wait in write_config: Bus Master Enable set while the mapping
+        // goes on. The root waits for it with no lock held; write_config then finds the gate
+        // done.
+        // The command register's low byte is byte 0 of register 1.
+        if reg != 1 || offset != 0 || data.first().is_none_or(|b| b & COMMAND_BUS_MASTER == 0) {
+            return None;
+        }
+        let gate = self.dma.clone().filter(|g| !g.is_done())?;
+        Some(Box::new(move || {
+            let _ = gate.wait();
+        }))
+    }
+
     fn bars(&self) -> Vec<BarRange> {
         let mut v = self.shadow.bars();
         // The ROM decodes only with its enable bit set (and Memory Space on).
@@ -1805,6 +1832,14 @@ mod tests {
             r.dev.config_writes.lock().unwrap().as_slice(),
             &[(4, vec![2, 0])]
         );
+        // The root asks first: a Bus Master Enable (byte, word or dword write of the command
+        // register) has something to wait for, with no lock held; other writes do not.
+        for data in [&[6u8][..], &[6, 0], &[6, 0, 0, 0]] {
+            assert!(r.pci.write_config_wait(1, 0, data).is_some(), "{data:?}");
+        }
+        assert!(r.pci.write_config_wait(1, 0, &[2, 0]).is_none());
+        assert!(r.pci.write_config_wait(1, 1, &[4]).is_none());
+        assert!(r.pci.write_config_wait(3, 0, &[4]).is_none());
         let dev = r.dev.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let mut pci = r.pci;
@@ -1822,6 +1857,8 @@ mod tests {
         rx.recv().unwrap();
         let mut pci = t.join().unwrap();
         assert_eq!(dev.config_writes.lock().unwrap()[1], (4, vec![6, 0]));
+        // Mapped: nothing to wait for.
+        assert!(pci.write_config_wait(1, 0, &[6, 0]).is_none());
         // Later writes go straight through.
         cfg_write(&mut pci, 0x04, &0x0004u16.to_le_bytes());
         assert_eq!(dev.config_writes.lock().unwrap()[2], (4, vec![4, 0]));

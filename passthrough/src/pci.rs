@@ -93,6 +93,19 @@ pub trait PciDevice: Send {
     fn pause(&mut self, _paused: bool) -> Option<Box<dyn Fn() -> bool + Send>> {
         None
     }
+    /// Before [`PciDevice::write_config`]: something this write must wait for first (a
+    /// Bus Master Enable while guest RAM is still being mapped for DMA). The root calls it
+    /// with no lock held, its own or the device's, so that other vCPUs' configuration
+    /// accesses, BAR accesses and hot-adds go on meanwhile, then makes the write. `None`:
+    /// nothing to wait for (the default).
+    fn write_config_wait(
+        &self,
+        _reg: usize,
+        _offset: u64,
+        _data: &[u8],
+    ) -> Option<Box<dyn FnOnce() + Send>> {
+        None
+    }
 }
 
 /// A configuration space with per-bit write masks (read-only bits keep their value).

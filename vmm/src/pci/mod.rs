@@ -515,6 +515,62 @@ impl PciRoot {
     }
 }
 
+/// A configuration write that must wait before it is made ([`PciDevice::write_config_wait`]):
+/// the device it is for and what to wait for.
+type PendingWrite = (Arc<Mutex<dyn PciDevice>>, Box<dyn FnOnce() + Send>);
+
+impl PciRoot {
+    /// What a configuration write must wait for before [`PciRoot::write`] makes it, if
+    /// anything: asked of the device under the root's lock, waited for without it.
+    fn write_wait(
+        &self,
+        bus: u8,
+        dev: u8,
+        func: u8,
+        reg: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<PendingWrite> {
+        if bus != 0 || func != 0 {
+            return None;
+        }
+        let s = self.devices.get(&dev)?;
+        let wait = s
+            .dev
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_config_wait(reg, offset, data)?;
+        Some((s.dev.clone(), wait))
+    }
+}
+
+/// A configuration write from a vCPU (through 0xCF8/0xCFC or ECAM). A write that must wait
+/// (a Bus Master Enable while guest RAM is being mapped for DMA, seconds for a large guest)
+/// waits with the root unlocked, so that the other vCPUs' configuration accesses and the
+/// control API's hot-adds go on; it is then made if the same device is still in the slot
+/// (a device removed meanwhile does not see it, and neither does one added in its place).
+fn config_write(
+    root: &Mutex<PciRoot>,
+    (bus, dev, func, reg): (u8, u8, u8, usize),
+    offset: u64,
+    data: &[u8],
+) {
+    let mut r = root.lock().unwrap_or_else(|p| p.into_inner());
+    let Some((device, wait)) = r.write_wait(bus, dev, func, reg, offset, data) else {
+        r.write(bus, dev, func, reg, offset, data);
+        return;
+    };
+    drop(r);
+    wait();
+    let mut r = root.lock().unwrap_or_else(|p| p.into_inner());
+    if r.devices
+        .get(&dev)
+        .is_some_and(|s| Arc::ptr_eq(&s.dev, &device))
+    {
+        r.write(bus, dev, func, reg, offset, data);
+    }
+}
+
 impl PciRoot {
     /// Takes the device in `slot` off the bus (its BARs off the buses, its slot free), for a
     /// guest's eject; the host bridge stays. A BAR of another device that was waiting for
@@ -671,11 +727,8 @@ impl BusDevice for PciConfigIo {
             }
             return;
         }
-        if let Some((b, d, f, r)) = self.target() {
-            self.root
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .write(b, d, f, r, offset - 4, data);
+        if let Some(target) = self.target() {
+            config_write(&self.root, target, offset - 4, data);
         }
     }
 }
@@ -719,10 +772,7 @@ impl BusDevice for PciConfigMmio {
         if o as usize + data.len() > 4 {
             return;
         }
-        self.root
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .write(b, d, f, r, o, data);
+        config_write(&self.root, (b, d, f, r), o, data);
     }
 }
 
@@ -1231,5 +1281,131 @@ mod tests {
         assert_eq!((c.read(b / 4) >> 8) & 0xff, 0);
         c.write(b / 4, 2, &[0xff, 0xff]);
         assert_eq!(c.read(b / 4) >> 16, 0xc000);
+    }
+
+    /// A device whose Bus Master Enable waits on a [`passthrough::device::DmaGate`], as an
+    /// assigned device's does while guest RAM is being mapped; `waiting` is set once its
+    /// write is waiting.
+    struct GatedDev {
+        config: ConfigSpace,
+        gate: Arc<passthrough::device::DmaGate>,
+        waiting: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl PciDevice for GatedDev {
+        fn read_config(&mut self, reg: usize) -> u32 {
+            self.config.read(reg)
+        }
+        fn write_config(&mut self, reg: usize, offset: u64, data: &[u8]) {
+            // A write the root did not wait for would block here, holding the root.
+            if reg == 1 && data[0] & 4 != 0 {
+                let _ = self.gate.wait();
+            }
+            self.config.write(reg, offset, data)
+        }
+        fn write_config_wait(
+            &self,
+            reg: usize,
+            _offset: u64,
+            data: &[u8],
+        ) -> Option<Box<dyn FnOnce() + Send>> {
+            if reg != 1 || data[0] & 4 == 0 || self.gate.is_done() {
+                return None;
+            }
+            let (gate, waiting) = (self.gate.clone(), self.waiting.clone());
+            Some(Box::new(move || {
+                waiting.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = gate.wait();
+            }))
+        }
+    }
+
+    /// Rig: slot 1 a gated device, slot 2 an ordinary one; a vCPU thread writes Bus Master
+    /// Enable to slot 1 through ECAM and is left waiting on the gate.
+    #[allow(clippy::type_complexity)]
+    fn bme_waiting() -> (
+        Arc<Mutex<PciRoot>>,
+        Arc<passthrough::device::DmaGate>,
+        Arc<Mutex<dyn PciDevice>>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let root = Arc::new(Mutex::new(root()));
+        let gate = passthrough::device::DmaGate::new();
+        let waiting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gated: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(GatedDev {
+            config: ConfigSpace::new(0x8086, 0x10d3, 0x02_00_00, 0),
+            gate: gate.clone(),
+            waiting: waiting.clone(),
+        }));
+        assert_eq!(root.lock().unwrap().add("nic", gated.clone()).unwrap(), 1);
+        assert_eq!(
+            root.lock().unwrap().add("disk", bar_dev(2, &[])).unwrap(),
+            2
+        );
+        let mut ecam = PciConfigMmio::new(root.clone());
+        let vcpu = std::thread::spawn(move || ecam.write((1 << 15) | 4, &[0x06, 0]));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !waiting.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the write never waited"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        (root, gate, gated, vcpu)
+    }
+
+    /// Tries to lock `m` for up to 5 s: a root or device the waiting write holds fails the
+    /// test instead of hanging it.
+    fn lock_soon<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if let Ok(g) = m.try_lock() {
+                return g;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still locked by the vCPU waiting for guest RAM's DMA mapping"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_bus_master_enable_waiting_for_dma_mapping_holds_neither_the_root_nor_its_device() {
+        let (root, gate, gated, vcpu) = bme_waiting();
+        // Another vCPU reads and writes configuration; the API hot-adds a device.
+        let mut cf8 = PciConfigIo::new(root.clone());
+        cf8.write(0, &(0x8000_0000u32 | (2 << 11)).to_le_bytes());
+        let mut id = [0u8; 4];
+        cf8.read(4, &mut id);
+        assert_eq!(u32::from_le_bytes(id), 0x1042_1af4);
+        cf8.write(0, &(0x8000_0000u32 | (2 << 11) | 4).to_le_bytes());
+        cf8.write(4, &[0x02, 0]);
+        assert_eq!(lock_soon(&root).add("hot", bar_dev(3, &[])).unwrap(), 3);
+        // The device itself answers (its BARs, its other registers); Bus Master is not set.
+        assert_eq!(lock_soon(&*gated).read_config(1) & 4, 0);
+        assert!(!vcpu.is_finished());
+        gate.finish(Ok(()));
+        vcpu.join().unwrap();
+        assert_eq!(lock_soon(&*gated).read_config(1) & 0x6, 0x6);
+    }
+
+    #[test]
+    fn a_waiting_bus_master_enable_reaches_no_device_if_its_own_was_removed_meanwhile() {
+        let (root, gate, gated, vcpu) = bme_waiting();
+        let removed = lock_soon(&root).remove(1).map(|(n, _)| n);
+        assert_eq!(removed.as_deref(), Some("nic"));
+        // A device added in its place is not the one the guest wrote to.
+        assert_eq!(lock_soon(&root).add("new", bar_dev(4, &[])).unwrap(), 1);
+        gate.finish(Ok(()));
+        vcpu.join().unwrap();
+        assert_eq!(lock_soon(&*gated).read_config(1) & 0x6, 0);
+        let new = lock_soon(&root).read(0, 1, 0, 1);
+        assert_eq!(
+            new & 0x6,
+            0,
+            "the write went to the device added in the slot"
+        );
     }
 }
