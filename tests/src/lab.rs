@@ -418,7 +418,13 @@ impl Scenario {
         // or for the images is quiet and no sign of a stuck L1.
         let mut l1_booting = false;
         let mut monitor: Option<PathBuf> = None;
+        let mut qemu_pidfile: Option<PathBuf> = None;
         loop {
+            let qemu_pid = qemu_pidfile.as_deref().and_then(|p| {
+                std::fs::read_to_string(p)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok())
+            });
             let now = Instant::now();
             if l1_booting && !lockup && now.duration_since(last_line) > self.stall {
                 // Neither L1 nor its guests said anything for minutes: an L1 vCPU is stuck
@@ -427,6 +433,11 @@ impl Scenario {
                     "lab: no console output for {} s; L1 is stuck, killing it",
                     self.stall.as_secs()
                 );
+                // L1's QEMU threads as the host sees them, now and after the second look
+                // below: whether its vCPU threads run (TCG executing L1's code: a loop in
+                // L1) or sleep (QEMU itself waiting: a wedged emulator, not L1's doing).
+                let threads_before = qemu_pid.and_then(host_threads);
+                let sampled = Instant::now();
                 // Where L1's vCPUs are, before it goes: the evidence of what stuck it.
                 let regs = monitor.as_deref().map(l1_registers).unwrap_or_default();
                 let kmap = lines
@@ -454,7 +465,19 @@ impl Scenario {
                     .map(|l| l.replacen("L1-REGS ", "L1-REGS-1S ", 1))
                     .collect();
                 let uart = monitor.as_deref().map(l1_uart).unwrap_or_default();
-                for text in regs.into_iter().chain(named).chain(again).chain(uart) {
+                let threads = match (threads_before, qemu_pid.and_then(host_threads)) {
+                    (Some(a), Some(b)) => host_thread_lines(&a, &b, sampled.elapsed()),
+                    _ => vec![format!(
+                        "L1-HOST-THREAD none: L1's QEMU (pid {qemu_pid:?}) not readable"
+                    )],
+                };
+                for text in regs
+                    .into_iter()
+                    .chain(named)
+                    .chain(again)
+                    .chain(uart)
+                    .chain(threads)
+                {
                     eprintln!("{text}");
                     lines.push(Line {
                         at: start.elapsed(),
@@ -554,6 +577,9 @@ impl Scenario {
                             if let Some(p) = text.strip_prefix("lab: L1 monitor: ") {
                                 monitor = Some(PathBuf::from(p.trim()));
                             }
+                            if let Some(p) = text.strip_prefix("lab: L1 QEMU pid file: ") {
+                                qemu_pidfile = Some(PathBuf::from(p.trim()));
+                            }
                             script_lines.push(text);
                         }
                     }
@@ -611,6 +637,100 @@ impl Scenario {
         }
         unreachable!("the loop returns or panics on its second attempt")
     }
+}
+
+/// A thread of L1's QEMU as `/proc` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostThread {
+    pub tid: u32,
+    /// Its name (`CPU 0/TCG` with `debug-threads=on`).
+    pub comm: String,
+    /// R running, S sleeping, D in uninterruptible wait, ...
+    pub state: char,
+    /// User + system CPU time, in clock ticks.
+    pub ticks: u64,
+    /// The system call it is blocked in (`/proc/.../syscall`'s first field), or `running`.
+    pub syscall: String,
+}
+
+/// Every thread of process `pid`; `None` when it is gone.
+pub fn host_threads(pid: u32) -> Option<Vec<HostThread>> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+            continue;
+        };
+        let base = e.path();
+        let Ok(stat) = std::fs::read_to_string(base.join("stat")) else {
+            continue;
+        };
+        let Some(t) = parse_task_stat(tid, &stat) else {
+            continue;
+        };
+        let syscall = std::fs::read_to_string(base.join("syscall"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().map(str::to_string))
+            .unwrap_or_else(|| "?".into());
+        out.push(HostThread { syscall, ..t });
+    }
+    out.sort_by_key(|t| t.tid);
+    Some(out)
+}
+
+/// A task's `/proc/.../stat`: its name (in parentheses, may hold spaces), state, and
+/// utime + stime (fields 14 and 15).
+fn parse_task_stat(tid: u32, stat: &str) -> Option<HostThread> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?.to_string();
+    let rest: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+    // rest[0] is field 3 (state); field N is rest[N - 3].
+    let state = rest.first()?.chars().next()?;
+    let utime: u64 = rest.get(11)?.parse().ok()?;
+    let stime: u64 = rest.get(12)?.parse().ok()?;
+    Some(HostThread {
+        tid,
+        comm,
+        state,
+        ticks: utime + stime,
+        syscall: String::new(),
+    })
+}
+
+/// `L1-HOST-THREAD` lines: each thread of L1's QEMU seen twice `between` apart, with the
+/// share of one CPU it used in between and what it sat in (a system call number, or
+/// `running`), then one `L1-HOST-VCPUS` verdict: whether L1's vCPU threads were executing.
+pub fn host_thread_lines(a: &[HostThread], b: &[HostThread], between: Duration) -> Vec<String> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let secs = between.as_secs_f64().max(0.001);
+    let mut lines = Vec::new();
+    let mut vcpu_busy = Vec::new();
+    for t in b {
+        let before = a
+            .iter()
+            .find(|x| x.tid == t.tid)
+            .map_or(t.ticks, |x| x.ticks);
+        let pct = (t.ticks.saturating_sub(before)) as f64 / hz / secs * 100.0;
+        lines.push(format!(
+            "L1-HOST-THREAD {} '{}' state={} cpu={pct:.0}% syscall={}",
+            t.tid, t.comm, t.state, t.syscall
+        ));
+        if t.comm.starts_with("CPU ") {
+            vcpu_busy.push(pct >= 50.0);
+        }
+    }
+    let verdict = match (vcpu_busy.len(), vcpu_busy.iter().filter(|&&b| b).count()) {
+        (0, _) => "no vCPU thread found".to_string(),
+        (n, 0) => format!(
+            "all {n} idle: the vCPUs halted, or, where L1-REGS says HLT=0, QEMU waiting on itself (a wedged emulator)"
+        ),
+        (n, k) if k == n => format!("all {n} executing: L1 runs code (a loop in L1 or its guest)"),
+        (n, k) => format!("{k} of {n} executing"),
+    };
+    lines.push(format!("L1-HOST-VCPUS {verdict}"));
+    lines
 }
 
 /// How long a silent L1 gets to answer an NMI (see `Scenario::run_with`).
@@ -1381,6 +1501,58 @@ mod tests {
             duration: Duration::ZERO,
             log: PathBuf::new(),
         }
+    }
+
+    /// L1's QEMU threads from the host: names with spaces and parentheses parsed, CPU
+    /// shares computed, and the verdict on the vCPU threads.
+    #[test]
+    fn a_silent_l1s_qemu_threads_are_read_from_proc() {
+        let t = parse_task_stat(
+            7,
+            "7 (CPU 0/TCG (x)) R 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 4 0",
+        )
+        .unwrap();
+        assert_eq!(
+            (t.comm.as_str(), t.state, t.ticks),
+            ("CPU 0/TCG (x)", 'R', 300)
+        );
+        // This process: its own threads are found, with a state and a syscall field.
+        let me = host_threads(std::process::id()).unwrap();
+        assert!(!me.is_empty());
+        assert!(me.iter().all(|t| t.state != '\0' && !t.syscall.is_empty()));
+        let hz = clock_ticks_per_second();
+        let th = |tid, comm: &str, ticks| HostThread {
+            tid,
+            comm: comm.into(),
+            state: 'S',
+            ticks,
+            syscall: "202".into(),
+        };
+        let a = [
+            th(1, "qemu-system-x86", 0),
+            th(2, "CPU 0/TCG", 0),
+            th(3, "CPU 1/TCG", 0),
+        ];
+        let idle = host_thread_lines(&a, &a, Duration::from_secs(1));
+        assert_eq!(idle.len(), 4);
+        assert!(
+            idle[1].contains("'CPU 0/TCG' state=S cpu=0% syscall=202"),
+            "{idle:?}"
+        );
+        assert!(idle[3].starts_with("L1-HOST-VCPUS all 2 idle"), "{idle:?}");
+        let b = [
+            th(1, "qemu-system-x86", 0),
+            th(2, "CPU 0/TCG", hz),
+            th(3, "CPU 1/TCG", 0),
+        ];
+        let one = host_thread_lines(&a, &b, Duration::from_secs(1));
+        assert!(one[1].contains("cpu=100%"), "{one:?}");
+        assert_eq!(one[3], "L1-HOST-VCPUS 1 of 2 executing");
+    }
+
+    fn clock_ticks_per_second() -> u64 {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64
     }
 
     /// A silent L1's RIPs get named: one in the kernel (moved by KASLR), one in a KVM

@@ -96,7 +96,7 @@ fn lab_selftest() {
 /// are read from L1's QEMU monitor (`L1-REGS` lines): the evidence of where a stuck L1 was
 /// (the lab's nested-virtualization stalls leave nothing else), and named (`L1-RIP-NAME`);
 /// its UART is read, and an NMI tells a stalled console (output comes back) from a stuck or
-/// merely quiet L1.
+/// merely quiet L1; L1's QEMU threads are looked at from the host (running or waiting).
 #[test]
 fn a_silent_l1_is_killed_with_its_registers() {
     let run = Scenario::new(
@@ -152,6 +152,18 @@ fn a_silent_l1_is_killed_with_its_registers() {
     );
     assert!(
         run.find("L1-AFTER-NMI L1's kernel answered").is_some(),
+        "{}",
+        run.report()
+    );
+    // L1's QEMU threads seen from the host: its vCPU threads named, and idle (L1 halts).
+    let vcpu_threads = run
+        .lines
+        .iter()
+        .filter(|l| l.text.starts_with("L1-HOST-THREAD ") && l.text.contains("'CPU "))
+        .count();
+    assert_eq!(vcpu_threads, 2, "{}", run.report());
+    assert!(
+        run.find("L1-HOST-VCPUS all 2 idle").is_some(),
         "{}",
         run.report()
     );
