@@ -21,8 +21,12 @@
 //!    QEMU as the L2 VMM (`vhost-user-blk-pci` on a `reconnect=1` chardev) and our daemon:
 //!    the same checks. Then our vmm in front of `qemu-storage-daemon` (no INFLIGHT_SHMFD),
 //!    killed the same way: no mismatch and no `not a head`, I/O errors or a reset device
-//!    allowed, and which of these happened is reported. Then QEMU in front of the same qsd
-//!    kill loop, reported only.
+//!    allowed, and which of these happened is reported. (QEMU in front of the same qsd kill
+//!    loop ran here too, reported only, until December 2026, when it was taken out of CI's
+//!    time: in its last runs QEMU's guest saw no error, where ours stops with NEEDS_RESET:
+//!    when GET_VRING_BASE fails on a dead back-end, QEMU's vhost code sets its last avail
+//!    index back to the used index, and the next back-end runs the unanswered requests
+//!    again, completed ones out of order included.)
 //! 3. `stopped_and_mute_back_ends` (Must show 4): the daemon SIGSTOPped right after the vmm
 //!    connected, before the guest's driver probes (L2 loads its modules with
 //!    `module.async_probe=1`, so a probe that waits does not hold up init): the other disk
@@ -442,21 +446,6 @@ judge_stress m3s /tmp/q.img /tmp/st2.img 0
 grep -E "qsd: |NEEDS_RESET" /tmp/m3s.err | head -n 12 | sed "s/^/LAB-VAL m3s-vmm-log /"
 judge_outcome m3s qsd
 kill "$(cat /tmp/qsd.pid)"
-
-# 3. QEMU as the frontend of the same qsd kill loop (reported, not judged).
-dd if=/dev/zero of=/tmp/q.img bs=1M count=16 2>/dev/null
-dd if=/dev/zero of=/tmp/st3.img bs=1M count=4 2>/dev/null
-start_qsd /tmp/q.img /tmp/qsd.sock /tmp/qsd.pid /tmp/qsd.log
-kill_loop /tmp/m3qq.log /tmp/qsd.pid m3qq - start_qsd /tmp/q.img /tmp/qsd.sock /tmp/qsd.pid /tmp/qsd.log &
-kl=$!
-run_vm m3qq 300 {QEMU} -append "$L2_CMDLINE tag=m3qq mode=stress secs={STRESS_SECS}" \
-    -chardev socket,id=c0,path=/tmp/qsd.sock,reconnect=1 -device vhost-user-blk-pci,chardev=c0,num-queues=1 \
-    -drive file=/tmp/st3.img,if=none,id=st,format=raw -device virtio-blk-pci,drive=st
-wait $kl
-judge_stress m3qq /tmp/q.img /tmp/st3.img 0 | sed 's/^LAB-OK /LAB-VAL report-ok /; s/^LAB-FAIL /LAB-VAL report-fail /'
-judge_outcome m3qq none | sed 's/^LAB-OK /LAB-VAL report-ok /; s/^LAB-FAIL /LAB-VAL report-fail /'
-grep -iE "vhost|qemu-system" /tmp/m3qq.err | head -n 8 | sed "s/^/LAB-VAL m3qq-qemu-log /"
-kill "$(cat /tmp/qsd.pid)"
 lab_finish
 "#
     )
@@ -665,9 +654,8 @@ fn qemu_frontend_and_qemu_storage_daemon_kills() {
         .with_qemu()
         .timeout(Duration::from_secs(1200));
     let run = run(&s, "m3");
-    // How the guest fared behind our vmm and a back-end without inflight tracking, and QEMU
-    // in front of the same: reported.
-    for n in ["m3s", "m3qq"] {
+    // How the guest fared behind our vmm and a back-end without inflight tracking: reported.
+    for n in ["m3s"] {
         eprintln!(
             "{n}: {}; guest result {}; vmm/QEMU said: {:?}",
             run.value(&format!("{n}-outcome")).unwrap_or("no outcome"),
