@@ -80,16 +80,19 @@ pub enum Enforcement {
 #[derive(Debug, Error)]
 pub enum LandlockError {
     /// A path to grant cannot be opened.
-    #[error("Landlock: cannot open '{0}' to allow it (does it exist?)")]
+    #[error("Landlock: cannot open '{0}' to allow it (it must exist and be reachable by the daemon's user at start)")]
     Path(PathBuf, #[source] ::landlock::PathFdError),
     /// The ruleset could not be built or enforced.
     #[error("Landlock: cannot restrict the daemon: {0} (run with --landlock off to go without)")]
     Ruleset(#[from] ::landlock::RulesetError),
 }
 
-/// Restricts the calling thread, and every thread it creates afterwards, to `grants`.
-/// Call before the process has other threads (a thread created before keeps its access).
-pub fn restrict(grants: &[Grant]) -> Result<Enforcement, LandlockError> {
+/// A ruleset with its paths open, not enforced yet: made while the daemon can still open
+/// them (before `--user`), enforced after.
+pub struct Prepared(::landlock::RulesetCreated);
+
+/// Opens `grants` into a ruleset (see [`Prepared::enforce`]).
+pub fn prepare(grants: &[Grant]) -> Result<Prepared, LandlockError> {
     let mut ruleset = Ruleset::default()
         .handle_access(AccessFs::from_all(ABI_WANTED))?
         .scope(Scope::from_all(ABI_WANTED))?
@@ -98,12 +101,26 @@ pub fn restrict(grants: &[Grant]) -> Result<Enforcement, LandlockError> {
         let fd = PathFd::new(&g.path).map_err(|e| LandlockError::Path(g.path.clone(), e))?;
         ruleset = ruleset.add_rule(PathBeneath::new(fd, g.access.rights()))?;
     }
-    let status = ruleset.restrict_self()?;
-    Ok(match status.ruleset {
-        RulesetStatus::FullyEnforced => Enforcement::Full,
-        RulesetStatus::PartiallyEnforced => Enforcement::Partial,
-        RulesetStatus::NotEnforced => Enforcement::None,
-    })
+    Ok(Prepared(ruleset))
+}
+
+impl Prepared {
+    /// Restricts the calling thread, and every thread it creates afterwards (a thread
+    /// created before keeps its access: call while the process has no other thread).
+    /// Sets no_new_privs.
+    pub fn enforce(self) -> Result<Enforcement, LandlockError> {
+        let status = self.0.restrict_self()?;
+        Ok(match status.ruleset {
+            RulesetStatus::FullyEnforced => Enforcement::Full,
+            RulesetStatus::PartiallyEnforced => Enforcement::Partial,
+            RulesetStatus::NotEnforced => Enforcement::None,
+        })
+    }
+}
+
+/// [`prepare`] and [`Prepared::enforce`] at once.
+pub fn restrict(grants: &[Grant]) -> Result<Enforcement, LandlockError> {
+    prepare(grants)?.enforce()
 }
 
 /// Whether this kernel has Landlock enabled (its ABI version, 0 if not).

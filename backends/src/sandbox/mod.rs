@@ -152,7 +152,8 @@ impl From<ThreadKind> for Kind {
 
 /// What every thread needs whatever it does: the SIGSYS handler's own calls (its report,
 /// and in `on` mode the kill: SIGSYS back to its default action and sent to the thread),
-/// returning from a signal handler, and leaving.
+/// returning from a signal handler (and the kernel's restart of a syscall a signal
+/// interrupted), and leaving.
 pub const HANDLER_SYSCALLS: &[Rule] = &[
     allow_if(libc::SYS_write, &[(0, 2)]),
     allow(libc::SYS_gettid),
@@ -161,6 +162,7 @@ pub const HANDLER_SYSCALLS: &[Rule] = &[
     allow_if(libc::SYS_rt_sigaction, &[(0, libc::SIGSYS as u64)]),
     allow_if(libc::SYS_tgkill, &[(2, libc::SIGSYS as u64)]),
     allow(libc::SYS_rt_sigreturn),
+    allow(libc::SYS_restart_syscall),
     allow(libc::SYS_exit),
     allow(libc::SYS_exit_group),
 ];
@@ -229,6 +231,26 @@ fn kind_slot(name: &'static str) -> usize {
     }
     kinds.push(name);
     kinds.len()
+}
+
+/// Makes the C library do now, before any filter or Landlock, what it would otherwise do
+/// lazily from whichever thread first needs it, and which no thread's list allows:
+/// glibc's malloc opens /sys/devices/system/cpu/online when a thread first needs an arena
+/// beyond the first few (to size the arena limit), and /proc/sys/vm/overcommit_memory the
+/// first time it shrinks a thread's heap. Setting the arena limit (glibc's own default:
+/// 8 per CPU) and a trim threshold no heap of the daemons reaches (their buffers are
+/// bounded by the queue sizes; large blocks are mmapped and returned anyway) removes both.
+pub fn prepare_libc() {
+    #[cfg(target_env = "gnu")]
+    {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let arenas = i32::try_from(8 * cpus).unwrap_or(i32::MAX);
+        // SAFETY: mallopt only sets malloc parameters; called before the other threads.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, arenas);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        }
+    }
 }
 
 /// The process's seccomp mode, once [`init`] ran.
