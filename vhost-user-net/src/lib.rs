@@ -59,7 +59,14 @@ pub const MAX_QUEUE_PAIRS: u16 = 31;
                   daemon serves that one connection and exits 0 when it ends. Our vmm takes the \
                   back-end at start (--vhost-user-net socket=PATH) or while its guest runs \
                   (vmm-remote --api-socket API add-net vhost_user=on,socket=PATH; \
-                  remove-device to give it back)."
+                  remove-device to give it back).\n\n\
+                  Sandbox (on by default): once the image or tap and the sockets are open, \
+                  each thread gets a seccomp filter of the syscalls it makes (--seccomp), \
+                  Landlock limits what can still be opened (--landlock), and a daemon \
+                  started as root can become --user; io_uring rings accept only the \
+                  engine's operations on the image. A syscall outside a thread's list prints \
+                  one line naming the thread and the syscall. A systemd unit with \
+                  hardening options: vhost-user-net/vhost-user-net@.service in the source tree."
 )]
 pub struct Args {
     /// Listen on this unix socket path (created; a stale socket is replaced; refused if a
