@@ -12,6 +12,10 @@
 //! available ring (and the io_uring completions) for N microseconds before going back to
 //! sleep on its eventfds; every request found meanwhile restarts the window, and the guest's
 //! doorbells stay off meanwhile (`backends::poll`, the loop the vmm's devices run too).
+//!
+//! Sandbox (`backends::vhost_user::confine`): once everything is open, `--user`, Landlock,
+//! and a seccomp filter per thread kind; [`WORKER_SYSCALLS`] is the vring workers' list,
+//! kept here beside the code they run.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};

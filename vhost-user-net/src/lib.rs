@@ -11,6 +11,10 @@
 //! `--poll-us N`: after work, the pair's thread keeps polling its TX ring and the tap for N
 //! microseconds before going back to sleep, with TX doorbells off meanwhile
 //! (`backends::poll`, the loop the vmm's devices run too).
+//!
+//! Sandbox (`backends::vhost_user::confine`): once everything is open, `--user`, Landlock,
+//! and a seccomp filter per thread kind; [`WORKER_SYSCALLS`] is the vring workers' list,
+//! kept here beside the code they run.
 
 use std::io;
 use std::os::fd::AsRawFd;
