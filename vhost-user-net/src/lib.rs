@@ -268,7 +268,7 @@ pub fn run(args: Args) -> Result<(), Error> {
         args: &args.sandbox,
         grants,
         worker: WORKER,
-        relay_dir: relay.dir().to_path_buf(),
+        user_owned: vec![relay.dir().to_path_buf(), relay.path().to_path_buf()],
     }
     .apply()?;
     signals.spawn(stop.clone())?;

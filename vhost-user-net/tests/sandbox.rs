@@ -140,6 +140,11 @@ fn every_thread_is_filtered_and_runs_as_the_user_given() {
             assert_eq!(t.field(cap), "0000000000000000", "{who}: {cap}");
         }
     }
+    assert!(
+        !n.d.log().contains("recreating it"),
+        "the relay's socket, made before --user, is usable after it: {}",
+        n.d.log()
+    );
     let filters = |name: &str| -> u32 {
         let t = ts.iter().find(|t| t.name == name).unwrap();
         t.field("Seccomp_filters").parse().unwrap()

@@ -100,7 +100,7 @@ pub enum ConfineError {
     #[error(transparent)]
     Landlock(#[from] ll::LandlockError),
     /// The relay's private directory could not be given to `--user`.
-    #[error("--user: cannot give the relay directory '{0}' to the user")]
+    #[error("--user: cannot give '{0}' (the relay's private socket) to the user")]
     Chown(PathBuf, #[source] std::io::Error),
     /// `--sandbox-selftest`.
     #[error("--sandbox-selftest {0}: expected syscall or open:PATH")]
@@ -283,8 +283,9 @@ pub struct Confinement<'a> {
     pub grants: Vec<Grant>,
     /// The vring workers' kind.
     pub worker: ThreadKind,
-    /// The relay's private directory (given to `--user`).
-    pub relay_dir: PathBuf,
+    /// What `--user` must own: the relay's private directory and socket (made by root,
+    /// used by the daemon after it changed user).
+    pub user_owned: Vec<PathBuf>,
 }
 
 impl Confinement<'_> {
@@ -305,8 +306,10 @@ impl Confinement<'_> {
             Switch::Off => None,
         };
         if let Some(u) = &a.user {
-            std::os::unix::fs::chown(&self.relay_dir, Some(u.uid), Some(u.gid))
-                .map_err(|e| ConfineError::Chown(self.relay_dir.clone(), e))?;
+            for p in &self.user_owned {
+                std::os::unix::fs::chown(p, Some(u.uid), Some(u.gid))
+                    .map_err(|e| ConfineError::Chown(p.clone(), e))?;
+            }
             user::drop_to(u)?;
             log::info!("running as uid {} gid {} (--user {})", u.uid, u.gid, u.spec);
         }

@@ -745,6 +745,11 @@ impl RelaySocket {
         &self.dir
     }
 
+    /// The socket.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Creates the directory and the listening socket in it.
     pub fn new() -> io::Result<RelaySocket> {
         use std::os::unix::ffi::OsStringExt;

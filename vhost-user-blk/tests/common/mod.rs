@@ -58,15 +58,24 @@ impl Daemon {
     }
 
     /// [`Daemon::start`] with the daemon's stderr in `stderr.log` of its directory (read
-    /// with [`Daemon::log`]).
+    /// with [`Daemon::log`]), and its temporary directory (the relay's private socket) in
+    /// `tmp/` there, so that nothing is left behind by a daemon that gets killed. Both are
+    /// searchable by others, for a daemon that becomes `--user`.
     pub fn start_logged(bin: &str, dir: TempDir, args: &[&str]) -> Daemon {
+        use std::os::unix::fs::PermissionsExt;
         let socket = dir.as_path().join("vu.sock");
         let log = File::create(dir.as_path().join("stderr.log")).expect("daemon log");
+        let tmp = dir.as_path().join("tmp");
+        std::fs::create_dir(&tmp).expect("daemon tmp dir");
+        for d in [dir.as_path(), tmp.as_path()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).unwrap();
+        }
         let child = Command::new(bin)
             .arg("--socket-path")
             .arg(&socket)
             .args(args)
             .env("RUST_LOG", "info")
+            .env("TMPDIR", &tmp)
             .stdin(Stdio::null())
             .stderr(log)
             .spawn()
