@@ -66,7 +66,12 @@ struct Sent {
 const SIZE: u16 = 16;
 
 fn send_frame(d: &Daemon) -> Sent {
-    let (mut fe, _) = negotiate(&d.socket, 3);
+    send_frame_on(d, 3)
+}
+
+/// [`send_frame`] on a daemon with `queues` queues (2 per pair, and the control queue).
+fn send_frame_on(d: &Daemon, queues: u64) -> Sent {
+    let (mut fe, _) = negotiate(&d.socket, queues);
     let m = GuestMem::new(1 << 20);
     fe.set_mem_table(&[m.region_info()]).expect("SET_MEM_TABLE");
     let (kick, call) = setup_queue(&mut fe, &m, 1, SIZE);
@@ -261,4 +266,23 @@ fn landlock_refuses_a_worker_a_path_outside_its_set() {
     }
     let (_, control) = selftest("off");
     assert_eq!(control, "opened", "with --landlock off");
+}
+
+/// A multiqueue tap as `--user`: the queues of the pairs a driver does not use are
+/// detached and attached again (TUNSETQUEUE) after the daemon gave up root.
+#[test]
+fn a_multiqueue_tap_attaches_and_detaches_its_queues_as_the_user() {
+    let mut n = start(&["--queues", "2", "--user", "nobody"]);
+    for _ in 0..2 {
+        // Only pair 0 is used: pair 1's tap queue is detached, then attached again when
+        // the frontend leaves.
+        let s = send_frame_on(&n.d, 5);
+        s.assert_done(&n.d);
+        drop(s);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let log = n.d.log();
+    assert!(!log.contains("cannot attach or detach"), "{log}");
+    assert!(!log.contains("seccomp: thread"), "{log}");
+    n.d.assert_serving("two multiqueue frontends as --user nobody");
 }
