@@ -28,6 +28,7 @@ pub mod inflight;
 pub mod net;
 pub mod poll;
 pub mod ratelimit;
+pub mod sandbox;
 pub mod stats;
 pub mod vhost_user;
 

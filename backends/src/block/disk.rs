@@ -293,18 +293,17 @@ fn make_id(serial: Option<&str>, file: &File) -> [u8; 20] {
     id
 }
 
-/// Checks that io_uring can be created and supports the opcodes the engine uses.
+/// Checks that io_uring can be created, supports the opcodes the engine uses, and can be
+/// restricted to them (IORING_SETUP_R_DISABLED and IORING_REGISTER_RESTRICTIONS, Linux
+/// 5.10): the engine's rings are (`queue::restricted_ring`).
 pub fn probe_io_uring() -> io::Result<()> {
-    use io_uring::{opcode, IoUring, Probe};
+    use io_uring::{IoUring, Probe};
     let ring = IoUring::new(4)?;
     let mut probe = Probe::new();
     ring.submitter().register_probe(&mut probe)?;
-    for code in [
-        opcode::Readv::CODE,
-        opcode::Writev::CODE,
-        opcode::Fsync::CODE,
-        opcode::Fallocate::CODE,
-    ] {
+    drop(ring);
+    super::queue::restricted_ring(4, None, None)?;
+    for code in super::queue::RING_OPS {
         if !probe.is_supported(code) {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,

@@ -1617,3 +1617,56 @@ fn long_walks_stop_at_the_descriptor_budget_per_call() {
         VIRTIO_BLK_S_IOERR as u8
     );
 }
+
+/// The engine's rings accept only its own operations on its own (registered) image: an
+/// entry outside the restrictions completes with EACCES, and the engine's reads work.
+#[test]
+fn rings_refuse_operations_outside_their_restrictions() {
+    use io_uring::{opcode, types};
+    use std::os::fd::AsRawFd;
+    let f = image();
+    let file = std::fs::File::open(f.as_path()).unwrap();
+    let mut ring = super::queue::restricted_ring(8, Some(file.as_raw_fd()), None).unwrap();
+    let mut buf = vec![0u8; 512];
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let path = c"/etc/hostname";
+    let entries = [
+        // Not one of the engine's opcodes.
+        opcode::Nop::new().build().user_data(1),
+        opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
+            .build()
+            .user_data(2),
+        // The engine's opcode, but on an fd instead of the registered image.
+        opcode::Readv::new(types::Fd(file.as_raw_fd()), &iov, 1)
+            .offset(512)
+            .build()
+            .user_data(3),
+        // What the engine submits: allowed.
+        opcode::Readv::new(types::Fixed(0), &iov, 1)
+            .offset(512)
+            .build()
+            .user_data(4),
+    ];
+    // One at a time: the kernel stops a batch at an entry it refuses.
+    let mut res = Vec::new();
+    for e in &entries {
+        // SAFETY: every entry's buffers (`iov`, `buf`, `path`) outlive the wait below.
+        unsafe { ring.submission().push(e).unwrap() };
+        ring.submit_and_wait(1).unwrap();
+        let c = ring.completion().next().unwrap();
+        res.push((c.user_data(), c.result()));
+    }
+    assert_eq!(
+        res,
+        vec![
+            (1, -libc::EACCES),
+            (2, -libc::EACCES),
+            (3, -libc::EACCES),
+            (4, 512)
+        ]
+    );
+    assert!(buf.iter().all(|&b| b == 1 ^ 0x5a), "sector 1's data");
+}

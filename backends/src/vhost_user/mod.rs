@@ -5,6 +5,7 @@
 //! Both daemons, `vhost-user-blk` and `vhost-user-net`, are built on it, so that they behave
 //! the same way.
 
+pub mod confine;
 pub mod memory;
 pub mod relay;
 pub mod stats;
@@ -349,9 +350,15 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Blocks SIGTERM and SIGINT in this thread (and so in every thread created after it) and
-/// starts a thread that turns them into `stop.request()`. Call before creating any thread.
-pub fn handle_signals(stop: Arc<Stop>) -> io::Result<()> {
+/// SIGTERM and SIGINT, blocked in the main thread (and so in every thread created after it)
+/// by [`block_signals`], waiting for [`Signals::spawn`].
+pub struct Signals {
+    set: libc::sigset_t,
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and so in every thread created after it).
+/// Call before creating any thread; a signal that arrives before [`Signals::spawn`] waits.
+pub fn block_signals() -> io::Result<Signals> {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t; the calls only modify it and the thread's mask.
@@ -364,9 +371,15 @@ pub fn handle_signals(stop: Arc<Stop>) -> io::Result<()> {
     if r != 0 {
         return Err(io::Error::from_raw_os_error(r));
     }
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
+    Ok(Signals { set })
+}
+
+impl Signals {
+    /// Starts the thread that turns SIGTERM/SIGINT into `stop.request()`, confined to
+    /// [`confine::SIGNALS`] from its first instruction.
+    pub fn spawn(self, stop: Arc<Stop>) -> Result<(), confine::ConfineError> {
+        let set = self.set;
+        confine::spawn_confined("signals", confine::SIGNALS, move || loop {
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer.
             let r = unsafe { libc::sigwait(&set, &mut sig) };
@@ -375,7 +388,8 @@ pub fn handle_signals(stop: Arc<Stop>) -> io::Result<()> {
                 stop.request();
             }
         })?;
-    Ok(())
+        Ok(())
+    }
 }
 
 /// What the accept loop needs from a device back-end besides `VhostUserBackend`.
@@ -535,13 +549,29 @@ pub fn serve<B, F>(
     name: &str,
     frontends: &mut Frontends,
     stop: &Stop,
+    make: F,
+) -> Result<(), ServeError>
+where
+    B: Served,
+    F: FnMut() -> io::Result<B>,
+{
+    let internal = RelaySocket::new().map_err(ServeError::Internal)?;
+    serve_prepared(name, frontends, stop, internal, make)
+}
+
+/// [`serve`] with the relay's private socket already made (before the sandbox is set up:
+/// [`confine`]).
+pub fn serve_prepared<B, F>(
+    name: &str,
+    frontends: &mut Frontends,
+    stop: &Stop,
+    mut internal: RelaySocket,
     mut make: F,
 ) -> Result<(), ServeError>
 where
     B: Served,
     F: FnMut() -> io::Result<B>,
 {
-    let mut internal = Internal::new().map_err(ServeError::Internal)?;
     let mut n = 0u64;
     loop {
         let frontend = match frontends {
@@ -579,7 +609,7 @@ fn serve_one<B, F>(
     name: &str,
     n: u64,
     frontend: UnixStream,
-    internal: &mut Internal,
+    internal: &mut RelaySocket,
     stop: &Stop,
     make: &mut F,
 ) -> Result<(), ServeError>
@@ -593,6 +623,7 @@ where
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
     let handlers = daemon.get_epoll_handlers();
     backend.attach(&handlers).map_err(ServeError::Setup)?;
+    confine_workers(&handlers);
     // Connect first: the connection waits in the backlog for the accept in start(). If the
     // private socket is gone (a /tmp cleaner), make a new one.
     let inner = match UnixStream::connect(&internal.path) {
@@ -602,7 +633,7 @@ where
                 "internal socket {}: {e}; recreating it",
                 internal.path.display()
             );
-            *internal = Internal::new().map_err(ServeError::Internal)?;
+            *internal = RelaySocket::new().map_err(ServeError::Internal)?;
             UnixStream::connect(&internal.path).map_err(ServeError::Internal)?
         }
     };
@@ -666,16 +697,61 @@ where
     Ok(())
 }
 
+/// Wakes every vring worker of a new connection once, so that each installs its seccomp
+/// filter ([`confine::worker_event`]) before the frontend's first message, and waits for
+/// them. A worker that does not answer in time installs it on its first event instead.
+fn confine_workers<B: Served>(handlers: &[Arc<Handler<B>>]) {
+    if !confine::workers_confined() {
+        return;
+    }
+    confine::reset_installed();
+    let id = u64::from(confine::WORKER_SETUP_EVENT);
+    let ev = vmm_sys_util::epoll::EventSet::IN | vmm_sys_util::epoll::EventSet::EDGE_TRIGGERED;
+    let mut woken = Vec::new();
+    for h in handlers {
+        let fd = match EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::warn!("cannot wake a vring worker to confine it: {e}");
+                continue;
+            }
+        };
+        if let Err(e) = h.register_listener(fd.as_raw_fd(), ev, id) {
+            log::warn!("cannot wake a vring worker to confine it: {e}");
+            continue;
+        }
+        let _ = fd.write(1);
+        woken.push((h, fd));
+    }
+    if !confine::wait_installed(woken.len()) {
+        log::warn!("a vring worker did not install its seccomp filter within 5 s");
+    }
+    for (h, fd) in woken {
+        let _ = h.unregister_listener(fd.as_raw_fd(), ev, id);
+    }
+}
+
 /// The private socket the vhost-user daemon accepts from: in a directory of mode 0700 that
 /// this process creates (so only its user can connect) and removes when dropped.
-struct Internal {
+pub struct RelaySocket {
     dir: PathBuf,
     path: PathBuf,
     listener: Listener,
 }
 
-impl Internal {
-    fn new() -> io::Result<Internal> {
+impl RelaySocket {
+    /// The directory holding the socket.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The socket.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates the directory and the listening socket in it.
+    pub fn new() -> io::Result<RelaySocket> {
         use std::os::unix::ffi::OsStringExt;
         let mut template = std::env::temp_dir()
             .join("vhost-user-relay.XXXXXX")
@@ -692,7 +768,7 @@ impl Internal {
         let dir = PathBuf::from(std::ffi::OsString::from_vec(template));
         let path = dir.join("relay.sock");
         match Listener::new(&path, true) {
-            Ok(listener) => Ok(Internal {
+            Ok(listener) => Ok(RelaySocket {
                 dir,
                 path,
                 listener,
@@ -705,7 +781,7 @@ impl Internal {
     }
 }
 
-impl Drop for Internal {
+impl Drop for RelaySocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_dir(&self.dir);

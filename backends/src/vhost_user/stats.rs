@@ -11,7 +11,50 @@ use std::thread;
 
 use serde_json::{json, Value};
 
+use super::confine::{spawn_confined, ConfineError};
 use super::{bind_listening, clear_stale_socket, ServeError, SocketFile};
+use crate::sandbox::{allow, allow_if, Rule, ThreadKind};
+
+/// The stats threads (this one and tiny_http's acceptor and connection threads, which it
+/// spawns): accept, read the request, write the JSON answer.
+pub const STATS_SYSCALLS: &[Rule] = &[
+    allow(libc::SYS_accept4),
+    allow(libc::SYS_accept),
+    allow(libc::SYS_read),
+    allow(libc::SYS_recvfrom),
+    allow(libc::SYS_write),
+    allow(libc::SYS_writev),
+    allow(libc::SYS_sendto),
+    allow(libc::SYS_shutdown),
+    allow(libc::SYS_close),
+    allow(libc::SYS_poll),
+    allow(libc::SYS_futex),
+    allow(libc::SYS_mmap),
+    allow(libc::SYS_munmap),
+    allow(libc::SYS_mprotect),
+    allow(libc::SYS_madvise),
+    allow(libc::SYS_brk),
+    allow(libc::SYS_clone3),
+    allow(libc::SYS_clone),
+    allow(libc::SYS_rt_sigprocmask),
+    allow(libc::SYS_sigaltstack),
+    allow(libc::SYS_set_robust_list),
+    allow(libc::SYS_rseq),
+    allow(libc::SYS_sched_getaffinity),
+    allow_if(libc::SYS_prctl, &[(0, libc::PR_SET_NAME as u64)]),
+    allow(libc::SYS_getsockopt),
+    allow(libc::SYS_setsockopt),
+    allow(libc::SYS_getsockname),
+    allow(libc::SYS_getpeername),
+    allow(libc::SYS_fcntl),
+    allow(libc::SYS_ioctl),
+];
+
+/// The stats threads' kind.
+pub const STATS: ThreadKind = ThreadKind {
+    name: "stats",
+    syscalls: &[STATS_SYSCALLS],
+};
 
 /// What the endpoint answers: the counters now, as JSON.
 pub type StatsReader = Arc<dyn Fn() -> Value + Send + Sync>;
@@ -52,6 +95,73 @@ impl StatsServer {
             server,
             thread: Some(thread),
             _file: file,
+        })
+    }
+}
+
+/// The stats socket, bound and listening, before its thread starts (the daemons bind it
+/// before they are confined, and start serving it after: [`super::confine`]).
+pub struct StatsSocket {
+    listener: std::os::unix::net::UnixListener,
+    file: SocketFile,
+    path: std::path::PathBuf,
+}
+
+impl StatsSocket {
+    /// Listens on `path` (a stale socket there is replaced; a live one, or a file that is
+    /// not a socket, is refused).
+    pub fn bind(path: &Path) -> Result<StatsSocket, ServeError> {
+        clear_stale_socket(path)?;
+        let listener = bind_listening(path)?;
+        let file = SocketFile::record(path).map_err(|source| ServeError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(StatsSocket {
+            listener,
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Answers from `read` on a thread confined to [`STATS`] (as are the threads the HTTP
+    /// server spawns from it).
+    pub fn serve(self, read: StatsReader) -> Result<StatsServer, ConfineError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let listener = self.listener;
+        let path = self.path.clone();
+        let thread = spawn_confined(
+            "stats",
+            STATS,
+            move || match tiny_http::Server::from_listener(listener, None) {
+                Ok(server) => {
+                    let server = Arc::new(server);
+                    let _ = tx.send(Some(server.clone()));
+                    for rq in server.incoming_requests() {
+                        answer(rq, &read);
+                    }
+                }
+                Err(e) => {
+                    log::error!("stats socket '{}': {e}", path.display());
+                    let _ = tx.send(None);
+                }
+            },
+        )?;
+        let server = rx
+            .recv()
+            .ok()
+            .flatten()
+            .ok_or(ConfineError::Thread("stats"))?;
+        log::info!("counters at {} (GET /stats)", self.path.display());
+        Ok(StatsServer {
+            server,
+            thread: Some(thread),
+            _file: self.file,
         })
     }
 }

@@ -57,6 +57,67 @@ impl Daemon {
         d
     }
 
+    /// [`Daemon::start`] with the daemon's stderr in `stderr.log` of its directory (read
+    /// with [`Daemon::log`]), and its temporary directory (the relay's private socket) in
+    /// `tmp/` there, so that nothing is left behind by a daemon that gets killed. Both are
+    /// searchable by others, for a daemon that becomes `--user`.
+    pub fn start_logged(bin: &str, dir: TempDir, args: &[&str]) -> Daemon {
+        use std::os::unix::fs::PermissionsExt;
+        let socket = dir.as_path().join("vu.sock");
+        let log = File::create(dir.as_path().join("stderr.log")).expect("daemon log");
+        let tmp = dir.as_path().join("tmp");
+        std::fs::create_dir(&tmp).expect("daemon tmp dir");
+        for d in [dir.as_path(), tmp.as_path()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).unwrap();
+        }
+        let child = Command::new(bin)
+            .arg("--socket-path")
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("TMPDIR", &tmp)
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn the daemon");
+        let mut d = Daemon {
+            child: Some(child),
+            dir,
+            socket,
+        };
+        let t = Instant::now();
+        while !d.socket.exists() {
+            assert!(
+                d.alive(),
+                "the daemon exited before creating its socket: {}",
+                d.log()
+            );
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no socket after 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// What a daemon started with [`Daemon::start_logged`] wrote on stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.as_path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Waits up to `t` for `needle` in [`Daemon::log`].
+    pub fn wait_log(&self, needle: &str, t: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < t {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     pub fn alive(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
@@ -108,6 +169,64 @@ impl Drop for Daemon {
             stop_child(&mut c);
         }
     }
+}
+
+/// One thread of a process, from /proc/PID/task/TID/status.
+pub struct ThreadStatus {
+    pub tid: String,
+    pub name: String,
+    pub status: String,
+}
+
+impl ThreadStatus {
+    /// The value of `field` ("Seccomp", "Uid"...), whitespace-normalised.
+    pub fn field(&self, field: &str) -> String {
+        self.status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    }
+}
+
+/// Every thread of process `pid`.
+pub fn threads(pid: i32) -> Vec<ThreadStatus> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task") {
+        let e = e.unwrap();
+        let tid = e.file_name().to_string_lossy().into_owned();
+        // A thread may end meanwhile.
+        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        let name = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        out.push(ThreadStatus { tid, name, status });
+    }
+    out
+}
+
+/// The kernel's Landlock ABI version (0: no Landlock).
+pub fn landlock_abi() -> i64 {
+    // SAFETY: landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION) only returns
+    // the ABI version or an error; it reads no memory.
+    let r = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, 0usize, 0usize, 1u32) };
+    r.max(0)
+}
+
+/// uid and gid of `name` in the password database.
+pub fn passwd(name: &str) -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    text.lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 3 && f[0] == name).then(|| (f[2].parse().ok(), f[3].parse().ok()))
+        })
+        .and_then(|(u, g)| Some((u?, g?)))
 }
 
 pub fn tempdir(prefix: &str) -> TempDir {
