@@ -32,10 +32,18 @@ lab_uptime() { cut -d' ' -f1 /proc/uptime; }
 # lab_elapsed T0: seconds since uptime T0, two decimals.
 lab_elapsed() { awk -v t0="$1" '{ printf "%.2f\n", $1 - t0 }' /proc/uptime; }
 
-# wait_for FILE REGEX SECS: until a line matching REGEX (grep -E) is in FILE; 1 on timeout.
+# wait_for FILE REGEX SECS: until a line matching REGEX (grep -E) is in FILE; 1 on timeout, or
+# at once when FILE, a VM's console, already ends with its VMM's exit status (VMM-RC).
 wait_for() {
     _w=0
     while ! grep -qE "$2" "$1" 2>/dev/null; do
+        # A VM console that already has its VMM's exit status will not get the line: say so
+        # and go on at once (the scenario fails its checks and prints L1's trace), rather
+        # than wait out the deadline silently (the fixture takes a quiet L1 for a stuck one).
+        if grep -q '^VMM-RC ' "$1" 2>/dev/null; then
+            echo "LAB-NOTE waited for '$2' in $1: the VMM exited first ($(grep -m 1 '^VMM-RC ' "$1"))"
+            return 1
+        fi
         [ $_w -ge $(($3 * 10)) ] && return 1
         sleep 0.1
         _w=$((_w + 1))

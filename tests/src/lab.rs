@@ -1285,6 +1285,36 @@ impl LabRun {
         let logs = lab_dir().join("logs");
         let kept = logs.join(format!("{}.rerun-{attempt}.log", self.name));
         let _ = fs::copy(&self.log, &kept);
+        // The console log lacks what the fixture found itself (a silent L1's registers, its
+        // QEMU's threads, the NMI's answer): kept with it.
+        let evidence: String = self
+            .lines
+            .iter()
+            .filter(|l| {
+                [
+                    "L1-REGS",
+                    "L1-RIP-NAME",
+                    "L1-UART",
+                    "L1-AFTER-NMI",
+                    "L1-STALL-REVIVED",
+                    "L1-HOST-",
+                ]
+                .iter()
+                .any(|p| l.text.starts_with(p))
+            })
+            .map(|l| format!("{}\n", l.text))
+            .collect();
+        if !evidence.is_empty() {
+            let _ = fs::OpenOptions::new()
+                .append(true)
+                .open(&kept)
+                .and_then(|mut f| {
+                    io::Write::write_all(
+                        &mut f,
+                        format!("--- the lab fixture's findings ---\n{evidence}").as_bytes(),
+                    )
+                });
+        }
         let line = format!(
             "{}: attempt {attempt}: {why} (log {})\n",
             self.name,

@@ -655,18 +655,16 @@ fn qemu_frontend_and_qemu_storage_daemon_kills() {
         .timeout(Duration::from_secs(1200));
     let run = run(&s, "m3");
     // How the guest fared behind our vmm and a back-end without inflight tracking: reported.
-    for n in ["m3s"] {
-        eprintln!(
-            "{n}: {}; guest result {}; vmm/QEMU said: {:?}",
-            run.value(&format!("{n}-outcome")).unwrap_or("no outcome"),
-            run.value(&format!("{n}-result")).unwrap_or("none"),
-            run.lines
-                .iter()
-                .filter(|l| l.text.starts_with(&format!("LAB-VAL {n}-vmm-log")))
-                .map(|l| l.text.as_str())
-                .collect::<Vec<_>>()
-        );
-    }
+    eprintln!(
+        "m3s: {}; guest result {}; vmm said: {:?}",
+        run.value("m3s-outcome").unwrap_or("no outcome"),
+        run.value("m3s-result").unwrap_or("none"),
+        run.lines
+            .iter()
+            .filter(|l| l.text.starts_with("LAB-VAL m3s-vmm-log"))
+            .map(|l| l.text.as_str())
+            .collect::<Vec<_>>()
+    );
     let mut checks = stress_checks("m3q", true);
     checks.push("m3q-daemon-resubmitted".into());
     // Behind qsd: errors and a reset device are allowed, wrong data and doubled completions
