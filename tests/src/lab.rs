@@ -1257,7 +1257,23 @@ impl LabRun {
     /// against QEMU's in the same L1s, and each one is logged with the guest's RIP.
     pub fn lab_loss(&self) -> Option<String> {
         if self.l1_died() {
-            return Some(self.outcome.to_string());
+            let mut why = self.outcome.to_string();
+            // What else the run knows: an L1 whose kernel answered the NMI was alive and its
+            // scenario merely quiet (a wait in the script, e.g. on a guest that died), and a
+            // guest that crashed before is named.
+            if self.find("L1-AFTER-NMI L1's kernel answered").is_some() {
+                why.push_str(
+                    "; but L1 was alive: its kernel answered an NMI, the scenario was quiet",
+                );
+            }
+            if let Some(l) = self
+                .lines
+                .iter()
+                .find(|l| l.text.contains("guest crashed:"))
+            {
+                why.push_str(&format!("; before that: {}", l.text.trim()));
+            }
+            return Some(why);
         }
         if self.find("LAB-INIT").is_none()
             && self.lines.iter().any(|l| l.text.contains("Kernel panic"))

@@ -80,9 +80,21 @@ lab_finish
 
 const NIC_L2: &str = r#"
 if grep -q pci=nomsi /proc/cmdline; then tag=intx; else tag=msix; fi
-dev=$(ls /sys/bus/pci/drivers/e1000e/ | grep '^0000:' | head -n1)
+# The driver's probe ran while init loaded the module, but once (December 2026) the INTx VM's
+# script found no device bound to e1000e at its start while dmesg had eth0 registered before:
+# wait for the binding and its netdev (and say when) rather than race them.
+n=0; dev=""
+while [ -z "$dev" ] && [ $n -lt 300 ]; do
+    dev=$(ls /sys/bus/pci/drivers/e1000e/ 2>/dev/null | grep '^0000:' | head -n1)
+    [ -n "$dev" ] || sleep 0.1; n=$((n + 1))
+done
 echo "L2-VAL $tag-driver-bound ${dev:-none}"
-ifc=$(ls /sys/bus/pci/devices/$dev/net/ 2>/dev/null | head -n1)
+echo "L2-VAL $tag-driver-bound-at $(cut -d' ' -f1 /proc/uptime) after $n polls"
+n=0; ifc=""
+while [ -n "$dev" ] && [ -z "$ifc" ] && [ $n -lt 100 ]; do
+    ifc=$(ls /sys/bus/pci/devices/$dev/net/ 2>/dev/null | head -n1); [ -n "$ifc" ] || sleep 0.1; n=$((n + 1))
+done
+[ -n "$ifc" ] || { dmesg | tail -n 30 | sed "s/^/L2-DMESG-NO-NIC /"; exit 1; }
 ip link set $ifc up
 ip addr add 192.0.2.2/24 dev $ifc
 # e1000e brings the link up after autonegotiation.
