@@ -238,11 +238,51 @@ pub fn parse_result_line(line: &str) -> Result<ProbeResult, ParseError> {
 /// Every result line in a guest's output (other lines are skipped); one malformed result line
 /// is an error.
 pub fn parse_results(output: &str) -> Result<Vec<ProbeResult>, ParseError> {
-    output
-        .lines()
+    unsplit_lines(output)
+        .iter()
         .filter(|l| l.trim_start().starts_with(RESULT_PREFIX))
-        .map(parse_result_line)
+        .map(|l| parse_result_line(l))
         .collect()
+}
+
+/// Where a vmm log line starts inside `line` (`[YYYY-MM-DDTHH:MM:SS.mmmZ LEVEL ...`), past
+/// its first byte: the guest's serial output comes a byte at a time and the vmm's log a
+/// line at a time, so where both go to one file a log line can land inside a guest line.
+fn embedded_log_line(line: &str) -> Option<usize> {
+    let b = line.as_bytes();
+    (1..b.len()).find(|&i| {
+        let t = &b[i..];
+        t.len() > 26
+            && t[0] == b'['
+            && t[1..5].iter().all(u8::is_ascii_digit)
+            && t[5] == b'-'
+            && t[8] == b'-'
+            && t[11] == b'T'
+            && t[24] == b'Z'
+            && t[25] == b' '
+    })
+}
+
+/// The lines of a VM's merged output with every guest line that a vmm log line split put
+/// back together (`ab[...log...]` + `cd` gives the log line, then `abcd`).
+pub fn unsplit_lines(output: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    // The start of a guest line cut by a log line: it goes on in the next line.
+    let mut pending = String::new();
+    for raw in output.lines() {
+        let line = std::mem::take(&mut pending) + raw;
+        match embedded_log_line(&line) {
+            Some(at) => {
+                out.push(line[at..].to_string());
+                pending = line[..at].to_string();
+            }
+            None => out.push(line),
+        }
+    }
+    if !pending.is_empty() {
+        out.push(pending);
+    }
+    out
 }
 
 /// Latency percentiles in µs; in JSON `{"min":1.234,"p50":...,"p99.9":...,"max":...}`
@@ -569,6 +609,22 @@ pub fn vmm_binary() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A vmm log line that landed inside a guest result line (seen in
+    /// `dpdk_vhost_user`, December 2026) is taken out and the result parsed; two in a row
+    /// too; a log line at a line's start is left alone.
+    #[test]
+    fn results_split_by_vmm_log_lines_are_put_back_together() {
+        let log1 = "[2026-12-07T22:32:13.148Z WARN  vmm::virtio::vhost_user] dpdk0: gone";
+        let log2 = "[2026-12-07T22:32:13.150Z INFO  vmm::virtio::vhost_user] dpdk0: back";
+        let whole = "probe-result {\"test\":\"x\"}";
+        let text = format!("boot\nprobe-result {{\"te{log1}\n{log2}\nst\":\"x\"}}\n{log2}\nend\n");
+        let lines = unsplit_lines(&text);
+        assert_eq!(lines, vec!["boot", log1, log2, whole, log2, "end"]);
+        let clean = format!("{whole}\n");
+        assert_eq!(unsplit_lines(&clean), vec![whole]);
+        assert!(embedded_log_line("a [2026-12-07 not a log line").is_none());
+    }
 
     const LINE: &str = r#"probe-result {"test":"blk-read-qd1","n":1000,"qd":1,"warmup":100,"verify_failures":0,"errors":0,"notifies":1100,"notifies_suppressed":0,"elapsed_cycles":9000000,"cycles":{"min":5000,"p50":7000,"p90":8000,"p99":9000,"p999":12000,"max":50000}}"#;
 
