@@ -655,7 +655,8 @@ fn qemu_frontend_and_qemu_storage_daemon_kills() {
         .timeout(Duration::from_secs(1200));
     let run = run(&s, "m3");
     // How the guest fared behind our vmm and a back-end without inflight tracking: reported.
-    for n in ["m3s"] {
+    {
+        let n = "m3s";
         eprintln!(
             "{n}: {}; guest result {}; vmm/QEMU said: {:?}",
             run.value(&format!("{n}-outcome")).unwrap_or("no outcome"),
