@@ -159,6 +159,7 @@ pub const HOST_PATHS: &[(&str, Access)] = &[
     ("/sys/bus/pci", Access::Read),
     ("/sys/devices", Access::Read),
     ("/sys/kernel/iommu_groups", Access::Read),
+    ("/sys/class/iommu", Access::Read),
     ("/sys/module/vfio_iommu_type1", Access::Read),
     ("/sys/kernel/mm/transparent_hugepage", Access::Read),
     ("/proc/cpuinfo", Access::Read),
