@@ -43,6 +43,12 @@ fn vmm_command(api: &Path, disk: &Path) -> Command {
         .arg("--api-socket")
         .arg(format!("path={}", api.display()))
         .env("RUST_LOG", "info");
+    // The images the tests hot-add are made in the disk's directory: the sandbox lets the
+    // vmm open them once declared.
+    if let Some(dir) = disk.parent() {
+        cmd.arg("--landlock-rules")
+            .arg(format!("path={},access=rw", dir.display()));
+    }
     cmd
 }
 

@@ -67,7 +67,8 @@ $IP link set vutap0 up
 
 t0=$(lab_uptime)
 ( { vmm --kernel "$L2_KERNEL" --initramfs "$L2_INITRD" --cmdline "$L2_CMDLINE" \
-    --cpus 2 --memory 512M --api-socket path=$API </dev/null 2>&1; echo "VMM-RC $?"; } \
+    --cpus 2 --memory 512M --api-socket path=$API --landlock-rules path=$LAB_TMP,access=rw \
+    </dev/null 2>&1; echo "VMM-RC $?"; } \
     | lab_console "$t0" l2 | tee $LAB_TMP/l2.log ) &
 if wait_for $LAB_TMP/l2.log '^L2-VAL ready' 300; then
     cycle hd0 add-disk path=$LAB_TMP/a.img

@@ -18,6 +18,7 @@
 //! atomic counters), and no endpoint reads a request body, so a client that stalls holds
 //! nothing but its own connection.
 
+use backends::sandbox::{allow, allow_if, Rule, ThreadKind};
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{FromRawFd, RawFd};
@@ -100,6 +101,11 @@ pub fn config_json(cfg: &VmConfig) -> Value {
             "kernel": cfg.kernel,
             "initramfs": cfg.initramfs,
             "cmdline": cfg.cmdline,
+        },
+        "sandbox": {
+            "seccomp": cfg.sandbox.seccomp.to_string(),
+            "landlock": cfg.sandbox.landlock == backends::sandbox::Switch::On,
+            "landlock_rules": cfg.sandbox.rules.iter().map(|r| r.spec()).collect::<Vec<_>>(),
         },
     })
 }
@@ -502,6 +508,66 @@ pub struct ApiServer {
     created: Option<(PathBuf, (u64, u64))>,
 }
 
+/// What the API thread, tiny_http's threads (acceptor, connection pool) and the control
+/// request threads may call: the socket's connections (accept, read, write, shutdown,
+/// their timeouts), starting the pool's and the requests' threads, handing commands to
+/// the control thread and waiting for its answer, `vm.pause`/`vm.resume` (the vCPUs kicked
+/// with the kick signal, KVM_GET_CLOCK/KVM_SET_CLOCK), `vm.counters` (a vhost-user
+/// device's stats relayed from its back-end's stats socket).
+const API_SYSCALLS: &[Rule] = &[
+    allow(libc::SYS_accept4),
+    allow(libc::SYS_accept),
+    allow(libc::SYS_read),
+    allow(libc::SYS_readv),
+    allow(libc::SYS_write),
+    allow(libc::SYS_writev),
+    allow(libc::SYS_recvfrom),
+    allow(libc::SYS_sendto),
+    allow(libc::SYS_recvmsg),
+    allow(libc::SYS_sendmsg),
+    allow(libc::SYS_shutdown),
+    allow(libc::SYS_close),
+    allow(libc::SYS_fcntl),
+    allow(libc::SYS_poll),
+    allow(libc::SYS_ppoll),
+    allow(libc::SYS_setsockopt),
+    allow(libc::SYS_getsockopt),
+    allow(libc::SYS_getsockname),
+    allow(libc::SYS_getpeername),
+    allow(libc::SYS_socket),
+    allow(libc::SYS_connect),
+    allow(libc::SYS_fstat),
+    allow(libc::SYS_statx),
+    allow(libc::SYS_newfstatat),
+    allow(libc::SYS_getpid),
+    allow(libc::SYS_tgkill),
+    allow_if(
+        libc::SYS_ioctl,
+        &[(
+            1,
+            crate::sandbox::ior::<kvm_bindings::kvm_clock_data>(crate::sandbox::KVMIO, 0x7c),
+        )],
+    ), // KVM_GET_CLOCK
+    allow_if(
+        libc::SYS_ioctl,
+        &[(
+            1,
+            crate::sandbox::iow::<kvm_bindings::kvm_clock_data>(crate::sandbox::KVMIO, 0x7b),
+        )],
+    ), // KVM_SET_CLOCK
+    allow_if(libc::SYS_ioctl, &[(1, libc::FIONBIO)]),
+];
+
+/// The API's threads.
+pub const API: ThreadKind = ThreadKind {
+    name: "api",
+    syscalls: &[
+        API_SYSCALLS,
+        crate::sandbox::COMMON_SYSCALLS,
+        crate::sandbox::SPAWN_SYSCALLS,
+    ],
+};
+
 /// Why the API could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -538,16 +604,29 @@ impl ApiServer {
                 (unsafe { UnixListener::from_raw_fd(*fd) }, None)
             }
         };
-        let server = Arc::new(
-            tiny_http::Server::from_listener(listener, None)
-                .map_err(|e| ApiError::Server(e.to_string()))?,
-        );
+        // The API thread confines itself first, then makes the server: tiny_http's own
+        // threads (its acceptor and connection pool) start from it and inherit its filter.
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, st, ctx) = (server.clone(), stop.clone(), Arc::new(ctx));
-        let thread = thread::Builder::new()
-            .name("api".into())
-            .spawn(move || serve(&s, &st, &ctx))
+        let (st, ctx) = (stop.clone(), Arc::new(ctx));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread =
+            crate::sandbox::spawn(thread::Builder::new().name("api".into()), API, move || {
+                let server = match tiny_http::Server::from_listener(listener, None) {
+                    Ok(s) => Arc::new(s),
+                    Err(e) => {
+                        let _ = tx.send(Err(ApiError::Server(e.to_string())));
+                        return;
+                    }
+                };
+                if tx.send(Ok(server.clone())).is_ok() {
+                    serve(&server, &st, &ctx);
+                }
+            })
             .map_err(ApiError::Thread)?;
+        let server = match rx.recv() {
+            Ok(r) => r?,
+            Err(_) => return Err(ApiError::Server("its thread ended at start".into())),
+        };
         Ok(ApiServer {
             server,
             stop,

@@ -27,6 +27,8 @@ pub enum ConfigError {
     ZeroCpus,
     #[error("{0}")]
     ApiSocket(String),
+    #[error("{0}")]
+    Sandbox(String),
     #[error("--cpus {given} is above the limit of {max} vCPUs; use --cpus {max} or fewer")]
     TooManyCpus { given: u64, max: u64 },
     #[error("invalid --serial '{0}': expected stdio, off or file=PATH")]
@@ -496,6 +498,30 @@ pub struct Cli {
     /// vfio-pci first: `passthrough bind BDF`): host=BDF|SYSFS_PATH[,rom=on][,id=NAME]
     #[arg(long, value_name = "host=BDF,...")]
     pub vfio: Vec<String>,
+    /// Seccomp filters per thread (vCPUs, device queues, vhost-user, VFIO DMA mapping,
+    /// API, signals, control): on (a syscall outside a thread's list kills the vmm, after
+    /// one line on stderr naming the thread and the syscall), log (that line once per
+    /// thread kind and syscall, and the syscall runs: to find what a new workload needs),
+    /// off
+    #[arg(long, value_name = "on|log|off", default_value = "on")]
+    pub seccomp: backends::sandbox::SeccompMode,
+    /// Landlock (when the kernel has it): the vmm may open only the files its command line
+    /// names (kernel, initramfs, disk images, socket directories of server=on), /dev/kvm,
+    /// /dev/net/tun, /dev/vfio and the sysfs files VFIO reads, and --landlock-rules. Without
+    /// Landlock in the kernel the vmm says so in one line and goes on
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    pub landlock: backends::sandbox::Switch,
+    /// A path hotplug will need (repeatable): path=PATH,access=r|rw. r: read files
+    /// beneath; rw: also write them and create or remove files and sockets beneath (a disk
+    /// image to vm.add-disk, a directory of images, a server=on socket's directory)
+    #[arg(long, value_name = "path=PATH,access=r|rw")]
+    pub landlock_rules: Vec<String>,
+    /// Test hook, not for use: `syscall` makes the first block queue thread that serves a
+    /// request call getpgid(2), outside its seccomp list; `open:PATH` makes it open PATH.
+    /// The result goes to stderr. It exists so that tests can prove, with the real binary,
+    /// that a device thread is confined.
+    #[arg(long, value_name = "syscall|open:PATH", hide = true)]
+    pub sandbox_selftest: Option<String>,
 }
 
 /// `--vfio host=BDF|SYSFS_PATH[,id=NAME]`: a host PCI device assigned through VFIO.
@@ -560,6 +586,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     pub vhost_user: Vec<VhostUserConfig>,
     pub vfio: Vec<VfioConfig>,
+    /// `--seccomp`, `--landlock`, `--landlock-rules`.
+    pub sandbox: crate::sandbox::SandboxConfig,
 }
 
 /// Host facts that bound the configuration (read from the host in `main`, faked in tests).
@@ -633,7 +661,25 @@ impl VmConfig {
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
             return Err(ConfigError::DuplicateId(w[0].to_string()));
         }
+        let rules = cli
+            .landlock_rules
+            .iter()
+            .map(|r| crate::sandbox::LandlockRule::parse(r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ConfigError::Sandbox)?;
+        let selftest = cli
+            .sandbox_selftest
+            .as_deref()
+            .map(crate::sandbox::Selftest::parse)
+            .transpose()
+            .map_err(ConfigError::Sandbox)?;
         Ok(VmConfig {
+            sandbox: crate::sandbox::SandboxConfig {
+                seccomp: cli.seccomp,
+                landlock: cli.landlock,
+                rules,
+                selftest,
+            },
             vfio,
             disks,
             nets,

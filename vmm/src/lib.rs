@@ -19,6 +19,7 @@ pub mod memory;
 pub mod pause;
 pub mod pci;
 pub mod plug;
+pub mod sandbox;
 pub mod signals;
 pub mod sock;
 pub mod stats;
@@ -89,6 +90,8 @@ pub enum Error {
     Vfio { id: String, why: String },
     #[error(transparent)]
     Api(#[from] api::ApiError),
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
     #[error("internal error: {0}")]
     Internal(String),
     #[error("{0}")]
@@ -99,6 +102,10 @@ fn disk_hint(e: &backends::block::BlockError) -> String {
     use backends::block::BlockError;
     let os = |s: &io::Error| s.raw_os_error();
     match e {
+        // Landlock's EACCES: the path is not in the sandbox's set (a hot-add).
+        BlockError::Open { path, source } if os(source) == Some(libc::EACCES) && sandbox::landlock_denial(path, true).is_some() => {
+            sandbox::landlock_denial(path, true).unwrap_or_default()
+        }
         BlockError::Open { path, source } if matches!(os(source), Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM)) => format!(
             "disk image '{}' is not writable ({source}); add readonly=on or fix its permissions",
             path.display()
@@ -205,14 +212,21 @@ pub fn run(cli: &Cli) -> Result<VmExit, Error> {
     };
     let cfg = VmConfig::from_cli(cli, limits)?;
     let exit_stats = cfg.exit_stats.clone();
-    let vm = vm::Vm::new(kvm, &cfg)?;
+    // Landlock and the SIGSYS handler before anything of the VM exists (the VM is built
+    // under Landlock, as a hot-add is); each thread's filter when it starts.
+    let mut opened = sandbox::start(&cfg)?;
+    let stats_file = opened.exit_stats.take();
+    let summary = std::mem::take(&mut opened.summary);
+    let vm = vm::Vm::new(kvm, &cfg, opened)?;
+    log::info!("{summary}");
     let (why, stats) = vm.run()?;
     log::info!("{}", stats.summary());
-    if let Some(path) = exit_stats {
-        let written = stats
-            .to_json()
-            .map_err(io::Error::from)
-            .and_then(|json| std::fs::write(&path, json + "\n"));
+    if let (Some(path), Some(mut file)) = (exit_stats, stats_file) {
+        use std::io::Write;
+        let written = stats.to_json().map_err(io::Error::from).and_then(|json| {
+            file.set_len(0)?;
+            file.write_all((json + "\n").as_bytes())
+        });
         if let Err(e) = written {
             log::error!("cannot write exit stats to '{}': {e}", path.display());
         }

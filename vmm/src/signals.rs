@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::OnceLock;
 use std::thread;
 
+use backends::sandbox::{allow, ThreadKind};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::exit::{ExitHandle, VmExit};
@@ -37,14 +38,21 @@ extern "C" fn on_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
     }
 }
 
+/// The watcher thread: reads its eventfd, logs, asks the control thread to stop the VM.
+pub const SIGNALS: ThreadKind = ThreadKind {
+    name: "signals",
+    syscalls: &[&[allow(libc::SYS_read)], crate::sandbox::COMMON_SYSCALLS],
+};
+
 /// Installs the handlers and a watcher thread that turns a signal into a VM exit request.
 pub fn install(exit: ExitHandle) -> io::Result<()> {
     if WATCHER.get().is_none() {
         let wake = EventFd::new(0)?;
         let fd = wake.as_raw_fd();
-        thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || loop {
+        crate::sandbox::spawn(
+            thread::Builder::new().name("signals".into()),
+            SIGNALS,
+            move || loop {
                 match wake.read() {
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -58,7 +66,8 @@ pub fn install(exit: ExitHandle) -> io::Result<()> {
                     log::info!("received signal {sig}: stopping the VM");
                     exit.request(VmExit::Signal(sig));
                 }
-            })?;
+            },
+        )?;
         WAKE_FD.store(fd, Ordering::SeqCst);
         let _ = WATCHER.set(());
     }

@@ -11,6 +11,80 @@ use crate::coalesced::CoalescedRing;
 use crate::exit::{ExitHandle, VmExit};
 use crate::watchdog::{Probes, Sample};
 
+use backends::sandbox::{allow, allow_if, Rule, ThreadKind};
+use kvm_bindings::{
+    kvm_device_attr, kvm_ioeventfd, kvm_irq_level, kvm_irq_routing, kvm_irqfd, kvm_mp_state,
+    kvm_msi, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
+};
+
+use crate::sandbox::{io, ior, iow, KVMIO, VFIO_BASE, VFIO_TYPE};
+
+/// The ioctls a vCPU thread makes: KVM_RUN and the state read for a crash report or a
+/// watchdog sample on its own vCPU fd; on the VM fd, what the devices emulated on a vCPU
+/// exit ask when the guest programs them (MSI-X vectors routed to irqfds, doorbells moved
+/// with a BAR, an assigned device's BAR mapping moved or dropped); an assigned device's
+/// config space writes (MSI/MSI-X enable, FLR); the tap queues a NIC's reset detaches.
+const VCPU_IOCTLS: &[Rule] = &[
+    allow_if(libc::SYS_ioctl, &[(1, io(KVMIO, 0x80))]), // KVM_RUN
+    allow_if(libc::SYS_ioctl, &[(1, ior::<kvm_regs>(KVMIO, 0x81))]), // KVM_GET_REGS
+    allow_if(libc::SYS_ioctl, &[(1, ior::<kvm_sregs>(KVMIO, 0x83))]), // KVM_GET_SREGS
+    allow_if(libc::SYS_ioctl, &[(1, ior::<kvm_mp_state>(KVMIO, 0x98))]), // KVM_GET_MP_STATE
+    allow_if(libc::SYS_ioctl, &[(1, ior::<kvm_vcpu_events>(KVMIO, 0x9f))]), // KVM_GET_VCPU_EVENTS
+    allow_if(libc::SYS_ioctl, &[(1, iow::<kvm_irqfd>(KVMIO, 0x76))]), // KVM_IRQFD
+    allow_if(libc::SYS_ioctl, &[(1, iow::<kvm_ioeventfd>(KVMIO, 0x79))]), // KVM_IOEVENTFD
+    allow_if(libc::SYS_ioctl, &[(1, iow::<kvm_irq_routing>(KVMIO, 0x6a))]), // KVM_SET_GSI_ROUTING
+    allow_if(libc::SYS_ioctl, &[(1, iow::<kvm_msi>(KVMIO, 0xa5))]), // KVM_SIGNAL_MSI
+    allow_if(libc::SYS_ioctl, &[(1, iow::<kvm_irq_level>(KVMIO, 0x61))]), // KVM_IRQ_LINE
+    allow_if(
+        libc::SYS_ioctl,
+        &[(1, iow::<kvm_userspace_memory_region>(KVMIO, 0x46))],
+    ), // KVM_SET_USER_MEMORY_REGION
+    allow_if(libc::SYS_ioctl, &[(1, iow::<kvm_device_attr>(KVMIO, 0xe1))]), // KVM_SET_DEVICE_ATTR
+    allow_if(libc::SYS_ioctl, &[(1, io(VFIO_TYPE, VFIO_BASE + 7))]), // VFIO_DEVICE_GET_INFO
+    allow_if(libc::SYS_ioctl, &[(1, io(VFIO_TYPE, VFIO_BASE + 8))]), // VFIO_DEVICE_GET_REGION_INFO
+    allow_if(libc::SYS_ioctl, &[(1, io(VFIO_TYPE, VFIO_BASE + 9))]), // VFIO_DEVICE_GET_IRQ_INFO
+    allow_if(libc::SYS_ioctl, &[(1, io(VFIO_TYPE, VFIO_BASE + 10))]), // VFIO_DEVICE_SET_IRQS
+    allow_if(libc::SYS_ioctl, &[(1, io(VFIO_TYPE, VFIO_BASE + 11))]), // VFIO_DEVICE_RESET
+    allow_if(libc::SYS_ioctl, &[(1, io(VFIO_TYPE, VFIO_BASE + 12))]), // VFIO_DEVICE_GET_PCI_HOT_RESET_INFO
+    allow_if(libc::SYS_ioctl, &[(1, io(VFIO_TYPE, VFIO_BASE + 13))]), // VFIO_DEVICE_PCI_HOT_RESET
+    allow_if(libc::SYS_ioctl, &[(1, libc::TUNSETOFFLOAD)]),
+    allow_if(libc::SYS_ioctl, &[(1, libc::TUNSETVNETHDRSZ)]),
+    allow_if(libc::SYS_ioctl, &[(1, libc::TUNSETQUEUE)]),
+    allow_if(libc::SYS_ioctl, &[(1, libc::TUNGETIFF)]),
+];
+
+/// What a vCPU thread calls besides its ioctls: the devices' work on an exit (serial
+/// output, eventfds signalled and drained, an assigned device's trapped BAR and config
+/// accesses through its region fd, a moved BAR remapped), a driver's DRIVER_OK (the
+/// device's eventfds duplicated, its queue threads started: see [`crate::sandbox`]), a
+/// reset (queue threads stopped and joined), the exit requests to the control thread, and
+/// the parking of `vm.pause`.
+const VCPU_SYSCALLS: &[Rule] = &[
+    allow(libc::SYS_read),
+    allow(libc::SYS_write),
+    allow(libc::SYS_pread64),
+    allow(libc::SYS_pwrite64),
+    allow(libc::SYS_eventfd2),
+    allow(libc::SYS_fcntl),
+    allow(libc::SYS_close),
+    allow(libc::SYS_epoll_create1),
+    allow(libc::SYS_epoll_ctl),
+    allow(libc::SYS_io_uring_setup),
+    allow(libc::SYS_io_uring_register),
+];
+
+/// The vCPU threads' kind (joined with the queue threads' kinds it starts, in
+/// [`crate::vm::Vm::run`]).
+pub const VCPU: ThreadKind = ThreadKind {
+    name: "vcpu",
+    syscalls: &[
+        VCPU_SYSCALLS,
+        VCPU_IOCTLS,
+        crate::sandbox::COMMON_SYSCALLS,
+        crate::sandbox::SPAWN_SYSCALLS,
+    ],
+};
+
 /// Exits to userspace that did not go to a bus device.
 #[derive(Default)]
 pub struct VcpuCounters {

@@ -2,6 +2,7 @@
 //! guest RAM mapped for DMA, KVM memory slots for the devices' BARs, and each assigned
 //! device on the PCI bus (its PCI logic lives in the `passthrough` crate).
 
+use backends::sandbox::{allow_if, Rule, ThreadKind};
 use std::io;
 use std::sync::{Arc, Mutex, Weak};
 
@@ -142,6 +143,22 @@ impl Drop for VfioHost {
     }
 }
 
+/// What the DMA-mapping thread may call: VFIO_IOMMU_MAP_DMA on the container (the kernel
+/// pins each page), the log line, and the failure handed to the control thread.
+const VFIO_DMA_MAP_SYSCALLS: &[Rule] = &[allow_if(
+    libc::SYS_ioctl,
+    &[(
+        1,
+        crate::sandbox::io(crate::sandbox::VFIO_TYPE, crate::sandbox::VFIO_BASE + 13),
+    )],
+)];
+
+/// The thread that maps guest RAM for an assigned device's DMA.
+pub const VFIO_DMA_MAP: ThreadKind = ThreadKind {
+    name: "vfio-dma-map",
+    syscalls: &[VFIO_DMA_MAP_SYSCALLS, crate::sandbox::COMMON_SYSCALLS],
+};
+
 /// Maps guest RAM (`(guest address, size, host address)`) into the container for DMA on a
 /// thread of its own, and opens `gate` when done. A failure stops the VM: the devices cannot
 /// DMA, so the guest's drivers would time out one by one.
@@ -154,9 +171,10 @@ fn map_guest_ram(
     exit: Option<ExitHandle>,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     let total: u64 = regions.iter().map(|r| r.1).sum();
-    std::thread::Builder::new()
-        .name("vfio-dma-map".into())
-        .spawn(move || {
+    crate::sandbox::spawn(
+        std::thread::Builder::new().name("vfio-dma-map".into()),
+        VFIO_DMA_MAP,
+        move || {
             let t0 = std::time::Instant::now();
             for (iova, size, host) in regions {
                 // SAFETY: `host` is guest RAM, which stays mapped until the VM is dropped,
@@ -184,7 +202,8 @@ fn map_guest_ram(
                 t0.elapsed().as_millis()
             );
             gate.finish(Ok(()));
-        })
+        },
+    )
 }
 
 /// One device to assign: its configuration and what the host checks said of it.

@@ -14,6 +14,8 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use backends::sandbox::{allow, Rule, ThreadKind};
+
 use crate::acpi;
 use crate::arch::{boot, cpuid, regs};
 use crate::bus::Bus;
@@ -34,6 +36,86 @@ use crate::vcpu::{self, VcpuContext, VcpuCounters};
 use crate::watchdog::{self, Probes};
 use crate::Error;
 use std::os::fd::AsRawFd;
+
+/// What the main thread (the control thread once the VM runs) may call: the control loop
+/// (commands and ejects from the other threads), hotplug (a device created from its config
+/// as at boot: images, taps and VFIO nodes opened, KVM memory slots, ioeventfds, irqfds and
+/// routes, a VFIO group added to the container and the KVM VFIO device, BARs mapped, a
+/// vhost-user back-end connected or listened for, the device's threads started), removal
+/// and the teardown (threads stopped and joined, vCPUs kicked, images flushed, sockets
+/// removed, the exit stats written). Its ioctls are not pinned: a hot-add makes KVM,
+/// VFIO and tap ioctls on fds of many kinds; Landlock bounds what it can open.
+const CONTROL_SYSCALLS: &[Rule] = &[
+    allow(libc::SYS_read),
+    allow(libc::SYS_write),
+    allow(libc::SYS_readv),
+    allow(libc::SYS_writev),
+    allow(libc::SYS_pread64),
+    allow(libc::SYS_pwrite64),
+    allow(libc::SYS_lseek),
+    allow(libc::SYS_openat),
+    allow(libc::SYS_close),
+    allow(libc::SYS_fstat),
+    allow(libc::SYS_newfstatat),
+    allow(libc::SYS_statx),
+    allow(libc::SYS_readlink),
+    allow(libc::SYS_readlinkat),
+    allow(libc::SYS_getdents64),
+    allow(libc::SYS_getcwd),
+    allow(libc::SYS_fcntl),
+    allow(libc::SYS_dup),
+    allow(libc::SYS_dup3),
+    allow(libc::SYS_ioctl),
+    allow(libc::SYS_eventfd2),
+    allow(libc::SYS_epoll_create1),
+    allow(libc::SYS_epoll_ctl),
+    allow(libc::SYS_epoll_wait),
+    allow(libc::SYS_poll),
+    allow(libc::SYS_ppoll),
+    allow(libc::SYS_socket),
+    allow(libc::SYS_connect),
+    allow(libc::SYS_bind),
+    allow(libc::SYS_listen),
+    allow(libc::SYS_accept4),
+    allow(libc::SYS_sendmsg),
+    allow(libc::SYS_recvmsg),
+    allow(libc::SYS_sendto),
+    allow(libc::SYS_recvfrom),
+    allow(libc::SYS_shutdown),
+    allow(libc::SYS_setsockopt),
+    allow(libc::SYS_getsockopt),
+    allow(libc::SYS_getsockname),
+    allow(libc::SYS_pidfd_open),
+    allow(libc::SYS_unlink),
+    allow(libc::SYS_unlinkat),
+    allow(libc::SYS_ftruncate),
+    allow(libc::SYS_fallocate),
+    allow(libc::SYS_fsync),
+    allow(libc::SYS_fdatasync),
+    allow(libc::SYS_io_uring_setup),
+    allow(libc::SYS_io_uring_register),
+    allow(libc::SYS_io_uring_enter),
+    allow(libc::SYS_mremap),
+    allow(libc::SYS_getpid),
+    allow(libc::SYS_gettid),
+    allow(libc::SYS_tgkill),
+    allow(libc::SYS_prlimit64),
+    allow(libc::SYS_getrlimit),
+    allow(libc::SYS_getuid),
+    allow(libc::SYS_geteuid),
+    allow(libc::SYS_uname),
+];
+
+/// The main thread's kind, installed last (joined, where it is installed, with the kinds of
+/// the threads a hot-add starts from it).
+pub const CONTROL: ThreadKind = ThreadKind {
+    name: "control",
+    syscalls: &[
+        CONTROL_SYSCALLS,
+        crate::sandbox::COMMON_SYSCALLS,
+        crate::sandbox::SPAWN_SYSCALLS,
+    ],
+};
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |e| Error::Kvm(what, io::Error::from_raw_os_error(e.errno()))
@@ -70,7 +152,7 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn new(kvm: Kvm, cfg: &VmConfig) -> Result<Vm, Error> {
+    pub fn new(kvm: Kvm, cfg: &VmConfig, opened: crate::sandbox::Opened) -> Result<Vm, Error> {
         let vm = Arc::new(
             kvm.create_vm()
                 .map_err(kvm_err("create a VM (KVM_CREATE_VM)"))?,
@@ -114,9 +196,11 @@ impl Vm {
         let out: SerialOut = match &cfg.serial {
             SerialMode::Stdio => Box::new(io::stdout()),
             SerialMode::Off => Box::new(io::sink()),
-            SerialMode::File(p) => {
-                Box::new(File::create(p).map_err(|e| Error::SerialFile(p.clone(), e))?)
-            }
+            // Opened before Landlock (crate::sandbox::start).
+            SerialMode::File(p) => match opened.serial {
+                Some(f) => Box::new(f),
+                None => Box::new(File::create(p).map_err(|e| Error::SerialFile(p.clone(), e))?),
+            },
         };
         let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
         pio.insert("serial", serial.clone(), layout::COM1_PORT.into(), 8)?;
@@ -335,6 +419,11 @@ impl Vm {
             Probes::new(&fds)
         });
         let mut threads = Vec::new();
+        let gate = Arc::new(crate::sandbox::StartGate::default());
+        // A vCPU thread starts the queue threads of the devices its guest driver activates:
+        // they inherit its filter.
+        let vcpu_kind =
+            vcpu::VCPU.with(&[crate::virtio::blk::BLK_QUEUE, crate::virtio::net::NET_QUEUE]);
         for (id, fd) in self.vcpus.into_iter().enumerate() {
             let ctx = VcpuContext {
                 id: id as u8,
@@ -348,10 +437,16 @@ impl Vm {
                 probes: probes.clone(),
                 pause: self.pause.clone(),
             };
-            let t = thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run(fd, ctx))
-                .map_err(Error::Thread)?;
+            let (gate, kind) = (gate.clone(), vcpu_kind.clone());
+            let t = crate::sandbox::spawn(
+                thread::Builder::new().name(format!("vcpu{id}")),
+                kind,
+                move || {
+                    gate.wait();
+                    vcpu::run(fd, ctx)
+                },
+            )
+            .map_err(Error::Thread)?;
             threads.push(t);
         }
         {
@@ -370,20 +465,31 @@ impl Vm {
                         unsafe { libc::pthread_kill(t, signal) };
                     }
                 };
+                let pause = self.pause.clone();
                 Some(
-                    thread::Builder::new()
-                        .name("watchdog".into())
-                        .spawn({
-                            let pause = self.pause.clone();
-                            move || {
-                                watchdog::run(probes, period, stop, kick, move || pause.is_paused())
-                            }
-                        })
-                        .map_err(Error::Thread)?,
+                    crate::sandbox::spawn(
+                        thread::Builder::new().name("watchdog".into()),
+                        watchdog::WATCHDOG,
+                        move || {
+                            watchdog::run(probes, period, stop, kick, move || pause.is_paused())
+                        },
+                    )
+                    .map_err(Error::Thread)?,
                 )
             }
             _ => None,
         };
+        // Every thread of the boot runs: the main thread confines itself last, allowing what
+        // the threads a hot-add starts from it need, and only then does the guest start.
+        let control = CONTROL.with(&[
+            crate::virtio::vhost_user::VHOST_USER,
+            crate::virtio::vhost_user::VHOST_USER_WATCHDOG,
+            crate::vfio::VFIO_DMA_MAP,
+        ]);
+        if let Err(e) = crate::sandbox::try_enter(control) {
+            self.exit.request(VmExit::VmmError(e.to_string()));
+        }
+        gate.open();
         // The control thread: devices added and released while the VM runs, until it stops.
         // Every sender lives in a device or vCPU, so recv only fails if all are gone.
         let why = loop {

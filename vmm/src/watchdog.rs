@@ -254,6 +254,25 @@ fn stuck(now: &[Option<Sample>], before: &[Option<Sample>]) -> Option<String> {
     (no_exits && busy).then(|| "no vCPU exited to the VMM while the guest ran".to_string())
 }
 
+/// The watchdog thread: sleeps a period, reads the vCPUs' KVM stats fds, kicks each vCPU
+/// (the kick signal through pthread_kill) to make it answer a sample, logs.
+pub const WATCHDOG: backends::sandbox::ThreadKind = backends::sandbox::ThreadKind {
+    name: "watchdog",
+    syscalls: &[
+        &[
+            backends::sandbox::allow(libc::SYS_pread64),
+            backends::sandbox::allow(libc::SYS_read),
+            backends::sandbox::allow(libc::SYS_lseek),
+            // The kick signal is SIGRTMIN, which glibc sets at run time: not pinned.
+            backends::sandbox::allow(libc::SYS_tgkill),
+            backends::sandbox::allow(libc::SYS_getpid),
+            // The stats fds, closed as the thread ends.
+            backends::sandbox::allow(libc::SYS_close),
+        ],
+        crate::sandbox::COMMON_SYSCALLS,
+    ],
+};
+
 /// Runs the watchdog until `stop`: every `period`, samples the vCPUs (`kick(i)` interrupts
 /// vCPU `i`'s KVM_RUN) and reports a stuck guest once per stall.
 pub fn run(

@@ -31,6 +31,15 @@ pub enum Access {
     /// A directory where private directories with a socket in them are created and removed
     /// (the relay's, under the temporary directory). No file in it can be read or written.
     PrivateDirs,
+    /// A device node (or a directory of them, as /dev/vfio): open it for reading and
+    /// writing and use its ioctls (Landlock ABI 5 checks device ioctls on files opened
+    /// after the restriction).
+    Device,
+    /// Read files beneath (and list directories).
+    Read,
+    /// Read and write files beneath, use a block device's ioctls, and create or remove
+    /// files and sockets in the directories beneath.
+    ReadWrite,
 }
 
 impl Access {
@@ -41,6 +50,18 @@ impl Access {
             Access::SocketDir => AccessFs::MakeSock | AccessFs::RemoveFile,
             Access::PrivateDirs => {
                 AccessFs::MakeDir | AccessFs::RemoveDir | AccessFs::MakeSock | AccessFs::RemoveFile
+            }
+            Access::Device => AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev,
+            Access::Read => AccessFs::ReadFile | AccessFs::ReadDir,
+            Access::ReadWrite => {
+                AccessFs::ReadFile
+                    | AccessFs::ReadDir
+                    | AccessFs::WriteFile
+                    | AccessFs::Truncate
+                    | AccessFs::IoctlDev
+                    | AccessFs::MakeReg
+                    | AccessFs::MakeSock
+                    | AccessFs::RemoveFile
             }
         }
     }
@@ -99,7 +120,13 @@ pub fn prepare(grants: &[Grant]) -> Result<Prepared, LandlockError> {
         .create()?;
     for g in grants {
         let fd = PathFd::new(&g.path).map_err(|e| LandlockError::Path(g.path.clone(), e))?;
-        ruleset = ruleset.add_rule(PathBeneath::new(fd, g.access.rights()))?;
+        // A file takes only the rights that apply to files (the kernel refuses a rule on
+        // a file that names directory rights).
+        let mut rights = g.access.rights();
+        if !g.path.is_dir() {
+            rights &= AccessFs::from_file(ABI_WANTED);
+        }
+        ruleset = ruleset.add_rule(PathBeneath::new(fd, rights))?;
     }
     Ok(Prepared(ruleset))
 }

@@ -74,11 +74,25 @@ impl BusDevice for SerialDevice {
     }
 }
 
+/// The stdin reader: reads fd 0, queues the bytes into the serial device (whose interrupt
+/// is an eventfd write), waits while the guest's FIFO is full.
+pub const SERIAL_IN: backends::sandbox::ThreadKind = backends::sandbox::ThreadKind {
+    name: "serial-in",
+    syscalls: &[
+        &[
+            backends::sandbox::allow(libc::SYS_read),
+            backends::sandbox::allow(libc::SYS_write),
+        ],
+        crate::sandbox::COMMON_SYSCALLS,
+    ],
+};
+
 /// Feeds the VMM's stdin to the guest's COM1 until EOF.
 pub fn spawn_stdin_reader(serial: Arc<Mutex<SerialDevice>>) -> io::Result<()> {
-    thread::Builder::new()
-        .name("serial-in".into())
-        .spawn(move || {
+    crate::sandbox::spawn(
+        thread::Builder::new().name("serial-in".into()),
+        SERIAL_IN,
+        move || {
             let mut stdin = io::stdin().lock();
             let mut buf = [0u8; 64];
             loop {
@@ -101,8 +115,9 @@ pub fn spawn_stdin_reader(serial: Arc<Mutex<SerialDevice>>) -> io::Result<()> {
                     }
                 }
             }
-        })
-        .map(|_| ())
+        },
+    )
+    .map(|_| ())
 }
 
 #[cfg(test)]

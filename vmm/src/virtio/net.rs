@@ -3,6 +3,7 @@
 //! the first pair's thread. With `poll_us=`, a pair's thread keeps polling its TX queue and
 //! the tap for a while after work (`backends::poll`).
 
+use backends::sandbox::{allow, allow_if, Rule, ThreadKind};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -79,6 +80,40 @@ struct PairThread {
     poll: Duration,
 }
 
+/// The tap ioctls a queue pair thread makes: attaching or detaching the tap queues when the
+/// driver changes the number of pairs (control queue, pair 0), reading the tap's flags.
+const TAP_IOCTLS: &[Rule] = &[
+    allow_if(libc::SYS_ioctl, &[(1, libc::TUNSETQUEUE)]),
+    allow_if(libc::SYS_ioctl, &[(1, libc::TUNGETIFF)]),
+    allow_if(libc::SYS_ioctl, &[(1, libc::TUNSETOFFLOAD)]),
+];
+
+/// What a queue pair thread may call: waiting on its epoll (kicks, the tap's readiness,
+/// stop), eventfds, frames read from and written to the tap, the tap ioctls, and a
+/// thread's exit. The same as the vhost-user-net daemon's workers, which run the same
+/// engine.
+const NET_QUEUE_SYSCALLS: &[Rule] = &[
+    allow(libc::SYS_epoll_wait),
+    allow(libc::SYS_epoll_pwait),
+    allow(libc::SYS_epoll_ctl),
+    allow(libc::SYS_read),
+    allow(libc::SYS_readv),
+    allow(libc::SYS_write),
+    allow(libc::SYS_writev),
+    allow(libc::SYS_close),
+    allow(libc::SYS_getrandom),
+];
+
+/// The in-VMM NIC's queue pair threads.
+pub const NET_QUEUE: ThreadKind = ThreadKind {
+    name: "net-queue",
+    syscalls: &[
+        NET_QUEUE_SYSCALLS,
+        TAP_IOCTLS,
+        crate::sandbox::COMMON_SYSCALLS,
+    ],
+};
+
 impl PairThread {
     fn run(mut self) {
         if let Err(e) = self.serve() {
@@ -124,6 +159,8 @@ impl PairThread {
         self.engine.set_polling(poller.enabled());
         // For the polling loop, which borrows `self` whole.
         let stop = self.stop.try_clone()?;
+        // Set up: confined before the first frame.
+        crate::sandbox::enter(NET_QUEUE);
         let mut events = [EpollEvent::default(); 8];
         let (mut do_rx, mut do_tx, mut do_ctrl) = (true, true, true);
         let shared = self.shared.clone();

@@ -42,6 +42,7 @@
 //! MSI-X vector): DPDK's vhost starts a queue only once it got SET_VRING_CALL. Such a queue
 //! gets an eventfd nobody reads, as the vhost crate cannot send the invalid-fd flag.
 
+use backends::sandbox::{allow, allow_if, Rule, ThreadKind};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -259,7 +260,8 @@ impl Peer {
             return false;
         }
         match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
-            Err(_) => true,
+            // Gone. (EACCES is Landlock's answer, not the process's fate: not dead.)
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
             Ok(s) => s.rsplit_once(')').is_some_and(|(_, rest)| {
                 matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))
             }),
@@ -274,6 +276,59 @@ struct Conn {
     /// The rings of the current setup were sent on this connection.
     rings: bool,
 }
+
+/// What a vhost-user device's control thread may call: the back-end's socket (connect, and
+/// for server=on listen and accept; the messages with their fds), the peer's pidfd and its
+/// readiness, the eventfds handed over (duplicated), the inflight region (mapped and
+/// unmapped), waiting for commands and replies (poll, its eventfd), and the reconnect's
+/// back-off. Reconnects and device resets run on this thread: no thread is started.
+const VHOST_USER_SYSCALLS: &[Rule] = &[
+    allow(libc::SYS_socket),
+    allow(libc::SYS_connect),
+    allow(libc::SYS_bind),
+    allow(libc::SYS_listen),
+    allow(libc::SYS_accept4),
+    allow(libc::SYS_unlink),
+    allow(libc::SYS_getsockopt),
+    allow(libc::SYS_setsockopt),
+    allow(libc::SYS_shutdown),
+    allow(libc::SYS_sendmsg),
+    allow(libc::SYS_recvmsg),
+    allow(libc::SYS_sendto),
+    allow(libc::SYS_recvfrom),
+    allow(libc::SYS_poll),
+    allow(libc::SYS_ppoll),
+    allow(libc::SYS_read),
+    allow(libc::SYS_write),
+    allow(libc::SYS_openat),
+    allow(libc::SYS_close),
+    allow(libc::SYS_fcntl),
+    allow(libc::SYS_fstat),
+    allow(libc::SYS_statx),
+    allow(libc::SYS_newfstatat),
+    allow(libc::SYS_eventfd2),
+    allow(libc::SYS_pidfd_open),
+    allow(libc::SYS_getrandom),
+    allow_if(libc::SYS_ioctl, &[(1, libc::FIONBIO)]),
+];
+
+/// A vhost-user device's control thread (`ID-vu`): boot, reconnect, reset.
+pub const VHOST_USER: ThreadKind = ThreadKind {
+    name: "vhost-user",
+    syscalls: &[VHOST_USER_SYSCALLS, crate::sandbox::COMMON_SYSCALLS],
+};
+
+/// The reply watchdog (`ID-vuwd`): waits for a deadline and cuts the socket.
+const VHOST_USER_WATCHDOG_SYSCALLS: &[Rule] = &[allow(libc::SYS_shutdown), allow(libc::SYS_close)];
+
+/// The reply watchdog's kind.
+pub const VHOST_USER_WATCHDOG: ThreadKind = ThreadKind {
+    name: "vhost-user-watchdog",
+    syscalls: &[
+        VHOST_USER_WATCHDOG_SYSCALLS,
+        crate::sandbox::COMMON_SYSCALLS,
+    ],
+};
 
 /// Cuts the back-end's socket when a reply is late, so that the control thread's blocking
 /// call returns; and at once when the device goes away.
@@ -1502,10 +1557,12 @@ impl VhostUserDevice {
         let wd = Arc::new(Watchdog::default());
         let wdt = {
             let wd = wd.clone();
-            thread::Builder::new()
-                .name(format!("{name}-vuwd"))
-                .spawn(move || wd.run())
-                .map_err(VhostUserError::Thread)?
+            crate::sandbox::spawn(
+                thread::Builder::new().name(format!("{name}-vuwd")),
+                VHOST_USER_WATCHDOG,
+                move || wd.run(),
+            )
+            .map_err(VhostUserError::Thread)?
         };
         let ctl = Arc::new(CtlShared {
             cmds: Mutex::new(VecDeque::new()),
@@ -1637,13 +1694,15 @@ impl VhostUserDevice {
             paused: false,
         };
         let (done_tx, done_rx) = mpsc::channel();
-        let t = thread::Builder::new()
-            .name(format!("{name}-vu"))
-            .spawn(move || {
+        let t = crate::sandbox::spawn(
+            thread::Builder::new().name(format!("{name}-vu")),
+            VHOST_USER,
+            move || {
                 control(&ctx, st);
                 let _ = done_tx.send(());
-            })
-            .map_err(VhostUserError::Thread)?;
+            },
+        )
+        .map_err(VhostUserError::Thread)?;
         dev.thread = Some((t, done_rx));
         Ok(dev)
     }
