@@ -30,9 +30,11 @@ cycle() {
     _n=$1 _k=$2 _o=$3
     for _r in 1 2; do
         _t=$(lab_uptime)
-        remote "$_k" "$_o,id=$_n" >$LAB_TMP/add.json 2>&1 || echo "LAB-VAL $_n-add-$_r-failed $(cat $LAB_TMP/add.json)"
+        _added=1
+        remote "$_k" "$_o,id=$_n" >$LAB_TMP/add.json 2>&1 || { _added=0; echo "LAB-VAL $_n-add-$_r-failed $(cat $LAB_TMP/add.json)"; }
         echo "LAB-VAL $_n-add-$_r $(tr -d ' \n' <$LAB_TMP/add.json)"
-        if wait_for $LAB_TMP/l2.log "^L2-VAL $_n-used-$_r" 120; then
+        # A failed add is not waited for (the fixture would take the quiet wait for a stuck L1).
+        if [ $_added = 1 ] && wait_for $LAB_TMP/l2.log "^L2-VAL $_n-used-$_r" 120; then
             echo "LAB-VAL $_n-used-$_r-after-s $(lab_elapsed "$_t")"
         else
             echo "LAB-VAL $_n-used-$_r-after-s never"
@@ -94,6 +96,9 @@ check blk-daemon-alive kill -0 "$blk_pid"
 check net-daemon-alive kill -0 "$net_pid"
 echo "LAB-VAL blk-frontends $(grep -c 'frontend connected' $LAB_TMP/blk.log)"
 echo "LAB-VAL net-frontends $(grep -c 'frontend connected' $LAB_TMP/net.log)"
+# The daemons' own words (a sandbox refusal, a crash) in the log of any run.
+tail -n 8 $LAB_TMP/blk.log | sed 's/^/LAB-VAL blk-log /'
+tail -n 8 $LAB_TMP/net.log | sed 's/^/LAB-VAL net-log /'
 kill "$blk_pid" "$net_pid"
 $IP link del vmtap0
 lab_finish
