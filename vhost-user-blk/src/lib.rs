@@ -30,7 +30,7 @@ use backends::block::{
 };
 use backends::inflight::InflightRegion;
 use backends::poll::{busy_poll, PollEnd, Poller};
-use backends::sandbox::landlock::{socket_dir, Access, Grant};
+use backends::sandbox::landlock::{Access, Grant};
 use backends::sandbox::{allow, Rule, ThreadKind};
 use backends::vhost_user::confine::{self, ConfineError, Confinement, SandboxArgs};
 use backends::vhost_user::stats::StatsSocket;
@@ -246,30 +246,23 @@ pub fn run(args: Args) -> Result<(), Error> {
     // The sandbox (backends::vhost_user::confine): what is open stays usable; from here on
     // the daemon may open only the image again and make or remove sockets in its
     // directories.
-    let mut grants = vec![Grant::new(
+    let device = Grant::new(
         &path,
         if disk.readonly() {
             Access::ReadFile
         } else {
             Access::ReadWriteFile
         },
-    )];
-    if let SocketSource::Path(p) = &source {
-        grants.push(Grant::new(socket_dir(p), Access::SocketDir));
-    }
-    if let Some(s) = &stats {
-        grants.push(Grant::new(socket_dir(s.path()), Access::SocketDir));
-    }
-    if let Some(tmp) = relay.dir().parent() {
-        grants.push(Grant::new(tmp, Access::PrivateDirs));
-    }
-    Confinement {
-        program: "vhost-user-blk",
-        args: &args.sandbox,
-        grants,
-        worker: WORKER,
-        user_owned: vec![relay.dir().to_path_buf(), relay.path().to_path_buf()],
-    }
+    );
+    Confinement::for_daemon(
+        "vhost-user-blk",
+        &args.sandbox,
+        device,
+        &source,
+        stats.as_ref().map(StatsSocket::path),
+        &relay,
+        WORKER,
+    )
     .apply()?;
     signals.spawn(stop.clone())?;
     let counters: Arc<[Arc<BlockCounters>]> = (0..args.queues).map(|_| Arc::default()).collect();

@@ -27,7 +27,7 @@ use backends::net::{
     net_config_space, net_features, CtrlQueue, NetCounters, NetOptions, NetQueuePair, RxWait, Tap,
 };
 use backends::poll::{busy_poll, PollEnd, Poller};
-use backends::sandbox::landlock::{socket_dir, Access, Grant};
+use backends::sandbox::landlock::{Access, Grant};
 use backends::sandbox::{allow, allow_if, Rule, ThreadKind};
 use backends::vhost_user::confine::{self, ConfineError, Confinement, SandboxArgs};
 use backends::vhost_user::stats::StatsSocket;
@@ -253,23 +253,15 @@ pub fn run(args: Args) -> Result<(), Error> {
     // The sandbox (backends::vhost_user::confine): the tap queues are open and stay
     // usable; from here on the daemon may open only the tun device again and make or
     // remove sockets in its directories.
-    let mut grants = vec![Grant::new(TUN_DEVICE, Access::ReadWriteFile)];
-    if let SocketSource::Path(p) = &source {
-        grants.push(Grant::new(socket_dir(p), Access::SocketDir));
-    }
-    if let Some(s) = &stats {
-        grants.push(Grant::new(socket_dir(s.path()), Access::SocketDir));
-    }
-    if let Some(tmp) = relay.dir().parent() {
-        grants.push(Grant::new(tmp, Access::PrivateDirs));
-    }
-    Confinement {
-        program: "vhost-user-net",
-        args: &args.sandbox,
-        grants,
-        worker: WORKER,
-        user_owned: vec![relay.dir().to_path_buf(), relay.path().to_path_buf()],
-    }
+    Confinement::for_daemon(
+        "vhost-user-net",
+        &args.sandbox,
+        Grant::new(TUN_DEVICE, Access::ReadWriteFile),
+        &source,
+        stats.as_ref().map(StatsSocket::path),
+        &relay,
+        WORKER,
+    )
     .apply()?;
     signals.spawn(stop.clone())?;
     let counters: Arc<[Arc<NetCounters>]> = taps.iter().map(|_| Arc::default()).collect();

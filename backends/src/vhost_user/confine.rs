@@ -288,6 +288,39 @@ pub struct Confinement<'a> {
     pub user_owned: Vec<PathBuf>,
 }
 
+impl<'a> Confinement<'a> {
+    /// A daemon's confinement: `device` (its image or the tun device) and what every daemon
+    /// needs besides: its listening socket's directory (a socket made, or removed at exit),
+    /// the stats socket's, and the relay's private directory, owned by `--user`.
+    pub fn for_daemon(
+        program: &'static str,
+        args: &'a SandboxArgs,
+        device: Grant,
+        source: &super::SocketSource,
+        stats: Option<&std::path::Path>,
+        relay: &super::RelaySocket,
+        worker: ThreadKind,
+    ) -> Self {
+        let mut grants = vec![device];
+        if let super::SocketSource::Path(p) = source {
+            grants.push(Grant::new(ll::socket_dir(p), ll::Access::SocketDir));
+        }
+        if let Some(s) = stats {
+            grants.push(Grant::new(ll::socket_dir(s), ll::Access::SocketDir));
+        }
+        if let Some(tmp) = relay.dir().parent() {
+            grants.push(Grant::new(tmp, ll::Access::PrivateDirs));
+        }
+        Confinement {
+            program,
+            args,
+            grants,
+            worker,
+            user_owned: vec![relay.dir().to_path_buf(), relay.path().to_path_buf()],
+        }
+    }
+}
+
 impl Confinement<'_> {
     /// Steps 1 of the module doc: `--user`, Landlock, and the seccomp mode (SIGSYS
     /// handler). Call on the main thread while it is the only one.
