@@ -35,6 +35,21 @@ dd if=/dev/urandom of=$LAB_TMP/www/down.bin bs=1M count=64 2>/dev/null
 echo "LAB-VAL host-down-sha $(sha256sum $LAB_TMP/www/down.bin | cut -d' ' -f1)"
 httpd -p 192.0.2.1:8080 -h $LAB_TMP/www
 
+# sandbox_sample TAG: once the guest is up, every thread of the running vmm: how many, how
+# many have a seccomp filter (Seccomp: 2) and no new privileges, and their names (#23).
+sandbox_sample() {
+    wait_for $LAB_TMP/$1.log '^L2-INIT' 300 || return
+    p=$(pidof vmm | cut -d' ' -f1)
+    [ -n "$p" ] || return
+    n=0 s=0 f=0 names=
+    for t in /proc/$p/task/*; do
+        n=$((n + 1))
+        grep -q '^Seccomp:[[:space:]]*2$' $t/status && s=$((s + 1))
+        grep -q '^NoNewPrivs:[[:space:]]*1$' $t/status && f=$((f + 1))
+        names="$names,$(tr ' ' '_' <$t/comm)"
+    done
+    echo "LAB-VAL $1-sandbox threads=$n seccomp2=$s nnp=$f names=${names#,}"
+}
 # run_vm TAG CMDLINE: one VM with the NIC (our vmm, or QEMU's vfio-pci when the scenario is
 # the reference); the guest's upload is fetched meanwhile.
 run_vm() {
@@ -59,6 +74,7 @@ run_vm() {
         grep -q '^L2-EXIT 0$' $LAB_TMP/$tag.log ||
             echo "LAB-FLAKE $tag: QEMU's L2 ended without L2-EXIT (last line: $(tail -n1 $LAB_TMP/$tag.log | cut -c1-80))"
     else
+        sandbox_sample $tag &
         { vmm --kernel "$L2_GENERIC_KERNEL" --initramfs "$L2_GENERIC_INITRD" --cmdline "$2" \
             --cpus 2 --memory 512M --vfio host=$NIC_BDF,id=nic0 \
             --exit-stats $LAB_TMP/stats-$tag.json </dev/null 2>&1; echo "VMM-RC $?"; } \
@@ -152,6 +168,23 @@ fn nic_on_msix_then_intx_in_two_vms() {
     check_nic_run(&run);
     for tag in ["msix", "intx"] {
         run.assert_ok(&format!("{tag}-vmm-exit-0"));
+        // The sandbox with an assigned device (#23 Must show 1): every thread of the vmm
+        // filtered, no new privileges; the vCPUs among them.
+        let sb = run.require(&format!("LAB-VAL {tag}-sandbox"));
+        let field = |k: &str| -> &str {
+            sb.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                .unwrap_or("")
+        };
+        let threads: u32 = field("threads").parse().unwrap_or(0);
+        assert!(threads >= 3, "{tag}: {sb}");
+        assert_eq!(field("seccomp2"), field("threads"), "{tag}: {sb}");
+        assert_eq!(field("nnp"), field("threads"), "{tag}: {sb}");
+        let names: Vec<&str> = field("names").split(',').collect();
+        assert!(
+            names.contains(&"vcpu0") && names.contains(&"vcpu1"),
+            "{tag}: {sb}"
+        );
     }
 }
 
