@@ -35,7 +35,13 @@ pub struct DirectOptions {
     pub pin: bool,
     /// Only the configurations whose "vmm configuration" text contains this.
     pub only: Option<String>,
+    /// Our vmm and daemons with their sandbox off (`--seccomp off --landlock off`), to
+    /// measure what it costs against a run with it on (the default).
+    pub sandbox_off: bool,
 }
+
+/// The options that turn our binaries' sandbox off.
+const SANDBOX_OFF: [&str; 4] = ["--seccomp", "off", "--landlock", "off"];
 
 const SEED: u64 = 0x0062_656e_6368;
 const IMAGE_SIZE: u64 = 64 << 20;
@@ -81,6 +87,14 @@ impl Setup {
         matches!(
             self,
             Setup::VmmDisk | Setup::VmmVhostUserBlk | Setup::VmmNet | Setup::VmmVhostUserNet
+        )
+    }
+
+    /// The back-end is one of our daemons (behind our vmm or QEMU).
+    fn ours_daemon(self) -> bool {
+        matches!(
+            self,
+            Setup::VmmVhostUserBlk | Setup::QemuVhostUserBlk | Setup::VmmVhostUserNet
         )
     }
 
@@ -269,7 +283,13 @@ fn bin(name: &str) -> Result<PathBuf, String> {
     }
 }
 
-fn start_env(setup: Setup, dir: &Path, img: &Path, poll_us: u32) -> Result<Env, String> {
+fn start_env(
+    setup: Setup,
+    dir: &Path,
+    img: &Path,
+    poll_us: u32,
+    sandbox_off: bool,
+) -> Result<Env, String> {
     let e = |what: &str, err: std::io::Error| format!("{what}: {err}");
     let sock = dir.join(format!("{setup:?}.sock"));
     let mut env = Env {
@@ -330,6 +350,9 @@ fn start_env(setup: Setup, dir: &Path, img: &Path, poll_us: u32) -> Result<Env, 
         }
         _ => return Ok(env),
     };
+    if sandbox_off && setup.ours_daemon() {
+        daemon_cmd.args(SANDBOX_OFF);
+    }
     let mut d = Daemon::spawn(&format!("{setup:?}"), &mut daemon_cmd)
         .map_err(|x| e("start the back-end", x))?;
     d.wait_for_path(&sock, Duration::from_secs(10))?;
@@ -344,6 +367,7 @@ fn command(
     cfg: &ProbeConfig,
     stats: &Path,
     poll_us: u32,
+    sandbox_off: bool,
 ) -> Result<Command, String> {
     let elf = crate::guest::test_guest_elf();
     let vmm = bin("vmm")?;
@@ -358,10 +382,11 @@ fn command(
         .unwrap_or_default();
     let cmd = if setup.ours() {
         let mut c = in_ns(&vmm);
-        c.args(probe::vmm_args(&elf, cfg))
-            .arg("--exit-stats")
-            .arg(stats)
-            .args(["--serial", "stdio"]);
+        c.args(probe::vmm_args(&elf, cfg));
+        if sandbox_off {
+            c.args(SANDBOX_OFF);
+        }
+        c.arg("--exit-stats").arg(stats).args(["--serial", "stdio"]);
         match setup {
             Setup::VmmDisk => c.args([
                 "--disk",
@@ -463,7 +488,7 @@ pub fn run_direct(
                     continue;
                 }
             }
-            let env = start_env(setup, dir.path(), &img, opts.poll_us)
+            let env = start_env(setup, dir.path(), &img, opts.poll_us, opts.sandbox_off)
                 .map_err(|e| format!("{vmm} {config}: {e}"))?;
             let daemon_pid = env.daemon.as_ref().map(|d| d.pid());
             for &test in setup.tests() {
@@ -474,7 +499,15 @@ pub fn run_direct(
                     let mut cfg = probe_config(test, 1);
                     cfg.warmup = 0;
                     let b = boot(
-                        command(setup, &env, &img, &cfg, &stats, opts.poll_us)?,
+                        command(
+                            setup,
+                            &env,
+                            &img,
+                            &cfg,
+                            &stats,
+                            opts.poll_us,
+                            opts.sandbox_off,
+                        )?,
                         setup.ours().then_some(stats.as_path()),
                         daemon_pid,
                         opts.pin,
@@ -492,7 +525,15 @@ pub fn run_direct(
                 ));
                 let meter = LoadMeter::start();
                 let b = boot(
-                    command(setup, &env, &img, &cfg, &stats, opts.poll_us)?,
+                    command(
+                        setup,
+                        &env,
+                        &img,
+                        &cfg,
+                        &stats,
+                        opts.poll_us,
+                        opts.sandbox_off,
+                    )?,
                     setup.ours().then_some(stats.as_path()),
                     daemon_pid,
                     opts.pin,

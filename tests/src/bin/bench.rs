@@ -20,7 +20,7 @@ use tests::bench::Record;
 
 const USAGE: &str = "usage: bench [--direct-only | --lab-only] [--runs N] [--n N] [--n-qd32 N]
              [--poll-us N] [--lab-blk-ops N] [--lab-pings N] [--sequential] [--wait-idle]
-             [--pin] [--only TEXT] [--out DIR]
+             [--pin] [--sandbox-off] [--only TEXT] [--out DIR]
 
   --runs N         runs of every configuration, interleaved (default 4: in the lab, where
                    runs alternate which VMM boots first, an even count balances the order)
@@ -35,6 +35,8 @@ const USAGE: &str = "usage: bench [--direct-only | --lab-only] [--runs N] [--n N
   --wait-idle      wait (at most a minute) for an idle machine before each direct run
   --pin            direct matrix: vCPU threads on CPU 1, device threads (queue threads,
                    QEMU's iothread, the daemons' vring workers) on CPU 0
+  --sandbox-off    direct matrix: our vmm and daemons with --seccomp off --landlock off (to
+                   measure the sandbox's cost against a run without this)
   --only TEXT      direct matrix: only configurations whose \"vmm configuration\" contains
                    TEXT (e.g. \"vmm virtio-blk\")
   --out DIR        where results go (default target/bench)
@@ -106,6 +108,7 @@ struct Args {
     side_by_side: bool,
     wait_idle: bool,
     pin: bool,
+    sandbox_off: bool,
     only: Option<String>,
     out: PathBuf,
 }
@@ -123,6 +126,7 @@ fn parse_args() -> Result<Args, String> {
         side_by_side: true,
         wait_idle: false,
         pin: false,
+        sandbox_off: false,
         only: None,
         out: tests::lab::repo_root().join("target").join("bench"),
     };
@@ -146,6 +150,7 @@ fn parse_args() -> Result<Args, String> {
             "--sequential" => a.side_by_side = false,
             "--wait-idle" => a.wait_idle = true,
             "--pin" => a.pin = true,
+            "--sandbox-off" => a.sandbox_off = true,
             "--only" => a.only = Some(it.next().ok_or("--only needs a text")?),
             "--out" => a.out = PathBuf::from(it.next().ok_or("--out needs a directory")?),
             "-h" | "--help" => {
@@ -173,6 +178,7 @@ fn run() -> Result<(), String> {
                 wait_idle: a.wait_idle,
                 pin: a.pin,
                 only: a.only.clone(),
+                sandbox_off: a.sandbox_off,
             },
             &mut progress,
         )?);
@@ -236,10 +242,15 @@ fn run() -> Result<(), String> {
     write(
         "results.md",
         &format!(
-            "Bench of {date}, {} run(s), poll_us={}, {}:\n\n{t}",
+            "Bench of {date}, {} run(s), poll_us={}, {}{}:\n\n{t}",
             a.runs,
             a.poll_us,
-            if a.pin { "pinned" } else { "not pinned" }
+            if a.pin { "pinned" } else { "not pinned" },
+            if a.sandbox_off {
+                ", our sandbox off (--sandbox-off)"
+            } else {
+                ""
+            }
         ),
     )?;
     write(
