@@ -86,6 +86,12 @@ struct Seen {
     samples: usize,
     names: BTreeSet<String>,
     unconfined: Vec<ThreadStatus>,
+    /// The API socket to pause and resume the VM through, once, while it runs: the device
+    /// threads park under their filters.
+    pause_api: Option<PathBuf>,
+    paused: Vec<String>,
+    /// Samples of the current run.
+    run_samples: usize,
 }
 
 impl Seen {
@@ -96,6 +102,25 @@ impl Seen {
             return;
         }
         self.samples += 1;
+        self.run_samples += 1;
+        if self.run_samples == 3 {
+            if let Some(api) = self.pause_api.take() {
+                for what in ["pause", "resume"] {
+                    let o = Command::new(bin("vmm-remote"))
+                        .arg("--api-socket")
+                        .arg(&api)
+                        .arg(what)
+                        .output()
+                        .expect("run vmm-remote");
+                    self.paused.push(format!(
+                        "{what}: {} {}",
+                        o.status,
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
         for t in ts {
             if t.seccomp != "2" || t.no_new_privs != "1" {
                 self.unconfined.push(t.clone());
@@ -194,7 +219,10 @@ fn every_vmm_thread_is_confined_with_disk_nic_vhost_user_disk_api_and_watchdog()
     // in-VMM disk), long enough to be watched.
     let cfg = ProbeConfig::blk(20_000, SEED, "read,qd32");
     let api = rig.dir.join("api-a.sock");
-    let mut seen = Seen::default();
+    let mut seen = Seen {
+        pause_api: Some(api.clone()),
+        ..Seen::default()
+    };
     let out = run_probe_watching(
         &mut rig.vmm(&cfg, &api),
         TIMEOUT,
@@ -203,9 +231,19 @@ fn every_vmm_thread_is_confined_with_disk_nic_vhost_user_disk_api_and_watchdog()
     )
     .expect("vmm run (blk probe)");
     assert_guest_ok(&out, "blk probe");
-    // The NIC's queue thread: the net probe.
+    // vm.pause parked the queue threads (a poll on their stop eventfd) under their filters.
+    assert_eq!(seen.paused.len(), 2, "{:?}", seen.paused);
+    assert!(
+        seen.paused.iter().all(|p| p.contains("exit status: 0")),
+        "{:?}",
+        seen.paused
+    );
+    // The NIC's queue thread: the net probe, paused and resumed too.
     let cfg = ProbeConfig::net(3000, "192.0.2.2", "192.0.2.1");
     let api = rig.dir.join("api-b.sock");
+    seen.pause_api = Some(api.clone());
+    seen.paused.clear();
+    seen.run_samples = 0;
     let out = run_probe_watching(
         &mut rig.vmm(&cfg, &api),
         TIMEOUT,
@@ -214,6 +252,7 @@ fn every_vmm_thread_is_confined_with_disk_nic_vhost_user_disk_api_and_watchdog()
     )
     .expect("vmm run (net probe)");
     assert_guest_ok(&out, "net probe");
+    assert_eq!(seen.paused.len(), 2, "{:?}", seen.paused);
     assert!(
         seen.samples >= 4,
         "the runs were too short to watch ({} samples)",

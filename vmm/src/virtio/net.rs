@@ -89,10 +89,12 @@ const TAP_IOCTLS: &[Rule] = &[
 ];
 
 /// What a queue pair thread may call: waiting on its epoll (kicks, the tap's readiness,
-/// stop), eventfds, frames read from and written to the tap, the tap ioctls, and a
-/// thread's exit. The same as the vhost-user-net daemon's workers, which run the same
-/// engine.
+/// stop), eventfds, frames read from and written to the tap, the tap ioctls, parking
+/// while `vm.pause` lasts (`DevicePause::park` polls its stop eventfd), and a thread's
+/// exit. The same as the vhost-user-net daemon's workers, which run the same engine, plus
+/// the parking.
 const NET_QUEUE_SYSCALLS: &[Rule] = &[
+    allow(libc::SYS_poll),
     allow(libc::SYS_epoll_wait),
     allow(libc::SYS_epoll_pwait),
     allow(libc::SYS_epoll_ctl),
