@@ -54,6 +54,15 @@ sandbox_sample() {
 # the reference); the guest's upload is fetched meanwhile.
 run_vm() {
     tag=$1
+    # L1's e1000e driver resets the NIC between VMs (as the bench and the soak do): the
+    # reset vfio-pci has for the lab's emulated e1000e (a power-state cycle) does not stop
+    # it, and the first VM's guest leaves its receive ring running: once the second guest
+    # set Bus Master Enable, the NIC wrote received frames through that stale ring into the
+    # new guest's memory (seen December 2026: a DMAR fault at an address beyond its RAM,
+    # then "corrupted stack end detected inside scheduler" in e1000_probe, or no device
+    # bound at all).
+    passthrough unbind $NIC_BDF >/dev/null && passthrough bind $NIC_BDF >/dev/null
+    echo "LAB-VAL $tag-nic-reset-method $(cat /sys/bus/pci/devices/$NIC_BDF/reset_method 2>/dev/null)"
     rm -f $LAB_TMP/www/done
     (
         n=0
