@@ -386,6 +386,9 @@ impl VfioHost {
             mapped >> 10,
             pin.map_or("none".to_string(), |_| format!("on GSI {gsi}"))
         );
+        if let Some(w) = weak_reset(&c.sysfs) {
+            log::warn!("{}: {w}", d.id);
+        }
         Ok(Placed { slot, bars })
     }
 
@@ -418,9 +421,55 @@ pub fn intx_gsi(slot: u8, pin: u8) -> u32 {
     layout::PCI_INTX_GSI_FIRST + (u32::from(slot) + u32::from(pin)) % layout::PCI_INTX_GSIS
 }
 
+/// Resets that put a function back in its power-on state (`reset_method` names, Linux 5.15+).
+const FULL_RESETS: &[&str] = &["flr", "af_flr", "bus", "cxl_bus", "device_specific", "acpi"];
+
+/// A warning when the kernel's only reset for the device at `sysfs` is a power-state cycle
+/// (`pm`), which a device with No_Soft_Reset, or one that does not implement it (the lab's
+/// emulated e1000e), ignores: DMA its previous user left running survives into this VM.
+/// None when the file is missing (an older kernel) or a full reset is there.
+fn weak_reset(sysfs: &std::path::Path) -> Option<String> {
+    let methods = std::fs::read_to_string(sysfs.join("reset_method")).ok()?;
+    weak_reset_methods(methods.trim(), sysfs)
+}
+
+fn weak_reset_methods(methods: &str, sysfs: &std::path::Path) -> Option<String> {
+    if methods.split_whitespace().any(|m| FULL_RESETS.contains(&m)) {
+        return None;
+    }
+    let bdf = sysfs.file_name().map_or_else(
+        || sysfs.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    Some(format!(
+        "the kernel's only reset for {bdf} is '{}', which some devices ignore: DMA its last user \
+         left running (a NIC's receive ring) can write into this guest's memory once its driver \
+         enables bus mastering; give the device to its host driver between VMs \
+         (`passthrough unbind {bdf} && passthrough bind {bdf}`)",
+        if methods.is_empty() { "none" } else { methods }
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_with_only_a_power_state_reset_is_warned_about() {
+        let p = std::path::Path::new("/sys/bus/pci/devices/0000:00:02.0");
+        let w = weak_reset_methods("pm", p).unwrap();
+        assert!(w.contains("0000:00:02.0 is 'pm'"), "{w}");
+        assert!(w.contains("passthrough unbind 0000:00:02.0 && passthrough bind 0000:00:02.0"));
+        assert!(weak_reset_methods("", p).unwrap().contains("is 'none'"));
+        for full in ["flr pm", "pm bus", "af_flr", "device_specific"] {
+            assert_eq!(weak_reset_methods(full, p), None, "{full}");
+        }
+        // No reset_method file (kernels before 5.15): nothing said.
+        assert_eq!(
+            weak_reset(std::path::Path::new("/nonexistent/device")),
+            None
+        );
+    }
     use crate::bus::{Bus, BusDevice};
     use crate::pci::{PciConfigMmio, PciWindows, COMMAND_IO, COMMAND_MEMORY};
     use passthrough::fuzzing::{rig, Rig, PM_CAP};
