@@ -283,35 +283,16 @@ pub fn run(args: Args) -> Result<(), Error> {
 }
 
 /// What a vring worker (one queue: its kicks, the io_uring completions, the busy-poll
-/// window) may call: waiting on its epoll, eventfds, the queue's io_uring (created on the
-/// first kick: setup, register, mmap; then enter), the synchronous engine's I/O, and a
-/// thread's exit. Found by running the daemon's tests and QEMU's vhost-user-blk under
+/// window) may call besides the block engine's own list
+/// ([`backends::block::ENGINE_SYSCALLS`]): memory, waits and signal masks, and a thread's
+/// exit. Found by running the daemon's tests and QEMU's vhost-user-blk under
 /// `--seccomp log`.
 pub const WORKER_SYSCALLS: &[Rule] = &[
-    allow(libc::SYS_epoll_wait),
-    allow(libc::SYS_epoll_pwait),
-    allow(libc::SYS_epoll_ctl),
-    allow(libc::SYS_read),
-    allow(libc::SYS_write),
-    allow(libc::SYS_eventfd2),
-    allow(libc::SYS_close),
-    allow(libc::SYS_io_uring_setup),
-    allow(libc::SYS_io_uring_register),
-    allow(libc::SYS_io_uring_enter),
     allow(libc::SYS_mmap),
     allow(libc::SYS_munmap),
     allow(libc::SYS_madvise),
     allow(libc::SYS_mprotect),
     allow(libc::SYS_brk),
-    allow(libc::SYS_getrandom),
-    allow(libc::SYS_preadv),
-    allow(libc::SYS_preadv2),
-    allow(libc::SYS_pwritev),
-    allow(libc::SYS_pread64),
-    allow(libc::SYS_pwrite64),
-    allow(libc::SYS_fdatasync),
-    allow(libc::SYS_fsync),
-    allow(libc::SYS_fallocate),
     allow(libc::SYS_futex),
     allow(libc::SYS_sched_yield),
     allow(libc::SYS_rt_sigprocmask),
@@ -321,7 +302,7 @@ pub const WORKER_SYSCALLS: &[Rule] = &[
 /// The vring workers' kind.
 pub const WORKER: ThreadKind = ThreadKind {
     name: "vring-worker",
-    syscalls: &[WORKER_SYSCALLS],
+    syscalls: &[backends::block::ENGINE_SYSCALLS, WORKER_SYSCALLS],
 };
 
 /// The stats endpoint's answer: every queue's counters since the daemon started.

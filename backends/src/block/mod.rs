@@ -34,5 +34,34 @@ pub use queue::{
 };
 pub use request::{BlkFault, BLK_FAULT_KINDS, MAX_REQUEST_BYTES};
 
+/// What a thread running a [`BlockQueue`] calls, wherever it runs (the vmm's queue threads,
+/// the daemon's vring workers): waiting on its epoll (kicks, completions, stop), eventfds
+/// (the kick drained, the guest's interrupt), the queue's io_uring (its set-up when the
+/// engine makes the ring on the first request, then enter), and the synchronous engine's
+/// I/O. Each host adds what its own thread does besides. Found by running the tests, the lab
+/// and QEMU's vhost-user-blk under `--seccomp log`.
+pub const ENGINE_SYSCALLS: &[crate::sandbox::Rule] = &[
+    crate::sandbox::allow(libc::SYS_epoll_wait),
+    crate::sandbox::allow(libc::SYS_epoll_pwait),
+    crate::sandbox::allow(libc::SYS_epoll_ctl),
+    crate::sandbox::allow(libc::SYS_read),
+    crate::sandbox::allow(libc::SYS_write),
+    crate::sandbox::allow(libc::SYS_eventfd2),
+    crate::sandbox::allow(libc::SYS_close),
+    crate::sandbox::allow(libc::SYS_io_uring_setup),
+    crate::sandbox::allow(libc::SYS_io_uring_register),
+    crate::sandbox::allow(libc::SYS_io_uring_enter),
+    crate::sandbox::allow(libc::SYS_getrandom),
+    crate::sandbox::allow(libc::SYS_preadv),
+    crate::sandbox::allow(libc::SYS_preadv2),
+    crate::sandbox::allow(libc::SYS_pwritev),
+    crate::sandbox::allow(libc::SYS_pwritev2),
+    crate::sandbox::allow(libc::SYS_pread64),
+    crate::sandbox::allow(libc::SYS_pwrite64),
+    crate::sandbox::allow(libc::SYS_fdatasync),
+    crate::sandbox::allow(libc::SYS_fsync),
+    crate::sandbox::allow(libc::SYS_fallocate),
+];
+
 #[cfg(test)]
 mod tests;

@@ -69,41 +69,21 @@ fn add(epoll: &Epoll, fd: i32, token: u64) -> io::Result<()> {
     )
 }
 
-/// What a block queue thread may call: waiting on its epoll (kicks, completions, stop),
-/// eventfds (the kick drained, the guest's interrupt), the queue's io_uring (enter; its
-/// set-up when the engine makes the ring on the first request), the synchronous engine's
-/// I/O, parking while `vm.pause` lasts (`DevicePause::park` polls its stop eventfd), and a
-/// thread's exit. The same list as the vhost-user-blk daemon's vring workers, which run the
-/// same engine, plus the parking. Found by running the tests under `--seccomp log` (the
-/// parking by the lab's bench, which pauses the VM that is not measuring).
-const BLK_QUEUE_SYSCALLS: &[Rule] = &[
-    allow(libc::SYS_poll),
-    allow(libc::SYS_epoll_wait),
-    allow(libc::SYS_epoll_pwait),
-    allow(libc::SYS_epoll_ctl),
-    allow(libc::SYS_read),
-    allow(libc::SYS_write),
-    allow(libc::SYS_eventfd2),
-    allow(libc::SYS_close),
-    allow(libc::SYS_io_uring_setup),
-    allow(libc::SYS_io_uring_register),
-    allow(libc::SYS_io_uring_enter),
-    allow(libc::SYS_getrandom),
-    allow(libc::SYS_preadv),
-    allow(libc::SYS_preadv2),
-    allow(libc::SYS_pwritev),
-    allow(libc::SYS_pwritev2),
-    allow(libc::SYS_pread64),
-    allow(libc::SYS_pwrite64),
-    allow(libc::SYS_fdatasync),
-    allow(libc::SYS_fsync),
-    allow(libc::SYS_fallocate),
-];
+/// What a block queue thread may call besides the block engine's own list
+/// ([`backends::block::ENGINE_SYSCALLS`], the same as the vhost-user-blk daemon's vring
+/// workers, which run the same engine): parking while `vm.pause` lasts
+/// (`DevicePause::park` polls its stop eventfd; found by the lab's bench, which pauses the
+/// VM that is not measuring).
+const BLK_QUEUE_SYSCALLS: &[Rule] = &[allow(libc::SYS_poll)];
 
 /// The in-VMM block device's queue threads.
 pub const BLK_QUEUE: ThreadKind = ThreadKind {
     name: "blk-queue",
-    syscalls: &[BLK_QUEUE_SYSCALLS, crate::sandbox::COMMON_SYSCALLS],
+    syscalls: &[
+        backends::block::ENGINE_SYSCALLS,
+        BLK_QUEUE_SYSCALLS,
+        crate::sandbox::COMMON_SYSCALLS,
+    ],
 };
 
 /// The thread of one queue: kick -> process_queue, completion -> process_completions; with
