@@ -4,7 +4,6 @@
 //! queue threads. Read it with `curl --unix-socket PATH http://localhost/stats`; the vmm
 //! relays it into `vm.counters` for a vhost-user device given `stats=PATH`.
 
-use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread;
@@ -64,39 +63,6 @@ pub struct StatsServer {
     server: Arc<tiny_http::Server>,
     thread: Option<thread::JoinHandle<()>>,
     _file: SocketFile,
-}
-
-impl StatsServer {
-    /// Listens on `path` (a stale socket there is replaced; a live one, or a file that is
-    /// not a socket, is refused) and answers from `read`.
-    pub fn start(path: &Path, read: StatsReader) -> Result<StatsServer, ServeError> {
-        clear_stale_socket(path)?;
-        let listener = bind_listening(path)?;
-        let file = SocketFile::record(path).map_err(|source| ServeError::Bind {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let server =
-            tiny_http::Server::from_listener(listener, None).map_err(|e| ServeError::Bind {
-                path: path.to_path_buf(),
-                source: io::Error::other(e.to_string()),
-            })?;
-        let server = Arc::new(server);
-        let s = server.clone();
-        let thread = thread::Builder::new()
-            .name("stats".into())
-            .spawn(move || {
-                for rq in s.incoming_requests() {
-                    answer(rq, &read);
-                }
-            })
-            .map_err(ServeError::Setup)?;
-        Ok(StatsServer {
-            server,
-            thread: Some(thread),
-            _file: file,
-        })
-    }
 }
 
 /// The stats socket, bound and listening, before its thread starts (the daemons bind it
@@ -166,20 +132,6 @@ impl StatsSocket {
     }
 }
 
-/// A daemon's `--stats-socket`: the endpoint when a path is given (and a log line saying
-/// where), none otherwise.
-pub fn serve_stats(
-    path: Option<&Path>,
-    read: StatsReader,
-) -> Result<Option<StatsServer>, ServeError> {
-    let Some(p) = path else {
-        return Ok(None);
-    };
-    let server = StatsServer::start(p, read)?;
-    log::info!("counters at {} (GET /stats)", p.display());
-    Ok(Some(server))
-}
-
 impl Drop for StatsServer {
     fn drop(&mut self) {
         self.server.unblock();
@@ -235,11 +187,12 @@ mod tests {
         let path = dir.join("s.sock");
         let n = Arc::new(std::sync::atomic::AtomicU64::new(7));
         let n2 = n.clone();
-        let server = StatsServer::start(
-            &path,
-            Arc::new(move || json!({ "reads": n2.load(std::sync::atomic::Ordering::Relaxed) })),
-        )
-        .unwrap();
+        let server = StatsSocket::bind(&path)
+            .unwrap()
+            .serve(Arc::new(
+                move || json!({ "reads": n2.load(std::sync::atomic::Ordering::Relaxed) }),
+            ))
+            .unwrap();
         let r = get(&path, "/stats");
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         assert!(r.ends_with(r#"{"reads":7}"#), "{r}");
@@ -247,7 +200,7 @@ mod tests {
         assert!(get(&path, "/stats").ends_with(r#"{"reads":9}"#));
         assert!(get(&path, "/nope").starts_with("HTTP/1.1 404"));
         // A second daemon on the same live socket is refused.
-        assert!(StatsServer::start(&path, Arc::new(|| json!({}))).is_err());
+        assert!(StatsSocket::bind(&path).is_err());
         drop(server);
         assert!(!path.exists());
         std::fs::remove_dir_all(&dir).unwrap();

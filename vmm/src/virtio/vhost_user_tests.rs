@@ -1301,11 +1301,12 @@ fn stats_relay_is_bounded_and_says_what_went_wrong() {
     std::fs::create_dir_all(&dir).unwrap();
     // A real endpoint (our daemons').
     let good = dir.join("good.sock");
-    let server = backends::vhost_user::stats::StatsServer::start(
-        &good,
-        Arc::new(|| serde_json::json!({ "queues": [{ "reads": 3 }] })),
-    )
-    .unwrap();
+    let server = backends::vhost_user::stats::StatsSocket::bind(&good)
+        .unwrap()
+        .serve(Arc::new(
+            || serde_json::json!({ "queues": [{ "reads": 3 }] }),
+        ))
+        .unwrap();
     let v = fetch_stats(&good, STATS_DEADLINE).unwrap();
     assert_eq!(v["queues"][0]["reads"], 3);
     drop(server);
